@@ -1,0 +1,1 @@
+"""Pure decisions: plain data in, a decision out (no torch, no network, no clock)."""

@@ -1,0 +1,100 @@
+"""Atomic writes into folders that several processes share (the model cache).
+
+A file or folder is built under a temporary name beside its destination, flushed, then
+renamed into place, so readers see either nothing or a complete copy. A full disk is
+turned into `DiskFullError` and the partial copy is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from volunteer.errors import DiskFullError
+
+
+@contextlib.contextmanager
+def staging_dir(dest: Path) -> Iterator[Path]:
+    """Yields an empty temporary folder beside `dest`; removes it afterwards.
+
+    The caller fills it and publishes it with `publish_dir`; whatever is left (after an
+    error, or after losing a race) is deleted on exit.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    try:
+        with disk_full_as_error(dest):
+            yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_dir(tmp: Path, dest: Path) -> bool:
+    """Renames the finished folder `tmp` to `dest`.
+
+    Returns:
+        True if ours was published; False if another process published `dest` first
+        (then `tmp` is left for `staging_dir` to delete, and theirs is kept).
+    """
+    _fsync_tree(tmp)
+    try:
+        os.rename(tmp, dest)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) or dest.exists():
+            return False
+        raise
+    _fsync_dir(dest.parent)
+    return True
+
+
+def write_file_atomic(dest: Path, data: bytes) -> None:
+    """Writes `data` to `dest` through a temporary file and a rename."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{dest.name}-", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with disk_full_as_error(dest), os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def disk_full_as_error(dest: Path) -> Iterator[None]:
+    """Turns ENOSPC/EDQUOT raised inside the block into `DiskFullError`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(
+                f"no space left on the disk while writing {dest}; free some space "
+                f"(or set VOLUNTEER_CACHE_DIR to a larger disk) and try again"
+            ) from exc
+        raise
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Directory fsync makes the rename durable on POSIX; Windows cannot open folders.
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

