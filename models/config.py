@@ -143,7 +143,9 @@ class ModelConfig:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ModelConfigError(f"{path} not found: is this a Hugging Face model folder?")
+            raise ModelConfigError(
+                f"{path} not found: is this a Hugging Face model folder?"
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ModelConfigError(f"{path} is not valid JSON: {exc}") from exc
         if not isinstance(raw, dict):
@@ -286,9 +288,7 @@ def _rope_scaling_from_hf(scaling: Mapping[str, Any]) -> RopeScaling:
                 factor=float(scaling["factor"]),
                 low_freq_factor=float(scaling["low_freq_factor"]),
                 high_freq_factor=float(scaling["high_freq_factor"]),
-                original_max_position_embeddings=int(
-                    scaling["original_max_position_embeddings"]
-                ),
+                original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
             )
         except KeyError as exc:
             raise ModelConfigError(f"llama3 rope_scaling is missing {exc.args[0]!r}") from exc

@@ -1,0 +1,190 @@
+"""Load exactly the tensors a role needs from a Hugging Face folder of safetensors.
+
+Files are memory-mapped and read tensor by tensor, so loading blocks [start, end) never
+materialises the other blocks. Modules are built on the meta device and the loaded
+tensors are assigned in place of the meta parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from models.config import ModelConfig
+from models.errors import CheckpointError
+from models.model import BlockSpan, CausalLM, ModelEnds
+from models.rope import RotaryTable
+
+# Our parameter names (inside one block) -> the HF tensors, concatenated along dim 0,
+# that make them up. The one place checkpoint names are translated.
+BLOCK_TENSORS: Mapping[str, tuple[str, ...]] = {
+    "attn_norm.weight": ("input_layernorm.weight",),
+    "attn.qkv_proj.weight": tuple(f"self_attn.{p}_proj.weight" for p in "qkv"),
+    "attn.qkv_proj.bias": tuple(f"self_attn.{p}_proj.bias" for p in "qkv"),
+    "attn.o_proj.weight": ("self_attn.o_proj.weight",),
+    "attn.o_proj.bias": ("self_attn.o_proj.bias",),
+    "mlp_norm.weight": ("post_attention_layernorm.weight",),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "mlp.gate_up_proj.bias": ("mlp.gate_proj.bias", "mlp.up_proj.bias"),
+    "mlp.down_proj.weight": ("mlp.down_proj.weight",),
+    "mlp.down_proj.bias": ("mlp.down_proj.bias",),
+}
+END_TENSORS: Mapping[str, tuple[str, ...]] = {
+    "embed_tokens.weight": ("model.embed_tokens.weight",),
+    "norm.weight": ("model.norm.weight",),
+    "lm_head.weight": ("lm_head.weight",),
+}
+
+
+def block_prefix(index: int) -> str:
+    """HF name prefix of block `index`'s tensors."""
+    return f"model.layers.{index}."
+
+
+class SafetensorsFolder:
+    """Tensor name -> file index of a (possibly sharded) safetensors checkpoint."""
+
+    def __init__(self, folder: Path, files_by_tensor: Mapping[str, Path]) -> None:
+        self.folder = folder
+        self.files_by_tensor = dict(files_by_tensor)
+        self._handles: dict[Path, object] = {}
+
+    @classmethod
+    def open(cls, folder: Path) -> SafetensorsFolder:
+        """Indexes `folder` from `model.safetensors.index.json` or the files' headers."""
+        folder = Path(folder)
+        index_path = folder / "model.safetensors.index.json"
+        if index_path.exists():
+            return cls(folder, _read_index(index_path))
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"no *.safetensors files in {folder}")
+        files_by_tensor: dict[str, Path] = {}
+        for path in files:
+            handle = _open_safetensors(path)
+            for name in handle.keys():  # type: ignore[attr-defined]  # noqa: SIM118
+                if name in files_by_tensor:
+                    raise CheckpointError(f"tensor {name!r} appears twice in {folder}")
+                files_by_tensor[name] = path
+        return cls(folder, files_by_tensor)
+
+    def read(self, names: tuple[str, ...]) -> torch.Tensor:
+        """Reads the named tensors and concatenates them along dim 0."""
+        parts = []
+        for name in names:
+            path = self.files_by_tensor.get(name)
+            if path is None:
+                raise CheckpointError(
+                    f"tensor {name!r} is missing from {self.folder}; the checkpoint is "
+                    f"incomplete — pull the model again"
+                )
+            if path not in self._handles:
+                self._handles[path] = _open_safetensors(path)
+            try:
+                parts.append(self._handles[path].get_tensor(name))  # type: ignore[attr-defined]
+            except SafetensorError as exc:
+                raise CheckpointError(f"cannot read {name!r} from {path}: {exc}") from exc
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def load_span(
+    folder: Path,
+    config: ModelConfig,
+    start: int,
+    end: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> BlockSpan:
+    """Loads blocks [start, end) from a Hugging Face folder, and nothing else."""
+    files = SafetensorsFolder.open(folder)
+    with torch.device("meta"):
+        span = BlockSpan(config, start, end)
+    state = {}
+    for offset, index in enumerate(range(start, end)):
+        names = {
+            ours: tuple(block_prefix(index) + n for n in hf) for ours, hf in BLOCK_TENSORS.items()
+        }
+        block = span.blocks[offset]
+        state.update(_read_module(files, block, names, f"blocks.{offset}.", dtype, device))
+    span.load_state_dict(state, assign=True, strict=True)
+    span.rotary = RotaryTable(config).to(device)
+    return span
+
+
+def load_ends(
+    folder: Path,
+    config: ModelConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> ModelEnds:
+    """Loads the token embedding, the final norm and the LM head."""
+    files = SafetensorsFolder.open(folder)
+    with torch.device("meta"):
+        ends = ModelEnds(config)
+    state = _read_module(files, ends, END_TENSORS, "", dtype, device)
+    ends.load_state_dict(state, assign=True, strict=False)
+    if config.tie_word_embeddings:
+        ends.lm_head.weight = ends.embed_tokens.weight
+    return ends
+
+
+def load_causal_lm(
+    folder: Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> CausalLM:
+    """Loads a whole model (every block and both ends) for local use."""
+    config = ModelConfig.from_hf_folder(folder)
+    ends = load_ends(folder, config, dtype=dtype, device=device)
+    span = load_span(folder, config, 0, config.num_layers, dtype=dtype, device=device)
+    return CausalLM(ends, span).eval()
+
+
+def _read_module(
+    files: SafetensorsFolder,
+    module: torch.nn.Module,
+    names: Mapping[str, tuple[str, ...]],
+    state_prefix: str,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> dict[str, torch.Tensor]:
+    """Reads every parameter `module` declares; tied weights are read once."""
+    state = {}
+    seen: set[int] = set()
+    for param_name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        tensor = files.read(names[param_name])
+        if tensor.shape != param.shape:
+            raise CheckpointError(
+                f"{'+'.join(names[param_name])} in {files.folder} has shape "
+                f"{tuple(tensor.shape)}, but the config needs {tuple(param.shape)}"
+            )
+        state[state_prefix + param_name] = tensor.to(device=device, dtype=dtype)
+    return state
+
+
+def _read_index(path: Path) -> dict[str, Path]:
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a valid safetensors index: {exc}") from exc
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{path}: weight_map must be an object")
+    return {str(name): path.parent / str(file) for name, file in weight_map.items()}
+
+
+def _open_safetensors(path: Path) -> object:
+    # safe_open memory-maps the file and checks its header against the file size.
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(
+            f"{path} is not a valid safetensors file ({exc}); it is truncated or corrupt — "
+            f"delete it and pull the model again"
+        ) from exc

@@ -1,0 +1,109 @@
+"""The model split the way the swarm needs it: a span of blocks, and the ends apart.
+
+A server holds a `BlockSpan` (blocks [start, end)); a client holds `ModelEnds` (token
+embedding, final norm, LM head); `CausalLM` joins the two for local, whole-model use.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.block import RMSNorm, TransformerBlock
+from models.config import ModelConfig
+from models.kv_cache import KVCache
+from models.rope import RotaryTable
+
+
+class BlockSpan(nn.Module):
+    """Blocks [start, end) of a model, with the RoPE table they share."""
+
+    def __init__(self, config: ModelConfig, start: int, end: int) -> None:
+        super().__init__()
+        if not 0 <= start < end <= config.num_layers:
+            raise ValueError(f"bad block span {start}:{end} for {config.num_layers} blocks")
+        self.config = config
+        self.start = start
+        self.end = end
+        self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(start, end))
+        self.rotary = RotaryTable(config)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.end - self.start
+
+    def forward(
+        self, hidden: torch.Tensor, *, start_pos: int = 0, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """Runs hidden states [B, S, H] through every block of the span.
+
+        With a cache, the new keys/values are written at [start_pos, start_pos + S) and
+        attention sees every earlier cached position; the caller advances `cache.length`.
+        """
+        seq = hidden.shape[1]
+        cos, sin = self.rotary.slice(start_pos, seq)
+        for index, block in enumerate(self.blocks):
+            layer_cache = cache.layer(index) if cache is not None else None
+            hidden = block(hidden, cos, sin, start_pos=start_pos, layer_cache=layer_cache)
+        return hidden
+
+    def allocate_cache(
+        self, *, batch_size: int, max_length: int, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """A cache sized for this span, on the span's device and dtype."""
+        weight = self.blocks[0].attn.o_proj.weight
+        return KVCache.allocate(
+            self.config,
+            num_blocks=self.num_blocks,
+            batch_size=batch_size,
+            max_length=max_length,
+            dtype=dtype or weight.dtype,
+            device=weight.device,
+        )
+
+
+class ModelEnds(nn.Module):
+    """Token embedding in front of the blocks; final norm and LM head behind them."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, S] -> hidden states [B, S, H]."""
+        return self.embed_tokens(input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, S, H] -> logits [B, S, vocab]."""
+        return self.lm_head(self.norm(hidden))
+
+
+class CausalLM(nn.Module):
+    """A whole model in one process: ends plus every block."""
+
+    def __init__(self, ends: ModelEnds, span: BlockSpan) -> None:
+        super().__init__()
+        if span.start != 0 or span.end != span.config.num_layers:
+            raise ValueError("CausalLM needs every block of the model")
+        self.config = span.config
+        self.ends = ends
+        self.span = span
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        start_pos: int = 0,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Token ids [B, S] -> logits [B, S, vocab] ([B, 1, vocab] with `last_only`)."""
+        hidden = self.span(self.ends.embed(input_ids), start_pos=start_pos, cache=cache)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.ends.logits(hidden)

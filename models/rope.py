@@ -1,0 +1,79 @@
+"""Rotary position embeddings (RoPE), with linear and llama3 frequency scaling.
+
+We use the "rotate half" layout of Hugging Face checkpoints: a head's first half of
+dimensions pairs with its second half. The cos/sin tables are built once per model for
+every position up to the context length, then sliced per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from models.config import ModelConfig, RopeScaling
+
+
+def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """Per-pair rotation speeds, [head_dim // 2] float32, after context scaling."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    if scaling.kind == "llama3":
+        return _llama3_scale(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3_scale(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    # llama3 keeps fast (short-wavelength) pairs, slows long-wavelength pairs by `factor`,
+    # and blends smoothly between the two bands.
+    original = scaling.original_max_position_embeddings
+    low_freq_wavelen = original / scaling.low_freq_factor
+    high_freq_wavelen = original / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (original / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+class RotaryTable(torch.nn.Module):
+    """cos/sin tables for positions [0, max_positions), [T, head_dim] each."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def __init__(self, config: ModelConfig, *, max_positions: int | None = None) -> None:
+        super().__init__()
+        positions = max_positions or config.max_position_embeddings
+        inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        angles = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        # Not saved in checkpoints: they are derived from the config.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.cos.shape[0])
+
+    def slice(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for positions [start, start + length), [length, head_dim]."""
+        end = start + length
+        if end > self.max_positions:
+            raise ValueError(
+                f"position {end - 1} is past the model's context of {self.max_positions}"
+            )
+        return self.cos[start:end], self.sin[start:end]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates x [B, S, heads, D] by the angles in cos/sin [S, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    # [S, D] -> [S, 1, D] to broadcast over heads
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)

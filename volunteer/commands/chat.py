@@ -1,0 +1,119 @@
+"""`volunteer chat`: stream answers from a model, one prompt or an interactive session."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, TextIO
+
+from models.sampling import SamplingParams
+from volunteer.errors import SettingsError
+from volunteer.local_chat import Conversation, LocalChat
+from volunteer.model_store import ModelStore
+from volunteer.paths import Paths
+from volunteer.smollm2 import DEFAULT_MODEL
+
+_HELP_INTERACTIVE = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) quits."
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "chat",
+        help="chat with a model",
+        description="Stream an answer to PROMPT, or chat interactively when no prompt is given.",
+    )
+    parser.add_argument("prompt", nargs="?", help="one message; omit for an interactive chat")
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="run the whole model in this process (the reference the swarm must match)",
+    )
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"model name (default: {DEFAULT_MODEL})"
+    )
+    parser.add_argument("--system", help="system prompt (default: the model's own)")
+    parser.add_argument("--max-new-tokens", type=int, default=512, metavar="N")
+    parser.add_argument(
+        "--temperature", type=float, default=0.7, metavar="T", help="0 for greedy decoding"
+    )
+    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="0 keeps all tokens")
+    parser.add_argument("--top-p", type=float, default=0.9, metavar="P")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R")
+    parser.add_argument("--seed", type=int, metavar="S", help="seed for reproducible sampling")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, paths: Paths) -> int:
+    if not args.local:
+        raise SettingsError(
+            "chatting through the swarm needs the daemon, which is not built yet; "
+            "use `volunteer chat --local` to run the model in this process"
+        )
+    if args.max_new_tokens <= 0:
+        raise SettingsError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    try:
+        sampling = SamplingParams(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from exc
+    folder = ModelStore(paths.models_dir).resolve(args.model)
+    chat = LocalChat.load(folder)
+    conversation = Conversation(system_prompt=args.system)
+    if args.prompt is not None:
+        _answer(chat, conversation, args.prompt, args, sampling, sys.stdout)
+        return 0
+    return _interactive(chat, conversation, args, sampling)
+
+
+def _answer(
+    chat: LocalChat,
+    conversation: Conversation,
+    prompt: str,
+    args: argparse.Namespace,
+    sampling: SamplingParams,
+    out: TextIO,
+) -> None:
+    conversation.messages.append({"role": "user", "content": prompt})
+    pieces = []
+    try:
+        for piece in chat.stream_reply(
+            conversation, max_new_tokens=args.max_new_tokens, sampling=sampling
+        ):
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+    finally:
+        # An interrupted reply still joins the conversation, as far as it got.
+        conversation.messages.append({"role": "assistant", "content": "".join(pieces)})
+        out.write("\n")
+        out.flush()
+
+
+def _interactive(
+    chat: LocalChat, conversation: Conversation, args: argparse.Namespace, sampling: SamplingParams
+) -> int:
+    print(_HELP_INTERACTIVE, file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            conversation.messages.clear()
+            print("(new conversation)", file=sys.stderr)
+            continue
+        if not text:
+            continue
+        try:
+            _answer(chat, conversation, text, args, sampling, sys.stdout)
+        except KeyboardInterrupt:
+            print("(stopped)", file=sys.stderr)
