@@ -62,13 +62,13 @@ class LocalStepper:
         self.cache = cache
 
     @classmethod
-    def for_generation(cls, model: CausalLM, *, prompt_len: int, max_new_tokens: int) -> LocalStepper:
+    def for_generation(
+        cls, model: CausalLM, *, prompt_len: int, max_new_tokens: int
+    ) -> LocalStepper:
         """A stepper whose cache holds the prompt and every new token (within the context)."""
         limit = model.span.rotary.max_positions
         if prompt_len >= limit:
-            raise ValueError(
-                f"the prompt has {prompt_len} tokens; the model's context is {limit}"
-            )
+            raise ValueError(f"the prompt has {prompt_len} tokens; the model's context is {limit}")
         length = min(prompt_len + max_new_tokens, limit)
         return cls(model, model.span.allocate_cache(batch_size=1, max_length=length))
 
