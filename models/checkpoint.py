@@ -72,8 +72,10 @@ class SafetensorsFolder:
                 files_by_tensor[name] = path
         return cls(folder, files_by_tensor)
 
-    def read(self, names: tuple[str, ...]) -> torch.Tensor:
-        """Reads the named tensors and concatenates them along dim 0."""
+    def read(
+        self, names: tuple[str, ...], *, dtype: torch.dtype, device: torch.device | str
+    ) -> torch.Tensor:
+        """Reads the named tensors, concatenated along dim 0, as a private copy."""
         parts = []
         for name in names:
             path = self.files_by_tensor.get(name)
@@ -88,7 +90,11 @@ class SafetensorsFolder:
                 parts.append(self._handles[path].get_tensor(name))  # type: ignore[attr-defined]
             except SafetensorError as exc:
                 raise CheckpointError(f"cannot read {name!r} from {path}: {exc}") from exc
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if len(parts) == 1:
+            # Copy even when no conversion is needed: a view into the memory map would
+            # keep the whole file mapped and its touched pages counted against us.
+            return parts[0].to(device=device, dtype=dtype, copy=True)
+        return torch.cat(parts, dim=0).to(device=device, dtype=dtype)
 
 
 def load_span(
@@ -159,13 +165,13 @@ def _read_module(
         if id(param) in seen:
             continue
         seen.add(id(param))
-        tensor = files.read(names[param_name])
+        tensor = files.read(names[param_name], dtype=dtype, device=device)
         if tensor.shape != param.shape:
             raise CheckpointError(
                 f"{'+'.join(names[param_name])} in {files.folder} has shape "
                 f"{tuple(tensor.shape)}, but the config needs {tuple(param.shape)}"
             )
-        state[state_prefix + param_name] = tensor.to(device=device, dtype=dtype)
+        state[state_prefix + param_name] = tensor
     return state
 
 
