@@ -1,0 +1,156 @@
+"""Chat templates: transformers' Jinja semantics, and SmolLM2's template against transformers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from models.chat_template import ChatTemplate, select_chat_template
+from models.errors import TokenizerError
+from models.tokenizer import Tokenizer
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def _render(source: str, messages: list[dict[str, Any]] = USER, **kwargs: Any) -> str:
+    return ChatTemplate.compile(source, special_tokens={"bos_token": "<s>"}).render(
+        messages, **kwargs
+    )
+
+
+def test_trim_and_lstrip_blocks_drop_block_whitespace() -> None:
+    source = "{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m.content }}]\n"
+    source += "    {% endif %}\n{% endfor %}\n"
+    assert _render(source, USER * 2) == "[hi]\n[hi]\n"
+
+
+def test_special_tokens_and_generation_prompt_are_variables() -> None:
+    source = "{{ bos_token }}{% if add_generation_prompt %}GO{% endif %}"
+    assert _render(source) == "<s>GO"
+    assert _render(source, add_generation_prompt=False) == "<s>"
+    assert _render("{{ bos_token }}", bos_token="[B]") == "[B]"
+
+
+def test_raise_exception_becomes_tokenizer_error() -> None:
+    source = "{% if messages[0].role != 'system' %}"
+    source += "{{ raise_exception('need a system turn') }}{% endif %}"
+    with pytest.raises(TokenizerError, match="need a system turn"):
+        _render(source)
+
+
+def test_syntax_error_is_a_tokenizer_error_with_the_line() -> None:
+    with pytest.raises(TokenizerError, match="line 2"):
+        ChatTemplate.compile("ok\n{% for m in messages %}")
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["{{ messages.append(1) }}", "{{ messages[0].content.__class__.__mro__ }}", "{{ 1 / 0 }}"],
+)
+def test_template_failures_and_sandbox_escapes_are_tokenizer_errors(source: str) -> None:
+    with pytest.raises(TokenizerError, match="failed to render"):
+        _render(source)
+
+
+def test_tojson_keeps_unicode_and_html_characters() -> None:
+    messages = [{"role": "user", "content": "<b>é & ü</b>"}]
+    assert _render("{{ messages[0] | tojson }}", messages) == (
+        '{"role": "user", "content": "<b>é & ü</b>"}'
+    )
+    assert _render("{{ messages[0] | tojson(indent=1) }}", messages).startswith('{\n "role"')
+
+
+def test_strftime_now_formats_the_current_date() -> None:
+    assert _render("{{ strftime_now('%Y') }}") in {
+        str(datetime.now().year - 1),
+        str(datetime.now().year),
+    }
+
+
+def test_loop_controls_and_generation_block() -> None:
+    source = "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}"
+    source += "{% generation %}<{{ m.content }}>{% endgeneration %}{% endfor %}"
+    assert _render(source, USER * 3) == "<hi>"
+
+
+def test_none_valued_keys_are_dropped_like_transformers() -> None:
+    messages = [{"role": "user", "content": "x", "tool_calls": None}]
+    assert _render("{{ 'tool_calls' in messages[0] }}", messages) == "False"
+
+
+def test_select_chat_template_accepts_both_config_forms() -> None:
+    assert select_chat_template("{{ 1 }}") == "{{ 1 }}"
+    assert select_chat_template(None) is None
+    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    assert select_chat_template(named) == "D"
+    with pytest.raises(TokenizerError, match="chat_template is a int"):
+        select_chat_template(3)
+
+
+# SmolLM2's template: rendered text and ids equal transformers' apply_chat_template.
+
+CONVERSATIONS = {
+    "single user": [{"role": "user", "content": "What is the capital of France?"}],
+    "system and user": [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Colour of the sky?"},
+    ],
+    "multi-turn": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello! 👋 How can I help?"},
+        {"role": "user", "content": "Écris un haïku sur 東京.\n  Indented\tline"},
+        {"role": "assistant", "content": "def f():\n    return 42\n"},
+        {"role": "user", "content": "Thanks <3"},
+    ],
+}
+
+
+def _gguf_tokenizer_meta(path: Path) -> dict[str, Any]:
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    return {key: field.contents() for key, field in fields.items() if key.startswith("tokenizer.")}
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf: Path) -> Tokenizer:
+    return Tokenizer.from_gguf_metadata(_gguf_tokenizer_meta(smollm2_gguf))
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_gguf: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_smollm2_template_matches_transformers(
+    smollm2: Tokenizer, reference: Any, name: str, add_generation_prompt: bool
+) -> None:
+    messages = CONVERSATIONS[name]
+    text = smollm2.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    expected = reference.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    assert text == expected
+    expected_ids = reference.apply_chat_template(
+        messages, tokenize=True, return_dict=False, add_generation_prompt=add_generation_prompt
+    )
+    assert smollm2.encode_chat(messages, add_generation_prompt=add_generation_prompt) == list(
+        expected_ids
+    )
+
+
+@pytest.mark.slow
+def test_smollm2_chat_prompt_ends_with_assistant_header(smollm2: Tokenizer) -> None:
+    ids = smollm2.encode_chat(CONVERSATIONS["single user"])
+    assert ids[0] == 1  # the template writes <|im_start|> itself; no extra BOS
+    assert smollm2.decode(ids).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert ids.count(1) == 3  # system, user, assistant turns
+    assert ids.count(2) == 2  # <|im_end|> closes the default system turn and the user turn
