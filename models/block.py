@@ -85,9 +85,7 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
-    def _decode_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor:
+    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One query per row against every cached key, without SDPA's fixed overhead.
 
         q: [B, heads, 1, D]; k, v: [B, kv_heads, T, D]; returns [B, heads, 1, D].

@@ -96,6 +96,14 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, raw: Mapping[str, Any]) -> ModelConfig:
+        """See `_from_hf_dict`; any value of the wrong type becomes a ModelConfigError."""
+        try:
+            return cls._from_hf_dict(raw)
+        except (TypeError, ValueError) as exc:
+            raise ModelConfigError(f"malformed model config: {exc}") from exc
+
+    @classmethod
+    def _from_hf_dict(cls, raw: Mapping[str, Any]) -> ModelConfig:
         """Builds a config from the contents of a Hugging Face `config.json`.
 
         Raises:
@@ -154,6 +162,16 @@ class ModelConfig:
 
     @classmethod
     def from_gguf_metadata(
+        cls, meta: Mapping[str, Any], *, tie_word_embeddings: bool
+    ) -> ModelConfig:
+        """See `_from_gguf_metadata`; a value of the wrong type becomes a ModelConfigError."""
+        try:
+            return cls._from_gguf_metadata(meta, tie_word_embeddings=tie_word_embeddings)
+        except (TypeError, ValueError) as exc:
+            raise ModelConfigError(f"malformed GGUF metadata: {exc}") from exc
+
+    @classmethod
+    def _from_gguf_metadata(
         cls, meta: Mapping[str, Any], *, tie_word_embeddings: bool
     ) -> ModelConfig:
         """Builds a config from GGUF key/value metadata (plain Python values).

