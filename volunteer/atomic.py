@@ -2,7 +2,9 @@
 
 A file or folder is built under a temporary name beside its destination, flushed, then
 renamed into place, so readers see either nothing or a complete copy. A full disk is
-turned into `DiskFullError` and the partial copy is removed.
+turned into `DiskFullError` and the partial copy is removed. Temporary names start with
+`.tmp-`; those a killed process left behind are swept once nothing has touched them for
+a day.
 """
 
 from __future__ import annotations
@@ -12,10 +14,16 @@ import errno
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from volunteer.errors import DiskFullError
+
+TMP_PREFIX = ".tmp-"
+STALE_TMP_AGE_S = 24 * 3600.0
+"""A temporary entry untouched this long belongs to a dead process (a download in
+progress writes every few seconds)."""
 
 
 @contextlib.contextmanager
@@ -26,7 +34,7 @@ def staging_dir(dest: Path) -> Iterator[Path]:
     error, or after losing a race) is deleted on exit.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{dest.name}-", dir=dest.parent))
     try:
         with disk_full_as_error(dest):
             yield tmp
@@ -55,7 +63,7 @@ def publish_dir(tmp: Path, dest: Path) -> bool:
 def write_file_atomic(dest: Path, data: bytes) -> None:
     """Writes `data` to `dest` through a temporary file and a rename."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{dest.name}-", dir=dest.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{dest.name}-", dir=dest.parent)
     tmp = Path(tmp_name)
     try:
         with disk_full_as_error(dest), os.fdopen(fd, "wb") as out:
@@ -79,6 +87,44 @@ def disk_full_as_error(dest: Path) -> Iterator[None]:
                 f"(or set VOLUNTEER_CACHE_DIR to a larger disk) and try again"
             ) from exc
         raise
+
+
+def remove_stale_tmp(
+    parent: Path, *, max_age_s: float = STALE_TMP_AGE_S, now_s: float | None = None
+) -> list[Path]:
+    """Deletes the `.tmp-*` entries of `parent` that nothing has written for `max_age_s`.
+
+    Args:
+        parent: the folder whose temporary entries are swept (not recursively).
+        max_age_s: how long an entry and everything in it must have been untouched.
+        now_s: the current time (`time.time()` when None).
+
+    Returns:
+        The entries removed.
+    """
+    now_s = time.time() if now_s is None else now_s
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in sorted(parent.iterdir()):
+            if entry.name.startswith(TMP_PREFIX) and now_s - _newest_mtime(entry) > max_age_s:
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
+
+
+def _newest_mtime(path: Path) -> float:
+    # Another process may delete the entry while we walk it: then it is not stale.
+    try:
+        newest = path.stat().st_mtime
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
+    except FileNotFoundError:
+        return float("inf")
+    return newest
 
 
 def _fsync_tree(root: Path) -> None:
