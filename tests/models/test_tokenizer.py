@@ -367,23 +367,14 @@ CORPUS = [
 DIGIT_SPLIT = ["  12345", "x  42", "½ ² ③ ٣ Ⅻ", "a ½"]
 
 
-def _gguf_tokenizer_meta(path: Path) -> dict[str, Any]:
-    from gguf import GGUFReader
-
-    fields = GGUFReader(str(path)).fields
-    return {key: field.contents() for key, field in fields.items() if key.startswith("tokenizer.")}
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf_meta: dict[str, Any]) -> Tokenizer:
+    return Tokenizer.from_gguf_metadata(smollm2_gguf_meta)
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf: Path) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(_gguf_tokenizer_meta(smollm2_gguf))
-
-
-@pytest.fixture(scope="module")
-def reference(smollm2_gguf: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+def reference(hf_smollm2_tokenizer: Any) -> Any:
+    return hf_smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
