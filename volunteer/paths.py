@@ -56,11 +56,17 @@ class Paths:
                 runtime_dir=root / "run",
                 cache_dir=Path(cache).expanduser(),
             )
+        data_dir = Path(platformdirs.user_data_dir(APP_NAME))
+        # Without XDG_RUNTIME_DIR (servers, containers) platformdirs guesses a /tmp path and
+        # warns; our data dir is private to the user and always exists, so use it instead.
+        has_runtime = os.name != "posix" or bool(env.get("XDG_RUNTIME_DIR"))
         return cls(
             config_dir=Path(platformdirs.user_config_dir(APP_NAME)),
-            data_dir=Path(platformdirs.user_data_dir(APP_NAME)),
+            data_dir=data_dir,
             log_dir=Path(platformdirs.user_log_dir(APP_NAME)),
-            runtime_dir=Path(platformdirs.user_runtime_dir(APP_NAME)),
+            runtime_dir=(
+                Path(platformdirs.user_runtime_dir(APP_NAME)) if has_runtime else data_dir / "run"
+            ),
             cache_dir=Path(cache).expanduser(),
         )
 

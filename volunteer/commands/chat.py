@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from models.sampling import SamplingParams
 from volunteer.errors import SettingsError
-from volunteer.local_chat import Conversation, LocalChat
 from volunteer.model_store import ModelStore
 from volunteer.paths import Paths
 from volunteer.smollm2 import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from models.sampling import SamplingParams
+    from volunteer.local_chat import Conversation, LocalChat
 
 _HELP_INTERACTIVE = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) quits."
 
@@ -34,7 +36,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--system", help="system prompt (default: the model's own)")
     parser.add_argument("--max-new-tokens", type=int, default=512, metavar="N")
     parser.add_argument(
-        "--temperature", type=float, default=0.7, metavar="T", help="0 for greedy decoding"
+        "--temperature", type=float, default=0.2, metavar="T", help="0 for greedy decoding"
     )
     parser.add_argument("--top-k", type=int, default=0, metavar="K", help="0 keeps all tokens")
     parser.add_argument("--top-p", type=float, default=0.9, metavar="P")
@@ -44,6 +46,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, paths: Paths) -> int:
+    # torch loads here, not at CLI start-up, so other commands and --help stay fast.
+    from models.sampling import SamplingParams
+    from volunteer.local_chat import Conversation, LocalChat
+
     if not args.local:
         raise SettingsError(
             "chatting through the swarm needs the daemon, which is not built yet; "
