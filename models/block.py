@@ -4,9 +4,18 @@ RMSNorm -> grouped-query attention with RoPE (keys/values written into a preallo
 per-session cache) -> residual -> RMSNorm -> SwiGLU MLP -> residual. The q/k/v
 projections are fused into one matmul, and so are gate/up: fewer, larger matmuls are
 what makes small-batch decoding fast on CPUs.
+
+The computation is written once, as functions over a `BlockWeights` tuple; the modules
+hold the parameters (for loading, training and state dicts) and call the same functions.
+A span decoding one token calls them directly with weights gathered once per step, which
+skips most of nn.Module's per-call overhead: at batch 1 on a CPU that overhead is a
+large share of a small model's step time.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +25,134 @@ from models.config import ModelConfig
 from models.rope import apply_rotary
 
 
+class BlockWeights(NamedTuple):
+    """The tensors of one block, gathered for the functional forward."""
+
+    attn_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    mlp_norm: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockShape:
+    """The sizes a block's forward needs besides its weights."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    eps: float
+    sliding_window: int | None
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> BlockShape:
+        return cls(
+            num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            intermediate_size=config.intermediate_size,
+            eps=config.rms_norm_eps,
+            sliding_window=config.sliding_window,
+        )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Root-mean-square norm with a learned scale, computed in float32."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    # Low precision: normalise in float32, then scale in the input dtype, as the
+    # reference checkpoints were trained.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def block_forward(
+    x: torch.Tensor,
+    w: BlockWeights,
+    shape: BlockShape,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    start_pos: int,
+    layer_cache: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """Pre-norm decoder block on hidden states x [B, S, H]."""
+    h = rms_norm(x, w.attn_norm, shape.eps)
+    x = x + attention(h, w, shape, cos, sin, start_pos=start_pos, layer_cache=layer_cache)
+    h = rms_norm(x, w.mlp_norm, shape.eps)
+    gate, up = F.linear(h, w.gate_up, w.gate_up_bias).split(shape.intermediate_size, dim=-1)
+    return x + F.linear(F.silu(gate) * up, w.down, w.down_bias)
+
+
+def attention(
+    x: torch.Tensor,
+    w: BlockWeights,
+    shape: BlockShape,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    start_pos: int,
+    layer_cache: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """Grouped-query self-attention of x [B, S, H] with RoPE and an optional KV cache."""
+    batch, seq, _ = x.shape
+    heads, kv_heads = shape.num_heads, shape.num_kv_heads
+    # [B, S, (heads + 2 * kv_heads) * D] -> [B, S, heads + 2 * kv_heads, D]
+    qkv = F.linear(x, w.qkv, w.qkv_bias).view(batch, seq, -1, shape.head_dim)
+    # q and k rotate together: one set of elementwise ops instead of two. (narrow rather
+    # than slicing syntax: it is one dispatch, and this runs for every block and token.)
+    qk = apply_rotary(qkv.narrow(2, 0, heads + kv_heads), cos, sin)
+    # [B, S, heads, D] -> [B, heads, S, D]
+    q = qk.narrow(2, 0, heads).transpose(1, 2)
+    k = qk.narrow(2, heads, kv_heads).transpose(1, 2)
+    v = qkv.narrow(2, heads + kv_heads, kv_heads).transpose(1, 2)
+    past = 0
+    if layer_cache is not None:
+        key_buf, value_buf = layer_cache
+        past = start_pos
+        key_buf.narrow(2, past, seq).copy_(k)
+        value_buf.narrow(2, past, seq).copy_(v)
+        k, v = key_buf.narrow(2, 0, past + seq), value_buf.narrow(2, 0, past + seq)
+    mask, is_causal = _attention_mask(seq, past, shape.sliding_window, x.device)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True
+    )
+    # [B, heads, S, D] -> [B, S, heads * D]
+    out = out.transpose(1, 2).reshape(batch, seq, heads * shape.head_dim)
+    return F.linear(out, w.o, w.o_bias)
+
+
+def _attention_mask(
+    seq: int, past: int, window: int | None, device: torch.device
+) -> tuple[torch.Tensor | None, bool]:
+    """Mask for `seq` new queries after `past` cached positions: (mask, is_causal).
+
+    The built-in causal path (or no mask at all for one query) is used when it is exact.
+    """
+    total = past + seq
+    if window is None or total <= window:
+        if seq == 1:
+            return None, False
+        if past == 0:
+            return None, True
+    query_pos = torch.arange(past, total, device=device)[:, None]
+    key_pos = torch.arange(total, device=device)[None, :]
+    mask = key_pos <= query_pos
+    if window is not None:
+        mask &= key_pos > query_pos - window
+    return mask, False
+
+
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm with a learned scale, computed in float32."""
+    """Root-mean-square layer norm with a learned scale."""
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -25,106 +160,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32, then scale in the input dtype, as the reference
-        # checkpoints were trained. (Spelled out: torch's fused rms_norm is slower on CPU
-        # for the one-token rows of decoding.)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention; q/k/v come from one fused projection."""
+    """The attention parameters; q/k/v come from one fused projection."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
-        self.head_dim = config.head_dim
-        self.sliding_window = config.sliding_window
-        self.split_sizes = [config.q_size, config.kv_size, config.kv_size]
         self.qkv_proj = nn.Linear(
             config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias
         )
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        *,
-        start_pos: int,
-        layer_cache: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        # [B, S, (heads + 2 * kv_heads) * D] -> [B, S, heads + 2 * kv_heads, D]
-        qkv = self.qkv_proj(x).view(batch, seq, -1, self.head_dim)
-        # q and k rotate together: one set of elementwise ops instead of two.
-        qk = apply_rotary(qkv[:, :, : self.num_heads + self.num_kv_heads], cos, sin)
-        # [B, S, heads, D] -> [B, heads, S, D]
-        q = qk[:, :, : self.num_heads].transpose(1, 2)
-        k = qk[:, :, self.num_heads :].transpose(1, 2)
-        v = qkv[:, :, self.num_heads + self.num_kv_heads :].transpose(1, 2)
-        if layer_cache is not None:
-            key_buf, value_buf = layer_cache
-            end = start_pos + seq
-            key_buf[:, :, start_pos:end] = k
-            value_buf[:, :, start_pos:end] = v
-            k, v = key_buf[:, :, :end], value_buf[:, :, :end]
-            mask, is_causal = self._mask(seq, start_pos, x.device)
-        else:
-            mask, is_causal = self._mask(seq, 0, x.device)
-        if seq == 1 and mask is None:
-            out = self._decode_attention(q, k, v)
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True
-            )
-        # [B, heads, S, D] -> [B, S, heads * D]
-        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
-        return self.o_proj(out)
-
-    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One query per row against every cached key, without SDPA's fixed overhead.
-
-        q: [B, heads, 1, D]; k, v: [B, kv_heads, T, D]; returns [B, heads, 1, D].
-        """
-        batch = q.shape[0]
-        group = self.num_heads // self.num_kv_heads
-        # The query heads that share a kv head become rows of one matmul:
-        # [B, heads, 1, D] -> [B, kv_heads, group, D]
-        q = q.reshape(batch, self.num_kv_heads, group, self.head_dim)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim**-0.5
-        out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
-        return out.reshape(batch, self.num_heads, 1, self.head_dim)
-
-    def _mask(self, seq: int, past: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
-        """Attention mask for `seq` new queries after `past` cached positions.
-
-        Returns (mask, is_causal); the cheap built-in causal path is used when it is exact.
-        """
-        total = past + seq
-        is_windowed = self.sliding_window is not None and total > self.sliding_window
-        if not is_windowed:
-            if seq == 1:
-                return None, False
-            if past == 0:
-                return None, True
-        query_pos = torch.arange(past, total, device=device)[:, None]
-        key_pos = torch.arange(total, device=device)[None, :]
-        mask = key_pos <= query_pos
-        if self.sliding_window is not None:
-            mask &= key_pos > query_pos - self.sliding_window
-        return mask, False
-
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up fused."""
+    """The SwiGLU feed-forward parameters, gate and up fused."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(
             config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias
         )
@@ -132,20 +186,33 @@ class MLP(nn.Module):
             config.intermediate_size, config.hidden_size, bias=config.mlp_bias
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
-
 
 class TransformerBlock(nn.Module):
     """Pre-norm decoder block: attention then MLP, each with a residual connection."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.shape = BlockShape.of(config)
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = Attention(config)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+
+    def weights(self) -> BlockWeights:
+        """The block's current parameter tensors (the same objects, not copies)."""
+        attn, mlp = self.attn, self.mlp
+        return BlockWeights(
+            attn_norm=self.attn_norm.weight,
+            qkv=attn.qkv_proj.weight,
+            qkv_bias=attn.qkv_proj.bias,
+            o=attn.o_proj.weight,
+            o_bias=attn.o_proj.bias,
+            mlp_norm=self.mlp_norm.weight,
+            gate_up=mlp.gate_up_proj.weight,
+            gate_up_bias=mlp.gate_up_proj.bias,
+            down=mlp.down_proj.weight,
+            down_bias=mlp.down_proj.bias,
+        )
 
     def forward(
         self,
@@ -156,5 +223,6 @@ class TransformerBlock(nn.Module):
         start_pos: int,
         layer_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, start_pos=start_pos, layer_cache=layer_cache)
-        return x + self.mlp(self.mlp_norm(x))
+        return block_forward(
+            x, self.weights(), self.shape, cos, sin, start_pos=start_pos, layer_cache=layer_cache
+        )

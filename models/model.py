@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.block import RMSNorm, TransformerBlock
+from models.block import BlockWeights, RMSNorm, TransformerBlock, block_forward
 from models.config import ModelConfig
 from models.kv_cache import KVCache
 from models.rope import RotaryTable
@@ -27,10 +27,23 @@ class BlockSpan(nn.Module):
         self.end = end
         self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(start, end))
         self.rotary = RotaryTable(config)
+        # Gathering each block's tensors through nn.Module attribute lookups costs about as
+        # much as the small ops of a decode step, so they are gathered once and dropped
+        # whenever parameters are replaced (loading, .to(), dtype casts).
+        self._block_weights: list[BlockWeights] | None = None
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.forget_weights())
 
     @property
     def num_blocks(self) -> int:
         return self.end - self.start
+
+    def forget_weights(self) -> None:
+        """Drops the gathered block tensors; call after replacing any parameter."""
+        self._block_weights = None
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        self.forget_weights()
+        return super()._apply(fn, recurse)
 
     def forward(
         self, hidden: torch.Tensor, *, start_pos: int = 0, cache: KVCache | None = None
@@ -42,9 +55,21 @@ class BlockSpan(nn.Module):
         """
         seq = hidden.shape[1]
         cos, sin = self.rotary.slice(start_pos, seq)
-        for index, block in enumerate(self.blocks):
+        if self._block_weights is None:
+            self._block_weights = [block.weights() for block in self.blocks]
+        shape = self.blocks[0].shape
+        for index, weights in enumerate(self._block_weights):
             layer_cache = cache.layer(index) if cache is not None else None
-            hidden = block(hidden, cos, sin, start_pos=start_pos, layer_cache=layer_cache)
+            # The functional forward, not block(...): see models.block on why.
+            hidden = block_forward(
+                hidden,
+                weights,
+                shape,
+                cos,
+                sin,
+                start_pos=start_pos,
+                layer_cache=layer_cache,
+            )
         return hidden
 
     def allocate_cache(

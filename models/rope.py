@@ -42,7 +42,11 @@ def _llama3_scale(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
 
 
 class RotaryTable(torch.nn.Module):
-    """cos/sin tables for positions [0, max_positions), [T, head_dim] each."""
+    """cos and signed sin tables for positions [0, max_positions), [T, 1, head_dim] each.
+
+    The sin table carries the sign of "rotate half" (-sin on the first half), so a
+    rotation is x * cos + roll(x) * sin: three elementwise ops per step.
+    """
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -52,17 +56,20 @@ class RotaryTable(torch.nn.Module):
         positions = max_positions or config.max_position_embeddings
         inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         angles = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
-        angles = torch.cat((angles, angles), dim=-1)
+        sin = angles.sin()
+        # [T, D/2] -> [T, 1, D]: the 1 broadcasts over heads in [B, S, heads, D].
+        cos = torch.cat((angles.cos(), angles.cos()), dim=-1).unsqueeze(1)
+        signed_sin = torch.cat((-sin, sin), dim=-1).unsqueeze(1)
         # Not saved in checkpoints: they are derived from the config.
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", signed_sin, persistent=False)
 
     @property
     def max_positions(self) -> int:
         return int(self.cos.shape[0])
 
     def slice(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for positions [start, start + length), [length, head_dim]."""
+        """cos and signed sin for positions [start, start + length), [length, 1, D]."""
         end = start + length
         if end > self.max_positions:
             raise ValueError(
@@ -72,8 +79,7 @@ class RotaryTable(torch.nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates x [B, S, heads, D] by the angles in cos/sin [S, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    # [S, D] -> [S, 1, D] to broadcast over heads
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+    """Rotates x [B, S, heads, D] by the angles in cos / signed sin [S, 1, D]."""
+    # roll by D/2 gives [x2, x1]; with the signed sin this is HF's rotate_half.
+    rolled = torch.roll(x, x.shape[-1] // 2, dims=-1)
+    return torch.addcmul(x * cos, rolled, sin)
