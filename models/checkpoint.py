@@ -118,7 +118,8 @@ def load_span(
         block = span.blocks[offset]
         state.update(_read_module(files, block, names, f"blocks.{offset}.", dtype, device))
     span.load_state_dict(state, assign=True, strict=True)
-    span.rotary = RotaryTable(config).to(device)
+    # Built in float32, then cast: q/k/v must share the weights' dtype in attention.
+    span.rotary = RotaryTable(config).to(device=device, dtype=dtype)
     return span
 
 
@@ -182,7 +183,19 @@ def _read_index(path: Path) -> dict[str, Path]:
         raise CheckpointError(f"{path} is not a valid safetensors index: {exc}") from exc
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{path}: weight_map must be an object")
-    return {str(name): path.parent / str(file) for name, file in weight_map.items()}
+    files_by_tensor = {}
+    for name, file in weight_map.items():
+        # The index is untrusted: each entry must name a shard file inside the folder.
+        if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+            raise CheckpointError(f"{path}: tensor {name!r} names a bad shard file {file!r}")
+        files_by_tensor[str(name)] = path.parent / file
+    missing = sorted({p.name for p in files_by_tensor.values() if not p.is_file()})
+    if missing:
+        raise CheckpointError(
+            f"{path} lists shard files that are missing: {', '.join(missing)}; "
+            f"pull the model again"
+        )
+    return files_by_tensor
 
 
 def _open_safetensors(path: Path) -> object:

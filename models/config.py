@@ -80,6 +80,10 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ModelConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if not self.rope_scaling.factor > 0:
+            raise ModelConfigError(
+                f"RoPE scaling factor must be positive, got {self.rope_scaling.factor}"
+            )
         if self.rope_scaling.kind not in ROPE_KINDS:
             raise ModelConfigError(
                 f"unsupported RoPE scaling {self.rope_scaling.kind!r}; "
@@ -99,8 +103,8 @@ class ModelConfig:
         """See `_from_hf_dict`; any value of the wrong type becomes a ModelConfigError."""
         try:
             return cls._from_hf_dict(raw)
-        except (TypeError, ValueError) as exc:
-            raise ModelConfigError(f"malformed model config: {exc}") from exc
+        except _MALFORMED as exc:
+            raise ModelConfigError(f"malformed model config: {exc!r}") from exc
 
     @classmethod
     def _from_hf_dict(cls, raw: Mapping[str, Any]) -> ModelConfig:
@@ -117,7 +121,7 @@ class ModelConfig:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         hidden = _int_field(raw, "hidden_size")
-        heads = _int_field(raw, "num_attention_heads")
+        heads = _positive_int_field(raw, "num_attention_heads")
         rope = raw.get("rope_parameters") or {}
         rope_theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
         scaling = raw.get("rope_scaling") or rope
@@ -167,8 +171,8 @@ class ModelConfig:
         """See `_from_gguf_metadata`; a value of the wrong type becomes a ModelConfigError."""
         try:
             return cls._from_gguf_metadata(meta, tie_word_embeddings=tie_word_embeddings)
-        except (TypeError, ValueError) as exc:
-            raise ModelConfigError(f"malformed GGUF metadata: {exc}") from exc
+        except _MALFORMED as exc:
+            raise ModelConfigError(f"malformed GGUF metadata: {exc!r}") from exc
 
     @classmethod
     def _from_gguf_metadata(
@@ -191,7 +195,7 @@ class ModelConfig:
                 f"unsupported GGUF architecture {arch!r}; supported: llama, qwen2"
             )
         hidden = _int_field(meta, f"{arch}.embedding_length")
-        heads = _int_field(meta, f"{arch}.attention.head_count")
+        heads = _positive_int_field(meta, f"{arch}.attention.head_count")
         vocab_default = len(meta.get("tokenizer.ggml.tokens") or []) or None
         scaling_kind = meta.get(f"{arch}.rope.scaling.type", "none")
         if scaling_kind not in ("none", "linear"):
@@ -255,6 +259,9 @@ class ModelConfig:
         return raw
 
 
+# What a wrongly typed value raises on its way through float(), int(), [] or .get().
+_MALFORMED = (TypeError, ValueError, KeyError, AttributeError, ArithmeticError)
+
 _HF_CLASS = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -273,6 +280,14 @@ def _int_field(raw: Mapping[str, Any], key: str, default: int | None = None) -> 
         raise ModelConfigError(f"model config is missing the required field {key!r}")
     if isinstance(value, bool) or not isinstance(value, int):
         raise ModelConfigError(f"model config field {key!r} must be an integer, got {value!r}")
+    return value
+
+
+def _positive_int_field(raw: Mapping[str, Any], key: str) -> int:
+    # Checked before it divides anything (the default head_dim is hidden // heads).
+    value = _int_field(raw, key)
+    if value <= 0:
+        raise ModelConfigError(f"model config field {key!r} must be positive, got {value}")
     return value
 
 

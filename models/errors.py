@@ -6,7 +6,8 @@ Every error here says what is wrong and, where it can, what to do about it::
     ├── ModelConfigError            config.json / GGUF metadata missing fields or bad values
     │   └── UnsupportedArchitectureError   a model family we do not implement
     ├── CheckpointError             corrupt, truncated or incomplete weight files
-    └── TokenizerError              tokenizer files missing or unusable, chat template errors
+    ├── TokenizerError              tokenizer files missing or unusable, chat template errors
+    └── ContextLengthError          a prompt or cache does not fit the model's context
 """
 
 
@@ -28,3 +29,7 @@ class CheckpointError(ModelError):
 
 class TokenizerError(ModelError):
     """The tokenizer or its chat template cannot be built or rendered."""
+
+
+class ContextLengthError(ModelError):
+    """Tokens do not fit the model's context or the session's KV cache."""

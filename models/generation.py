@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from models.errors import ContextLengthError
 from models.kv_cache import KVCache
 from models.model import CausalLM
 from models.sampling import Sampler
@@ -68,12 +69,15 @@ class LocalStepper:
         """A stepper whose cache holds the prompt and every new token (within the context)."""
         limit = model.span.rotary.max_positions
         if prompt_len >= limit:
-            raise ValueError(f"the prompt has {prompt_len} tokens; the model's context is {limit}")
+            raise ContextLengthError(
+                f"the prompt has {prompt_len} tokens but the model's context is {limit}; "
+                f"shorten it (or start a new conversation)"
+            )
         length = min(prompt_len + max_new_tokens, limit)
         return cls(model, model.span.allocate_cache(batch_size=1, max_length=length))
 
     def __call__(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
-        self.cache.check_room(input_ids.shape[1])
+        self.cache.check_room(start_pos, input_ids.shape[1])
         with torch.inference_mode():
             logits = self.model(input_ids, start_pos=start_pos, cache=self.cache, last_only=True)
         self.cache.length = start_pos + input_ids.shape[1]

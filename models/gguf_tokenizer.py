@@ -17,7 +17,8 @@ text such as `<|im_start|>` is matched whole, as llama.cpp does when it parses s
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
@@ -127,6 +128,11 @@ def tokenizer_json_from_gguf(meta: Mapping[str, Any]) -> str:
         TokenizerError: A key is missing or malformed, or the tokenizer model or
             pre-tokenizer type is one we do not implement.
     """
+    with _malformed_metadata():
+        return _tokenizer_json(meta)
+
+
+def _tokenizer_json(meta: Mapping[str, Any]) -> str:
     kind = meta.get("tokenizer.ggml.model")
     tokens = _tokens(meta)
     types = _token_types(meta, len(tokens))
@@ -157,6 +163,11 @@ def tokenizer_config_from_gguf(meta: Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         TokenizerError: The vocabulary is missing or a special token id is out of range.
     """
+    with _malformed_metadata():
+        return _tokenizer_config(meta)
+
+
+def _tokenizer_config(meta: Mapping[str, Any]) -> dict[str, Any]:
     tokens = _tokens(meta)
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -348,3 +359,12 @@ def _add_post_processor(
         pair=[*prefix, "$A", *suffix, *prefix, "$B:1", *suffix],
         special_tokens=list(special.items()),
     )
+
+
+@contextlib.contextmanager
+def _malformed_metadata() -> Iterator[None]:
+    """Turns what a wrongly typed metadata value raises into a TokenizerError."""
+    try:
+        yield
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        raise TokenizerError(f"malformed GGUF tokenizer metadata: {exc!r}") from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from models.config import ModelConfig
+from models.errors import ContextLengthError
 
 
 class KVCache:
@@ -63,10 +64,15 @@ class KVCache:
         """Key and value buffers of one block, [B, kv_heads, T, D] each (views)."""
         return self.keys[index], self.values[index]
 
-    def check_room(self, new_tokens: int) -> None:
-        """Raises ValueError if `new_tokens` more positions do not fit."""
-        if self.length + new_tokens > self.max_length:
-            raise ValueError(
-                f"KV cache full: {self.length} + {new_tokens} tokens exceed "
+    def check_room(self, start_pos: int, new_tokens: int) -> None:
+        """Raises ContextLengthError unless positions [start_pos, start_pos + new_tokens)
+        fit, and start_pos leaves no unfilled gap before it."""
+        if start_pos > self.length:
+            raise ContextLengthError(
+                f"position {start_pos} skips past the {self.length} cached positions"
+            )
+        if start_pos + new_tokens > self.max_length:
+            raise ContextLengthError(
+                f"KV cache full: {start_pos} + {new_tokens} tokens exceed "
                 f"its {self.max_length} positions"
             )

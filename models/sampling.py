@@ -70,8 +70,11 @@ class Sampler:
             logits = keep_top_k(logits, self.params.top_k)
         if self.params.top_p < 1.0:
             logits = keep_top_p(logits, self.params.top_p)
-        probs = torch.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        # Drawn on the CPU, where our generator lives: one row of probabilities is cheap
+        # to move, and the draw then does not depend on the device.
+        probs = torch.softmax(logits, dim=-1).cpu()
+        chosen = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        return chosen.to(logits.device)
 
 
 def apply_repetition_penalty(

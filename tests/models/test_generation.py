@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from models.checkpoint import load_causal_lm
+from models.errors import ContextLengthError
 from models.generation import LocalStepper, generate_tokens
 from models.sampling import Sampler, SamplingParams
 from tests.models.test_parity import _save_reference
@@ -70,5 +71,36 @@ def test_seeded_sampling_reproduces(tiny: tuple[torch.nn.Module, Path]) -> None:
 def test_prompt_longer_than_context_is_refused(tiny: tuple[torch.nn.Module, Path]) -> None:
     _, folder = tiny
     model = load_causal_lm(folder)
-    with pytest.raises(ValueError, match="context"):
+    with pytest.raises(ContextLengthError, match="context"):
         LocalStepper.for_generation(model, prompt_len=500, max_new_tokens=1)
+
+
+def test_cache_refuses_overflow_and_gaps(tiny: tuple[torch.nn.Module, Path]) -> None:
+    _, folder = tiny
+    model = load_causal_lm(folder)
+    stepper = LocalStepper.for_generation(model, prompt_len=4, max_new_tokens=2)
+    stepper(torch.tensor([[1, 2, 3, 4]]), 0)
+    with pytest.raises(ContextLengthError, match="skips"):
+        stepper(torch.tensor([[5]]), 6)
+    with pytest.raises(ContextLengthError, match="full"):
+        stepper(torch.tensor([[5, 6, 7]]), 4)
+    # Replaying from an earlier position (after a failover, say) is allowed.
+    stepper(torch.tensor([[3, 4]]), 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_runs_close_to_float32(
+    tiny: tuple[torch.nn.Module, Path], dtype: torch.dtype
+) -> None:
+    _, folder = tiny
+    ids = torch.tensor([[5, 17, 3, 42, 8, 9]])
+    expected = load_causal_lm(folder)(ids).detach()
+    low = load_causal_lm(folder, dtype=dtype)
+    with torch.no_grad():
+        actual = low(ids)
+        cache = low.span.allocate_cache(batch_size=1, max_length=8)
+        low(ids[:, :5], cache=cache)
+        last = low(ids[:, 5:], start_pos=5, cache=cache)
+    assert actual.dtype == dtype
+    assert (actual.float() - expected).abs().max().item() < 0.1 * expected.abs().max().item()
+    assert (last[:, -1].float() - actual[:, -1].float()).abs().max().item() < 0.05

@@ -433,3 +433,26 @@ def test_gguf_files_written_to_a_folder_load_the_same(tmp_path: Path) -> None:
     messages = [{"role": "user", "content": "hello world 42"}]
     assert loaded.encode_chat(messages) == direct.encode_chat(messages)
     assert loaded.stop_token_ids == direct.stop_token_ids
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"tokenizer.ggml.token_type": 7},
+        {"tokenizer.ggml.eos_token_id": [1, 2]},
+        {"tokenizer.ggml.merges": 5},
+    ],
+)
+def test_wrongly_typed_gguf_metadata_is_a_tokenizer_error(change: dict[str, Any]) -> None:
+    from models.gguf_tokenizer import tokenizer_config_from_gguf, tokenizer_json_from_gguf
+
+    meta = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "smollm",
+        "tokenizer.ggml.tokens": ["a", "b", "ab"],
+        "tokenizer.ggml.merges": ["a b"],
+        **change,
+    }
+    with pytest.raises(TokenizerError):
+        tokenizer_json_from_gguf(meta)
+        tokenizer_config_from_gguf(meta)
