@@ -192,8 +192,7 @@ def _read_index(path: Path) -> dict[str, Path]:
     missing = sorted({p.name for p in files_by_tensor.values() if not p.is_file()})
     if missing:
         raise CheckpointError(
-            f"{path} lists shard files that are missing: {', '.join(missing)}; "
-            f"pull the model again"
+            f"{path} lists shard files that are missing: {', '.join(missing)}; pull the model again"
         )
     return files_by_tensor
 
