@@ -1,0 +1,1 @@
+"""The swarm client: routes, remote spans, fault-tolerant inference sessions."""

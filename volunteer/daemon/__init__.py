@@ -1,0 +1,1 @@
+"""The background daemon: lifecycle, control API, identity."""

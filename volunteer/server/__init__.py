@@ -1,0 +1,1 @@
+"""Serving a span of blocks over hivemind P2P."""

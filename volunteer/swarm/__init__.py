@@ -1,0 +1,1 @@
+"""The swarm protocol: typed DHT records, announcing and reading them."""
