@@ -1,0 +1,157 @@
+"""Choosing which servers a client's request goes through.
+
+Plain data in, a route out: no clock, no network, no global randomness. Inference takes
+the route with the smallest estimated latency per token (round trips plus compute time
+over the blocks each server runs); forward/backward spread load by drawing servers at
+random, weighted by throughput, from an rng the caller passes in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import random
+from collections.abc import Iterable, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerCandidate:
+    """A server that holds blocks [start, end), as the client sees it."""
+
+    peer_id: str
+    start: int
+    end: int
+    throughput: float
+    """Tokens per second per block this server announced (> 0 to be usable)."""
+    rtt_s: float | None = None
+    """Measured round trip to it; None when not measured yet."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteHop:
+    """Blocks [start, end) run on one server."""
+
+    peer_id: str
+    start: int
+    end: int
+
+
+class NoRouteError(Exception):
+    """No combination of usable servers covers the requested blocks."""
+
+
+DEFAULT_RTT_S = 0.05
+"""Assumed round trip for servers not measured yet: a typical internet hop."""
+
+
+def inference_route(
+    candidates: Iterable[ServerCandidate],
+    start: int,
+    end: int,
+    *,
+    avoid: frozenset[str] = frozenset(),
+) -> list[RouteHop]:
+    """The chain of servers covering [start, end) with the lowest estimated latency.
+
+    Each hop costs its round trip plus `blocks / throughput`; a server may be used for
+    any part of its span. Ties go to fewer hops, then to smaller peer ids, so one input
+    gives one route.
+
+    Raises:
+        NoRouteError: the usable servers leave a gap in [start, end).
+    """
+    usable = sorted(
+        (c for c in candidates if c.peer_id not in avoid and c.throughput > 0),
+        key=lambda c: (c.peer_id, c.start, c.end),
+    )
+    # Dijkstra over block positions: an edge i -> j through server c when c holds [i, j).
+    best: dict[int, tuple[float, int, str]] = {start: (0.0, 0, "")}
+    previous: dict[int, tuple[int, ServerCandidate]] = {}
+    queue: list[tuple[float, int, str, int]] = [(0.0, 0, "", start)]
+    while queue:
+        cost, hops, tie, position = heapq.heappop(queue)
+        if position == end:
+            break
+        if (cost, hops, tie) > best.get(position, (float("inf"), 0, "")):
+            continue
+        for server in usable:
+            if not server.start <= position < server.end:
+                continue
+            rtt = DEFAULT_RTT_S if server.rtt_s is None else server.rtt_s
+            for stop in range(position + 1, min(server.end, end) + 1):
+                key = (cost + rtt + (stop - position) / server.throughput, hops + 1, server.peer_id)
+                if key < best.get(stop, (float("inf"), 0, "")):
+                    best[stop] = key
+                    previous[stop] = (position, server)
+                    heapq.heappush(queue, (*key, stop))
+    if end not in previous and start != end:
+        raise NoRouteError(f"no usable servers cover blocks {start}:{end}")
+    return _walk_back(previous, start, end)
+
+
+def _walk_back(
+    previous: dict[int, tuple[int, ServerCandidate]], start: int, end: int
+) -> list[RouteHop]:
+    route = []
+    position = end
+    while position != start:
+        before, server = previous[position]
+        route.append(RouteHop(server.peer_id, before, position))
+        position = before
+    return route[::-1]
+
+
+def load_spread_route(
+    candidates: Sequence[ServerCandidate],
+    start: int,
+    end: int,
+    *,
+    rng: random.Random,
+    avoid: frozenset[str] = frozenset(),
+) -> list[RouteHop]:
+    """A route for forward/backward: at each position, a server drawn by throughput.
+
+    Raises:
+        NoRouteError: the usable servers leave a gap in [start, end).
+    """
+    usable = sorted(
+        (c for c in candidates if c.peer_id not in avoid and c.throughput > 0),
+        key=lambda c: (c.peer_id, c.start, c.end),
+    )
+    route = []
+    position = start
+    while position < end:
+        here = [c for c in usable if c.start <= position < c.end]
+        if not here:
+            raise NoRouteError(f"no usable server holds block {position}")
+        server = rng.choices(here, weights=[c.throughput for c in here])[0]
+        stop = min(server.end, end)
+        route.append(RouteHop(server.peer_id, position, stop))
+        position = stop
+    return route
+
+
+@dataclasses.dataclass
+class Backoff:
+    """Failed peers are avoided for base_s * 2^(failures - 1), capped at max_s.
+
+    Time comes in as an argument (`now_s`), so the decision stays deterministic.
+    """
+
+    base_s: float = 1.0
+    max_s: float = 300.0
+    _failures: dict[str, int] = dataclasses.field(default_factory=dict)
+    _until_s: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def record_failure(self, peer_id: str, now_s: float) -> None:
+        count = self._failures.get(peer_id, 0) + 1
+        self._failures[peer_id] = count
+        self._until_s[peer_id] = now_s + min(self.max_s, self.base_s * 2 ** (count - 1))
+
+    def record_success(self, peer_id: str) -> None:
+        self._failures.pop(peer_id, None)
+        self._until_s.pop(peer_id, None)
+
+    def avoided(self, now_s: float) -> frozenset[str]:
+        """Peers still inside their back-off window at `now_s`."""
+        return frozenset(peer for peer, until in self._until_s.items() if until > now_s)
