@@ -1,0 +1,210 @@
+"""The daemon's lifecycle with real processes: `python -m volunteer --home DIR start|status|stop`.
+
+Each daemon runs a real hivemind DHT on 127.0.0.1. Every daemon a test starts is killed
+(with its process group, p2pd included) by the fixture's finalizer if it is still alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from volunteer.daemon.control import socket_path, use_tcp
+from volunteer.daemon.lifecycle import pid_file
+from volunteer.paths import Paths
+
+pytestmark = pytest.mark.skipif(use_tcp(), reason="daemon tests use the Unix-socket path")
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI_TIMEOUT_S = 90
+
+
+class Homes:
+    """Creates daemon homes and remembers every daemon pid seen, to reap them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.pids: set[int] = set()
+        # Without the test runner's VOLUNTEER_* variables: the daemons see only our options.
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("VOLUNTEER_")}
+        self.env["VOLUNTEER_CACHE_DIR"] = str(root / "cache")
+
+    def home(self, name: str) -> Path:
+        return self.root / name
+
+    def cli(self, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "volunteer", "--home", str(home), *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT_S,
+        )
+        self.remember(home)
+        return result
+
+    def status(self, home: Path) -> dict[str, Any]:
+        result = self.cli(home, "status", "--json")
+        return json.loads(result.stdout)
+
+    def remember(self, home: Path) -> int | None:
+        paths = Paths.resolve(home=home, env=self.env)
+        try:
+            pid = json.loads(pid_file(paths).read_text())["pid"]
+        except FileNotFoundError:
+            return None
+        self.pids.add(pid)
+        return pid
+
+    def reap(self) -> None:
+        for pid in self.pids:
+            # Each daemon leads its own session, so its process group holds p2pd too.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def homes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Homes]:
+    homes = Homes(tmp_path_factory.mktemp("homes"))
+    try:
+        yield homes
+    finally:
+        homes.reap()
+
+
+@pytest.fixture(scope="module")
+def first(homes: Homes) -> Iterator[tuple[Path, subprocess.CompletedProcess[str]]]:
+    """A daemon that started a new swarm, with a public name from its config.toml."""
+    home = homes.home("first")
+    home.mkdir()
+    (home / "config.toml").write_text('public_name = "first-volunteer"\n')
+    started = homes.cli(home, "start", "--new-swarm")
+    try:
+        yield home, started
+    finally:
+        homes.cli(home, "stop", "--timeout", "10")
+
+
+def test_start_returns_once_serving_and_prints_how_to_join(
+    first: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    _, started = first
+    assert started.returncode == 0, started.stderr
+    assert "serving" in started.stdout
+    assert "volunteer start --join /ip4/127.0.0.1/tcp/" in started.stdout
+
+
+def test_status_json_has_identity_and_addresses(
+    homes: Homes, first: tuple[Path, subprocess.CompletedProcess[str]]
+) -> None:
+    home, started = first
+    status = homes.status(home)
+    assert status["state"] == "serving"
+    assert status["public_name"] == "first-volunteer"  # config.toml reached the daemon
+    assert status["peer_id"] and status["pid"] == homes.remember(home)
+    assert status["multiaddrs"] and all(status["peer_id"] in m for m in status["multiaddrs"])
+    assert status["multiaddrs"][0] in started.stdout
+    table = homes.cli(home, "status")
+    assert table.returncode == 0
+    assert "serving" in table.stdout and status["peer_id"] in table.stdout
+
+
+def test_second_start_with_the_same_home_says_already_running(
+    homes: Homes, first: tuple[Path, subprocess.CompletedProcess[str]]
+) -> None:
+    home, _ = first
+    again = homes.cli(home, "start", "--new-swarm")
+    assert again.returncode == 1
+    assert f"already running (pid {homes.remember(home)})" in again.stderr
+
+
+def test_a_second_home_joins_the_first(
+    homes: Homes, first: tuple[Path, subprocess.CompletedProcess[str]]
+) -> None:
+    maddr = homes.status(first[0])["multiaddrs"][0]
+    second = homes.home("second")
+    started = homes.cli(second, "start", "--join", maddr)
+    try:
+        assert started.returncode == 0, started.stderr
+        status = homes.status(second)
+        assert status["peers_seen"] == 1
+        assert status["peer_id"] != homes.status(first[0])["peer_id"]
+    finally:
+        homes.cli(second, "stop", "--timeout", "10")
+
+
+def test_a_start_that_fails_says_why(homes: Homes) -> None:
+    # A well-formed address where nobody listens: bootstrapping must fail.
+    nobody = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWGjsehKx2X7FXb5FZeC67dMVRJVfPpo18eebps8HVyJHg"
+    home = homes.home("failing")
+    started = homes.cli(home, "start", "--join", nobody)
+    assert started.returncode == 1
+    assert "daemon failed" in started.stderr and "bootstrap" in started.stderr
+    assert not pid_file(Paths.resolve(home=home, env=homes.env)).exists()
+
+
+def test_killed_daemon_is_replaced_and_stop_cleans_up(homes: Homes) -> None:
+    home = homes.home("killed")
+    paths = Paths.resolve(home=home, env=homes.env)
+    assert homes.cli(home, "start").returncode == 0
+    killed_pid = homes.remember(home)
+    assert killed_pid is not None
+    os.killpg(killed_pid, signal.SIGKILL)
+    _wait_gone(killed_pid)
+    assert pid_file(paths).exists()  # a SIGKILL leaves the pid file behind
+
+    restarted = homes.cli(home, "start")
+    assert restarted.returncode == 0, restarted.stderr
+    new_pid = homes.remember(home)
+    assert new_pid not in (None, killed_pid)
+
+    stopped = homes.cli(home, "stop")
+    assert stopped.returncode == 0
+    assert f"stopped (pid {new_pid})" in stopped.stdout
+    _wait_gone(new_pid)
+    assert not pid_file(paths).exists()
+    assert not socket_path(paths).exists()
+    status = homes.cli(home, "status")
+    assert status.returncode == 3 and "not running" in status.stdout
+    assert "not running" in homes.cli(home, "stop").stdout
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("volunteer.daemon.identity") is None,
+    reason="volunteer.daemon.identity is not written yet",
+)
+def test_restart_keeps_the_peer_id(homes: Homes) -> None:
+    home = homes.home("identity")
+    assert homes.cli(home, "start").returncode == 0
+    before = homes.status(home)["peer_id"]
+    assert homes.cli(home, "stop").returncode == 0
+    assert homes.cli(home, "start").returncode == 0
+    try:
+        assert homes.status(home)["peer_id"] == before
+    finally:
+        homes.cli(home, "stop")
+
+
+def _wait_gone(pid: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"pid {pid} is still alive")

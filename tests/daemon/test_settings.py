@@ -1,0 +1,161 @@
+"""Settings: defaults < config.toml < VOLUNTEER_* env < flags, and each validation error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from volunteer.errors import SettingsError
+from volunteer.paths import Paths
+from volunteer.settings import Settings
+from volunteer.smollm2 import DEFAULT_MODEL
+
+PEER = "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooWGjsehKx2X7FXb5FZeC67dMVRJVfPpo18eebps8HVyJHg"
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Paths:
+    return Paths.resolve(home=tmp_path / "home", env={"VOLUNTEER_CACHE_DIR": str(tmp_path)})
+
+
+def build(
+    paths: Paths, *, toml: str | None = None, env: dict[str, str] | None = None, **flags: Any
+) -> Settings:
+    if toml is not None:
+        paths.config_file.parent.mkdir(parents=True, exist_ok=True)
+        paths.config_file.write_text(toml, encoding="utf-8")
+    return Settings.build(paths=paths, env=env or {}, flags=flags)
+
+
+def test_defaults_without_any_source(paths: Paths) -> None:
+    settings = build(paths)
+    assert settings == Settings()
+    assert settings.model == DEFAULT_MODEL
+    assert settings.host == "127.0.0.1"  # nothing is exposed unless the owner asks
+    assert settings.port == 0
+    assert settings.is_new_swarm
+
+
+def test_file_then_env_then_flags(paths: Paths) -> None:
+    toml = 'model = "from-file"\nport = 1000\npublic_name = "file"\nthreads = 2\n'
+    env = {"VOLUNTEER_PORT": "2000", "VOLUNTEER_PUBLIC_NAME": "env"}
+    settings = build(paths, toml=toml, env=env, public_name="flag", threads=None)
+    assert settings.model == "from-file"
+    assert settings.port == 2000
+    assert settings.public_name == "flag"
+    assert settings.threads == 2  # a flag left at None does not override
+
+
+def test_env_values_are_parsed(paths: Paths) -> None:
+    env = {
+        "VOLUNTEER_BLOCKS": "3:7",
+        "VOLUNTEER_JOIN": f"{PEER}, {PEER.replace('31337', '31338')}",
+        "VOLUNTEER_CACHE_TOKENS": "auto",
+        "VOLUNTEER_LOG_LEVEL": "debug",
+        "VOLUNTEER_HOME": "/ignored/by/settings",
+    }
+    settings = build(paths, env=env)
+    assert settings.blocks == (3, 7)
+    assert len(settings.join) == 2 and not settings.is_new_swarm
+    assert settings.cache_tokens is None
+    assert settings.log_level == "DEBUG"
+
+
+def test_a_higher_source_choosing_one_of_a_pair_clears_the_other(paths: Paths) -> None:
+    toml = f'blocks = "0:4"\njoin = ["{PEER}"]\n'
+    settings = build(paths, toml=toml, num_blocks="6", new_swarm=True)
+    assert (settings.blocks, settings.num_blocks) == (None, 6)
+    assert (settings.join, settings.new_swarm) == ((), True)
+
+
+def test_new_swarm_false_does_not_clear_a_lower_join(paths: Paths) -> None:
+    settings = build(paths, toml=f'join = ["{PEER}"]\n', env={"VOLUNTEER_NEW_SWARM": "false"})
+    assert settings.join == (PEER,)
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        ({"blocks": "5:3"}, "--blocks: needs 0 <= START < END"),
+        ({"blocks": "3"}, "--blocks: expected START:END"),
+        ({"blocks": "a:b"}, "--blocks: expected START:END with whole numbers"),
+        ({"num_blocks": "0"}, "--num-blocks: must be at least 1"),
+        ({"port": "70000"}, "--port: must be at least 0 and at most 65535"),
+        ({"port": "http"}, "--port: expected a whole number"),
+        ({"threads": "0"}, "--threads: must be at least 1"),
+        ({"host": "example.com"}, "--host: expected an IP address"),
+        ({"join": ["/ip4/1.2.3.4/tcp/1"]}, "is not a multiaddr"),
+        ({"public_name": "x" * 65}, "--public-name: expected at most 64"),
+        ({"log_level": "LOUD"}, "--log-level: expected one of DEBUG"),
+        ({"start_timeout_s": "-1"}, "--start-timeout: expected seconds"),
+        ({"model": " "}, "--model: expected a non-empty string"),
+        ({"blocks": "0:2", "num_blocks": "2"}, "--blocks and --num-blocks exclude each other"),
+        ({"join": [PEER], "new_swarm": True}, "--join and --new-swarm exclude each other"),
+    ],
+)
+def test_bad_flags_name_the_flag_and_the_problem(
+    paths: Paths, flags: dict[str, Any], fragment: str
+) -> None:
+    with pytest.raises(SettingsError, match=fragment.replace("*", r"\*")):
+        build(paths, **flags)
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"VOLUNTEER_PORT": "-1"}, "VOLUNTEER_PORT: must be at least 0"),
+        ({"VOLUNTEER_NEW_SWARM": "maybe"}, "VOLUNTEER_NEW_SWARM: expected true or false"),
+        ({"VOLUNTEER_CACHE_TOKENS": "lots"}, "VOLUNTEER_CACHE_TOKENS: expected a whole number"),
+    ],
+)
+def test_bad_env_names_the_variable(paths: Paths, env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(SettingsError, match=fragment):
+        build(paths, env=env)
+
+
+@pytest.mark.parametrize(
+    ("toml", "fragment"),
+    [
+        ("prot = 80\n", "unknown key 'prot'; known keys: blocks, cache_tokens"),
+        ('port = "80"\n', "key 'port': expected a whole number"),
+        ("new_swarm = 1\n", "key 'new_swarm': expected true or false"),
+        ("port = true\n", "key 'port': expected a whole number"),
+        (f'join = "{PEER}"\n', "key 'join': expected a list of multiaddrs"),
+        ("port = = 3\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_file_names_the_key(paths: Paths, toml: str, fragment: str) -> None:
+    with pytest.raises(SettingsError, match=fragment) as info:
+        build(paths, toml=toml)
+    assert str(paths.config_file) in str(info.value)
+
+
+def test_unknown_flag_is_a_programming_error_reported_clearly(paths: Paths) -> None:
+    with pytest.raises(SettingsError, match="unknown setting 'colour'"):
+        build(paths, colour="blue")
+
+
+def test_to_toml_round_trips(paths: Paths) -> None:
+    settings = Settings(
+        model="org/name",
+        blocks=(2, 9),
+        join=(PEER,),
+        host="0.0.0.0",
+        port=31337,
+        public_name='Ada "the" Lovelace ✓',
+        cache_tokens=4096,
+        threads=3,
+        log_level="DEBUG",
+        start_timeout_s=30.0,
+    )
+    assert build(paths, toml=settings.to_toml()) == settings
+    assert Settings().to_toml() == ""
+
+
+def test_settings_are_frozen_and_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        Settings("model")  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        Settings().port = 1  # type: ignore[misc]

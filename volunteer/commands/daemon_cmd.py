@@ -1,0 +1,191 @@
+"""`volunteer start | stop | status`: the background daemon that lends this machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from volunteer.daemon import lifecycle
+from volunteer.daemon.control import ControlClient, DaemonNotRunningError
+from volunteer.paths import Paths
+from volunteer.settings import Settings, flag_name
+from volunteer.smollm2 import DEFAULT_MODEL
+
+EXIT_NOT_RUNNING = 3
+"""`status` exit code when no daemon runs (as LSB init scripts use it)."""
+
+# (flag, settings field, metavar, help); all values are validated by Settings.build.
+_VALUE_FLAGS = (
+    ("--model", "model", "NAME", f"model to serve (default: {DEFAULT_MODEL})"),
+    ("--blocks", "blocks", "START:END", "serve exactly blocks [START, END)"),
+    ("--num-blocks", "num_blocks", "N", "serve N blocks where the swarm needs them"),
+    ("--host", "host", "IP", "address to listen on (default: 127.0.0.1, this machine only)"),
+    ("--port", "port", "PORT", "TCP port to listen on (default: 0, any free port)"),
+    ("--public-name", "public_name", "NAME", "your name on the leaderboard"),
+    ("--cache-tokens", "cache_tokens", "N", "attention cache budget in tokens (default: auto)"),
+    ("--threads", "threads", "N", "torch threads (default: all cores)"),
+    ("--log-level", "log_level", "LEVEL", "DEBUG, INFO (default), WARNING or ERROR"),
+    ("--start-timeout", "start_timeout_s", "SECONDS", "how long to wait for serving (120)"),
+)
+
+
+def register(subparsers: Any) -> None:
+    """Adds `start`, `stop` and `status` to the CLI."""
+    start = subparsers.add_parser(
+        "start",
+        help="start the daemon in the background",
+        description="Join (or start) a swarm and serve model blocks. Options also come from "
+        "config.toml and VOLUNTEER_* environment variables; flags win.",
+    )
+    for flag, dest, metavar, help_text in _VALUE_FLAGS:
+        start.add_argument(flag, dest=dest, metavar=metavar, help=help_text)
+    start.add_argument(
+        "--join",
+        action="append",
+        metavar="MULTIADDR",
+        help="a peer of the swarm to join (repeatable)",
+    )
+    start.add_argument(
+        "--new-swarm",
+        action="store_const",
+        const=True,
+        help="start a new swarm instead of joining one",
+    )
+    start.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
+    # Set by `start_background` for the child it spawns: its stderr is a log file.
+    start.add_argument("--detached", action="store_true", help=argparse.SUPPRESS)
+    start.set_defaults(handler=run_start)
+
+    stop = subparsers.add_parser("stop", help="stop the daemon; it leaves the swarm cleanly")
+    stop.add_argument(
+        "--timeout", type=float, default=30.0, metavar="SECONDS", help="then kill it (30)"
+    )
+    stop.set_defaults(handler=run_stop)
+
+    status = subparsers.add_parser("status", help="show what the daemon is doing")
+    status.add_argument("--json", action="store_true", help="print the full status as JSON")
+    status.set_defaults(handler=run_status)
+
+
+def run_start(args: argparse.Namespace, paths: Paths) -> int:
+    """Starts the daemon, in the foreground or detached."""
+    flags = _settings_flags(args)
+    settings = Settings.build(paths=paths, env=os.environ, flags=flags)
+    if args.foreground:
+        return _run_foreground(settings, paths, log_to_stderr=not args.detached)
+    child_argv = [*_home_argv(args), "start", "--foreground", "--detached", *_flags_argv(flags)]
+    result = lifecycle.start_background(paths, child_argv, timeout_s=settings.start_timeout_s)
+    if result.outcome != "serving":
+        print(f"volunteer: {result.message}", file=sys.stderr)
+        if result.outcome == "failed":
+            print(f"(log: {lifecycle.output_file(paths)})", file=sys.stderr)
+        return 1
+    print(f"volunteer: serving (pid {result.pid}), peer id {result.status.get('peer_id')}")
+    print("others join with:")
+    for maddr in result.status.get("multiaddrs") or []:
+        print(f"  volunteer start --join {maddr}")
+    return 0
+
+
+def run_stop(args: argparse.Namespace, paths: Paths) -> int:
+    """Stops the daemon gracefully (it announces leaving the swarm first)."""
+    result = lifecycle.stop(paths, timeout_s=args.timeout)
+    if result.outcome == "not_running":
+        print("volunteer: not running")
+    else:
+        print(f"volunteer: {result.outcome} (pid {result.pid})")
+    return 0
+
+
+def run_status(args: argparse.Namespace, paths: Paths) -> int:
+    """Prints the daemon's status; exit code 3 when it is not running."""
+    try:
+        status = ControlClient(paths).call("status", timeout_s=5.0)
+    except DaemonNotRunningError:
+        pid = lifecycle.running_daemon(paths)
+        status = {"state": "starting", "pid": pid} if pid else {"state": "not_running"}
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        _print_table(status)
+    return EXIT_NOT_RUNNING if status["state"] == "not_running" else 0
+
+
+def _run_foreground(settings: Settings, paths: Paths, *, log_to_stderr: bool) -> int:
+    # hivemind and the event loop load here, so `status`, `stop` and --help stay fast.
+    import asyncio
+
+    from volunteer.daemon.dht_service import DHTService
+    from volunteer.daemon.runner import run_daemon
+
+    services = [DHTService(settings, identity_path=_identity_path(paths))]
+    return asyncio.run(run_daemon(settings, paths, services, log_to_stderr=log_to_stderr))
+
+
+def _identity_path(paths: Paths) -> Path | None:
+    """The hivemind key file that keeps the peer id across restarts, if we have one.
+
+    SEAM: `volunteer.daemon.identity` (written separately) owns the key; until it is
+    wired in here, each start gets a fresh peer id.
+    """
+    return None
+
+
+def _settings_flags(args: argparse.Namespace) -> dict[str, Any]:
+    names = [dest for _, dest, _, _ in _VALUE_FLAGS] + ["join", "new_swarm"]
+    return {name: getattr(args, name) for name in names}
+
+
+def _flags_argv(flags: dict[str, Any]) -> list[str]:
+    """The flags as given, for the child; it layers file and env the same way we did."""
+    argv = []
+    for name, value in flags.items():
+        flag = flag_name(name)
+        if value is None:
+            continue
+        if name == "new_swarm":
+            argv.append(flag)
+        elif name == "join":
+            argv.extend(f"--join={maddr}" for maddr in value)
+        else:
+            argv.append(f"{flag}={value}")
+    return argv
+
+
+def _home_argv(args: argparse.Namespace) -> list[str]:
+    # Without --home the child resolves the same folders from the inherited environment.
+    return ["--home", str(Path(args.home).expanduser().resolve())] if args.home else []
+
+
+def _print_table(status: dict[str, Any]) -> None:
+    if status["state"] == "not_running":
+        print("volunteer: not running")
+        return
+    blocks = status.get("blocks")
+    rows = [
+        ("state", status["state"] + (f" ({status['error']})" if status.get("error") else "")),
+        ("pid", status.get("pid")),
+        ("model", status.get("model")),
+        ("blocks", f"{blocks[0]}:{blocks[1]}" if blocks else "-"),
+        ("peers seen", status.get("peers_seen")),
+        ("requests served", status.get("requests_served")),
+        ("tokens served", status.get("tokens_served")),
+        ("uptime", _format_uptime(status.get("uptime_s"))),
+        ("peer id", status.get("peer_id")),
+    ]
+    for label, value in rows:
+        print(f"{label:<16} {'-' if value is None else value}")
+    for index, maddr in enumerate(status.get("multiaddrs") or []):
+        print(f"{'multiaddrs' if index == 0 else '':<16} {maddr}")
+
+
+def _format_uptime(uptime_s: float | None) -> str:
+    if uptime_s is None:
+        return "-"
+    minutes, seconds = divmod(int(uptime_s), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {seconds:02d}s" if hours else f"{minutes}m {seconds:02d}s"

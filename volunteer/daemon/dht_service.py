@@ -1,0 +1,103 @@
+"""The daemon's DHT: hivemind's P2P daemon and a DHT node in the daemon's own event loop.
+
+hivemind's `DHT` class forks a process with its own loop; we build its parts
+(`P2P.create` spawns the Go p2pd as a subprocess, `DHTNode.create` runs on our loop)
+so the daemon keeps one loop and other services can use `p2p` and `node` directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from pathlib import Path
+from typing import Any
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+
+from volunteer.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 60.0
+"""Longest wait for p2pd to start and the DHT to bootstrap from `--join` peers."""
+
+
+class DHTService:
+    """Joins (or starts) the swarm's DHT.
+
+    Args:
+        settings: `join`, `new_swarm`, `host` and `port` are used.
+        identity_path: hivemind private key file, so the peer id survives restarts;
+            None gives a fresh peer id at each start.
+    """
+
+    def __init__(self, settings: Settings, *, identity_path: Path | None = None) -> None:
+        self._settings = settings
+        self._identity_path = identity_path
+        self._p2p: P2P | None = None
+        self._node: DHTNode | None = None
+        self._multiaddrs: list[str] = []
+
+    @property
+    def p2p(self) -> P2P:
+        """The running P2P daemon (for services that register RPC handlers)."""
+        if self._p2p is None:
+            raise RuntimeError("DHTService is not started")
+        return self._p2p
+
+    @property
+    def node(self) -> DHTNode:
+        """The running DHT node (for services that store and read records)."""
+        if self._node is None:
+            raise RuntimeError("DHTService is not started")
+        return self._node
+
+    async def start(self) -> None:
+        """Starts p2pd and the DHT node; bootstraps from the `join` peers."""
+        await asyncio.wait_for(self._start(), timeout=START_TIMEOUT_S)
+
+    async def _start(self) -> None:
+        settings = self._settings
+        initial_peers = [] if settings.is_new_swarm else list(settings.join)
+        version = ipaddress.ip_address(settings.host).version
+        is_loopback = ipaddress.ip_address(settings.host).is_loopback
+        self._p2p = await P2P.create(
+            initial_peers=initial_peers,
+            host_maddrs=[f"/ip{version}/{settings.host}/tcp/{settings.port}"],
+            identity_path=str(self._identity_path) if self._identity_path else None,
+            # On loopback there is no NAT to map or probe; don't ask the router (UPnP).
+            nat_port_map=not is_loopback,
+            auto_nat=not is_loopback,
+        )
+        self._node = await DHTNode.create(p2p=self._p2p, initial_peers=initial_peers)
+        self._multiaddrs = [str(addr) for addr in await self._p2p.get_visible_maddrs()]
+        what = "started a new swarm" if settings.is_new_swarm else "joined the swarm"
+        logger.info("DHT %s as %s; others join with %s", what, self.peer_id, self._multiaddrs)
+
+    async def stop(self) -> None:
+        """Leaves the DHT and stops p2pd."""
+        node, p2p = self._node, self._p2p
+        self._node = self._p2p = None
+        if node is not None:
+            await node.shutdown()
+        if p2p is not None:
+            await p2p.shutdown()
+
+    @property
+    def peer_id(self) -> str | None:
+        """This peer's id (base58), once started."""
+        return self._p2p.peer_id.to_base58() if self._p2p is not None else None
+
+    def status(self) -> dict[str, Any]:
+        """peer_id, multiaddrs and the number of other peers in the routing table."""
+        peers = 0
+        if self._node is not None:
+            peers = len(self._node.protocol.routing_table.peer_id_to_uid)
+        return {
+            "peer_id": self.peer_id,
+            "multiaddrs": list(self._multiaddrs),
+            "peers_seen": peers,
+            "new_swarm": self._settings.is_new_swarm,
+        }

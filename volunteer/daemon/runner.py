@@ -1,0 +1,205 @@
+"""The daemon's main coroutine: pid file, control API, services, graceful shutdown.
+
+`run_daemon` owns the one event loop's work. Services (the DHT, later the block server)
+are started in order and stopped in reverse order, so the swarm service can announce
+OFFLINE while its DHT is still up. States::
+
+    joining --(every service started)--> serving --(stop / SIGTERM / SIGINT)--> stopping
+       └--(a service failed to start)--> failed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+from volunteer import __version__
+from volunteer.daemon import lifecycle
+from volunteer.daemon.control import ControlServer
+from volunteer.errors import VolunteerError
+from volunteer.paths import Paths
+from volunteer.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+LOG_FILE_NAME = "daemon.log"
+SERVICE_STOP_TIMEOUT_S = 15.0
+"""Longest wait for one service to stop before the daemon moves on."""
+
+
+class Service(Protocol):
+    """A part of the daemon with a start, a stop and a status."""
+
+    async def start(self) -> None:
+        """Starts serving; raises to make the daemon fail with the error's text."""
+
+    async def stop(self) -> None:
+        """Stops; must not raise for a service that never fully started."""
+
+    def status(self) -> dict[str, Any]:
+        """JSON-able facts merged into the daemon's `status` answer."""
+
+
+class _Daemon:
+    """The state `run_daemon` shares with the control methods and signal handlers."""
+
+    def __init__(self, settings: Settings, services: Sequence[Service]) -> None:
+        self.settings = settings
+        self.services = list(services)
+        self.state = "joining"
+        self.error: str | None = None
+        self.started_at_s = time.monotonic()
+        self.stop_requested = asyncio.Event()
+
+    async def status(self, params: dict[str, Any]) -> dict[str, Any]:
+        blocks = self.settings.blocks
+        result: dict[str, Any] = {
+            "state": self.state,
+            "error": self.error,
+            "pid": os.getpid(),
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self.started_at_s, 3),
+            "model": self.settings.model,
+            "blocks": list(blocks) if blocks else None,
+            "public_name": self.settings.public_name,
+            "requests_served": 0,
+            "tokens_served": 0,
+        }
+        for service in self.services:
+            result.update(service.status())
+        return result
+
+    async def stop(self, params: dict[str, Any]) -> dict[str, Any]:
+        self.stop_requested.set()
+        return {"stopping": True}
+
+
+async def run_daemon(
+    settings: Settings,
+    paths: Paths,
+    services: Sequence[Service],
+    *,
+    log_to_stderr: bool = True,
+) -> int:
+    """Runs the daemon until it is asked to stop.
+
+    Args:
+        settings: the validated settings.
+        paths: the instance's folders (pid file, socket, logs).
+        services: started in order, stopped in reverse order.
+        log_to_stderr: also log to stderr (foreground runs); the log file is always kept.
+
+    Returns:
+        The process exit code: 0 after a graceful stop, 1 when starting failed.
+
+    Raises:
+        VolunteerError: another daemon already runs with this home.
+    """
+    configure_logging(settings, paths, log_to_stderr=log_to_stderr)
+    other = lifecycle.running_daemon(paths)
+    if other is not None and other != os.getpid():
+        raise VolunteerError(f"already running (pid {other})")
+    lifecycle.write_pid_file(paths)
+    daemon = _Daemon(settings, services)
+    control = ControlServer(paths)
+    control.register("status", daemon.status)
+    control.register("stop", daemon.stop)
+    try:
+        await control.start()
+        with _signals_set(daemon.stop_requested):
+            return await _serve(daemon)
+    finally:
+        await control.close()
+        lifecycle.remove_pid_file(paths, os.getpid())
+        logger.info("daemon exited")
+
+
+async def _serve(daemon: _Daemon) -> int:
+    started: list[Service] = []
+    startup = asyncio.create_task(_start_all(daemon.services, started))
+    stop_wait = asyncio.create_task(daemon.stop_requested.wait())
+    try:
+        await asyncio.wait({startup, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop_wait.cancel()
+    code = 0
+    if not startup.done():
+        logger.info("stop requested while starting")
+        startup.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await startup
+    elif startup.exception() is not None:
+        exc = startup.exception()
+        daemon.state, daemon.error = "failed", f"{type(exc).__name__}: {exc}"
+        logger.error("daemon failed: %s", daemon.error, exc_info=exc)
+        print(f"volunteer: error: daemon failed: {daemon.error}", file=sys.stderr, flush=True)
+        code = 1
+    else:
+        daemon.state = "serving"
+        logger.info("serving")
+        await daemon.stop_requested.wait()
+    if code == 0:
+        daemon.state = "stopping"
+    await _stop_all(started)
+    return code
+
+
+async def _start_all(services: Sequence[Service], started: list[Service]) -> None:
+    for service in services:
+        # Recorded before start() returns: a half-started service is stopped too.
+        started.append(service)
+        await service.start()
+
+
+async def _stop_all(started: list[Service]) -> None:
+    for service in reversed(started):
+        try:
+            await asyncio.wait_for(service.stop(), timeout=SERVICE_STOP_TIMEOUT_S)
+        except Exception:  # one service failing to stop must not keep the others up
+            logger.exception("stopping %s failed", type(service).__name__)
+
+
+@contextlib.contextmanager
+def _signals_set(event: asyncio.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT set `event` (a graceful stop) while the block runs."""
+    loop = asyncio.get_running_loop()
+    names = [signal.SIGTERM, signal.SIGINT]
+    installed = []
+    for signum in names:
+        try:
+            loop.add_signal_handler(signum, event.set)
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError):
+            # Windows: no loop signal handlers; signal.signal runs in the main thread.
+            signal.signal(signum, lambda *_: loop.call_soon_threadsafe(event.set))
+    try:
+        yield
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+
+
+def configure_logging(settings: Settings, paths: Paths, *, log_to_stderr: bool) -> None:
+    """Sends the daemon's logs to a rotating file (and stderr when asked)."""
+    paths.log_dir.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    root.setLevel(settings.log_level)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers: list[logging.Handler] = [
+        logging.handlers.RotatingFileHandler(
+            paths.log_dir / LOG_FILE_NAME, maxBytes=5_000_000, backupCount=3, encoding="utf-8"
+        )
+    ]
+    if log_to_stderr:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
