@@ -120,19 +120,26 @@ def _run_foreground(settings: Settings, paths: Paths, *, log_to_stderr: bool) ->
     import asyncio
 
     from volunteer.daemon.dht_service import DHTService
+    from volunteer.daemon.identity import (
+        load_or_create_identity,
+        runtime_identity_path,
+        write_private_file,
+    )
     from volunteer.daemon.runner import run_daemon
+    from volunteer.swarm.dht_records import make_validator
 
-    services = [DHTService(settings, identity_path=_identity_path(paths))]
+    identity = load_or_create_identity(paths)
+    if identity.warning:
+        print(f"volunteer: warning: {identity.warning}", file=sys.stderr)
+    identity_path = write_private_file(runtime_identity_path(paths), identity.p2p_identity_bytes())
+    services = [
+        DHTService(
+            settings,
+            identity_path=identity_path,
+            record_validator=make_validator(identity.private_key),
+        )
+    ]
     return asyncio.run(run_daemon(settings, paths, services, log_to_stderr=log_to_stderr))
-
-
-def _identity_path(paths: Paths) -> Path | None:
-    """The hivemind key file that keeps the peer id across restarts, if we have one.
-
-    SEAM: `volunteer.daemon.identity` (written separately) owns the key; until it is
-    wired in here, each start gets a fresh peer id.
-    """
-    return None
 
 
 def _settings_flags(args: argparse.Namespace) -> dict[str, Any]:

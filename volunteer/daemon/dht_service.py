@@ -31,11 +31,20 @@ class DHTService:
         settings: `join`, `new_swarm`, `host` and `port` are used.
         identity_path: hivemind private key file, so the peer id survives restarts;
             None gives a fresh peer id at each start.
+        record_validator: signs this peer's records and checks others' (see
+            `volunteer.swarm.dht_records.make_validator`); None stores unsigned records.
     """
 
-    def __init__(self, settings: Settings, *, identity_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        identity_path: Path | None = None,
+        record_validator: Any = None,
+    ) -> None:
         self._settings = settings
         self._identity_path = identity_path
+        self._record_validator = record_validator
         self._p2p: P2P | None = None
         self._node: DHTNode | None = None
         self._multiaddrs: list[str] = []
@@ -71,7 +80,9 @@ class DHTService:
             nat_port_map=not is_loopback,
             auto_nat=not is_loopback,
         )
-        self._node = await DHTNode.create(p2p=self._p2p, initial_peers=initial_peers)
+        self._node = await DHTNode.create(
+            p2p=self._p2p, initial_peers=initial_peers, record_validator=self._record_validator
+        )
         self._multiaddrs = [str(addr) for addr in await self._p2p.get_visible_maddrs()]
         what = "started a new swarm" if settings.is_new_swarm else "joined the swarm"
         logger.info("DHT %s as %s; others join with %s", what, self.peer_id, self._multiaddrs)

@@ -1,0 +1,201 @@
+"""ServerInfo validation and the SwarmSnapshot helpers (pure data, no network)."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import msgpack
+import pytest
+
+from volunteer.swarm.records import (
+    RecordError,
+    ServerInfo,
+    ServerState,
+    SwarmSnapshot,
+    block_key,
+)
+
+
+def make_info(**changes: Any) -> ServerInfo:
+    fields: dict[str, Any] = {
+        "state": ServerState.ONLINE,
+        "start": 2,
+        "end": 5,
+        "throughput": 12.5,
+        "dtype": "bfloat16",
+        "cache_tokens_left": 4096,
+        "version": "0.1.0",
+        "public_name": "alice's laptop",
+        "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    }
+    fields.update(changes)
+    return ServerInfo(**fields)
+
+
+def test_wire_round_trip_through_msgpack() -> None:
+    info = make_info(inference_rps=3.0, forward_rps=1.5)
+    wire = msgpack.unpackb(msgpack.packb(info.to_wire()))
+    assert ServerInfo.from_wire(wire) == info
+    assert wire["state"] == "online"
+
+
+def test_unknown_fields_are_ignored() -> None:
+    wire = make_info().to_wire() | {"schema_version": 7, "gpu": "H100", "extra": [1, 2]}
+    parsed = ServerInfo.from_wire(wire)
+    assert parsed.schema_version == 7
+    assert parsed == make_info(schema_version=7)
+
+
+def test_optional_fields_may_be_missing() -> None:
+    wire = make_info().to_wire()
+    for name in ("inference_rps", "forward_rps", "public_name", "schema_version"):
+        del wire[name]
+    parsed = ServerInfo.from_wire(wire)
+    assert parsed.public_name is None
+    assert parsed.schema_version == 1
+
+
+BAD_FIELDS = [
+    {"start": -1},
+    {"start": 5},
+    {"start": 6, "end": 5},
+    {"end": 10**9},
+    {"start": "1"},
+    {"start": True},
+    {"start": 1.0},
+    {"throughput": -0.1},
+    {"throughput": math.inf},
+    {"throughput": math.nan},
+    {"throughput": "fast"},
+    {"cache_tokens_left": -1},
+    {"state": "busy"},
+    {"dtype": "x" * 1000},
+    {"dtype": ""},
+    {"version": "1.0; rm -rf /"},
+    {"public_name": "n" * 65},
+    {"public_name": "\x1b[2Jhello"},
+    {"model": "bad model"},
+    {"model": "m" * 500},
+    {"inference_rps": -5.0},
+]
+
+
+@pytest.mark.parametrize("bad", BAD_FIELDS, ids=repr)
+def test_malformed_fields_are_rejected(bad: dict[str, Any]) -> None:
+    wire = make_info().to_wire() | bad
+    with pytest.raises(RecordError, match="bad server record"):
+        ServerInfo.from_wire(wire)
+
+
+@pytest.mark.parametrize(
+    "value", [b"\x93\x00garbage", "online", None, 42, [1, 2, 3], {}, {"state": "online"}]
+)
+def test_non_records_are_rejected(value: object) -> None:
+    with pytest.raises(RecordError):
+        ServerInfo.from_wire(value)
+
+
+def test_error_message_stays_short_for_huge_input() -> None:
+    with pytest.raises(RecordError) as caught:
+        ServerInfo.from_wire(make_info().to_wire() | {"dtype": "z" * 100_000})
+    assert len(str(caught.value)) < 200
+
+
+def test_records_are_frozen() -> None:
+    info = make_info()
+    with pytest.raises(ValueError):
+        info.start = 0  # type: ignore[misc]
+
+
+def test_block_key() -> None:
+    assert block_key("org/model-1.5B", 7) == "org/model-1.5B.block7"
+    for model in ("", "has space", "ctrl\n", "-leading-dash", "m" * 200):
+        with pytest.raises(RecordError):
+            block_key(model, 0)
+    for index in (-1, 10**6, True):
+        with pytest.raises(RecordError):
+            block_key("m", index)
+
+
+def snapshot(
+    num_blocks: int, spans: dict[str, tuple[int, int, float, ServerState]]
+) -> SwarmSnapshot:
+    entries = []
+    for peer, (start, end, throughput, state) in spans.items():
+        info = make_info(start=start, end=end, throughput=throughput, state=state, model="m")
+        entries += [(index, peer, info) for index in range(start, end)]
+    return SwarmSnapshot.build("m", num_blocks, entries)
+
+
+def test_snapshot_helpers() -> None:
+    snap = snapshot(
+        6,
+        {
+            "peerB": (0, 3, 2.0, ServerState.ONLINE),
+            "peerA": (2, 5, 1.0, ServerState.JOINING),
+            "peerC": (1, 6, 100.0, ServerState.OFFLINE),
+        },
+    )
+    assert list(snap.servers_for_block(2)) == ["peerA", "peerB", "peerC"]
+    assert list(snap.servers_for_block(5)) == ["peerC"]
+    assert list(snap.spans()) == ["peerA", "peerB", "peerC"]
+    assert (snap.spans()["peerA"].start, snap.spans()["peerA"].end) == (2, 5)
+    # Offline servers carry no traffic.
+    assert snap.block_throughput() == [2.0, 2.0, 3.0, 1.0, 1.0, 0.0]
+    with pytest.raises(IndexError):
+        snap.servers_for_block(6)
+
+
+def test_snapshot_rejects_out_of_range_entries() -> None:
+    with pytest.raises(ValueError):
+        SwarmSnapshot.build("m", 2, [(2, "p", make_info(start=0, end=3, model="m"))])
+
+
+def test_weakest_span_finds_the_gap() -> None:
+    snap = snapshot(
+        8,
+        {
+            "a": (0, 4, 10.0, ServerState.ONLINE),
+            "b": (6, 8, 10.0, ServerState.ONLINE),
+        },
+    )
+    assert snap.weakest_span(2) == (4, 6)
+    assert snap.weakest_span(3) == (3, 6)
+    assert snap.weakest_span(1) == (4, 5)
+    assert snap.weakest_span(8) == (0, 8)
+
+
+def test_weakest_span_ties_go_to_the_lowest_start() -> None:
+    assert snapshot(5, {}).weakest_span(2) == (0, 2)
+    snap = snapshot(6, {"a": (0, 2, 1.0, ServerState.ONLINE)})
+    assert snap.weakest_span(2) == (2, 4)
+    snap = snapshot(6, {"a": (2, 4, 1.0, ServerState.ONLINE)})
+    assert snap.weakest_span(3) == (0, 3)
+
+
+def test_snapshot_does_not_depend_on_arrival_order() -> None:
+    entries = []
+    for peer, (start, end, throughput) in {
+        "p1": (0, 3, 0.1),
+        "p2": (1, 4, 0.2),
+        "p3": (0, 4, 0.3),
+        "p4": (2, 4, 1e-9),
+    }.items():
+        info = make_info(start=start, end=end, throughput=throughput, model="m")
+        entries += [(index, peer, info) for index in range(start, end)]
+    first = SwarmSnapshot.build("m", 4, entries)
+    for seed in range(5):
+        shuffled = list(entries)
+        random.Random(seed).shuffle(shuffled)
+        again = SwarmSnapshot.build("m", 4, shuffled)
+        assert [list(block) for block in again.blocks] == [list(block) for block in first.blocks]
+        assert again.block_throughput() == first.block_throughput()
+        assert again.weakest_span(2) == first.weakest_span(2)
+
+
+@pytest.mark.parametrize("num_blocks", [0, -1, 4])
+def test_weakest_span_rejects_bad_sizes(num_blocks: int) -> None:
+    with pytest.raises(ValueError):
+        snapshot(3, {}).weakest_span(num_blocks)

@@ -1,0 +1,333 @@
+"""Announcing servers in hivemind's DHT and reading who serves what.
+
+Each server stores its `ServerInfo` under `block_key(model, i)` for every block `i` of its
+span, with a subkey that carries its RSA public key in hivemind's owner marker
+(`[owner:ssh-rsa ...]`). hivemind's `RSASignatureValidator` then refuses any change to
+that subkey not signed by the matching private key, so nobody can overwrite another
+peer's record. The same RSA key is the peer's libp2p identity, so a reader derives the
+peer id from the owner marker itself: a record cannot claim somebody else's peer id.
+
+Two ways in: sync functions over a `hivemind.DHT` (its node runs in a child process)
+and `*_on_node` coroutines over a `DHTNode` running on the caller's loop (the daemon).
+Records are parsed and checked in the caller's process, so drops are logged there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import hashlib
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hivemind
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import PeerID
+from hivemind.proto import crypto_pb2
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+from volunteer.atomic import write_file_atomic
+from volunteer.swarm.records import (
+    RecordError,
+    ServerInfo,
+    ServerState,
+    SwarmSnapshot,
+    block_key,
+    check_model_name,
+)
+
+logger = logging.getLogger(__name__)
+
+RECORD_TTL_PERIODS = 3.0
+"""A re-announced record lives this many periods, so one late or lost beat is forgiven."""
+PIPE_SLACK_S = 5.0
+"""Extra wait for hivemind's child process to pick up and answer a request over its pipe."""
+_SHA2_256_MULTIHASH_PREFIX = b"\x12\x20"
+"""libp2p peer id of an RSA key: multihash(sha2-256 code 0x12, 32-byte digest)."""
+
+_OWNER_RE = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX, re.DOTALL)
+# Before Python 3.11 these three were different classes.
+_TIMEOUTS = (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError)
+
+RawRecords = dict[str, list[tuple[Any, Any, float]]]
+"""Block key -> (subkey, value, expiration time) as stored, before any checks."""
+
+
+def make_validator(identity_key: RSAPrivateKey) -> RSASignatureValidator:
+    """The record validator that signs with `identity_key` and checks everyone's signatures."""
+    return RSASignatureValidator(identity_key)
+
+
+def owner_marker(identity_key: RSAPrivateKey) -> bytes:
+    """The subkey under which this key's owner announces (equal to the validator's marker)."""
+    public = identity_key.get_public_key().to_bytes()
+    return RSASignatureValidator.PUBLIC_KEY_FORMAT.replace(b"_key_", public)
+
+
+def encode_p2p_identity(identity_key: RSAPrivateKey) -> bytes:
+    """`identity_key` as the libp2p private key file that `P2P.create(identity_path=...)` reads."""
+    message = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=identity_key.to_bytes())
+    return message.SerializeToString()
+
+
+def peer_id_from_owner(subkey: object) -> str:
+    """The base58 peer id of the RSA public key inside an owner marker subkey.
+
+    Raises:
+        RecordError: `subkey` is not exactly one well-formed owner marker.
+    """
+    if not isinstance(subkey, bytes):
+        raise RecordError(f"subkey must be bytes with an owner marker, got {type(subkey).__name__}")
+    found = _OWNER_RE.fullmatch(subkey)
+    if found is None:
+        raise RecordError("subkey is not an owner marker [owner:<ssh-rsa key>]")
+    try:
+        public_key = serialization.load_ssh_public_key(found.group(1))
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise RecordError(f"owner marker holds no valid public key ({exc})") from None
+    if not isinstance(public_key, rsa.RSAPublicKey):
+        raise RecordError("owner marker holds a non-RSA key; peer ids here are RSA keys")
+    der = public_key.public_bytes(
+        encoding=serialization.Encoding.DER,
+        format=serialization.PublicFormat.SubjectPublicKeyInfo,
+    )
+    # Same derivation as libp2p (and hivemind's PeerID.from_identity) for RSA keys.
+    message = crypto_pb2.PublicKey(key_type=crypto_pb2.KeyType.RSA, data=der).SerializeToString()
+    digest = hashlib.sha256(message).digest()
+    return PeerID(_SHA2_256_MULTIHASH_PREFIX + digest).to_base58()
+
+
+def make_dht(
+    *,
+    identity_key: RSAPrivateKey,
+    identity_path: Path,
+    initial_peers: Sequence[str],
+    host_maddrs: Sequence[str],
+    announce_maddrs: Sequence[str] | None = None,
+    start: bool = True,
+) -> hivemind.DHT:
+    """A hivemind DHT whose peer id and record signatures both come from `identity_key`.
+
+    Args:
+        identity_key: this peer's RSA key (see `volunteer.daemon.identity`).
+        identity_path: where the libp2p key file for hivemind is written (mode 0600).
+        initial_peers: multiaddrs of peers already in the swarm; empty for a new swarm.
+        host_maddrs: where to listen, e.g. `["/ip4/127.0.0.1/tcp/0"]`.
+        announce_maddrs: the addresses others should dial, if not the listening ones.
+        start: start the DHT's process now (and wait until it is ready).
+    """
+    write_file_atomic(identity_path, encode_p2p_identity(identity_key))
+    return hivemind.DHT(
+        initial_peers=list(initial_peers),
+        start=start,
+        record_validators=[make_validator(identity_key)],
+        host_maddrs=list(host_maddrs),
+        announce_maddrs=list(announce_maddrs) if announce_maddrs is not None else None,
+        identity_path=str(identity_path),
+    )
+
+
+def record_ttl_s(period_s: float) -> float:
+    """How long a record announced every `period_s` seconds should live."""
+    return RECORD_TTL_PERIODS * period_s
+
+
+async def announce_on_node(
+    node: DHTNode, info: ServerInfo, *, owner: bytes, expiration_s: float, timeout_s: float
+) -> bool:
+    """Stores `info` under every block of its span, signed, on a DHTNode of this loop.
+
+    Args:
+        node: a running node created with this peer's `make_validator`.
+        info: the record to announce; its span says which blocks.
+        owner: `owner_marker(identity_key)` of the node's key.
+        expiration_s: how long the record lives from now.
+        timeout_s: how long to wait for the DHT.
+
+    Returns:
+        Whether every block's record was stored; False on timeout or refusal.
+    """
+    keys = [block_key(info.model, index) for index in range(info.start, info.end)]
+    expiration = get_dht_time() + expiration_s
+    try:
+        stored = await asyncio.wait_for(
+            node.store_many(
+                keys, [info.to_wire()] * len(keys), expiration, subkeys=[owner] * len(keys)
+            ),
+            timeout=timeout_s,
+        )
+    except _TIMEOUTS:
+        logger.warning("announce of %s [%d, %d) timed out", info.model, info.start, info.end)
+        return False
+    # hivemind reports each stored (key, subkey) pair separately.
+    return all(stored.get((key, owner)) for key in keys)
+
+
+async def read_snapshot_on_node(
+    node: DHTNode, model: str, num_blocks: int, *, timeout_s: float
+) -> SwarmSnapshot:
+    """Reads every block's servers of `model` from a DHTNode of this loop (one batched get).
+
+    Raises:
+        TimeoutError: the DHT did not answer within `timeout_s`.
+    """
+    raw = await _fetch_raw(node, _block_keys(model, num_blocks), timeout_s)
+    if raw is None:
+        raise TimeoutError(f"reading the swarm of {model} took over {timeout_s:g} s")
+    return snapshot_from_raw(model, num_blocks, raw)
+
+
+def announce(
+    dht: hivemind.DHT, info: ServerInfo, *, owner: bytes, expiration_s: float, timeout_s: float
+) -> bool:
+    """`announce_on_node` through a `hivemind.DHT` (blocks the calling thread).
+
+    Returns:
+        Whether every block's record was stored.
+    """
+    coro = functools.partial(
+        _announce_in_dht, info=info, owner=owner, expiration_s=expiration_s, timeout_s=timeout_s
+    )
+    future = dht.run_coroutine(coro, return_future=True)
+    try:
+        return bool(future.result(timeout=timeout_s + PIPE_SLACK_S))
+    except _TIMEOUTS:
+        future.cancel()
+        logger.warning("the DHT process did not answer an announce of %s", info.model)
+        return False
+
+
+def announce_offline(
+    dht: hivemind.DHT, info: ServerInfo, *, owner: bytes, expiration_s: float, timeout_s: float
+) -> bool:
+    """Marks this server's span OFFLINE (on a graceful stop), so clients stop routing to it.
+
+    `expiration_s` must not be shorter than the last announce's: the DHT keeps whichever
+    record of a subkey expires last.
+    """
+    offline = info.model_copy(update={"state": ServerState.OFFLINE})
+    return announce(dht, offline, owner=owner, expiration_s=expiration_s, timeout_s=timeout_s)
+
+
+def reannounce(
+    dht: hivemind.DHT, info: ServerInfo, *, owner: bytes, period_s: float, timeout_s: float
+) -> bool:
+    """One beat of the daemon's periodic announce: the record lives `record_ttl_s(period_s)`."""
+    return announce(
+        dht, info, owner=owner, expiration_s=record_ttl_s(period_s), timeout_s=timeout_s
+    )
+
+
+def read_snapshot(
+    dht: hivemind.DHT, model: str, num_blocks: int, *, timeout_s: float
+) -> SwarmSnapshot:
+    """`read_snapshot_on_node` through a `hivemind.DHT` (blocks the calling thread).
+
+    Raises:
+        TimeoutError: the DHT did not answer within `timeout_s` (plus pipe slack).
+    """
+    keys = _block_keys(model, num_blocks)
+    future = dht.run_coroutine(
+        functools.partial(_fetch_in_dht, keys=keys, timeout_s=timeout_s), return_future=True
+    )
+    try:
+        raw = future.result(timeout=timeout_s + PIPE_SLACK_S)
+    except _TIMEOUTS:
+        future.cancel()
+        raw = None
+    if raw is None:
+        raise TimeoutError(f"reading the swarm of {model} took over {timeout_s:g} s")
+    return snapshot_from_raw(model, num_blocks, raw)
+
+
+def snapshot_from_raw(model: str, num_blocks: int, raw: RawRecords) -> SwarmSnapshot:
+    """Checks every stored record; keeps the valid, unexpired ones, logs and drops the rest."""
+    now = get_dht_time()
+    entries = []
+    for index, key in enumerate(_block_keys(model, num_blocks)):
+        for subkey, value, expiration in raw.get(key, ()):
+            if expiration <= now:
+                continue
+            who = _describe_subkey(subkey)
+            try:
+                peer_id = peer_id_from_owner(subkey)
+                who = peer_id
+                info = ServerInfo.from_wire(value)
+                _check_fits_block(info, model, index)
+            except RecordError as exc:
+                logger.warning("dropped the record of peer %s under %s: %s", who, key, exc)
+                continue
+            entries.append((index, peer_id, info))
+    return SwarmSnapshot.build(model, num_blocks, entries)
+
+
+def _block_keys(model: str, num_blocks: int) -> list[str]:
+    check_model_name(model)
+    return [block_key(model, index) for index in range(num_blocks)]
+
+
+def _check_fits_block(info: ServerInfo, model: str, index: int) -> None:
+    # A record under the wrong key is either stale junk or an attempt to appear elsewhere.
+    if info.model != model:
+        raise RecordError(f"record is for model {info.model!r}, not {model!r}")
+    if not info.start <= index < info.end:
+        raise RecordError(f"span [{info.start}, {info.end}) does not contain block {index}")
+
+
+def _describe_subkey(subkey: object) -> str:
+    # Unverified input: show a short prefix only, never a megabyte of garbage.
+    text = repr(subkey)
+    return text if len(text) <= 48 else text[:45] + "..."
+
+
+async def _fetch_raw(node: DHTNode, keys: list[str], timeout_s: float) -> RawRecords | None:
+    # sufficient_expiration_time=inf asks every replica and merges their subkeys; the
+    # default stops at the first replica that has any value and can miss servers.
+    try:
+        found = await asyncio.wait_for(
+            node.get_many(keys, sufficient_expiration_time=float("inf")), timeout=timeout_s
+        )
+    except _TIMEOUTS:
+        # None, not an exception: hivemind's child process would log a raised one as a crash.
+        return None
+    raw: RawRecords = {}
+    for key, entry in found.items():
+        if entry is None:
+            continue
+        if not isinstance(entry.value, dict):
+            logger.warning("ignored %s: it holds a plain value, not per-peer records", key)
+            continue
+        raw[key] = [
+            (subkey, item.value, item.expiration_time) for subkey, item in entry.value.items()
+        ]
+    return raw
+
+
+async def _announce_in_dht(
+    _dht: hivemind.DHT,
+    node: DHTNode,
+    *,
+    info: ServerInfo,
+    owner: bytes,
+    expiration_s: float,
+    timeout_s: float,
+) -> bool:
+    return await announce_on_node(
+        node, info, owner=owner, expiration_s=expiration_s, timeout_s=timeout_s
+    )
+
+
+async def _fetch_in_dht(
+    _dht: hivemind.DHT, node: DHTNode, *, keys: list[str], timeout_s: float
+) -> RawRecords | None:
+    # Runs in hivemind's child process; returns plain data so checks and logs stay with us.
+    return await _fetch_raw(node, keys, timeout_s)

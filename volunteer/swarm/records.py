@@ -1,0 +1,218 @@
+"""Typed DHT records of the swarm and a read-only view of them (`SwarmSnapshot`).
+
+Every server announces one `ServerInfo` per block it serves, under `block_key(model, i)`.
+Records come from strangers, so they are validated on read: strict types, caps on every
+number and string, `0 <= start < end`. Fields this version does not know are ignored, so
+a newer peer that adds fields does not break an older one. Errors::
+
+    VolunteerError
+    └── RecordError     a record from the DHT is malformed (wrong type, out of range)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import re
+import types
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any
+
+import pydantic
+
+from volunteer.errors import VolunteerError
+
+SCHEMA_VERSION = 1
+MAX_BLOCKS = 100_000
+"""No model has this many blocks; a larger index is a lie or a bug."""
+MAX_RATE = 1e9
+"""Cap on throughput and request rates: far above any real server."""
+MAX_CACHE_TOKENS = 2**40
+MAX_PUBLIC_NAME_CHARS = 64
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,127}$")
+"""A Hugging Face repo id or a registered short name: no spaces, no control characters."""
+_TOKEN_RE = r"^[A-Za-z0-9][A-Za-z0-9._+\-]{0,63}$"
+_CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class RecordError(VolunteerError):
+    """A record read from the DHT is malformed; the message names the problem."""
+
+
+class ServerState(str, enum.Enum):
+    """Where a server is in its life: loading blocks, serving, or leaving."""
+
+    JOINING = "joining"
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+_Rate = Annotated[float, pydantic.Field(ge=0.0, le=MAX_RATE, allow_inf_nan=False)]
+
+
+def check_model_name(model: str) -> str:
+    """Returns `model` if its characters are allowed in a DHT key, else raises RecordError."""
+    if not isinstance(model, str) or not MODEL_NAME_RE.fullmatch(model):
+        raise RecordError(
+            f"bad model name {model!r}: use 1-128 letters, digits, '.', '_', '-' or '/', "
+            f"starting with a letter or digit"
+        )
+    return model
+
+
+def block_key(model: str, index: int) -> str:
+    """The DHT key under which the servers of block `index` of `model` announce themselves.
+
+    Raises:
+        RecordError: the model name has characters we do not allow, or `index` is out of range.
+    """
+    check_model_name(model)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_BLOCKS:
+        raise RecordError(f"bad block index {index!r}: must be an int in [0, {MAX_BLOCKS})")
+    return f"{model}.block{index}"
+
+
+class ServerInfo(pydantic.BaseModel):
+    """What a server says about itself, once per block of its span `[start, end)`."""
+
+    # strict: a peer sending "5" for an int is broken or probing us; don't guess.
+    model_config = pydantic.ConfigDict(frozen=True, extra="ignore", strict=True)
+
+    schema_version: int = pydantic.Field(default=SCHEMA_VERSION, ge=1, le=2**16)
+    # JSON-style enum input ("online") is what arrives from the wire, so not strict here.
+    state: Annotated[ServerState, pydantic.Field(strict=False)]
+    start: int = pydantic.Field(ge=0, lt=MAX_BLOCKS)
+    end: int = pydantic.Field(gt=0, le=MAX_BLOCKS)
+    throughput: _Rate
+    """Tokens per second per block this server can sustain."""
+    inference_rps: _Rate | None = None
+    """Inference steps per second (measured), if known."""
+    forward_rps: _Rate | None = None
+    """Forward passes per second (measured), if known."""
+    dtype: str = pydantic.Field(pattern=_TOKEN_RE)
+    """Weights' dtype or quantization, e.g. "bfloat16" or "q4_1"."""
+    cache_tokens_left: int = pydantic.Field(ge=0, le=MAX_CACHE_TOKENS)
+    version: str = pydantic.Field(pattern=_TOKEN_RE)
+    """The volunteer package version the server runs."""
+    public_name: str | None = pydantic.Field(default=None, max_length=MAX_PUBLIC_NAME_CHARS)
+    model: str = pydantic.Field(pattern=MODEL_NAME_RE.pattern)
+
+    @pydantic.field_validator("public_name")
+    @classmethod
+    def _printable_name(cls, name: str | None) -> str | None:
+        # Names end up in terminals: escape sequences could redraw someone's screen.
+        if name is not None and _CONTROL_CHARS_RE.search(name):
+            raise ValueError("public_name must not contain control characters")
+        return name
+
+    @pydantic.model_validator(mode="after")
+    def _span_is_ordered(self) -> ServerInfo:
+        if self.start >= self.end:
+            raise ValueError(f"span [{self.start}, {self.end}) is empty: start must be < end")
+        return self
+
+    @property
+    def is_serving(self) -> bool:
+        """Whether clients may route through this server (joining servers soon will)."""
+        return self.state in (ServerState.ONLINE, ServerState.JOINING)
+
+    def to_wire(self) -> dict[str, Any]:
+        """This record as plain msgpack-able values (str, int, float, None)."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_wire(cls, value: object) -> ServerInfo:
+        """Validates a record read from the DHT.
+
+        Raises:
+            RecordError: `value` is not a dict of valid fields; the message says which.
+        """
+        if not isinstance(value, dict):
+            raise RecordError(f"a server record must be a dict, got {type(value).__name__}")
+        try:
+            return cls.model_validate(value)
+        except pydantic.ValidationError as exc:
+            raise RecordError(f"bad server record: {_first_problem(exc)}") from None
+
+
+def _first_problem(exc: pydantic.ValidationError) -> str:
+    # One short line is enough for a log; the full error may echo a huge hostile value.
+    error = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in error["loc"]) or "record"
+    return f"{where}: {error['msg']} ({exc.error_count()} problem(s))"
+
+
+@dataclasses.dataclass(frozen=True)
+class SwarmSnapshot:
+    """Who serves which block of one model, as read from the DHT at one moment.
+
+    Attributes:
+        model: the model these blocks belong to.
+        blocks: for each block index, the servers announced for it: peer id -> record.
+    """
+
+    model: str
+    blocks: tuple[Mapping[str, ServerInfo], ...]
+
+    @classmethod
+    def build(
+        cls, model: str, num_blocks: int, entries: Iterable[tuple[int, str, ServerInfo]]
+    ) -> SwarmSnapshot:
+        """Groups `(block index, peer id, record)` entries by block.
+
+        Raises:
+            ValueError: an entry's block index is outside `[0, num_blocks)`.
+        """
+        per_block: list[dict[str, ServerInfo]] = [{} for _ in range(num_blocks)]
+        for index, peer_id, info in entries:
+            if not 0 <= index < num_blocks:
+                raise ValueError(f"block {index} is outside [0, {num_blocks})")
+            per_block[index][peer_id] = info
+        # Sorted by peer id so that iteration (and float sums) do not depend on DHT order.
+        frozen = tuple(types.MappingProxyType(dict(sorted(b.items()))) for b in per_block)
+        return cls(model=model, blocks=frozen)
+
+    def servers_for_block(self, index: int) -> Mapping[str, ServerInfo]:
+        """Peer id -> record for the servers that announced block `index`."""
+        if not 0 <= index < len(self.blocks):
+            raise IndexError(f"block {index} is outside [0, {len(self.blocks)})")
+        return self.blocks[index]
+
+    def spans(self) -> dict[str, ServerInfo]:
+        """One record per peer (from its lowest announced block), sorted by peer id."""
+        found: dict[str, ServerInfo] = {}
+        for servers in self.blocks:
+            for peer_id, info in servers.items():
+                found.setdefault(peer_id, info)
+        return dict(sorted(found.items()))
+
+    def block_throughput(self) -> list[float]:
+        """For each block, the summed throughput of the servers that are online or joining."""
+        return [
+            math.fsum(info.throughput for info in servers.values() if info.is_serving)
+            for servers in self.blocks
+        ]
+
+    def weakest_span(self, num_blocks: int) -> tuple[int, int]:
+        """The `num_blocks` consecutive blocks with the smallest summed throughput.
+
+        Ties go to the lowest start, and sums are exactly rounded (`math.fsum`), so the
+        same snapshot always gives the same answer.
+
+        Returns:
+            `(start, end)` of that window.
+
+        Raises:
+            ValueError: `num_blocks` is not in `[1, number of blocks]`.
+        """
+        total = len(self.blocks)
+        if not 1 <= num_blocks <= total:
+            raise ValueError(f"num_blocks must be in [1, {total}], got {num_blocks}")
+        per_block = self.block_throughput()
+        best_start, best_sum = 0, math.inf
+        for start in range(total - num_blocks + 1):
+            window_sum = math.fsum(per_block[start : start + num_blocks])
+            if window_sum < best_sum:
+                best_start, best_sum = start, window_sum
+        return best_start, best_start + num_blocks
