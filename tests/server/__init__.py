@@ -1,0 +1,97 @@
+"""Helpers for the block-server tests: a tiny random model, and an event loop in a thread.
+
+The servers of a test module live on one loop that runs in a background thread, so plain
+sync tests can share them (pytest-asyncio is not used) and call `loop.run(coro)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import warnings
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import torch
+
+with warnings.catch_warnings():
+    # hivemind's package import runs torch.jit.script, which torch now deprecates; the
+    # suite turns warnings into errors, so the one import that triggers it is done here.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import hivemind  # noqa: F401
+
+from models.config import ModelConfig
+from models.model import BlockSpan
+
+Result = TypeVar("Result")
+
+HIDDEN = 64
+
+
+def tiny_config(num_layers: int = 4) -> ModelConfig:
+    """A small llama-shaped config (GQA: 4 heads over 2 KV heads)."""
+    return ModelConfig(
+        arch="llama",
+        vocab_size=97,
+        hidden_size=HIDDEN,
+        intermediate_size=160,
+        num_layers=num_layers,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=128,
+    )
+
+
+def random_span(config: ModelConfig, seed: int = 0) -> BlockSpan:
+    """Every block of `config` with random weights, norms included (so none can hide)."""
+    torch.manual_seed(seed)
+    span = BlockSpan(config, 0, config.num_layers)
+    with torch.no_grad():
+        for name, param in span.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0, 0.2)
+    return span.eval()
+
+
+def sub_span(full: BlockSpan, start: int, end: int) -> BlockSpan:
+    """Blocks [start, end) of `full`, as a span of their own with copied weights."""
+    part = BlockSpan(full.config, start, end)
+    for index in range(start, end):
+        part.blocks[index - start].load_state_dict(full.blocks[index].state_dict())
+    part.forget_weights()
+    return part.eval()
+
+
+def hidden_states(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, seq, HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+class LoopThread:
+    """An asyncio event loop running in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, Result], timeout_s: float = 30.0) -> Result:
+        """Runs a coroutine on the loop and waits for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        """Cancels what is left on the loop, then stops and closes it."""
+        self.run(_cancel_leftovers())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.close()
+
+
+async def _cancel_leftovers() -> None:
+    # hivemind's P2P leaves listener tasks behind after shutdown; end them quietly.
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

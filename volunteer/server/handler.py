@@ -1,0 +1,373 @@
+"""The block server's RPC handlers on hivemind P2P: info, forward, backward, inference.
+
+Wire shapes (envelopes and schemas are in `volunteer.server.protocol`):
+
+- `rpc_info`: unary; replies with `InfoReply` metadata.
+- `rpc_forward` / `rpc_backward`: one `ExpertRequest` in (over a stream, so large
+  tensors are not bound by the daemon's 4 MiB unary limit), one `ExpertResponse` out.
+  Metadata `SpanRequest`; tensors: hidden [B, S, H] (backward: plus grad of outputs).
+- `rpc_inference`: a bidirectional stream. The first message (`OpenSessionRequest`, no
+  tensors) reserves a KV cache and is acknowledged; each later message (`StepRequest`
+  plus hidden [B, S, H]) runs one step and gets the span's output; a message with
+  `is_close`, the end of the stream, an error, or `idle_timeout_s` without a message
+  ends the session and frees its cache.
+
+Decisions:
+
+- A request names blocks [start, end); they must lie inside the served span (a sub-span
+  is allowed, so routes may use part of a server).
+- Tensors arrive as float32 or the server's dtype; they are computed in the server's
+  dtype and answered in the dtype they came in.
+- B <= max_batch, S <= max_chunk and B * S <= max_tokens for every request; a session's
+  max_length is at most the model's context.
+- A step's start_pos may equal the cached length (the next step) or be below it (a
+  rewind: the client replays from there, e.g. after failing over); never above it.
+- Any bad request raises an error whose text names the reason; hivemind sends that text
+  to the caller, and the server goes on serving everyone else. A failed inference step
+  ends its session (the client replays into a fresh one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import typing
+
+import torch
+from hivemind.p2p import P2P, P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
+
+import volunteer.server.protocol as wire
+from models.model import BlockSpan
+from volunteer.server.protocol import BadRequestError, SessionExpiredError
+from volunteer.server.sessions import (
+    PRIORITY_INFERENCE,
+    PRIORITY_TRAINING,
+    PriorityCompute,
+    Session,
+    SessionTable,
+    allocate_cache,
+    backward_span,
+    forward_span,
+    inference_step,
+)
+
+logger = logging.getLogger(__name__)
+
+# hivemind's ServicerBase tells stream RPCs from unary ones by the `_name` of
+# typing.AsyncIterator; collections.abc.AsyncIterator[...] lacks it and would silently
+# register a stream handler as unary.
+AsyncIterator = typing.AsyncIterator
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerLimits:
+    """What one request may ask of this server."""
+
+    max_batch: int
+    max_chunk: int
+    """Most new positions per request (S)."""
+    max_tokens: int
+    """Most positions per request over the whole batch (B * S)."""
+    max_length: int
+    """The model's context: the longest session."""
+    idle_timeout_s: float
+    """A stream that sends nothing for this long is closed and its cache freed."""
+
+
+class BlockHandler(ServicerBase):
+    """Serves blocks [span.start, span.end) of one model to the swarm."""
+
+    def __init__(
+        self,
+        *,
+        span: BlockSpan,
+        model_name: str,
+        limits: ServerLimits,
+        sessions: SessionTable,
+        compute: PriorityCompute,
+        throughput: float,
+    ) -> None:
+        self.span = span
+        self.model_name = model_name
+        self.limits = limits
+        self.sessions = sessions
+        self.compute = compute
+        self.throughput = throughput
+        self._p2p: P2P | None = None
+
+    @classmethod
+    async def create(
+        cls,
+        *,
+        p2p: P2P,
+        span: BlockSpan,
+        model_name: str,
+        cache_tokens: int,
+        max_batch: int = 8,
+        max_chunk: int = 512,
+        max_tokens: int | None = None,
+        idle_timeout_s: float = 60.0,
+        throughput: float = 0.0,
+    ) -> BlockHandler:
+        """Builds a handler for `span` and registers its RPCs on `p2p`.
+
+        Args:
+            p2p: the running hivemind P2P to serve on.
+            span: the loaded blocks; put in eval mode here.
+            model_name: the swarm's name of the model, reported by `rpc_info`.
+            cache_tokens: budget of cached positions over all sessions (sum of
+                batch_size * max_length).
+            max_batch, max_chunk, max_tokens: per-request limits (see `ServerLimits`);
+                max_tokens defaults to max_batch * max_chunk.
+            idle_timeout_s: how long a silent inference stream keeps its cache.
+            throughput: tokens/s this server expects to sustain, reported by `rpc_info`.
+        """
+        limits = ServerLimits(
+            max_batch=max_batch,
+            max_chunk=max_chunk,
+            max_tokens=max_tokens or max_batch * max_chunk,
+            max_length=span.config.max_position_embeddings,
+            idle_timeout_s=idle_timeout_s,
+        )
+        handler = cls(
+            span=span.eval(),
+            model_name=model_name,
+            limits=limits,
+            sessions=SessionTable(cache_tokens=cache_tokens),
+            compute=PriorityCompute(),
+            throughput=throughput,
+        )
+        await handler.add_p2p_handlers(p2p)
+        handler._p2p = p2p
+        return handler
+
+    async def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Unregisters the RPCs, cancels queued work and frees every session's cache."""
+        if self._p2p is not None and self._p2p.is_alive:
+            p2p, self._p2p = self._p2p, None
+            await asyncio.wait_for(self.remove_p2p_handlers(p2p), timeout_s)
+        self.compute.shutdown()
+        self.sessions.release_all()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.span.parameters()).dtype
+
+    async def rpc_info(
+        self, request: runtime_pb2.ExpertUID, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        """Describes this server: span, model, dtype, limits, free cache."""
+        reply = wire.InfoReply(
+            model_name=self.model_name,
+            start=self.span.start,
+            end=self.span.end,
+            hidden_size=self.span.config.hidden_size,
+            dtype=str(self.dtype).removeprefix("torch."),
+            cache_tokens_total=self.sessions.cache_tokens_total,
+            cache_tokens_left=self.sessions.cache_tokens_left,
+            max_batch=self.limits.max_batch,
+            max_chunk=self.limits.max_chunk,
+            max_tokens=self.limits.max_tokens,
+            max_length=self.limits.max_length,
+            throughput=self.throughput,
+        )
+        return runtime_pb2.ExpertResponse(metadata=wire.pack_metadata(reply))
+
+    async def rpc_forward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        """Hidden states [B, S, H] through blocks [start, end), no cache."""
+        request = await self._only_request(requests)
+        meta = self._check_span(wire.unpack_metadata(request.metadata, wire.SpanRequest))
+        (hidden,) = self._hidden_tensors(request, count=1)
+        output = await self.compute.run(
+            PRIORITY_TRAINING, forward_span, self.span, hidden, meta.start, meta.end
+        )
+        return runtime_pb2.ExpertResponse(tensors=[wire.pack_tensor(output)])
+
+    async def rpc_backward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        """Given inputs [B, S, H] and the grad of the outputs, the grad of the inputs."""
+        request = await self._only_request(requests)
+        meta = self._check_span(wire.unpack_metadata(request.metadata, wire.SpanRequest))
+        hidden, grad_outputs = self._hidden_tensors(request, count=2)
+        if hidden.shape != grad_outputs.shape:
+            raise BadRequestError(
+                f"grad_outputs shape {list(grad_outputs.shape)} != "
+                f"hidden shape {list(hidden.shape)}"
+            )
+        grad = await self.compute.run(
+            PRIORITY_TRAINING, backward_span, self.span, hidden, grad_outputs, meta.start, meta.end
+        )
+        return runtime_pb2.ExpertResponse(tensors=[wire.pack_tensor(grad)])
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """An inference session: open, then one reply per step, until close."""
+        session = await self._open_session(await self._first_request(requests), context)
+        log_context = f"peer {context.remote_id}, session {session.session_id!r}"
+        logger.debug("opened inference session (%s)", log_context)
+        try:
+            yield self._step_reply(session)
+            while (request := await self._next_request(requests)) is not None:
+                meta = wire.unpack_metadata(request.metadata, wire.StepRequest)
+                if meta.session_id != session.session_id:
+                    raise BadRequestError(
+                        f"unknown session id {meta.session_id!r} (this stream is "
+                        f"{session.session_id!r})"
+                    )
+                if meta.is_close:
+                    await self._expect_end(requests, "no messages may follow the close")
+                    return
+                hidden = self._step_input(request, session, meta.start_pos)
+                output = await self.compute.run(
+                    PRIORITY_INFERENCE, inference_step, self.span, session, hidden, meta.start_pos
+                )
+                yield self._step_reply(session, output)
+        finally:
+            # However the stream ends (close, error, timeout, cancellation), free the cache.
+            self.sessions.release(session)
+            logger.debug("closed inference session (%s)", log_context)
+
+    async def _first_request(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+    ) -> runtime_pb2.ExpertRequest:
+        request = await self._next_request(requests)
+        if request is None:
+            raise BadRequestError("the request stream ended before its first message")
+        return request
+
+    async def _only_request(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+    ) -> runtime_pb2.ExpertRequest:
+        request = await self._first_request(requests)
+        await self._expect_end(requests, "a forward/backward stream carries one message")
+        return request
+
+    async def _expect_end(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], reason: str
+    ) -> None:
+        """Waits for the caller to end its side of the stream.
+
+        Replying (or ending our side) before that would cut the connection under the
+        caller's last write, which it would see as a broken pipe instead of our answer.
+        """
+        if await self._next_request(requests) is not None:
+            raise BadRequestError(f"unexpected message: {reason}")
+
+    async def _next_request(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+    ) -> runtime_pb2.ExpertRequest | None:
+        """The next message, or None at the end of the stream."""
+        timeout_s = self.limits.idle_timeout_s
+        try:
+            return await asyncio.wait_for(anext(requests), timeout_s)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            raise SessionExpiredError(f"no message for {timeout_s:g} s; stream closed") from None
+
+    async def _open_session(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> Session:
+        try:
+            meta = wire.unpack_metadata(request.metadata, wire.OpenSessionRequest)
+        except BadRequestError as exc:
+            reason = str(exc).removeprefix(BadRequestError.marker)
+            raise BadRequestError(f"the first message must open a session: {reason}") from exc
+        self._check_span(meta)
+        if request.tensors:
+            raise BadRequestError("the opening message carries no tensors")
+        if meta.batch_size > self.limits.max_batch:
+            raise BadRequestError(
+                f"batch_size {meta.batch_size} exceeds max_batch {self.limits.max_batch}"
+            )
+        if meta.max_length > self.limits.max_length:
+            raise BadRequestError(
+                f"max_length {meta.max_length} exceeds the model's context "
+                f"of {self.limits.max_length}"
+            )
+        session = Session(
+            peer=str(context.remote_id),
+            session_id=meta.session_id,
+            start=meta.start,
+            end=meta.end,
+            batch_size=meta.batch_size,
+            max_length=meta.max_length,
+        )
+        self.sessions.admit(session)
+        try:
+            session.cache = await self.compute.run(
+                PRIORITY_INFERENCE, allocate_cache, self.span, session
+            )
+        except BaseException:
+            self.sessions.release(session)
+            raise
+        return session
+
+    def _step_reply(
+        self, session: Session, output: torch.Tensor | None = None
+    ) -> runtime_pb2.ExpertResponse:
+        length = session.cache.length if session.cache is not None else 0
+        meta = wire.StepReply(session_id=session.session_id, length=length)
+        tensors = [] if output is None else [wire.pack_tensor(output)]
+        return runtime_pb2.ExpertResponse(tensors=tensors, metadata=wire.pack_metadata(meta))
+
+    def _check_span(self, meta: wire.SpanRequest) -> wire.SpanRequest:
+        span = self.span
+        if not span.start <= meta.start < meta.end <= span.end:
+            raise BadRequestError(
+                f"blocks [{meta.start}, {meta.end}) are not inside the served span "
+                f"[{span.start}, {span.end})"
+            )
+        return meta
+
+    def _hidden_tensors(
+        self, request: runtime_pb2.ExpertRequest, *, count: int
+    ) -> list[torch.Tensor]:
+        """The request's tensors, each checked as hidden states within the limits."""
+        if len(request.tensors) != count:
+            raise BadRequestError(f"expected {count} tensor(s), got {len(request.tensors)}")
+        limits = self.limits
+        tensors = []
+        for index, proto in enumerate(request.tensors):
+            tensor = wire.unpack_hidden(
+                proto,
+                hidden_size=self.span.config.hidden_size,
+                max_positions=limits.max_tokens,
+                name=f"tensor {index}",
+            )
+            batch, seq, _ = tensor.shape
+            if batch > limits.max_batch:
+                raise BadRequestError(f"batch {batch} exceeds max_batch {limits.max_batch}")
+            if seq > limits.max_chunk:
+                raise BadRequestError(f"{seq} positions exceed max_chunk {limits.max_chunk}")
+            if tensor.dtype not in (torch.float32, self.dtype):
+                raise BadRequestError(
+                    f"dtype {tensor.dtype} not accepted: send float32 or {self.dtype}"
+                )
+            tensors.append(tensor)
+        return tensors
+
+    def _step_input(
+        self, request: runtime_pb2.ExpertRequest, session: Session, start_pos: int
+    ) -> torch.Tensor:
+        (hidden,) = self._hidden_tensors(request, count=1)
+        batch, seq, _ = hidden.shape
+        if batch != session.batch_size:
+            raise BadRequestError(f"batch {batch} != the session's batch_size {session.batch_size}")
+        assert session.cache is not None  # admitted sessions always hold a cache
+        if start_pos > session.cache.length:
+            raise BadRequestError(
+                f"start_pos {start_pos} skips past the {session.cache.length} cached positions"
+            )
+        if start_pos + seq > session.max_length:
+            raise BadRequestError(
+                f"start_pos {start_pos} + {seq} positions exceed the session's "
+                f"max_length {session.max_length}"
+            )
+        return hidden

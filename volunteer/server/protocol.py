@@ -1,0 +1,238 @@
+"""The block-server RPC protocol, shared by the server (`handler`) and the client.
+
+Every RPC travels in hivemind's `ExpertRequest` / `ExpertResponse` envelopes: tensors as
+`runtime_pb2.Tensor` (hivemind's serializer, uncompressed) and metadata as msgpack bytes
+checked against a pydantic schema below. Schemas ignore unknown fields, so a newer peer
+can add fields without breaking an older one. Nothing here unpickles anything.
+
+Errors a caller of a remote span can see::
+
+    VolunteerError
+    └── RemoteSpanError              root of the remote-call errors
+        ├── RemoteError              the server answered with an error
+        │   ├── BusyError            "busy:" no room now (KV-cache budget); retry elsewhere
+        │   ├── BadRequestError      "bad request:" the request itself is wrong; a bug
+        │   └── SessionExpiredError  "expired:" the session idled past the server's timeout
+        └── PeerUnavailableError     no answer: connection refused or lost, or a timeout
+
+The server raises `BusyError`, `BadRequestError` and `SessionExpiredError` itself: their
+text starts with the marker above, hivemind carries the text to the caller inside a
+`P2PHandlerError`, and `classify_remote_error` turns it back into the same class.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, TypeVar
+
+import msgpack
+import torch
+from hivemind.compression.serialization import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from volunteer.errors import VolunteerError
+
+PROTOCOL_VERSION = 1
+MAX_METADATA_BYTES = 4096
+"""Metadata is a handful of small fields; anything larger is refused unparsed."""
+MAX_SESSION_ID_CHARS = 128
+
+# Wire dtype names a client may send (hivemind's serializer names, without "torch.").
+_WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class RemoteSpanError(VolunteerError):
+    """Root of the errors a call to a remote span can raise."""
+
+
+class RemoteError(RemoteSpanError):
+    """The server received the request and answered with an error."""
+
+    marker = ""
+
+    def __init__(self, reason: str) -> None:
+        # The marker leads the text so that it survives hivemind's error transport.
+        super().__init__(reason if reason.startswith(self.marker) else self.marker + reason)
+
+
+class BusyError(RemoteError):
+    """The server has no room for this request now (e.g. its KV-cache budget is full)."""
+
+    marker = "busy: "
+
+
+class BadRequestError(RemoteError):
+    """The request is malformed or outside the server's limits; retrying cannot help."""
+
+    marker = "bad request: "
+
+
+class SessionExpiredError(RemoteError):
+    """The server closed an inference session that sent nothing for too long."""
+
+    marker = "expired: "
+
+
+class PeerUnavailableError(RemoteSpanError):
+    """The peer could not be reached, dropped the connection, or did not answer in time."""
+
+
+_MARKED_ERRORS: tuple[type[RemoteError], ...] = (BusyError, BadRequestError, SessionExpiredError)
+
+
+def classify_remote_error(message: str) -> RemoteError:
+    """Turns the text of a remote handler failure back into our error class.
+
+    hivemind wraps a handler's exception as text: `str(exc)` after a prefix for streams,
+    `repr(exc)` for unary calls. The marker is searched anywhere in that text.
+    """
+    for cls in _MARKED_ERRORS:
+        index = message.find(cls.marker.strip())
+        if index >= 0:
+            reason = message[index:]
+            if message.endswith(("')", '")')):  # repr(exc) of a unary handler's error
+                reason = reason[:-2]
+            return cls(reason)
+    return RemoteError(message)
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class SpanRequest(_Schema):
+    """Metadata of forward and backward: the blocks [start, end) to run."""
+
+    start: int = Field(ge=0)
+    end: int = Field(ge=1)
+
+
+class OpenSessionRequest(SpanRequest):
+    """First message of an inference stream: reserves a KV cache for the session."""
+
+    session_id: str = Field(min_length=1, max_length=MAX_SESSION_ID_CHARS)
+    max_length: int = Field(ge=1)
+    """Most positions the session will ever hold (prompt plus generated tokens)."""
+    batch_size: int = Field(ge=1)
+
+
+class StepRequest(_Schema):
+    """A later message of an inference stream: one step, or the close."""
+
+    session_id: str = Field(min_length=1, max_length=MAX_SESSION_ID_CHARS)
+    start_pos: int = Field(default=0, ge=0)
+    """Position of the first new token; below the cached length it rewinds (replay)."""
+    is_close: bool = False
+    """Ends the session; the server frees its cache and ends the stream."""
+
+
+class StepReply(_Schema):
+    """Metadata of an inference reply (the open's acknowledgement has length 0)."""
+
+    session_id: str
+    length: int
+    """Positions cached after this step."""
+
+
+class InfoReply(_Schema):
+    """What a server says about itself in `rpc_info`."""
+
+    version: int = PROTOCOL_VERSION
+    model_name: str
+    start: int
+    end: int
+    hidden_size: int
+    dtype: str
+    cache_tokens_total: int
+    cache_tokens_left: int
+    max_batch: int
+    max_chunk: int
+    max_tokens: int
+    max_length: int
+    throughput: float
+    """Tokens per second this server expects to sustain (measured by its owner)."""
+
+
+Schema = TypeVar("Schema", bound=_Schema)
+
+
+def pack_metadata(schema: _Schema) -> bytes:
+    """Encodes a metadata schema as msgpack bytes."""
+    return msgpack.packb(schema.model_dump(), use_bin_type=True)
+
+
+def unpack_metadata(raw: bytes, schema: type[Schema]) -> Schema:
+    """Decodes and validates metadata.
+
+    Raises:
+        BadRequestError: the bytes are not msgpack, or do not fit the schema.
+    """
+    if len(raw) > MAX_METADATA_BYTES:
+        raise BadRequestError(f"metadata of {len(raw)} bytes exceeds {MAX_METADATA_BYTES}")
+    try:
+        # Strings as keys only: a map with odd key types cannot fit any schema anyway.
+        value: Any = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise BadRequestError(f"metadata is not valid msgpack ({type(exc).__name__})") from exc
+    if not isinstance(value, dict):
+        raise BadRequestError(f"metadata must be a map, got {type(value).__name__}")
+    try:
+        return schema.model_validate(value)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'metadata'}: {e['msg']}" for e in exc.errors()
+        )
+        raise BadRequestError(f"bad {schema.__name__} metadata: {problems}") from exc
+
+
+def pack_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    """Serializes a tensor (moved to the CPU first) with hivemind's serializer."""
+    return serialize_torch_tensor(tensor.detach().cpu())
+
+
+def unpack_hidden(
+    proto: runtime_pb2.Tensor, *, hidden_size: int, max_positions: int, name: str = "hidden"
+) -> torch.Tensor:
+    """Checks a wire tensor's header, then deserializes it as hidden states [B, S, H].
+
+    The header (dtype, rank, sizes, buffer length) is checked before any bytes are
+    touched, so a lying header cannot make us allocate or reshape anything large.
+
+    Raises:
+        BadRequestError: wrong dtype, rank, hidden size or compression; more than
+            max_positions rows (B * S); or a buffer whose length does not match the declared shape.
+    """
+    if proto.compression != runtime_pb2.CompressionType.NONE:
+        raise BadRequestError(f"{name}: only uncompressed tensors are accepted")
+    if proto.dtype not in _WIRE_DTYPES:
+        allowed = ", ".join(sorted(_WIRE_DTYPES))
+        raise BadRequestError(f"{name}: dtype {proto.dtype!r} not accepted (use one of {allowed})")
+    shape = list(proto.size)
+    if len(shape) != 3:
+        raise BadRequestError(f"{name}: expected shape [B, S, H], got {shape}")
+    if shape[2] != hidden_size:
+        raise BadRequestError(f"{name}: hidden size {shape[2]} != the model's {hidden_size}")
+    if min(shape) < 1:
+        raise BadRequestError(f"{name}: empty tensor of shape {shape}")
+    positions = shape[0] * shape[1]
+    if positions > max_positions:
+        raise BadRequestError(
+            f"{name}: B * S = {positions} positions exceed the limit of {max_positions}"
+        )
+    numel = math.prod(shape)
+    _check_buffer_length(proto, numel, name)
+    try:
+        return deserialize_torch_tensor(proto)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise BadRequestError(f"{name}: tensor bytes do not decode ({exc})") from exc
+
+
+def _check_buffer_length(proto: runtime_pb2.Tensor, numel: int, name: str) -> None:
+    itemsize = _WIRE_DTYPES[proto.dtype].itemsize
+    # hivemind's legacy mode sends bfloat16 as float32 bytes; both layouts are valid.
+    allowed = {numel * itemsize, numel * 4} if proto.dtype == "bfloat16" else {numel * itemsize}
+    if len(proto.buffer) not in allowed:
+        raise BadRequestError(
+            f"{name}: buffer holds {len(proto.buffer)} bytes, its shape needs {numel * itemsize}"
+        )

@@ -1,0 +1,242 @@
+"""What a block server's requests share: inference sessions under a KV-cache budget, the
+one compute thread that runs all torch work (inference steps first), and that work.
+
+Both objects are used from the server's event loop only (the compute thread touches
+nothing here but its own queue), so the budget needs no lock: admission checks and
+reserves without awaiting in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import heapq
+import itertools
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+
+from models.kv_cache import KVCache
+from models.model import BlockSpan
+from volunteer.server.protocol import BadRequestError, BusyError
+
+PRIORITY_INFERENCE = 0
+"""Inference steps: a person is waiting for the next token."""
+PRIORITY_TRAINING = 1
+"""forward/backward: throughput work that can wait behind a decode step."""
+
+Result = TypeVar("Result")
+
+
+@dataclasses.dataclass
+class Session:
+    """One open inference session and the cache it holds on this server."""
+
+    peer: str
+    session_id: str
+    start: int
+    end: int
+    batch_size: int
+    max_length: int
+    cache: KVCache | None = None
+    """Allocated after admission; None until then."""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        # Scoped by peer so that one client cannot close or collide with another's session.
+        return (self.peer, self.session_id)
+
+    @property
+    def cache_tokens(self) -> int:
+        return self.batch_size * self.max_length
+
+
+class SessionTable:
+    """Open sessions, and the cached token positions they hold against the budget."""
+
+    def __init__(self, *, cache_tokens: int) -> None:
+        self.cache_tokens_total = cache_tokens
+        self._sessions: dict[tuple[str, str], Session] = {}
+
+    @property
+    def cache_tokens_used(self) -> int:
+        return sum(session.cache_tokens for session in self._sessions.values())
+
+    @property
+    def cache_tokens_left(self) -> int:
+        return self.cache_tokens_total - self.cache_tokens_used
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def admit(self, session: Session) -> None:
+        """Reserves the session's cache tokens.
+
+        Raises:
+            BadRequestError: the same peer already has a session with this id open.
+            BusyError: the budget has no room for the session now.
+        """
+        if session.key in self._sessions:
+            raise BadRequestError(f"session {session.session_id!r} is already open")
+        left = self.cache_tokens_left
+        if session.cache_tokens > left:
+            raise BusyError(
+                f"session needs {session.cache_tokens} cache tokens (batch * max_length), "
+                f"server has {left} of {self.cache_tokens_total} free"
+            )
+        self._sessions[session.key] = session
+
+    def release(self, session: Session) -> None:
+        """Returns the session's tokens to the budget (idempotent).
+
+        The cache itself goes with the session object: a step still running on the
+        compute thread may hold it a moment longer.
+        """
+        if self._sessions.get(session.key) is session:
+            del self._sessions[session.key]
+
+    def release_all(self) -> None:
+        for session in list(self._sessions.values()):
+            self.release(session)
+
+
+class PriorityCompute:
+    """One compute thread that always runs the most urgent queued job next.
+
+    Each `run` pushes its job on a heap and hands the single-worker pool a token; the
+    worker, for each token, pops whichever job is most urgent at that moment. So an
+    inference step queued behind a backlog of forward passes runs next, and an idle
+    server has a blocked thread and nothing polling.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="volunteer-compute")
+        self._heap: list[tuple[int, int, Callable[[], Any], Future[Any]]] = []
+        self._heap_lock = threading.Lock()
+        self._order = itertools.count()
+        self._is_shut_down = False
+
+    async def run(self, priority: int, fn: Callable[..., Result], *args: Any) -> Result:
+        """Runs fn(*args) on the compute thread; lower priority numbers run first.
+
+        Raises:
+            BusyError: the server is shutting down.
+        """
+        if self._is_shut_down:
+            raise BusyError("server is shutting down")
+        job_future: Future[Result] = Future()
+        with self._heap_lock:
+            entry = (priority, next(self._order), lambda: fn(*args), job_future)
+            heapq.heappush(self._heap, entry)
+        self._pool.submit(self._run_most_urgent)
+        # Cancelling the awaiting request cancels a job that has not started yet.
+        return await asyncio.wrap_future(job_future)
+
+    def _run_most_urgent(self) -> None:
+        with self._heap_lock:
+            if not self._heap:
+                return
+            _, _, job, job_future = heapq.heappop(self._heap)
+        if not job_future.set_running_or_notify_cancel():
+            return
+        try:
+            job_future.set_result(job())
+        except BaseException as exc:  # handed to the awaiting request, which re-raises it
+            job_future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        """Cancels queued jobs; a running job finishes in the background."""
+        self._is_shut_down = True
+        with self._heap_lock:
+            pending, self._heap = self._heap, []
+        for *_, job_future in pending:
+            job_future.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# The functions below run on the compute thread. Each takes the blocks [start, end) of
+# the request, which lie inside the span; tensors come back in the dtype they came in.
+
+
+def allocate_cache(span: BlockSpan, session: Session) -> KVCache:
+    """A cache for the session's blocks, on the span's device and dtype."""
+    if (session.start, session.end) == (span.start, span.end):
+        return span.allocate_cache(batch_size=session.batch_size, max_length=session.max_length)
+    weight = next(span.parameters())
+    return KVCache.allocate(
+        span.config,
+        num_blocks=session.end - session.start,
+        batch_size=session.batch_size,
+        max_length=session.max_length,
+        dtype=weight.dtype,
+        device=weight.device,
+    )
+
+
+def forward_span(span: BlockSpan, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Hidden states [B, S, H] through blocks [start, end), no cache."""
+    with torch.inference_mode():
+        output = run_blocks(span, _to_span(span, hidden), start, end, 0, None)
+    return _like(output, hidden)
+
+
+def backward_span(
+    span: BlockSpan, hidden: torch.Tensor, grad_outputs: torch.Tensor, start: int, end: int
+) -> torch.Tensor:
+    """The gradient of blocks [start, end)'s inputs, given the gradient of their outputs."""
+    # A fresh forward with autograd on: nothing from earlier requests is kept.
+    with torch.enable_grad():
+        inputs = _to_span(span, hidden.detach()).requires_grad_(True)
+        outputs = run_blocks(span, inputs, start, end, 0, None)
+        (grad,) = torch.autograd.grad(outputs, inputs, _to_span(span, grad_outputs))
+    return _like(grad, hidden)
+
+
+def inference_step(
+    span: BlockSpan, session: Session, hidden: torch.Tensor, start_pos: int
+) -> torch.Tensor:
+    """One step of a session: new positions [start_pos, start_pos + S) through its cache."""
+    cache = session.cache
+    assert cache is not None  # sessions get their cache before their first step
+    with torch.inference_mode():
+        output = run_blocks(
+            span, _to_span(span, hidden), session.start, session.end, start_pos, cache
+        )
+    # A start_pos below the old length rewinds: later positions are overwritten.
+    cache.length = start_pos + hidden.shape[1]
+    return _like(output, hidden)
+
+
+def run_blocks(
+    span: BlockSpan,
+    hidden: torch.Tensor,
+    start: int,
+    end: int,
+    start_pos: int,
+    cache: KVCache | None,
+) -> torch.Tensor:
+    """Blocks [start, end) of the span; the whole span takes its own fast path."""
+    if (start, end) == (span.start, span.end):
+        return span(hidden, start_pos=start_pos, cache=cache)
+    cos, sin = span.rotary.slice(start_pos, hidden.shape[1])
+    first = start - span.start
+    for index in range(first, end - span.start):
+        layer_cache = cache.layer(index - first) if cache is not None else None
+        block = span.blocks[index]
+        hidden = block(hidden, cos, sin, start_pos=start_pos, layer_cache=layer_cache)
+    return hidden
+
+
+def _to_span(span: BlockSpan, tensor: torch.Tensor) -> torch.Tensor:
+    """A request tensor on the span's device and in its dtype."""
+    weight = next(span.parameters())
+    return tensor.to(device=weight.device, dtype=weight.dtype)
+
+
+def _like(result: torch.Tensor, request: torch.Tensor) -> torch.Tensor:
+    # Back to the request's device (the CPU, for the wire) and dtype, still on the compute
+    # thread: a GPU->CPU copy waits for the GPU, which the event loop must not.
+    return result.detach().to(device=request.device, dtype=request.dtype)
