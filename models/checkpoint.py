@@ -48,10 +48,15 @@ def block_prefix(index: int) -> str:
 class SafetensorsFolder:
     """Tensor name -> file index of a (possibly sharded) safetensors checkpoint."""
 
-    def __init__(self, folder: Path, files_by_tensor: Mapping[str, Path]) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        files_by_tensor: Mapping[str, Path],
+        handles: Mapping[Path, object] | None = None,
+    ) -> None:
         self.folder = folder
         self.files_by_tensor = dict(files_by_tensor)
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, object] = dict(handles or {})
 
     @classmethod
     def open(cls, folder: Path) -> SafetensorsFolder:
@@ -64,13 +69,15 @@ class SafetensorsFolder:
         if not files:
             raise CheckpointError(f"no *.safetensors files in {folder}")
         files_by_tensor: dict[str, Path] = {}
+        handles = {}
         for path in files:
-            handle = _open_safetensors(path)
+            handle = handles[path] = _open_safetensors(path)
             for name in handle.keys():  # type: ignore[attr-defined]  # noqa: SIM118
                 if name in files_by_tensor:
                     raise CheckpointError(f"tensor {name!r} appears twice in {folder}")
                 files_by_tensor[name] = path
-        return cls(folder, files_by_tensor)
+        # The handles opened for indexing are kept for reading: no second open per shard.
+        return cls(folder, files_by_tensor, handles)
 
     def read(
         self, names: tuple[str, ...], *, dtype: torch.dtype, device: torch.device | str
@@ -98,7 +105,7 @@ class SafetensorsFolder:
 
 
 def load_span(
-    folder: Path,
+    folder: Path | SafetensorsFolder,
     config: ModelConfig,
     start: int,
     end: int,
@@ -107,7 +114,7 @@ def load_span(
     device: torch.device | str = "cpu",
 ) -> BlockSpan:
     """Loads blocks [start, end) from a Hugging Face folder, and nothing else."""
-    files = SafetensorsFolder.open(folder)
+    files = _indexed(folder)
     with torch.device("meta"):
         span = BlockSpan(config, start, end)
     state = {}
@@ -124,14 +131,14 @@ def load_span(
 
 
 def load_ends(
-    folder: Path,
+    folder: Path | SafetensorsFolder,
     config: ModelConfig,
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> ModelEnds:
     """Loads the token embedding, the final norm and the LM head."""
-    files = SafetensorsFolder.open(folder)
+    files = _indexed(folder)
     with torch.device("meta"):
         ends = ModelEnds(config)
     state = _read_module(files, ends, END_TENSORS, "", dtype, device)
@@ -146,9 +153,16 @@ def load_causal_lm(
 ) -> CausalLM:
     """Loads a whole model (every block and both ends) for local use."""
     config = ModelConfig.from_hf_folder(folder)
-    ends = load_ends(folder, config, dtype=dtype, device=device)
-    span = load_span(folder, config, 0, config.num_layers, dtype=dtype, device=device)
+    # Indexed once: both halves read from the same open shard files.
+    files = SafetensorsFolder.open(folder)
+    ends = load_ends(files, config, dtype=dtype, device=device)
+    span = load_span(files, config, 0, config.num_layers, dtype=dtype, device=device)
     return CausalLM(ends, span).eval()
+
+
+def _indexed(folder: Path | SafetensorsFolder) -> SafetensorsFolder:
+    """An already indexed checkpoint as is, or a folder indexed now."""
+    return folder if isinstance(folder, SafetensorsFolder) else SafetensorsFolder.open(folder)
 
 
 def _read_module(
