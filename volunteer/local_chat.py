@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from models.checkpoint import load_causal_lm
-from models.generation import LocalStepper, generate_tokens
+from models.generation import LocalStepper
 from models.model import CausalLM
-from models.sampling import Sampler, SamplingParams
+from models.sampling import SamplingParams
 from models.tokenizer import Tokenizer
+from volunteer.conversation import Conversation, stream_reply
 
-
-@dataclasses.dataclass
-class Conversation:
-    """The messages of one multi-turn chat, oldest first."""
-
-    system_prompt: str | None = None
-    messages: list[dict[str, str]] = dataclasses.field(default_factory=list)
-
-    def for_template(self) -> list[dict[str, str]]:
-        """Messages as a chat template expects them, the system prompt first."""
-        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return system + self.messages
+__all__ = ["Conversation", "LocalChat"]
 
 
 class LocalChat:
@@ -48,22 +38,19 @@ class LocalChat:
         sampling: SamplingParams,
     ) -> Iterator[str]:
         """Streams the assistant's next reply as text pieces; it does not record it."""
-        prompt = self.tokenizer.encode_chat(conversation.for_template())
-        # A reply that would run past the model's context is cut short; a prompt that
-        # does not fit at all raises ContextLengthError from the stepper.
-        max_new_tokens = min(max_new_tokens, self.model.span.rotary.max_positions - len(prompt))
-        stepper = LocalStepper.for_generation(
-            self.model, prompt_len=len(prompt), max_new_tokens=max_new_tokens
-        )
-        decoder = self.tokenizer.stream_decoder()
-        for token_id in generate_tokens(
-            stepper,
-            prompt,
+
+        def open_stepper(prompt_len: int, new_tokens: int) -> contextlib.nullcontext[LocalStepper]:
+            return contextlib.nullcontext(
+                LocalStepper.for_generation(
+                    self.model, prompt_len=prompt_len, max_new_tokens=new_tokens
+                )
+            )
+
+        return stream_reply(
+            self.tokenizer,
+            conversation,
+            context_length=self.model.span.rotary.max_positions,
             max_new_tokens=max_new_tokens,
-            sampler=Sampler(sampling),
-            stop_token_ids=self.tokenizer.stop_token_ids,
-        ):
-            if piece := decoder.push(token_id):
-                yield piece
-        if tail := decoder.flush():
-            yield tail
+            sampling=sampling,
+            open_stepper=open_stepper,
+        )

@@ -39,7 +39,8 @@ class Settings:
     blocks: tuple[int, int] | None = None
     """Serve exactly the blocks `[start, end)`; None lets the scheduler choose."""
     num_blocks: int | None = None
-    """Serve this many blocks wherever the swarm needs them most (excludes `blocks`)."""
+    """Serve this many blocks wherever the swarm needs them most (excludes `blocks`); 0
+    serves none (a bootstrap peer and chat client)."""
     join: tuple[str, ...] = ()
     """Multiaddrs (with `/p2p/<peer id>`) of peers already in the swarm."""
     new_swarm: bool = False
@@ -112,7 +113,8 @@ class _Source:
 def _overlay(values: dict[str, Any], layer: dict[str, _Source]) -> None:
     parsed = {name: _PARSERS[name](source) for name, source in layer.items()}
     # `new_swarm = false` or an empty join list choose nothing, so they clear nothing.
-    chosen = {name for name, value in parsed.items() if value not in (None, False, ())}
+    # `is` checks: num_blocks = 0 is a choice (serve nothing), though 0 == False.
+    chosen = {name for name, value in parsed.items() if not _chooses_nothing(value)}
     for a, b in (("blocks", "num_blocks"), ("join", "new_swarm")):
         if a in chosen and b in chosen:
             raise SettingsError(
@@ -122,6 +124,10 @@ def _overlay(values: dict[str, Any], layer: dict[str, _Source]) -> None:
             if name in chosen:
                 values.pop(other, None)
     values.update(parsed)
+
+
+def _chooses_nothing(value: Any) -> bool:
+    return value is None or value is False or value == ()
 
 
 def _from_file(config_file: Path) -> dict[str, _Source]:
@@ -300,7 +306,7 @@ def _parse_timeout(source: _Source) -> float:
 _PARSERS: dict[str, Callable[[_Source], Any]] = {
     "model": _parse_text,
     "blocks": _parse_blocks,
-    "num_blocks": lambda s: _parse_int(s, minimum=1),
+    "num_blocks": lambda s: _parse_int(s, minimum=0),
     "join": _parse_join,
     "new_swarm": _parse_bool,
     "host": _parse_host,

@@ -6,79 +6,29 @@ Each daemon runs a real hivemind DHT on 127.0.0.1. Every daemon a test starts is
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 
+from tests.daemon.homes import Homes
 from volunteer.daemon.control import socket_path, use_tcp
 from volunteer.daemon.lifecycle import pid_file
 from volunteer.paths import Paths
 
 pytestmark = pytest.mark.skipif(use_tcp(), reason="daemon tests use the Unix-socket path")
 
-ROOT = Path(__file__).resolve().parents[2]
-CLI_TIMEOUT_S = 90
-
-
-class Homes:
-    """Creates daemon homes and remembers every daemon pid seen, to reap them."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.pids: set[int] = set()
-        # Without the test runner's VOLUNTEER_* variables: the daemons see only our options.
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("VOLUNTEER_")}
-        self.env["VOLUNTEER_CACHE_DIR"] = str(root / "cache")
-
-    def home(self, name: str) -> Path:
-        return self.root / name
-
-    def cli(self, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [sys.executable, "-m", "volunteer", "--home", str(home), *args],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=CLI_TIMEOUT_S,
-        )
-        self.remember(home)
-        return result
-
-    def status(self, home: Path) -> dict[str, Any]:
-        result = self.cli(home, "status", "--json")
-        return json.loads(result.stdout)
-
-    def remember(self, home: Path) -> int | None:
-        paths = Paths.resolve(home=home, env=self.env)
-        try:
-            pid = json.loads(pid_file(paths).read_text())["pid"]
-        except FileNotFoundError:
-            return None
-        self.pids.add(pid)
-        return pid
-
-    def reap(self) -> None:
-        for pid in self.pids:
-            # Each daemon leads its own session, so its process group holds p2pd too.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-
 
 @pytest.fixture(scope="module")
 def homes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Homes]:
-    homes = Homes(tmp_path_factory.mktemp("homes"))
+    # Serving no blocks: these tests are about the daemon's life, not the model's.
+    homes = Homes(tmp_path_factory.mktemp("homes"), VOLUNTEER_NUM_BLOCKS="0")
     try:
         yield homes
     finally:

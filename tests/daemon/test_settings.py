@@ -70,6 +70,11 @@ def test_a_higher_source_choosing_one_of_a_pair_clears_the_other(paths: Paths) -
     assert (settings.join, settings.new_swarm) == ((), True)
 
 
+def test_num_blocks_zero_is_a_choice_that_clears_blocks(paths: Paths) -> None:
+    settings = build(paths, toml='blocks = "0:4"\n', num_blocks="0")
+    assert (settings.blocks, settings.num_blocks) == (None, 0)
+
+
 def test_new_swarm_false_does_not_clear_a_lower_join(paths: Paths) -> None:
     settings = build(paths, toml=f'join = ["{PEER}"]\n', env={"VOLUNTEER_NEW_SWARM": "false"})
     assert settings.join == (PEER,)
@@ -81,7 +86,7 @@ def test_new_swarm_false_does_not_clear_a_lower_join(paths: Paths) -> None:
         ({"blocks": "5:3"}, "--blocks: needs 0 <= START < END"),
         ({"blocks": "3"}, "--blocks: expected START:END"),
         ({"blocks": "a:b"}, "--blocks: expected START:END with whole numbers"),
-        ({"num_blocks": "0"}, "--num-blocks: must be at least 1"),
+        ({"num_blocks": "-1"}, "--num-blocks: must be at least 0"),
         ({"port": "70000"}, "--port: must be at least 0 and at most 65535"),
         ({"port": "http"}, "--port: expected a whole number"),
         ({"threads": "0"}, "--threads: must be at least 1"),

@@ -6,11 +6,7 @@ sync tests can share them (pytest-asyncio is not used) and call `loop.run(coro)`
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import warnings
-from collections.abc import Coroutine
-from typing import Any, TypeVar
 
 import torch
 
@@ -22,8 +18,10 @@ with warnings.catch_warnings():
 
 from models.config import ModelConfig
 from models.model import BlockSpan
+from volunteer.client.loop_thread import LoopThread
 
-Result = TypeVar("Result")
+__all__ = ["LoopThread", "hidden_states", "random_span", "sub_span", "tiny_config"]
+
 
 HIDDEN = 64
 
@@ -66,32 +64,3 @@ def sub_span(full: BlockSpan, start: int, end: int) -> BlockSpan:
 
 def hidden_states(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, seq, HIDDEN, generator=torch.Generator().manual_seed(seed))
-
-
-class LoopThread:
-    """An asyncio event loop running in a daemon thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, Result], timeout_s: float = 30.0) -> Result:
-        """Runs a coroutine on the loop and waits for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        """Cancels what is left on the loop, then stops and closes it."""
-        self.run(_cancel_leftovers())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
-        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-        self.loop.close()
-
-
-async def _cancel_leftovers() -> None:
-    # hivemind's P2P leaves listener tasks behind after shutdown; end them quietly.
-    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)

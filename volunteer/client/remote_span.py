@@ -15,15 +15,22 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 import torch
+from google.protobuf.message import DecodeError, Message
 from hivemind.compression.serialization import deserialize_torch_tensor
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.proto.p2pd_pb2 import RPCError
 
 import volunteer.server.protocol as wire
 from volunteer.server.handler import BlockHandler
-from volunteer.server.protocol import PeerUnavailableError, RemoteSpanError
+from volunteer.server.protocol import PeerUnavailableError, RemoteError, RemoteSpanError
 
 Reply = TypeVar("Reply")
+
+INFERENCE_HANDLE = f"{BlockHandler.__name__}.rpc_inference"
+"""hivemind's handler name for `BlockHandler.rpc_inference` (ServicerBase names handlers
+`<class name>.<method>` when no namespace is given)."""
+MAX_REPLY_BYTES = 1 << 30
 
 # What a dead, unreachable or misbehaving connection raises inside hivemind's client.
 _CONNECTION_ERRORS = (
@@ -120,21 +127,32 @@ class RemoteSpan:
 
 
 class InferenceStream:
-    """One inference session on one server: steps go in order, one at a time."""
+    """One inference session on one server: steps go in order, one at a time.
+
+    It drives the stream's connection itself rather than through hivemind's stream
+    helper: that helper, when the server dies, waits for the caller's next request
+    before it reports the end of the stream, so a client waiting for a reply would sit
+    out its whole timeout instead of failing over at once. Here a reader task takes
+    every frame (and the end of the stream) as it arrives, so a dead server is seen at
+    once, and a reason the server sent before closing (an expired session) is kept even
+    when the next write then fails.
+    """
 
     def __init__(self, *, span: RemoteSpan, session_id: str) -> None:
         self.span = span
         self.session_id = session_id
-        self._outbox: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
-        self._responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._inbox: asyncio.Queue[tuple[bytes, bytes] | BaseException] = asyncio.Queue()
+        self._reading: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._is_closed = False
 
     async def open(self, opening: wire.OpenSessionRequest, *, timeout_s: float) -> None:
         """Starts the stream and waits for the server to admit the session."""
-        await self._outbox.put(runtime_pb2.ExpertRequest(metadata=wire.pack_metadata(opening)))
-        call = self.span._stub.rpc_inference(self._drain_outbox())
-        self._responses = await _call(call, timeout_s=timeout_s, what=self._what())
+        connecting = self.span.p2p.call_binary_stream_handler(self.span.peer_id, INFERENCE_HANDLE)
+        _, reader, self._writer = await _call(connecting, timeout_s=timeout_s, what=self._what())
+        self._reading = asyncio.create_task(self._read_forever(reader), name="inference-reader")
+        await self._send(runtime_pb2.ExpertRequest(metadata=wire.pack_metadata(opening)), timeout_s)
         await self._receive(timeout_s)
 
     async def step(
@@ -155,8 +173,9 @@ class InferenceStream:
             request = runtime_pb2.ExpertRequest(
                 tensors=[wire.pack_tensor(hidden)], metadata=wire.pack_metadata(meta)
             )
-            await self._outbox.put(request)
+            await self._send(request, timeout_s)
             reply = await self._receive(timeout_s)
+            assert reply is not None  # only an expected end returns None
             return _only_tensor(reply, self.span)
 
     async def close(self, timeout_s: float = 5.0) -> None:
@@ -165,45 +184,113 @@ class InferenceStream:
             if self._is_closed:
                 return
             meta = wire.StepRequest(session_id=self.session_id, is_close=True)
-            await self._outbox.put(runtime_pb2.ExpertRequest(metadata=wire.pack_metadata(meta)))
-            await self._outbox.put(None)
-            # The server ends its side once it has seen the close; wait for that, then
-            # drop the stream either way: it is of no further use.
             with contextlib.suppress(RemoteSpanError):
+                await self._send(
+                    runtime_pb2.ExpertRequest(metadata=wire.pack_metadata(meta)), timeout_s
+                )
+                await self._send(P2P.END_OF_STREAM, timeout_s)
+                # The server ends its side once it has seen the close; wait for that, then
+                # drop the stream either way: it is of no further use.
                 while await self._receive(timeout_s, is_end_expected=True) is not None:
                     pass
-            await self._abort()
+            self._abort()
+
+    async def _read_forever(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                self._inbox.put_nowait(await _read_frame(reader))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the end of the stream, a reset, or garbage
+            self._inbox.put_nowait(exc)
+
+    async def _send(self, message: Message, timeout_s: float) -> None:
+        """Writes one message; any failure closes the stream before it is raised."""
+        assert self._writer is not None  # set by open() before any send
+        try:
+            await asyncio.wait_for(P2P.send_protobuf(message, self._writer), timeout_s)
+        except BaseException as exc:
+            reason = self._last_words() if isinstance(exc, _CONNECTION_ERRORS) else None
+            self._abort()
+            if reason is not None:
+                raise reason from exc
+            if isinstance(exc, _CONNECTION_ERRORS):
+                raise PeerUnavailableError(f"{self._what()}: sending failed: {exc!r}") from exc
+            raise
+
+    def _last_words(self) -> RemoteError | None:
+        """The error the server sent before it closed the stream, if one came."""
+        while not self._inbox.empty():
+            item = self._inbox.get_nowait()
+            if isinstance(item, tuple) and item[0] == P2P.ERROR_MARKER:
+                with contextlib.suppress(DecodeError):
+                    return wire.classify_remote_error(_parse(RPCError, item[1]).message)
+        return None
 
     async def _receive(
         self, timeout_s: float, *, is_end_expected: bool = False
     ) -> runtime_pb2.ExpertResponse | None:
-        """The next reply; any failure closes the stream before it is raised."""
-        assert self._responses is not None  # set by open() before any receive
+        """The next reply (None at an expected end); any failure closes the stream."""
         try:
-            return await _call(anext(self._responses), timeout_s=timeout_s, what=self._what())
-        except StopAsyncIteration:
-            await self._abort()
-            if is_end_expected:
-                return None
-            raise PeerUnavailableError(f"{self._what()}: the server ended the stream") from None
-        except BaseException:
-            await self._abort()
+            item = await asyncio.wait_for(self._inbox.get(), timeout_s)
+        except BaseException as exc:
+            self._abort()
+            if isinstance(exc, _CONNECTION_ERRORS):
+                raise PeerUnavailableError(f"{self._what()}: no reply in {timeout_s:g} s") from exc
             raise
+        if isinstance(item, BaseException):
+            self._abort()
+            if isinstance(item, asyncio.IncompleteReadError):
+                if is_end_expected:
+                    return None
+                raise PeerUnavailableError(f"{self._what()}: the server closed the stream")
+            raise PeerUnavailableError(f"{self._what()}: {type(item).__name__}: {item}") from item
+        marker, body = item
+        try:
+            if marker == P2P.ERROR_MARKER:
+                self._abort()  # the server ends the session after an error
+                raise wire.classify_remote_error(_parse(RPCError, body).message)
+            return _parse(runtime_pb2.ExpertResponse, body)
+        except DecodeError as exc:
+            self._abort()
+            raise PeerUnavailableError(f"{self._what()}: a malformed reply ({exc})") from exc
 
-    async def _abort(self) -> None:
+    def _abort(self) -> None:
         self._is_closed = True
-        self._outbox.put_nowait(None)  # lets hivemind's writer finish
-        if self._responses is not None:
-            responses, self._responses = self._responses, None
-            # Closing hivemind's reply generator also closes the connection.
-            await responses.aclose()  # type: ignore[attr-defined]
-
-    async def _drain_outbox(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
-        while (request := await self._outbox.get()) is not None:
-            yield request
+        if self._reading is not None:
+            self._reading.cancel()
+            self._reading = None
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.close()
 
     def _what(self) -> str:
         return f"{self.span!r} session {self.session_id!r}"
+
+
+ParsedMessage = TypeVar("ParsedMessage", bound=Message)
+
+
+def _parse(kind: type[ParsedMessage], body: bytes) -> ParsedMessage:
+    message = kind()
+    message.ParseFromString(body)
+    return message
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One framed message as hivemind writes it: marker byte, 8-byte length, body.
+
+    Raises:
+        PeerUnavailableError: an unknown marker, or a length over MAX_REPLY_BYTES (a
+            broken or hostile server must not make us allocate without bound).
+    """
+    marker = await reader.readexactly(1)
+    if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
+        raise PeerUnavailableError(f"a reply with an unknown marker {marker!r}")
+    length = int.from_bytes(await reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
+    if length > MAX_REPLY_BYTES:
+        raise PeerUnavailableError(f"a reply of {length} bytes exceeds {MAX_REPLY_BYTES}")
+    return marker, await reader.readexactly(length)
 
 
 async def _one(request: runtime_pb2.ExpertRequest) -> AsyncIterator[runtime_pb2.ExpertRequest]:

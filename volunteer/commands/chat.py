@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from typing import TYPE_CHECKING, Any, TextIO
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from volunteer.errors import SettingsError
 from volunteer.model_store import ModelStore
@@ -13,7 +15,16 @@ from volunteer.smollm2 import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from models.sampling import SamplingParams
-    from volunteer.local_chat import Conversation, LocalChat
+    from volunteer.conversation import Conversation
+
+
+class Chat(Protocol):
+    """What answers a conversation: local, through the daemon, or through a swarm."""
+
+    def stream_reply(
+        self, conversation: Conversation, *, max_new_tokens: int, sampling: SamplingParams
+    ) -> Iterator[str]: ...
+
 
 _HELP_INTERACTIVE = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) quits."
 
@@ -22,7 +33,8 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "chat",
         help="chat with a model",
-        description="Stream an answer to PROMPT, or chat interactively when no prompt is given.",
+        description="Stream an answer to PROMPT, or chat interactively when no prompt is given. "
+        "By default the local daemon (`volunteer start`) answers through the swarm.",
     )
     parser.add_argument("prompt", nargs="?", help="one message; omit for an interactive chat")
     parser.add_argument(
@@ -31,7 +43,14 @@ def register(subparsers: Any) -> None:
         help="run the whole model in this process (the reference the swarm must match)",
     )
     parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"model name (default: {DEFAULT_MODEL})"
+        "--swarm",
+        action="append",
+        metavar="MULTIADDR",
+        help="chat through the swarm this peer belongs to, without a local daemon (repeatable)",
+    )
+    parser.add_argument(
+        "--model",
+        help=f"model name (default: the daemon's; {DEFAULT_MODEL} with --local or --swarm)",
     )
     parser.add_argument("--system", help="system prompt (default: the model's own)")
     parser.add_argument("--max-new-tokens", type=int, default=512, metavar="N")
@@ -53,13 +72,10 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace, paths: Paths) -> int:
     # torch loads here, not at CLI start-up, so other commands and --help stay fast.
     from models.sampling import SamplingParams
-    from volunteer.local_chat import Conversation, LocalChat
+    from volunteer.conversation import Conversation
 
-    if not args.local:
-        raise SettingsError(
-            "chatting through the swarm needs the daemon, which is not built yet; "
-            "use `volunteer chat --local` to run the model in this process"
-        )
+    if args.local and args.swarm:
+        raise SettingsError("--local and --swarm exclude each other; give one of them")
     if args.max_new_tokens <= 0:
         raise SettingsError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     try:
@@ -72,17 +88,39 @@ def run(args: argparse.Namespace, paths: Paths) -> int:
         )
     except ValueError as exc:
         raise SettingsError(str(exc)) from exc
-    folder = ModelStore(paths.models_dir).resolve(args.model)
-    chat = LocalChat.load(folder)
     conversation = Conversation(system_prompt=args.system)
-    if args.prompt is not None:
-        _answer(chat, conversation, args.prompt, args, sampling, sys.stdout)
-        return 0
-    return _interactive(chat, conversation, args, sampling)
+    with _open_chat(args, paths) as chat:
+        if args.prompt is not None:
+            _answer(chat, conversation, args.prompt, args, sampling, sys.stdout)
+            return 0
+        return _interactive(chat, conversation, args, sampling)
+
+
+@contextlib.contextmanager
+def _open_chat(args: argparse.Namespace, paths: Paths) -> Iterator[Chat]:
+    """The model in this process (--local), a swarm joined from here (--swarm), or the
+    daemon's client (the default)."""
+    if args.local:
+        from volunteer.local_chat import LocalChat
+
+        yield LocalChat.load(ModelStore(paths.models_dir).resolve(args.model or DEFAULT_MODEL))
+    elif args.swarm:
+        from volunteer.client.swarm_chat import SwarmChat
+        from volunteer.client.swarm_connection import SwarmConnection
+        from volunteer.served_model import open_model
+
+        model = open_model(args.model or DEFAULT_MODEL, paths.models_dir)
+        with SwarmConnection(args.swarm) as connection:
+            client = connection.client(model=model.swarm_name, num_blocks=model.config.num_layers)
+            yield SwarmChat.load(model.folder, model.config, client=client, loop=connection.loop)
+    else:
+        from volunteer.client.daemon_chat import DaemonChat
+
+        yield DaemonChat(paths, model=args.model)
 
 
 def _answer(
-    chat: LocalChat,
+    chat: Chat,
     conversation: Conversation,
     prompt: str,
     args: argparse.Namespace,
@@ -106,7 +144,7 @@ def _answer(
 
 
 def _interactive(
-    chat: LocalChat, conversation: Conversation, args: argparse.Namespace, sampling: SamplingParams
+    chat: Chat, conversation: Conversation, args: argparse.Namespace, sampling: SamplingParams
 ) -> int:
     print(_HELP_INTERACTIVE, file=sys.stderr)
     while True:

@@ -22,7 +22,7 @@ EXIT_NOT_RUNNING = 3
 _VALUE_FLAGS = (
     ("--model", "model", "NAME", f"model to serve (default: {DEFAULT_MODEL})"),
     ("--blocks", "blocks", "START:END", "serve exactly blocks [START, END)"),
-    ("--num-blocks", "num_blocks", "N", "serve N blocks where the swarm needs them"),
+    ("--num-blocks", "num_blocks", "N", "serve N blocks where the swarm needs them (0: none)"),
     ("--host", "host", "IP", "address to listen on (default: 127.0.0.1, this machine only)"),
     ("--port", "port", "PORT", "TCP port to listen on (default: 0, any free port)"),
     ("--public-name", "public_name", "NAME", "your name on the leaderboard"),
@@ -116,9 +116,13 @@ def run_status(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def _run_foreground(settings: Settings, paths: Paths, *, log_to_stderr: bool) -> int:
-    # hivemind and the event loop load here, so `status`, `stop` and --help stay fast.
+    # torch, hivemind and the event loop load here, so `status`, `stop` and --help stay fast.
     import asyncio
 
+    import torch
+
+    from volunteer.daemon.block_service import BlockService
+    from volunteer.daemon.chat_service import ChatService
     from volunteer.daemon.dht_service import DHTService
     from volunteer.daemon.identity import (
         load_or_create_identity,
@@ -126,19 +130,21 @@ def _run_foreground(settings: Settings, paths: Paths, *, log_to_stderr: bool) ->
         write_private_file,
     )
     from volunteer.daemon.runner import run_daemon
-    from volunteer.swarm.dht_records import make_validator
+    from volunteer.swarm.dht_records import make_validator, owner_marker
 
+    # Several daemons on one machine each take their share (--threads); a lone one all.
+    torch.set_num_threads(settings.threads or os.cpu_count() or 1)
     identity = load_or_create_identity(paths)
     if identity.warning:
         print(f"volunteer: warning: {identity.warning}", file=sys.stderr)
     identity_path = write_private_file(runtime_identity_path(paths), identity.p2p_identity_bytes())
-    services = [
-        DHTService(
-            settings,
-            identity_path=identity_path,
-            record_validator=make_validator(identity.private_key),
-        )
-    ]
+    dht = DHTService(
+        settings, identity_path=identity_path, record_validator=make_validator(identity.private_key)
+    )
+    blocks = BlockService(settings, paths, dht, owner=owner_marker(identity.private_key))
+    # Started in this order, stopped in reverse: the blocks announce OFFLINE while the
+    # DHT is still up.
+    services = [dht, blocks, ChatService(settings, paths, dht, blocks)]
     return asyncio.run(run_daemon(settings, paths, services, log_to_stderr=log_to_stderr))
 
 

@@ -227,7 +227,7 @@ class ControlServer:
             result = await self._handlers[method](params)
             message = {"ok": True, "result": result}
         except Exception as exc:  # a failing method must not take the daemon down
-            logger.exception("control method %s failed", method)
+            _log_failure("control method", method, exc)
             message = _error(f"{method}: {exc}")
         await connection.send(message)
 
@@ -241,12 +241,21 @@ class ControlServer:
         except (ConnectionError, asyncio.TimeoutError, asyncio.CancelledError):
             raise
         except Exception as exc:  # a failing method must not take the daemon down
-            logger.exception("control stream %s failed", method)
+            _log_failure("control stream", method, exc)
             await connection.send(_error(f"{method}: {exc}"))
             return
         finally:
             await stream.aclose()
         await connection.send({"ok": True, "done": True})
+
+
+def _log_failure(kind: str, method: str, exc: Exception) -> None:
+    # Our own errors are expected outcomes (bad input, no servers left): one line is
+    # enough. Anything else is a bug and keeps its traceback.
+    if isinstance(exc, VolunteerError):
+        logger.warning("%s %s failed: %s", kind, method, exc)
+    else:
+        logger.exception("%s %s failed", kind, method)
 
 
 class ControlClient:

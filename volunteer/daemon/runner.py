@@ -112,6 +112,11 @@ async def run_daemon(
     control = ControlServer(paths)
     control.register("status", daemon.status)
     control.register("stop", daemon.stop)
+    for service in services:
+        # Optional: services with control methods of their own (chat) add them here.
+        register = getattr(service, "register_control", None)
+        if register is not None:
+            register(control)
     try:
         await control.start()
         with _signals_set(daemon.stop_requested):

@@ -61,6 +61,20 @@ logger = logging.getLogger(__name__)
 AsyncIterator = typing.AsyncIterator
 
 
+@dataclasses.dataclass
+class ServeStats:
+    """What this server has done since it started (for `volunteer status` and the TUI)."""
+
+    requests: int = 0
+    """Requests answered: forward and backward calls, and inference steps."""
+    tokens: int = 0
+    """Positions run through the span (batch * sequence, summed over requests)."""
+
+    def count(self, hidden: torch.Tensor) -> None:
+        self.requests += 1
+        self.tokens += hidden.shape[0] * hidden.shape[1]
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerLimits:
     """What one request may ask of this server."""
@@ -95,6 +109,7 @@ class BlockHandler(ServicerBase):
         self.sessions = sessions
         self.compute = compute
         self.throughput = throughput
+        self.stats = ServeStats()
         self._p2p: P2P | None = None
 
     @classmethod
@@ -185,6 +200,7 @@ class BlockHandler(ServicerBase):
         output = await self.compute.run(
             PRIORITY_TRAINING, forward_span, self.span, hidden, meta.start, meta.end
         )
+        self.stats.count(hidden)
         return runtime_pb2.ExpertResponse(tensors=[wire.pack_tensor(output)])
 
     async def rpc_backward(
@@ -202,6 +218,7 @@ class BlockHandler(ServicerBase):
         grad = await self.compute.run(
             PRIORITY_TRAINING, backward_span, self.span, hidden, grad_outputs, meta.start, meta.end
         )
+        self.stats.count(hidden)
         return runtime_pb2.ExpertResponse(tensors=[wire.pack_tensor(grad)])
 
     async def rpc_inference(
@@ -223,10 +240,8 @@ class BlockHandler(ServicerBase):
                 if meta.is_close:
                     await self._expect_end(requests, "no messages may follow the close")
                     return
-                hidden = self._step_input(request, session, meta.start_pos)
-                output = await self.compute.run(
-                    PRIORITY_INFERENCE, inference_step, self.span, session, hidden, meta.start_pos
-                )
+                (hidden,) = self._hidden_tensors(request, count=1)
+                output = await self.run_step(session, hidden, meta.start_pos)
                 yield self._step_reply(session, output)
         finally:
             # However the stream ends (close, error, timeout, cancellation), free the cache.
@@ -279,9 +294,18 @@ class BlockHandler(ServicerBase):
         except BadRequestError as exc:
             reason = str(exc).removeprefix(BadRequestError.marker)
             raise BadRequestError(f"the first message must open a session: {reason}") from exc
-        self._check_span(meta)
         if request.tensors:
             raise BadRequestError("the opening message carries no tensors")
+        return await self.open_session(meta, peer=str(context.remote_id))
+
+    async def open_session(self, meta: wire.OpenSessionRequest, *, peer: str) -> Session:
+        """Checks and admits a session and allocates its cache (also for in-process use).
+
+        Raises:
+            BadRequestError: the span or a limit is wrong.
+            BusyError: the cache budget has no room now.
+        """
+        self._check_span(meta)
         if meta.batch_size > self.limits.max_batch:
             raise BadRequestError(
                 f"batch_size {meta.batch_size} exceeds max_batch {self.limits.max_batch}"
@@ -292,7 +316,7 @@ class BlockHandler(ServicerBase):
                 f"of {self.limits.max_length}"
             )
         session = Session(
-            peer=str(context.remote_id),
+            peer=peer,
             session_id=meta.session_id,
             start=meta.start,
             end=meta.end,
@@ -341,22 +365,48 @@ class BlockHandler(ServicerBase):
                 max_positions=limits.max_tokens,
                 name=f"tensor {index}",
             )
-            batch, seq, _ = tensor.shape
-            if batch > limits.max_batch:
-                raise BadRequestError(f"batch {batch} exceeds max_batch {limits.max_batch}")
-            if seq > limits.max_chunk:
-                raise BadRequestError(f"{seq} positions exceed max_chunk {limits.max_chunk}")
-            if tensor.dtype not in (torch.float32, self.dtype):
-                raise BadRequestError(
-                    f"dtype {tensor.dtype} not accepted: send float32 or {self.dtype}"
-                )
+            self._check_limits(tensor, limits)
             tensors.append(tensor)
         return tensors
 
-    def _step_input(
-        self, request: runtime_pb2.ExpertRequest, session: Session, start_pos: int
+    def _check_limits(self, tensor: torch.Tensor, limits: ServerLimits) -> None:
+        batch, seq, _ = tensor.shape
+        if batch > limits.max_batch:
+            raise BadRequestError(f"batch {batch} exceeds max_batch {limits.max_batch}")
+        if seq > limits.max_chunk:
+            raise BadRequestError(f"{seq} positions exceed max_chunk {limits.max_chunk}")
+        if batch * seq > limits.max_tokens:
+            raise BadRequestError(f"{batch * seq} positions exceed max_tokens {limits.max_tokens}")
+        if tensor.dtype not in (torch.float32, self.dtype):
+            raise BadRequestError(
+                f"dtype {tensor.dtype} not accepted: send float32 or {self.dtype}"
+            )
+
+    async def run_step(
+        self, session: Session, hidden: torch.Tensor, start_pos: int
     ) -> torch.Tensor:
-        (hidden,) = self._hidden_tensors(request, count=1)
+        """One inference step of an admitted session, after checking it fits the session.
+
+        `hidden` must already have passed the per-request checks (`_hidden_tensors`).
+        """
+        self._check_step(session, hidden, start_pos)
+        output = await self.compute.run(
+            PRIORITY_INFERENCE, inference_step, self.span, session, hidden, start_pos
+        )
+        self.stats.count(hidden)
+        return output
+
+    def check_hidden(self, hidden: torch.Tensor) -> None:
+        """The per-request checks of `_hidden_tensors`, for a tensor that came in-process."""
+        limits = self.limits
+        if hidden.dim() != 3 or hidden.shape[2] != self.span.config.hidden_size:
+            raise BadRequestError(
+                f"hidden states must be [batch, seq, {self.span.config.hidden_size}], "
+                f"got {list(hidden.shape)}"
+            )
+        self._check_limits(hidden, limits)
+
+    def _check_step(self, session: Session, hidden: torch.Tensor, start_pos: int) -> None:
         batch, seq, _ = hidden.shape
         if batch != session.batch_size:
             raise BadRequestError(f"batch {batch} != the session's batch_size {session.batch_size}")
@@ -370,4 +420,3 @@ class BlockHandler(ServicerBase):
                 f"start_pos {start_pos} + {seq} positions exceed the session's "
                 f"max_length {session.max_length}"
             )
-        return hidden

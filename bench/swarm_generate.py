@@ -1,0 +1,446 @@
+"""Swarm generation speed: SmolLM2-135M fp32 through daemons on loopback vs this process.
+
+Greedy from one chat prompt with the end token disabled, for 64 and 256 new tokens
+(median of 3 runs each): the whole model in this process, then the blocks served by real
+`python -m volunteer` daemons on 127.0.0.1 — 1 server (0:30), 2 servers (0:15, 15:30) and
+3 servers (0:10, 10:20, 20:30), each swarm fresh behind its own bootstrap daemon that
+serves nothing. This process embeds tokens and computes logits either way, so the swarm
+output must equal the local output token for token.
+
+Also measures each swarm's time to first token (from the call to the first token: the
+session or cache set-up and the prefill included), each server's launch time (`volunteer
+start` until serving) and resident memory (the daemon and its children, p2pd included),
+and the failover stall: with 0:15 on one server and 15:30 on two replicas, the replica
+serving the session is killed with its process group mid-generation; the stall is the
+time from the kill to the next token. Prints a table, then one JSON line with every
+figure, including `ratio_1` / `ratio_2` / `ratio_3` (swarm tokens/s divided by local
+tokens/s for 256 tokens; `ratio_N_64` for 64).
+
+    python bench/swarm_generate.py [--repeats 3] [--server-threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from models.checkpoint import load_causal_lm, load_ends
+from models.config import ModelConfig
+from models.generation import LocalStepper, StepFn, generate_tokens
+from models.model import ModelEnds
+from models.sampling import Sampler, SamplingParams
+from models.tokenizer import Tokenizer
+from volunteer.client.loop_bridge import run_on_loop
+from volunteer.client.stepper import SwarmStepper
+from volunteer.client.swarm_client import SwarmClient
+from volunteer.client.swarm_connection import SwarmConnection
+from volunteer.model_store import ModelStore
+from volunteer.paths import Paths
+from volunteer.served_model import swarm_model_name
+from volunteer.smollm2 import DEFAULT_MODEL
+
+PROMPT = "What is the capital of France?"
+LENGTHS = (64, 256)
+SWARMS = {1: ("0:30",), 2: ("0:15", "15:30"), 3: ("0:10", "10:20", "20:30")}
+FAILOVER_SERVERS = {"head": "0:15", "replica_a": "15:30", "replica_b": "15:30"}
+FAILOVER_TOKENS = 64
+KILL_AFTER = 8
+"""The serving replica dies after this many tokens of the failover run."""
+ROOT = Path(__file__).resolve().parents[1]
+CLI_TIMEOUT_S = 150.0
+OPEN_TIMEOUT_S = 60.0
+STEP_TIMEOUT_S = 120.0
+CLOSE_TIMEOUT_S = 10.0
+MIB = 1024 * 1024
+
+OpenStepper = Callable[[int, int], contextlib.AbstractContextManager[StepFn]]
+"""(prompt_len, max_new_tokens) -> a context manager giving a step function."""
+
+
+@dataclasses.dataclass
+class Run:
+    began: float
+    """perf_counter() at the call."""
+    opened_s: float
+    """Until the step function was ready (cache allocated, or route opened)."""
+    stamps: list[float]
+    """Seconds from the call to each token."""
+    tokens: list[int]
+
+    @property
+    def seconds(self) -> float:
+        return self.stamps[-1]
+
+    @property
+    def ttft_s(self) -> float:
+        return self.stamps[0]
+
+
+_BEGAN = time.perf_counter()
+
+
+def _log(message: str) -> None:
+    elapsed = time.perf_counter() - _BEGAN
+    print(f"[swarm_generate {elapsed:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def _generate(
+    open_stepper: OpenStepper,
+    prompt: list[int],
+    n: int,
+    on_token: Callable[[int, StepFn], None] | None = None,
+) -> Run:
+    """Greedy, stop tokens ignored: exactly n tokens, each one time-stamped."""
+    sampler = Sampler(SamplingParams(temperature=0))
+    stamps: list[float] = []
+    tokens: list[int] = []
+    began = time.perf_counter()
+    with open_stepper(len(prompt), n) as step:
+        opened_s = time.perf_counter() - began
+        generated = generate_tokens(
+            step, prompt, max_new_tokens=n, sampler=sampler, stop_token_ids=frozenset()
+        )
+        for token in generated:
+            stamps.append(time.perf_counter() - began)
+            tokens.append(token)
+            if on_token is not None:
+                on_token(len(tokens), step)
+    return Run(began, opened_s, stamps, tokens)
+
+
+def _measure(open_stepper: OpenStepper, prompt: list[int], repeats: int) -> dict[int, list[Run]]:
+    _generate(open_stepper, prompt, 8)  # warm-up: allocations, connections, round trips
+    return {n: [_generate(open_stepper, prompt, n) for _ in range(repeats)] for n in LENGTHS}
+
+
+@contextlib.contextmanager
+def _local_stepper(model: Any, prompt_len: int, n: int) -> Iterator[StepFn]:
+    yield LocalStepper.for_generation(model, prompt_len=prompt_len, max_new_tokens=n)
+
+
+@contextlib.contextmanager
+def _swarm_stepper(
+    client: SwarmClient,
+    loop: Any,
+    ends: ModelEnds,
+    prompt_len: int,
+    n: int,
+) -> Iterator[StepFn]:
+    session = run_on_loop(
+        client.open_session(max_length=prompt_len + n),
+        loop,
+        timeout_s=OPEN_TIMEOUT_S,
+        what="opening a session",
+    )
+    try:
+        yield SwarmStepper(ends=ends, session=session, loop=loop, step_timeout_s=STEP_TIMEOUT_S)
+    finally:
+        run_on_loop(session.close(), loop, timeout_s=CLOSE_TIMEOUT_S, what="closing the session")
+
+
+class Daemons:
+    """The daemons of one swarm, `python -m volunteer --home DIR ...` each.
+
+    `close` stops them gracefully, then kills every process group still there (each
+    daemon leads its own session, so its group holds its p2pd too).
+    """
+
+    def __init__(self, root: Path, folder: Path, env: dict[str, str], threads: int) -> None:
+        self.root = root
+        self.folder = folder
+        self.env = env
+        self.threads = threads
+        self.join = ""
+        self.pids: dict[str, int] = {}
+        self.blocks: dict[str, str] = {}
+        self.launch_s: dict[str, float] = {}
+
+    def cli(self, name: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "volunteer", "--home", str(self.root / name), *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT_S,
+        )
+
+    def start(self, name: str, *flags: str) -> None:
+        where = ["--join", self.join] if self.join else ["--new-swarm"]
+        model = ["--model", str(self.folder), "--threads", str(self.threads)]
+        began = time.perf_counter()
+        result = self.cli(name, "start", *model, *where, *flags)
+        self.launch_s[name] = time.perf_counter() - began
+        status = self.status(name)
+        if status.get("pid"):  # a start that timed out leaves its daemon running
+            self.pids[name] = status["pid"]
+        if result.returncode != 0 or status.get("state") != "serving":
+            raise RuntimeError(f"starting {name} failed: {result.stderr.strip() or status}")
+        if not self.join:
+            self.join = status["multiaddrs"][0]
+        blocks = status.get("blocks")
+        self.blocks[name] = f"{blocks[0]}:{blocks[1]}" if blocks else "-"
+        _log(f"{name} serving blocks {self.blocks[name]} after {self.launch_s[name]:.2f} s")
+
+    def status(self, name: str) -> dict[str, Any]:
+        result = self.cli(name, "status", "--json")
+        try:
+            return json.loads(result.stdout)
+        except json.JSONDecodeError:
+            return {"state": "unknown", "error": result.stderr.strip()}
+
+    def memory(self, name: str) -> tuple[float, int]:
+        """RSS in MiB of the daemon and all its descendants, and how many processes."""
+        process = psutil.Process(self.pids[name])
+        total, count = 0, 0
+        for each in [process, *process.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += each.memory_info().rss
+                count += 1
+        return total / MIB, count
+
+    def kill(self, name: str) -> None:
+        os.killpg(self.pids[name], signal.SIGKILL)
+
+    def close(self) -> None:
+        servers = [name for name in self.pids if name != "boot"]
+        with ThreadPoolExecutor(max_workers=max(1, len(servers))) as pool:
+            list(pool.map(self._stop, servers))
+        if "boot" in self.pids:  # last: the servers announce leaving through it
+            self._stop("boot")
+        for pid in self.pids.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+
+    def _stop(self, name: str) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.cli(name, "stop", "--timeout", "10")
+
+
+@dataclasses.dataclass
+class Setup:
+    folder: Path
+    config: ModelConfig
+    swarm_name: str
+    prompt: list[int]
+    ends: ModelEnds
+    env: dict[str, str]
+    tmp: Path
+    threads: int
+
+    def daemons(self, label: str) -> Daemons:
+        root = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=self.tmp))
+        return Daemons(root, self.folder, self.env, self.threads)
+
+    def open_stepper(self, connection: SwarmConnection) -> OpenStepper:
+        client = connection.client(model=self.swarm_name, num_blocks=self.config.num_layers)
+        return functools.partial(_swarm_stepper, client, connection.loop, self.ends)
+
+
+def _bench_swarm(setup: Setup, spans: tuple[str, ...], repeats: int) -> dict[str, Any]:
+    daemons = setup.daemons(f"swarm{len(spans)}")
+    try:
+        daemons.start("boot", "--num-blocks", "0")
+        servers = [f"server{index}" for index in range(len(spans))]
+        for name, span in zip(servers, spans, strict=True):
+            daemons.start(name, "--blocks", span)
+        with SwarmConnection([daemons.join]) as connection:
+            runs = _measure(setup.open_stepper(connection), setup.prompt, repeats)
+        statuses = {name: daemons.status(name) for name in servers}
+        memory = {name: daemons.memory(name) for name in ["boot", *servers]}
+    finally:
+        daemons.close()
+    for name in servers:
+        _log(f"{name}: {statuses[name].get('tokens_served')} tokens served")
+        if not statuses[name].get("tokens_served"):
+            raise RuntimeError(f"{name} served no tokens: the blocks did not run remotely")
+    return {
+        "runs": runs,
+        "servers": [
+            {
+                "name": name,
+                "blocks": daemons.blocks[name],
+                "launch_s": daemons.launch_s[name],
+                "rss_mib": memory[name][0],
+                "processes": memory[name][1],
+            }
+            for name in ["boot", *servers]
+        ],
+    }
+
+
+def _bench_failover(setup: Setup, local_tokens: list[int]) -> dict[str, Any]:
+    daemons = setup.daemons("failover")
+    killed: dict[str, Any] = {}
+
+    def kill_the_serving_replica(count: int, step: StepFn) -> None:
+        if count != KILL_AFTER:
+            return
+        replicas = [name for name, span in FAILOVER_SERVERS.items() if span == "15:30"]
+        statuses = {name: daemons.status(name) for name in replicas}
+        serving = [name for name in replicas if statuses[name].get("open_sessions", 0) > 0]
+        assert isinstance(step, SwarmStepper)
+        route_peers = {hop.peer_id for hop in step.session.route}
+        on_route = [name for name in replicas if statuses[name].get("peer_id") in route_peers]
+        if len(serving) != 1 or serving != on_route:
+            _log(f"open_sessions says {serving}, the route says {on_route}: using the route")
+            serving = on_route
+        killed["name"] = serving[0]
+        daemons.kill(serving[0])
+        killed["at"] = time.perf_counter()
+        _log(f"killed {serving[0]} (pid {daemons.pids[serving[0]]}) after {count} tokens")
+
+    try:
+        daemons.start("boot", "--num-blocks", "0")
+        for name, span in FAILOVER_SERVERS.items():
+            daemons.start(name, "--blocks", span)
+        with SwarmConnection([daemons.join]) as connection:
+            open_stepper = setup.open_stepper(connection)
+            _generate(open_stepper, setup.prompt, 8)  # warm-up
+            run = _generate(open_stepper, setup.prompt, FAILOVER_TOKENS, kill_the_serving_replica)
+    finally:
+        daemons.close()
+    stall_s = run.began + run.stamps[KILL_AFTER] - killed["at"]
+    gaps = [b - a for a, b in zip(run.stamps, run.stamps[1:], strict=False)]
+    del gaps[KILL_AFTER - 1]  # the stall itself
+    return {
+        "stall_s": stall_s,
+        "step_s": statistics.median(gaps),
+        "killed": killed["name"],
+        "identical": run.tokens == local_tokens[:FAILOVER_TOKENS],
+        "launch_s": [daemons.launch_s[name] for name in FAILOVER_SERVERS],
+    }
+
+
+def _tps(runs: list[Run], n: int) -> float:
+    return n / statistics.median(run.seconds for run in runs)
+
+
+def _ttft(runs: dict[int, list[Run]]) -> float:
+    return statistics.median(run.ttft_s for n in LENGTHS for run in runs[n])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads here (0: default)")
+    parser.add_argument(
+        "--server-threads", type=int, default=2, help="torch threads of each daemon (2)"
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
+
+    paths = Paths.from_environ()
+    folder = ModelStore(paths.models_dir).resolve(DEFAULT_MODEL)
+    config = ModelConfig.from_hf_folder(folder)
+    tokenizer = Tokenizer.from_folder(folder)
+    prompt = tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
+    # The daemons see only our options, not this shell's VOLUNTEER_* settings.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VOLUNTEER_")}
+    env["VOLUNTEER_CACHE_DIR"] = str(paths.cache_dir)
+
+    _log(f"local generation, {len(prompt)} prompt tokens")
+    model = load_causal_lm(folder)
+    local = _measure(functools.partial(_local_stepper, model), prompt, args.repeats)
+    del model
+    local_tokens = {n: local[n][-1].tokens for n in LENGTHS}
+
+    figures: dict[str, Any] = {
+        "threads": torch.get_num_threads(),
+        "server_threads": args.server_threads,
+        "prompt_tokens": len(prompt),
+    }
+    for n in LENGTHS:
+        figures[f"local_tps_{n}"] = round(_tps(local[n], n), 2)
+    figures["local_ttft_s"] = round(_ttft(local), 3)
+    rows = [("local", local, True)]
+    servers: list[tuple[int, dict[str, Any]]] = []
+    launches: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="swarm-bench-") as tmp:
+        setup = Setup(
+            folder=folder,
+            config=config,
+            swarm_name=swarm_model_name(str(folder), folder),
+            prompt=prompt,
+            ends=load_ends(folder, config).eval(),
+            env=env,
+            tmp=Path(tmp),
+            threads=args.server_threads,
+        )
+        for count, spans in SWARMS.items():
+            _log(f"swarm of {count} server(s): {', '.join(spans)}")
+            result = _bench_swarm(setup, spans, args.repeats)
+            runs = result["runs"]
+            identical = all(run.tokens == local_tokens[n] for n in LENGTHS for run in runs[n])
+            rows.append((f"swarm, {count} server{'s' if count > 1 else ''}", runs, identical))
+            for n in LENGTHS:
+                figures[f"swarm{count}_tps_{n}"] = round(_tps(runs[n], n), 2)
+            ratio_64 = _tps(runs[64], 64) / _tps(local[64], 64)
+            figures[f"ratio_{count}"] = round(_tps(runs[256], 256) / _tps(local[256], 256), 3)
+            figures[f"ratio_{count}_64"] = round(ratio_64, 3)
+            figures[f"ttft_{count}_s"] = round(_ttft(runs), 3)
+            figures[f"open_session_{count}_s"] = round(
+                statistics.median(run.opened_s for n in LENGTHS for run in runs[n]), 3
+            )
+            figures[f"identical_{count}"] = identical
+            hosts = result["servers"][1:]  # without the bootstrap
+            figures[f"rss_mib_{count}"] = [round(s["rss_mib"], 1) for s in hosts]
+            figures[f"processes_{count}"] = [s["processes"] for s in hosts]
+            figures[f"launch_to_serving_s_{count}"] = [round(s["launch_s"], 2) for s in hosts]
+            figures[f"boot_rss_mib_{count}"] = round(result["servers"][0]["rss_mib"], 1)
+            launches.extend(s["launch_s"] for s in hosts)
+            servers.extend((count, s) for s in result["servers"])
+        _log("failover: 0:15 plus two replicas of 15:30; killing the serving one")
+        failover = _bench_failover(setup, local_tokens[FAILOVER_TOKENS])
+    launches.extend(failover["launch_s"])
+    figures["launch_to_serving_s"] = round(statistics.median(launches), 2)
+    figures["failover_stall_s"] = round(failover["stall_s"], 3)
+    figures["failover_step_s"] = round(failover["step_s"], 4)
+    figures["failover_identical"] = failover["identical"]
+    figures["load_avg_1m"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
+    _log("done")
+
+    local_tps = {n: _tps(local[n], n) for n in LENGTHS}
+    header = f"{'tok/s 64':>9s} {'tok/s 256':>10s} {'ratio 64':>9s} {'ratio 256':>10s}"
+    print(f"{'':18s} {header} {'TTFT s':>7s}  identical to local")
+    for label, runs, identical in rows:
+        tps = {n: _tps(runs[n], n) for n in LENGTHS}
+        print(
+            f"{label:18s} {tps[64]:9.2f} {tps[256]:10.2f} {tps[64] / local_tps[64]:9.3f} "
+            f"{tps[256] / local_tps[256]:10.3f} {_ttft(runs):7.3f}  {identical}"
+        )
+    print(f"\n{'swarm':>5s} {'server':10s} {'blocks':>6s} {'launch s':>9s} {'RSS MiB':>8s} procs")
+    for count, server in servers:
+        print(
+            f"{count:5d} {server['name']:10s} {server['blocks']:>6s} {server['launch_s']:9.2f} "
+            f"{server['rss_mib']:8.1f} {server['processes']:5d}"
+        )
+    print(
+        f"\nfailover: killed {failover['killed']} after {KILL_AFTER} tokens; next token "
+        f"{failover['stall_s']:.3f} s after the kill (a normal step: "
+        f"{failover['step_s'] * 1000:.1f} ms); identical to local: {failover['identical']}"
+    )
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Tests of the swarm client against real block servers on loopback."""

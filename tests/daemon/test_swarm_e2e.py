@@ -1,0 +1,232 @@
+"""The swarm end to end: real daemons on 127.0.0.1 serving the real SmolLM2, and chat
+through them compared with `volunteer chat --local`.
+
+One bootstrap daemon serves no blocks and runs the client; two servers hold blocks 0:15
+and 15:30. Later tests add a replica of 15:30, kill a serving replica mid-generation, and
+stop a server gracefully; they run in file order on one module-scoped swarm.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemon.homes import ROOT, Homes
+from volunteer.client.swarm_connection import SwarmConnection
+from volunteer.daemon.control import ControlClient, ControlError, use_tcp
+from volunteer.paths import Paths
+from volunteer.swarm.dht_records import read_snapshot_on_node
+from volunteer.swarm.records import ServerState
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(use_tcp(), reason="daemon tests use the Unix-socket path"),
+]
+
+PARIS_PROMPT = "What is the capital of France?"
+STORY_PROMPT = "Write a short story about a robot who learns to paint."
+NEW_TOKENS = "64"
+CHAT_TIMEOUT_S = 180
+
+
+class Swarm:
+    """The module's daemons and how to talk to them."""
+
+    def __init__(self, homes: Homes, model: Path) -> None:
+        self.homes = homes
+        self.model = model
+        self.join: str = ""
+
+    def start(self, name: str, *flags: str) -> Path:
+        home = self.homes.home(name)
+        home.mkdir(exist_ok=True)
+        where = ["--join", self.join] if self.join else ["--new-swarm"]
+        # One torch thread each: several daemons share this machine's cores.
+        args = ("start", "--model", str(self.model), "--threads", "1", *where, *flags)
+        started = self.homes.cli(home, *args)
+        assert started.returncode == 0, started.stderr
+        if not self.join:
+            self.join = self.homes.status(home)["multiaddrs"][0]
+        return home
+
+    def chat(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`volunteer chat` through the bootstrap daemon (or as `args` say)."""
+        command = [sys.executable, "-m", "volunteer", "--home", str(self.homes.home("boot"))]
+        command += ["chat", "--max-new-tokens", NEW_TOKENS, *args]
+        return subprocess.run(
+            command,
+            cwd=ROOT,
+            env=self.homes.env,
+            capture_output=True,
+            text=True,
+            timeout=CHAT_TIMEOUT_S,
+        )
+
+    def control(self, name: str) -> ControlClient:
+        return ControlClient(Paths.resolve(home=self.homes.home(name), env=self.homes.env))
+
+    def status(self, name: str) -> dict[str, Any]:
+        return self.control(name).call("status", timeout_s=10)
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory: pytest.TempPathFactory, smollm2_folder: Path) -> Iterator[Swarm]:
+    homes = Homes(tmp_path_factory.mktemp("swarm"))
+    swarm = Swarm(homes, smollm2_folder)
+    try:
+        swarm.start("boot", "--num-blocks", "0")
+        swarm.start("first", "--blocks", "0:15")
+        swarm.start("second", "--blocks", "15:30")
+        yield swarm
+    finally:
+        homes.reap()
+
+
+@pytest.fixture(scope="module")
+def local_story(swarm: Swarm) -> str:
+    """The reference: `volunteer chat --local`, greedy, 64 new tokens."""
+    result = swarm.chat("--local", "--model", str(swarm.model), STORY_PROMPT)
+    assert result.returncode == 0, result.stderr
+    # 64 tokens of a story: far more than a stop token would leave.
+    assert len(result.stdout) > 150
+    return result.stdout
+
+
+def test_status_shows_each_daemon_serving_its_blocks(swarm: Swarm) -> None:
+    boot, first, second = (swarm.status(name) for name in ("boot", "first", "second"))
+    assert (boot["blocks"], first["blocks"], second["blocks"]) == (None, [0, 15], [15, 30])
+    assert all(s["state"] == "serving" for s in (boot, first, second))
+    assert first["swarm_model"] == second["swarm_model"] == swarm.model.name
+    assert first["peers_seen"] >= 1 and first["cache_tokens_left"] > 0
+
+
+def test_chat_through_the_swarm_answers_paris(swarm: Swarm) -> None:
+    before = swarm.status("second")["tokens_served"]
+    result = swarm.chat(PARIS_PROMPT)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    # The blocks really ran on the servers: the second one served the prompt and answer.
+    assert swarm.status("second")["tokens_served"] > before + 10
+
+
+def test_greedy_swarm_output_equals_local_for_64_tokens(swarm: Swarm, local_story: str) -> None:
+    result = swarm.chat(STORY_PROMPT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == local_story
+
+
+def test_chat_with_swarm_multiaddr_needs_no_daemon(swarm: Swarm, local_story: str) -> None:
+    result = swarm.chat("--swarm", swarm.join, "--model", str(swarm.model), STORY_PROMPT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == local_story
+
+
+def test_two_clients_at_once_get_their_answers_alone(swarm: Swarm, local_story: str) -> None:
+    results: dict[str, subprocess.CompletedProcess[str]] = {}
+    calls = {
+        "daemon": (STORY_PROMPT,),
+        "direct": ("--swarm", swarm.join, "--model", str(swarm.model), STORY_PROMPT),
+        "paris": (PARIS_PROMPT,),
+    }
+    threads = [
+        threading.Thread(target=lambda k=key, a=args: results.__setitem__(k, swarm.chat(*a)))
+        for key, args in calls.items()
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(CHAT_TIMEOUT_S)
+    assert all(r.returncode == 0 for r in results.values()), [r.stderr for r in results.values()]
+    assert results["daemon"].stdout == local_story
+    assert results["direct"].stdout == local_story
+    assert "Paris" in results["paris"].stdout
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "content"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 0}, "max_new_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_p": 2.0}, "top_p"),
+        ({"messages": [{"role": "user", "content": "hi"}], "model": "other"}, "--swarm"),
+        ({"messages": [{"role": "user", "content": "hi"}], "unknown": 1}, "unknown"),
+    ],
+)
+def test_a_bad_chat_request_gets_an_error_and_the_daemon_keeps_serving(
+    swarm: Swarm, params: dict[str, Any], fragment: str
+) -> None:
+    with pytest.raises(ControlError, match=fragment):
+        list(swarm.control("boot").call_stream("chat", params, timeout_s=30))
+    assert swarm.status("boot")["state"] == "serving"
+
+
+def test_a_new_server_takes_the_weakest_span(swarm: Swarm) -> None:
+    # Blocks 15:30 get a replica; then a server asking for 15 blocks must take 0:15,
+    # which one server holds, rather than 15:30, which two hold.
+    swarm.start("replica", "--blocks", "15:30")
+    swarm.start("auto", "--num-blocks", "15")
+    assert swarm.status("auto")["blocks"] == [0, 15]
+
+
+def test_killing_the_serving_replica_mid_generation_changes_nothing(
+    swarm: Swarm, local_story: str
+) -> None:
+    params = {"messages": [{"role": "user", "content": STORY_PROMPT}], "max_new_tokens": 64}
+    stream = swarm.control("boot").call_stream("chat", params, timeout_s=CHAT_TIMEOUT_S)
+    pieces = [next(stream)["text"] for _ in range(3)]
+    serving = [n for n in ("second", "replica") if swarm.status(n)["open_sessions"] > 0]
+    assert len(serving) == 1, "exactly one replica of 15:30 serves the session"
+    victim = swarm.homes.remember(swarm.homes.home(serving[0]))
+    assert victim is not None
+    os.killpg(victim, signal.SIGKILL)  # p2pd too: a dead peer, not a polite one
+    began = time.monotonic()
+    pieces.append(next(stream)["text"])
+    stall_s = time.monotonic() - began
+    pieces.extend(message["text"] for message in stream)
+    # The CLI prints the reply and a newline; the stream carries the reply alone.
+    assert "".join(pieces) + "\n" == local_story
+    assert stall_s < 30, f"the next token took {stall_s:.1f} s after the kill"
+
+
+def test_a_stopped_server_announces_offline_and_chat_says_why(swarm: Swarm) -> None:
+    survivor = next(n for n in ("second", "replica") if _is_alive(swarm, n))
+    peer_id = swarm.status(survivor)["peer_id"]
+    stopped = swarm.homes.cli(swarm.homes.home(survivor), "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    with SwarmConnection([swarm.join]) as connection:
+        assert connection.node is not None
+        snapshot = connection.loop_thread.run(
+            read_snapshot_on_node(connection.node, swarm.model.name, 30, timeout_s=10)
+        )
+    assert snapshot.servers_for_block(20)[peer_id].state is ServerState.OFFLINE
+    result = swarm.chat(PARIS_PROMPT)
+    assert result.returncode == 1
+    assert "blocks" in result.stderr and "Traceback" not in result.stderr
+
+
+def _is_alive(swarm: Swarm, name: str) -> bool:
+    try:
+        return swarm.status(name)["state"] == "serving"
+    except Exception:
+        return False
+
+
+def test_a_span_outside_the_model_fails_to_start_and_says_why(swarm: Swarm) -> None:
+    home = swarm.homes.home("too-far")
+    home.mkdir()
+    flags = ("--model", str(swarm.model), "--join", swarm.join, "--blocks", "20:40")
+    result = swarm.homes.cli(home, "start", *flags)
+    assert result.returncode == 1
+    assert "20:40" in result.stderr and "30 blocks" in result.stderr

@@ -1,0 +1,214 @@
+"""A fault-tolerant inference session across a chain of remote spans.
+
+The client keeps, for every hop of its route, the hidden states it has sent so far. When
+a server dies or refuses mid-generation, the session asks for another route over that
+hop's blocks (avoiding the failed peer), replays the kept inputs there to rebuild the
+server-side KV cache, and carries on: the caller sees the same outputs, a little later.
+Only peer and network errors are retried; a bad request is a bug and is raised.
+
+Errors::
+
+    VolunteerError
+    └── SessionFailedError    no route left for a hop, or failovers exhausted
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import torch
+
+from scheduler.routing import Backoff, NoRouteError, RouteHop
+from volunteer.errors import VolunteerError
+from volunteer.server.protocol import SessionExpiredError
+
+logger = logging.getLogger(__name__)
+
+
+class InferenceStreamLike(Protocol):
+    async def step(
+        self, hidden: torch.Tensor, start_pos: int, *, timeout_s: float
+    ) -> torch.Tensor: ...
+
+    async def close(self) -> None: ...
+
+
+OpenStream = Callable[[RouteHop], Awaitable[InferenceStreamLike]]
+"""Opens an inference stream on the hop's server for the hop's blocks."""
+PlanRoute = Callable[[int, int, frozenset[str]], list[RouteHop]]
+"""Chooses hops covering [start, end) while avoiding the given peers."""
+
+
+@dataclasses.dataclass
+class _Hop:
+    hop: RouteHop
+    stream: InferenceStreamLike
+    inputs: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    """Every hidden-state chunk sent to this hop, in order: the replay history."""
+
+
+class SessionFailedError(VolunteerError):
+    """The session could not continue: no route left, or retries exhausted."""
+
+
+class SwarmInferenceSession:
+    """Runs hidden states through a route of remote spans, surviving server failures."""
+
+    def __init__(
+        self,
+        *,
+        plan_route: PlanRoute,
+        open_stream: OpenStream,
+        retriable: tuple[type[BaseException], ...],
+        backoff: Backoff,
+        clock: Callable[[], float],
+        step_timeout_s: float,
+        max_failovers: int = 8,
+    ) -> None:
+        self._plan_route = plan_route
+        self._open_stream = open_stream
+        self._retriable = retriable
+        self._backoff = backoff
+        self._clock = clock
+        self._step_timeout_s = step_timeout_s
+        self._failovers_left = max_failovers
+        self._hops: list[_Hop] = []
+        self.route_history: list[list[RouteHop]] = []
+
+    @property
+    def route(self) -> list[RouteHop]:
+        return [hop.hop for hop in self._hops]
+
+    async def open(self, start: int, end: int) -> None:
+        """Chooses a route over [start, end) and opens a stream on every hop."""
+        self._hops = await self._open_hops(start, end, history=[])
+        self.route_history.append(self.route)
+
+    async def step(self, hidden: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Feeds hidden [B, S, H] at positions [start_pos, start_pos + S) through the route.
+
+        A start_pos below the positions sent so far rewinds the session there.
+
+        Raises:
+            SessionFailedError: a hop failed and no replacement could be found.
+            RuntimeError: the session is not open.
+            Any non-retriable error of a stream (e.g. a bad request), unchanged.
+        """
+        if not self._hops:
+            raise RuntimeError("the inference session is not open")
+        for hop in self._hops:
+            # The servers overwrite positions from start_pos on; so must the history,
+            # or a later replay would rebuild the positions the caller rewound.
+            hop.inputs = _keep_before(hop.inputs, start_pos)
+        index = 0
+        while index < len(self._hops):
+            hop = self._hops[index]
+            try:
+                output = await hop.stream.step(hidden, start_pos, timeout_s=self._step_timeout_s)
+            except self._retriable as exc:
+                logger.warning(
+                    "peer %s failed on blocks %d:%d at position %d: %s",
+                    hop.hop.peer_id, hop.hop.start, hop.hop.end, start_pos, exc,
+                )  # fmt: skip
+                await self._replace(index, exc)
+                continue  # the same step, now through the replacement hops
+            self._backoff.record_success(hop.hop.peer_id)
+            hop.inputs.append(hidden)
+            hidden = output
+            index += 1
+        return hidden
+
+    async def close(self) -> None:
+        """Closes every stream; errors while closing are logged, not raised."""
+        for hop in self._hops:
+            try:
+                await hop.stream.close()
+            except self._retriable as exc:
+                logger.info("closing the stream to %s failed: %s", hop.hop.peer_id, exc)
+        self._hops = []
+
+    async def _replace(self, index: int, error: BaseException) -> None:
+        failed = self._hops[index]
+        if not isinstance(error, SessionExpiredError):
+            # An expired session means the client idled, not that the server is bad:
+            # the replay may go to the same server.
+            self._backoff.record_failure(failed.hop.peer_id, self._clock())
+        if self._failovers_left <= 0:
+            raise SessionFailedError("too many server failures in one session; giving up")
+        self._failovers_left -= 1
+        with contextlib.suppress(*self._retriable):
+            await failed.stream.close()  # it is most likely gone already
+        replacement = await self._open_hops(failed.hop.start, failed.hop.end, failed.inputs)
+        self._hops[index : index + 1] = replacement
+        self.route_history.append(self.route)
+
+    async def _open_hops(self, start: int, end: int, history: list[torch.Tensor]) -> list[_Hop]:
+        """Opens streams over [start, end), replaying `history` through them in order."""
+        while True:
+            avoid = self._backoff.avoided(self._clock())
+            try:
+                route = self._plan_route(start, end, avoid)
+            except NoRouteError as exc:
+                raise SessionFailedError(
+                    f"no servers left for blocks {start}:{end} "
+                    f"(avoiding {len(avoid)} failed peer(s)): {exc}"
+                ) from exc
+            try:
+                return await self._open_and_replay(route, history)
+            except self._retriable as exc:
+                if self._failovers_left <= 0:
+                    raise SessionFailedError("too many server failures in one session") from exc
+                self._failovers_left -= 1
+                logger.warning("opening route %s failed: %s; trying another", route, exc)
+
+    async def _open_and_replay(
+        self, route: list[RouteHop], history: list[torch.Tensor]
+    ) -> list[_Hop]:
+        # Replayed chunk by chunk, as first sent, so no message exceeds the server's limits;
+        # each hop's outputs are the next hop's history.
+        hops: list[_Hop] = []
+        chunks = history
+        for hop in route:
+            try:
+                hops.append(_Hop(hop, await self._open_stream(hop)))
+                chunks = await self._replay(hops[-1], chunks)
+            except BaseException as exc:
+                # Whatever the failure (a bad request, a cancellation too), the sessions
+                # opened so far must not keep holding cache on their servers.
+                if isinstance(exc, self._retriable):
+                    self._backoff.record_failure(hop.peer_id, self._clock())
+                await _close_all(hops)
+                raise
+        return hops
+
+    async def _replay(self, hop: _Hop, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sends `chunks` (positions 0, 1, ... in order) through a fresh hop; its outputs."""
+        outputs, position = [], 0
+        for chunk in chunks:
+            outputs.append(await hop.stream.step(chunk, position, timeout_s=self._step_timeout_s))
+            position += chunk.shape[1]
+        hop.inputs.extend(chunks)
+        return outputs
+
+
+def _keep_before(chunks: list[torch.Tensor], position: int) -> list[torch.Tensor]:
+    """The part of `chunks` (hidden [B, S, H] at positions 0, 1, ...) before `position`."""
+    kept, length = [], 0
+    for chunk in chunks:
+        if length >= position:
+            break
+        kept.append(chunk[:, : position - length])
+        length += kept[-1].shape[1]
+    return kept
+
+
+async def _close_all(hops: list[_Hop]) -> None:
+    for hop in hops:
+        try:
+            await hop.stream.close()
+        except Exception as exc:  # best effort: the route is being abandoned anyway
+            logger.debug("closing %s failed: %s", hop.hop.peer_id, exc)

@@ -1,0 +1,49 @@
+"""The generation loop's step function, with the blocks running in the swarm.
+
+The loop (`models.generation.generate_tokens`) is synchronous and runs in a worker
+thread; the swarm session lives on the event loop that owns the P2P connections. Each
+step embeds tokens locally, sends the hidden states through the session on that loop,
+and turns the returned hidden states into logits with the local LM head — the same
+`ModelEnds` computation as local chat, so greedy output can match it token for token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from models.model import ModelEnds
+from volunteer.client.inference import SwarmInferenceSession
+from volunteer.client.loop_bridge import run_on_loop
+
+
+class SwarmStepper:
+    """A `StepFn` whose blocks run remotely through a `SwarmInferenceSession`."""
+
+    def __init__(
+        self,
+        *,
+        ends: ModelEnds,
+        session: SwarmInferenceSession,
+        loop: asyncio.AbstractEventLoop,
+        step_timeout_s: float,
+    ) -> None:
+        self.ends = ends
+        self.session = session
+        self.loop = loop
+        self.step_timeout_s = step_timeout_s
+
+    def __call__(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
+        with torch.inference_mode():
+            hidden = self.ends.embed(input_ids)
+        # The session retries failed peers itself; this bound covers a whole step
+        # including failovers, so a hung swarm cannot hang the caller forever.
+        hidden = run_on_loop(
+            self.session.step(hidden, start_pos),
+            self.loop,
+            timeout_s=self.step_timeout_s,
+            what=f"the step at position {start_pos}",
+        )
+        with torch.inference_mode():
+            return self.ends.logits(hidden[:, -1:])[:, -1]

@@ -1,0 +1,112 @@
+"""Chat through the swarm: token embedding and LM head here, every block in the swarm.
+
+`SwarmChat.stream_reply` is synchronous (it runs in a worker thread, like local chat);
+each reply opens one fault-tolerant session on the client's event loop, sized for the
+prompt plus the reply, and closes it at the end however the reply ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import load_ends
+from models.config import ModelConfig
+from models.model import ModelEnds
+from models.sampling import SamplingParams
+from models.tokenizer import Tokenizer
+from volunteer.client.loop_bridge import run_on_loop
+from volunteer.client.stepper import SwarmStepper
+from volunteer.client.swarm_client import SwarmClient
+from volunteer.conversation import Conversation, stream_reply
+
+OPEN_TIMEOUT_S = 120.0
+"""Longest wait to read the swarm and open a route (including failovers)."""
+STEP_TIMEOUT_S = 120.0
+"""Longest wait for one token's step through the whole route, failovers included."""
+CLOSE_TIMEOUT_S = 10.0
+
+
+class SwarmChat:
+    """A tokenizer and the model's ends here, answering through a `SwarmClient`.
+
+    Args:
+        ends: embedding and LM head of the model.
+        tokenizer: its tokenizer.
+        config: its config (context length).
+        client: the swarm client, living on `loop`.
+        loop: the running event loop of `client` (not the calling thread's).
+    """
+
+    def __init__(
+        self,
+        *,
+        ends: ModelEnds,
+        tokenizer: Tokenizer,
+        config: ModelConfig,
+        client: SwarmClient,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.ends = ends.eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.client = client
+        self.loop = loop
+
+    @classmethod
+    def load(
+        cls,
+        folder: Path,
+        config: ModelConfig,
+        *,
+        client: SwarmClient,
+        loop: asyncio.AbstractEventLoop,
+    ) -> SwarmChat:
+        """Loads the ends and tokenizer of a Hugging Face-format folder (float32)."""
+        ends = load_ends(folder, config, dtype=torch.float32)
+        tokenizer = Tokenizer.from_folder(folder)
+        return cls(ends=ends, tokenizer=tokenizer, config=config, client=client, loop=loop)
+
+    def stream_reply(
+        self,
+        conversation: Conversation,
+        *,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> Iterator[str]:
+        """Streams the assistant's next reply as text pieces; it does not record it.
+
+        Raises:
+            SessionFailedError: no route covers the model, or the swarm failed mid-reply
+                beyond what failover could mend.
+        """
+        return stream_reply(
+            self.tokenizer,
+            conversation,
+            context_length=self.config.max_position_embeddings,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            open_stepper=self._open_stepper,
+            should_stop=should_stop,
+        )
+
+    @contextlib.contextmanager
+    def _open_stepper(self, prompt_len: int, max_new_tokens: int) -> Iterator[SwarmStepper]:
+        session = run_on_loop(
+            self.client.open_session(max_length=prompt_len + max_new_tokens),
+            self.loop,
+            timeout_s=OPEN_TIMEOUT_S,
+            what="opening a route through the swarm",
+        )
+        try:
+            yield SwarmStepper(
+                ends=self.ends, session=session, loop=self.loop, step_timeout_s=STEP_TIMEOUT_S
+            )
+        finally:
+            with contextlib.suppress(Exception):  # the reply's own outcome matters more
+                run_on_loop(session.close(), self.loop, timeout_s=CLOSE_TIMEOUT_S, what="closing")

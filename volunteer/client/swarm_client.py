@@ -1,0 +1,171 @@
+"""The swarm as a client sees it: who serves which blocks, and sessions routed through them.
+
+`SwarmClient` lives on the event loop that owns the P2P connections (the daemon's, or a
+background loop in the CLI for `chat --swarm`). It reads the model's records from the DHT,
+measures round trips to the servers it may use, plans the lowest-latency route for an
+inference session and opens one stream per hop. Failures inside a session are handled by
+`SwarmInferenceSession` (failover and replay); the peers that failed are avoided with
+exponential back-off across sessions too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P, PeerID
+
+from scheduler.routing import Backoff, RouteHop, ServerCandidate, inference_route
+from volunteer.client.inference import InferenceStreamLike, SwarmInferenceSession
+from volunteer.client.local_span import LocalInferenceStream
+from volunteer.client.remote_span import RemoteSpan
+from volunteer.server.handler import BlockHandler
+from volunteer.server.protocol import BusyError, PeerUnavailableError, SessionExpiredError
+from volunteer.swarm.dht_records import read_snapshot_on_node
+from volunteer.swarm.records import ServerState, SwarmSnapshot
+
+logger = logging.getLogger(__name__)
+
+RETRIABLE_ERRORS = (PeerUnavailableError, BusyError, SessionExpiredError)
+"""Peer and network trouble: another server may do. A bad request is a bug: raised."""
+SNAPSHOT_TIMEOUT_S = 10.0
+PING_TIMEOUT_S = 3.0
+SNAPSHOT_MAX_AGE_S = 5.0
+"""A session opened within this long of the last DHT read reuses it."""
+
+
+class SwarmClient:
+    """Routes inference sessions for one model through the swarm.
+
+    Args:
+        p2p, node: a running P2P daemon and DHT node on this event loop.
+        model: the model's name in the swarm (its DHT keys).
+        num_blocks: the model's number of transformer blocks.
+        local_handler: this process's own block server, if it serves blocks: libp2p
+            cannot dial itself, so its blocks are called in-process.
+        step_timeout_s: the longest wait for one hop's step.
+        clock: monotonic seconds (for back-off).
+    """
+
+    def __init__(
+        self,
+        *,
+        p2p: P2P,
+        node: DHTNode,
+        model: str,
+        num_blocks: int,
+        local_handler: Callable[[], BlockHandler | None] = lambda: None,
+        step_timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.p2p = p2p
+        self.node = node
+        self.model = model
+        self.num_blocks = num_blocks
+        self.step_timeout_s = step_timeout_s
+        self.backoff = Backoff()
+        self._local_handler = local_handler
+        self._clock = clock
+        self._snapshot: SwarmSnapshot | None = None
+        self._snapshot_at = -float("inf")
+        self._rtts: dict[str, float] = {}
+
+    @property
+    def own_peer_id(self) -> str:
+        return self.p2p.peer_id.to_base58()
+
+    async def refresh(self, *, max_age_s: float = 0.0) -> SwarmSnapshot:
+        """Reads the model's records from the DHT (unless the last read is recent enough)
+        and pings the servers not measured yet."""
+        if self._snapshot is None or self._clock() - self._snapshot_at > max_age_s:
+            self._snapshot = await read_snapshot_on_node(
+                self.node, self.model, self.num_blocks, timeout_s=SNAPSHOT_TIMEOUT_S
+            )
+            self._snapshot_at = self._clock()
+            await self._measure_rtts()
+        return self._snapshot
+
+    def candidates(self) -> list[ServerCandidate]:
+        """The servers that announced themselves online, with measured round trips."""
+        if self._snapshot is None:
+            return []
+        return [
+            ServerCandidate(
+                peer_id=peer_id,
+                start=info.start,
+                end=info.end,
+                throughput=info.throughput,
+                rtt_s=self._rtts.get(peer_id),
+            )
+            for peer_id, info in self._snapshot.spans().items()
+            if info.state == ServerState.ONLINE
+        ]
+
+    def plan_inference(self, start: int, end: int, avoid: frozenset[str]) -> list[RouteHop]:
+        """The lowest-latency route over [start, end) among the known online servers.
+
+        Raises:
+            NoRouteError: the servers not avoided leave a gap.
+        """
+        return inference_route(self.candidates(), start, end, avoid=avoid)
+
+    async def open_session(self, *, max_length: int, batch_size: int = 1) -> SwarmInferenceSession:
+        """A fault-tolerant inference session over every block of the model.
+
+        Raises:
+            SessionFailedError: no route covers the model now (or every one failed).
+        """
+        await self.refresh(max_age_s=SNAPSHOT_MAX_AGE_S)
+
+        async def open_stream(hop: RouteHop) -> InferenceStreamLike:
+            return await self._open_stream(hop, max_length=max_length, batch_size=batch_size)
+
+        session = SwarmInferenceSession(
+            plan_route=self.plan_inference,
+            open_stream=open_stream,
+            retriable=RETRIABLE_ERRORS,
+            backoff=self.backoff,
+            clock=self._clock,
+            step_timeout_s=self.step_timeout_s,
+        )
+        await session.open(0, self.num_blocks)
+        return session
+
+    async def _open_stream(
+        self, hop: RouteHop, *, max_length: int, batch_size: int
+    ) -> InferenceStreamLike:
+        if hop.peer_id == self.own_peer_id:
+            handler = self._local_handler()
+            if handler is None:
+                raise PeerUnavailableError("this peer's own block server is not running")
+            return await LocalInferenceStream.open(
+                handler, start=hop.start, end=hop.end, max_length=max_length, batch_size=batch_size
+            )
+        span = RemoteSpan(
+            p2p=self.p2p, peer_id=PeerID.from_base58(hop.peer_id), start=hop.start, end=hop.end
+        )
+        return await span.open_inference(
+            max_length=max_length, batch_size=batch_size, timeout_s=self.step_timeout_s
+        )
+
+    async def _measure_rtts(self) -> None:
+        peers = [c.peer_id for c in self.candidates() if c.peer_id not in self._rtts]
+        if peers:
+            await asyncio.gather(*(self._ping(peer_id) for peer_id in peers))
+
+    async def _ping(self, peer_id: str) -> None:
+        if peer_id == self.own_peer_id:
+            self._rtts[peer_id] = 0.0
+            return
+        span = RemoteSpan(p2p=self.p2p, peer_id=PeerID.from_base58(peer_id), start=0, end=1)
+        began = time.perf_counter()
+        try:
+            await span.info(timeout_s=PING_TIMEOUT_S)
+        except RETRIABLE_ERRORS as exc:
+            logger.info("server %s did not answer a ping: %s", peer_id, exc)
+            self.backoff.record_failure(peer_id, self._clock())
+            return
+        self._rtts[peer_id] = time.perf_counter() - began

@@ -1,0 +1,179 @@
+"""Chat through the swarm, served to the CLI and the TUI over the control API.
+
+The control method `chat` (streaming) takes a conversation and sampling options and
+streams the reply's text. The daemon runs the client: the model's ends and tokenizer are
+loaded on the first chat, each reply runs in a worker thread (torch work stays off the
+event loop), and the swarm session runs on the daemon's loop next to the DHT. A client
+that hangs up stops its reply after the current token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any, Literal
+
+import pydantic
+
+from models.sampling import SamplingParams
+from volunteer.client.swarm_chat import SwarmChat
+from volunteer.client.swarm_client import SwarmClient
+from volunteer.conversation import Conversation
+from volunteer.daemon.block_service import BlockService
+from volunteer.daemon.control import ControlServer
+from volunteer.daemon.dht_service import DHTService
+from volunteer.errors import SettingsError
+from volunteer.paths import Paths
+from volunteer.served_model import open_model
+from volunteer.settings import Settings
+
+MAX_CONCURRENT_CHATS = 4
+"""Replies generated at once; more wait for a worker."""
+MAX_MESSAGES = 1000
+MAX_NEW_TOKENS = 32768
+
+
+class ChatMessage(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(pydantic.BaseModel):
+    """The `chat` method's params."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    messages: Annotated[list[ChatMessage], pydantic.Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_new_tokens: int = pydantic.Field(default=512, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    model: str | None = None
+    """Must be the daemon's model when given (it is the only one it holds)."""
+
+    def sampling(self) -> SamplingParams:
+        try:
+            return SamplingParams(
+                temperature=self.temperature,
+                top_k=self.top_k,
+                top_p=self.top_p,
+                repetition_penalty=self.repetition_penalty,
+                seed=self.seed,
+            )
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from exc
+
+
+class ChatService:
+    """Answers `chat` calls through the swarm (see the module docstring)."""
+
+    def __init__(
+        self, settings: Settings, paths: Paths, dht: DHTService, blocks: BlockService
+    ) -> None:
+        self._settings = settings
+        self._paths = paths
+        self._dht = dht
+        self._blocks = blocks
+        self._chat: SwarmChat | None = None
+        self._loading = asyncio.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._stops: set[threading.Event] = set()
+        self.replies = 0
+
+    def register_control(self, control: ControlServer) -> None:
+        control.register_stream("chat", self.chat)
+
+    async def start(self) -> None:
+        self._pool = ThreadPoolExecutor(MAX_CONCURRENT_CHATS, thread_name_prefix="volunteer-chat")
+
+    async def stop(self) -> None:
+        for stop in list(self._stops):
+            stop.set()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def status(self) -> dict[str, Any]:
+        return {"chats_active": len(self._stops), "chats_answered": self.replies}
+
+    async def chat(self, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Streams `{"text": piece}` messages of the reply to `params` (a `ChatRequest`)."""
+        try:
+            request = ChatRequest.model_validate(params)
+        except pydantic.ValidationError as exc:
+            error = exc.errors(include_url=False, include_input=False)[0]
+            where = ".".join(str(part) for part in error["loc"]) or "params"
+            raise SettingsError(f"bad chat request: {where}: {error['msg']}") from None
+        if request.model not in (None, self._settings.model):
+            raise SettingsError(
+                f"this daemon runs {self._settings.model}, not {request.model}; "
+                f"chat with that model through `--swarm MULTIADDR`"
+            )
+        sampling = request.sampling()
+        chat = await self._load()
+        if self._pool is None:
+            raise SettingsError("the daemon is stopping")
+        conversation = Conversation(messages=[m.model_dump() for m in request.messages])
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        stop = threading.Event()
+
+        def answer() -> None:
+            def send(kind: str, value: Any) -> None:
+                loop.call_soon_threadsafe(pieces.put_nowait, (kind, value))
+
+            try:
+                for piece in chat.stream_reply(
+                    conversation,
+                    max_new_tokens=request.max_new_tokens,
+                    sampling=sampling,
+                    should_stop=stop.is_set,
+                ):
+                    send("text", piece)
+                send("done", None)
+            except BaseException as exc:  # handed to the awaiting control call
+                send("error", exc)
+
+        self._stops.add(stop)
+        try:
+            worker = loop.run_in_executor(self._pool, answer)
+            while True:
+                kind, value = await pieces.get()
+                if kind == "error":
+                    raise value
+                if kind == "done":
+                    break
+                yield {"text": value}
+            await worker
+            self.replies += 1
+        finally:
+            stop.set()  # a caller that went away stops the reply after this token
+            self._stops.discard(stop)
+
+    async def _load(self) -> SwarmChat:
+        async with self._loading:
+            if self._chat is None:
+                model = self._blocks.model or await asyncio.to_thread(
+                    open_model, self._settings.model, self._paths.models_dir
+                )
+                client = SwarmClient(
+                    p2p=self._dht.p2p,
+                    node=self._dht.node,
+                    model=model.swarm_name,
+                    num_blocks=model.config.num_layers,
+                    local_handler=lambda: self._blocks.handler,
+                )
+                self._chat = await asyncio.to_thread(
+                    SwarmChat.load,
+                    model.folder,
+                    model.config,
+                    client=client,
+                    loop=asyncio.get_running_loop(),
+                )
+            return self._chat
