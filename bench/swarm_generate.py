@@ -1,11 +1,17 @@
 """Swarm generation speed: SmolLM2-135M fp32 through daemons on loopback vs this process.
 
 Greedy from one chat prompt with the end token disabled, for 64 and 256 new tokens
-(median of 3 runs each): the whole model in this process, then the blocks served by real
+(median of 3 runs each): the whole model in one process, then the blocks served by real
 `python -m volunteer` daemons on 127.0.0.1 — 1 server (0:30), 2 servers (0:15, 15:30) and
 3 servers (0:10, 10:20, 20:30), each swarm fresh behind its own bootstrap daemon that
-serves nothing. This process embeds tokens and computes logits either way, so the swarm
+serves nothing. The client embeds tokens and computes logits either way, so the swarm
 output must equal the local output token for token.
+
+The local reference runs in a child process with libgomp's default OpenMP wait policy
+(its fastest setting alone), once before the swarms and once after, and its medians are
+taken over both, so that drift in this machine's speed does not tilt the ratios. The
+swarm client is this process, set up as `volunteer chat --swarm` is (idle OpenMP workers
+sleep, see `volunteer.cpu_sharing`), as are the daemons.
 
 Also measures each swarm's time to first token (from the call to the first token: the
 session or cache set-up and the prefill included), each server's launch time (`volunteer
@@ -51,6 +57,7 @@ from volunteer.client.loop_bridge import run_on_loop
 from volunteer.client.stepper import SwarmStepper
 from volunteer.client.swarm_client import SwarmClient
 from volunteer.client.swarm_connection import SwarmConnection
+from volunteer.cpu_sharing import sleeping_threads_env
 from volunteer.model_store import ModelStore
 from volunteer.paths import Paths
 from volunteer.served_model import swarm_model_name
@@ -337,6 +344,37 @@ def _ttft(runs: dict[int, list[Run]]) -> float:
     return statistics.median(run.ttft_s for n in LENGTHS for run in runs[n])
 
 
+def _local_part(folder: Path, prompt: list[int], repeats: int) -> None:
+    """`--local-part`: the whole model in this process; prints the runs as JSON."""
+    model = load_causal_lm(folder)
+    runs = _measure(functools.partial(_local_stepper, model), prompt, repeats)
+    print(json.dumps({n: [dataclasses.asdict(run) for run in runs[n]] for n in LENGTHS}))
+
+
+def _local_in_child(repeats: int, threads: int) -> dict[int, list[Run]]:
+    """The local reference, run in a fresh process with libgomp's default (spinning)
+    OpenMP workers: the fastest setting for one process alone on the machine."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.pop(_CLIENT_MARK, None)
+    command = [sys.executable, __file__, "--local-part", "--repeats", str(repeats)]
+    command += ["--threads", str(threads)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    raw = json.loads(result.stdout.splitlines()[-1])
+    return {int(n): [Run(**run) for run in runs] for n, runs in raw.items()}
+
+
+def _as_swarm_client() -> None:
+    """Re-runs this script as a swarm client runs (`volunteer.cpu_sharing`): idle OpenMP
+    workers sleep. libgomp reads that when torch loads, hence the fresh process."""
+    if os.environ.get(_CLIENT_MARK):
+        return
+    env = {**os.environ, **sleeping_threads_env(os.environ), _CLIENT_MARK: "1"}
+    os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
+
+
+_CLIENT_MARK = "SWARM_BENCH_CLIENT"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -344,7 +382,10 @@ def main() -> None:
     parser.add_argument(
         "--server-threads", type=int, default=2, help="torch threads of each daemon (2)"
     )
+    parser.add_argument("--local-part", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not args.local_part:
+        _as_swarm_client()
     if args.threads:
         torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
@@ -354,14 +395,18 @@ def main() -> None:
     config = ModelConfig.from_hf_folder(folder)
     tokenizer = Tokenizer.from_folder(folder)
     prompt = tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
+    if args.local_part:
+        _local_part(folder, prompt, args.repeats)
+        return
     # The daemons see only our options, not this shell's VOLUNTEER_* settings.
     env = {k: v for k, v in os.environ.items() if not k.startswith("VOLUNTEER_")}
+    env.pop(_CLIENT_MARK)
     env["VOLUNTEER_CACHE_DIR"] = str(paths.cache_dir)
 
+    # Measured before and after the swarms, the medians taken over both: this machine's
+    # speed drifts over minutes, and the ratios must not ride on that drift.
     _log(f"local generation, {len(prompt)} prompt tokens")
-    model = load_causal_lm(folder)
-    local = _measure(functools.partial(_local_stepper, model), prompt, args.repeats)
-    del model
+    local = _local_in_child(args.repeats, torch.get_num_threads())
     local_tokens = {n: local[n][-1].tokens for n in LENGTHS}
 
     figures: dict[str, Any] = {
@@ -369,9 +414,6 @@ def main() -> None:
         "server_threads": args.server_threads,
         "prompt_tokens": len(prompt),
     }
-    for n in LENGTHS:
-        figures[f"local_tps_{n}"] = round(_tps(local[n], n), 2)
-    figures["local_ttft_s"] = round(_ttft(local), 3)
     rows = [("local", local, True)]
     servers: list[tuple[int, dict[str, Any]]] = []
     launches: list[float] = []
@@ -394,9 +436,6 @@ def main() -> None:
             rows.append((f"swarm, {count} server{'s' if count > 1 else ''}", runs, identical))
             for n in LENGTHS:
                 figures[f"swarm{count}_tps_{n}"] = round(_tps(runs[n], n), 2)
-            ratio_64 = _tps(runs[64], 64) / _tps(local[64], 64)
-            figures[f"ratio_{count}"] = round(_tps(runs[256], 256) / _tps(local[256], 256), 3)
-            figures[f"ratio_{count}_64"] = round(ratio_64, 3)
             figures[f"ttft_{count}_s"] = round(_ttft(runs), 3)
             figures[f"open_session_{count}_s"] = round(
                 statistics.median(run.opened_s for n in LENGTHS for run in runs[n]), 3
@@ -411,6 +450,19 @@ def main() -> None:
             servers.extend((count, s) for s in result["servers"])
         _log("failover: 0:15 plus two replicas of 15:30; killing the serving one")
         failover = _bench_failover(setup, local_tokens[FAILOVER_TOKENS])
+    _log("local generation again")
+    local_after = _local_in_child(args.repeats, torch.get_num_threads())
+    figures["local_identical_before_after"] = all(
+        run.tokens == local_tokens[n] for n in LENGTHS for run in local_after[n]
+    )
+    for n in LENGTHS:
+        local[n] += local_after[n]
+        figures[f"local_tps_{n}"] = round(_tps(local[n], n), 2)
+    figures["local_ttft_s"] = round(_ttft(local), 3)
+    for count in SWARMS:
+        runs = rows[count][1]
+        figures[f"ratio_{count}"] = round(_tps(runs[256], 256) / _tps(local[256], 256), 3)
+        figures[f"ratio_{count}_64"] = round(_tps(runs[64], 64) / _tps(local[64], 64), 3)
     launches.extend(failover["launch_s"])
     figures["launch_to_serving_s"] = round(statistics.median(launches), 2)
     figures["failover_stall_s"] = round(failover["stall_s"], 3)

@@ -15,8 +15,11 @@ from models.config import ModelConfig, RopeScaling
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
-    """Per-pair rotation speeds, [head_dim // 2] float32, after context scaling."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    """Per-pair rotation speeds, [head_dim // 2] float32 on the CPU, after context scaling."""
+    # On the CPU even inside `with torch.device("meta")` (modules built before loading):
+    # meta tensors would hold no values, and their first use costs torch seconds of
+    # imports of its Python meta kernels.
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
     inv_freq = 1.0 / (theta**exponents)
     if scaling.kind == "linear":
         return inv_freq / scaling.factor
@@ -55,7 +58,8 @@ class RotaryTable(torch.nn.Module):
         super().__init__()
         positions = max_positions or config.max_position_embeddings
         inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
-        angles = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)
+        positions_f = torch.arange(positions, dtype=torch.float32, device="cpu")
+        angles = torch.outer(positions_f, inv_freq)
         sin = angles.sin()
         # [T, D/2] -> [T, 1, D]: the 1 broadcasts over heads in [B, S, heads, D].
         cos = torch.cat((angles.cos(), angles.cos()), dim=-1).unsqueeze(1)

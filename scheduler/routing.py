@@ -42,6 +42,11 @@ class NoRouteError(Exception):
 
 DEFAULT_RTT_S = 0.05
 """Assumed round trip for servers not measured yet: a typical internet hop."""
+HOP_OVERHEAD_S = 0.001
+"""Fixed cost of any hop, even in-process (hand-off, (de)serialising, a cache look-up).
+
+Without it a server with a zero round trip (our own) would cost the same split into
+many hops as in one, and float rounding would pick a fragmented route."""
 
 
 def inference_route(
@@ -53,9 +58,9 @@ def inference_route(
 ) -> list[RouteHop]:
     """The chain of servers covering [start, end) with the lowest estimated latency.
 
-    Each hop costs its round trip plus `blocks / throughput`; a server may be used for
-    any part of its span. Ties go to fewer hops, then to smaller peer ids, so one input
-    gives one route.
+    Each hop costs its round trip, plus `HOP_OVERHEAD_S`, plus `blocks / throughput`; a
+    server may be used for any part of its span. Ties go to fewer hops, then to smaller
+    peer ids, so one input gives one route.
 
     Raises:
         NoRouteError: the usable servers leave a gap in [start, end).
@@ -79,7 +84,8 @@ def inference_route(
                 continue
             rtt = DEFAULT_RTT_S if server.rtt_s is None else server.rtt_s
             for stop in range(position + 1, min(server.end, end) + 1):
-                key = (cost + rtt + (stop - position) / server.throughput, hops + 1, server.peer_id)
+                hop_s = rtt + HOP_OVERHEAD_S + (stop - position) / server.throughput
+                key = (cost + hop_s, hops + 1, server.peer_id)
                 if key < best.get(stop, (float("inf"), 0, "")):
                     best[stop] = key
                     previous[stop] = (position, server)

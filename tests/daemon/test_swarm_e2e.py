@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.daemon.homes import ROOT, Homes
@@ -36,6 +37,7 @@ PARIS_PROMPT = "What is the capital of France?"
 STORY_PROMPT = "Write a short story about a robot who learns to paint."
 NEW_TOKENS = "64"
 CHAT_TIMEOUT_S = 180
+IDLE_WINDOW_S = 5.0
 
 
 class Swarm:
@@ -149,6 +151,22 @@ def test_two_clients_at_once_get_their_answers_alone(swarm: Swarm, local_story: 
     assert results["daemon"].stdout == local_story
     assert results["direct"].stdout == local_story
     assert "Paris" in results["paris"].stdout
+
+
+def test_idle_servers_use_no_cpu(swarm: Swarm) -> None:
+    # After serving (the tests above), nothing polls: no spinning threads, no busy loops.
+    trees = []
+    for name in ("boot", "first", "second"):
+        process = psutil.Process(swarm.status(name)["pid"])
+        trees.append([process, *process.children(recursive=True)])
+
+    def cpu_s() -> float:
+        return sum(sum(p.cpu_times()[:2]) for tree in trees for p in tree)
+
+    before = cpu_s()
+    time.sleep(IDLE_WINDOW_S)
+    # Three daemons and their p2pd: a few ms of timers and DHT upkeep at most.
+    assert cpu_s() - before < 0.05 * IDLE_WINDOW_S
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,14 @@ def test_one_server_for_everything_beats_two_hops() -> None:
     assert inference_route(servers, 0, 30) == [RouteHop("a", 0, 30)]
 
 
+def test_a_server_with_no_round_trip_is_one_hop_not_many() -> None:
+    # Our own server (rtt 0) with a throughput whose per-block times do not add up
+    # exactly in floating point: the route must still be one hop, not a split of it.
+    for tps in (1386.5, 97.3, 1e6 / 3):
+        servers = [_server("own", 0, 30, tps=tps, rtt=0.0)]
+        assert inference_route(servers, 0, 30) == [RouteHop("own", 0, 30)]
+
+
 def test_chains_partial_spans_when_needed() -> None:
     servers = [_server("b", 0, 15), _server("c", 10, 30)]
     route = inference_route(servers, 0, 30)

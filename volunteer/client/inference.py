@@ -168,8 +168,11 @@ class SwarmInferenceSession:
     async def _open_and_replay(
         self, route: list[RouteHop], history: list[torch.Tensor]
     ) -> list[_Hop]:
-        # Replayed chunk by chunk, as first sent, so no message exceeds the server's limits;
-        # each hop's outputs are the next hop's history.
+        # Replayed chunk by chunk, as first sent: no message exceeds the server's limits,
+        # and every position is computed with the same shapes as the first time, so the
+        # rebuilt cache matches the lost one and greedy output does not drift (merging
+        # chunks would change float summation order). Each hop's outputs are the next
+        # hop's history.
         hops: list[_Hop] = []
         chunks = history
         for hop in route:

@@ -105,6 +105,9 @@ def _open_chat(args: argparse.Namespace, paths: Paths) -> Iterator[Chat]:
 
         yield LocalChat.load(ModelStore(paths.models_dir).resolve(args.model or DEFAULT_MODEL))
     elif args.swarm:
+        from volunteer.cpu_sharing import sleep_idle_threads
+
+        sleep_idle_threads()  # the blocks run on other processes, likely on these cores
         from volunteer.client.swarm_chat import SwarmChat
         from volunteer.client.swarm_connection import SwarmConnection
         from volunteer.served_model import open_model

@@ -119,6 +119,9 @@ def _run_foreground(settings: Settings, paths: Paths, *, log_to_stderr: bool) ->
     # torch, hivemind and the event loop load here, so `status`, `stop` and --help stay fast.
     import asyncio
 
+    from volunteer.cpu_sharing import sleep_idle_threads
+
+    sleep_idle_threads()
     import torch
 
     from volunteer.daemon.block_service import BlockService
