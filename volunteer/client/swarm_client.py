@@ -12,16 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 
+import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 
-from scheduler.routing import Backoff, RouteHop, ServerCandidate, inference_route
+from scheduler.routing import (
+    Backoff,
+    RouteHop,
+    ServerCandidate,
+    inference_route,
+    load_spread_route,
+)
 from volunteer.client.inference import InferenceStreamLike, SwarmInferenceSession
 from volunteer.client.local_span import LocalInferenceStream
 from volunteer.client.remote_span import RemoteSpan
+from volunteer.client.spread import SpreadCalls, TracedHop
 from volunteer.server.handler import BlockHandler
 from volunteer.server.protocol import BusyError, PeerUnavailableError, SessionExpiredError
 from volunteer.swarm.dht_records import read_snapshot_on_node
@@ -46,8 +55,9 @@ class SwarmClient:
         num_blocks: the model's number of transformer blocks.
         local_handler: this process's own block server, if it serves blocks: libp2p
             cannot dial itself, so its blocks are called in-process.
-        step_timeout_s: the longest wait for one hop's step.
+        step_timeout_s: the longest wait for one hop's step (or forward/backward call).
         clock: monotonic seconds (for back-off).
+        rng: draws the servers of forward/backward calls (seed it to reproduce a run).
     """
 
     def __init__(
@@ -60,6 +70,7 @@ class SwarmClient:
         local_handler: Callable[[], BlockHandler | None] = lambda: None,
         step_timeout_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
         self.p2p = p2p
         self.node = node
@@ -72,6 +83,15 @@ class SwarmClient:
         self._snapshot: SwarmSnapshot | None = None
         self._snapshot_at = -float("inf")
         self._rtts: dict[str, float] = {}
+        self._rng = rng or random.Random()
+        self._spread = SpreadCalls(
+            plan=self.plan_spread,
+            forward=self._call_forward,
+            backward=self._call_backward,
+            retriable=RETRIABLE_ERRORS,
+            backoff=self.backoff,
+            clock=clock,
+        )
 
     @property
     def own_peer_id(self) -> str:
@@ -112,6 +132,34 @@ class SwarmClient:
         """
         return inference_route(self.candidates(), start, end, avoid=avoid)
 
+    def plan_spread(self, start: int, end: int, avoid: frozenset[str]) -> list[RouteHop]:
+        """A route over [start, end) drawn by throughput among the known online servers.
+
+        Raises:
+            NoRouteError: the servers not avoided leave a gap.
+        """
+        return load_spread_route(self.candidates(), start, end, rng=self._rng, avoid=avoid)
+
+    async def forward(
+        self, hidden: torch.Tensor, *, start: int = 0, end: int | None = None
+    ) -> tuple[torch.Tensor, list[TracedHop]]:
+        """Hidden [B, S, H] through blocks [start, end) (default: all), no cache, the
+        servers drawn by throughput; returns the output and the trace for `backward`.
+
+        Raises:
+            SessionFailedError: no server left for some block, or too many failures.
+        """
+        await self.refresh(max_age_s=SNAPSHOT_MAX_AGE_S)
+        return await self._spread.forward(hidden, start, self.num_blocks if end is None else end)
+
+    async def backward(self, trace: list[TracedHop], grad_outputs: torch.Tensor) -> torch.Tensor:
+        """The gradient of a `forward`'s inputs given that of its output.
+
+        Raises:
+            SessionFailedError: as for `forward`.
+        """
+        return await self._spread.backward(trace, grad_outputs)
+
     async def open_session(self, *, max_length: int, batch_size: int = 1) -> SwarmInferenceSession:
         """A fault-tolerant inference session over every block of the model.
 
@@ -138,17 +186,39 @@ class SwarmClient:
         self, hop: RouteHop, *, max_length: int, batch_size: int
     ) -> InferenceStreamLike:
         if hop.peer_id == self.own_peer_id:
-            handler = self._local_handler()
-            if handler is None:
-                raise PeerUnavailableError("this peer's own block server is not running")
             return await LocalInferenceStream.open(
-                handler, start=hop.start, end=hop.end, max_length=max_length, batch_size=batch_size
+                self._own_handler(),
+                start=hop.start,
+                end=hop.end,
+                max_length=max_length,
+                batch_size=batch_size,
             )
-        span = RemoteSpan(
-            p2p=self.p2p, peer_id=PeerID.from_base58(hop.peer_id), start=hop.start, end=hop.end
-        )
-        return await span.open_inference(
+        return await self._remote(hop).open_inference(
             max_length=max_length, batch_size=batch_size, timeout_s=self.step_timeout_s
+        )
+
+    async def _call_forward(self, hop: RouteHop, hidden: torch.Tensor) -> torch.Tensor:
+        if hop.peer_id == self.own_peer_id:
+            return await self._own_handler().run_forward(hidden, hop.start, hop.end)
+        return await self._remote(hop).forward(hidden, timeout_s=self.step_timeout_s)
+
+    async def _call_backward(
+        self, hop: RouteHop, hidden: torch.Tensor, grad_outputs: torch.Tensor
+    ) -> torch.Tensor:
+        if hop.peer_id == self.own_peer_id:
+            handler = self._own_handler()
+            return await handler.run_backward(hidden, grad_outputs, hop.start, hop.end)
+        return await self._remote(hop).backward(hidden, grad_outputs, timeout_s=self.step_timeout_s)
+
+    def _own_handler(self) -> BlockHandler:
+        handler = self._local_handler()
+        if handler is None:
+            raise PeerUnavailableError("this peer's own block server is not running")
+        return handler
+
+    def _remote(self, hop: RouteHop) -> RemoteSpan:
+        return RemoteSpan(
+            p2p=self.p2p, peer_id=PeerID.from_base58(hop.peer_id), start=hop.start, end=hop.end
         )
 
     async def _measure_rtts(self) -> None:

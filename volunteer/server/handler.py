@@ -197,10 +197,7 @@ class BlockHandler(ServicerBase):
         request = await self._only_request(requests)
         meta = self._check_span(wire.unpack_metadata(request.metadata, wire.SpanRequest))
         (hidden,) = self._hidden_tensors(request, count=1)
-        output = await self.compute.run(
-            PRIORITY_TRAINING, forward_span, self.span, hidden, meta.start, meta.end
-        )
-        self.stats.count(hidden)
+        output = await self._forward(hidden, meta.start, meta.end)
         return runtime_pb2.ExpertResponse(tensors=[wire.pack_tensor(output)])
 
     async def rpc_backward(
@@ -210,16 +207,44 @@ class BlockHandler(ServicerBase):
         request = await self._only_request(requests)
         meta = self._check_span(wire.unpack_metadata(request.metadata, wire.SpanRequest))
         hidden, grad_outputs = self._hidden_tensors(request, count=2)
+        grad = await self._backward(hidden, grad_outputs, meta.start, meta.end)
+        return runtime_pb2.ExpertResponse(tensors=[wire.pack_tensor(grad)])
+
+    async def run_forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """`rpc_forward` for a tensor that came in-process (this peer's own client)."""
+        self._check_span(wire.SpanRequest(start=start, end=end))
+        self.check_hidden(hidden)
+        return await self._forward(hidden, start, end)
+
+    async def run_backward(
+        self, hidden: torch.Tensor, grad_outputs: torch.Tensor, start: int, end: int
+    ) -> torch.Tensor:
+        """`rpc_backward` for tensors that came in-process (this peer's own client)."""
+        self._check_span(wire.SpanRequest(start=start, end=end))
+        self.check_hidden(hidden)
+        self.check_hidden(grad_outputs)
+        return await self._backward(hidden, grad_outputs, start, end)
+
+    async def _forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        output = await self.compute.run(
+            PRIORITY_TRAINING, forward_span, self.span, hidden, start, end
+        )
+        self.stats.count(hidden)
+        return output
+
+    async def _backward(
+        self, hidden: torch.Tensor, grad_outputs: torch.Tensor, start: int, end: int
+    ) -> torch.Tensor:
         if hidden.shape != grad_outputs.shape:
             raise BadRequestError(
                 f"grad_outputs shape {list(grad_outputs.shape)} != "
                 f"hidden shape {list(hidden.shape)}"
             )
         grad = await self.compute.run(
-            PRIORITY_TRAINING, backward_span, self.span, hidden, grad_outputs, meta.start, meta.end
+            PRIORITY_TRAINING, backward_span, self.span, hidden, grad_outputs, start, end
         )
         self.stats.count(hidden)
-        return runtime_pb2.ExpertResponse(tensors=[wire.pack_tensor(grad)])
+        return grad
 
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext

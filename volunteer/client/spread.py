@@ -1,0 +1,137 @@
+"""Forward and backward of hidden states through a run of blocks, spread over the swarm.
+
+Training traffic (fine-tuning, spot checks) keeps no cache on the servers: every call
+stands alone. So each hop goes to a server drawn at random, weighted by throughput, among
+those holding the next block (`scheduler.routing.load_spread_route`), which spreads the
+load; a hop that fails on a peer or network error is drawn again without that peer.
+
+The forward returns, with its output, the trace of the hops it took and their inputs:
+all a backward needs, since a server recomputes its blocks' forward from the inputs.
+When a server of the trace is gone by the time of the backward, its blocks are run
+forward again elsewhere from the kept inputs, and the backward goes through that new
+trace instead. Only peer and network errors are retried; a bad request is raised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+
+import torch
+
+from scheduler.routing import Backoff, NoRouteError, RouteHop
+from volunteer.client.inference import SessionFailedError
+
+logger = logging.getLogger(__name__)
+
+Forward = Callable[[RouteHop, torch.Tensor], Awaitable[torch.Tensor]]
+"""Runs hidden states through the hop's blocks on the hop's server."""
+Backward = Callable[[RouteHop, torch.Tensor, torch.Tensor], Awaitable[torch.Tensor]]
+"""(hop, inputs, grad of outputs) -> grad of inputs, on the hop's server."""
+PlanSpread = Callable[[int, int, frozenset[str]], list[RouteHop]]
+"""A load-spread route over [start, end) avoiding the given peers."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedHop:
+    """One hop of a forward: where it ran, and what went in."""
+
+    hop: RouteHop
+    inputs: torch.Tensor
+
+
+class SpreadCalls:
+    """Stateless forward/backward through [start, end), spread and retried.
+
+    Args:
+        plan: draws a route (only its first hop is used; the next is drawn after it).
+        forward, backward: the calls to one server.
+        retriable: the errors that mean "try another server".
+        backoff: failed peers are avoided for a while (shared with the client).
+        clock: monotonic seconds, for the back-off.
+        max_failures: failed hops allowed per call before giving up.
+    """
+
+    def __init__(
+        self,
+        *,
+        plan: PlanSpread,
+        forward: Forward,
+        backward: Backward,
+        retriable: tuple[type[BaseException], ...],
+        backoff: Backoff,
+        clock: Callable[[], float],
+        max_failures: int = 8,
+    ) -> None:
+        self._plan = plan
+        self._forward = forward
+        self._backward = backward
+        self._retriable = retriable
+        self._backoff = backoff
+        self._clock = clock
+        self._max_failures = max_failures
+
+    async def forward(
+        self, hidden: torch.Tensor, start: int, end: int
+    ) -> tuple[torch.Tensor, list[TracedHop]]:
+        """Hidden [B, S, H] through blocks [start, end); the output and the trace.
+
+        Raises:
+            SessionFailedError: no server left for some block, or too many failures.
+            Any non-retriable error of a server (e.g. a bad request), unchanged.
+        """
+        trace: list[TracedHop] = []
+        failures = 0
+        position = start
+        while position < end:
+            hop = self._next_hop(position, end)
+            try:
+                output = await self._forward(hop, hidden)
+            except self._retriable as exc:
+                failures = self._failed(hop, exc, failures)
+                continue
+            self._backoff.record_success(hop.peer_id)
+            trace.append(TracedHop(hop, hidden))
+            hidden, position = output, hop.end
+        return hidden, trace
+
+    async def backward(self, trace: list[TracedHop], grad_outputs: torch.Tensor) -> torch.Tensor:
+        """The gradient of the trace's first inputs, given that of its last outputs.
+
+        Raises:
+            SessionFailedError, or a non-retriable server error, as for `forward`.
+        """
+        grad = grad_outputs
+        for traced in reversed(trace):
+            grad = await self._backward_hop(traced, grad)
+        return grad
+
+    async def _backward_hop(self, traced: TracedHop, grad: torch.Tensor) -> torch.Tensor:
+        hop = traced.hop
+        try:
+            result = await self._backward(hop, traced.inputs, grad)
+        except self._retriable as exc:
+            self._failed(hop, exc, failures=0)
+            # Its blocks again, on servers that are still there, then back through them.
+            _, retrace = await self.forward(traced.inputs, hop.start, hop.end)
+            return await self.backward(retrace, grad)
+        self._backoff.record_success(hop.peer_id)
+        return result
+
+    def _next_hop(self, position: int, end: int) -> RouteHop:
+        avoid = self._backoff.avoided(self._clock())
+        try:
+            return self._plan(position, end, avoid)[0]
+        except NoRouteError as exc:
+            raise SessionFailedError(
+                f"no servers left for blocks {position}:{end} "
+                f"(avoiding {len(avoid)} failed peer(s)): {exc}"
+            ) from exc
+
+    def _failed(self, hop: RouteHop, error: BaseException, failures: int) -> int:
+        logger.warning("peer %s failed on blocks %d:%d: %s", hop.peer_id, hop.start, hop.end, error)
+        self._backoff.record_failure(hop.peer_id, self._clock())
+        if failures + 1 > self._max_failures:
+            raise SessionFailedError(f"{failures + 1} server failures in one call; giving up")
+        return failures + 1
