@@ -15,6 +15,7 @@ from models.errors import ContextLengthError
 from models.generation import StepFn, generate_tokens
 from models.sampling import Sampler, SamplingParams
 from models.tokenizer import Tokenizer
+from volunteer.errors import SettingsError
 
 OpenStepper = Callable[[int, int], AbstractContextManager[StepFn]]
 """(prompt_len, max_new_tokens) -> a step function for one reply, released at exit."""
@@ -31,6 +32,28 @@ class Conversation:
         """Messages as a chat template expects them, the system prompt first."""
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return system + self.messages
+
+
+def user_sampling(
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+    seed: int | None,
+) -> SamplingParams:
+    """Sampling settings a user gave (flags or a chat request); a bad one is a
+    `SettingsError` that names it."""
+    try:
+        return SamplingParams(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        )
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from exc
 
 
 def stream_reply(

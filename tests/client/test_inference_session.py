@@ -221,6 +221,17 @@ def _local(full: BlockSpan, hidden: torch.Tensor, cuts: list[int]) -> list[torch
     return outputs
 
 
+async def _open_steps_close(
+    session: SwarmInferenceSession, hidden: torch.Tensor, cuts: list[int]
+) -> list[torch.Tensor]:
+    """Opens the session over all 4 blocks, runs the steps, and always closes it."""
+    await session.open(0, 4)
+    try:
+        return await _steps(session, hidden, cuts)
+    finally:
+        await session.close()
+
+
 async def _steps(
     session: SwarmInferenceSession, hidden: torch.Tensor, cuts: list[int], start: int = 0
 ) -> list[torch.Tensor]:
@@ -243,14 +254,7 @@ def test_a_two_server_route_equals_local_decoding(swarm: Swarm) -> None:
     client = swarm.new_session("first", "second")
     hidden, cuts = hidden_states(BATCH, 11, seed=20), _cuts(11)
 
-    async def run() -> list[torch.Tensor]:
-        await client.session.open(0, 4)
-        try:
-            return await _steps(client.session, hidden, cuts)
-        finally:
-            await client.session.close()
-
-    actual = swarm.loop.run(run())
+    actual = swarm.loop.run(_open_steps_close(client.session, hidden, cuts))
     _assert_close(actual, _local(swarm.full, hidden, cuts))
     # Through all four blocks: the first two alone give something else.
     with torch.no_grad():
@@ -321,14 +325,7 @@ def test_a_busy_server_is_skipped_for_another_replica(swarm: Swarm) -> None:
     client = swarm.new_session("cramped", "first", "second")
     hidden, cuts = hidden_states(BATCH, 7, seed=24), _cuts(7)
 
-    async def run() -> list[torch.Tensor]:
-        await client.session.open(0, 4)
-        try:
-            return await _steps(client.session, hidden, cuts)
-        finally:
-            await client.session.close()
-
-    actual = swarm.loop.run(run())
+    actual = swarm.loop.run(_open_steps_close(client.session, hidden, cuts))
     _assert_close(actual, _local(swarm.full, hidden, cuts))
     assert client.opened == [cramped.hop(0, 2), first.hop(0, 2), second.hop(2, 4)]
     assert client.session.route_history == [[first.hop(0, 2), second.hop(2, 4)]]

@@ -71,23 +71,19 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace, paths: Paths) -> int:
     # torch loads here, not at CLI start-up, so other commands and --help stay fast.
-    from models.sampling import SamplingParams
-    from volunteer.conversation import Conversation
+    from volunteer.conversation import Conversation, user_sampling
 
     if args.local and args.swarm:
         raise SettingsError("--local and --swarm exclude each other; give one of them")
     if args.max_new_tokens <= 0:
         raise SettingsError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    try:
-        sampling = SamplingParams(
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty,
-            seed=args.seed,
-        )
-    except ValueError as exc:
-        raise SettingsError(str(exc)) from exc
+    sampling = user_sampling(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
     conversation = Conversation(system_prompt=args.system)
     with _open_chat(args, paths) as chat:
         if args.prompt is not None:

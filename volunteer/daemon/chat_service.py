@@ -20,7 +20,7 @@ import pydantic
 from models.sampling import SamplingParams
 from volunteer.client.swarm_chat import SwarmChat
 from volunteer.client.swarm_client import SwarmClient
-from volunteer.conversation import Conversation
+from volunteer.conversation import Conversation, user_sampling
 from volunteer.daemon.block_service import BlockService
 from volunteer.daemon.control import ControlServer
 from volunteer.daemon.dht_service import DHTService
@@ -58,16 +58,13 @@ class ChatRequest(pydantic.BaseModel):
     """Must be the daemon's model when given (it is the only one it holds)."""
 
     def sampling(self) -> SamplingParams:
-        try:
-            return SamplingParams(
-                temperature=self.temperature,
-                top_k=self.top_k,
-                top_p=self.top_p,
-                repetition_penalty=self.repetition_penalty,
-                seed=self.seed,
-            )
-        except ValueError as exc:
-            raise SettingsError(str(exc)) from exc
+        return user_sampling(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+        )
 
 
 class ChatService:
