@@ -14,6 +14,7 @@ Errors::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -173,19 +174,41 @@ class SwarmInferenceSession:
         # rebuilt cache matches the lost one and greedy output does not drift (merging
         # chunks would change float summation order). Each hop's outputs are the next
         # hop's history.
-        hops: list[_Hop] = []
+        hops = await self._open_all(route)
         chunks = history
-        for hop in route:
+        for hop in hops:
             try:
-                hops.append(_Hop(hop, await self._open_stream(hop)))
-                chunks = await self._replay(hops[-1], chunks)
+                chunks = await self._replay(hop, chunks)
             except BaseException as exc:
                 # Whatever the failure (a bad request, a cancellation too), the sessions
                 # opened so far must not keep holding cache on their servers.
                 if isinstance(exc, self._retriable):
-                    self._backoff.record_failure(hop.peer_id, self._clock())
+                    self._backoff.record_failure(hop.hop.peer_id, self._clock())
                 await _close_all(hops)
                 raise
+        return hops
+
+    async def _open_all(self, route: list[RouteHop]) -> list[_Hop]:
+        """Opens a stream on every hop at once (a route's set-up costs one round trip,
+        not one per hop); if any fails, closes the others and raises its error."""
+        opening = [(hop, asyncio.ensure_future(self._open_stream(hop))) for hop in route]
+        tasks = [task for _, task in opening]
+        try:
+            await asyncio.wait(tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await _close_all([_Hop(hop, task.result()) for hop, task in opening if _opened(task)])
+            raise
+        hops = [_Hop(hop, task.result()) for hop, task in opening if _opened(task)]
+        failed = [(hop, task.exception()) for hop, task in opening if not _opened(task)]
+        if failed:
+            for hop, error in failed:
+                if isinstance(error, self._retriable):
+                    self._backoff.record_failure(hop.peer_id, self._clock())
+            await _close_all(hops)
+            raise failed[0][1]  # type: ignore[misc]  # an exception, by _opened()
         return hops
 
     async def _replay(self, hop: _Hop, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -207,6 +230,10 @@ def _keep_before(chunks: list[torch.Tensor], position: int) -> list[torch.Tensor
         kept.append(chunk[:, : position - length])
         length += kept[-1].shape[1]
     return kept
+
+
+def _opened(task: asyncio.Future[InferenceStreamLike]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
 
 
 async def _close_all(hops: list[_Hop]) -> None:
