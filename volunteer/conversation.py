@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 from models.errors import ContextLengthError
 from models.generation import StepFn, generate_tokens
 from models.sampling import Sampler, SamplingParams
-from models.tokenizer import Tokenizer
 from volunteer.errors import SettingsError
+
+if TYPE_CHECKING:  # the daemon imports this module; the tokenizer loads with a chat
+    from models.tokenizer import Tokenizer
 
 OpenStepper = Callable[[int, int], AbstractContextManager[StepFn]]
 """(prompt_len, max_new_tokens) -> a step function for one reply, released at exit."""

@@ -13,12 +13,11 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pydantic
 
 from models.sampling import SamplingParams
-from volunteer.client.swarm_chat import SwarmChat
 from volunteer.client.swarm_client import SwarmClient
 from volunteer.conversation import Conversation, user_sampling
 from volunteer.daemon.block_service import BlockService
@@ -28,6 +27,9 @@ from volunteer.errors import SettingsError
 from volunteer.paths import Paths
 from volunteer.served_model import open_model
 from volunteer.settings import Settings
+
+if TYPE_CHECKING:
+    from volunteer.client.swarm_chat import SwarmChat
 
 MAX_CONCURRENT_CHATS = 4
 """Replies generated at once; more wait for a worker."""
@@ -154,6 +156,10 @@ class ChatService:
             self._stops.discard(stop)
 
     async def _load(self) -> SwarmChat:
+        # The tokenizer and chat templates (jinja2) load with the first chat, not with
+        # every daemon: most daemons only serve blocks.
+        from volunteer.client.swarm_chat import SwarmChat
+
         async with self._loading:
             if self._chat is None:
                 model = self._blocks.model or await asyncio.to_thread(
