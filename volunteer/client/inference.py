@@ -208,7 +208,10 @@ class SwarmInferenceSession:
                 if isinstance(error, self._retriable):
                     self._backoff.record_failure(hop.peer_id, self._clock())
             await _close_all(hops)
-            raise failed[0][1]  # type: ignore[misc]  # an exception, by _opened()
+            # A bad request is a bug to surface, even when another hop was merely busy.
+            errors = [error for _, error in failed]
+            bugs = [error for error in errors if not isinstance(error, self._retriable)]
+            raise (bugs or errors)[0]  # type: ignore[misc]  # exceptions, by _opened()
         return hops
 
     async def _replay(self, hop: _Hop, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
