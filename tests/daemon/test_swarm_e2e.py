@@ -163,6 +163,12 @@ def test_idle_servers_use_no_cpu(swarm: Swarm) -> None:
     def cpu_s() -> float:
         return sum(sum(p.cpu_times()[:2]) for tree in trees for p in tree)
 
+    # The daemons told OpenMP to let idle workers sleep before torch loaded; their p2pd,
+    # started later, inherited that environment.
+    for tree in trees:
+        p2pd = [p for p in tree if p.name() == "p2pd"]
+        assert p2pd and all(p.environ().get("OMP_WAIT_POLICY") == "PASSIVE" for p in p2pd)
+
     before = cpu_s()
     time.sleep(IDLE_WINDOW_S)
     # Three daemons and their p2pd: a few ms of timers and DHT upkeep at most.
