@@ -252,5 +252,5 @@ def test_a_span_outside_the_model_fails_to_start_and_says_why(swarm: Swarm) -> N
     home.mkdir()
     flags = ("--model", str(swarm.model), "--join", swarm.join, "--blocks", "20:40")
     result = swarm.homes.cli(home, "start", *flags)
-    assert result.returncode == 1
-    assert "20:40" in result.stderr and "30 blocks" in result.stderr
+    assert result.returncode == 1, result.stderr
+    assert "20:40" in result.stderr and "30 blocks" in result.stderr, result.stderr
