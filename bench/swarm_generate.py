@@ -53,9 +53,7 @@ from models.generation import LocalStepper, StepFn, generate_tokens
 from models.model import ModelEnds
 from models.sampling import Sampler, SamplingParams
 from models.tokenizer import Tokenizer
-from volunteer.client.loop_bridge import run_on_loop
-from volunteer.client.stepper import SwarmStepper
-from volunteer.client.swarm_client import SwarmClient
+from volunteer.client.stepper import SwarmStepper, open_swarm_stepper
 from volunteer.client.swarm_connection import SwarmConnection
 from volunteer.cpu_sharing import sleeping_threads_env
 from volunteer.model_store import ModelStore
@@ -140,26 +138,6 @@ def _measure(open_stepper: OpenStepper, prompt: list[int], repeats: int) -> dict
 @contextlib.contextmanager
 def _local_stepper(model: Any, prompt_len: int, n: int) -> Iterator[StepFn]:
     yield LocalStepper.for_generation(model, prompt_len=prompt_len, max_new_tokens=n)
-
-
-@contextlib.contextmanager
-def _swarm_stepper(
-    client: SwarmClient,
-    loop: Any,
-    ends: ModelEnds,
-    prompt_len: int,
-    n: int,
-) -> Iterator[StepFn]:
-    session = run_on_loop(
-        client.open_session(max_length=prompt_len + n),
-        loop,
-        timeout_s=OPEN_TIMEOUT_S,
-        what="opening a session",
-    )
-    try:
-        yield SwarmStepper(ends=ends, session=session, loop=loop, step_timeout_s=STEP_TIMEOUT_S)
-    finally:
-        run_on_loop(session.close(), loop, timeout_s=CLOSE_TIMEOUT_S, what="closing the session")
 
 
 class Daemons:
@@ -258,7 +236,20 @@ class Setup:
 
     def open_stepper(self, connection: SwarmConnection) -> OpenStepper:
         client = connection.client(model=self.swarm_name, num_blocks=self.config.num_layers)
-        return functools.partial(_swarm_stepper, client, connection.loop, self.ends)
+        loop = connection.loop
+
+        def open_stepper(prompt_len: int, n: int) -> contextlib.AbstractContextManager[StepFn]:
+            return open_swarm_stepper(
+                client,
+                loop,
+                self.ends,
+                max_length=prompt_len + n,
+                open_timeout_s=OPEN_TIMEOUT_S,
+                step_timeout_s=STEP_TIMEOUT_S,
+                close_timeout_s=CLOSE_TIMEOUT_S,
+            )
+
+        return open_stepper
 
 
 def _bench_swarm(setup: Setup, spans: tuple[str, ...], repeats: int) -> dict[str, Any]:

@@ -10,12 +10,15 @@ and turns the returned hidden states into logits with the local LM head — the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
 from models.model import ModelEnds
 from volunteer.client.inference import SwarmInferenceSession
 from volunteer.client.loop_bridge import run_on_loop
+from volunteer.client.swarm_client import SwarmClient
 
 
 class SwarmStepper:
@@ -47,3 +50,29 @@ class SwarmStepper:
         )
         with torch.inference_mode():
             return self.ends.logits(hidden[:, -1:])[:, -1]
+
+
+@contextlib.contextmanager
+def open_swarm_stepper(
+    client: SwarmClient,
+    loop: asyncio.AbstractEventLoop,
+    ends: ModelEnds,
+    *,
+    max_length: int,
+    open_timeout_s: float,
+    step_timeout_s: float,
+    close_timeout_s: float,
+) -> Iterator[SwarmStepper]:
+    """A step function over a fresh session of `client` (living on `loop`) for up to
+    `max_length` positions; the session is closed at exit, however the block ends."""
+    session = run_on_loop(
+        client.open_session(max_length=max_length),
+        loop,
+        timeout_s=open_timeout_s,
+        what="opening a route through the swarm",
+    )
+    try:
+        yield SwarmStepper(ends=ends, session=session, loop=loop, step_timeout_s=step_timeout_s)
+    finally:
+        with contextlib.suppress(Exception):  # the caller's own outcome matters more
+            run_on_loop(session.close(), loop, timeout_s=close_timeout_s, what="closing")

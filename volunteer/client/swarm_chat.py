@@ -19,8 +19,7 @@ from models.config import ModelConfig
 from models.model import ModelEnds
 from models.sampling import SamplingParams
 from models.tokenizer import Tokenizer
-from volunteer.client.loop_bridge import run_on_loop
-from volunteer.client.stepper import SwarmStepper
+from volunteer.client.stepper import SwarmStepper, open_swarm_stepper
 from volunteer.client.swarm_client import SwarmClient
 from volunteer.conversation import Conversation, stream_reply
 
@@ -95,18 +94,15 @@ class SwarmChat:
             should_stop=should_stop,
         )
 
-    @contextlib.contextmanager
-    def _open_stepper(self, prompt_len: int, max_new_tokens: int) -> Iterator[SwarmStepper]:
-        session = run_on_loop(
-            self.client.open_session(max_length=prompt_len + max_new_tokens),
+    def _open_stepper(
+        self, prompt_len: int, max_new_tokens: int
+    ) -> contextlib.AbstractContextManager[SwarmStepper]:
+        return open_swarm_stepper(
+            self.client,
             self.loop,
-            timeout_s=OPEN_TIMEOUT_S,
-            what="opening a route through the swarm",
+            self.ends,
+            max_length=prompt_len + max_new_tokens,
+            open_timeout_s=OPEN_TIMEOUT_S,
+            step_timeout_s=STEP_TIMEOUT_S,
+            close_timeout_s=CLOSE_TIMEOUT_S,
         )
-        try:
-            yield SwarmStepper(
-                ends=self.ends, session=session, loop=self.loop, step_timeout_s=STEP_TIMEOUT_S
-            )
-        finally:
-            with contextlib.suppress(Exception):  # the reply's own outcome matters more
-                run_on_loop(session.close(), self.loop, timeout_s=CLOSE_TIMEOUT_S, what="closing")
