@@ -25,7 +25,7 @@ from volunteer.smollm2 import DEFAULT_MODEL
 
 ENV_PREFIX = "VOLUNTEER_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-_FLAG_NAMES = {"start_timeout_s": "--start-timeout"}
+_FLAG_NAMES = {"start_timeout_s": "--start-timeout", "rebalance_period_s": "--rebalance-period"}
 _TRUE_WORDS = ("1", "true", "yes", "on")
 _FALSE_WORDS = ("0", "false", "no", "off")
 
@@ -57,6 +57,11 @@ class Settings:
     memory left after loading the blocks."""
     threads: int | None = None
     """torch thread count; None uses all cores (right for a lone daemon)."""
+    max_ram_gib: float | None = None
+    """The most RAM the served blocks and their caches may take; None: what is free."""
+    rebalance_period_s: float = 600.0
+    """Mean seconds between "should this server move to other blocks?" checks (each
+    interval randomised by ±50%); 0 never moves."""
     log_level: str = "INFO"
     """Level of the daemon's log file: DEBUG, INFO, WARNING or ERROR."""
     start_timeout_s: float = 120.0
@@ -292,15 +297,38 @@ def _parse_log_level(source: _Source) -> str:
 
 
 def _parse_timeout(source: _Source) -> float:
-    raw = source.raw
-    is_number = isinstance(raw, (int, float)) or _is_text(source)
-    try:
-        value = float(raw) if is_number else None
-    except ValueError:
-        value = None
-    if value is None or isinstance(raw, bool) or not 0 < value <= 3600:
+    value = _parse_number(source)
+    if value is None or not 0 < value <= 3600:
         raise _fail(source, "expected seconds between 0 and 3600")
     return value
+
+
+def _parse_gib(source: _Source) -> float | None:
+    if _is_text(source) and source.raw.strip().lower() in ("", "auto"):
+        return None
+    value = _parse_number(source)
+    if value is None or not 0 < value <= 1 << 20:
+        raise _fail(source, "expected GiB above 0, e.g. 6 or 0.5")
+    return value
+
+
+def _parse_period(source: _Source) -> float:
+    value = _parse_number(source)
+    if value is None or not 0 <= value <= 86400:
+        raise _fail(source, "expected seconds between 0 (never) and 86400")
+    return value
+
+
+def _parse_number(source: _Source) -> float | None:
+    """A float from a number (file) or text (env, flag); None when it is neither."""
+    raw = source.raw
+    if isinstance(raw, bool) or not (isinstance(raw, (int, float)) or _is_text(source)):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if value == value else None  # NaN is no number here
 
 
 _PARSERS: dict[str, Callable[[_Source], Any]] = {
@@ -314,6 +342,8 @@ _PARSERS: dict[str, Callable[[_Source], Any]] = {
     "public_name": _parse_public_name,
     "cache_tokens": lambda s: _parse_optional_int(s, minimum=1),
     "threads": lambda s: _parse_optional_int(s, minimum=1),
+    "max_ram_gib": _parse_gib,
+    "rebalance_period_s": _parse_period,
     "log_level": _parse_log_level,
     "start_timeout_s": _parse_timeout,
 }

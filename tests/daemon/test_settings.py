@@ -63,6 +63,14 @@ def test_env_values_are_parsed(paths: Paths) -> None:
     assert settings.log_level == "DEBUG"
 
 
+def test_memory_limit_and_rebalance_period_parse_from_every_source(paths: Paths) -> None:
+    assert build(paths, toml="max_ram_gib = 4\n").max_ram_gib == 4.0
+    assert build(paths, env={"VOLUNTEER_MAX_RAM_GIB": "0.5"}).max_ram_gib == 0.5
+    assert build(paths, max_ram_gib="auto").max_ram_gib is None
+    assert build(paths, rebalance_period_s="0").rebalance_period_s == 0.0  # never move
+    assert build(paths, env={"VOLUNTEER_REBALANCE_PERIOD_S": "90"}).rebalance_period_s == 90.0
+
+
 def test_a_higher_source_choosing_one_of_a_pair_clears_the_other(paths: Paths) -> None:
     toml = f'blocks = "0:4"\njoin = ["{PEER}"]\n'
     settings = build(paths, toml=toml, num_blocks="6", new_swarm=True)
@@ -95,6 +103,9 @@ def test_new_swarm_false_does_not_clear_a_lower_join(paths: Paths) -> None:
         ({"public_name": "x" * 65}, "--public-name: expected at most 64"),
         ({"log_level": "LOUD"}, "--log-level: expected one of DEBUG"),
         ({"start_timeout_s": "-1"}, "--start-timeout: expected seconds"),
+        ({"max_ram_gib": "0"}, "--max-ram-gib: expected GiB above 0"),
+        ({"max_ram_gib": "nan"}, "--max-ram-gib: expected GiB above 0"),
+        ({"rebalance_period_s": "-5"}, "--rebalance-period: expected seconds between 0"),
         ({"model": " "}, "--model: expected a non-empty string"),
         ({"blocks": "0:2", "num_blocks": "2"}, "--blocks and --num-blocks exclude each other"),
         ({"join": [PEER], "new_swarm": True}, "--join and --new-swarm exclude each other"),
@@ -129,6 +140,8 @@ def test_bad_env_names_the_variable(paths: Paths, env: dict[str, str], fragment:
         ("port = true\n", "key 'port': expected a whole number"),
         (f'join = "{PEER}"\n', "key 'join': expected a list of multiaddrs"),
         ("port = = 3\n", "not valid TOML"),
+        ("max_ram_gib = true\n", "key 'max_ram_gib': expected GiB"),
+        ('rebalance_period_s = "soon"\n', "key 'rebalance_period_s': expected seconds"),
     ],
 )
 def test_bad_config_file_names_the_key(paths: Paths, toml: str, fragment: str) -> None:
@@ -152,6 +165,8 @@ def test_to_toml_round_trips(paths: Paths) -> None:
         public_name='Ada "the" Lovelace ✓',
         cache_tokens=4096,
         threads=3,
+        max_ram_gib=6.5,
+        rebalance_period_s=0.0,
         log_level="DEBUG",
         start_timeout_s=30.0,
     )

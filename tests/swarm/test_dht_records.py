@@ -228,6 +228,21 @@ def test_node_coroutines_on_the_callers_loop() -> None:
             )
             snap = await read_snapshot_on_node(node_b, "node-model", 2, timeout_s=TIMEOUT_S)
             assert snap.spans() == {peer_id_from_owner(owner): info}
+            # A server moving off block 0 marks just that block OFFLINE.
+            offline = info.model_copy(update={"state": ServerState.OFFLINE})
+            assert await announce_on_node(
+                node_a, offline, owner=owner, expiration_s=30, timeout_s=TIMEOUT_S,
+                blocks=range(0, 1),
+            )  # fmt: skip
+            snap = await read_snapshot_on_node(node_b, "node-model", 2, timeout_s=TIMEOUT_S)
+            me = peer_id_from_owner(owner)
+            assert snap.servers_for_block(0)[me].state is ServerState.OFFLINE
+            assert snap.servers_for_block(1)[me].state is ServerState.ONLINE
+            with pytest.raises(ValueError, match="not all inside"):
+                await announce_on_node(
+                    node_a, info, owner=owner, expiration_s=30, timeout_s=TIMEOUT_S,
+                    blocks=range(1, 3),
+                )  # fmt: skip
         finally:
             for node in (node_b, node_a):
                 if node is not None:

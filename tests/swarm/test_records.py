@@ -199,3 +199,21 @@ def test_snapshot_does_not_depend_on_arrival_order() -> None:
 def test_weakest_span_rejects_bad_sizes(num_blocks: int) -> None:
     with pytest.raises(ValueError):
         snapshot(3, {}).weakest_span(num_blocks)
+
+
+def test_a_moved_server_counts_by_its_serving_record() -> None:
+    # It left blocks 0:2 (OFFLINE records there until they expire) for 4:6.
+    left = make_info(start=0, end=2, state=ServerState.OFFLINE, model="m")
+    entries = [(i, "mover", left) for i in (0, 1)]
+    entries += [(i, "mover", make_info(start=4, end=6, throughput=3.0, model="m")) for i in (4, 5)]
+    snap = SwarmSnapshot.build("m", 6, entries)
+    assert (snap.spans()["mover"].start, snap.spans()["mover"].end) == (4, 6)
+    assert [(s.peer_id, s.start, s.end) for s in snap.server_spans()] == [("mover", 4, 6)]
+
+
+def test_without_drops_one_peers_records() -> None:
+    snap = snapshot(4, {"a": (0, 2, 1.0, ServerState.ONLINE), "b": (1, 4, 2.0, ServerState.ONLINE)})
+    alone = snap.without("b")
+    assert alone.block_throughput() == [1.0, 1.0, 0.0, 0.0]
+    assert snap.block_throughput() == [1.0, 3.0, 2.0, 2.0]  # the original is untouched
+    assert [s.peer_id for s in alone.server_spans()] == ["a"]

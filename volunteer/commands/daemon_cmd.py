@@ -28,6 +28,13 @@ _VALUE_FLAGS = (
     ("--public-name", "public_name", "NAME", "your name on the leaderboard"),
     ("--cache-tokens", "cache_tokens", "N", "attention cache budget in tokens (default: auto)"),
     ("--threads", "threads", "N", "torch threads (default: all cores)"),
+    ("--max-ram-gib", "max_ram_gib", "GIB", "most RAM the blocks and caches may take"),
+    (
+        "--rebalance-period",
+        "rebalance_period_s",
+        "SECONDS",
+        "mean time between checks whether to move to weaker blocks (600; 0: never)",
+    ),
     ("--log-level", "log_level", "LEVEL", "DEBUG, INFO (default), WARNING or ERROR"),
     ("--start-timeout", "start_timeout_s", "SECONDS", "how long to wait for serving (120)"),
 )
@@ -187,6 +194,8 @@ def _print_table(status: dict[str, Any]) -> None:
         ("pid", status.get("pid")),
         ("model", status.get("model")),
         ("blocks", f"{blocks[0]}:{blocks[1]}" if blocks else "-"),
+        ("why these", status.get("span_reason")),
+        ("last rebalance", status.get("last_rebalance_check")),
         ("peers seen", status.get("peers_seen")),
         ("requests served", status.get("requests_served")),
         ("tokens served", status.get("tokens_served")),

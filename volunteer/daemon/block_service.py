@@ -1,11 +1,18 @@
 """The daemon's block server: load a span of the model, serve it, keep it announced.
 
 Start: find the model (fetching it if needed), choose the span (`--blocks`, or
-`--num-blocks` / as many blocks as fit in memory, placed where the swarm is weakest),
-load it, measure its speed, register the RPC handlers on the DHT service's P2P, and
-announce ONLINE. While serving, the record is re-announced every period with a TTL of a
-few periods, so a server that dies silently drops out of the swarm on its own. Stop:
-announce OFFLINE first (clients stop routing here at once), then unregister the handlers.
+`--num-blocks` / as many blocks as fit in memory, placed where the swarm is weakest:
+`volunteer.daemon.span_plan`), load it, measure its speed, register the RPC handlers on
+the DHT service's P2P, and announce ONLINE. While serving, the record is re-announced
+every period with a TTL of a few periods, so a server that dies silently drops out of
+the swarm on its own. Stop: announce OFFLINE first (clients stop routing here at once),
+then unregister the handlers.
+
+Rebalancing (unless the span was set with `--blocks`): at randomised intervals the
+server asks the scheduler whether moving would raise the swarm's weakest block enough
+(`scheduler.rebalancing.should_move`). If so it loads the new blocks, serves them, and
+announces them ONLINE and the blocks it left OFFLINE; sessions already open finish on
+the old blocks, which are freed after them.
 
 `--num-blocks 0` serves nothing: the daemon is then a DHT peer (a bootstrap node) and a
 client for chat.
@@ -16,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from typing import Any
 
@@ -23,17 +31,24 @@ import psutil
 import torch
 
 from models.checkpoint import load_span
-from models.config import ModelConfig
 from models.model import BlockSpan
+from scheduler.block_selection import ServerSpan
+from scheduler.rebalancing import MoveDecision, next_check_delay_s, should_move
 from volunteer import __version__
 from volunteer.daemon.dht_service import DHTService
-from volunteer.errors import SettingsError, VolunteerError
+from volunteer.daemon.span_plan import DTYPE, SpanPlan, auto_cache_tokens, plan_span
+from volunteer.errors import VolunteerError
 from volunteer.paths import Paths
 from volunteer.served_model import ServedModel, open_model
 from volunteer.server.handler import BlockHandler
 from volunteer.settings import Settings
-from volunteer.swarm.dht_records import announce_on_node, read_snapshot_on_node, record_ttl_s
-from volunteer.swarm.records import ServerInfo, ServerState
+from volunteer.swarm.dht_records import (
+    announce_on_node,
+    peer_id_from_owner,
+    read_snapshot_on_node,
+    record_ttl_s,
+)
+from volunteer.swarm.records import ServerInfo, ServerState, SwarmSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -41,19 +56,6 @@ ANNOUNCE_PERIOD_S = 30.0
 """How often the record is refreshed; it lives `record_ttl_s` of this."""
 DHT_TIMEOUT_S = 10.0
 ANNOUNCE_ATTEMPTS = 3
-MEMORY_FRACTION = 0.8
-"""Share of the memory available at start that the blocks may take."""
-MEMORY_RESERVE_BYTES = 512 << 20
-"""Left for the process itself, the model's ends and activations."""
-CACHE_MEMORY_FRACTION = 0.25
-"""Share of the memory left after loading that the attention caches may take."""
-MAX_AUTO_CACHE_BYTES = 4 << 30
-DTYPE = torch.float32
-"""CPU inference in float32: the numerics local chat uses, so greedy output matches."""
-
-
-class NotEnoughMemoryError(VolunteerError):
-    """Not even one block fits in the memory this machine has free."""
 
 
 class BlockService:
@@ -65,6 +67,7 @@ class BlockService:
         dht: the running DHT service (started before this one).
         owner: `owner_marker` of this peer's key, the subkey of its records.
         announce_period_s: seconds between re-announces.
+        rng: randomises tie-breaks and check intervals (seeded by the caller in tests).
     """
 
     def __init__(
@@ -75,16 +78,22 @@ class BlockService:
         *,
         owner: bytes,
         announce_period_s: float = ANNOUNCE_PERIOD_S,
+        rng: random.Random | None = None,
     ) -> None:
         self._settings = settings
         self._paths = paths
         self._dht = dht
         self._owner = owner
         self._period_s = announce_period_s
+        self._rng = rng or random.Random()
         self.model: ServedModel | None = None
         self.handler: BlockHandler | None = None
+        self.plan: SpanPlan | None = None
+        self.is_moving = False
+        self.moves = 0
+        self.last_check: MoveDecision | None = None
         self._info: ServerInfo | None = None
-        self._announcer: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         settings = self._settings
@@ -95,13 +104,27 @@ class BlockService:
         self.model = model = await asyncio.to_thread(
             open_model, settings.model, self._paths.models_dir
         )
-        start, end = await self._choose_span(model)
-        logger.info("loading blocks %d:%d of %s", start, end, model.swarm_name)
+        available = psutil.virtual_memory().available
+        # Our own records from before a restart must not count as another server.
+        snapshot = None
+        if settings.blocks is None:
+            snapshot = (await self._read_snapshot()).without(peer_id_from_owner(self._owner))
+        self.plan = plan = plan_span(
+            model.config,
+            settings,
+            model_name=model.swarm_name,
+            available_bytes=available,
+            snapshot=snapshot,
+        )
+        start, end = plan.start, plan.end
+        logger.info("serving %s: %s", model.swarm_name, plan.reason)
         span = await asyncio.to_thread(
             load_span, model.folder, model.config, start, end, dtype=DTYPE
         )
         throughput = await asyncio.to_thread(measure_throughput, span)
-        cache_tokens = settings.cache_tokens or auto_cache_tokens(model.config, end - start)
+        cache_tokens = settings.cache_tokens or auto_cache_tokens(
+            model.config, settings, end - start, available
+        )
         self.handler = await BlockHandler.create(
             p2p=self._dht.p2p,
             span=span,
@@ -128,7 +151,9 @@ class BlockService:
             await asyncio.sleep(1.0)
         else:
             raise VolunteerError("could not announce the served blocks in the DHT")
-        self._announcer = asyncio.create_task(self._announce_forever(), name="announce")
+        self._tasks.append(asyncio.create_task(self._announce_forever(), name="announce"))
+        if settings.blocks is None and settings.rebalance_period_s > 0:
+            self._tasks.append(asyncio.create_task(self._rebalance_forever(), name="rebalance"))
         logger.info(
             "serving blocks %d:%d of %s (%.1f tokens/s per block, %d cache tokens) "
             "%.2f s after start",
@@ -136,11 +161,12 @@ class BlockService:
         )  # fmt: skip
 
     async def stop(self) -> None:
-        if self._announcer is not None:
-            self._announcer.cancel()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._announcer
-            self._announcer = None
+                await task
         if self._info is not None:
             offline = self._info.model_copy(update={"state": ServerState.OFFLINE})
             if await self._announce(offline):
@@ -154,7 +180,9 @@ class BlockService:
         handler = self.handler
         if handler is None:
             return {"blocks": None, "requests_served": 0, "tokens_served": 0}
-        return {
+        # While moving, the daemon's state reads "rebalancing" (this overrides "serving").
+        moving = {"state": "rebalancing"} if self.is_moving else {}
+        return moving | {
             "blocks": [handler.span.start, handler.span.end],
             "swarm_model": handler.model_name,
             "requests_served": handler.stats.requests,
@@ -163,35 +191,78 @@ class BlockService:
             "cache_tokens_total": handler.sessions.cache_tokens_total,
             "cache_tokens_left": handler.sessions.cache_tokens_left,
             "throughput": handler.throughput,
+            "span_reason": self.plan.reason if self.plan is not None else None,
+            "rebalancing": self.is_moving,
+            "moves": self.moves,
+            "last_rebalance_check": self.last_check.reason if self.last_check else None,
         }
 
-    async def _choose_span(self, model: ServedModel) -> tuple[int, int]:
-        total = model.config.num_layers
-        if self._settings.blocks is not None:
-            start, end = self._settings.blocks
-            if end > total:
-                raise SettingsError(
-                    f"--blocks {start}:{end} is outside {model.swarm_name}, which has "
-                    f"{total} blocks (0:{total})"
-                )
-            return start, end
-        fit = blocks_that_fit(model.config)
-        wanted = self._settings.num_blocks or total
-        count = min(wanted, fit, total)
-        if count < wanted and self._settings.num_blocks is not None:
-            logger.warning("only %d of the %d blocks asked for fit in memory", count, wanted)
-        snapshot = await read_snapshot_on_node(
-            self._dht.node, model.swarm_name, total, timeout_s=DHT_TIMEOUT_S
+    async def _read_snapshot(self) -> SwarmSnapshot:
+        assert self.model is not None
+        config = self.model.config
+        return await read_snapshot_on_node(
+            self._dht.node, self.model.swarm_name, config.num_layers, timeout_s=DHT_TIMEOUT_S
         )
-        return snapshot.weakest_span(count)
 
-    async def _announce(self, info: ServerInfo) -> bool:
+    async def check_rebalance(self) -> MoveDecision | None:
+        """Asks the scheduler whether to move, and moves if so; None when this server is
+        not in the swarm's records (yet)."""
+        handler, info = self.handler, self._info
+        if handler is None or info is None or self.model is None:
+            return None
+        snapshot = await self._read_snapshot()
+        me = peer_id_from_owner(self._owner)
+        spans = [s for s in snapshot.server_spans() if s.peer_id != me]
+        own = ServerSpan(me, info.start, info.end, info.throughput)
+        decision = await asyncio.to_thread(
+            should_move, [*spans, own], me, self.model.config.num_layers, self._rng
+        )
+        self.last_check = decision
+        logger.info("rebalance check: %s", decision.reason)
+        if decision.should_move:
+            await self._move_to(decision.start)
+        return decision
+
+    async def _move_to(self, start: int) -> None:
+        handler, info, model = self.handler, self._info, self.model
+        assert handler is not None and info is not None and model is not None
+        end = start + (info.end - info.start)
+        self.is_moving = True
+        try:
+            span = await asyncio.to_thread(
+                load_span, model.folder, model.config, start, end, dtype=DTYPE
+            )
+            handler.swap_span(span)
+            moved = info.model_copy(update={"start": start, "end": end})
+            self._info = moved
+            await self._announce(moved)
+            left = [i for i in range(info.start, info.end) if not start <= i < end]
+            if left:
+                offline = info.model_copy(update={"state": ServerState.OFFLINE})
+                await self._announce(offline, blocks=range(left[0], left[-1] + 1))
+            self.moves += 1
+            logger.info("moved from blocks %d:%d to %d:%d", info.start, info.end, start, end)
+        finally:
+            self.is_moving = False
+
+    async def _rebalance_forever(self) -> None:
+        period_s = self._settings.rebalance_period_s
+        while True:
+            await asyncio.sleep(next_check_delay_s(self._rng, period_s))
+            try:
+                await self.check_rebalance()
+            except (TimeoutError, VolunteerError, OSError) as exc:
+                # A DHT hiccup or a failed load: keep serving the current span.
+                logger.warning("rebalance check failed: %s", exc)
+
+    async def _announce(self, info: ServerInfo, blocks: range | None = None) -> bool:
         return await announce_on_node(
             self._dht.node,
             info,
             owner=self._owner,
             expiration_s=record_ttl_s(self._period_s),
             timeout_s=DHT_TIMEOUT_S,
+            blocks=blocks,
         )
 
     async def _announce_forever(self) -> None:
@@ -203,39 +274,6 @@ class BlockService:
             info = info.model_copy(update={"cache_tokens_left": handler.sessions.cache_tokens_left})
             if not await self._announce(info):
                 logger.warning("re-announce failed; retrying in %g s", self._period_s)
-
-
-def block_bytes(config: ModelConfig, dtype: torch.dtype = DTYPE) -> int:
-    """Bytes of one block's weights in `dtype`."""
-    with torch.device("meta"):
-        block = BlockSpan(config, 0, 1)
-    return sum(p.numel() for p in block.parameters()) * dtype.itemsize
-
-
-def blocks_that_fit(config: ModelConfig, dtype: torch.dtype = DTYPE) -> int:
-    """How many blocks fit in the memory free now (at most all of them).
-
-    Raises:
-        NotEnoughMemoryError: not even one.
-    """
-    available = psutil.virtual_memory().available
-    budget = available * MEMORY_FRACTION - MEMORY_RESERVE_BYTES
-    size = block_bytes(config, dtype)
-    count = min(config.num_layers, int(max(budget, 0) // size))
-    if count < 1:
-        raise NotEnoughMemoryError(
-            f"one block needs {size / 2**20:.0f} MiB but only {available / 2**20:.0f} MiB "
-            f"of memory is free"
-        )
-    return count
-
-
-def auto_cache_tokens(config: ModelConfig, num_blocks: int, dtype: torch.dtype = DTYPE) -> int:
-    """A cache budget from the memory left after loading: a share of it, capped."""
-    per_token = 2 * num_blocks * config.num_kv_heads * config.head_dim * dtype.itemsize
-    budget = min(psutil.virtual_memory().available * CACHE_MEMORY_FRACTION, MAX_AUTO_CACHE_BYTES)
-    # At least one full-context session, so that a lone server can always answer one user.
-    return max(int(budget // per_token), config.max_position_embeddings)
 
 
 def measure_throughput(span: BlockSpan, steps: int = 3) -> float:

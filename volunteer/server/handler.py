@@ -166,6 +166,17 @@ class BlockHandler(ServicerBase):
         self.compute.shutdown()
         self.sessions.release_all()
 
+    def swap_span(self, span: BlockSpan) -> BlockSpan:
+        """Serves `span` from now on and returns the span served until now.
+
+        Open sessions keep running on the blocks they were opened on; new requests must
+        fall inside the new span. The old blocks are freed once nothing holds them.
+        """
+        if span.config != self.span.config or span.num_blocks != self.span.num_blocks:
+            raise ValueError("a swapped-in span must be as long and of the same model")
+        old, self.span = self.span, span.eval()
+        return old
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.span.parameters()).dtype
@@ -347,11 +358,12 @@ class BlockHandler(ServicerBase):
             end=meta.end,
             batch_size=meta.batch_size,
             max_length=meta.max_length,
+            span=self.span,
         )
         self.sessions.admit(session)
         try:
             session.cache = await self.compute.run(
-                PRIORITY_INFERENCE, allocate_cache, self.span, session
+                PRIORITY_INFERENCE, allocate_cache, session.span, session
             )
         except BaseException:
             self.sessions.release(session)
@@ -416,7 +428,7 @@ class BlockHandler(ServicerBase):
         """
         self._check_step(session, hidden, start_pos)
         output = await self.compute.run(
-            PRIORITY_INFERENCE, inference_step, self.span, session, hidden, start_pos
+            PRIORITY_INFERENCE, inference_step, session, hidden, start_pos
         )
         self.stats.count(hidden)
         return output

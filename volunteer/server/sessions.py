@@ -43,6 +43,9 @@ class Session:
     max_length: int
     cache: KVCache | None = None
     """Allocated after admission; None until then."""
+    span: BlockSpan | None = None
+    """The blocks the session was opened on: it keeps running on them even after the
+    server moves to other blocks (they are freed with the last such session)."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -195,12 +198,11 @@ def backward_span(
     return _like(grad, hidden)
 
 
-def inference_step(
-    span: BlockSpan, session: Session, hidden: torch.Tensor, start_pos: int
-) -> torch.Tensor:
-    """One step of a session: new positions [start_pos, start_pos + S) through its cache."""
-    cache = session.cache
-    assert cache is not None  # sessions get their cache before their first step
+def inference_step(session: Session, hidden: torch.Tensor, start_pos: int) -> torch.Tensor:
+    """One step of a session: new positions [start_pos, start_pos + S) through its cache,
+    on the blocks it was opened on."""
+    cache, span = session.cache, session.span
+    assert cache is not None and span is not None  # set when the session was admitted
     with torch.inference_mode():
         output = run_blocks(
             span, _to_span(span, hidden), session.start, session.end, start_pos, cache

@@ -142,7 +142,13 @@ def record_ttl_s(period_s: float) -> float:
 
 
 async def announce_on_node(
-    node: DHTNode, info: ServerInfo, *, owner: bytes, expiration_s: float, timeout_s: float
+    node: DHTNode,
+    info: ServerInfo,
+    *,
+    owner: bytes,
+    expiration_s: float,
+    timeout_s: float,
+    blocks: range | None = None,
 ) -> bool:
     """Stores `info` under every block of its span, signed, on a DHTNode of this loop.
 
@@ -152,11 +158,15 @@ async def announce_on_node(
         owner: `owner_marker(identity_key)` of the node's key.
         expiration_s: how long the record lives from now.
         timeout_s: how long to wait for the DHT.
+        blocks: only these blocks of the span (e.g. those a moving server leaves).
 
     Returns:
         Whether every block's record was stored; False on timeout or refusal.
     """
-    keys = [block_key(info.model, index) for index in range(info.start, info.end)]
+    indices = range(info.start, info.end) if blocks is None else blocks
+    if not set(indices) <= set(range(info.start, info.end)):
+        raise ValueError(f"blocks {indices} are not all inside [{info.start}, {info.end})")
+    keys = [block_key(info.model, index) for index in indices]
     expiration = get_dht_time() + expiration_s
     try:
         stored = await asyncio.wait_for(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import random
 import re
 import types
 from collections.abc import Iterable, Mapping
@@ -21,6 +22,7 @@ from typing import Annotated, Any
 
 import pydantic
 
+from scheduler.block_selection import ServerSpan, choose_best_start
 from volunteer.errors import VolunteerError
 
 SCHEMA_VERSION = 1
@@ -173,6 +175,15 @@ class SwarmSnapshot:
         frozen = tuple(types.MappingProxyType(dict(sorted(b.items()))) for b in per_block)
         return cls(model=model, blocks=frozen)
 
+    def without(self, peer_id: str) -> SwarmSnapshot:
+        """The same swarm without `peer_id`'s records (e.g. a restarted server's own old
+        ones, which must not count as someone else serving)."""
+        blocks = tuple(
+            types.MappingProxyType({p: i for p, i in servers.items() if p != peer_id})
+            for servers in self.blocks
+        )
+        return dataclasses.replace(self, blocks=blocks)
+
     def servers_for_block(self, index: int) -> Mapping[str, ServerInfo]:
         """Peer id -> record for the servers that announced block `index`."""
         if not 0 <= index < len(self.blocks):
@@ -180,11 +191,14 @@ class SwarmSnapshot:
         return self.blocks[index]
 
     def spans(self) -> dict[str, ServerInfo]:
-        """One record per peer (from its lowest announced block), sorted by peer id."""
+        """One record per peer, sorted by peer id: its serving record from its lowest
+        block, or, for a peer serving nothing, its record from its lowest block. (A
+        server that moved leaves OFFLINE records on the blocks it left.)"""
         found: dict[str, ServerInfo] = {}
         for servers in self.blocks:
             for peer_id, info in servers.items():
-                found.setdefault(peer_id, info)
+                if peer_id not in found or (info.is_serving and not found[peer_id].is_serving):
+                    found[peer_id] = info
         return dict(sorted(found.items()))
 
     def block_throughput(self) -> list[float]:
@@ -194,11 +208,12 @@ class SwarmSnapshot:
             for servers in self.blocks
         ]
 
-    def weakest_span(self, num_blocks: int) -> tuple[int, int]:
-        """The `num_blocks` consecutive blocks with the smallest summed throughput.
+    def weakest_span(self, num_blocks: int, rng: random.Random | None = None) -> tuple[int, int]:
+        """Where a server of `num_blocks` blocks should join: the window where the swarm
+        is weakest (`scheduler.block_selection.choose_best_start`).
 
-        Ties go to the lowest start, and sums are exactly rounded (`math.fsum`), so the
-        same snapshot always gives the same answer.
+        Sums are exactly rounded (`math.fsum`) in peer order, so the same snapshot always
+        gives the same answer; ties go to the lowest start, or to `rng`'s pick.
 
         Returns:
             `(start, end)` of that window.
@@ -209,10 +224,13 @@ class SwarmSnapshot:
         total = len(self.blocks)
         if not 1 <= num_blocks <= total:
             raise ValueError(f"num_blocks must be in [1, {total}], got {num_blocks}")
-        per_block = self.block_throughput()
-        best_start, best_sum = 0, math.inf
-        for start in range(total - num_blocks + 1):
-            window_sum = math.fsum(per_block[start : start + num_blocks])
-            if window_sum < best_sum:
-                best_start, best_sum = start, window_sum
-        return best_start, best_start + num_blocks
+        start = choose_best_start(self.block_throughput(), num_blocks, rng)
+        return start, start + num_blocks
+
+    def server_spans(self) -> list[ServerSpan]:
+        """The serving servers as the scheduler sees them, in peer-id order."""
+        return [
+            ServerSpan(peer_id, info.start, info.end, info.throughput)
+            for peer_id, info in self.spans().items()
+            if info.is_serving
+        ]

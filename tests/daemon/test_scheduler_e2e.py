@@ -1,0 +1,76 @@
+"""Daemons that choose their own blocks, and one that moves when the swarm loses a span.
+
+Real daemons on 127.0.0.1 with the real SmolLM2 (30 blocks): three servers asking for
+10 blocks each land on three different spans that cover the model; a fourth, checking
+every second whether to move, doubles one span; when a server of another span stops,
+the fourth moves there, and chat through the swarm works again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon.homes import Homes
+from tests.daemon.test_swarm_e2e import PARIS_PROMPT, Swarm
+from volunteer.daemon.control import use_tcp
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(use_tcp(), reason="daemon tests use the Unix-socket path"),
+]
+
+SERVERS = ("a", "b", "c")
+MOVE_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory: pytest.TempPathFactory, smollm2_folder: Path) -> Iterator[Swarm]:
+    homes = Homes(tmp_path_factory.mktemp("scheduling"))
+    swarm = Swarm(homes, smollm2_folder)
+    try:
+        swarm.start("boot", "--num-blocks", "0")
+        for name in SERVERS:
+            swarm.start(name, "--num-blocks", "10")
+        yield swarm
+    finally:
+        homes.reap()
+
+
+def test_servers_choosing_their_own_blocks_land_on_different_spans(swarm: Swarm) -> None:
+    statuses = {name: swarm.status(name) for name in SERVERS}
+    spans = sorted(tuple(s["blocks"]) for s in statuses.values())
+    assert spans == [(0, 10), (10, 20), (20, 30)]
+    assert "no server holds any block yet" in statuses["a"]["span_reason"]
+    assert all("weakest span" in statuses[n]["span_reason"] for n in ("b", "c"))
+
+
+def test_a_server_moves_to_the_blocks_a_stopped_server_left(swarm: Swarm) -> None:
+    swarm.start("mover", "--num-blocks", "10", "--rebalance-period", "1")
+    first = swarm.status("mover")
+    doubled = tuple(first["blocks"])
+    assert first["state"] == "serving" and first["moves"] == 0
+    # Stop a server whose span the mover does not share: its blocks are left bare.
+    leaver = next(n for n in SERVERS if tuple(swarm.status(n)["blocks"]) != doubled)
+    bare = tuple(swarm.status(leaver)["blocks"])
+    stopped = swarm.homes.cli(swarm.homes.home(leaver), "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    deadline = time.monotonic() + MOVE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        status = swarm.status("mover")
+        if tuple(status["blocks"]) == bare and status["state"] == "serving":
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"the mover stayed on {doubled} (last check: {status['last_rebalance_check']})")
+    assert status["moves"] == 1
+    assert "moving" in status["last_rebalance_check"]
+    result = swarm.chat(PARIS_PROMPT)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    # It stays put once the swarm is whole again.
+    time.sleep(3)
+    assert swarm.status("mover")["moves"] == 1
