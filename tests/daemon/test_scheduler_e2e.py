@@ -8,6 +8,7 @@ the fourth moves there, and chat through the swarm works again.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +47,21 @@ def test_servers_choosing_their_own_blocks_land_on_different_spans(swarm: Swarm)
     assert spans == [(0, 10), (10, 20), (20, 30)]
     assert "no server holds any block yet" in statuses["a"]["span_reason"]
     assert all("weakest span" in statuses[n]["span_reason"] for n in ("b", "c"))
+    # The bootstrap daemon, serving nothing, describes the swarm (for the TUI and profile).
+    described = swarm.control("boot").call("swarm", timeout_s=30)
+    assert sorted((s["start"], s["end"]) for s in described["servers"]) == spans
+    assert described["num_blocks"] == 30 and min(described["block_throughput"]) > 0
+    # `volunteer profile` plans with the swarm the daemon sees: 10 blocks go where the
+    # slowest server is.
+    profiled = swarm.homes.cli(
+        swarm.homes.home("boot"), "profile", "--json", "--model", str(swarm.model),
+        "--num-blocks", "10",
+    )  # fmt: skip
+    assert profiled.returncode == 0, profiled.stderr
+    decision = json.loads(profiled.stdout)["decision"]
+    assert "running daemon sees it (3 server(s) serving)" in decision["swarm_source"]
+    slowest = min(statuses.values(), key=lambda s: (s["throughput"], s["blocks"][0]))
+    assert decision["blocks"] == slowest["blocks"]
 
 
 def test_a_server_moves_to_the_blocks_a_stopped_server_left(swarm: Swarm) -> None:

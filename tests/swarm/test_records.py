@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from typing import Any
@@ -217,3 +218,29 @@ def test_without_drops_one_peers_records() -> None:
     assert alone.block_throughput() == [1.0, 1.0, 0.0, 0.0]
     assert snap.block_throughput() == [1.0, 3.0, 2.0, 2.0]  # the original is untouched
     assert [s.peer_id for s in alone.server_spans()] == ["a"]
+
+
+def test_a_snapshot_round_trips_through_json() -> None:
+    snap = snapshot(
+        6, {"a": (0, 3, 2.0, ServerState.ONLINE), "b": (2, 6, 1.5, ServerState.OFFLINE)}
+    )
+    data = snap.to_json()
+    assert data["block_throughput"] == [2.0, 2.0, 2.0, 0.0, 0.0, 0.0]
+    assert [s["peer_id"] for s in data["servers"]] == ["a", "b"]
+    again = SwarmSnapshot.from_json(json.loads(json.dumps(data)))
+    assert again == snap
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        None,
+        {"model": "m", "num_blocks": 2},
+        {"model": "m", "num_blocks": 2, "servers": [{"start": 0}]},
+        {"model": "m", "num_blocks": 2, "servers": [{"peer_id": "a", "start": "x"}]},
+        {"model": "m", "num_blocks": 1, "servers": [{"peer_id": "a", **make_info().to_wire()}]},
+    ],
+)
+def test_malformed_swarm_json_is_refused(data: object) -> None:
+    with pytest.raises(RecordError):
+        SwarmSnapshot.from_json(data)

@@ -28,16 +28,16 @@ import time
 from typing import Any
 
 import psutil
-import torch
 
 from models.checkpoint import load_span
-from models.model import BlockSpan
 from scheduler.block_selection import ServerSpan
 from scheduler.rebalancing import MoveDecision, next_check_delay_s, should_move
 from volunteer import __version__
+from volunteer.daemon.control import ControlServer
 from volunteer.daemon.dht_service import DHTService
 from volunteer.daemon.span_plan import DTYPE, SpanPlan, auto_cache_tokens, plan_span
 from volunteer.errors import VolunteerError
+from volunteer.microbench import measure_decode_speed
 from volunteer.paths import Paths
 from volunteer.served_model import ServedModel, open_model
 from volunteer.server.handler import BlockHandler
@@ -56,6 +56,8 @@ ANNOUNCE_PERIOD_S = 30.0
 """How often the record is refreshed; it lives `record_ttl_s` of this."""
 DHT_TIMEOUT_S = 10.0
 ANNOUNCE_ATTEMPTS = 3
+SPEED_BUDGET_S = 0.2
+"""Time spent at start measuring the span's decode speed (the throughput announced)."""
 
 
 class BlockService:
@@ -121,7 +123,7 @@ class BlockService:
         span = await asyncio.to_thread(
             load_span, model.folder, model.config, start, end, dtype=DTYPE
         )
-        throughput = await asyncio.to_thread(measure_throughput, span)
+        throughput = await asyncio.to_thread(measure_decode_speed, span, SPEED_BUDGET_S)
         cache_tokens = settings.cache_tokens or auto_cache_tokens(
             model.config, settings, end - start, available
         )
@@ -196,6 +198,17 @@ class BlockService:
             "moves": self.moves,
             "last_rebalance_check": self.last_check.reason if self.last_check else None,
         }
+
+    def register_control(self, control: ControlServer) -> None:
+        control.register("swarm", self._swarm)
+
+    async def _swarm(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Control method: who serves which block of this daemon's model, right now."""
+        if self.model is None:  # a daemon serving nothing still describes its swarm
+            self.model = await asyncio.to_thread(
+                open_model, self._settings.model, self._paths.models_dir
+            )
+        return (await self._read_snapshot()).to_json()
 
     async def _read_snapshot(self) -> SwarmSnapshot:
         assert self.model is not None
@@ -274,18 +287,3 @@ class BlockService:
             info = info.model_copy(update={"cache_tokens_left": handler.sessions.cache_tokens_left})
             if not await self._announce(info):
                 logger.warning("re-announce failed; retrying in %g s", self._period_s)
-
-
-def measure_throughput(span: BlockSpan, steps: int = 3) -> float:
-    """Decode tokens per second per block, timed on this span (after one warm-up step)."""
-    cache = span.allocate_cache(batch_size=1, max_length=steps + 1)
-    hidden = torch.zeros(1, 1, span.config.hidden_size, dtype=DTYPE)
-    times = []
-    with torch.inference_mode():
-        for position in range(steps + 1):
-            began = time.perf_counter()
-            span(hidden, start_pos=position, cache=cache)
-            cache.length = position + 1
-            times.append(time.perf_counter() - began)
-    step_s = sorted(times[1:])[len(times[1:]) // 2]
-    return span.num_blocks / max(step_s, 1e-6)

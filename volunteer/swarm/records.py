@@ -175,6 +175,46 @@ class SwarmSnapshot:
         frozen = tuple(types.MappingProxyType(dict(sorted(b.items()))) for b in per_block)
         return cls(model=model, blocks=frozen)
 
+    def to_json(self) -> dict[str, Any]:
+        """The swarm as plain JSON data (for the control API): one record per peer, and
+        each block's summed throughput."""
+        return {
+            "model": self.model,
+            "num_blocks": len(self.blocks),
+            "block_throughput": self.block_throughput(),
+            "servers": [
+                {"peer_id": peer_id, **info.to_wire()} for peer_id, info in self.spans().items()
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> SwarmSnapshot:
+        """A snapshot from `to_json` data, each record on every block of its span.
+
+        Raises:
+            RecordError: the data is malformed.
+        """
+        fields = data if isinstance(data, dict) else {}
+        model, num_blocks = fields.get("model"), fields.get("num_blocks")
+        servers = fields.get("servers")
+        if not (
+            isinstance(model, str)
+            and isinstance(num_blocks, int)
+            and num_blocks >= 0
+            and isinstance(servers, list)
+        ):
+            raise RecordError("a swarm description needs model, num_blocks and a servers list")
+        entries = []
+        for item in servers:
+            if not isinstance(item, dict) or not isinstance(item.get("peer_id"), str):
+                raise RecordError("each server needs a peer_id")
+            info = ServerInfo.from_wire({k: v for k, v in item.items() if k != "peer_id"})
+            entries += [(index, item["peer_id"], info) for index in range(info.start, info.end)]
+        try:
+            return cls.build(model, num_blocks, entries)
+        except ValueError as exc:
+            raise RecordError(str(exc)) from None
+
     def without(self, peer_id: str) -> SwarmSnapshot:
         """The same swarm without `peer_id`'s records (e.g. a restarted server's own old
         ones, which must not count as someone else serving)."""

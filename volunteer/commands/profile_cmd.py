@@ -1,0 +1,91 @@
+"""`volunteer profile [--json]`: the machine, measured, and the daemon's decision with why."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from volunteer.paths import Paths
+
+BENCH_BUDGET_S = 3.0
+SWARM_TIMEOUT_S = 30.0
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "profile",
+        help="measure this machine and show what the daemon would do",
+        description="Profile the CPU, RAM, disk and GPUs, run short benchmarks (cached per "
+        "hardware), and show the blocks, placement and role the daemon would choose, "
+        "with the reasons. Settings come from config.toml, VOLUNTEER_* and these flags.",
+    )
+    parser.add_argument("--json", action="store_true", help="print everything as JSON")
+    parser.add_argument("--model", metavar="NAME", help="model to plan for (default: config)")
+    parser.add_argument("--num-blocks", dest="num_blocks", metavar="N", help="as for start")
+    parser.add_argument("--max-ram-gib", dest="max_ram_gib", metavar="GIB", help="as for start")
+    parser.add_argument("--rerun", action="store_true", help="benchmark again, ignore the cache")
+    parser.set_defaults(handler=run_profile)
+
+
+def run_profile(args: argparse.Namespace, paths: Paths) -> int:
+    import os
+
+    from models.checkpoint import load_span
+    from volunteer.daemon.span_plan import DTYPE
+    from volunteer.hardware import collect_hardware
+    from volunteer.microbench import load_or_run
+    from volunteer.profile_report import decide, report_json, report_lines
+    from volunteer.served_model import open_model
+    from volunteer.settings import Settings
+
+    flags = {"model": args.model, "num_blocks": args.num_blocks, "max_ram_gib": args.max_ram_gib}
+    settings = Settings.build(paths=paths, env=os.environ, flags=flags)
+    hardware = collect_hardware(paths.cache_dir)
+    model = open_model(settings.model, paths.models_dir)
+    # One block of the served model is enough to time it (speed is per block).
+    block = load_span(model.folder, model.config, 0, 1, dtype=DTYPE)
+    cache_file = paths.cache_dir / "profile" / "microbench.json"
+    # Block speed depends on the model as well as the hardware.
+    fingerprint = f"{hardware.fingerprint()}-{model.swarm_name}"
+    if args.rerun:
+        cache_file.unlink(missing_ok=True)
+    bench = load_or_run(
+        cache_file, fingerprint, cache_dir=paths.cache_dir, budget_s=BENCH_BUDGET_S, span=block
+    )
+    snapshot, source = _swarm(paths, model.swarm_name)
+    decision = decide(
+        hardware=hardware,
+        bench=bench,
+        settings=settings,
+        config=model.config,
+        model_name=model.swarm_name,
+        snapshot=snapshot,
+        swarm_source=source,
+    )
+    if args.json:
+        print(json.dumps(report_json(hardware, bench, decision), indent=2))
+    else:
+        print("\n".join(report_lines(hardware, bench, decision)))
+    return 0
+
+
+def _swarm(paths: Paths, model_name: str) -> tuple[Any, str]:
+    """The swarm as the local daemon sees it, or None (an empty swarm) and why."""
+    from volunteer.daemon.control import ControlClient, ControlError
+    from volunteer.daemon.lifecycle import running_daemon
+    from volunteer.swarm.records import RecordError, SwarmSnapshot
+
+    if running_daemon(paths) is None:
+        return None, "no daemon runs here: planned as the first server of a new swarm"
+    try:
+        data = ControlClient(paths).call("swarm", timeout_s=SWARM_TIMEOUT_S)
+        snapshot = SwarmSnapshot.from_json(data)
+    except (ControlError, RecordError) as exc:
+        return None, f"the daemon could not describe its swarm ({exc}): planned as a new swarm"
+    if snapshot.model != model_name:
+        return None, f"the daemon serves {snapshot.model}, not {model_name}: planned as a new swarm"
+    servers = len(snapshot.server_spans())
+    # The daemon's own blocks are part of what it sees; a plan for this machine must not
+    # count them as someone else's.
+    return snapshot, f"as the running daemon sees it ({servers} server(s) serving)"
