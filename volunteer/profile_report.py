@@ -9,6 +9,7 @@ daemon runs, which is what a first `volunteer start` would find).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from models.config import ModelConfig
@@ -150,12 +151,16 @@ def _offload(
 
 
 def report_json(
-    hardware: HardwareProfile, bench: MicroBenchmarks, decision: Decision
+    hardware: HardwareProfile,
+    bench: MicroBenchmarks,
+    decision: Decision,
+    peer_rtts: Mapping[str, float | None] | None = None,
 ) -> dict[str, Any]:
     offload = decision.offload
     return {
         "hardware": hardware.to_json(),
         "benchmarks": bench.to_json(),
+        "peer_rtt_s": dict(peer_rtts or {}),
         "fingerprint": hardware.fingerprint(),
         "decision": {
             "blocks": list(decision.blocks) if decision.blocks else None,
@@ -170,7 +175,10 @@ def report_json(
 
 
 def report_lines(
-    hardware: HardwareProfile, bench: MicroBenchmarks, decision: Decision
+    hardware: HardwareProfile,
+    bench: MicroBenchmarks,
+    decision: Decision,
+    peer_rtts: Mapping[str, float | None] | None = None,
 ) -> list[str]:
     """The report as text lines for a terminal."""
     cpu, acc = hardware.cpu, hardware.accelerators
@@ -207,6 +215,7 @@ def report_lines(
             f"block speed  {bench.block_throughput:.1f} tokens/s per block (one-token decode), "
             f"{bench.block_forward_throughput or 0:.0f} tokens/s per block (batch forward)"
         )
+    lines.append(_rtt_line(peer_rtts or {}))
     lines += [
         "",
         f"swarm        {decision.swarm_source}",
@@ -215,6 +224,19 @@ def report_lines(
         f"role         {decision.role}: {decision.role_reason}",
     ]
     return lines
+
+
+def _rtt_line(peer_rtts: Mapping[str, float | None]) -> str:
+    answered = sorted(rtt for rtt in peer_rtts.values() if rtt is not None)
+    if not peer_rtts:
+        return "peer rtt     no peers to ping (no daemon, or an empty swarm)"
+    if not answered:
+        return f"peer rtt     none of {len(peer_rtts)} peer(s) answered"
+    middle = answered[len(answered) // 2]
+    return (
+        f"peer rtt     {middle * 1000:.1f} ms median over {len(answered)} of "
+        f"{len(peer_rtts)} peer(s) ({answered[0] * 1000:.1f}-{answered[-1] * 1000:.1f} ms)"
+    )
 
 
 def _gib(count: int | None) -> str:

@@ -58,7 +58,11 @@ def test_servers_choosing_their_own_blocks_land_on_different_spans(swarm: Swarm)
         "--num-blocks", "10",
     )  # fmt: skip
     assert profiled.returncode == 0, profiled.stderr
-    decision = json.loads(profiled.stdout)["decision"]
+    report = json.loads(profiled.stdout)
+    decision = report["decision"]
+    # Round trips to the three servers, measured from the daemon (its own: none here).
+    assert len(report["peer_rtt_s"]) == 3
+    assert all(0 < rtt < 5 for rtt in report["peer_rtt_s"].values())
     assert "running daemon sees it (3 server(s) serving)" in decision["swarm_source"]
     slowest = min(statuses.values(), key=lambda s: (s["throughput"], s["blocks"][0]))
     assert decision["blocks"] == slowest["blocks"]

@@ -71,6 +71,13 @@ def test_this_machine_serves_from_ram_and_says_why(here) -> None:
     assert device_spec(hardware, bench, Settings()) is None
     text = "\n".join(report_lines(hardware, bench, decision))
     assert "matmul       cpu/float32" in text and "blocks       blocks 0:12" in text
+    assert "no peers to ping" in text
+    rtts = {"a": 0.004, "b": None, "c": 0.002}
+    text = "\n".join(report_lines(hardware, bench, decision, rtts))
+    assert "4.0 ms median over 2 of 3 peer(s) (2.0-4.0 ms)" in text
+    assert "none of 1 peer(s) answered" in "\n".join(
+        report_lines(hardware, bench, decision, {"a": None})
+    )
     assert json.loads(json.dumps(report_json(hardware, bench, decision)))["decision"]["blocks"] == [
         0,
         12,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
@@ -124,6 +125,17 @@ class RemoteSpan:
         # One message over a stream, so that big tensors avoid the unary size limit.
         call = method(_one(request))  # type: ignore[operator]
         return await _call(call, timeout_s=timeout_s, what=repr(self))
+
+
+async def ping(p2p: P2P, peer_id: PeerID, timeout_s: float) -> float:
+    """Seconds for one `info` round trip to `peer_id`.
+
+    Raises:
+        PeerUnavailableError, RemoteError: as for `RemoteSpan.info`.
+    """
+    began = time.perf_counter()
+    await RemoteSpan(p2p=p2p, peer_id=peer_id, start=0, end=1).info(timeout_s=timeout_s)
+    return time.perf_counter() - began
 
 
 class InferenceStream:

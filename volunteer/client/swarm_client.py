@@ -29,7 +29,7 @@ from scheduler.routing import (
 )
 from volunteer.client.inference import InferenceStreamLike, SwarmInferenceSession
 from volunteer.client.local_span import LocalInferenceStream
-from volunteer.client.remote_span import RemoteSpan
+from volunteer.client.remote_span import RemoteSpan, ping
 from volunteer.client.spread import SpreadCalls, TracedHop
 from volunteer.server.handler import BlockHandler
 from volunteer.server.protocol import BusyError, PeerUnavailableError, SessionExpiredError
@@ -230,12 +230,10 @@ class SwarmClient:
         if peer_id == self.own_peer_id:
             self._rtts[peer_id] = 0.0
             return
-        span = RemoteSpan(p2p=self.p2p, peer_id=PeerID.from_base58(peer_id), start=0, end=1)
-        began = time.perf_counter()
         try:
-            await span.info(timeout_s=PING_TIMEOUT_S)
+            rtt_s = await ping(self.p2p, PeerID.from_base58(peer_id), PING_TIMEOUT_S)
         except RETRIABLE_ERRORS as exc:
             logger.info("server %s did not answer a ping: %s", peer_id, exc)
             self.backoff.record_failure(peer_id, self._clock())
             return
-        self._rtts[peer_id] = time.perf_counter() - began
+        self._rtts[peer_id] = rtt_s

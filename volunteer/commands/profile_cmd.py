@@ -53,7 +53,7 @@ def run_profile(args: argparse.Namespace, paths: Paths) -> int:
     bench = load_or_run(
         cache_file, fingerprint, cache_dir=paths.cache_dir, budget_s=BENCH_BUDGET_S, span=block
     )
-    snapshot, source = _swarm(paths, model.swarm_name)
+    snapshot, source, rtts = _swarm(paths, model.swarm_name)
     decision = decide(
         hardware=hardware,
         bench=bench,
@@ -64,28 +64,30 @@ def run_profile(args: argparse.Namespace, paths: Paths) -> int:
         swarm_source=source,
     )
     if args.json:
-        print(json.dumps(report_json(hardware, bench, decision), indent=2))
+        print(json.dumps(report_json(hardware, bench, decision, rtts), indent=2))
     else:
-        print("\n".join(report_lines(hardware, bench, decision)))
+        print("\n".join(report_lines(hardware, bench, decision, rtts)))
     return 0
 
 
-def _swarm(paths: Paths, model_name: str) -> tuple[Any, str]:
-    """The swarm as the local daemon sees it, or None (an empty swarm) and why."""
+def _swarm(paths: Paths, model_name: str) -> tuple[Any, str, dict[str, float | None]]:
+    """The swarm as the local daemon sees it (or None: an empty one), where that came
+    from, and each serving peer's round trip from the daemon."""
     from volunteer.daemon.control import ControlClient, ControlError
     from volunteer.daemon.lifecycle import running_daemon
     from volunteer.swarm.records import RecordError, SwarmSnapshot
 
     if running_daemon(paths) is None:
-        return None, "no daemon runs here: planned as the first server of a new swarm"
+        return None, "no daemon runs here: planned as the first server of a new swarm", {}
     try:
-        data = ControlClient(paths).call("swarm", timeout_s=SWARM_TIMEOUT_S)
+        data = ControlClient(paths).call("swarm", {"ping": True}, timeout_s=SWARM_TIMEOUT_S)
         snapshot = SwarmSnapshot.from_json(data)
     except (ControlError, RecordError) as exc:
-        return None, f"the daemon could not describe its swarm ({exc}): planned as a new swarm"
+        why = f"the daemon could not describe its swarm ({exc}): planned as a new swarm"
+        return None, why, {}
     if snapshot.model != model_name:
-        return None, f"the daemon serves {snapshot.model}, not {model_name}: planned as a new swarm"
+        why = f"the daemon serves {snapshot.model}, not {model_name}: planned as a new swarm"
+        return None, why, {}
+    rtts = {s["peer_id"]: s.get("rtt_s") for s in data["servers"] if "rtt_s" in s}
     servers = len(snapshot.server_spans())
-    # The daemon's own blocks are part of what it sees; a plan for this machine must not
-    # count them as someone else's.
-    return snapshot, f"as the running daemon sees it ({servers} server(s) serving)"
+    return snapshot, f"as the running daemon sees it ({servers} server(s) serving)", rtts

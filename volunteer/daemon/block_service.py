@@ -28,11 +28,13 @@ import time
 from typing import Any
 
 import psutil
+from hivemind.p2p import PeerID
 
 from models.checkpoint import load_span
 from scheduler.block_selection import ServerSpan
 from scheduler.rebalancing import MoveDecision, next_check_delay_s, should_move
 from volunteer import __version__
+from volunteer.client.remote_span import ping
 from volunteer.daemon.control import ControlServer
 from volunteer.daemon.dht_service import DHTService
 from volunteer.daemon.span_plan import DTYPE, SpanPlan, auto_cache_tokens, plan_span
@@ -41,6 +43,7 @@ from volunteer.microbench import measure_decode_speed
 from volunteer.paths import Paths
 from volunteer.served_model import ServedModel, open_model
 from volunteer.server.handler import BlockHandler
+from volunteer.server.protocol import PeerUnavailableError, RemoteError
 from volunteer.settings import Settings
 from volunteer.swarm.dht_records import (
     announce_on_node,
@@ -56,6 +59,7 @@ ANNOUNCE_PERIOD_S = 30.0
 """How often the record is refreshed; it lives `record_ttl_s` of this."""
 DHT_TIMEOUT_S = 10.0
 ANNOUNCE_ATTEMPTS = 3
+PING_TIMEOUT_S = 5.0
 SPEED_BUDGET_S = 0.2
 """Time spent at start measuring the span's decode speed (the throughput announced)."""
 
@@ -203,12 +207,28 @@ class BlockService:
         control.register("swarm", self._swarm)
 
     async def _swarm(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Control method: who serves which block of this daemon's model, right now."""
+        """Control method: who serves which block of this daemon's model, right now, and
+        (with `{"ping": true}`) each serving peer's round trip from here (`rtt_s`, None
+        when it did not answer)."""
         if self.model is None:  # a daemon serving nothing still describes its swarm
             self.model = await asyncio.to_thread(
                 open_model, self._settings.model, self._paths.models_dir
             )
-        return (await self._read_snapshot()).to_json()
+        described = (await self._read_snapshot()).to_json()
+        if params.get("ping"):
+            servers = [s for s in described["servers"] if s["state"] != ServerState.OFFLINE]
+            rtts = await asyncio.gather(*(self._rtt_s(s["peer_id"]) for s in servers))
+            for server, rtt_s in zip(servers, rtts, strict=True):
+                server["rtt_s"] = rtt_s
+        return described
+
+    async def _rtt_s(self, peer_id: str) -> float | None:
+        if peer_id == peer_id_from_owner(self._owner):
+            return 0.0
+        try:
+            return await ping(self._dht.p2p, PeerID.from_base58(peer_id), PING_TIMEOUT_S)
+        except (PeerUnavailableError, RemoteError, ValueError):
+            return None
 
     async def _read_snapshot(self) -> SwarmSnapshot:
         assert self.model is not None
