@@ -88,6 +88,7 @@ def test_a_server_moves_to_the_blocks_a_stopped_server_left(swarm: Swarm) -> Non
         pytest.fail(f"the mover stayed on {doubled} (last check: {status['last_rebalance_check']})")
     assert status["moves"] == 1
     assert "moving" in status["last_rebalance_check"]
+    assert status["span_reason"].startswith(f"moved from {doubled[0]}:{doubled[1]}")
     result = swarm.chat(PARIS_PROMPT)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout

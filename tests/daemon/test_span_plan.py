@@ -7,6 +7,7 @@ import pytest
 from tests.server import tiny_config
 from tests.swarm.test_records import make_info
 from volunteer.daemon.span_plan import (
+    AUTOGRAD_RESERVE_TOKENS,
     MEMORY_FRACTION,
     MEMORY_RESERVE_BYTES,
     NotEnoughMemoryError,
@@ -43,6 +44,8 @@ def test_the_footprint_counts_weights_and_cache_per_token() -> None:
     params = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 160 + 2 * 64
     assert footprint.weight_bytes == params * 4
     assert footprint.cache_bytes_per_token == 2 * 2 * 16 * 4
+    # Saved for backward: 2 norm inputs, q, k, v, attention output, 4 MLP tensors.
+    assert footprint.activation_bytes_per_token == (2 * 64 + 64 + 2 * 32 + 64 + 4 * 160) * 4
 
 
 def test_an_empty_swarm_is_joined_at_block_zero_with_all_that_fits() -> None:
@@ -84,14 +87,20 @@ def test_the_auto_cache_stays_within_the_limit_and_holds_one_full_session() -> N
     none_left = auto_cache_tokens(CONFIG, Settings(max_ram_gib=0.5), 12, PLENTY)
     assert roomy > tight > none_left == CONFIG.max_position_embeddings
     footprint = block_footprint(CONFIG)
-    budget = 0.6 * 2**30 - MEMORY_RESERVE_BYTES - 12 * footprint.weight_bytes
+    reserve = AUTOGRAD_RESERVE_TOKENS * footprint.activation_bytes_per_token
+    budget = 0.6 * 2**30 - MEMORY_RESERVE_BYTES - 12 * (footprint.weight_bytes + reserve)
     assert tight * 12 * footprint.cache_bytes_per_token <= budget
 
 
 def block_capacity_bytes() -> int:
-    """Bytes one block takes in the plan: weights and one full-context session's cache."""
+    """Bytes one block takes in the plan: weights, one full-context session's cache and
+    one backward request's activations."""
     footprint = block_footprint(CONFIG)
-    return footprint.weight_bytes + CONFIG.max_position_embeddings * footprint.cache_bytes_per_token
+    return (
+        footprint.weight_bytes
+        + CONFIG.max_position_embeddings * footprint.cache_bytes_per_token
+        + AUTOGRAD_RESERVE_TOKENS * footprint.activation_bytes_per_token
+    )
 
 
 def test_the_memory_fraction_applies_to_what_is_free() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -31,13 +32,20 @@ import psutil
 from hivemind.p2p import PeerID
 
 from models.checkpoint import load_span
+from models.errors import ModelError
 from scheduler.block_selection import ServerSpan
 from scheduler.rebalancing import MoveDecision, next_check_delay_s, should_move
 from volunteer import __version__
 from volunteer.client.remote_span import ping
 from volunteer.daemon.control import ControlServer
 from volunteer.daemon.dht_service import DHTService
-from volunteer.daemon.span_plan import DTYPE, SpanPlan, auto_cache_tokens, plan_span
+from volunteer.daemon.span_plan import (
+    DTYPE,
+    SpanPlan,
+    auto_cache_tokens,
+    block_footprint,
+    plan_span,
+)
 from volunteer.errors import VolunteerError
 from volunteer.microbench import measure_decode_speed
 from volunteer.paths import Paths
@@ -60,6 +68,8 @@ ANNOUNCE_PERIOD_S = 30.0
 DHT_TIMEOUT_S = 10.0
 ANNOUNCE_ATTEMPTS = 3
 PING_TIMEOUT_S = 5.0
+MOVE_MEMORY_MARGIN = 1.2
+"""Free memory needed to move, relative to the new blocks' weights."""
 SPEED_BUDGET_S = 0.2
 """Time spent at start measuring the span's decode speed (the throughput announced)."""
 
@@ -250,15 +260,28 @@ class BlockService:
         decision = await asyncio.to_thread(
             should_move, [*spans, own], me, self.model.config.num_layers, self._rng
         )
+        if decision.should_move:
+            # The new blocks load before the old ones go (open sessions still use them).
+            needed = (info.end - info.start) * block_footprint(self.model.config).weight_bytes
+            available = psutil.virtual_memory().available
+            if available < needed * MOVE_MEMORY_MARGIN:
+                decision = dataclasses.replace(
+                    decision,
+                    should_move=False,
+                    start=info.start,
+                    reason=f"staying: moving would help, but loading the new blocks first "
+                    f"needs {needed / 2**30:.2f} GiB and {available / 2**30:.2f} GiB is free",
+                )
         self.last_check = decision
         logger.info("rebalance check: %s", decision.reason)
         if decision.should_move:
-            await self._move_to(decision.start)
+            await self._move_to(decision)
         return decision
 
-    async def _move_to(self, start: int) -> None:
+    async def _move_to(self, decision: MoveDecision) -> None:
         handler, info, model = self.handler, self._info, self.model
         assert handler is not None and info is not None and model is not None
+        start = decision.start
         end = start + (info.end - info.start)
         self.is_moving = True
         try:
@@ -274,6 +297,9 @@ class BlockService:
                 offline = info.model_copy(update={"state": ServerState.OFFLINE})
                 await self._announce(offline, blocks=range(left[0], left[-1] + 1))
             self.moves += 1
+            if self.plan is not None:
+                reason = f"moved from {info.start}:{info.end}: {decision.reason}"
+                self.plan = dataclasses.replace(self.plan, start=start, end=end, reason=reason)
             logger.info("moved from blocks %d:%d to %d:%d", info.start, info.end, start, end)
         finally:
             self.is_moving = False
@@ -284,7 +310,7 @@ class BlockService:
             await asyncio.sleep(next_check_delay_s(self._rng, period_s))
             try:
                 await self.check_rebalance()
-            except (TimeoutError, VolunteerError, OSError) as exc:
+            except (TimeoutError, VolunteerError, ModelError, OSError) as exc:
                 # A DHT hiccup or a failed load: keep serving the current span.
                 logger.warning("rebalance check failed: %s", exc)
 

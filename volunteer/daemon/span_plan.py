@@ -27,6 +27,9 @@ MEMORY_RESERVE_BYTES = 512 << 20
 CACHE_MEMORY_FRACTION = 0.25
 """Share of the memory left after loading that the attention caches may take."""
 MAX_AUTO_CACHE_BYTES = 4 << 30
+AUTOGRAD_RESERVE_TOKENS = 512
+"""Positions of one backward request (a full chunk) whose activations a block must hold:
+servers answer forward/backward for fine-tuning clients too."""
 GIB = 2**30
 
 
@@ -44,12 +47,23 @@ class SpanPlan:
 
 
 def block_footprint(config: ModelConfig, dtype: torch.dtype = DTYPE) -> BlockFootprint:
-    """One block's weights and its cache per position, in `dtype`."""
+    """One block's weights, its cache per position, and what autograd keeps per position
+    of a backward request, in `dtype`."""
     with torch.device("meta"):
         block = BlockSpan(config, 0, 1)
     weights = sum(p.numel() for p in block.parameters()) * dtype.itemsize
-    per_token = 2 * config.num_kv_heads * config.head_dim * dtype.itemsize
-    return BlockFootprint(weight_bytes=weights, cache_bytes_per_token=per_token)
+    kv_hidden = config.num_kv_heads * config.head_dim
+    per_token = 2 * kv_hidden * dtype.itemsize
+    # Saved for backward, per position: the inputs of both norms, q, k and v, the
+    # attention output, and the MLP's gate, up, activation and down input.
+    q_hidden = config.num_heads * config.head_dim
+    saved = 2 * config.hidden_size + q_hidden + 2 * kv_hidden + q_hidden
+    saved += 4 * config.intermediate_size
+    return BlockFootprint(
+        weight_bytes=weights,
+        cache_bytes_per_token=per_token,
+        activation_bytes_per_token=saved * dtype.itemsize,
+    )
 
 
 def memory_budget(settings: Settings, available_bytes: int) -> MemoryBudget:
@@ -63,7 +77,7 @@ def memory_budget(settings: Settings, available_bytes: int) -> MemoryBudget:
 
 def plan_capacity(config: ModelConfig, settings: Settings, available_bytes: int) -> Capacity:
     """How many blocks fit, each with room for one full-context session (or the cache
-    tokens the volunteer set).
+    tokens the volunteer set) and one backward request's activations.
 
     Raises:
         NotEnoughMemoryError: not one block fits.
@@ -79,6 +93,7 @@ def _capacity(config: ModelConfig, settings: Settings, available_bytes: int) -> 
         block_footprint(config),
         memory_budget(settings, available_bytes),
         cache_tokens=settings.cache_tokens or config.max_position_embeddings,
+        autograd_tokens=AUTOGRAD_RESERVE_TOKENS,
         total_blocks=config.num_layers,
     )
 
@@ -144,7 +159,9 @@ def auto_cache_tokens(
     leave (within the limit), capped, and at least one full-context session."""
     footprint = block_footprint(config)
     left = memory_budget(settings, available_bytes).usable_bytes
-    left -= num_blocks * footprint.weight_bytes
+    left -= num_blocks * (
+        footprint.weight_bytes + AUTOGRAD_RESERVE_TOKENS * footprint.activation_bytes_per_token
+    )
     budget = min(max(left, 0), available_bytes * CACHE_MEMORY_FRACTION, MAX_AUTO_CACHE_BYTES)
     per_token = num_blocks * footprint.cache_bytes_per_token
     return max(int(budget // per_token), config.max_position_embeddings)
