@@ -37,6 +37,16 @@ class Conversation:
         return system + self.messages
 
 
+@dataclasses.dataclass
+class ReplyStats:
+    """What one reply took: filled in while it streams (for the chat UI)."""
+
+    tokens: int = 0
+    """New tokens generated (the stop token not counted)."""
+    route: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
+    """(peer id, start, end) of each server the blocks ran on; empty when local."""
+
+
 def user_sampling(
     *,
     temperature: float,
@@ -68,12 +78,14 @@ def stream_reply(
     sampling: SamplingParams,
     open_stepper: OpenStepper,
     should_stop: Callable[[], bool] = lambda: False,
+    stats: ReplyStats | None = None,
 ) -> Iterator[str]:
     """Streams the assistant's next reply as text pieces; it does not record it.
 
     Args:
         context_length: the model's context; a reply that would run past it is cut short.
         should_stop: polled after each token; True ends the reply there.
+        stats: counts the tokens as they come.
 
     Raises:
         ContextLengthError: the prompt alone fills the context.
@@ -94,6 +106,8 @@ def stream_reply(
             sampler=Sampler(sampling),
             stop_token_ids=tokenizer.stop_token_ids,
         ):
+            if stats is not None:
+                stats.tokens += 1
             if piece := decoder.push(token_id):
                 yield piece
             if should_stop():

@@ -8,6 +8,7 @@ stop a server gracefully; they run in file order on one module-scoped swarm.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -212,15 +213,27 @@ def test_killing_the_serving_replica_mid_generation_changes_nothing(
     pieces = [next(stream)["text"] for _ in range(3)]
     serving = [n for n in ("second", "replica") if swarm.status(n)["open_sessions"] > 0]
     assert len(serving) == 1, "exactly one replica of 15:30 serves the session"
+    victim_peer = swarm.status(serving[0])["peer_id"]
     victim = swarm.homes.remember(swarm.homes.home(serving[0]))
     assert victim is not None
     os.killpg(victim, signal.SIGKILL)  # p2pd too: a dead peer, not a polite one
     began = time.monotonic()
     pieces.append(next(stream)["text"])
     stall_s = time.monotonic() - began
-    pieces.extend(message["text"] for message in stream)
+    rest = list(stream)
+    pieces.extend(message["text"] for message in rest if "text" in message)
     # The CLI prints the reply and a newline; the stream carries the reply alone.
     assert "".join(pieces) + "\n" == local_story
+    # The last message says what the reply took: 64 tokens, through a route (after the
+    # failover) that covers blocks 0:30 and avoids the killed replica.
+    stats = rest[-1]
+    assert stats["done"] is True and stats["tokens"] == 64 and stats["seconds"] > 0
+    route = [(hop["start"], hop["end"]) for hop in stats["route"]]
+    assert route[0][0] == 0 and route[-1][1] == 30
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(route))
+    holders_of_0_15 = {swarm.status(name)["peer_id"] for name in ("first", "auto")}
+    assert stats["route"][0]["peer_id"] in holders_of_0_15
+    assert victim_peer not in {hop["peer_id"] for hop in stats["route"]}
     assert stall_s < 30, f"the next token took {stall_s:.1f} s after the kill"
 
 

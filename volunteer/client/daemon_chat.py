@@ -42,7 +42,8 @@ class DaemonChat:
         }
         try:
             for message in self._client.call_stream("chat", params, timeout_s=TOKEN_WAIT_S):
-                yield message["text"]
+                if "text" in message:  # the last message carries the reply's stats
+                    yield message["text"]
         except DaemonNotRunningError:
             raise VolunteerError(
                 "no daemon is running here: start one with `volunteer start` (or "

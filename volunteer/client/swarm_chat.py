@@ -21,7 +21,7 @@ from models.sampling import SamplingParams
 from models.tokenizer import Tokenizer
 from volunteer.client.stepper import SwarmStepper, open_swarm_stepper
 from volunteer.client.swarm_client import SwarmClient
-from volunteer.conversation import Conversation, stream_reply
+from volunteer.conversation import Conversation, ReplyStats, stream_reply
 
 OPEN_TIMEOUT_S = 120.0
 """Longest wait to read the swarm and open a route (including failovers)."""
@@ -77,6 +77,7 @@ class SwarmChat:
         max_new_tokens: int,
         sampling: SamplingParams,
         should_stop: Callable[[], bool] = lambda: False,
+        stats: ReplyStats | None = None,
     ) -> Iterator[str]:
         """Streams the assistant's next reply as text pieces; it does not record it.
 
@@ -84,15 +85,29 @@ class SwarmChat:
             SessionFailedError: no route covers the model, or the swarm failed mid-reply
                 beyond what failover could mend.
         """
-        return stream_reply(
+        steppers: list[SwarmStepper] = []
+
+        @contextlib.contextmanager
+        def open_noting_route(prompt_len: int, max_new: int) -> Iterator[SwarmStepper]:
+            with self._open_stepper(prompt_len, max_new) as stepper:
+                steppers.append(stepper)
+                yield stepper
+
+        yield from stream_reply(
             self.tokenizer,
             conversation,
             context_length=self.config.max_position_embeddings,
             max_new_tokens=max_new_tokens,
             sampling=sampling,
-            open_stepper=self._open_stepper,
+            open_stepper=open_noting_route,
             should_stop=should_stop,
+            stats=stats,
         )
+        if stats is not None and steppers:
+            # The route that served the reply's last step (after any failover).
+            routes = steppers[-1].session.route_history
+            last = routes[-1] if routes else []
+            stats.route = [(hop.peer_id, hop.start, hop.end) for hop in last]
 
     def _open_stepper(
         self, prompt_len: int, max_new_tokens: int

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -19,7 +20,7 @@ import pydantic
 
 from models.sampling import SamplingParams
 from volunteer.client.swarm_client import SwarmClient
-from volunteer.conversation import Conversation, user_sampling
+from volunteer.conversation import Conversation, ReplyStats, user_sampling
 from volunteer.daemon.block_service import BlockService
 from volunteer.daemon.control import ControlServer
 from volunteer.daemon.dht_service import DHTService
@@ -123,6 +124,9 @@ class ChatService:
         pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         stop = threading.Event()
 
+        stats = ReplyStats()
+        began = time.monotonic()
+
         def answer() -> None:
             def send(kind: str, value: Any) -> None:
                 loop.call_soon_threadsafe(pieces.put_nowait, (kind, value))
@@ -133,6 +137,7 @@ class ChatService:
                     max_new_tokens=request.max_new_tokens,
                     sampling=sampling,
                     should_stop=stop.is_set,
+                    stats=stats,
                 ):
                     send("text", piece)
                 send("done", None)
@@ -151,6 +156,14 @@ class ChatService:
                 yield {"text": value}
             await worker
             self.replies += 1
+            # The last message: what the reply took (chat UIs show it under the answer).
+            route = [{"peer_id": p, "start": s, "end": e} for p, s, e in stats.route]
+            yield {
+                "done": True,
+                "tokens": stats.tokens,
+                "seconds": round(time.monotonic() - began, 3),
+                "route": route,
+            }
         finally:
             stop.set()  # a caller that went away stops the reply after this token
             self._stops.discard(stop)
