@@ -214,6 +214,14 @@ def _import_pynvml() -> Any:
     return pynvml
 
 
+def read_gpus(
+    load_nvml: Callable[[], Any] | None = None,
+) -> tuple[str, str | None, tuple[GpuInfo, ...]]:
+    """NVML's status in words, the driver version, and each NVIDIA GPU's readings now
+    (light: the TUI polls it every second). Never raises for missing hardware."""
+    return _nvml_gpus(load_nvml or _import_pynvml)
+
+
 def _nvml_gpus(load_nvml: Callable[[], Any]) -> tuple[str, str | None, tuple[GpuInfo, ...]]:
     try:
         nvml = load_nvml()

@@ -1,0 +1,104 @@
+"""A scripted daemon for rendering and key-binding tests (the real one is used in
+tests/tui/test_app_daemon.py), and fixed gauges so screens are deterministic."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tui.gauges import Gauges
+
+GIB = 2**30
+
+SERVING = {
+    "state": "serving",
+    "error": None,
+    "model": "smollm2-135m-instruct",
+    "swarm_model": "smollm2-135m-instruct",
+    "blocks": [0, 15],
+    "span_reason": "blocks 0:15 because they are the swarm's weakest span",
+    "peers_seen": 2,
+    "requests_served": 1200,
+    "tokens_served": 3400,
+    "open_sessions": 1,
+    "chats_answered": 3,
+    "uptime_s": 754.0,
+}
+
+SWARM = {
+    "model": "smollm2-135m-instruct",
+    "num_blocks": 30,
+    "block_throughput": [40.0] * 15 + [10.0] * 15,
+    "servers": [
+        {"peer_id": "QmAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA1", "start": 0, "end": 15,
+         "throughput": 40.0, "state": "online", "public_name": "alice", "version": "0.1.0",
+         "rtt_s": 0.0021},
+        {"peer_id": "QmBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB2", "start": 15, "end": 30,
+         "throughput": 10.0, "state": "online", "public_name": None, "version": "0.1.0",
+         "rtt_s": None},
+    ],
+}  # fmt: skip
+
+FIXED_GAUGES = Gauges(
+    cpu_percent=42.0,
+    ram_used_bytes=6 * GIB,
+    ram_total_bytes=16 * GIB,
+    disk_free_bytes=100 * GIB,
+    disk_total_bytes=400 * GIB,
+    gpus=(),
+    gpu_note="NVML not available: NVML Shared Library Not Found",
+)
+
+ANSWER = ["The capital ", "of France ", "is **Paris**."]
+STATS = {
+    "done": True,
+    "tokens": 8,
+    "seconds": 0.5,
+    "route": [
+        {"peer_id": SWARM["servers"][0]["peer_id"], "start": 0, "end": 15},
+        {"peer_id": SWARM["servers"][1]["peer_id"], "start": 15, "end": 30},
+    ],
+}
+
+
+class FakeDaemon:
+    """Answers like the daemon's control API, from a script; records what it was asked."""
+
+    def __init__(self, *, running: bool = True, log_file: Path | None = None) -> None:
+        self.running = running
+        self.log_file = log_file
+        self.status_reply: dict[str, Any] = dict(SERVING)
+        self.chat_requests: list[dict[str, Any]] = []
+        self.started = self.stopped = 0
+        self.hold_after_first_piece: threading.Event | None = None
+        """When set to an Event, the chat waits on it after its first piece."""
+        self.chat_closed = threading.Event()
+
+    def status(self) -> dict[str, Any] | None:
+        return dict(self.status_reply) if self.running else None
+
+    def swarm(self) -> dict[str, Any]:
+        return SWARM
+
+    def chat(self, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        self.chat_requests.append(params)
+        try:
+            for index, piece in enumerate(ANSWER):
+                yield {"text": piece}
+                if index == 0 and self.hold_after_first_piece is not None:
+                    self.hold_after_first_piece.wait(10)
+            yield STATS
+        finally:
+            self.chat_closed.set()
+
+    def start(self) -> str:
+        self.started += 1
+        self.running = True
+        return "volunteer: serving blocks 0:15"
+
+    def stop(self) -> str:
+        self.stopped += 1
+        self.running = False
+        return "daemon stopped"

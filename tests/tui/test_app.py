@@ -1,0 +1,214 @@
+"""The TUI with a scripted daemon: each screen, its keys, and the chat stream."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from textual.widgets import DataTable, Input, Static, TabbedContent
+
+from tests.tui.fakes import FIXED_GAUGES, FakeDaemon
+from tui.app import VolunteerApp
+from tui.chat_view import ChatView
+from tui.log_panel import LogPanel
+
+SIZE = (120, 40)
+
+
+def run(scenario: Callable[[VolunteerApp, object], Awaitable[None]], daemon: FakeDaemon) -> None:
+    async def main() -> None:
+        app = VolunteerApp(daemon, gauges=lambda: FIXED_GAUGES, poll=False)
+        async with app.run_test(size=SIZE) as pilot:
+            await scenario(app, pilot)
+
+    asyncio.run(main())
+
+
+async def settle(app: VolunteerApp, pilot: object) -> None:
+    await app.workers.wait_for_complete()
+    await pilot.pause()  # type: ignore[attr-defined]
+
+
+def text_of(app: VolunteerApp, selector: str) -> str:
+    return str(app.query_one(selector, Static).render())
+
+
+def test_the_dashboard_shows_the_daemon_and_the_machine() -> None:
+    async def scenario(app: VolunteerApp, pilot: object) -> None:
+        app.refresh_status()
+        app.refresh_gauges()
+        await settle(app, pilot)
+        app.refresh_swarm()  # the number of blocks comes with the swarm
+        await settle(app, pilot)
+        app.refresh_status()
+        await settle(app, pilot)
+        assert "serving" in text_of(app, "#state") and "peers 2" in text_of(app, "#state")
+        blocks = text_of(app, "#blocks")
+        assert "blocks 0:15 of 30" in blocks and "weakest span" in blocks
+        assert "tokens 3,400" in text_of(app, "#counters")
+        gauges = text_of(app, "#gauges")
+        assert "42%" in gauges and "6.0 of 16.0 GiB" in gauges and "NVML not available" in gauges
+        assert text_of(app, "#status-line") == "connected to the daemon"
+
+    run(scenario, FakeDaemon())
+
+
+def test_no_daemon_shows_the_empty_state_and_s_starts_one() -> None:
+    daemon = FakeDaemon(running=False)
+
+    async def scenario(app: VolunteerApp, pilot: object) -> None:
+        app.refresh_status()
+        await settle(app, pilot)
+        assert "press s to start one" in text_of(app, "#status-line").lower()
+        assert "Press s to start one" in text_of(app, "#empty")
+        await pilot.press("s")  # type: ignore[attr-defined]
+        await settle(app, pilot)
+        await settle(app, pilot)
+        assert daemon.started == 1
+        assert "serving" in text_of(app, "#state")
+        await pilot.press("x")  # type: ignore[attr-defined]
+        await settle(app, pilot)
+        await settle(app, pilot)
+        assert daemon.stopped == 1 and not daemon.running
+
+    run(scenario, daemon)
+
+
+def test_the_app_follows_the_daemon_going_and_coming_back() -> None:
+    daemon = FakeDaemon()
+
+    async def scenario(app: VolunteerApp, pilot: object) -> None:
+        seen = []
+        for running in (True, False, True):
+            daemon.running = running
+            app.refresh_status()
+            await settle(app, pilot)
+            seen.append(text_of(app, "#status-line"))
+        assert seen[0] == "connected to the daemon"
+        assert seen[1].startswith("the daemon went away")
+        assert seen[2] == "reconnected to the daemon"
+
+    run(scenario, daemon)
+
+
+def test_number_keys_switch_tabs() -> None:
+    async def scenario(app: VolunteerApp, pilot: object) -> None:
+        tabs = app.query_one(TabbedContent)
+        for key, tab in (("2", "chat"), ("3", "swarm"), ("1", "dashboard")):
+            await pilot.press(key)  # type: ignore[attr-defined]
+            assert tabs.active == tab
+
+    run(scenario, FakeDaemon())
+
+
+def test_the_swarm_map_and_peers() -> None:
+    async def scenario(app: VolunteerApp, pilot: object) -> None:
+        app.refresh_status()
+        await settle(app, pilot)
+        app.refresh_swarm()
+        await settle(app, pilot)
+        await pilot.press("3")  # type: ignore[attr-defined]
+        health = text_of(app, "#health")
+        assert "30 blocks; weakest: 15:30 at 10 tokens/s" in health
+        table = app.query_one("#peers", DataTable)
+        assert table.row_count == 2
+        first = table.get_row_at(0)
+        assert first[0] == "alice" and first[2] == "0:15" and first[4] == "2.1"
+        assert table.get_row_at(1)[4] == "-"  # a peer that did not answer a ping
+
+    run(scenario, FakeDaemon())
+
+
+async def _ask(app: VolunteerApp, pilot: object, question: str) -> None:
+    await pilot.press("2")  # type: ignore[attr-defined]
+    prompt = app.query_one("#prompt", Input)
+    prompt.focus()
+    prompt.value = question
+    await pilot.press("enter")  # type: ignore[attr-defined]
+
+
+def _chat_text(app: VolunteerApp) -> str:
+    parts = []
+    for widget in app.query_one("#messages").children:
+        source = getattr(widget, "source", None)
+        parts.append(source if source is not None else str(widget.render()))
+    return "\n".join(parts)
+
+
+def test_chat_streams_the_answer_with_its_route_and_speed() -> None:
+    daemon = FakeDaemon()
+
+    async def scenario(app: VolunteerApp, pilot: object) -> None:
+        await _ask(app, pilot, "What is the capital of France?")
+        await settle(app, pilot)
+        await pilot.pause(0.2)  # type: ignore[attr-defined]
+        text = _chat_text(app)
+        assert "› What is the capital of France?" in text
+        assert "The capital of France is **Paris**." in text
+        assert "8 tokens, 16.0 tokens/s" in text and "0:15 → " in text and "15:30" in text
+        request = daemon.chat_requests[0]
+        assert request["messages"] == [
+            {"role": "user", "content": "What is the capital of France?"}
+        ]
+        assert (request["temperature"], request["top_p"], request["max_new_tokens"]) == (0, 1, 256)
+        view = app.query_one(ChatView)
+        assert view.messages[-1]["content"] == "The capital of France is **Paris**."
+        # A second turn carries the first, and the side panel's settings.
+        app.query_one("#system", Input).value = "Be brief."
+        app.query_one("#temperature", Input).value = "0.7"
+        await _ask(app, pilot, "And of Spain?")
+        await settle(app, pilot)
+        second = daemon.chat_requests[1]
+        assert [m["role"] for m in second["messages"]] == ["system", "user", "assistant", "user"]
+        assert second["temperature"] == 0.7
+
+    run(scenario, daemon)
+
+
+def test_escape_stops_a_reply_and_ctrl_n_starts_a_new_conversation() -> None:
+    daemon = FakeDaemon()
+    daemon.hold_after_first_piece = threading.Event()
+
+    async def scenario(app: VolunteerApp, pilot: object) -> None:
+        await _ask(app, pilot, "Tell me a long story")
+        await pilot.pause(0.3)  # type: ignore[attr-defined]
+        view = app.query_one(ChatView)
+        assert view.is_streaming
+        await pilot.press("escape")  # type: ignore[attr-defined]
+        daemon.hold_after_first_piece.set()  # the next piece comes; the app ends there
+        await settle(app, pilot)
+        await pilot.pause(0.2)  # type: ignore[attr-defined]
+        assert not view.is_streaming
+        assert daemon.chat_closed.wait(5)
+        text = _chat_text(app)
+        assert "stopped" in text and "**Paris**" not in text
+        await pilot.press("ctrl+n")  # type: ignore[attr-defined]
+        await pilot.pause()  # type: ignore[attr-defined]
+        assert view.messages == [] and _chat_text(app) == ""
+
+    run(scenario, daemon)
+
+
+def test_l_toggles_the_daemon_log(tmp_path: Path) -> None:
+    log = tmp_path / "daemon.log"
+    log.write_text("2026-11-29 INFO volunteer: serving blocks 0:15\n", encoding="utf-8")
+
+    async def scenario(app: VolunteerApp, pilot: object) -> None:
+        panel = app.query_one("#log", LogPanel)
+        assert panel.has_class("hidden")
+        await pilot.press("l")  # type: ignore[attr-defined]
+        await settle(app, pilot)
+        assert not panel.has_class("hidden")
+        with log.open("a", encoding="utf-8") as file:
+            file.write("2026-11-29 INFO volunteer: moved to blocks 15:30\n")
+        app.refresh_log()
+        await settle(app, pilot)
+        lines = [str(strip.text) for strip in panel.lines]
+        assert any("serving blocks 0:15" in line for line in lines)
+        assert any("moved to blocks 15:30" in line for line in lines)
+        await pilot.press("l")  # type: ignore[attr-defined]
+        assert panel.has_class("hidden")
+
+    run(scenario, FakeDaemon(log_file=log))

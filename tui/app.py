@@ -1,0 +1,187 @@
+"""`volunteer tui`: the volunteer's window on the daemon — dashboard, chat, swarm map, log.
+
+The app gets its daemon client in the constructor (`tui.client.DaemonClient`); all daemon
+I/O runs in thread workers and comes back as messages (`tui.messages`), so the screen
+never waits on the daemon. It polls the status every second and the swarm every few
+seconds; when the daemon goes away it shows the empty state, and it picks the daemon up
+again by itself when one runs, saying so in the status line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar
+
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.widgets import Footer, Static, TabbedContent, TabPane
+
+from tui.chat_view import ChatView
+from tui.client import DaemonClient
+from tui.dashboard import Dashboard
+from tui.gauges import GaugeReader, Gauges
+from tui.log_panel import LogPanel, LogTail
+from tui.messages import DaemonActionDone, GaugesUpdated, LogLines, StatusUpdated, SwarmUpdated
+from tui.swarm_view import SwarmView
+
+STATUS_PERIOD_S = 1.0
+SWARM_PERIOD_S = 5.0
+LOG_PERIOD_S = 0.5
+
+
+class VolunteerApp(App[None]):
+    CSS_PATH = "volunteer.tcss"
+    TITLE = "volunteer"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("1", "show_tab('dashboard')", "Dashboard"),
+        Binding("2", "show_tab('chat')", "Chat"),
+        Binding("3", "show_tab('swarm')", "Swarm"),
+        Binding("s", "start_daemon", "Start"),
+        Binding("x", "stop_daemon", "Stop"),
+        Binding("l", "toggle_log", "Log"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(
+        self,
+        client: DaemonClient,
+        *,
+        gauges: Callable[[], Gauges] | None = None,
+        poll: bool = True,
+    ) -> None:
+        """
+        Args:
+            client: the daemon, as `tui.client.DaemonClient`.
+            gauges: reads the machine's gauges (default: psutil and NVML here).
+            poll: poll the daemon and the machine on timers (tests drive `refresh_*`).
+        """
+        super().__init__()
+        self.client = client
+        self._read_gauges = gauges or GaugeReader(Path.home())
+        self._poll = poll
+        self._log = LogTail(client.log_file)
+        self.daemon_seen: bool | None = None
+        """Whether the last poll found a daemon (None before the first poll)."""
+
+    def compose(self) -> ComposeResult:
+        with TabbedContent(initial="dashboard"):
+            with TabPane("Dashboard [1]", id="dashboard"):
+                yield Dashboard(id="dash")
+            with TabPane("Chat [2]", id="chat"):
+                yield ChatView(id="chat-view")
+            with TabPane("Swarm [3]", id="swarm"):
+                yield SwarmView(id="swarm-view")
+        yield LogPanel(id="log", max_lines=2000, wrap=False, classes="hidden")
+        yield Static("connecting to the daemon…", id="status-line")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        if self._poll:
+            self.refresh_status()
+            self.refresh_gauges()
+            self.set_interval(STATUS_PERIOD_S, self.refresh_status)
+            self.set_interval(STATUS_PERIOD_S, self.refresh_gauges)
+            self.set_interval(SWARM_PERIOD_S, self.refresh_swarm)
+            self.set_interval(LOG_PERIOD_S, self.refresh_log)
+
+    # Workers: daemon and machine I/O off the event loop, answers as messages.
+
+    @work(thread=True, exclusive=True, group="status")
+    def refresh_status(self) -> None:
+        try:
+            self.post_message(StatusUpdated(self.client.status()))
+        except Exception as exc:  # a daemon that answers badly is shown, not fatal
+            self.post_message(StatusUpdated(None, error=str(exc) or type(exc).__name__))
+
+    @work(thread=True, exclusive=True, group="swarm")
+    def refresh_swarm(self) -> None:
+        if not self.daemon_seen:
+            return
+        try:
+            self.post_message(SwarmUpdated(self.client.swarm()))
+        except Exception as exc:
+            self.post_message(SwarmUpdated(None, error=str(exc) or type(exc).__name__))
+
+    @work(thread=True, exclusive=True, group="gauges")
+    def refresh_gauges(self) -> None:
+        self.post_message(GaugesUpdated(self._read_gauges()))
+
+    @work(thread=True, exclusive=True, group="log")
+    def refresh_log(self) -> None:
+        if not self.query_one("#log", LogPanel).has_class("hidden"):
+            lines = self._log.read_new()
+            if lines:
+                self.post_message(LogLines(lines))
+
+    # Message handlers: update the widgets.
+
+    def on_status_updated(self, message: StatusUpdated) -> None:
+        status = message.status
+        is_up = status is not None
+        line = self.query_one("#status-line", Static)
+        if message.error:
+            line.update(f"the daemon did not answer: {message.error}")
+        elif is_up and self.daemon_seen is False:
+            line.update("reconnected to the daemon")
+        elif is_up and self.daemon_seen is None:
+            line.update("connected to the daemon")
+        elif not is_up and self.daemon_seen:
+            line.update("the daemon went away; waiting for it (press s to start one)")
+        elif not is_up:
+            line.update("no daemon is running (press s to start one)")
+        first_sight = is_up and not self.daemon_seen
+        self.daemon_seen = is_up
+        self.query_one(Dashboard).show_status(status)
+        if first_sight:
+            self.refresh_swarm()
+
+    def on_swarm_updated(self, message: SwarmUpdated) -> None:
+        if message.swarm is not None:
+            dashboard = self.query_one(Dashboard)
+            dashboard.total_blocks = int(message.swarm.get("num_blocks") or 0) or None
+        self.query_one(SwarmView).show_swarm(message.swarm, message.error)
+
+    def on_gauges_updated(self, message: GaugesUpdated) -> None:
+        self.query_one(Dashboard).show_gauges(message.gauges)
+
+    def on_log_lines(self, message: LogLines) -> None:
+        self.query_one("#log", LogPanel).show_lines(message.lines)
+
+    def on_daemon_action_done(self, message: DaemonActionDone) -> None:
+        self.query_one("#status-line", Static).update(message.said)
+        self.refresh_status()
+
+    # Actions (key bindings).
+
+    def action_show_tab(self, tab: str) -> None:
+        self.query_one(TabbedContent).active = tab
+
+    def action_toggle_log(self) -> None:
+        panel = self.query_one("#log", LogPanel)
+        panel.toggle_class("hidden")
+        if not panel.has_class("hidden"):
+            self.refresh_log()
+
+    def action_start_daemon(self) -> None:
+        if self.daemon_seen:
+            self.query_one("#status-line", Static).update("the daemon is already running")
+            return
+        self.query_one("#status-line", Static).update("starting the daemon…")
+        self._run_daemon_action(self.client.start)
+
+    def action_stop_daemon(self) -> None:
+        if not self.daemon_seen:
+            self.query_one("#status-line", Static).update("no daemon is running")
+            return
+        self.query_one("#status-line", Static).update("stopping the daemon…")
+        self._run_daemon_action(self.client.stop)
+
+    @work(thread=True, exclusive=True, group="daemon-action")
+    def _run_daemon_action(self, action: Callable[[], str]) -> None:
+        try:
+            said = action()
+        except Exception as exc:
+            said = f"failed: {exc}"
+        self.post_message(DaemonActionDone(said))

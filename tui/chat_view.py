@@ -1,0 +1,166 @@
+"""Chat with the swarm's model through the daemon: streaming Markdown answers, a stop
+key, a new-conversation key, sampling settings in a side panel, and each answer's
+route and speed."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, ClassVar
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Input, Label, Markdown, Static
+from textual.widgets._markdown import MarkdownStream
+
+from tui.messages import ChatDone, ChatPiece
+from tui.render import route_text
+
+DEFAULT_MAX_TOKENS = 256
+
+
+class ChatView(Horizontal):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "stop_reply", "Stop reply"),
+        Binding("ctrl+n", "new_chat", "New chat"),
+    ]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.messages: list[dict[str, str]] = []
+        self.is_streaming = False
+        self._stop = threading.Event()
+        self._reply: list[str] = []
+        self._stream: MarkdownStream | None = None
+        self._stats: Static | None = None
+        self._reply_id = 0
+        """Which reply the pieces arriving now belong to: a reply cut off by a new
+        conversation may still send a few, which are dropped."""
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="chat-main"):
+            yield VerticalScroll(id="messages")
+            yield Input(placeholder="Ask the swarm… (Enter sends)", id="prompt")
+        with Vertical(id="chat-side"):
+            yield Label("System prompt")
+            yield Input(placeholder="(none)", id="system")
+            yield Label("Temperature (0: greedy)")
+            yield Input("0", id="temperature", type="number")
+            yield Label("Top-p")
+            yield Input("1.0", id="top-p", type="number")
+            yield Label("Max new tokens")
+            yield Input(str(DEFAULT_MAX_TOKENS), id="max-tokens", type="integer")
+            yield Static(id="chat-note")
+
+    def sampling(self) -> dict[str, Any]:
+        """The side panel's settings as chat request fields (the daemon validates them)."""
+
+        def number(widget_id: str, cast: type, default: Any) -> Any:
+            text = self.query_one(f"#{widget_id}", Input).value.strip()
+            try:
+                return cast(text) if text else default
+            except ValueError:
+                return default
+
+        return {
+            "temperature": number("temperature", float, 0.0),
+            "top_p": number("top-p", float, 1.0),
+            "max_new_tokens": number("max-tokens", int, DEFAULT_MAX_TOKENS),
+        }
+
+    @on(Input.Submitted, "#prompt")
+    async def submit(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text or self.is_streaming:
+            return
+        event.input.value = ""
+        self.messages.append({"role": "user", "content": text})
+        log = self.query_one("#messages", VerticalScroll)
+        await log.mount(Static(f"› {text}", classes="user"))
+        answer = Markdown(classes="assistant")
+        self._stats = Static("…", classes="stats")
+        await log.mount(answer, self._stats)
+        log.anchor()
+        self._stream = Markdown.get_stream(answer)
+        self._reply = []
+        self._stop = threading.Event()
+        self._reply_id += 1
+        self.is_streaming = True
+        system = self.query_one("#system", Input).value.strip()
+        messages = ([{"role": "system", "content": system}] if system else []) + self.messages
+        self.ask(dict(self.sampling(), messages=messages), self._reply_id, self._stop)
+
+    @work(thread=True, group="chat")
+    def ask(self, params: dict[str, Any], reply_id: int, stop: threading.Event) -> None:
+        stats: dict[str, Any] | None = None
+        stream = self.app.client.chat(params)  # type: ignore[attr-defined]
+        try:
+            for message in stream:
+                if "text" in message:
+                    self.post_message(ChatPiece(message["text"], reply_id))
+                elif message.get("done"):
+                    stats = message
+                if stop.is_set():
+                    break
+        except Exception as exc:  # any failure ends this reply; the app goes on
+            error = str(exc) or type(exc).__name__
+            self.post_message(ChatDone(None, reply_id, error=error))
+            return
+        finally:
+            # A stopped reply: closing the stream tells the daemon to stop generating.
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        self.post_message(ChatDone(stats, reply_id, stopped=stop.is_set()))
+
+    async def on_chat_piece(self, message: ChatPiece) -> None:
+        if message.reply_id != self._reply_id:
+            return
+        self._reply.append(message.text)
+        if self._stream is not None:
+            await self._stream.write(message.text)
+
+    async def on_chat_done(self, message: ChatDone) -> None:
+        if message.reply_id != self._reply_id:
+            return
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        self.is_streaming = False
+        reply = "".join(self._reply)
+        if reply:
+            self.messages.append({"role": "assistant", "content": reply})
+        if self._stats is not None:
+            self._stats.update(_stats_line(message))
+            self._stats.set_class(message.error is not None, "error")
+
+    def action_stop_reply(self) -> None:
+        if self.is_streaming:
+            self._stop.set()
+
+    async def action_new_chat(self) -> None:
+        self._stop.set()
+        self._reply_id += 1  # whatever the old reply still sends is dropped
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        self.is_streaming = False
+        self._stats = None
+        self.messages = []
+        await self.query_one("#messages", VerticalScroll).remove_children()
+        self.query_one("#chat-note", Static).update("new conversation")
+        self.query_one("#prompt", Input).focus()
+
+
+def _stats_line(message: ChatDone) -> str:
+    if message.error is not None:
+        return f"failed: {message.error}"
+    stats = message.stats or {}
+    tokens, seconds = stats.get("tokens"), stats.get("seconds")
+    parts = ["stopped" if message.stopped else "done"]
+    if tokens is not None and seconds:
+        parts.append(f"{tokens} tokens, {tokens / seconds:.1f} tokens/s")
+    if stats.get("route"):
+        parts.append(f"route {route_text(stats['route'])}")
+    return " · ".join(parts)

@@ -1,0 +1,87 @@
+"""What the TUI needs of the daemon, and the real thing: the daemon's control API.
+
+Every method blocks (the app calls them from worker threads, never from the event loop).
+Tests of rendering and key bindings may pass another object with these methods; tests
+against a real daemon pass `ControlDaemonClient`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from volunteer.daemon import lifecycle
+from volunteer.daemon.control import ControlClient, DaemonNotRunningError
+from volunteer.daemon.runner import LOG_FILE_NAME
+from volunteer.paths import Paths
+
+STATUS_TIMEOUT_S = 2.0
+SWARM_TIMEOUT_S = 20.0
+TOKEN_WAIT_S = 300.0
+START_TIMEOUT_S = 180.0
+
+
+class DaemonClient(Protocol):
+    log_file: Path | None
+    """The daemon's log, tailed by the log panel (None: no log to show)."""
+
+    def status(self) -> dict[str, Any] | None:
+        """The daemon's status (`volunteer status --json`); None when none runs."""
+        ...
+
+    def swarm(self) -> dict[str, Any]:
+        """`SwarmSnapshot.to_json()` of the daemon's model."""
+        ...
+
+    def chat(self, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The daemon's chat stream: `{"text": ...}` pieces, then the reply's stats."""
+        ...
+
+    def start(self) -> str:
+        """Starts a daemon with the configured settings; returns what it said."""
+        ...
+
+    def stop(self) -> str:
+        """Stops the daemon; returns what happened."""
+        ...
+
+
+class ControlDaemonClient:
+    """`DaemonClient` over the control socket of the daemon of `paths` (one `--home`)."""
+
+    def __init__(self, paths: Paths, *, home: Path | None = None) -> None:
+        self._paths = paths
+        self._home = home
+        self.log_file: Path | None = paths.log_dir / LOG_FILE_NAME
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            return ControlClient(self._paths).call("status", timeout_s=STATUS_TIMEOUT_S)
+        except DaemonNotRunningError:
+            return None
+
+    def swarm(self) -> dict[str, Any]:
+        return ControlClient(self._paths).call("swarm", {"ping": True}, timeout_s=SWARM_TIMEOUT_S)
+
+    def chat(self, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        client = ControlClient(self._paths)
+        yield from client.call_stream("chat", params, timeout_s=TOKEN_WAIT_S)
+
+    def start(self) -> str:
+        # The CLI, so the daemon gets exactly the settings `volunteer start` would give it.
+        home = ["--home", str(self._home)] if self._home else []
+        command = [sys.executable, "-m", "volunteer", *home, "start"]
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=START_TIMEOUT_S, check=False
+        )
+        said = (done.stdout + done.stderr).strip().splitlines()
+        return said[-1] if said else f"volunteer start exited with {done.returncode}"
+
+    def stop(self) -> str:
+        result = lifecycle.stop(self._paths)
+        if result.outcome == "not_running":
+            return "no daemon was running"
+        return f"daemon {result.outcome} (pid {result.pid})"

@@ -1,0 +1,128 @@
+"""The dashboard: the daemon's state and contribution, live machine gauges."""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import Sparkline, Static
+
+from tui.gauges import Gauges
+from tui.render import blocks_bar, gauge
+
+SPARK_SAMPLES = 180
+"""Tokens/s samples kept for the sparkline: three minutes at one poll a second."""
+GIB = 2**30
+STATE_COLOURS = {"serving": "green", "rebalancing": "yellow", "joining": "yellow"}
+
+
+class Dashboard(Vertical):
+    """Shows the last status and gauges it was given (`show_status`, `show_gauges`)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._rates: collections.deque[float] = collections.deque(maxlen=SPARK_SAMPLES)
+        self._last_tokens: tuple[float, int] | None = None
+        self.total_blocks: int | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="empty")
+        yield Static(id="state")
+        yield Static(id="blocks")
+        yield Static(id="counters")
+        yield Static("tokens/s served, last 3 minutes", id="spark-label")
+        yield Sparkline([], id="spark")
+        yield Static(id="gauges")
+
+    def show_status(self, status: dict[str, Any] | None, *, now_s: float | None = None) -> None:
+        is_running = status is not None and status.get("state") != "not_running"
+        self.set_class(not is_running, "-empty")
+        empty = self.query_one("#empty", Static)
+        if not is_running:
+            empty.update(
+                Text.assemble(
+                    ("No daemon is running here.", "bold"),
+                    "  Press ",
+                    ("s", "bold reverse"),
+                    " to start one (it serves where the swarm needs it).",
+                )
+            )
+            self._last_tokens = None
+            return
+        assert status is not None
+        state = str(status.get("state", "?"))
+        colour = STATE_COLOURS.get(state, "red")
+        line = Text.assemble((f"● {state}", f"bold {colour}"))
+        if status.get("error"):
+            line.append(f" ({status['error']})", style="red")
+        line.append(f"   model {status.get('swarm_model') or status.get('model')}")
+        line.append(f"   up {_uptime(status.get('uptime_s'))}")
+        line.append(f"   peers {status.get('peers_seen', '?')}")
+        self.query_one("#state", Static).update(line)
+        bar = blocks_bar(status.get("blocks"), self.total_blocks)
+        if status.get("span_reason"):
+            bar.append(f"\n{status['span_reason']}", style="dim")
+        self.query_one("#blocks", Static).update(bar)
+        requests, tokens = status.get("requests_served", 0), status.get("tokens_served", 0)
+        self.query_one("#counters", Static).update(
+            f"requests {requests:,}   tokens {tokens:,}   sessions "
+            f"{status.get('open_sessions', 0)}   chats {status.get('chats_answered', 0)}"
+        )
+        self._sample_rate(int(status.get("tokens_served") or 0), now_s or time.monotonic())
+
+    def show_gauges(self, gauges: Gauges) -> None:
+        lines = [
+            gauge("CPU", gauges.cpu_percent / 100, f"{gauges.cpu_percent:.0f}%"),
+            gauge(
+                "RAM",
+                gauges.ram_used_bytes / gauges.ram_total_bytes,
+                f"{gauges.ram_used_bytes / GIB:.1f} of {gauges.ram_total_bytes / GIB:.1f} GiB",
+            ),
+        ]
+        if gauges.disk_total_bytes:
+            used = gauges.disk_total_bytes - (gauges.disk_free_bytes or 0)
+            lines.append(
+                gauge(
+                    "disk",
+                    used / gauges.disk_total_bytes,
+                    f"{(gauges.disk_free_bytes or 0) / GIB:.0f} GiB free",
+                )
+            )
+        for gpu in gauges.gpus:
+            total, free = gpu.memory_total_bytes, gpu.memory_free_bytes
+            fraction = (total - free) / total if total and free is not None else None
+            readings = (
+                (gpu.utilization_percent, "{:.0f}% busy"),
+                (gpu.temperature_c, "{:.0f} °C"),
+                (gpu.power_w, "{:.0f} W"),
+            )
+            extra = ", ".join(form.format(v) for v, form in readings if v is not None)
+            lines.append(gauge(f"GPU{gpu.index}", fraction, f"{gpu.name or '?'} {extra}".strip()))
+        if not gauges.gpus:
+            lines.append(Text(f"GPU  {gauges.gpu_note}", style="dim"))
+        self.query_one("#gauges", Static).update(Text("\n").join(lines))
+
+    def _sample_rate(self, tokens: int, now_s: float) -> None:
+        if self._last_tokens is not None:
+            then_s, before = self._last_tokens
+            if now_s > then_s:
+                self._rates.append(max(tokens - before, 0) / (now_s - then_s))
+        self._last_tokens = (now_s, tokens)
+        spark = self.query_one("#spark", Sparkline)
+        spark.data = list(self._rates)
+        latest = self._rates[-1] if self._rates else 0.0
+        self.query_one("#spark-label", Static).update(
+            f"tokens/s served, last 3 minutes (now {latest:.1f})"
+        )
+
+
+def _uptime(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

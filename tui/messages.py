@@ -1,0 +1,70 @@
+"""Messages from the app's workers to its widgets: results of daemon I/O, in small pieces."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual.message import Message
+
+from tui.gauges import Gauges
+
+
+class StatusUpdated(Message):
+    """A status poll's answer: the status, or None when no daemon runs (or it failed)."""
+
+    def __init__(self, status: dict[str, Any] | None, error: str | None = None) -> None:
+        super().__init__()
+        self.status = status
+        self.error = error
+
+
+class SwarmUpdated(Message):
+    def __init__(self, swarm: dict[str, Any] | None, error: str | None = None) -> None:
+        super().__init__()
+        self.swarm = swarm
+        self.error = error
+
+
+class GaugesUpdated(Message):
+    def __init__(self, gauges: Gauges) -> None:
+        super().__init__()
+        self.gauges = gauges
+
+
+class ChatPiece(Message):
+    def __init__(self, text: str, reply_id: int) -> None:
+        super().__init__()
+        self.text = text
+        self.reply_id = reply_id
+
+
+class ChatDone(Message):
+    """The reply ended: its stats (tokens, seconds, route), or what went wrong."""
+
+    def __init__(
+        self,
+        stats: dict[str, Any] | None,
+        reply_id: int,
+        *,
+        error: str | None = None,
+        stopped: bool = False,
+    ) -> None:
+        super().__init__()
+        self.stats = stats
+        self.reply_id = reply_id
+        self.error = error
+        self.stopped = stopped
+
+
+class LogLines(Message):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__()
+        self.lines = lines
+
+
+class DaemonActionDone(Message):
+    """A start or stop from the dashboard finished; `said` is what it reported."""
+
+    def __init__(self, said: str) -> None:
+        super().__init__()
+        self.said = said

@@ -1,0 +1,45 @@
+"""The swarm's health map (as health.petals.dev): who holds each block, and the peers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import DataTable, Static
+
+from tui.render import health_map, short_peer
+
+PEER_COLUMNS = ("name", "peer", "blocks", "tokens/s", "rtt ms", "version", "state")
+
+
+class SwarmView(Vertical):
+    def compose(self) -> ComposeResult:
+        yield Static("waiting for the daemon's view of the swarm…", id="health")
+        yield DataTable(id="peers", zebra_stripes=True, cursor_type="row")
+
+    def on_mount(self) -> None:
+        self.query_one("#peers", DataTable).add_columns(*PEER_COLUMNS)
+
+    def show_swarm(self, swarm: dict[str, Any] | None, error: str | None = None) -> None:
+        health = self.query_one("#health", Static)
+        table = self.query_one("#peers", DataTable)
+        if swarm is None:
+            health.update(f"no swarm to show: {error or 'no daemon is running'}")
+            table.clear()
+            return
+        health.update(health_map(swarm))
+        table.clear()
+        servers = sorted(swarm.get("servers", []), key=lambda s: (s["start"], s["peer_id"]))
+        for server in servers:
+            rtt = server.get("rtt_s")
+            table.add_row(
+                server.get("public_name") or "-",
+                short_peer(server["peer_id"]),
+                f"{server['start']}:{server['end']}",
+                f"{float(server.get('throughput') or 0):.1f}",
+                "-" if rtt is None else f"{rtt * 1000:.1f}",
+                server.get("version") or "-",
+                server.get("state") or "?",
+                key=server["peer_id"],
+            )
