@@ -33,6 +33,7 @@ class ChatView(Horizontal):
         self._stop = threading.Event()
         self._reply: list[str] = []
         self._stream: MarkdownStream | None = None
+        self._answer: Markdown | None = None
         self._stats: Static | None = None
         self._reply_id = 0
         """Which reply the pieces arriving now belong to: a reply cut off by a new
@@ -82,6 +83,7 @@ class ChatView(Horizontal):
         self._stats = Static("…", classes="stats")
         await log.mount(answer, self._stats)
         log.anchor()
+        self._answer = answer
         self._stream = Markdown.get_stream(answer)
         self._reply = []
         self._stop = threading.Event()
@@ -131,6 +133,10 @@ class ChatView(Horizontal):
         reply = "".join(self._reply)
         if reply:
             self.messages.append({"role": "assistant", "content": reply})
+            if self._answer is not None:
+                # Parsed whole once more: fragments appended mid-word or mid-markup can
+                # leave the streamed rendering slightly off.
+                await self._answer.update(reply)
         if self._stats is not None:
             self._stats.update(_stats_line(message))
             self._stats.set_class(message.error is not None, "error")

@@ -113,10 +113,15 @@ class Dashboard(Vertical):
                 self._rates.append(max(tokens - before, 0) / (now_s - then_s))
         self._last_tokens = (now_s, tokens)
         spark = self.query_one("#spark", Sparkline)
-        spark.data = list(self._rates)
+        # A flat line of zeros would draw as a full bar (the scale has no height).
+        is_idle = not self._rates or max(self._rates) == 0
+        spark.data = [] if is_idle else list(self._rates)
+        spark.display = not is_idle
         latest = self._rates[-1] if self._rates else 0.0
         self.query_one("#spark-label", Static).update(
-            f"tokens/s served, last 3 minutes (now {latest:.1f})"
+            "tokens/s served: none in the last 3 minutes"
+            if is_idle
+            else f"tokens/s served, last 3 minutes (now {latest:.1f}, peak {max(self._rates):.1f})"
         )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from rich.text import Text
 
 FULL, EMPTY = "█", "░"
+BARS = " ▁▂▃▄▅▆▇█"
 
 
 def gauge(label: str, fraction: float | None, detail: str, width: int = 24) -> Text:
@@ -64,27 +65,33 @@ def health_rows(swarm: dict[str, Any]) -> list[tuple[int, int, float, bool]]:
 
 
 def health_map(swarm: dict[str, Any]) -> Text:
-    """One cell per block: its server count (a dot for none), coloured by throughput
-    relative to the strongest block; the weakest blocks in reverse video."""
+    """The model's blocks left to right, in groups of ten: how many servers hold each
+    (a dot for none) and its total throughput as a bar relative to the strongest block;
+    the weakest blocks in reverse video."""
     rows = health_rows(swarm)
     if not rows:
         return Text("the model's blocks are unknown yet", style="dim")
     strongest = max(row[2] for row in rows) or 1.0
-    text = Text()
+    index_line, count_line, speed_line = Text("block   "), Text("servers "), Text("speed   ")
     for index, count, throughput, is_weakest in rows:
         share = throughput / strongest
         colour = "red" if count == 0 else "yellow" if share < 0.5 else "green"
-        style = f"bold {colour}" + (" reverse" if is_weakest else "")
-        text.append("·" if count == 0 else str(min(count, 9)), style=style)
+        style = colour + (" reverse" if is_weakest else "")
+        index_line.append(str(index // 10) if index % 10 == 0 else " ", style="dim")
+        count_line.append("·" if count == 0 else str(min(count, 9)), style=f"bold {style}")
+        level = 0 if count == 0 else max(1, round(share * (len(BARS) - 1)))
+        speed_line.append(BARS[level], style=style)
         if (index + 1) % 10 == 0:
-            text.append(" ")
+            for line in (index_line, count_line, speed_line):
+                line.append(" ")
     weakest = [row for row in rows if row[3]]
-    text.append(
-        f"\n{len(rows)} blocks; weakest: {_spans([row[0] for row in weakest])} at "
-        f"{weakest[0][2]:.3g} tokens/s",
+    legend = Text(
+        f"{len(rows)} blocks (tens marked above); weakest: "
+        f"{_spans([row[0] for row in weakest])} at {weakest[0][2]:.3g} tokens/s; "
+        f"strongest {strongest:.3g} tokens/s",
         style="dim",
     )
-    return text
+    return Text("\n").join([index_line, count_line, speed_line, legend])
 
 
 def short_peer(peer_id: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from textual.widgets import DataTable, Input, Static, TabbedContent
 
-from tests.tui.fakes import FIXED_GAUGES, FakeDaemon
+from tests.tui.fakes import FIXED_GAUGES, SERVING, FakeDaemon
 from tui.app import VolunteerApp
 from tui.chat_view import ChatView
 from tui.log_panel import LogPanel
@@ -48,6 +48,9 @@ def test_the_dashboard_shows_the_daemon_and_the_machine() -> None:
         blocks = text_of(app, "#blocks")
         assert "blocks 0:15 of 30" in blocks and "weakest span" in blocks
         assert "tokens 3,400" in text_of(app, "#counters")
+        assert "none in the last 3 minutes" in text_of(app, "#spark-label")
+        app.query_one("#dash").show_status({**SERVING, "tokens_served": 3400 + 500})
+        assert "now " in text_of(app, "#spark-label")  # 500 tokens since the last poll
         gauges = text_of(app, "#gauges")
         assert "42%" in gauges and "6.0 of 16.0 GiB" in gauges and "NVML not available" in gauges
         assert text_of(app, "#status-line") == "connected to the daemon"
@@ -111,7 +114,8 @@ def test_the_swarm_map_and_peers() -> None:
         await settle(app, pilot)
         await pilot.press("3")  # type: ignore[attr-defined]
         health = text_of(app, "#health")
-        assert "30 blocks; weakest: 15:30 at 10 tokens/s" in health
+        assert "weakest: 15:30 at 10 tokens/s; strongest 40 tokens/s" in health
+        assert "servers 1111111111 1111111111 1111111111" in health
         table = app.query_one("#peers", DataTable)
         assert table.row_count == 2
         first = table.get_row_at(0)

@@ -1,0 +1,76 @@
+"""The TUI against a real daemon on 127.0.0.1 serving the real SmolLM2: the dashboard
+shows its blocks, the swarm map its server, and the chat answers with Paris."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from textual.widgets import DataTable, Input, Static
+
+from tests.daemon.homes import Homes
+from tui.app import VolunteerApp
+from tui.chat_view import ChatView
+from tui.client import ControlDaemonClient
+from volunteer.daemon.control import use_tcp
+from volunteer.paths import Paths
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(use_tcp(), reason="daemon tests use the Unix-socket path"),
+]
+
+WAIT_S = 120.0
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, smollm2_folder: Path) -> Iterator[Paths]:
+    homes = Homes(tmp_path_factory.mktemp("tui"))
+    home = homes.home("one")
+    home.mkdir()
+    try:
+        flags = ("--model", str(smollm2_folder), "--threads", "1", "--new-swarm")
+        started = homes.cli(home, "start", *flags)
+        assert started.returncode == 0, started.stderr
+        yield Paths.resolve(home=home, env=homes.env)
+    finally:
+        homes.reap()
+
+
+async def _until(pilot: object, check: object, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {WAIT_S:g} s for {what}")
+        await pilot.pause(0.2)  # type: ignore[attr-defined]
+
+
+def test_dashboard_swarm_and_chat_against_a_real_daemon(daemon: Paths) -> None:
+    async def main() -> None:
+        app = VolunteerApp(ControlDaemonClient(daemon))
+        async with app.run_test(size=(120, 40)) as pilot:
+
+            def blocks() -> str:
+                return str(app.query_one("#blocks", Static).render())
+
+            await _until(pilot, lambda: "blocks 0:30 of 30" in blocks(), "the blocks bar")
+            assert "serving" in str(app.query_one("#state", Static).render())
+            await pilot.press("3")
+            table = app.query_one("#peers", DataTable)
+            await _until(pilot, lambda: table.row_count == 1, "the swarm's one server")
+            assert table.get_row_at(0)[2] == "0:30"
+            await pilot.press("2")
+            prompt = app.query_one("#prompt", Input)
+            prompt.focus()
+            prompt.value = "What is the capital of France?"
+            await pilot.press("enter")
+            view = app.query_one(ChatView)
+            await _until(pilot, lambda: len(view.messages) == 2, "the answer")
+            assert "Paris" in view.messages[1]["content"]
+            stats = [str(w.render()) for w in app.query("#messages .stats")]
+            assert stats and "tokens/s" in stats[-1] and "0:30" in stats[-1]
+
+    asyncio.run(main())
