@@ -35,9 +35,10 @@ class VolunteerApp(App[None]):
     CSS_PATH = "volunteer.tcss"
     TITLE = "volunteer"
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("1", "show_tab('dashboard')", "Dashboard"),
-        Binding("2", "show_tab('chat')", "Chat"),
-        Binding("3", "show_tab('swarm')", "Swarm"),
+        # F-keys switch tabs from anywhere, even while typing in the chat.
+        Binding("1,f1", "show_tab('dashboard')", "Dashboard", key_display="1/F1"),
+        Binding("2,f2", "show_tab('chat')", "Chat", key_display="2/F2"),
+        Binding("3,f3", "show_tab('swarm')", "Swarm", key_display="3/F3"),
         Binding("s", "start_daemon", "Start"),
         Binding("x", "stop_daemon", "Stop"),
         Binding("l", "toggle_log", "Log"),
@@ -154,6 +155,10 @@ class VolunteerApp(App[None]):
         self.refresh_status()
 
     # Actions (key bindings).
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        if event.pane.id == "chat":  # ready to type
+            self.query_one("#prompt").focus()
 
     def action_show_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab

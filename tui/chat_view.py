@@ -1,6 +1,10 @@
-"""Chat with the swarm's model through the daemon: streaming Markdown answers, a stop
-key, a new-conversation key, sampling settings in a side panel, and each answer's
-route and speed."""
+"""Chat with the swarm's model through the daemon: streaming answers rendered as
+Markdown, a stop key, a new-conversation key, sampling settings in a side panel, and
+each answer's route and speed.
+
+While a reply streams it is shown as plain text, redrawn at most PAINT_PERIOD_S apart;
+when it ends it is rendered as Markdown. (Re-parsing Markdown for every token kept the
+event loop so busy that a keypress took half a second to show.)"""
 
 from __future__ import annotations
 
@@ -12,12 +16,12 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Input, Label, Markdown, Static
-from textual.widgets._markdown import MarkdownStream
 
 from tui.messages import ChatDone, ChatPiece
 from tui.render import route_text
 
 DEFAULT_MAX_TOKENS = 256
+PAINT_PERIOD_S = 0.1
 
 
 class ChatView(Horizontal):
@@ -32,8 +36,8 @@ class ChatView(Horizontal):
         self.is_streaming = False
         self._stop = threading.Event()
         self._reply: list[str] = []
-        self._stream: MarkdownStream | None = None
-        self._answer: Markdown | None = None
+        self._answer: Static | None = None
+        self._is_dirty = False
         self._stats: Static | None = None
         self._reply_id = 0
         """Which reply the pieces arriving now belong to: a reply cut off by a new
@@ -79,12 +83,10 @@ class ChatView(Horizontal):
         self.messages.append({"role": "user", "content": text})
         log = self.query_one("#messages", VerticalScroll)
         await log.mount(Static(f"› {text}", classes="user"))
-        answer = Markdown(classes="assistant")
+        self._answer = Static("", classes="assistant streaming")
         self._stats = Static("…", classes="stats")
-        await log.mount(answer, self._stats)
+        await log.mount(self._answer, self._stats)
         log.anchor()
-        self._answer = answer
-        self._stream = Markdown.get_stream(answer)
         self._reply = []
         self._stop = threading.Event()
         self._reply_id += 1
@@ -120,23 +122,30 @@ class ChatView(Horizontal):
         if message.reply_id != self._reply_id:
             return
         self._reply.append(message.text)
-        if self._stream is not None:
-            await self._stream.write(message.text)
+        self._is_dirty = True
+
+    def on_mount(self) -> None:
+        self.set_interval(PAINT_PERIOD_S, self._paint)
+
+    def _paint(self) -> None:
+        if self._is_dirty and self._answer is not None:
+            self._answer.update("".join(self._reply))
+            self._is_dirty = False
 
     async def on_chat_done(self, message: ChatDone) -> None:
         if message.reply_id != self._reply_id:
             return
-        if self._stream is not None:
-            await self._stream.stop()
-            self._stream = None
         self.is_streaming = False
+        self._is_dirty = False
         reply = "".join(self._reply)
         if reply:
             self.messages.append({"role": "assistant", "content": reply})
-            if self._answer is not None:
-                # Parsed whole once more: fragments appended mid-word or mid-markup can
-                # leave the streamed rendering slightly off.
-                await self._answer.update(reply)
+        if self._answer is not None:
+            streamed, self._answer = self._answer, None
+            if reply:
+                log = self.query_one("#messages", VerticalScroll)
+                await log.mount(Markdown(reply, classes="assistant"), before=streamed)
+            await streamed.remove()
         if self._stats is not None:
             self._stats.update(_stats_line(message))
             self._stats.set_class(message.error is not None, "error")
@@ -148,10 +157,8 @@ class ChatView(Horizontal):
     async def action_new_chat(self) -> None:
         self._stop.set()
         self._reply_id += 1  # whatever the old reply still sends is dropped
-        if self._stream is not None:
-            await self._stream.stop()
-            self._stream = None
         self.is_streaming = False
+        self._answer = None
         self._stats = None
         self.messages = []
         await self.query_one("#messages", VerticalScroll).remove_children()

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from volunteer.errors import SettingsError
-from volunteer.model_store import ModelStore
 from volunteer.paths import Paths
 from volunteer.smollm2 import DEFAULT_MODEL
 
@@ -98,6 +97,7 @@ def _open_chat(args: argparse.Namespace, paths: Paths) -> Iterator[Chat]:
     daemon's client (the default)."""
     if args.local:
         from volunteer.local_chat import LocalChat
+        from volunteer.model_store import ModelStore  # (tqdm and hashing: not for `tui`)
 
         yield LocalChat.load(ModelStore(paths.models_dir).resolve(args.model or DEFAULT_MODEL))
     elif args.swarm:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from volunteer.model_store import CachedModel, ModelStore
 from volunteer.paths import Paths
+
+if TYPE_CHECKING:  # the store (tqdm, hashing) loads when a models command runs
+    from volunteer.model_store import CachedModel
 
 _NAME_HELP = (
     "a registered name (see `volunteer models list`), a Hugging Face repo id (org/name), "
@@ -38,6 +40,8 @@ def register(subparsers: Any) -> None:
 
 def run_list(args: argparse.Namespace, paths: Paths) -> int:
     """Prints one row per cached or registered model."""
+    from volunteer.model_store import ModelStore
+
     rows = [_row(model) for model in ModelStore(paths.models_dir).list()]
     header = ("NAME", "STATUS", "SIZE", "SOURCE")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
@@ -50,6 +54,8 @@ def run_list(args: argparse.Namespace, paths: Paths) -> int:
 
 def run_pull(args: argparse.Namespace, paths: Paths) -> int:
     """Pulls one model and prints where it is."""
+    from volunteer.model_store import ModelStore
+
     folder = ModelStore(paths.models_dir).pull(args.name, progress=not args.quiet, force=args.force)
     print(f"{args.name}: ready at {folder}")
     return 0
@@ -57,6 +63,8 @@ def run_pull(args: argparse.Namespace, paths: Paths) -> int:
 
 def run_verify(args: argparse.Namespace, paths: Paths) -> int:
     """Verifies one model; a damaged one raises, which the CLI reports with exit 1."""
+    from volunteer.model_store import ModelStore
+
     report = ModelStore(paths.models_dir).verify(args.name, progress=not args.quiet)
     if report.is_hashed:
         what = f"{report.files_checked} files, {format_size(report.bytes_checked)} match"
