@@ -96,10 +96,17 @@ def test_the_app_follows_the_daemon_going_and_coming_back() -> None:
     run(scenario, daemon)
 
 
-def test_number_keys_switch_tabs() -> None:
+def test_number_and_function_keys_switch_tabs() -> None:
     async def scenario(app: VolunteerApp, pilot: object) -> None:
         tabs = app.query_one(TabbedContent)
-        for key, tab in (("2", "chat"), ("3", "swarm"), ("1", "dashboard")):
+        for key, tab in (("3", "swarm"), ("1", "dashboard"), ("2", "chat")):
+            await pilot.press(key)  # type: ignore[attr-defined]
+            assert tabs.active == tab
+        # The chat tab focuses its prompt: digits are text there; F-keys still switch.
+        await pilot.pause()  # type: ignore[attr-defined]
+        await pilot.press("3")  # type: ignore[attr-defined]
+        assert tabs.active == "chat" and app.query_one("#prompt", Input).value == "3"
+        for key, tab in (("f3", "swarm"), ("f1", "dashboard"), ("f2", "chat")):
             await pilot.press(key)  # type: ignore[attr-defined]
             assert tabs.active == tab
 
