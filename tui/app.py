@@ -36,9 +36,12 @@ class VolunteerApp(App[None]):
     TITLE = "volunteer"
     BINDINGS: ClassVar[list[BindingType]] = [
         # F-keys switch tabs from anywhere, even while typing in the chat.
-        Binding("1,f1", "show_tab('dashboard')", "Dashboard", key_display="1/F1"),
-        Binding("2,f2", "show_tab('chat')", "Chat", key_display="2/F2"),
-        Binding("3,f3", "show_tab('swarm')", "Swarm", key_display="3/F3"),
+        Binding("f1", "show_tab('dashboard')", "Dashboard", key_display="F1/1", priority=True),
+        Binding("f2", "show_tab('chat')", "Chat", key_display="F2/2", priority=True),
+        Binding("f3", "show_tab('swarm')", "Swarm", key_display="F3/3", priority=True),
+        Binding("1", "show_tab('dashboard')", "Dashboard", show=False),
+        Binding("2", "show_tab('chat')", "Chat", show=False),
+        Binding("3", "show_tab('swarm')", "Swarm", show=False),
         Binding("s", "start_daemon", "Start"),
         Binding("x", "stop_daemon", "Stop"),
         Binding("l", "toggle_log", "Log"),
@@ -161,6 +164,8 @@ class VolunteerApp(App[None]):
             self.query_one("#prompt").focus()
 
     def action_show_tab(self, tab: str) -> None:
+        # A focused widget in the pane we leave would pull its pane back to the front.
+        self.set_focus(None)
         self.query_one(TabbedContent).active = tab
 
     def action_toggle_log(self) -> None:

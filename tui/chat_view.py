@@ -135,9 +135,14 @@ class ChatView(Horizontal):
     async def on_chat_done(self, message: ChatDone) -> None:
         if message.reply_id != self._reply_id:
             return
+        # Everything the reply changes is set before the first await below, so nothing
+        # sees a half-finished reply.
         self.is_streaming = False
         self._is_dirty = False
         reply = "".join(self._reply)
+        if self._stats is not None:
+            self._stats.update(_stats_line(message))
+            self._stats.set_class(message.error is not None, "error")
         if reply:
             self.messages.append({"role": "assistant", "content": reply})
         if self._answer is not None:
@@ -146,9 +151,6 @@ class ChatView(Horizontal):
                 log = self.query_one("#messages", VerticalScroll)
                 await log.mount(Markdown(reply, classes="assistant"), before=streamed)
             await streamed.remove()
-        if self._stats is not None:
-            self._stats.update(_stats_line(message))
-            self._stats.set_class(message.error is not None, "error")
 
     def action_stop_reply(self) -> None:
         if self.is_streaming:

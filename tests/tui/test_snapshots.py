@@ -50,5 +50,7 @@ def test_chat_after_an_answer(snap_compare: Any) -> None:
         await pilot.press("enter")
         await pilot.app.workers.wait_for_complete()
         await pilot.pause(0.3)
+        pilot.app.set_focus(None)  # no blinking cursor in the picture
+        await pilot.pause()
 
     assert snap_compare(_app(), terminal_size=SIZE, run_before=ask)
