@@ -23,7 +23,15 @@ from tui.client import DaemonClient
 from tui.dashboard import Dashboard
 from tui.gauges import GaugeReader, Gauges
 from tui.log_panel import LogPanel, LogTail
-from tui.messages import DaemonActionDone, GaugesUpdated, LogLines, StatusUpdated, SwarmUpdated
+from tui.messages import (
+    ConfigLoaded,
+    DaemonActionDone,
+    GaugesUpdated,
+    LogLines,
+    StatusUpdated,
+    SwarmUpdated,
+)
+from tui.settings_view import SettingsView
 from tui.swarm_view import SwarmView
 
 STATUS_PERIOD_S = 1.0
@@ -39,7 +47,9 @@ class VolunteerApp(App[None]):
         Binding("f1", "show_tab('dashboard')", "Dashboard", key_display="F1/1", priority=True),
         Binding("f2", "show_tab('chat')", "Chat", key_display="F2/2", priority=True),
         Binding("f3", "show_tab('swarm')", "Swarm", key_display="F3/3", priority=True),
+        Binding("f4", "show_tab('settings')", "Settings", key_display="F4/4", priority=True),
         Binding("1", "show_tab('dashboard')", "Dashboard", show=False),
+        Binding("4", "show_tab('settings')", "Settings", show=False),
         Binding("2", "show_tab('chat')", "Chat", show=False),
         Binding("3", "show_tab('swarm')", "Swarm", show=False),
         Binding("s", "start_daemon", "Start"),
@@ -77,6 +87,8 @@ class VolunteerApp(App[None]):
                 yield ChatView(id="chat-view")
             with TabPane("Swarm [3]", id="swarm"):
                 yield SwarmView(id="swarm-view")
+            with TabPane("Settings [4]", id="settings"):
+                yield SettingsView(id="settings-view")
         yield LogPanel(id="log", max_lines=2000, wrap=False, classes="hidden")
         yield Static("connecting to the daemon…", id="status-line")
         yield Footer()
@@ -162,6 +174,24 @@ class VolunteerApp(App[None]):
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         if event.pane.id == "chat":  # ready to type
             self.query_one("#prompt").focus()
+        elif event.pane.id == "settings":
+            self.query_one("#setting-public_name").focus()
+            self.load_config()
+
+    @work(thread=True, exclusive=True, group="settings")
+    def load_config(self) -> None:
+        try:
+            values = self.client.read_config()
+        except Exception as exc:  # a malformed config.toml: say so on the form
+            self.post_message(ConfigLoaded({}, error=str(exc)))
+            return
+        self.post_message(ConfigLoaded(values))
+
+    def on_config_loaded(self, message: ConfigLoaded) -> None:
+        view = self.query_one(SettingsView)
+        view.show_config(message.values)
+        if message.error:
+            view.query_one("#settings-note", Static).update(f"config.toml: {message.error}")
 
     def action_show_tab(self, tab: str) -> None:
         # A focused widget in the pane we leave would pull its pane back to the front.

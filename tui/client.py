@@ -17,6 +17,8 @@ from volunteer.daemon import lifecycle
 from volunteer.daemon.control import ControlClient, DaemonNotRunningError
 from volunteer.daemon.runner import LOG_FILE_NAME
 from volunteer.paths import Paths
+from volunteer.settings import EDITABLE, Settings, read_config, save_config
+from volunteer.smollm2 import DEFAULT_MODEL
 
 STATUS_TIMEOUT_S = 2.0
 SWARM_TIMEOUT_S = 20.0
@@ -46,6 +48,18 @@ class DaemonClient(Protocol):
 
     def stop(self) -> str:
         """Stops the daemon; returns what happened."""
+        ...
+
+    def restart(self) -> str:
+        """Stops the daemon (if one runs) and starts it with the saved settings."""
+        ...
+
+    def read_config(self) -> dict[str, str]:
+        """The editable settings as `config.toml` has them (text; empty: the default)."""
+        ...
+
+    def save_config(self, edits: dict[str, str]) -> None:
+        """Checks and writes edits; raises `SettingsError` naming a bad value."""
         ...
 
 
@@ -85,3 +99,23 @@ class ControlDaemonClient:
         if result.outcome == "not_running":
             return "no daemon was running"
         return f"daemon {result.outcome} (pid {result.pid})"
+
+    def restart(self) -> str:
+        stopped = self.stop()
+        return f"{stopped}; {self.start()}"
+
+    def read_config(self) -> dict[str, str]:
+        return config_as_text(read_config(self._paths))
+
+    def save_config(self, edits: dict[str, str]) -> None:
+        save_config(self._paths, edits)
+
+
+def config_as_text(settings: Settings) -> dict[str, str]:
+    """The editable settings as form text: "" where the default applies."""
+    texts = {}
+    for name in EDITABLE:
+        value = getattr(settings, name)
+        is_default = value is None or (name == "model" and value == DEFAULT_MODEL)
+        texts[name] = "" if is_default else f"{value:g}" if isinstance(value, float) else str(value)
+    return texts

@@ -68,3 +68,10 @@ class DaemonActionDone(Message):
     def __init__(self, said: str) -> None:
         super().__init__()
         self.said = said
+
+
+class ConfigLoaded(Message):
+    def __init__(self, values: dict[str, str], error: str | None = None) -> None:
+        super().__init__()
+        self.values = values
+        self.error = error

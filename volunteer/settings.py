@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from volunteer.atomic import write_file_atomic
 from volunteer.errors import SettingsError
 from volunteer.paths import Paths
 from volunteer.smollm2 import DEFAULT_MODEL
@@ -170,6 +171,40 @@ def _from_flags(flags: Mapping[str, Any]) -> dict[str, _Source]:
         if raw is not None:
             layer[name] = _Source(raw, flag_name(name))
     return layer
+
+
+EDITABLE = ("public_name", "model", "threads", "max_ram_gib", "cache_tokens")
+"""What a volunteer edits in the TUI's settings screen."""
+
+
+def read_config(paths: Paths) -> Settings:
+    """The defaults and `config.toml` alone (no env, no flags): what the file says.
+
+    Raises:
+        SettingsError: the file is malformed.
+    """
+    return Settings.build(paths=paths, env={}, flags={})
+
+
+def save_config(paths: Paths, edits: Mapping[str, str]) -> Settings:
+    """Checks text edits of `EDITABLE` fields and writes them into `config.toml` (other
+    keys of the file kept; an empty text means the default). Nothing is written unless
+    every edit is valid.
+
+    Raises:
+        SettingsError: an edit (or the file) is invalid; the message names the field.
+    """
+    changes: dict[str, Any] = {}
+    for name, text in edits.items():
+        if name not in EDITABLE:
+            raise SettingsError(f"{name} is not a setting the settings screen edits")
+        if not text.strip():
+            changes[name] = _DEFAULTS[name]
+            continue
+        changes[name] = _PARSERS[name](_Source(text, name.replace("_", " ")))
+    updated = dataclasses.replace(read_config(paths), **changes)
+    write_file_atomic(paths.config_file, updated.to_toml().encode("utf-8"))
+    return updated
 
 
 def flag_name(field: str) -> str:
@@ -330,6 +365,8 @@ def _parse_number(source: _Source) -> float | None:
         return None
     return value if value == value else None  # NaN is no number here
 
+
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Settings)}
 
 _PARSERS: dict[str, Callable[[_Source], Any]] = {
     "model": _parse_text,

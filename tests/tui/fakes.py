@@ -8,7 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tui.client import config_as_text
 from tui.gauges import Gauges
+from volunteer.paths import Paths
+from volunteer.settings import read_config, save_config
 
 GIB = 2**30
 
@@ -66,9 +69,14 @@ STATS = {
 class FakeDaemon:
     """Answers like the daemon's control API, from a script; records what it was asked."""
 
-    def __init__(self, *, running: bool = True, log_file: Path | None = None) -> None:
+    def __init__(
+        self, *, running: bool = True, log_file: Path | None = None, paths: Paths | None = None
+    ) -> None:
         self.running = running
         self.log_file = log_file
+        self.paths = paths
+        """Where the settings screen's config.toml lives (the real file logic runs)."""
+        self.restarted = 0
         self.status_reply: dict[str, Any] = dict(SERVING)
         self.chat_requests: list[dict[str, Any]] = []
         self.started = self.stopped = 0
@@ -102,3 +110,16 @@ class FakeDaemon:
         self.stopped += 1
         self.running = False
         return "daemon stopped"
+
+    def restart(self) -> str:
+        self.restarted += 1
+        self.running = True
+        return "daemon stopped; volunteer: serving blocks 0:15"
+
+    def read_config(self) -> dict[str, str]:
+        assert self.paths is not None, "this test gave the fake no config"
+        return config_as_text(read_config(self.paths))
+
+    def save_config(self, edits: dict[str, str]) -> None:
+        assert self.paths is not None, "this test gave the fake no config"
+        save_config(self.paths, edits)

@@ -13,6 +13,7 @@ from tests.tui.fakes import FIXED_GAUGES, SERVING, FakeDaemon
 from tui.app import VolunteerApp
 from tui.chat_view import ChatView
 from tui.log_panel import LogPanel
+from volunteer.paths import Paths
 
 SIZE = (120, 40)
 
@@ -223,3 +224,36 @@ def test_l_toggles_the_daemon_log(tmp_path: Path) -> None:
         assert panel.has_class("hidden")
 
     run(scenario, FakeDaemon(log_file=log))
+
+
+def test_settings_are_checked_saved_to_the_file_and_applied_by_a_restart(tmp_path: Path) -> None:
+    paths = Paths.resolve(home=tmp_path / "home", env={})
+    paths.config_file.parent.mkdir(parents=True)
+    paths.config_file.write_text("threads = 3\nport = 31337\n", encoding="utf-8")
+    daemon = FakeDaemon(paths=paths)
+
+    async def scenario(app: VolunteerApp, pilot: object) -> None:
+        await pilot.press("4")  # type: ignore[attr-defined]
+        await settle(app, pilot)
+        threads = app.query_one("#setting-threads", Input)
+        assert threads.value == "3" and app.query_one("#setting-model", Input).value == ""
+        threads.value = "0"
+        await pilot.press("ctrl+s")  # type: ignore[attr-defined]
+        await settle(app, pilot)
+        note = text_of(app, "#settings-note")
+        assert "not saved" in note and "threads: must be at least 1" in note
+        assert "threads = 3" in paths.config_file.read_text(encoding="utf-8")  # untouched
+        threads.value = "2"
+        app.query_one("#setting-public_name", Input).value = "ada"
+        app.query_one("#setting-max_ram_gib", Input).value = "6.5"
+        await pilot.press("ctrl+s")  # type: ignore[attr-defined]
+        await settle(app, pilot)
+        assert "saved to config.toml" in text_of(app, "#settings-note")
+        saved = paths.config_file.read_text(encoding="utf-8")
+        assert "threads = 2" in saved and 'public_name = "ada"' in saved
+        assert "max_ram_gib = 6.5" in saved and "port = 31337" in saved  # others kept
+        await pilot.press("ctrl+r")  # type: ignore[attr-defined]
+        await settle(app, pilot)
+        assert daemon.restarted == 1 and "serving blocks" in text_of(app, "#settings-note")
+
+    run(scenario, daemon)

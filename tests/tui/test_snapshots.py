@@ -4,6 +4,7 @@ __snapshots__/; after an intended change of the look, review and accept them wit
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from textual.pilot import Pilot
@@ -11,6 +12,7 @@ from textual.widgets import Input
 
 from tests.tui.fakes import FIXED_GAUGES, FakeDaemon
 from tui.app import VolunteerApp
+from volunteer.paths import Paths
 
 SIZE = (110, 36)
 
@@ -54,3 +56,20 @@ def test_chat_after_an_answer(snap_compare: Any) -> None:
         await pilot.pause()
 
     assert snap_compare(_app(), terminal_size=SIZE, run_before=ask)
+
+
+def test_settings(snap_compare: Any, tmp_path: Path) -> None:
+    paths = Paths.resolve(home=tmp_path / "home", env={})
+    paths.config_file.parent.mkdir(parents=True)
+    paths.config_file.write_text('public_name = "ada"\nthreads = 2\n', encoding="utf-8")
+
+    async def open_settings(pilot: Pilot[Any]) -> None:
+        await _load(pilot)
+        await pilot.press("4")
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
+        pilot.app.set_focus(None)  # no blinking cursor in the picture
+        await pilot.pause()
+
+    app = _app(FakeDaemon(paths=paths))
+    assert snap_compare(app, terminal_size=SIZE, run_before=open_settings)

@@ -1,0 +1,85 @@
+"""What the volunteer allows: edited here, checked, written to `config.toml`; the daemon
+applies it when it restarts (ctrl+r restarts it from here)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical
+from textual.message import Message
+from textual.widgets import Input, Label, Static
+
+from tui.messages import DaemonActionDone
+
+# (settings field, label, placeholder shown when it is left at its default)
+FIELDS = (
+    ("public_name", "Public name (leaderboard, health map)", "anonymous"),
+    ("model", "Model to serve", "the embedded SmolLM2"),
+    ("threads", "CPU threads", "all cores"),
+    ("max_ram_gib", "Most RAM for blocks and caches (GiB)", "what is free"),
+    ("cache_tokens", "Attention cache (tokens)", "sized from memory"),
+)
+
+
+class SettingsView(Vertical):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("ctrl+s", "save", "Save settings"),
+        Binding("ctrl+r", "restart", "Restart daemon"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        for name, label, placeholder in FIELDS:
+            yield Label(label)
+            yield Input(placeholder=placeholder, id=f"setting-{name}")
+        yield Static("Changes take effect when the daemon restarts.", id="settings-note")
+
+    def show_config(self, values: dict[str, str]) -> None:
+        for name, _, _ in FIELDS:
+            self.query_one(f"#setting-{name}", Input).value = values.get(name, "")
+
+    def edits(self) -> dict[str, str]:
+        return {name: self.query_one(f"#setting-{name}", Input).value for name, _, _ in FIELDS}
+
+    def action_save(self) -> None:
+        self._save(self.edits())
+
+    @work(thread=True, exclusive=True, group="settings")
+    def _save(self, edits: dict[str, str]) -> None:
+        try:
+            self.app.client.save_config(edits)  # type: ignore[attr-defined]
+        except Exception as exc:  # a bad value: say which, keep the form as typed
+            self.post_message(SettingsSaved(f"not saved: {exc}", is_error=True))
+            return
+        self.post_message(
+            SettingsSaved("saved to config.toml; the daemon applies it on restart (ctrl+r)")
+        )
+
+    def on_settings_saved(self, message: SettingsSaved) -> None:
+        note = self.query_one("#settings-note", Static)
+        note.update(message.said)
+        note.set_class(message.is_error, "error")
+
+    def action_restart(self) -> None:
+        self.query_one("#settings-note", Static).update("restarting the daemon…")
+        self._restart()
+
+    @work(thread=True, exclusive=True, group="daemon-action")
+    def _restart(self) -> None:
+        try:
+            said = self.app.client.restart()  # type: ignore[attr-defined]
+        except Exception as exc:
+            said = f"restart failed: {exc}"
+        self.post_message(SettingsSaved(said))
+        self.app.post_message(DaemonActionDone(said))  # the app polls the daemon again
+
+
+class SettingsSaved(Message):
+    """What saving (or restarting) did, for the note under the form."""
+
+    def __init__(self, said: str, *, is_error: bool = False) -> None:
+        super().__init__()
+        self.said = said
+        self.is_error = is_error
