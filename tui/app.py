@@ -18,6 +18,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Footer, Static, TabbedContent, TabPane
 
+from tui.chat_history import ChatHistory
 from tui.chat_view import ChatView
 from tui.client import DaemonClient
 from tui.dashboard import Dashboard
@@ -63,18 +64,21 @@ class VolunteerApp(App[None]):
         client: DaemonClient,
         *,
         gauges: Callable[[], Gauges] | None = None,
+        history: ChatHistory | None = None,
         poll: bool = True,
     ) -> None:
         """
         Args:
             client: the daemon, as `tui.client.DaemonClient`.
             gauges: reads the machine's gauges (default: psutil and NVML here).
+            history: where chats are saved and reopened (None: not saved).
             poll: poll the daemon and the machine on timers (tests drive `refresh_*`).
         """
         super().__init__()
         self.client = client
         self._read_gauges = gauges or GaugeReader(Path.home())
         self._poll = poll
+        self._history = history
         self._log = LogTail(client.log_file)
         self.daemon_seen: bool | None = None
         """Whether the last poll found a daemon (None before the first poll)."""
@@ -84,7 +88,7 @@ class VolunteerApp(App[None]):
             with TabPane("Dashboard [1]", id="dashboard"):
                 yield Dashboard(id="dash")
             with TabPane("Chat [2]", id="chat"):
-                yield ChatView(id="chat-view")
+                yield ChatView(self._history, id="chat-view")
             with TabPane("Swarm [3]", id="swarm"):
                 yield SwarmView(id="swarm-view")
             with TabPane("Settings [4]", id="settings"):

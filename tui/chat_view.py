@@ -15,9 +15,10 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import Input, Label, Markdown, Static
+from textual.widgets import Input, Label, ListItem, ListView, Markdown, Static
 
-from tui.messages import ChatDone, ChatPiece
+from tui.chat_history import ChatHistory
+from tui.messages import ChatDone, ChatPiece, ConversationOpened, HistoryListed
 from tui.render import route_text
 
 DEFAULT_MAX_TOKENS = 256
@@ -30,8 +31,10 @@ class ChatView(Horizontal):
         Binding("ctrl+n", "new_chat", "New chat"),
     ]
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, history: ChatHistory | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.history = history
+        """Where conversations are saved (None: not saved, e.g. no data dir)."""
         self.messages: list[dict[str, str]] = []
         self.is_streaming = False
         self._stop = threading.Event()
@@ -57,6 +60,8 @@ class ChatView(Horizontal):
             yield Label("Max new tokens")
             yield Input(str(DEFAULT_MAX_TOKENS), id="max-tokens", type="integer")
             yield Static(id="chat-note")
+            yield Label("Saved chats (Enter opens)")
+            yield ListView(id="history")
 
     def sampling(self) -> dict[str, Any]:
         """The side panel's settings as chat request fields (the daemon validates them)."""
@@ -98,6 +103,10 @@ class ChatView(Horizontal):
     @work(thread=True, group="chat")
     def ask(self, params: dict[str, Any], reply_id: int, stop: threading.Event) -> None:
         stats: dict[str, Any] | None = None
+        question = params["messages"][-1]["content"]
+        system = next((m["content"] for m in params["messages"] if m["role"] == "system"), None)
+        settings = {k: v for k, v in params.items() if k != "messages"}
+        self._save(lambda h: h.record_question(question, system, settings))
         stream = self.app.client.chat(params)  # type: ignore[attr-defined]
         try:
             for message in stream:
@@ -118,6 +127,75 @@ class ChatView(Horizontal):
                 close()
         self.post_message(ChatDone(stats, reply_id, stopped=stop.is_set()))
 
+    def _save(self, action: Any) -> None:
+        """Runs `action(history)` (on a worker thread), then lists the saved chats again;
+        a store that fails is reported under the settings and the chat goes on."""
+        if self.history is None:
+            return
+        try:
+            action(self.history)
+            self.post_message(HistoryListed(self.history.summaries()))
+        except Exception as exc:
+            self.post_message(HistoryListed(None, error=f"not saved: {exc}"))
+
+    @work(thread=True, group="chat-save")
+    def save_answer(self, text: str, stats: dict[str, Any] | None) -> None:
+        self._save(lambda h: h.record_answer(text, stats))
+
+    @work(thread=True, exclusive=True, group="chat-list")
+    def list_history(self) -> None:
+        self._save(lambda h: None)
+
+    async def on_history_listed(self, message: HistoryListed) -> None:
+        note = self.query_one("#chat-note", Static)
+        if message.error is not None:
+            note.update(message.error)
+            return
+        listing = self.query_one("#history", ListView)
+        index = listing.index
+        await listing.clear()
+        items = [ListItem(Label(s.title), id=f"chat-{s.id}") for s in message.summaries or []]
+        await listing.extend(items)
+        if index is not None and items:
+            listing.index = min(index, len(items) - 1)
+
+    @on(ListView.Selected, "#history")
+    def open_selected(self, event: ListView.Selected) -> None:
+        if self.is_streaming or event.item.id is None or self.history is None:
+            return
+        self.open_conversation(int(event.item.id.removeprefix("chat-")))
+
+    @work(thread=True, exclusive=True, group="chat-list")
+    def open_conversation(self, conversation_id: int) -> None:
+        assert self.history is not None
+        try:
+            self.post_message(ConversationOpened(self.history.open(conversation_id)))
+        except Exception as exc:
+            self.post_message(HistoryListed(None, error=f"cannot open: {exc}"))
+
+    async def on_conversation_opened(self, message: ConversationOpened) -> None:
+        conversation = message.conversation
+        await self._clear()
+        log = self.query_one("#messages", VerticalScroll)
+        for stored in conversation.messages:
+            self.messages.append({"role": stored.role, "content": stored.content})
+            if stored.role == "user":
+                await log.mount(Static(f"› {stored.content}", classes="user"))
+            else:
+                await log.mount(Markdown(stored.content, classes="assistant"))
+                if stored.tokens and stored.seconds:
+                    speed = f"{stored.tokens} tokens, {stored.tokens / stored.seconds:.1f} tokens/s"
+                    await log.mount(Static(f"saved · {speed}", classes="stats"))
+        self.query_one("#system", Input).value = conversation.system_prompt or ""
+        for key, widget_id in (("temperature", "temperature"), ("top_p", "top-p")):
+            if key in conversation.settings:
+                self.query_one(f"#{widget_id}", Input).value = str(conversation.settings[key])
+        if "max_new_tokens" in conversation.settings:
+            value = str(conversation.settings["max_new_tokens"])
+            self.query_one("#max-tokens", Input).value = value
+        self.query_one("#chat-note", Static).update(f"reopened: {conversation.title}")
+        log.scroll_end(animate=False)
+
     async def on_chat_piece(self, message: ChatPiece) -> None:
         if message.reply_id != self._reply_id:
             return
@@ -126,6 +204,7 @@ class ChatView(Horizontal):
 
     def on_mount(self) -> None:
         self.set_interval(PAINT_PERIOD_S, self._paint)
+        self.list_history()
 
     def _paint(self) -> None:
         if self._is_dirty and self._answer is not None:
@@ -145,6 +224,7 @@ class ChatView(Horizontal):
             self._stats.set_class(message.error is not None, "error")
         if reply:
             self.messages.append({"role": "assistant", "content": reply})
+            self.save_answer(reply, message.stats)
         if self._answer is not None:
             streamed, self._answer = self._answer, None
             if reply:
@@ -157,6 +237,13 @@ class ChatView(Horizontal):
             self._stop.set()
 
     async def action_new_chat(self) -> None:
+        await self._clear()
+        if self.history is not None:
+            self.history.start_new()
+        self.query_one("#chat-note", Static).update("new conversation")
+        self.query_one("#prompt", Input).focus()
+
+    async def _clear(self) -> None:
         self._stop.set()
         self._reply_id += 1  # whatever the old reply still sends is dropped
         self.is_streaming = False
@@ -164,8 +251,6 @@ class ChatView(Horizontal):
         self._stats = None
         self.messages = []
         await self.query_one("#messages", VerticalScroll).remove_children()
-        self.query_one("#chat-note", Static).update("new conversation")
-        self.query_one("#prompt", Input).focus()
 
 
 def _stats_line(message: ChatDone) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 from textual.message import Message
 
 from tui.gauges import Gauges
+from volunteer.chat_store import ConversationSummary, StoredConversation
 
 
 class StatusUpdated(Message):
@@ -75,3 +76,20 @@ class ConfigLoaded(Message):
         super().__init__()
         self.values = values
         self.error = error
+
+
+class HistoryListed(Message):
+    """The saved chats, newest first (None with `error` when the store failed)."""
+
+    def __init__(
+        self, summaries: list[ConversationSummary] | None, error: str | None = None
+    ) -> None:
+        super().__init__()
+        self.summaries = summaries
+        self.error = error
+
+
+class ConversationOpened(Message):
+    def __init__(self, conversation: StoredConversation) -> None:
+        super().__init__()
+        self.conversation = conversation

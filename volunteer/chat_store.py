@@ -41,24 +41,12 @@ UNTITLED = "New chat"
 # AUTOINCREMENT: a deleted id is never handed out again, so a screen still holding one gets
 # UnknownConversationError instead of writing into another conversation.
 _SCHEMA = (
-    """CREATE TABLE conversations (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        title TEXT NOT NULL,
-        system_prompt TEXT,
-        settings_json TEXT NOT NULL,
-        created_at_s REAL NOT NULL,
-        updated_at_s REAL NOT NULL
-    )""",
-    """CREATE TABLE messages (
-        id INTEGER PRIMARY KEY,
-        conversation_id INTEGER NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-        role TEXT NOT NULL,
-        content TEXT NOT NULL,
-        created_at_s REAL NOT NULL,
-        tokens INTEGER,
-        seconds REAL,
-        route_json TEXT NOT NULL
-    )""",
+    "CREATE TABLE conversations (id INTEGER PRIMARY KEY AUTOINCREMENT, title TEXT NOT NULL,"
+    " system_prompt TEXT, settings_json TEXT NOT NULL, created_at_s REAL NOT NULL,"
+    " updated_at_s REAL NOT NULL)",
+    "CREATE TABLE messages (id INTEGER PRIMARY KEY, conversation_id INTEGER NOT NULL"
+    " REFERENCES conversations (id) ON DELETE CASCADE, role TEXT NOT NULL, content TEXT NOT NULL,"
+    " created_at_s REAL NOT NULL, tokens INTEGER, seconds REAL, route_json TEXT NOT NULL)",
     "CREATE INDEX messages_by_conversation ON messages (conversation_id, id)",
     "CREATE INDEX conversations_by_update ON conversations (updated_at_s DESC, id DESC)",
 )
@@ -156,7 +144,10 @@ def _as_store_errors(path: Path) -> Iterator[None]:
 class ChatStore:
     """Conversations and their messages in one SQLite file; safe to share across threads.
 
-    Build one with `ChatStore.open`; the constructor only wraps an open connection.
+    Build one with `ChatStore.open`; the constructor only wraps an open connection. Every
+    method taking a `conversation_id` raises `UnknownConversationError` when none has it,
+    and any method raises `ChatStoreError` when SQLite fails (a lock held past
+    `BUSY_TIMEOUT_S`, a full disk) or the store is closed.
     """
 
     def __init__(
@@ -181,7 +172,12 @@ class ChatStore:
                 written by a newer volunteer, or cannot be opened. The file is left as is.
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ChatStoreError(
+                f"cannot create the folder of the chat store {path}: {exc}"
+            ) from exc
         _check_magic(path)
         with _as_store_errors(path):
             # Autocommit mode: transactions are begun explicitly (see `_transaction`).
@@ -230,55 +226,33 @@ class ChatStore:
         return cursor.lastrowid
 
     def append(self, conversation_id: int, message: StoredMessage) -> None:
-        """Adds `message` at the end of a conversation and marks it updated now.
-
-        Raises:
-            UnknownConversationError: no conversation has this id.
-        """
+        """Adds `message` at the end of a conversation and marks it updated now."""
         route_json = json.dumps([list(hop) for hop in message.route])
+        row = {**dataclasses.asdict(message), "route": route_json, "id": conversation_id}
         with self._transaction() as db:
             self._update(db, conversation_id, "updated_at_s = ?", (self._clock(),))
             db.execute(
                 "INSERT INTO messages (conversation_id, role, content, created_at_s, tokens,"
-                " seconds, route_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    conversation_id,
-                    message.role,
-                    message.content,
-                    message.created_at_s,
-                    message.tokens,
-                    message.seconds,
-                    route_json,
-                ),
+                " seconds, route_json)"
+                " VALUES (:id, :role, :content, :created_at_s, :tokens, :seconds, :route)",
+                row,
             )
 
     def rename(self, conversation_id: int, title: str) -> None:
-        """Changes a conversation's title.
-
-        Raises:
-            UnknownConversationError: no conversation has this id.
-        """
+        """Changes a conversation's title."""
         with self._transaction() as db:
             self._update(db, conversation_id, "title = ?", (title,))
 
     def update_settings(
         self, conversation_id: int, system_prompt: str | None, settings: Mapping[str, Any]
     ) -> None:
-        """Replaces a conversation's system prompt and sampling settings.
-
-        Raises:
-            UnknownConversationError: no conversation has this id.
-        """
+        """Replaces a conversation's system prompt and sampling settings."""
         values = (system_prompt, json.dumps(dict(settings)))
         with self._transaction() as db:
             self._update(db, conversation_id, "system_prompt = ?, settings_json = ?", values)
 
     def delete(self, conversation_id: int) -> None:
-        """Deletes a conversation and (by cascade) its messages.
-
-        Raises:
-            UnknownConversationError: no conversation has this id.
-        """
+        """Deletes a conversation and (by cascade) its messages."""
         with self._transaction() as db:
             cursor = db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
             if cursor.rowcount == 0:
@@ -301,8 +275,7 @@ class ChatStore:
         """A conversation with all its messages, oldest first.
 
         Raises:
-            UnknownConversationError: no conversation has this id.
-            ChatStoreError: its stored settings or routes are not valid JSON of their shape.
+            ChatStoreError: its stored settings or routes are not JSON of their shape.
         """
         # One read transaction: another process's append cannot land between the queries.
         with self._transaction(is_write=False) as db:
@@ -318,10 +291,11 @@ class ChatStore:
         if head is None:
             raise UnknownConversationError(f"no conversation with id {conversation_id}")
         title, system_prompt, settings_json = head
-        settings = self._decode(settings_json, conversation_id)
+        where = f"chat store {self.path}, conversation {conversation_id}"
+        settings = _decode_json(settings_json, where)
         if not isinstance(settings, dict):
-            raise ChatStoreError(f"conversation {conversation_id} has non-dict settings")
-        messages = tuple(self._message(row, conversation_id) for row in rows)
+            raise ChatStoreError(f"{where}: the settings are not a JSON object")
+        messages = tuple(_message_from(row, where) for row in rows)
         return StoredConversation(conversation_id, title, system_prompt, settings, messages)
 
     @contextlib.contextmanager
@@ -331,21 +305,20 @@ class ChatStore:
         with self._lock:
             if self._is_closed:
                 raise ChatStoreError(f"chat store {self.path} is closed")
+            db = self._connection
             with _as_store_errors(self.path):
-                self._connection.execute("BEGIN IMMEDIATE" if is_write else "BEGIN")
+                db.execute("BEGIN IMMEDIATE" if is_write else "BEGIN")
                 try:
-                    yield self._connection
+                    yield db
+                    db.execute("COMMIT")
                 except BaseException:
-                    self._connection.execute("ROLLBACK")
+                    if db.in_transaction:  # SQLite itself rolls back after some errors
+                        db.execute("ROLLBACK")
                     raise
-                self._connection.execute("COMMIT")
 
     @staticmethod
     def _update(
-        db: sqlite3.Connection,
-        conversation_id: int,
-        assignments: str,
-        values: tuple[object, ...],
+        db: sqlite3.Connection, conversation_id: int, assignments: str, values: tuple[object, ...]
     ) -> None:
         # `assignments` is always a literal of this module; values go in as parameters.
         sql = f"UPDATE conversations SET {assignments} WHERE id = ?"
@@ -353,28 +326,24 @@ class ChatStore:
         if cursor.rowcount == 0:
             raise UnknownConversationError(f"no conversation with id {conversation_id}")
 
-    def _decode(self, text: str, conversation_id: int) -> Any:
-        try:
-            return json.loads(text)
-        except ValueError as exc:
-            raise ChatStoreError(
-                f"chat store {self.path}: conversation {conversation_id} holds invalid JSON"
-            ) from exc
 
-    def _message(self, row: tuple[Any, ...], conversation_id: int) -> StoredMessage:
-        role, content, created_at_s, tokens, seconds, route_json = row
-        hops = self._decode(route_json, conversation_id)
-        is_route = isinstance(hops, builtins.list) and all(
-            isinstance(hop, builtins.list)
-            and len(hop) == 3
-            and isinstance(hop[0], str)
-            and all(isinstance(block, int) for block in hop[1:])
-            for hop in hops
+def _decode_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ChatStoreError(f"{where}: invalid JSON ({exc})") from exc
+
+
+def _message_from(row: tuple[Any, ...], where: str) -> StoredMessage:
+    role, content, created_at_s, tokens, seconds, route_json = row
+    try:
+        route = tuple(
+            (str(peer), int(start), int(end))
+            for peer, start, end in _decode_json(route_json, where)
         )
-        if not is_route:
-            raise ChatStoreError(f"conversation {conversation_id} has a malformed route")
-        route = tuple((peer, start, end) for peer, start, end in hops)
-        return StoredMessage(role, content, created_at_s, tokens, seconds, route)
+    except (TypeError, ValueError) as exc:
+        raise ChatStoreError(f"{where}: a route is not a list of [peer_id, start, end]") from exc
+    return StoredMessage(role, content, created_at_s, tokens, seconds, route)
 
 
 def _check_magic(path: Path) -> None:
@@ -388,9 +357,7 @@ def _check_magic(path: Path) -> None:
     except OSError as exc:
         raise ChatStoreError(f"cannot read the chat store {path}: {exc}") from exc
     if header and header != SQLITE_MAGIC:
-        raise ChatStoreError(
-            f"{path} is not a SQLite database; move it away to start a new chat history"
-        )
+        raise ChatStoreError(f"{path} is not a SQLite database; move it away to start afresh")
 
 
 def _prepare(connection: sqlite3.Connection, path: Path) -> None:
@@ -427,7 +394,5 @@ def _read_version(connection: sqlite3.Connection, path: Path) -> int:
     if version == 0:
         (tables,) = connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
         if tables:
-            raise ChatStoreError(
-                f"{path} is a SQLite database of another program; choose another path"
-            )
+            raise ChatStoreError(f"{path} is another program's SQLite database; not opening it")
     return version

@@ -7,12 +7,14 @@ import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from textual.widgets import DataTable, Input, Static, TabbedContent
+from textual.widgets import DataTable, Input, ListView, Static, TabbedContent
 
 from tests.tui.fakes import FIXED_GAUGES, SERVING, FakeDaemon
 from tui.app import VolunteerApp
+from tui.chat_history import ChatHistory
 from tui.chat_view import ChatView
 from tui.log_panel import LogPanel
+from volunteer.chat_store import ChatStore
 from volunteer.paths import Paths
 
 SIZE = (120, 40)
@@ -257,3 +259,53 @@ def test_settings_are_checked_saved_to_the_file_and_applied_by_a_restart(tmp_pat
         assert daemon.restarted == 1 and "serving blocks" in text_of(app, "#settings-note")
 
     run(scenario, daemon)
+
+
+def test_chats_are_saved_listed_and_reopened(tmp_path: Path) -> None:
+    store = ChatStore.open(tmp_path / "chats.sqlite3")
+    daemon = FakeDaemon()
+
+    async def main() -> None:
+        app = VolunteerApp(
+            daemon, gauges=lambda: FIXED_GAUGES, history=ChatHistory(store), poll=False
+        )
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("2")
+            app.query_one("#system", Input).value = "Be brief."
+            await _ask(app, pilot, "What is the capital of France?")
+            await settle(app, pilot)
+            await settle(app, pilot)
+            [summary] = store.list()
+            assert summary.title == "What is the capital of France?"
+            saved = store.load(summary.id)
+            assert saved.system_prompt == "Be brief." and saved.settings["max_new_tokens"] == 256
+            assert [m.role for m in saved.messages] == ["user", "assistant"]
+            answer = saved.messages[1]
+            assert answer.content == "The capital of France is **Paris**."
+            assert answer.tokens == 8 and answer.route[0][1:] == (0, 15)
+            listing = app.query_one("#history", ListView)
+            assert len(listing.children) == 1
+            # A new conversation, then the saved one reopened from the list.
+            await pilot.press("ctrl+n")
+            await pilot.pause()
+            view = app.query_one(ChatView)
+            assert view.messages == [] and app.query_one("#system", Input).value == "Be brief."
+            app.query_one("#system", Input).value = ""
+            listing.focus()
+            listing.index = 0
+            await pilot.press("enter")
+            await settle(app, pilot)
+            await pilot.pause(0.2)
+            assert [m["role"] for m in view.messages] == ["user", "assistant"]
+            assert app.query_one("#system", Input).value == "Be brief."
+            assert "Paris" in _chat_text(app) and "saved · 8 tokens" in _chat_text(app)
+            # The next question continues that conversation in the store.
+            await _ask(app, pilot, "And of Spain?")
+            await settle(app, pilot)
+            await settle(app, pilot)
+            assert len(store.list()) == 1 and len(store.load(summary.id).messages) == 4
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,22 @@ def run_tui(args: argparse.Namespace, paths: Paths) -> int:
     # Imported here: the rest of the CLI must not pay for Textual (and the TUI must not
     # pay for torch, which nothing on this path imports).
     from tui.app import VolunteerApp
+    from tui.chat_history import ChatHistory
     from tui.client import ControlDaemonClient
     from tui.gauges import GaugeReader
+    from volunteer.chat_store import ChatStore, ChatStoreError, default_path
 
     home = Path(args.home).expanduser().resolve() if args.home else None
     client = ControlDaemonClient(paths, home=home)
-    VolunteerApp(client, gauges=GaugeReader(paths.cache_dir)).run()
+    try:
+        store = ChatStore.open(default_path(paths))
+    except ChatStoreError as exc:  # chat still works, it is just not saved
+        print(f"volunteer: warning: chats will not be saved: {exc}", file=sys.stderr)
+        store = None
+    history = ChatHistory(store) if store is not None else None
+    try:
+        VolunteerApp(client, gauges=GaugeReader(paths.cache_dir), history=history).run()
+    finally:
+        if store is not None:
+            store.close()
     return 0
