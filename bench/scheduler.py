@@ -37,29 +37,14 @@ from collections.abc import Callable
 from typing import Any
 
 from scheduler.block_selection import block_throughputs, choose_best_start
+from scheduler.flexgen_reference import OPT_30B, OPT_30B_TOKENS_S, T4_MACHINE, WORKLOAD
 from scheduler.offload import search_policy, solve_placement
-from scheduler.offload_cost import Batching, DeviceSpec, TransformerShape, Workload
+from scheduler.offload_cost import Batching
 from scheduler.rebalancing import should_move
 from scheduler.simulate import ModelShape, draw_volunteers, join_all, simulate
 
-GB = 10**9
-GIB = 2**30
-T4 = DeviceSpec(  # FlexGen's machine, as in tests/scheduler/test_offload.py
-    gpu_bytes=int(0.95 * 16 * GIB),
-    cpu_bytes=208 * GB,
-    disk_bytes=1500 * GB,
-    ctog_bytes_s=0.8 * 12.89 * GB,
-    gtoc_bytes_s=0.97 * GB,
-    dtoc_bytes_s=0.47 * GB,
-    ctod_bytes_s=0.75 * GB,
-    gpu_flops_prefill=21.2e12,
-    gpu_flops_decode=4.3e12,
-    gpu_attention_flops=10e12,
-    cpu_attention_flops=12.3e9,
-    gpu_memory_bytes_s=300e9,
-)
-OPT_30B = TransformerShape.opt(num_layers=48, hidden=7168, num_heads=56)
-LOAD = Workload(prompt_len=512, gen_len=32)
+T4 = T4_MACHINE  # FlexGen's machine, as in tests/scheduler/test_offload.py
+LOAD = WORKLOAD
 
 
 def _median_ms(action: Callable[[], object], repeats: int) -> float:
@@ -97,7 +82,7 @@ def main() -> None:
     )
     policy = search_policy(OPT_30B, LOAD, T4, allow_compression=False)
     figures["opt30b_t4_tokens_s"] = round(policy.tokens_s, 2)
-    figures["opt30b_t4_flexgen_ratio"] = round(policy.tokens_s / 7.32, 3)
+    figures["opt30b_t4_flexgen_ratio"] = round(policy.tokens_s / OPT_30B_TOKENS_S, 3)
 
     mover = spans[len(spans) // 2].peer_id
     began = time.perf_counter()

@@ -7,35 +7,22 @@ import random
 
 import pytest
 
+from scheduler.flexgen_reference import (
+    OPT_6_7B,
+    OPT_30B,
+    OPT_30B_TOKENS_S,
+    OPT_175B,
+    T4_MACHINE,
+    WORKLOAD,
+)
 from scheduler.offload import NoPolicyError, OffloadPolicy, search_policy, solve_placement
 from scheduler.offload_cost import Batching, DeviceSpec, TransformerShape, Workload
 
 GB = 10**9
 GIB = 2**30
-
-# The machine of FlexGen's paper (GCP: a 16 GB T4, 208 GB of CPU memory, 1.5 TB SSD).
-# CPU->GPU is FlexGen's measured 12.89 GB/s times 0.8: copies overlapped with compute do
-# not reach the bare copy speed. The rest are the T4's usual effective figures.
-T4 = DeviceSpec(
-    gpu_bytes=int(0.95 * 16 * GIB),
-    cpu_bytes=208 * GB,
-    disk_bytes=1500 * GB,
-    ctog_bytes_s=0.8 * 12.89 * GB,
-    gtoc_bytes_s=0.97 * GB,
-    dtoc_bytes_s=0.47 * GB,
-    ctod_bytes_s=0.75 * GB,
-    gpu_flops_prefill=21.2e12,
-    gpu_flops_decode=4.3e12,
-    gpu_attention_flops=10e12,
-    cpu_attention_flops=12.3e9,
-    gpu_memory_bytes_s=300e9,
-)
-OPT_30B = TransformerShape.opt(num_layers=48, hidden=7168, num_heads=56)
-OPT_6_7B = TransformerShape.opt(num_layers=32, hidden=4096, num_heads=32)
-OPT_175B = TransformerShape.opt(num_layers=96, hidden=12288, num_heads=96)
-FLEXGEN_LOAD = Workload(prompt_len=512, gen_len=32)
-FLEXGEN_OPT_30B_TOKENS_S = 7.32
-"""FlexGen's reported throughput for OPT-30B on that machine, without compression."""
+T4 = T4_MACHINE
+FLEXGEN_LOAD = WORKLOAD
+FLEXGEN_OPT_30B_TOKENS_S = OPT_30B_TOKENS_S
 
 
 def _check_policy(policy: OffloadPolicy, device: DeviceSpec) -> None:
