@@ -55,6 +55,7 @@ class VolunteerApp(App[None]):
         Binding("3", "show_tab('swarm')", "Swarm", show=False),
         Binding("s", "start_daemon", "Start"),
         Binding("x", "stop_daemon", "Stop"),
+        Binding("p", "toggle_pause", "Pause/resume"),
         Binding("l", "toggle_log", "Log"),
         Binding("q", "quit", "Quit"),
     ]
@@ -81,6 +82,7 @@ class VolunteerApp(App[None]):
         self._history = history
         self._log = LogTail(client.log_file)
         self.daemon_seen: bool | None = None
+        self.daemon_state: str | None = None
         """Whether the last poll found a daemon (None before the first poll)."""
 
     def compose(self) -> ComposeResult:
@@ -153,6 +155,7 @@ class VolunteerApp(App[None]):
             line.update("no daemon is running (press s to start one)")
         first_sight = is_up and not self.daemon_seen
         self.daemon_seen = is_up
+        self.daemon_state = status.get("state") if status is not None else None
         self.query_one(Dashboard).show_status(status)
         if first_sight:
             self.refresh_swarm()
@@ -221,6 +224,14 @@ class VolunteerApp(App[None]):
             return
         self.query_one("#status-line", Static).update("stopping the daemon…")
         self._run_daemon_action(self.client.stop)
+
+    def action_toggle_pause(self) -> None:
+        if not self.daemon_seen:
+            self.query_one("#status-line", Static).update("no daemon is running")
+            return
+        is_paused = self.daemon_state == "paused"
+        self.query_one("#status-line", Static).update("resuming…" if is_paused else "pausing…")
+        self._run_daemon_action(lambda: self.client.set_paused(not is_paused))
 
     @work(thread=True, exclusive=True, group="daemon-action")
     def _run_daemon_action(self, action: Callable[[], str]) -> None:

@@ -54,6 +54,10 @@ class DaemonClient(Protocol):
         """Stops the daemon (if one runs) and starts it with the saved settings."""
         ...
 
+    def set_paused(self, is_paused: bool) -> str:
+        """Pauses the daemon's serving (new work goes elsewhere) or resumes it."""
+        ...
+
     def read_config(self) -> dict[str, str]:
         """The editable settings as `config.toml` has them (text; empty: the default)."""
         ...
@@ -99,6 +103,10 @@ class ControlDaemonClient:
         if result.outcome == "not_running":
             return "no daemon was running"
         return f"daemon {result.outcome} (pid {result.pid})"
+
+    def set_paused(self, is_paused: bool) -> str:
+        ControlClient(self._paths).call("pause" if is_paused else "resume", timeout_s=20.0)
+        return "paused: new sessions go to other servers" if is_paused else "resumed serving"
 
     def restart(self) -> str:
         stopped = self.stop()

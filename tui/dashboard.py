@@ -17,7 +17,12 @@ from tui.render import blocks_bar, gauge
 SPARK_SAMPLES = 180
 """Tokens/s samples kept for the sparkline: three minutes at one poll a second."""
 GIB = 2**30
-STATE_COLOURS = {"serving": "green", "rebalancing": "yellow", "joining": "yellow"}
+STATE_COLOURS = {
+    "serving": "green",
+    "rebalancing": "yellow",
+    "joining": "yellow",
+    "paused": "yellow",
+}
 
 
 class Dashboard(Vertical):

@@ -111,6 +111,11 @@ class FakeDaemon:
         self.running = False
         return "daemon stopped"
 
+    def set_paused(self, is_paused: bool) -> str:
+        self.status_reply["state"] = "paused" if is_paused else "serving"
+        self.status_reply["error"] = "paused by you: not taking new sessions" if is_paused else None
+        return "paused" if is_paused else "resumed serving"
+
     def restart(self) -> str:
         self.restarted += 1
         self.running = True

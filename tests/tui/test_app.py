@@ -61,7 +61,7 @@ def test_the_dashboard_shows_the_daemon_and_the_machine() -> None:
     run(scenario, FakeDaemon())
 
 
-def test_no_daemon_shows_the_empty_state_and_s_starts_one() -> None:
+def test_no_daemon_shows_the_empty_state_and_s_starts_p_pauses_x_stops() -> None:
     daemon = FakeDaemon(running=False)
 
     async def scenario(app: VolunteerApp, pilot: object) -> None:
@@ -74,6 +74,14 @@ def test_no_daemon_shows_the_empty_state_and_s_starts_one() -> None:
         await settle(app, pilot)
         assert daemon.started == 1
         assert "serving" in text_of(app, "#state")
+        await pilot.press("p")  # type: ignore[attr-defined]
+        await settle(app, pilot)
+        await settle(app, pilot)
+        assert "paused" in text_of(app, "#state") and "paused by you" in text_of(app, "#state")
+        await pilot.press("p")  # type: ignore[attr-defined]
+        await settle(app, pilot)
+        await settle(app, pilot)
+        assert "serving" in text_of(app, "#state") and "paused" not in text_of(app, "#state")
         await pilot.press("x")  # type: ignore[attr-defined]
         await settle(app, pilot)
         await settle(app, pilot)

@@ -72,5 +72,16 @@ def test_dashboard_swarm_and_chat_against_a_real_daemon(daemon: Paths) -> None:
             assert "Paris" in view.messages[1]["content"]
             stats = [str(w.render()) for w in app.query("#messages .stats")]
             assert stats and "tokens/s" in stats[-1] and "0:30" in stats[-1]
+            # Pause: the daemon says so and its record goes OFFLINE; then resume.
+            await pilot.press("f1", "p")
+
+            def state() -> str:
+                return str(app.query_one("#state", Static).render())
+
+            await _until(pilot, lambda: "paused" in state(), "the paused state")
+            app.refresh_swarm()
+            await _until(pilot, lambda: table.get_row_at(0)[6] == "offline", "an OFFLINE record")
+            await pilot.press("p")
+            await _until(pilot, lambda: "serving" in state(), "serving again")
 
     asyncio.run(main())

@@ -196,9 +196,13 @@ class BlockService:
         handler = self.handler
         if handler is None:
             return {"blocks": None, "requests_served": 0, "tokens_served": 0}
-        # While moving, the daemon's state reads "rebalancing" (this overrides "serving").
-        moving = {"state": "rebalancing"} if self.is_moving else {}
-        return moving | {
+        # While moving or paused, the daemon's state says so (this overrides "serving").
+        override = {}
+        if handler.is_paused:
+            override = {"state": "paused", "error": "paused by you: not taking new sessions"}
+        elif self.is_moving:
+            override = {"state": "rebalancing"}
+        return override | {
             "blocks": [handler.span.start, handler.span.end],
             "swarm_model": handler.model_name,
             "requests_served": handler.stats.requests,
@@ -215,6 +219,27 @@ class BlockService:
 
     def register_control(self, control: ControlServer) -> None:
         control.register("swarm", self._swarm)
+        control.register("pause", self._pause)
+        control.register("resume", self._resume)
+
+    async def _pause(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Control method: stop taking new work (announced OFFLINE, so clients route
+        elsewhere); open sessions finish. The blocks stay loaded for a quick resume."""
+        return await self._set_paused(True)
+
+    async def _resume(self, params: dict[str, Any]) -> dict[str, Any]:
+        return await self._set_paused(False)
+
+    async def _set_paused(self, is_paused: bool) -> dict[str, Any]:
+        handler, info = self.handler, self._info
+        if handler is None or info is None:
+            raise VolunteerError("this daemon serves no blocks: nothing to pause or resume")
+        handler.is_paused = is_paused
+        state = ServerState.OFFLINE if is_paused else ServerState.ONLINE
+        self._info = info.model_copy(update={"state": state})
+        announced = await self._announce(self._info)
+        logger.info("%s by the volunteer", "paused" if is_paused else "resumed")
+        return {"paused": is_paused, "announced": announced}
 
     async def _swarm(self, params: dict[str, Any]) -> dict[str, Any]:
         """Control method: who serves which block of this daemon's model, right now, and
@@ -251,7 +276,7 @@ class BlockService:
         """Asks the scheduler whether to move, and moves if so; None when this server is
         not in the swarm's records (yet)."""
         handler, info = self.handler, self._info
-        if handler is None or info is None or self.model is None:
+        if handler is None or info is None or self.model is None or handler.is_paused:
             return None
         snapshot = await self._read_snapshot()
         me = peer_id_from_owner(self._owner)

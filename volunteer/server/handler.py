@@ -40,7 +40,7 @@ from hivemind.proto import runtime_pb2
 
 import volunteer.server.protocol as wire
 from models.model import BlockSpan
-from volunteer.server.protocol import BadRequestError, SessionExpiredError
+from volunteer.server.protocol import BadRequestError, BusyError, SessionExpiredError
 from volunteer.server.sessions import (
     PRIORITY_INFERENCE,
     PRIORITY_TRAINING,
@@ -110,6 +110,9 @@ class BlockHandler(ServicerBase):
         self.compute = compute
         self.throughput = throughput
         self.stats = ServeStats()
+        self.is_paused = False
+        """Paused by its volunteer: new sessions and forward/backward calls are turned
+        away as busy (clients go elsewhere); open sessions finish."""
         self._p2p: P2P | None = None
 
     @classmethod
@@ -236,7 +239,12 @@ class BlockHandler(ServicerBase):
         self.check_hidden(grad_outputs)
         return await self._backward(hidden, grad_outputs, start, end)
 
+    def _check_not_paused(self) -> None:
+        if self.is_paused:
+            raise BusyError("this server is paused by its volunteer; try another")
+
     async def _forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        self._check_not_paused()
         output = await self.compute.run(
             PRIORITY_TRAINING, forward_span, self.span, hidden, start, end
         )
@@ -246,6 +254,7 @@ class BlockHandler(ServicerBase):
     async def _backward(
         self, hidden: torch.Tensor, grad_outputs: torch.Tensor, start: int, end: int
     ) -> torch.Tensor:
+        self._check_not_paused()
         if hidden.shape != grad_outputs.shape:
             raise BadRequestError(
                 f"grad_outputs shape {list(grad_outputs.shape)} != "
@@ -339,8 +348,9 @@ class BlockHandler(ServicerBase):
 
         Raises:
             BadRequestError: the span or a limit is wrong.
-            BusyError: the cache budget has no room now.
+            BusyError: the cache budget has no room now, or the server is paused.
         """
+        self._check_not_paused()
         self._check_span(meta)
         if meta.batch_size > self.limits.max_batch:
             raise BadRequestError(
