@@ -51,8 +51,8 @@ def test_servers_choosing_their_own_blocks_land_on_different_spans(swarm: Swarm)
     described = swarm.control("boot").call("swarm", timeout_s=30)
     assert sorted((s["start"], s["end"]) for s in described["servers"]) == spans
     assert described["num_blocks"] == 30 and min(described["block_throughput"]) > 0
-    # `volunteer profile` plans with the swarm the daemon sees: 10 blocks go where the
-    # slowest server is.
+    # `volunteer profile` plans with the swarm the daemon sees (without the daemon's own
+    # blocks): 10 blocks go where the slowest server is; on a server, its own span.
     profiled = swarm.homes.cli(
         swarm.homes.home("boot"), "profile", "--json", "--model", str(swarm.model),
         "--num-blocks", "10",
@@ -63,9 +63,15 @@ def test_servers_choosing_their_own_blocks_land_on_different_spans(swarm: Swarm)
     # Round trips to the three servers, measured from the daemon (its own: none here).
     assert len(report["peer_rtt_s"]) == 3
     assert all(0 < rtt < 5 for rtt in report["peer_rtt_s"].values())
-    assert "running daemon sees it (3 server(s) serving)" in decision["swarm_source"]
+    assert "running daemon sees it (3 other server(s) serving)" in decision["swarm_source"]
     slowest = min(statuses.values(), key=lambda s: (s["throughput"], s["blocks"][0]))
     assert decision["blocks"] == slowest["blocks"]
+    on_a = swarm.homes.cli(
+        swarm.homes.home("a"), "profile", "--json", "--model", str(swarm.model),
+        "--num-blocks", "10",
+    )  # fmt: skip
+    assert on_a.returncode == 0, on_a.stderr
+    assert json.loads(on_a.stdout)["decision"]["blocks"] == statuses["a"]["blocks"]
 
 
 def test_a_server_moves_to_the_blocks_a_stopped_server_left(swarm: Swarm) -> None:

@@ -80,14 +80,20 @@ def _swarm(paths: Paths, model_name: str) -> tuple[Any, str, dict[str, float | N
     if running_daemon(paths) is None:
         return None, "no daemon runs here: planned as the first server of a new swarm", {}
     try:
-        data = ControlClient(paths).call("swarm", {"ping": True}, timeout_s=SWARM_TIMEOUT_S)
-        snapshot = SwarmSnapshot.from_json(data)
+        client = ControlClient(paths)
+        own = client.call("status", timeout_s=SWARM_TIMEOUT_S).get("peer_id")
+        data = client.call("swarm", {"ping": True}, timeout_s=SWARM_TIMEOUT_S)
+        # Planned as the daemon would plan a restart: its own records are not another
+        # server's, and its round trip to itself is no peer's.
+        snapshot = SwarmSnapshot.from_json(data).without(own or "")
     except (ControlError, RecordError) as exc:
         why = f"the daemon could not describe its swarm ({exc}): planned as a new swarm"
         return None, why, {}
     if snapshot.model != model_name:
         why = f"the daemon serves {snapshot.model}, not {model_name}: planned as a new swarm"
         return None, why, {}
-    rtts = {s["peer_id"]: s.get("rtt_s") for s in data["servers"] if "rtt_s" in s}
+    others = [s for s in data["servers"] if "rtt_s" in s and s["peer_id"] != own]
+    rtts = {s["peer_id"]: s["rtt_s"] for s in others}
     servers = len(snapshot.server_spans())
-    return snapshot, f"as the running daemon sees it ({servers} server(s) serving)", rtts
+    where = f"as the running daemon sees it ({servers} other server(s) serving)"
+    return snapshot, where, rtts
