@@ -45,10 +45,11 @@ class VolunteerApp(App[None]):
     TITLE = "volunteer"
     BINDINGS: ClassVar[list[BindingType]] = [
         # F-keys switch tabs from anywhere, even while typing in the chat.
-        Binding("f1", "show_tab('dashboard')", "Dashboard", key_display="F1/1", priority=True),
-        Binding("f2", "show_tab('chat')", "Chat", key_display="F2/2", priority=True),
-        Binding("f3", "show_tab('swarm')", "Swarm", key_display="F3/3", priority=True),
-        Binding("f4", "show_tab('settings')", "Settings", key_display="F4/4", priority=True),
+        # The tab labels name these keys; the footer keeps its width for the actions.
+        Binding("f1", "show_tab('dashboard')", "Dashboard", show=False, priority=True),
+        Binding("f2", "show_tab('chat')", "Chat", show=False, priority=True),
+        Binding("f3", "show_tab('swarm')", "Swarm", show=False, priority=True),
+        Binding("f4", "show_tab('settings')", "Settings", show=False, priority=True),
         Binding("1", "show_tab('dashboard')", "Dashboard", show=False),
         Binding("4", "show_tab('settings')", "Settings", show=False),
         Binding("2", "show_tab('chat')", "Chat", show=False),
@@ -87,13 +88,13 @@ class VolunteerApp(App[None]):
 
     def compose(self) -> ComposeResult:
         with TabbedContent(initial="dashboard"):
-            with TabPane("Dashboard [1]", id="dashboard"):
+            with TabPane(r"Dashboard \[F1]", id="dashboard"):
                 yield Dashboard(id="dash")
-            with TabPane("Chat [2]", id="chat"):
+            with TabPane(r"Chat \[F2]", id="chat"):
                 yield ChatView(self._history, id="chat-view")
-            with TabPane("Swarm [3]", id="swarm"):
+            with TabPane(r"Swarm \[F3]", id="swarm"):
                 yield SwarmView(id="swarm-view")
-            with TabPane("Settings [4]", id="settings"):
+            with TabPane(r"Settings \[F4]", id="settings"):
                 yield SettingsView(id="settings-view")
         yield LogPanel(id="log", max_lines=2000, wrap=False, classes="hidden")
         yield Static("connecting to the daemon…", id="status-line")

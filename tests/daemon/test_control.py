@@ -207,6 +207,29 @@ def test_a_leftover_socket_file_is_not_a_daemon(paths: Paths) -> None:
         ControlClient(paths).call("echo")
 
 
+def test_a_daemon_that_exits_mid_call_is_a_control_error(paths: Paths) -> None:
+    # What a failing start looks like from the CLI: the daemon accepted the connection,
+    # then exited with our request unread, so the kernel resets the socket.
+    path = socket_path(paths)
+    path.parent.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+
+        def accept_then_exit() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(5)
+                # Wait until the request has arrived, leave it unread, and hang up.
+                conn.recv(1, socket.MSG_PEEK)
+
+        thread = threading.Thread(target=accept_then_exit)
+        thread.start()
+        with pytest.raises(ControlError, match="closed the connection"):
+            ControlClient(paths).call("status", timeout_s=5)
+        thread.join(5)
+
+
 def test_a_deep_home_gets_a_short_socket_path(tmp_path: Path) -> None:
     paths = make_paths(tmp_path / ("d" * 60) / ("e" * 60))
     assert not socket_path(paths).is_relative_to(paths.runtime_dir)

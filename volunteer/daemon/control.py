@@ -364,6 +364,9 @@ class _LineSocket:
                 chunk = self.sock.recv(65536)
             except TimeoutError as exc:
                 raise ControlTimeoutError("the daemon did not answer in time") from exc
+            except ConnectionError as exc:
+                # A daemon that exits mid-call (a failed start, a crash) resets the socket.
+                raise ControlError(f"the daemon closed the connection: {exc}") from exc
             if not chunk:
                 raise ControlError("the daemon closed the connection without an answer")
             self._buffer += chunk
