@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from tui.render import setting_label
 from volunteer.daemon import lifecycle
-from volunteer.daemon.control import ControlClient, DaemonNotRunningError
+from volunteer.daemon.control import ControlClient, ControlError, DaemonNotRunningError
 from volunteer.daemon.runner import LOG_FILE_NAME
 from volunteer.paths import Paths
 from volunteer.settings import EDITABLE, Settings, read_config, save_config
@@ -24,6 +25,8 @@ STATUS_TIMEOUT_S = 2.0
 SWARM_TIMEOUT_S = 20.0
 TOKEN_WAIT_S = 300.0
 START_TIMEOUT_S = 180.0
+RELOAD_TIMEOUT_S = 30.0
+"""A reload re-announces the public name in the DHT (10 s per try at most)."""
 
 
 class DaemonClient(Protocol):
@@ -62,8 +65,10 @@ class DaemonClient(Protocol):
         """The editable settings as `config.toml` has them (text; empty: the default)."""
         ...
 
-    def save_config(self, edits: dict[str, str]) -> None:
-        """Checks and writes edits; raises `SettingsError` naming a bad value."""
+    def save_config(self, edits: dict[str, str]) -> str:
+        """Checks and writes edits, and has a running daemon take them on; returns what
+        was applied and what waits for a restart. Raises `SettingsError` naming a bad
+        value (then nothing is written)."""
         ...
 
 
@@ -115,8 +120,38 @@ class ControlDaemonClient:
     def read_config(self) -> dict[str, str]:
         return config_as_text(read_config(self._paths))
 
-    def save_config(self, edits: dict[str, str]) -> None:
+    def save_config(self, edits: dict[str, str]) -> str:
         save_config(self._paths, edits)
+        try:
+            outcome = ControlClient(self._paths).call("reload_config", timeout_s=RELOAD_TIMEOUT_S)
+        except DaemonNotRunningError:
+            return "saved to config.toml; the daemon uses it when it starts"
+        except ControlError as exc:  # saved all the same: a restart applies it
+            return (
+                f"saved to config.toml; the daemon did not take it on ({exc}); ctrl+r restarts it"
+            )
+        return describe_reload(outcome)
+
+
+def describe_reload(outcome: dict[str, Any]) -> str:
+    """What a daemon's `reload_config` answer means, in a line for the settings screen."""
+    said = ["saved to config.toml"]
+    if outcome.get("applied"):
+        said.append("applied now: " + _labels(outcome["applied"]))
+    if outcome.get("restart_needed"):
+        said.append("applied on restart (ctrl+r): " + _labels(outcome["restart_needed"]))
+    if outcome.get("overridden"):
+        said.append(
+            "set otherwise by a flag or VOLUNTEER_ variable the daemon started with: "
+            + _labels(outcome["overridden"])
+        )
+    if len(said) == 1:
+        said.append("the daemon already runs with these settings")
+    return "; ".join(said)
+
+
+def _labels(names: list[str]) -> str:
+    return ", ".join(setting_label(name) for name in names)
 
 
 def config_as_text(settings: Settings) -> dict[str, str]:

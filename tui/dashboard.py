@@ -12,7 +12,7 @@ from textual.containers import Vertical
 from textual.widgets import Sparkline, Static
 
 from tui.gauges import Gauges
-from tui.render import blocks_bar, gauge
+from tui.render import blocks_bar, gauge, setting_label
 
 SPARK_SAMPLES = 180
 """Tokens/s samples kept for the sparkline: three minutes at one poll a second."""
@@ -67,6 +67,9 @@ class Dashboard(Vertical):
         line.append(f"   model {status.get('swarm_model') or status.get('model')}")
         line.append(f"   up {_uptime(status.get('uptime_s'))}")
         line.append(f"   peers {status.get('peers_seen', '?')}")
+        if status.get("restart_needed"):
+            waiting = ", ".join(setting_label(name) for name in status["restart_needed"])
+            line.append(f"\nsaved settings wait for a restart: {waiting}", style="yellow")
         self.query_one("#state", Static).update(line)
         bar = blocks_bar(status.get("blocks"), self.total_blocks)
         if status.get("span_reason"):

@@ -112,3 +112,18 @@ def _spans(indices: list[int]) -> str:
             parts.append(f"{start}:{index + 1}")
             start = None
     return ", ".join(parts)
+
+
+SETTING_LABELS = {
+    "public_name": "public name",
+    "model": "model",
+    "threads": "CPU threads",
+    "max_ram_gib": "RAM limit",
+    "max_gpu_gib": "GPU memory limit",
+    "cache_tokens": "attention cache",
+}
+
+
+def setting_label(name: str) -> str:
+    """A settings field as the settings screen names it."""
+    return SETTING_LABELS.get(name, name.replace("_", " "))

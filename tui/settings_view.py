@@ -1,5 +1,6 @@
-"""What the volunteer allows: edited here, checked, written to `config.toml`; the daemon
-applies it when it restarts (ctrl+r restarts it from here)."""
+"""What the volunteer allows: edited here, checked, written to `config.toml`. A running
+daemon takes on the public name and thread count at once; the rest decides what it loads,
+so it applies when the daemon restarts (ctrl+r restarts it from here)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ FIELDS = (
     ("model", "Model to serve", "the embedded SmolLM2"),
     ("threads", "CPU threads", "all cores"),
     ("max_ram_gib", "Most RAM for blocks and caches (GiB)", "what is free"),
+    ("max_gpu_gib", "Most GPU memory to plan for (GiB)", "what is free"),
     ("cache_tokens", "Attention cache (tokens)", "sized from memory"),
 )
 
@@ -34,7 +36,11 @@ class SettingsView(Vertical):
         for name, label, placeholder in FIELDS:
             yield Label(label)
             yield Input(placeholder=placeholder, id=f"setting-{name}")
-        yield Static("Changes take effect when the daemon restarts.", id="settings-note")
+        yield Static(
+            "ctrl+s saves. The public name and CPU threads apply at once; the rest when "
+            "the daemon restarts (ctrl+r).",
+            id="settings-note",
+        )
 
     def show_config(self, values: dict[str, str]) -> None:
         for name, _, _ in FIELDS:
@@ -49,13 +55,11 @@ class SettingsView(Vertical):
     @work(thread=True, exclusive=True, group="settings")
     def _save(self, edits: dict[str, str]) -> None:
         try:
-            self.app.client.save_config(edits)  # type: ignore[attr-defined]
+            said = self.app.client.save_config(edits)  # type: ignore[attr-defined]
         except Exception as exc:  # a bad value: say which, keep the form as typed
             self.post_message(SettingsSaved(f"not saved: {exc}", is_error=True))
             return
-        self.post_message(
-            SettingsSaved("saved to config.toml; the daemon applies it on restart (ctrl+r)")
-        )
+        self.post_message(SettingsSaved(said))
 
     def on_settings_saved(self, message: SettingsSaved) -> None:
         note = self.query_one("#settings-note", Static)

@@ -16,7 +16,7 @@ from models.config import ModelConfig
 from scheduler.offload import NoPolicyError, OffloadPolicy, search_policy
 from scheduler.offload_cost import DeviceSpec, TransformerShape, Workload
 from scheduler.role import RoleInputs, choose_role
-from volunteer.daemon.span_plan import NotEnoughMemoryError, memory_budget, plan_span
+from volunteer.daemon.span_plan import GIB, NotEnoughMemoryError, memory_budget, plan_span
 from volunteer.hardware import HardwareProfile
 from volunteer.microbench import MicroBenchmarks
 from volunteer.settings import Settings
@@ -108,8 +108,11 @@ def device_spec(
         return None
     cpu_bandwidth = bench.memory_bandwidth_bytes_per_s.get("cpu", 10e9) / 2  # reads only
     disk_read = bench.disk_read_bytes_per_s or 0.5e9
+    gpu_bytes = int(gpus[0].memory_free_bytes or 0)
+    if settings.max_gpu_gib is not None:
+        gpu_bytes = min(gpu_bytes, int(settings.max_gpu_gib * GIB))
     return DeviceSpec(
-        gpu_bytes=int(gpus[0].memory_free_bytes or 0),
+        gpu_bytes=gpu_bytes,
         cpu_bytes=memory_budget(settings, hardware.ram_available_bytes).usable_bytes,
         disk_bytes=int(hardware.disk.free_bytes or 0),
         ctog_bytes_s=PCIE_BYTES_S,
@@ -147,7 +150,10 @@ def _offload(
         policy = search_policy(shape, SERVING_LOAD, spec)
     except NoPolicyError as exc:
         return None, f"no offloading policy fits: {exc}"
-    return policy, f"{policy.describe()} (the fastest split the cost model finds)"
+    reason = f"{policy.describe()} (the fastest split the cost model finds"
+    if settings.max_gpu_gib is not None:
+        reason += f" in the {settings.max_gpu_gib:g} GiB of GPU memory allowed"
+    return policy, reason + ")"
 
 
 def report_json(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ class Settings:
     """torch thread count; None uses all cores (right for a lone daemon)."""
     max_ram_gib: float | None = None
     """The most RAM the served blocks and their caches may take; None: what is free."""
+    max_gpu_gib: float | None = None
+    """The most GPU memory an offloading policy may plan for; None: what is free."""
     rebalance_period_s: float = 600.0
     """Mean seconds between "should this server move to other blocks?" checks (each
     interval randomised by ±50%); 0 never moves."""
@@ -67,6 +70,11 @@ class Settings:
     """Level of the daemon's log file: DEBUG, INFO, WARNING or ERROR."""
     start_timeout_s: float = 120.0
     """How long `volunteer start` waits for the daemon to serve before giving up."""
+
+    @property
+    def thread_count(self) -> int:
+        """torch threads to compute with: as set, else every core."""
+        return self.threads or os.cpu_count() or 1
 
     @property
     def is_new_swarm(self) -> bool:
@@ -173,8 +181,11 @@ def _from_flags(flags: Mapping[str, Any]) -> dict[str, _Source]:
     return layer
 
 
-EDITABLE = ("public_name", "model", "threads", "max_ram_gib", "cache_tokens")
+EDITABLE = ("public_name", "model", "threads", "max_ram_gib", "max_gpu_gib", "cache_tokens")
 """What a volunteer edits in the TUI's settings screen."""
+APPLIED_LIVE = ("public_name", "threads")
+"""Settings a running daemon takes on when asked to reload; the rest need a restart
+(they decide which blocks it loads and how much memory they take)."""
 
 
 def read_config(paths: Paths) -> Settings:
@@ -205,6 +216,15 @@ def save_config(paths: Paths, edits: Mapping[str, str]) -> Settings:
     updated = dataclasses.replace(read_config(paths), **changes)
     write_file_atomic(paths.config_file, updated.to_toml().encode("utf-8"))
     return updated
+
+
+def changed_fields(before: Settings, after: Settings) -> list[str]:
+    """The names of the fields whose values differ, in field order."""
+    return [
+        field.name
+        for field in dataclasses.fields(Settings)
+        if getattr(before, field.name) != getattr(after, field.name)
+    ]
 
 
 def flag_name(field: str) -> str:
@@ -380,6 +400,7 @@ _PARSERS: dict[str, Callable[[_Source], Any]] = {
     "cache_tokens": lambda s: _parse_optional_int(s, minimum=1),
     "threads": lambda s: _parse_optional_int(s, minimum=1),
     "max_ram_gib": _parse_gib,
+    "max_gpu_gib": _parse_gib,
     "rebalance_period_s": _parse_period,
     "log_level": _parse_log_level,
     "start_timeout_s": _parse_timeout,

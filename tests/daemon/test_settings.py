@@ -67,6 +67,10 @@ def test_memory_limit_and_rebalance_period_parse_from_every_source(paths: Paths)
     assert build(paths, toml="max_ram_gib = 4\n").max_ram_gib == 4.0
     assert build(paths, env={"VOLUNTEER_MAX_RAM_GIB": "0.5"}).max_ram_gib == 0.5
     assert build(paths, max_ram_gib="auto").max_ram_gib is None
+    assert build(paths, toml="max_gpu_gib = 7.5\n").max_gpu_gib == 7.5
+    assert build(paths, env={"VOLUNTEER_MAX_GPU_GIB": "2"}, max_gpu_gib="auto").max_gpu_gib is None
+    with pytest.raises(SettingsError, match="--max-gpu-gib"):
+        build(paths, max_gpu_gib="-1")
     assert build(paths, rebalance_period_s="0").rebalance_period_s == 0.0  # never move
     assert build(paths, env={"VOLUNTEER_REBALANCE_PERIOD_S": "90"}).rebalance_period_s == 90.0
 

@@ -125,6 +125,7 @@ class FakeDaemon:
         assert self.paths is not None, "this test gave the fake no config"
         return config_as_text(read_config(self.paths))
 
-    def save_config(self, edits: dict[str, str]) -> None:
+    def save_config(self, edits: dict[str, str]) -> str:
         assert self.paths is not None, "this test gave the fake no config"
         save_config(self.paths, edits)
+        return "saved to config.toml; applied on restart (ctrl+r)"

@@ -256,12 +256,14 @@ def test_settings_are_checked_saved_to_the_file_and_applied_by_a_restart(tmp_pat
         threads.value = "2"
         app.query_one("#setting-public_name", Input).value = "ada"
         app.query_one("#setting-max_ram_gib", Input).value = "6.5"
+        app.query_one("#setting-max_gpu_gib", Input).value = "3"
         await pilot.press("ctrl+s")  # type: ignore[attr-defined]
         await settle(app, pilot)
         assert "saved to config.toml" in text_of(app, "#settings-note")
         saved = paths.config_file.read_text(encoding="utf-8")
         assert "threads = 2" in saved and 'public_name = "ada"' in saved
-        assert "max_ram_gib = 6.5" in saved and "port = 31337" in saved  # others kept
+        assert "max_ram_gib = 6.5" in saved and "max_gpu_gib = 3.0" in saved
+        assert "port = 31337" in saved  # others kept
         await pilot.press("ctrl+r")  # type: ignore[attr-defined]
         await settle(app, pilot)
         assert daemon.restarted == 1 and "serving blocks" in text_of(app, "#settings-note")

@@ -85,3 +85,46 @@ def test_dashboard_swarm_and_chat_against_a_real_daemon(daemon: Paths) -> None:
             await _until(pilot, lambda: "serving" in state(), "serving again")
 
     asyncio.run(main())
+
+
+def test_settings_against_a_real_daemon(daemon: Paths) -> None:
+    """The daemon takes on a new public name at once (its record says it), keeps the
+    cache size for a restart, and the --threads flag it started with wins over the file."""
+
+    async def main() -> None:
+        app = VolunteerApp(ControlDaemonClient(daemon))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("f4")
+            await app.workers.wait_for_complete()  # the form shows the file first
+            await pilot.pause()
+            edits = {"public_name": "ada", "cache_tokens": "512", "threads": "2"}
+            for name, value in edits.items():
+                app.query_one(f"#setting-{name}", Input).value = value
+            await pilot.press("ctrl+s")
+
+            def note() -> str:
+                return str(app.query_one("#settings-note", Static).render())
+
+            await _until(pilot, lambda: "saved to config.toml" in note(), "the save")
+            assert "applied now: public name" in note()
+            assert "applied on restart (ctrl+r): attention cache" in note()
+            # Both were flags of `volunteer start`: they win over the file.
+            assert "VOLUNTEER_ variable the daemon started with: model, CPU threads" in note()
+            saved = daemon.config_file.read_text(encoding="utf-8")
+            assert 'public_name = "ada"' in saved and "cache_tokens = 512" in saved
+            await pilot.press("f3")
+            app.refresh_swarm()
+            table = app.query_one("#peers", DataTable)
+            await _until(
+                pilot, lambda: table.row_count == 1 and table.get_row_at(0)[0] == "ada", "the name"
+            )
+            await pilot.press("f1")
+            app.refresh_status()
+
+            def state() -> str:
+                return str(app.query_one("#state", Static).render())
+
+            await _until(pilot, lambda: "wait for a restart" in state(), "the pending restart")
+            assert "attention cache" in state()
+
+    asyncio.run(main())

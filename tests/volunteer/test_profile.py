@@ -120,6 +120,23 @@ def test_a_gpu_machine_gets_an_offloading_policy(here) -> None:
     assert "predicted" in tight.offload_reason
 
 
+def test_the_gpu_memory_limit_caps_what_the_policy_plans_for(here) -> None:
+    hardware, bench = _with_gpu(*here, free_gib=24)
+    free = device_spec(hardware, bench, Settings())
+    capped = device_spec(hardware, bench, Settings(max_gpu_gib=6))
+    assert free is not None and capped is not None
+    assert free.gpu_bytes == 24 * GIB and capped.gpu_bytes == 6 * GIB
+    above_free = device_spec(hardware, bench, Settings(max_gpu_gib=100))
+    assert above_free is not None and above_free.gpu_bytes == 24 * GIB  # a cap, not a claim
+    limited = decide(
+        hardware=hardware, bench=bench, settings=Settings(max_gpu_gib=6), config=LLAMA_7B,
+        model_name="llama", snapshot=None, swarm_source="none",
+    )  # fmt: skip
+    assert limited.offload is not None
+    assert limited.offload.weights.gpu < 0.5 or limited.offload.compress_weights
+    assert "6 GiB of GPU memory allowed" in limited.offload_reason
+
+
 @pytest.mark.slow
 def test_the_profile_command_prints_json_and_text(tmp_path: Path, smollm2_folder: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VOLUNTEER_")}

@@ -12,7 +12,7 @@ from typing import Any
 from volunteer.daemon import lifecycle
 from volunteer.daemon.control import ControlClient, DaemonNotRunningError
 from volunteer.paths import Paths
-from volunteer.settings import Settings, flag_name
+from volunteer.settings import Settings, flag_name, read_config
 from volunteer.smollm2 import DEFAULT_MODEL
 
 EXIT_NOT_RUNNING = 3
@@ -29,6 +29,7 @@ _VALUE_FLAGS = (
     ("--cache-tokens", "cache_tokens", "N", "attention cache budget in tokens (default: auto)"),
     ("--threads", "threads", "N", "torch threads (default: all cores)"),
     ("--max-ram-gib", "max_ram_gib", "GIB", "most RAM the blocks and caches may take"),
+    ("--max-gpu-gib", "max_gpu_gib", "GIB", "most GPU memory an offloading plan may take"),
     (
         "--rebalance-period",
         "rebalance_period_s",
@@ -83,7 +84,7 @@ def run_start(args: argparse.Namespace, paths: Paths) -> int:
     flags = _settings_flags(args)
     settings = Settings.build(paths=paths, env=os.environ, flags=flags)
     if args.foreground:
-        return _run_foreground(settings, paths, log_to_stderr=not args.detached)
+        return _run_foreground(settings, paths, flags, log_to_stderr=not args.detached)
     child_argv = [*_home_argv(args), "start", "--foreground", "--detached", *_flags_argv(flags)]
     result = lifecycle.start_background(paths, child_argv, timeout_s=settings.start_timeout_s)
     if result.outcome != "serving":
@@ -122,7 +123,9 @@ def run_status(args: argparse.Namespace, paths: Paths) -> int:
     return EXIT_NOT_RUNNING if status["state"] == "not_running" else 0
 
 
-def _run_foreground(settings: Settings, paths: Paths, *, log_to_stderr: bool) -> int:
+def _run_foreground(
+    settings: Settings, paths: Paths, flags: dict[str, Any], *, log_to_stderr: bool
+) -> int:
     # torch, hivemind and the event loop load here, so `status`, `stop` and --help stay fast.
     import asyncio
 
@@ -143,7 +146,7 @@ def _run_foreground(settings: Settings, paths: Paths, *, log_to_stderr: bool) ->
     from volunteer.swarm.dht_records import make_validator, owner_marker
 
     # Several daemons on one machine each take their share (--threads); a lone one all.
-    torch.set_num_threads(settings.threads or os.cpu_count() or 1)
+    torch.set_num_threads(settings.thread_count)
     identity = load_or_create_identity(paths)
     if identity.warning:
         print(f"volunteer: warning: {identity.warning}", file=sys.stderr)
@@ -155,7 +158,14 @@ def _run_foreground(settings: Settings, paths: Paths, *, log_to_stderr: bool) ->
     # Started in this order, stopped in reverse: the blocks announce OFFLINE while the
     # DHT is still up.
     services = [dht, blocks, ChatService(settings, paths, dht, blocks)]
-    return asyncio.run(run_daemon(settings, paths, services, log_to_stderr=log_to_stderr))
+
+    def reload() -> tuple[Settings, Settings]:
+        # The environment and flags it started with still win over the file.
+        return Settings.build(paths=paths, env=os.environ, flags=flags), read_config(paths)
+
+    return asyncio.run(
+        run_daemon(settings, paths, services, log_to_stderr=log_to_stderr, reload=reload)
+    )
 
 
 def _settings_flags(args: argparse.Namespace) -> dict[str, Any]:

@@ -24,6 +24,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--model", metavar="NAME", help="model to plan for (default: config)")
     parser.add_argument("--num-blocks", dest="num_blocks", metavar="N", help="as for start")
     parser.add_argument("--max-ram-gib", dest="max_ram_gib", metavar="GIB", help="as for start")
+    parser.add_argument("--max-gpu-gib", dest="max_gpu_gib", metavar="GIB", help="as for start")
     parser.add_argument("--rerun", action="store_true", help="benchmark again, ignore the cache")
     parser.set_defaults(handler=run_profile)
 
@@ -39,7 +40,8 @@ def run_profile(args: argparse.Namespace, paths: Paths) -> int:
     from volunteer.served_model import open_model
     from volunteer.settings import Settings
 
-    flags = {"model": args.model, "num_blocks": args.num_blocks, "max_ram_gib": args.max_ram_gib}
+    names = ("model", "num_blocks", "max_ram_gib", "max_gpu_gib")
+    flags = {name: getattr(args, name) for name in names}
     settings = Settings.build(paths=paths, env=os.environ, flags=flags)
     hardware = collect_hardware(paths.cache_dir)
     model = open_model(settings.model, paths.models_dir)

@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 import psutil
+import torch
 from hivemind.p2p import PeerID
 
 from models.checkpoint import load_span
@@ -217,6 +218,20 @@ class BlockService:
             "last_rebalance_check": self.last_check.reason if self.last_check else None,
         }
 
+    async def apply_settings(self, settings: Settings) -> None:
+        """Takes on the settings a running server can change (`APPLIED_LIVE`): a new public
+        name is announced at once, a thread count applies from the next computation."""
+        before, self._settings = self._settings, settings
+        if settings.thread_count != before.thread_count:
+            torch.set_num_threads(settings.thread_count)  # threads started later inherit it
+            if self.handler is not None:
+                await self.handler.compute.set_threads(settings.thread_count)
+            logger.info("computing on %d threads", settings.thread_count)
+        if settings.public_name != before.public_name and self._info is not None:
+            self._info = self._info.model_copy(update={"public_name": settings.public_name})
+            if not await self._announce(self._info):
+                logger.warning("announcing the new public name failed; the next announce retries")
+
     def register_control(self, control: ControlServer) -> None:
         control.register("swarm", self._swarm)
         control.register("pause", self._pause)
@@ -314,7 +329,8 @@ class BlockService:
                 load_span, model.folder, model.config, start, end, dtype=DTYPE
             )
             handler.swap_span(span)
-            moved = info.model_copy(update={"start": start, "end": end})
+            # From the record as it is now: the name may have changed while loading.
+            moved = (self._info or info).model_copy(update={"start": start, "end": end})
             self._info = moved
             await self._announce(moved)
             left = [i for i in range(info.start, info.end) if not start <= i < end]

@@ -90,7 +90,7 @@ class ChatService:
         control.register_stream("chat", self.chat)
 
     async def start(self) -> None:
-        self._pool = ThreadPoolExecutor(MAX_CONCURRENT_CHATS, thread_name_prefix="volunteer-chat")
+        self._pool = _chat_pool()
 
     async def stop(self) -> None:
         for stop in list(self._stops):
@@ -98,6 +98,18 @@ class ChatService:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+    async def apply_settings(self, settings: Settings) -> None:
+        """Takes on a new thread count: replies from now on run on fresh threads, which
+        inherit it (OpenMP keeps a count per thread); replies under way finish as they are."""
+        before, self._settings = self._settings, settings
+        if settings.thread_count == before.thread_count or self._pool is None:
+            return
+        import torch  # loaded already: the daemon serves with it
+
+        torch.set_num_threads(settings.thread_count)
+        old, self._pool = self._pool, _chat_pool()
+        old.shutdown(wait=False)
 
     def status(self) -> dict[str, Any]:
         return {"chats_active": len(self._stops), "chats_answered": self.replies}
@@ -193,3 +205,7 @@ class ChatService:
                     loop=asyncio.get_running_loop(),
                 )
             return self._chat
+
+
+def _chat_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(MAX_CONCURRENT_CHATS, thread_name_prefix="volunteer-chat")

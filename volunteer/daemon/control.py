@@ -141,8 +141,14 @@ class ControlServer:
         """Stops listening, closes open connections, removes the endpoint files."""
         if self._server is not None:
             self._server.close()
-        for writer in list(self._writers):
+        writers = list(self._writers)
+        for writer in writers:
             writer.close()
+        for writer in writers:
+            # The socket closes on a later turn of the loop: wait for it, or a loop closed
+            # right after us leaves it open.
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), timeout=1.0)
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), timeout=5.0)

@@ -12,21 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import logging.handlers
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from volunteer import __version__
 from volunteer.daemon import lifecycle
 from volunteer.daemon.control import ControlServer
-from volunteer.errors import VolunteerError
+from volunteer.errors import SettingsError, VolunteerError
 from volunteer.paths import Paths
-from volunteer.settings import Settings
+from volunteer.settings import APPLIED_LIVE, EDITABLE, Settings, changed_fields
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +52,45 @@ class Service(Protocol):
 class _Daemon:
     """The state `run_daemon` shares with the control methods and signal handlers."""
 
-    def __init__(self, settings: Settings, services: Sequence[Service]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        services: Sequence[Service],
+        reload: Callable[[], tuple[Settings, Settings]] | None,
+    ) -> None:
         self.settings = settings
         self.services = list(services)
+        self.reload = reload
+        self.restart_needed: list[str] = []
+        """Settings changed in the config that only a restart applies."""
         self.state = "joining"
         self.error: str | None = None
         self.started_at_s = time.monotonic()
         self.stop_requested = asyncio.Event()
+
+    async def reload_config(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Control method: reads the settings again (config.toml under the daemon's own
+        environment and flags), applies what a running daemon can (`APPLIED_LIVE`) and
+        says what needs a restart, and which edits of the file an env variable or a flag
+        overrides."""
+        if self.reload is None:
+            raise SettingsError("this daemon was started without a way to reload settings")
+        wanted, from_file = self.reload()  # SettingsError: a bad file, answered as such
+        changed = changed_fields(self.settings, wanted)
+        live = [name for name in changed if name in APPLIED_LIVE]
+        if live:
+            applied = dataclasses.replace(self.settings, **{n: getattr(wanted, n) for n in live})
+            for service in self.services:
+                apply = getattr(service, "apply_settings", None)
+                if apply is not None:
+                    await apply(applied)
+            self.settings = applied
+            logger.info("settings applied: %s", ", ".join(live))
+        self.restart_needed = [name for name in changed if name not in APPLIED_LIVE]
+        if self.restart_needed:
+            logger.info("settings that apply on restart: %s", ", ".join(self.restart_needed))
+        overridden = [n for n in EDITABLE if getattr(from_file, n) != getattr(wanted, n)]
+        return {"applied": live, "restart_needed": self.restart_needed, "overridden": overridden}
 
     async def status(self, params: dict[str, Any]) -> dict[str, Any]:
         blocks = self.settings.blocks
@@ -70,6 +103,7 @@ class _Daemon:
             "model": self.settings.model,
             "blocks": list(blocks) if blocks else None,
             "public_name": self.settings.public_name,
+            "restart_needed": self.restart_needed,
             "requests_served": 0,
             "tokens_served": 0,
         }
@@ -88,6 +122,7 @@ async def run_daemon(
     services: Sequence[Service],
     *,
     log_to_stderr: bool = True,
+    reload: Callable[[], tuple[Settings, Settings]] | None = None,
 ) -> int:
     """Runs the daemon until it is asked to stop.
 
@@ -96,6 +131,8 @@ async def run_daemon(
         paths: the instance's folders (pid file, socket, logs).
         services: started in order, stopped in reverse order.
         log_to_stderr: also log to stderr (foreground runs); the log file is always kept.
+        reload: reads the settings again, returning them as the daemon would now start
+            with them and as `config.toml` alone has them (the `reload_config` method).
 
     Returns:
         The process exit code: 0 after a graceful stop, 1 when starting failed.
@@ -108,10 +145,11 @@ async def run_daemon(
     if other is not None and other != os.getpid():
         raise VolunteerError(f"already running (pid {other})")
     lifecycle.write_pid_file(paths)
-    daemon = _Daemon(settings, services)
+    daemon = _Daemon(settings, services, reload)
     control = ControlServer(paths)
     control.register("status", daemon.status)
     control.register("stop", daemon.stop)
+    control.register("reload_config", daemon.reload_config)
     for service in services:
         # Optional: services with control methods of their own (chat) add them here.
         register = getattr(service, "register_control", None)

@@ -23,6 +23,8 @@ from models.kv_cache import KVCache
 from models.model import BlockSpan
 from volunteer.server.protocol import BadRequestError, BusyError
 
+PRIORITY_SETTINGS = -1
+"""A change of how to compute (the thread count) goes before the work it applies to."""
 PRIORITY_INFERENCE = 0
 """Inference steps: a person is waiting for the next token."""
 PRIORITY_TRAINING = 1
@@ -137,6 +139,11 @@ class PriorityCompute:
         self._pool.submit(self._run_most_urgent)
         # Cancelling the awaiting request cancels a job that has not started yet.
         return await asyncio.wrap_future(job_future)
+
+    async def set_threads(self, count: int) -> None:
+        """Sets torch's thread count of the compute thread (OpenMP keeps one per thread:
+        setting it elsewhere does not reach this one), before any queued job."""
+        await self.run(PRIORITY_SETTINGS, torch.set_num_threads, count)
 
     def _run_most_urgent(self) -> None:
         with self._heap_lock:
