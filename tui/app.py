@@ -9,13 +9,15 @@ again by itself when one runs, saying so in the status line.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
+from textual.css.query import NoMatches
 from textual.widgets import Footer, Static, TabbedContent, TabPane
 
 from tui.chat_history import ChatHistory
@@ -34,6 +36,24 @@ from tui.messages import (
 )
 from tui.settings_view import SettingsView
 from tui.swarm_view import SwarmView
+
+Handler = TypeVar("Handler", bound=Callable[..., None])
+
+
+def _unless_closing(handler: Handler) -> Handler:
+    """For handlers of worker answers: one that arrives while the app closes finds its
+    widgets gone; there is nothing left to show it on."""
+
+    @functools.wraps(handler)
+    def guarded(*args: Any) -> None:
+        try:
+            handler(*args)
+        except NoMatches:
+            if args[0].is_running:  # a real bug while the app runs
+                raise
+
+    return guarded  # type: ignore[return-value]
+
 
 STATUS_PERIOD_S = 1.0
 SWARM_PERIOD_S = 5.0
@@ -140,6 +160,7 @@ class VolunteerApp(App[None]):
 
     # Message handlers: update the widgets.
 
+    @_unless_closing
     def on_status_updated(self, message: StatusUpdated) -> None:
         status = message.status
         is_up = status is not None
@@ -161,18 +182,22 @@ class VolunteerApp(App[None]):
         if first_sight:
             self.refresh_swarm()
 
+    @_unless_closing
     def on_swarm_updated(self, message: SwarmUpdated) -> None:
         if message.swarm is not None:
             dashboard = self.query_one(Dashboard)
             dashboard.total_blocks = int(message.swarm.get("num_blocks") or 0) or None
         self.query_one(SwarmView).show_swarm(message.swarm, message.error)
 
+    @_unless_closing
     def on_gauges_updated(self, message: GaugesUpdated) -> None:
         self.query_one(Dashboard).show_gauges(message.gauges)
 
+    @_unless_closing
     def on_log_lines(self, message: LogLines) -> None:
         self.query_one("#log", LogPanel).show_lines(message.lines)
 
+    @_unless_closing
     def on_daemon_action_done(self, message: DaemonActionDone) -> None:
         self.query_one("#status-line", Static).update(message.said)
         self.refresh_status()
@@ -195,6 +220,7 @@ class VolunteerApp(App[None]):
             return
         self.post_message(ConfigLoaded(values))
 
+    @_unless_closing
     def on_config_loaded(self, message: ConfigLoaded) -> None:
         view = self.query_one(SettingsView)
         view.show_config(message.values)

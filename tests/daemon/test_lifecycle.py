@@ -81,6 +81,34 @@ def test_second_start_with_the_same_home_says_already_running(
     assert f"already running (pid {homes.remember(home)})" in again.stderr
 
 
+def test_reload_applies_what_it_can_and_says_what_waits_for_a_restart(
+    homes: Homes, first: tuple[Path, subprocess.CompletedProcess[str]]
+) -> None:
+    home, _ = first
+    config = home / "config.toml"
+    original = config.read_text()
+    try:
+        config.write_text('public_name = "renamed"\ncache_tokens = 64\nnum_blocks = 2\n')
+        reloaded = homes.cli(home, "reload")
+        assert reloaded.returncode == 0, reloaded.stderr
+        assert "applied now: public_name; on restart: cache_tokens" in reloaded.stdout
+        # VOLUNTEER_NUM_BLOCKS=0 in the daemon's environment wins over the file.
+        assert "the daemon started with wins): num_blocks" in reloaded.stdout
+        status = homes.status(home)
+        assert status["public_name"] == "renamed" and status["restart_needed"] == ["cache_tokens"]
+        assert "restart needed   cache_tokens" in homes.cli(home, "status").stdout
+
+        config.write_text("threads = 0\n")  # a bad file: said, and the daemon serves on
+        refused = homes.cli(home, "reload")
+        assert refused.returncode == 1 and "threads" in refused.stderr
+        status = homes.status(home)
+        assert status["state"] == "serving" and status["public_name"] == "renamed"
+    finally:
+        config.write_text(original)
+        homes.cli(home, "reload")
+    assert homes.status(home)["restart_needed"] == []
+
+
 def test_a_second_home_joins_the_first(
     homes: Homes, first: tuple[Path, subprocess.CompletedProcess[str]]
 ) -> None:

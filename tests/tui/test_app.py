@@ -14,6 +14,7 @@ from tui.app import VolunteerApp
 from tui.chat_history import ChatHistory
 from tui.chat_view import ChatView
 from tui.log_panel import LogPanel
+from tui.messages import DaemonActionDone, StatusUpdated
 from volunteer.chat_store import ChatStore
 from volunteer.paths import Paths
 
@@ -319,3 +320,17 @@ def test_chats_are_saved_listed_and_reopened(tmp_path: Path) -> None:
         asyncio.run(main())
     finally:
         store.close()
+
+
+def test_an_answer_that_arrives_while_the_app_closes_is_dropped() -> None:
+    app = VolunteerApp(FakeDaemon(), gauges=lambda: FIXED_GAUGES, poll=False)
+
+    async def main() -> None:
+        async with app.run_test():
+            pass
+        # A worker's answer posted just before the app closed, handled after its widgets
+        # went: nothing to show it on, and no crash.
+        app.on_status_updated(StatusUpdated(dict(SERVING)))
+        app.on_daemon_action_done(DaemonActionDone("stopped"))
+
+    asyncio.run(main())

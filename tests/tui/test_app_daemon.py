@@ -108,8 +108,8 @@ def test_settings_against_a_real_daemon(daemon: Paths) -> None:
             await _until(pilot, lambda: "saved to config.toml" in note(), "the save")
             assert "applied now: public name" in note()
             assert "applied on restart (ctrl+r): attention cache" in note()
-            # Both were flags of `volunteer start`: they win over the file.
-            assert "VOLUNTEER_ variable the daemon started with: model, CPU threads" in note()
+            # --threads 1 was a flag of `volunteer start`: it wins over the file.
+            assert "VOLUNTEER_ variable the daemon started with: CPU threads" in note()
             saved = daemon.config_file.read_text(encoding="utf-8")
             assert 'public_name = "ada"' in saved and "cache_tokens = 512" in saved
             await pilot.press("f3")

@@ -74,6 +74,14 @@ def register(subparsers: Any) -> None:
     )
     stop.set_defaults(handler=run_stop)
 
+    reload = subparsers.add_parser(
+        "reload",
+        help="have the daemon read config.toml again",
+        description="The daemon takes on what it can while serving (public_name, threads) "
+        "and says which changes wait for a restart (`volunteer stop` then `start`).",
+    )
+    reload.set_defaults(handler=run_reload)
+
     status = subparsers.add_parser("status", help="show what the daemon is doing")
     status.add_argument("--json", action="store_true", help="print the full status as JSON")
     status.set_defaults(handler=run_status)
@@ -106,6 +114,24 @@ def run_stop(args: argparse.Namespace, paths: Paths) -> int:
         print("volunteer: not running")
     else:
         print(f"volunteer: {result.outcome} (pid {result.pid})")
+    return 0
+
+
+def run_reload(args: argparse.Namespace, paths: Paths) -> int:
+    """Has the daemon read its settings again; prints what it applied and what waits."""
+    try:
+        outcome = ControlClient(paths).call("reload_config", timeout_s=30.0)
+    except DaemonNotRunningError:
+        print("volunteer: not running (config.toml applies when it starts)")
+        return EXIT_NOT_RUNNING
+    lines = [
+        ("applied now", outcome.get("applied")),
+        ("on restart", outcome.get("restart_needed")),
+        ("kept (a flag or VOLUNTEER_ variable the daemon started with wins)",
+         outcome.get("overridden")),
+    ]  # fmt: skip
+    said = [f"{label}: {', '.join(names)}" for label, names in lines if names]
+    print("volunteer: " + ("; ".join(said) or "nothing changed"))
     return 0
 
 
@@ -212,6 +238,8 @@ def _print_table(status: dict[str, Any]) -> None:
         ("uptime", _format_uptime(status.get("uptime_s"))),
         ("peer id", status.get("peer_id")),
     ]
+    if status.get("restart_needed"):
+        rows.append(("restart needed", ", ".join(status["restart_needed"])))
     for label, value in rows:
         print(f"{label:<16} {'-' if value is None else value}")
     for index, maddr in enumerate(status.get("multiaddrs") or []):

@@ -104,6 +104,9 @@ class _Connection:
         await asyncio.wait_for(self.writer.drain(), timeout=SEND_TIMEOUT_S)
 
 
+ACCEPT_SETTLE_S = 0.05
+
+
 class ControlServer:
     """Serves registered methods on the control endpoint.
 
@@ -117,6 +120,7 @@ class ControlServer:
         self._stream_handlers: dict[str, StreamHandler] = {}
         self._server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._token = ""
         self._removables: list[Path] = []
 
@@ -139,8 +143,14 @@ class ControlServer:
 
     async def close(self) -> None:
         """Stops listening, closes open connections, removes the endpoint files."""
+        # A connection the loop accepted a moment ago gets its transport on the next turn;
+        # on Python 3.11 one made after `Server.close()` fails and leaks its socket. So
+        # let those turns pass first, then give the made ones time to reach `_accept`.
+        for _ in range(2):
+            await asyncio.sleep(0)
         if self._server is not None:
             self._server.close()
+        await asyncio.sleep(ACCEPT_SETTLE_S)
         writers = list(self._writers)
         for writer in writers:
             writer.close()
@@ -149,6 +159,8 @@ class ControlServer:
             # right after us leaves it open.
             with contextlib.suppress(OSError, asyncio.TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), timeout=1.0)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5.0)
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), timeout=5.0)
@@ -161,7 +173,7 @@ class ControlServer:
         # Only reached once the caller knows no live daemon owns it: a leftover socket.
         path.unlink(missing_ok=True)
         self._server = await asyncio.start_unix_server(
-            self._serve, path=str(path), limit=MAX_MESSAGE_BYTES
+            self._accept, path=str(path), limit=MAX_MESSAGE_BYTES
         )
         path.chmod(0o600)
         self._removables.append(path)
@@ -169,7 +181,7 @@ class ControlServer:
     async def _start_tcp(self) -> None:
         self._token = secrets.token_hex(32)
         self._server = await asyncio.start_server(
-            self._serve, host="127.0.0.1", port=0, limit=MAX_MESSAGE_BYTES
+            self._accept, host="127.0.0.1", port=0, limit=MAX_MESSAGE_BYTES
         )
         port = self._server.sockets[0].getsockname()[1]
         info = private_dir(self._paths.runtime_dir) / _TCP_INFO_NAME
@@ -178,8 +190,15 @@ class ControlServer:
             info.chmod(0o600)
         self._removables.append(info)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A plain function, so the connection is ours the moment it is made: `close` then
+        # closes it even if its task is cancelled before it ever ran.
         self._writers.add(writer)
+        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connection = _Connection(reader, writer)
         try:
             while await self._serve_one(connection):

@@ -27,7 +27,7 @@ from volunteer.daemon import lifecycle
 from volunteer.daemon.control import ControlServer
 from volunteer.errors import SettingsError, VolunteerError
 from volunteer.paths import Paths
-from volunteer.settings import APPLIED_LIVE, EDITABLE, Settings, changed_fields
+from volunteer.settings import APPLIED_LIVE, Settings, changed_fields
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,12 @@ class _Daemon:
         self.restart_needed = [name for name in changed if name not in APPLIED_LIVE]
         if self.restart_needed:
             logger.info("settings that apply on restart: %s", ", ".join(self.restart_needed))
-        overridden = [n for n in EDITABLE if getattr(from_file, n) != getattr(wanted, n)]
+        # What the file sets (not left at the default) that the daemon's flags or env beat.
+        overridden = [
+            field.name
+            for field in dataclasses.fields(Settings)
+            if getattr(from_file, field.name) not in (field.default, getattr(wanted, field.name))
+        ]
         return {"applied": live, "restart_needed": self.restart_needed, "overridden": overridden}
 
     async def status(self, params: dict[str, Any]) -> dict[str, Any]:
