@@ -1,6 +1,6 @@
 """FlexGen's published setting, the check of the offloading cost model: the machine of
 the paper (GCP: a 16 GB T4, 208 GB of CPU memory, 1.5 TB SSD), the OPT models it ran,
-and the throughput it reported. Shared by the tests and `bench/scheduler.py`."""
+and the throughput it reported. Shared by the tests and `bench/scheduler_decisions.py`."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@
 Prints a table, then one JSON line with every figure, including `select_ms`, `lp_ms`
 and `coverage_after_rebalance`.
 
-    python bench/scheduler.py [--volunteers 10000] [--repeats 5]
+    python bench/scheduler_decisions.py [--volunteers 10000] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -19,20 +19,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
-
-if __name__ == "__main__" and not __package__:
-    # Run as a script, this folder comes first on sys.path and this file's name hides the
-    # `scheduler` package: run again as the module `bench.scheduler` from the repo root.
-    _root = str(Path(__file__).resolve().parents[1])
-    _path = os.pathsep.join(filter(None, [_root, os.environ.get("PYTHONPATH")]))
-    _env = {**os.environ, "PYTHONPATH": _path}
-    os.execve(sys.executable, [sys.executable, "-m", "bench.scheduler", *sys.argv[1:]], _env)
 from collections.abc import Callable
 from typing import Any
 
