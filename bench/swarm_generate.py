@@ -56,6 +56,7 @@ from models.tokenizer import Tokenizer
 from volunteer.client.stepper import SwarmStepper, open_swarm_stepper
 from volunteer.client.swarm_connection import SwarmConnection
 from volunteer.cpu_sharing import sleeping_threads_env
+from volunteer.daemon.span_plan import block_footprint
 from volunteer.model_store import ModelStore
 from volunteer.paths import Paths
 from volunteer.served_model import swarm_model_name
@@ -229,6 +230,16 @@ class Setup:
     env: dict[str, str]
     tmp: Path
     threads: int
+    bare_rss: int
+    """Bytes resident in a bare Python process that imported torch."""
+
+    def rss_ratio(self, rss_mib: float, blocks: str) -> float | None:
+        """RSS beyond a bare torch process, per byte of the weights the server holds."""
+        if blocks == "-":
+            return None
+        start, end = (int(part) for part in blocks.split(":"))
+        weights = (end - start) * block_footprint(self.config).weight_bytes
+        return (rss_mib * MIB - self.bare_rss) / weights
 
     def daemons(self, label: str) -> Daemons:
         root = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=self.tmp))
@@ -250,6 +261,12 @@ class Setup:
             )
 
         return open_stepper
+
+
+def _bare_torch_rss() -> int:
+    code = "import psutil, torch; print(psutil.Process().memory_info().rss)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(done.stdout)
 
 
 def _bench_swarm(setup: Setup, spans: tuple[str, ...], repeats: int) -> dict[str, Any]:
@@ -277,6 +294,7 @@ def _bench_swarm(setup: Setup, spans: tuple[str, ...], repeats: int) -> dict[str
                 "blocks": daemons.blocks[name],
                 "launch_s": daemons.launch_s[name],
                 "rss_mib": memory[name][0],
+                "rss_ratio": setup.rss_ratio(memory[name][0], daemons.blocks[name]),
                 "processes": memory[name][1],
             }
             for name in ["boot", *servers]
@@ -406,6 +424,7 @@ def main() -> None:
         "prompt_tokens": len(prompt),
     }
     rows = [("local", local, True)]
+    bare_rss = _bare_torch_rss()
     servers: list[tuple[int, dict[str, Any]]] = []
     launches: list[float] = []
     with tempfile.TemporaryDirectory(prefix="swarm-bench-") as tmp:
@@ -418,6 +437,7 @@ def main() -> None:
             env=env,
             tmp=Path(tmp),
             threads=args.server_threads,
+            bare_rss=bare_rss,
         )
         for count, spans in SWARMS.items():
             _log(f"swarm of {count} server(s): {', '.join(spans)}")
@@ -437,10 +457,13 @@ def main() -> None:
             figures[f"processes_{count}"] = [s["processes"] for s in hosts]
             figures[f"launch_to_serving_s_{count}"] = [round(s["launch_s"], 2) for s in hosts]
             figures[f"boot_rss_mib_{count}"] = round(result["servers"][0]["rss_mib"], 1)
+            figures[f"rss_ratio_{count}"] = [round(s["rss_ratio"], 3) for s in hosts]
             launches.extend(s["launch_s"] for s in hosts)
             servers.extend((count, s) for s in result["servers"])
         _log("failover: 0:15 plus two replicas of 15:30; killing the serving one")
         failover = _bench_failover(setup, local_tokens[FAILOVER_TOKENS])
+    figures["bare_torch_rss_mib"] = round(bare_rss / MIB, 1)
+    figures["rss_ratio"] = figures["rss_ratio_1"][0]  # the target's case: 30 blocks
     _log("local generation again")
     local_after = _local_in_child(args.repeats, torch.get_num_threads())
     figures["local_identical_before_after"] = all(
@@ -471,11 +494,15 @@ def main() -> None:
             f"{label:18s} {tps[64]:9.2f} {tps[256]:10.2f} {tps[64] / local_tps[64]:9.3f} "
             f"{tps[256] / local_tps[256]:10.3f} {_ttft(runs):7.3f}  {identical}"
         )
-    print(f"\n{'swarm':>5s} {'server':10s} {'blocks':>6s} {'launch s':>9s} {'RSS MiB':>8s} procs")
+    print(
+        f"\n{'swarm':>5s} {'server':10s} {'blocks':>6s} {'launch s':>9s} {'RSS MiB':>8s} procs"
+        f"  RSS beyond torch / weights (bare torch {bare_rss / MIB:.0f} MiB)"
+    )
     for count, server in servers:
+        ratio = f"{server['rss_ratio']:.3f}" if server["rss_ratio"] else "-"
         print(
             f"{count:5d} {server['name']:10s} {server['blocks']:>6s} {server['launch_s']:9.2f} "
-            f"{server['rss_mib']:8.1f} {server['processes']:5d}"
+            f"{server['rss_mib']:8.1f} {server['processes']:5d}  {ratio}"
         )
     print(
         f"\nfailover: killed {failover['killed']} after {KILL_AFTER} tokens; next token "

@@ -43,6 +43,9 @@ MATMUL_GROW_FRACTION = 0.05
 """Grow the matrix while one product takes under this share of the budget (8x per step)."""
 BLOCK_DECODE_STEPS = 32
 BLOCK_FORWARD_TOKENS = 128
+DECODE_TOLERANCE = 0.05
+"""Fewer decode threads win unless more are this much faster (one short measurement is
+noisy, and the cores they free serve the rest of the swarm)."""
 MEMORY_BACKED_FS = frozenset({"tmpfs", "ramfs"})
 
 
@@ -298,6 +301,35 @@ def measure_decode_speed(span: BlockSpan, budget_s: float) -> float:
     with torch.inference_mode():
         decode_s = _median_step_s(str(weight.device), decode, steps, budget_s)
     return span.num_blocks / decode_s
+
+
+def choose_decode_threads(span: BlockSpan, threads: int, budget_s: float) -> tuple[int, float]:
+    """The fewest torch threads (1 or `threads`) that decode one position within
+    DECODE_TOLERANCE of the fastest, and that speed (tokens/s per block).
+
+    A one-position step is many small products: on few or shared cores the OpenMP team's
+    wake-ups cost what the extra threads gain, and the idle ones then only take cores
+    from the next server in the route and from the volunteer. Measured on the calling
+    thread, whose own count is restored after (OpenMP keeps one per thread).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    speeds = {}
+    try:
+        for count in sorted({1, max(1, threads)}):
+            torch.set_num_threads(count)
+            speeds[count] = measure_decode_speed(span, budget_s)
+    finally:
+        torch.set_num_threads(before)
+    chosen = fewest_threads_near_fastest(speeds)
+    return chosen, speeds[chosen]
+
+
+def fewest_threads_near_fastest(speeds: dict[int, float]) -> int:
+    """Of {thread count: speed}, the fewest threads within DECODE_TOLERANCE of the best."""
+    fastest = max(speeds.values())
+    return min(c for c, speed in speeds.items() if speed >= fastest * (1 - DECODE_TOLERANCE))
 
 
 def measure_forward_speed(span: BlockSpan, budget_s: float) -> float:

@@ -1,5 +1,6 @@
-"""The compute thread's thread count: OpenMP keeps one per thread, so a change made on
-the event loop's thread must be carried to the compute thread."""
+"""The compute thread's torch thread count: OpenMP keeps one per thread, so the compute
+thread sets it itself, per job: all threads for batches, `decode_threads` for one-position
+steps."""
 
 from __future__ import annotations
 
@@ -10,23 +11,35 @@ import torch
 from volunteer.server.sessions import PRIORITY_INFERENCE, PriorityCompute
 
 
-def test_set_threads_reaches_the_compute_thread() -> None:
+def test_each_job_runs_on_its_thread_count() -> None:
     async def main() -> list[int]:
-        compute = PriorityCompute()
+        compute = PriorityCompute(threads=2, decode_threads=1)
         try:
             seen = []
-            for count in (1, 2, 1):
-                await compute.set_threads(count)
-                seen.append(await compute.run(PRIORITY_INFERENCE, torch.get_num_threads))
-            # Set here only: the compute thread keeps what it was told.
-            torch.set_num_threads(2)
+            for decode in (False, True, False, True):
+                count = await compute.run(PRIORITY_INFERENCE, torch.get_num_threads, decode=decode)
+                seen.append(count)
+            # A change (the volunteer's new setting) applies from the next job on.
+            compute.threads = 1
             seen.append(await compute.run(PRIORITY_INFERENCE, torch.get_num_threads))
             return seen
         finally:
             compute.shutdown()
 
+    assert asyncio.run(main()) == [2, 1, 2, 1, 1]
+
+
+def test_without_counts_the_thread_keeps_its_own() -> None:
+    async def main() -> int:
+        compute = PriorityCompute()
+        try:
+            return await compute.run(PRIORITY_INFERENCE, torch.get_num_threads, decode=True)
+        finally:
+            compute.shutdown()
+
     before = torch.get_num_threads()
     try:
-        assert asyncio.run(main()) == [1, 2, 1, 1]
+        torch.set_num_threads(1)  # the compute thread starts with its creator's count
+        assert asyncio.run(main()) == 1
     finally:
         torch.set_num_threads(before)

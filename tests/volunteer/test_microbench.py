@@ -18,6 +18,8 @@ import torch
 from tests.server import random_span, tiny_config
 from volunteer.microbench import (
     MicroBenchmarks,
+    choose_decode_threads,
+    fewest_threads_near_fastest,
     load_or_run,
     measure_block_speed,
     measure_disk_read,
@@ -113,6 +115,22 @@ def test_block_speed_of_a_tiny_span() -> None:
     assert within_budget(elapsed_s, 0.4)
     for tokens_per_s in (speed.decode_tokens_per_s, speed.forward_tokens_per_s):
         assert math.isfinite(tokens_per_s) and tokens_per_s > 0
+
+
+def test_decode_threads_are_the_fewest_near_the_fastest() -> None:
+    assert fewest_threads_near_fastest({1: 100.0, 2: 102.0}) == 1  # within 5%: fewer
+    assert fewest_threads_near_fastest({1: 100.0, 2: 180.0}) == 2
+    assert fewest_threads_near_fastest({1: 100.0, 2: 90.0}) == 1
+    assert fewest_threads_near_fastest({4: 50.0}) == 4
+
+
+def test_choose_decode_threads_measures_and_restores_the_count() -> None:
+    span = random_span(tiny_config(num_layers=2))
+    before = torch.get_num_threads()
+    threads, speed = choose_decode_threads(span, 2, 0.1)
+    assert threads in (1, 2) and math.isfinite(speed) and speed > 0
+    assert torch.get_num_threads() == before
+    assert choose_decode_threads(span, 1, 0.1)[0] == 1
 
 
 def test_run_with_a_span_fills_block_throughput(tmp_path: Path) -> None:

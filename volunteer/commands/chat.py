@@ -104,6 +104,9 @@ def _open_chat(args: argparse.Namespace, paths: Paths) -> Iterator[Chat]:
         from volunteer.cpu_sharing import sleep_idle_threads
 
         sleep_idle_threads()  # the blocks run on other processes, likely on these cores
+        from volunteer.lean_imports import import_hivemind
+
+        import_hivemind()
         from volunteer.client.swarm_chat import SwarmChat
         from volunteer.client.swarm_connection import SwarmConnection
         from volunteer.served_model import open_model

@@ -156,9 +156,12 @@ def _run_foreground(
     import asyncio
 
     from volunteer.cpu_sharing import sleep_idle_threads
+    from volunteer.lean_imports import import_hivemind
 
     sleep_idle_threads()
     import torch
+
+    import_hivemind()
 
     from volunteer.daemon.block_service import BlockService
     from volunteer.daemon.chat_service import ChatService

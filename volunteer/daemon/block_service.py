@@ -48,7 +48,7 @@ from volunteer.daemon.span_plan import (
     plan_span,
 )
 from volunteer.errors import VolunteerError
-from volunteer.microbench import measure_decode_speed
+from volunteer.microbench import choose_decode_threads
 from volunteer.paths import Paths
 from volunteer.served_model import ServedModel, open_model
 from volunteer.server.handler import BlockHandler
@@ -111,6 +111,8 @@ class BlockService:
         self.last_check: MoveDecision | None = None
         self._info: ServerInfo | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._decode_single_measured = False
+        """One thread decoded as fast as all of them at start (so it keeps doing so)."""
 
     async def start(self) -> None:
         settings = self._settings
@@ -138,7 +140,10 @@ class BlockService:
         span = await asyncio.to_thread(
             load_span, model.folder, model.config, start, end, dtype=DTYPE
         )
-        throughput = await asyncio.to_thread(measure_decode_speed, span, SPEED_BUDGET_S)
+        decode_threads, throughput = await asyncio.to_thread(
+            choose_decode_threads, span, settings.thread_count, SPEED_BUDGET_S
+        )
+        self._decode_single_measured = decode_threads == 1 < settings.thread_count
         cache_tokens = settings.cache_tokens or auto_cache_tokens(
             model.config, settings, end - start, available
         )
@@ -148,6 +153,8 @@ class BlockService:
             model_name=model.swarm_name,
             cache_tokens=cache_tokens,
             throughput=throughput,
+            threads=settings.thread_count,
+            decode_threads=decode_threads,
         )
         self._info = ServerInfo(
             state=ServerState.ONLINE,
@@ -172,9 +179,10 @@ class BlockService:
         if settings.blocks is None and settings.rebalance_period_s > 0:
             self._tasks.append(asyncio.create_task(self._rebalance_forever(), name="rebalance"))
         logger.info(
-            "serving blocks %d:%d of %s (%.1f tokens/s per block, %d cache tokens) "
-            "%.2f s after start",
-            start, end, model.swarm_name, throughput, cache_tokens, time.monotonic() - began,
+            "serving blocks %d:%d of %s (%.1f tokens/s per block, decoding on %d of %d "
+            "threads, %d cache tokens) %.2f s after start",
+            start, end, model.swarm_name, throughput, decode_threads, settings.thread_count,
+            cache_tokens, time.monotonic() - began,
         )  # fmt: skip
 
     async def stop(self) -> None:
@@ -212,6 +220,8 @@ class BlockService:
             "cache_tokens_total": handler.sessions.cache_tokens_total,
             "cache_tokens_left": handler.sessions.cache_tokens_left,
             "throughput": handler.throughput,
+            "threads": handler.compute.threads,
+            "decode_threads": handler.compute.decode_threads,
             "span_reason": self.plan.reason if self.plan is not None else None,
             "rebalancing": self.is_moving,
             "moves": self.moves,
@@ -225,7 +235,11 @@ class BlockService:
         if settings.thread_count != before.thread_count:
             torch.set_num_threads(settings.thread_count)  # threads started later inherit it
             if self.handler is not None:
-                await self.handler.compute.set_threads(settings.thread_count)
+                compute = self.handler.compute
+                compute.threads = settings.thread_count
+                # Decoding stays on one thread where more were measured to gain nothing.
+                single = self._decode_single_measured
+                compute.decode_threads = 1 if single else settings.thread_count
             logger.info("computing on %d threads", settings.thread_count)
         if settings.public_name != before.public_name and self._info is not None:
             self._info = self._info.model_copy(update={"public_name": settings.public_name})

@@ -128,6 +128,8 @@ class BlockHandler(ServicerBase):
         max_tokens: int | None = None,
         idle_timeout_s: float = 60.0,
         throughput: float = 0.0,
+        threads: int | None = None,
+        decode_threads: int | None = None,
     ) -> BlockHandler:
         """Builds a handler for `span` and registers its RPCs on `p2p`.
 
@@ -141,6 +143,8 @@ class BlockHandler(ServicerBase):
                 max_tokens defaults to max_batch * max_chunk.
             idle_timeout_s: how long a silent inference stream keeps its cache.
             throughput: tokens/s this server expects to sustain, reported by `rpc_info`.
+            threads, decode_threads: torch threads of the compute thread, for all work
+                and for one-position inference steps (see `PriorityCompute`).
         """
         limits = ServerLimits(
             max_batch=max_batch,
@@ -154,7 +158,7 @@ class BlockHandler(ServicerBase):
             model_name=model_name,
             limits=limits,
             sessions=SessionTable(cache_tokens=cache_tokens),
-            compute=PriorityCompute(),
+            compute=PriorityCompute(threads=threads, decode_threads=decode_threads),
             throughput=throughput,
         )
         await handler.add_p2p_handlers(p2p)
@@ -437,8 +441,9 @@ class BlockHandler(ServicerBase):
         `hidden` must already have passed the per-request checks (`_hidden_tensors`).
         """
         self._check_step(session, hidden, start_pos)
+        batch, seq, _ = hidden.shape
         output = await self.compute.run(
-            PRIORITY_INFERENCE, inference_step, session, hidden, start_pos
+            PRIORITY_INFERENCE, inference_step, session, hidden, start_pos, decode=batch * seq == 1
         )
         self.stats.count(hidden)
         return output

@@ -23,8 +23,6 @@ from models.kv_cache import KVCache
 from models.model import BlockSpan
 from volunteer.server.protocol import BadRequestError, BusyError
 
-PRIORITY_SETTINGS = -1
-"""A change of how to compute (the thread count) goes before the work it applies to."""
 PRIORITY_INFERENCE = 0
 """Inference steps: a person is waiting for the next token."""
 PRIORITY_TRAINING = 1
@@ -117,15 +115,29 @@ class PriorityCompute:
     server has a blocked thread and nothing polling.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, threads: int | None = None, decode_threads: int | None = None) -> None:
+        """
+        Args:
+            threads: torch threads for a job (None: what the thread starts with).
+            decode_threads: torch threads for a job that asks for `decode=True` (a step of
+                one position): where more threads do not make it faster, fewer leave
+                the other cores to the rest of the swarm and the volunteer's machine.
+        """
+        self.threads = threads
+        self.decode_threads = decode_threads
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="volunteer-compute")
         self._heap: list[tuple[int, int, Callable[[], Any], Future[Any]]] = []
         self._heap_lock = threading.Lock()
         self._order = itertools.count()
         self._is_shut_down = False
 
-    async def run(self, priority: int, fn: Callable[..., Result], *args: Any) -> Result:
+    async def run(
+        self, priority: int, fn: Callable[..., Result], *args: Any, decode: bool = False
+    ) -> Result:
         """Runs fn(*args) on the compute thread; lower priority numbers run first.
+
+        Args:
+            decode: the job is a one-position step (it runs on `decode_threads`).
 
         Raises:
             BusyError: the server is shutting down.
@@ -133,17 +145,20 @@ class PriorityCompute:
         if self._is_shut_down:
             raise BusyError("server is shutting down")
         job_future: Future[Result] = Future()
+        threads = (self.decode_threads if decode else None) or self.threads
+
+        def job() -> Result:
+            # OpenMP keeps a count per thread: set here, on the compute thread, per job.
+            if threads is not None and torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            return fn(*args)
+
         with self._heap_lock:
-            entry = (priority, next(self._order), lambda: fn(*args), job_future)
+            entry = (priority, next(self._order), job, job_future)
             heapq.heappush(self._heap, entry)
         self._pool.submit(self._run_most_urgent)
         # Cancelling the awaiting request cancels a job that has not started yet.
         return await asyncio.wrap_future(job_future)
-
-    async def set_threads(self, count: int) -> None:
-        """Sets torch's thread count of the compute thread (OpenMP keeps one per thread:
-        setting it elsewhere does not reach this one), before any queued job."""
-        await self.run(PRIORITY_SETTINGS, torch.set_num_threads, count)
 
     def _run_most_urgent(self) -> None:
         with self._heap_lock:
