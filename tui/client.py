@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from tui.render import setting_label
 from volunteer.daemon import lifecycle
 from volunteer.daemon.control import ControlClient, ControlError, DaemonNotRunningError
-from volunteer.daemon.runner import LOG_FILE_NAME
+from volunteer.daemon.runner import LOG_FILE_NAME, describe_reload
 from volunteer.paths import Paths
 from volunteer.settings import EDITABLE, Settings, read_config, save_config
 from volunteer.smollm2 import DEFAULT_MODEL
@@ -130,28 +130,8 @@ class ControlDaemonClient:
             return (
                 f"saved to config.toml; the daemon did not take it on ({exc}); ctrl+r restarts it"
             )
-        return describe_reload(outcome)
-
-
-def describe_reload(outcome: dict[str, Any]) -> str:
-    """What a daemon's `reload_config` answer means, in a line for the settings screen."""
-    said = ["saved to config.toml"]
-    if outcome.get("applied"):
-        said.append("applied now: " + _labels(outcome["applied"]))
-    if outcome.get("restart_needed"):
-        said.append("applied on restart (ctrl+r): " + _labels(outcome["restart_needed"]))
-    if outcome.get("overridden"):
-        said.append(
-            "set otherwise by a flag or VOLUNTEER_ variable the daemon started with: "
-            + _labels(outcome["overridden"])
-        )
-    if len(said) == 1:
-        said.append("the daemon already runs with these settings")
-    return "; ".join(said)
-
-
-def _labels(names: list[str]) -> str:
-    return ", ".join(setting_label(name) for name in names)
+        said = describe_reload(outcome, label=setting_label, restart_how=" (ctrl+r)")
+        return f"saved to config.toml; {said}"
 
 
 def config_as_text(settings: Settings) -> dict[str, str]:

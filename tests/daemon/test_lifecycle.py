@@ -91,9 +91,9 @@ def test_reload_applies_what_it_can_and_says_what_waits_for_a_restart(
         config.write_text('public_name = "renamed"\ncache_tokens = 64\nnum_blocks = 2\n')
         reloaded = homes.cli(home, "reload")
         assert reloaded.returncode == 0, reloaded.stderr
-        assert "applied now: public_name; on restart: cache_tokens" in reloaded.stdout
+        assert "applied now: public_name; applied on restart: cache_tokens" in reloaded.stdout
         # VOLUNTEER_NUM_BLOCKS=0 in the daemon's environment wins over the file.
-        assert "the daemon started with wins): num_blocks" in reloaded.stdout
+        assert "VOLUNTEER_ variable the daemon started with: num_blocks" in reloaded.stdout
         status = homes.status(home)
         assert status["public_name"] == "renamed" and status["restart_needed"] == ["cache_tokens"]
         assert "restart needed   cache_tokens" in homes.cli(home, "status").stdout

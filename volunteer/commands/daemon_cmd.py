@@ -124,14 +124,9 @@ def run_reload(args: argparse.Namespace, paths: Paths) -> int:
     except DaemonNotRunningError:
         print("volunteer: not running (config.toml applies when it starts)")
         return EXIT_NOT_RUNNING
-    lines = [
-        ("applied now", outcome.get("applied")),
-        ("on restart", outcome.get("restart_needed")),
-        ("kept (a flag or VOLUNTEER_ variable the daemon started with wins)",
-         outcome.get("overridden")),
-    ]  # fmt: skip
-    said = [f"{label}: {', '.join(names)}" for label, names in lines if names]
-    print("volunteer: " + ("; ".join(said) or "nothing changed"))
+    from volunteer.daemon.runner import describe_reload
+
+    print(f"volunteer: {describe_reload(outcome)}")
     return 0
 
 

@@ -105,6 +105,8 @@ class _Connection:
 
 
 ACCEPT_SETTLE_S = 0.05
+"""How long `ControlServer.close` lets connections accepted as it closes be made, so that
+it closes them too (a few turns of the loop; a stop is not in a hurry)."""
 
 
 class ControlServer:
