@@ -14,6 +14,8 @@ from textual.message import Message
 from textual.widgets import Input, Label, Static
 
 from tui.messages import DaemonActionDone
+from tui.render import setting_label
+from volunteer.settings import APPLIED_LIVE
 
 # (settings field, label, placeholder shown when it is left at its default)
 FIELDS = (
@@ -37,8 +39,8 @@ class SettingsView(Vertical):
             yield Label(label)
             yield Input(placeholder=placeholder, id=f"setting-{name}")
         yield Static(
-            "ctrl+s saves. The public name and CPU threads apply at once; the rest when "
-            "the daemon restarts (ctrl+r).",
+            f"ctrl+s saves. The {' and '.join(map(setting_label, APPLIED_LIVE))} apply at "
+            "once; the rest when the daemon restarts (ctrl+r).",
             id="settings-note",
         )
 

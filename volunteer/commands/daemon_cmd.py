@@ -12,7 +12,7 @@ from typing import Any
 from volunteer.daemon import lifecycle
 from volunteer.daemon.control import ControlClient, DaemonNotRunningError
 from volunteer.paths import Paths
-from volunteer.settings import Settings, flag_name, read_config
+from volunteer.settings import APPLIED_LIVE, Settings, flag_name, read_config
 from volunteer.smollm2 import DEFAULT_MODEL
 
 EXIT_NOT_RUNNING = 3
@@ -77,7 +77,7 @@ def register(subparsers: Any) -> None:
     reload = subparsers.add_parser(
         "reload",
         help="have the daemon read config.toml again",
-        description="The daemon takes on what it can while serving (public_name, threads) "
+        description=f"The daemon takes on what it can while serving ({', '.join(APPLIED_LIVE)}) "
         "and says which changes wait for a restart (`volunteer stop` then `start`).",
     )
     reload.set_defaults(handler=run_reload)
