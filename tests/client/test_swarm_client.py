@@ -16,7 +16,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
 from volunteer.client.local_span import LocalInferenceStream
-from volunteer.client.swarm_client import SwarmClient
+from volunteer.client.swarm_client import SNAPSHOT_MAX_AGE_S, SNAPSHOT_STALE_MAX_S, SwarmClient
 from volunteer.server.handler import BlockHandler
 from volunteer.server.protocol import BadRequestError
 from volunteer.swarm.dht_records import (
@@ -200,3 +200,31 @@ def test_the_own_server_checks_in_process_requests_like_remote_ones(world: World
     assert (output - expected).abs().max() <= ATOL
     assert handler.stats.requests == served + 1
     assert len(handler.sessions) == 0
+
+
+def test_a_stale_view_routes_at_once_and_is_read_again_in_the_background(world: World) -> None:
+    now = [1000.0]
+    peer = world.peers[1]
+    client = SwarmClient(
+        p2p=peer.p2p, node=peer.node, model=MODEL, num_blocks=4, clock=lambda: now[0]
+    )
+
+    async def scenario() -> tuple[float, float, float, float]:
+        first = await client.current()  # none yet: read, waited for
+        read_at = client._snapshot_at
+        now[0] += SNAPSHOT_MAX_AGE_S + 1  # stale: the same view at once, a read behind it
+        stale = await client.current()
+        assert stale is first and client._snapshot_at == read_at
+        assert client._refreshing is not None
+        await client._refreshing
+        refreshed_at = client._snapshot_at
+        now[0] += SNAPSHOT_STALE_MAX_S + 1  # too old: waited for
+        await client.current()
+        too_old_at = client._snapshot_at
+        await client.close()
+        return read_at, refreshed_at, too_old_at, now[0]
+
+    read_at, refreshed_at, too_old_at, end = world.loop.run(scenario())
+    assert read_at == 1000.0
+    assert refreshed_at == 1000.0 + SNAPSHOT_MAX_AGE_S + 1
+    assert too_old_at == end

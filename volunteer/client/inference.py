@@ -25,14 +25,28 @@ import torch
 
 from scheduler.routing import Backoff, NoRouteError, RouteHop
 from volunteer.errors import VolunteerError
-from volunteer.server.protocol import SessionExpiredError
+from volunteer.server.protocol import NextHop, SessionExpiredError
 
 logger = logging.getLogger(__name__)
 
 
 class InferenceStreamLike(Protocol):
+    pushed: bool
+    """Whether the server pushed its last step's output on to the next hop."""
+
+    @property
+    def push_target(self) -> NextHop | None:
+        """How a previous server names this session to push to it (None: it cannot)."""
+
     async def step(
-        self, hidden: torch.Tensor, start_pos: int, *, timeout_s: float
+        self,
+        hidden: torch.Tensor,
+        start_pos: int,
+        *,
+        timeout_s: float,
+        step_id: int = 0,
+        push_to: list[NextHop] | None = None,
+        await_push_s: float = 0.0,
     ) -> torch.Tensor: ...
 
     async def close(self) -> None: ...
@@ -50,6 +64,35 @@ class _Hop:
     stream: InferenceStreamLike
     inputs: list[torch.Tensor] = dataclasses.field(default_factory=list)
     """Every hidden-state chunk sent to this hop, in order: the replay history."""
+    length: int = 0
+    """Positions in `inputs`."""
+    step_s: float | None = None
+    """How long this hop's last step took to answer (None: no step yet)."""
+
+    def push_grace_s(self) -> float:
+        """How long to wait for the answer to a step pushed here before sending it."""
+        if self.step_s is None:
+            return PUSH_GRACE_MIN_S
+        return max(PUSH_GRACE_MIN_S, PUSH_GRACE_FACTOR * self.step_s)
+
+    def record(self, chunks: list[torch.Tensor]) -> None:
+        self.inputs.extend(chunks)
+        self.length += sum(chunk.shape[1] for chunk in chunks)
+
+    def rewind(self, position: int) -> None:
+        """Forgets the positions from `position` on (the servers overwrite them; so must
+        the history, or a later replay would rebuild the positions the caller rewound)."""
+        # Only a rewind walks the history: a plain next step must not cost O(length).
+        if position < self.length:
+            self.inputs = _keep_before(self.inputs, position)
+            self.length = position
+
+
+PUSH_GRACE_MIN_S = 0.05
+PUSH_GRACE_FACTOR = 3.0
+"""A hop's answer to a pushed step is awaited this many times its last step's time (at
+least PUSH_GRACE_MIN_S) before the client sends the step itself: a lost push costs that
+much time once, never the output."""
 
 
 class SessionFailedError(VolunteerError):
@@ -78,6 +121,7 @@ class SwarmInferenceSession:
         self._step_timeout_s = step_timeout_s
         self._failovers_left = max_failovers
         self._hops: list[_Hop] = []
+        self._steps = 0
         self.route_history: list[list[RouteHop]] = []
 
     @property
@@ -102,26 +146,51 @@ class SwarmInferenceSession:
         if not self._hops:
             raise RuntimeError("the inference session is not open")
         for hop in self._hops:
-            # The servers overwrite positions from start_pos on; so must the history,
-            # or a later replay would rebuild the positions the caller rewound.
-            hop.inputs = _keep_before(hop.inputs, start_pos)
+            hop.rewind(start_pos)
+        self._steps += 1
         index = 0
+        pushed_to: InferenceStreamLike | None = None
+        """The stream the previous hop pushed this step to, if it did."""
         while index < len(self._hops):
             hop = self._hops[index]
+            began = self._clock()
             try:
-                output = await hop.stream.step(hidden, start_pos, timeout_s=self._step_timeout_s)
+                # Each server pushes its output on to the next (volunteer.server.push):
+                # the next hop's answer is awaited first, and the step sent to it only
+                # when that answer is late (the push was lost).
+                output = await hop.stream.step(
+                    hidden,
+                    start_pos,
+                    timeout_s=self._step_timeout_s,
+                    step_id=self._steps,
+                    push_to=self._push_route(index + 1),
+                    await_push_s=hop.push_grace_s() if hop.stream is pushed_to else 0.0,
+                )
             except self._retriable as exc:
                 logger.warning(
                     "peer %s failed on blocks %d:%d at position %d: %s",
                     hop.hop.peer_id, hop.hop.start, hop.hop.end, start_pos, exc,
                 )  # fmt: skip
                 await self._replace(index, exc)
+                pushed_to = None
                 continue  # the same step, now through the replacement hops
+            hop.step_s = self._clock() - began
             self._backoff.record_success(hop.hop.peer_id)
-            hop.inputs.append(hidden)
+            hop.record([hidden])
             hidden = output
             index += 1
+            is_pushed = hop.stream.pushed and index < len(self._hops)
+            pushed_to = self._hops[index].stream if is_pushed else None
         return hidden
+
+    def _push_route(self, index: int) -> list[NextHop]:
+        """The hops from `index` on that can take pushes, up to the first that cannot."""
+        targets = []
+        for hop in self._hops[index:]:
+            if (target := hop.stream.push_target) is None:
+                break
+            targets.append(target)
+        return targets
 
     async def close(self) -> None:
         """Closes every stream; errors while closing are logged, not raised."""
@@ -220,7 +289,7 @@ class SwarmInferenceSession:
         for chunk in chunks:
             outputs.append(await hop.stream.step(chunk, position, timeout_s=self._step_timeout_s))
             position += chunk.shape[1]
-        hop.inputs.extend(chunks)
+        hop.record(chunks)
         return outputs
 
 

@@ -56,8 +56,26 @@ class LocalInferenceStream:
         )
         return cls(handler, await handler.open_session(meta, peer=LOCAL_PEER))
 
-    async def step(self, hidden: torch.Tensor, start_pos: int, *, timeout_s: float) -> torch.Tensor:
-        """Runs hidden [B, S, H] at positions [start_pos, start_pos + S) through the blocks."""
+    push_target = None
+    """No other server can push to an in-process session."""
+    pushed = False
+    """Nor does it push: its output comes back to this process at no cost."""
+
+    async def step(
+        self,
+        hidden: torch.Tensor,
+        start_pos: int,
+        *,
+        timeout_s: float,
+        step_id: int = 0,
+        push_to: list[wire.NextHop] | None = None,
+        await_push_s: float = 0.0,
+    ) -> torch.Tensor:
+        """Runs hidden [B, S, H] at positions [start_pos, start_pos + S) through the blocks.
+
+        `step_id`, `push_to` and `await_push_s` are ignored: this process's own server is called
+        directly, and its output comes back here at no cost.
+        """
         async with self._lock:
             if self._is_closed:
                 raise RemoteSpanError("the local inference session is closed")

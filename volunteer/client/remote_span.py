@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -23,6 +24,8 @@ from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
 import volunteer.server.protocol as wire
+from volunteer.p2p_streams import open_stream
+from volunteer.queue_wait import get_within
 from volunteer.server.handler import BlockHandler
 from volunteer.server.protocol import PeerUnavailableError, RemoteError, RemoteSpanError
 
@@ -158,21 +161,39 @@ class InferenceStream:
         self._reading: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._is_closed = False
+        self.pushed = False
+        """Whether the server pushed its last step's output on to the next hop."""
 
     async def open(self, opening: wire.OpenSessionRequest, *, timeout_s: float) -> None:
         """Starts the stream and waits for the server to admit the session."""
-        connecting = self.span.p2p.call_binary_stream_handler(self.span.peer_id, INFERENCE_HANDLE)
+        connecting = open_stream(self.span.p2p, self.span.peer_id, INFERENCE_HANDLE)
         _, reader, self._writer = await _call(connecting, timeout_s=timeout_s, what=self._what())
         self._reading = asyncio.create_task(self._read_forever(reader), name="inference-reader")
         await self._send(runtime_pb2.ExpertRequest(metadata=wire.pack_metadata(opening)), timeout_s)
         await self._receive(timeout_s)
 
+    @functools.cached_property
+    def push_target(self) -> wire.NextHop:
+        """How a previous server of the route names this session to push steps to it."""
+        return wire.NextHop(peer_id=self.span.peer_id.to_base58(), session_id=self.session_id)
+
     async def step(
-        self, hidden: torch.Tensor, start_pos: int, timeout_s: float = 30.0
+        self,
+        hidden: torch.Tensor,
+        start_pos: int,
+        timeout_s: float = 30.0,
+        *,
+        step_id: int = 0,
+        push_to: list[wire.NextHop] | None = None,
+        await_push_s: float = 0.0,
     ) -> torch.Tensor:
         """Runs hidden [B, S, H] at positions [start_pos, start_pos + S) through the span.
 
         A start_pos below the positions sent so far rewinds the server's cache there.
+        `step_id` numbers the step within the session (0: unnumbered); `push_to`, the
+        later hops of the route, lets the server push its output on to the next one.
+        With `await_push_s`, the previous server pushed this step here: its answer is
+        awaited that long before the step is sent after all (the push may be lost).
 
         Raises:
             RemoteSpanError: the stream is already closed (or broke earlier).
@@ -181,14 +202,23 @@ class InferenceStream:
         async with self._lock:
             if self._is_closed:
                 raise RemoteSpanError(f"{self._what()}: the inference stream is closed")
-            meta = wire.StepRequest(session_id=self.session_id, start_pos=start_pos)
-            request = runtime_pb2.ExpertRequest(
-                tensors=[wire.pack_tensor(hidden)], metadata=wire.pack_metadata(meta)
-            )
-            await self._send(request, timeout_s)
-            reply = await self._receive(timeout_s)
-            assert reply is not None  # only an expected end returns None
-            return _only_tensor(reply, self.span)
+            reply = await self._receive_pushed(await_push_s) if await_push_s > 0 else None
+            if reply is None:
+                meta = wire.StepRequest(
+                    session_id=self.session_id,
+                    start_pos=start_pos,
+                    step_id=step_id,
+                    push_to=push_to or [],
+                )
+                request = runtime_pb2.ExpertRequest(
+                    tensors=[wire.pack_tensor(hidden)], metadata=wire.pack_metadata(meta)
+                )
+                await self._send(request, timeout_s)
+                reply = await self._receive(timeout_s)
+                assert reply is not None  # only an expected end returns None
+            output = _only_tensor(reply, self.span)
+            self.pushed = _was_pushed(reply)
+            return output
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Tells the server to free the session and ends the stream (idempotent)."""
@@ -210,7 +240,7 @@ class InferenceStream:
     async def _read_forever(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                self._inbox.put_nowait(await _read_frame(reader))
+                self._inbox.put_nowait(await wire.read_frame(reader, max_bytes=MAX_REPLY_BYTES))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the end of the stream, a reset, or garbage
@@ -239,17 +269,31 @@ class InferenceStream:
                     return wire.classify_remote_error(_parse(RPCError, item[1]).message)
         return None
 
+    async def _receive_pushed(self, timeout_s: float) -> runtime_pb2.ExpertResponse | None:
+        """The answer to a pushed step, or None when none came within timeout_s."""
+        try:
+            item = await get_within(self._inbox, timeout_s)
+        except asyncio.TimeoutError:
+            return None  # a get that timed out takes nothing off the queue
+        return self._take(item, is_end_expected=False)
+
     async def _receive(
         self, timeout_s: float, *, is_end_expected: bool = False
     ) -> runtime_pb2.ExpertResponse | None:
         """The next reply (None at an expected end); any failure closes the stream."""
         try:
-            item = await asyncio.wait_for(self._inbox.get(), timeout_s)
+            item = await get_within(self._inbox, timeout_s)
         except BaseException as exc:
             self._abort()
             if isinstance(exc, _CONNECTION_ERRORS):
                 raise PeerUnavailableError(f"{self._what()}: no reply in {timeout_s:g} s") from exc
             raise
+        return self._take(item, is_end_expected=is_end_expected)
+
+    def _take(
+        self, item: tuple[bytes, bytes] | BaseException, *, is_end_expected: bool
+    ) -> runtime_pb2.ExpertResponse | None:
+        """A received frame as a reply; a failure (or an error frame) closes the stream."""
         if isinstance(item, BaseException):
             self._abort()
             if isinstance(item, asyncio.IncompleteReadError):
@@ -289,24 +333,15 @@ def _parse(kind: type[ParsedMessage], body: bytes) -> ParsedMessage:
     return message
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    """One framed message as hivemind writes it: marker byte, 8-byte length, body.
-
-    Raises:
-        PeerUnavailableError: an unknown marker, or a length over MAX_REPLY_BYTES (a
-            broken or hostile server must not make us allocate without bound).
-    """
-    marker = await reader.readexactly(1)
-    if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
-        raise PeerUnavailableError(f"a reply with an unknown marker {marker!r}")
-    length = int.from_bytes(await reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
-    if length > MAX_REPLY_BYTES:
-        raise PeerUnavailableError(f"a reply of {length} bytes exceeds {MAX_REPLY_BYTES}")
-    return marker, await reader.readexactly(length)
-
-
 async def _one(request: runtime_pb2.ExpertRequest) -> AsyncIterator[runtime_pb2.ExpertRequest]:
     yield request
+
+
+def _was_pushed(reply: runtime_pb2.ExpertResponse) -> bool:
+    try:
+        return wire.unpack_metadata(reply.metadata, wire.StepReply).pushed
+    except wire.BadRequestError:
+        return False  # a server that says nothing pushed nothing we should wait for
 
 
 def _only_tensor(reply: runtime_pb2.ExpertResponse | None, span: RemoteSpan) -> torch.Tensor:

@@ -44,6 +44,11 @@ SNAPSHOT_TIMEOUT_S = 10.0
 PING_TIMEOUT_S = 3.0
 SNAPSHOT_MAX_AGE_S = 5.0
 """A session opened within this long of the last DHT read reuses it."""
+SNAPSHOT_STALE_MAX_S = 60.0
+"""A session opened later than SNAPSHOT_MAX_AGE_S but within this long still routes with
+the last read, while a new one is read in the background: reading the DHT took 15-200 ms
+here, all of it added to the first token, whereas a server that left since is only a
+failover away. Petals' client likewise refreshes its view every minute."""
 
 
 class SwarmClient:
@@ -82,6 +87,7 @@ class SwarmClient:
         self._clock = clock
         self._snapshot: SwarmSnapshot | None = None
         self._snapshot_at = -float("inf")
+        self._refreshing: asyncio.Task[None] | None = None
         self._rtts: dict[str, float] = {}
         self._rng = rng or random.Random()
         self._spread = SpreadCalls(
@@ -107,6 +113,30 @@ class SwarmClient:
             self._snapshot_at = self._clock()
             await self._measure_rtts()
         return self._snapshot
+
+    async def current(self) -> SwarmSnapshot:
+        """A view of the swarm to route with: the last one while it is recent; while it
+        is merely stale (see SNAPSHOT_STALE_MAX_S), the last one too, as a new one is
+        read in the background; otherwise a new one, waited for."""
+        age = self._clock() - self._snapshot_at
+        if self._snapshot is None or age > SNAPSHOT_STALE_MAX_S:
+            return await self.refresh()
+        if age > SNAPSHOT_MAX_AGE_S and (self._refreshing is None or self._refreshing.done()):
+            self._refreshing = asyncio.create_task(self._refresh_quietly(), name="swarm-refresh")
+        return self._snapshot
+
+    async def close(self) -> None:
+        """Stops a background read of the swarm (idempotent)."""
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            await asyncio.gather(self._refreshing, return_exceptions=True)
+            self._refreshing = None
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh()
+        except Exception as exc:  # the next session waits for a read if this stays stale
+            logger.info("reading the swarm's records in the background failed: %s", exc)
 
     def candidates(self) -> list[ServerCandidate]:
         """The servers that announced themselves online, with measured round trips."""
@@ -149,7 +179,7 @@ class SwarmClient:
         Raises:
             SessionFailedError: no server left for some block, or too many failures.
         """
-        await self.refresh(max_age_s=SNAPSHOT_MAX_AGE_S)
+        await self.current()
         return await self._spread.forward(hidden, start, self.num_blocks if end is None else end)
 
     async def backward(self, trace: list[TracedHop], grad_outputs: torch.Tensor) -> torch.Tensor:
@@ -166,7 +196,7 @@ class SwarmClient:
         Raises:
             SessionFailedError: no route covers the model now (or every one failed).
         """
-        await self.refresh(max_age_s=SNAPSHOT_MAX_AGE_S)
+        await self.current()
 
         async def open_stream(hop: RouteHop) -> InferenceStreamLike:
             return await self._open_stream(hop, max_length=max_length, batch_size=batch_size)

@@ -31,6 +31,7 @@ class SwarmConnection:
         self.loop_thread = LoopThread(name="volunteer-swarm")
         self.p2p: P2P | None = None
         self.node: DHTNode | None = None
+        self._clients: list[SwarmClient] = []
 
     def __enter__(self) -> SwarmConnection:
         try:
@@ -52,7 +53,9 @@ class SwarmConnection:
     def client(self, *, model: str, num_blocks: int) -> SwarmClient:
         """A `SwarmClient` for `model` over this connection (use it on `loop`)."""
         assert self.p2p is not None and self.node is not None, "use inside `with`"
-        return SwarmClient(p2p=self.p2p, node=self.node, model=model, num_blocks=num_blocks)
+        client = SwarmClient(p2p=self.p2p, node=self.node, model=model, num_blocks=num_blocks)
+        self._clients.append(client)  # closed with the connection
+        return client
 
     async def _connect(self) -> None:
         try:
@@ -87,6 +90,9 @@ class SwarmConnection:
             self.loop_thread.close()
 
     async def _disconnect(self) -> None:
+        clients, self._clients = self._clients, []
+        for client in clients:
+            await client.close()
         node, p2p = self.node, self.p2p
         self.node = self.p2p = None
         if node is not None:

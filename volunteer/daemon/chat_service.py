@@ -95,6 +95,8 @@ class ChatService:
     async def stop(self) -> None:
         for stop in list(self._stops):
             stop.set()
+        if self._chat is not None:
+            await self._chat.client.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None

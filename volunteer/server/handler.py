@@ -30,17 +30,26 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import typing
 
 import torch
+from google.protobuf.message import DecodeError
 from hivemind.p2p import P2P, P2PContext, ServicerBase
+from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 
 import volunteer.server.protocol as wire
 from models.model import BlockSpan
-from volunteer.server.protocol import BadRequestError, BusyError, SessionExpiredError
+from volunteer.server.protocol import (
+    BadRequestError,
+    BusyError,
+    PeerUnavailableError,
+    SessionExpiredError,
+)
+from volunteer.server.push import PushedStep, PushLinks, StepInbox
 from volunteer.server.sessions import (
     PRIORITY_INFERENCE,
     PRIORITY_TRAINING,
@@ -60,6 +69,11 @@ logger = logging.getLogger(__name__)
 # register a stream handler as unary.
 AsyncIterator = typing.AsyncIterator
 
+PUSH_HANDLE = "BlockHandler.push"
+"""The stream handler that takes steps pushed by other servers (`_serve_pushes`)."""
+MAX_PUSH_BYTES = 64 << 20
+"""A pushed message is one step's hidden states: far below this."""
+
 
 @dataclasses.dataclass
 class ServeStats:
@@ -69,6 +83,8 @@ class ServeStats:
     """Requests answered: forward and backward calls, and inference steps."""
     tokens: int = 0
     """Positions run through the span (batch * sequence, summed over requests)."""
+    pushed_steps: int = 0
+    """Inference steps run from a push of the previous server, before the client sent them."""
 
     def count(self, hidden: torch.Tensor) -> None:
         self.requests += 1
@@ -114,6 +130,7 @@ class BlockHandler(ServicerBase):
         """Paused by its volunteer: new sessions and forward/backward calls are turned
         away as busy (clients go elsewhere); open sessions finish."""
         self._p2p: P2P | None = None
+        self._links: PushLinks | None = None
 
     @classmethod
     async def create(
@@ -162,14 +179,20 @@ class BlockHandler(ServicerBase):
             throughput=throughput,
         )
         await handler.add_p2p_handlers(p2p)
+        await p2p.add_binary_stream_handler(PUSH_HANDLE, handler._serve_pushes)
         handler._p2p = p2p
+        handler._links = PushLinks(p2p, PUSH_HANDLE, own_peer_id=p2p.peer_id.to_base58())
         return handler
 
     async def shutdown(self, timeout_s: float = 5.0) -> None:
         """Unregisters the RPCs, cancels queued work and frees every session's cache."""
+        if self._links is not None:
+            links, self._links = self._links, None
+            await asyncio.wait_for(links.close(), timeout_s)
         if self._p2p is not None and self._p2p.is_alive:
             p2p, self._p2p = self._p2p, None
             await asyncio.wait_for(self.remove_p2p_handlers(p2p), timeout_s)
+            await asyncio.wait_for(p2p.remove_binary_stream_handler(PUSH_HANDLE), timeout_s)
         self.compute.shutdown()
         self.sessions.release_all()
 
@@ -273,29 +296,123 @@ class BlockHandler(ServicerBase):
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """An inference session: open, then one reply per step, until close."""
+        """An inference session: open, then one reply per step, until close.
+
+        Steps come from the client's stream and, pushed by the previous server of the
+        route, from `_serve_pushes`; whichever copy of a step comes first is run and
+        answered, the other is dropped.
+        """
         session = await self._open_session(await self._first_request(requests), context)
         log_context = f"peer {context.remote_id}, session {session.session_id!r}"
         logger.debug("opened inference session (%s)", log_context)
+        inbox = StepInbox(requests, idle_timeout_s=self.limits.idle_timeout_s)
+        session.inbox = inbox
         try:
             yield self._step_reply(session)
-            while (request := await self._next_request(requests)) is not None:
-                meta = wire.unpack_metadata(request.metadata, wire.StepRequest)
-                if meta.session_id != session.session_id:
-                    raise BadRequestError(
-                        f"unknown session id {meta.session_id!r} (this stream is "
-                        f"{session.session_id!r})"
-                    )
-                if meta.is_close:
-                    await self._expect_end(requests, "no messages may follow the close")
-                    return
-                (hidden,) = self._hidden_tensors(request, count=1)
-                output = await self.run_step(session, hidden, meta.start_pos)
-                yield self._step_reply(session, output)
+            while (item := await inbox.next()) is not None:
+                if isinstance(item, PushedStep):
+                    meta, hidden = item.meta, item.hidden
+                else:
+                    meta = wire.unpack_metadata(item.metadata, wire.StepRequest)
+                    if meta.session_id != session.session_id:
+                        raise BadRequestError(
+                            f"unknown session id {meta.session_id!r} (this stream is "
+                            f"{session.session_id!r})"
+                        )
+                    if meta.is_close:
+                        if await inbox.next_from_client() is not None:
+                            raise BadRequestError(
+                                "unexpected message: no messages may follow the close"
+                            )
+                        return
+                    (hidden,) = self._hidden_tensors(item, count=1)
+                if 0 < meta.step_id <= session.last_step_id:
+                    continue  # the other copy of this step was run and answered
+                if isinstance(item, PushedStep) and not self._fits_step(session, hidden, meta):
+                    continue
+                output = wire.pack_tensor(await self.run_step(session, hidden, meta.start_pos))
+                session.last_step_id = max(session.last_step_id, meta.step_id)
+                if isinstance(item, PushedStep):
+                    self.stats.pushed_steps += 1
+                pushed = bool(meta.push_to) and self._push(meta, output)
+                yield self._step_reply(session, output, pushed=pushed)
         finally:
             # However the stream ends (close, error, timeout, cancellation), free the cache.
+            session.inbox = None
+            inbox.close()
             self.sessions.release(session)
             logger.debug("closed inference session (%s)", log_context)
+
+    def _fits_step(self, session: Session, hidden: torch.Tensor, meta: wire.StepRequest) -> bool:
+        """Whether a pushed step fits its session; one that does not is dropped (a push
+        is a shortcut: the client's own copy of the step still comes)."""
+        try:
+            self._check_step(session, hidden, meta.start_pos)
+        except BadRequestError as exc:
+            logger.debug("dropped a pushed step for session %r: %s", session.session_id, exc)
+            return False
+        return True
+
+    def _push(self, meta: wire.StepRequest, output: runtime_pb2.Tensor) -> bool:
+        """Sends a step's output to the next server of the route (see
+        `volunteer.server.push`); False when there is no open link to it (yet)."""
+        if self._links is None:
+            return False
+        target, rest = meta.push_to[0], meta.push_to[1:]
+        # Built from checked values: constructed without validating them again.
+        pushed = wire.StepRequest.model_construct(
+            session_id=target.session_id,
+            start_pos=meta.start_pos,
+            step_id=meta.step_id,
+            push_to=rest,
+        )
+        request = runtime_pb2.ExpertRequest(tensors=[output], metadata=wire.pack_metadata(pushed))
+        return self._links.send(target.peer_id, request)
+
+    async def _serve_pushes(
+        self, stream_info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """A link from another server: each message is a step for one of our sessions.
+
+        Nothing is ever answered: a push that does not parse, names no open session, or
+        does not fit it is dropped (its client sends the step itself too). A link that
+        breaks the framing, or stays silent past the idle timeout, is closed.
+        """
+        with contextlib.closing(writer):
+            while True:
+                try:
+                    marker, body = await asyncio.wait_for(
+                        wire.read_frame(reader, max_bytes=MAX_PUSH_BYTES),
+                        self.limits.idle_timeout_s,
+                    )
+                except (asyncio.TimeoutError, asyncio.IncompleteReadError, PeerUnavailableError):
+                    return
+                except (ConnectionError, OSError):
+                    return
+                if marker != P2P.MESSAGE_MARKER:
+                    return
+                try:
+                    self._take_push(body)
+                except BadRequestError as exc:
+                    logger.debug("dropped a push from %s: %s", stream_info.peer_id, exc)
+
+    def _take_push(self, body: bytes) -> None:
+        request = runtime_pb2.ExpertRequest()
+        try:
+            request.ParseFromString(body)
+        except DecodeError as exc:
+            raise BadRequestError(f"not a protobuf message ({exc})") from exc
+        meta = wire.unpack_metadata(request.metadata, wire.StepRequest)
+        if meta.is_close or meta.step_id == 0:
+            raise BadRequestError("a push carries a numbered step")
+        session = self.sessions.find_for_push(meta.session_id)
+        if session is None or session.inbox is None:
+            raise BadRequestError(f"no session {meta.session_id!r} takes pushes")
+        if meta.step_id <= session.last_step_id:
+            return  # late: the client's copy was run already
+        (hidden,) = self._hidden_tensors(request, count=1)
+        if not session.inbox.push(PushedStep(meta, hidden)):
+            raise BadRequestError(f"session {meta.session_id!r} has a full inbox")
 
     async def _first_request(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest]
@@ -385,11 +502,11 @@ class BlockHandler(ServicerBase):
         return session
 
     def _step_reply(
-        self, session: Session, output: torch.Tensor | None = None
+        self, session: Session, output: runtime_pb2.Tensor | None = None, *, pushed: bool = False
     ) -> runtime_pb2.ExpertResponse:
         length = session.cache.length if session.cache is not None else 0
-        meta = wire.StepReply(session_id=session.session_id, length=length)
-        tensors = [] if output is None else [wire.pack_tensor(output)]
+        meta = wire.StepReply(session_id=session.session_id, length=length, pushed=pushed)
+        tensors = [] if output is None else [output]
         return runtime_pb2.ExpertResponse(tensors=tensors, metadata=wire.pack_metadata(meta))
 
     def _check_span(self, meta: wire.SpanRequest) -> wire.SpanRequest:

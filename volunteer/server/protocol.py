@@ -22,12 +22,15 @@ text starts with the marker above, hivemind carries the text to the caller insid
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any, TypeVar
 
 import msgpack
 import torch
+from google.protobuf.message import Message
 from hivemind.compression.serialization import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -37,6 +40,8 @@ PROTOCOL_VERSION = 1
 MAX_METADATA_BYTES = 4096
 """Metadata is a handful of small fields; anything larger is refused unparsed."""
 MAX_SESSION_ID_CHARS = 128
+MAX_PEER_ID_CHARS = 128
+MAX_PUSH_HOPS = 64
 
 # Wire dtype names a client may send (hivemind's serializer names, without "torch.").
 _WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -117,14 +122,32 @@ class OpenSessionRequest(SpanRequest):
     batch_size: int = Field(ge=1)
 
 
+class NextHop(_Schema):
+    """A later server of the route, which a server pushes its step's output to."""
+
+    peer_id: str = Field(min_length=1, max_length=MAX_PEER_ID_CHARS)
+    session_id: str = Field(min_length=1, max_length=MAX_SESSION_ID_CHARS)
+
+
 class StepRequest(_Schema):
-    """A later message of an inference stream: one step, or the close."""
+    """A later message of an inference stream: one step, or the close.
+
+    Also the message a server pushes to the next server of the route (see
+    `volunteer.server.push`): then `session_id` is that server's session.
+    """
 
     session_id: str = Field(min_length=1, max_length=MAX_SESSION_ID_CHARS)
     start_pos: int = Field(default=0, ge=0)
     """Position of the first new token; below the cached length it rewinds (replay)."""
     is_close: bool = False
     """Ends the session; the server frees its cache and ends the stream."""
+    step_id: int = Field(default=0, ge=0)
+    """The client's number for this step, rising through the session; a step numbered
+    at or below the last one run is a copy of it (pushed and also sent by the client)
+    and is dropped unanswered. 0: unnumbered, always run."""
+    push_to: list[NextHop] = Field(default_factory=list, max_length=MAX_PUSH_HOPS)
+    """The rest of the route: the output also goes straight to push_to[0] (with the
+    hops after it), so the next server can start before the client relays it."""
 
 
 class StepReply(_Schema):
@@ -133,6 +156,9 @@ class StepReply(_Schema):
     session_id: str
     length: int
     """Positions cached after this step."""
+    pushed: bool = False
+    """The output also went to the next server of the route (`StepRequest.push_to`),
+    which will answer the step without waiting for the client to send it."""
 
 
 class InfoReply(_Schema):
@@ -184,6 +210,29 @@ def unpack_metadata(raw: bytes, schema: type[Schema]) -> Schema:
             f"{'.'.join(map(str, e['loc'])) or 'metadata'}: {e['msg']}" for e in exc.errors()
         )
         raise BadRequestError(f"bad {schema.__name__} metadata: {problems}") from exc
+
+
+def encode_frame(message: Message) -> bytes:
+    """One message framed as hivemind frames stream messages: marker, 8-byte length, body."""
+    body = message.SerializeToString()
+    return P2P.MESSAGE_MARKER + len(body).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + body
+
+
+async def read_frame(reader: asyncio.StreamReader, *, max_bytes: int) -> tuple[bytes, bytes]:
+    """One framed message (see `encode_frame`), or an error frame: marker and body.
+
+    Raises:
+        asyncio.IncompleteReadError: the stream ended.
+        PeerUnavailableError: an unknown marker, or a length over max_bytes (a broken or
+            hostile peer must not make us allocate without bound).
+    """
+    marker = await reader.readexactly(1)
+    if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
+        raise PeerUnavailableError(f"a message with an unknown marker {marker!r}")
+    length = int.from_bytes(await reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
+    if length > max_bytes:
+        raise PeerUnavailableError(f"a message of {length} bytes exceeds {max_bytes}")
+    return marker, await reader.readexactly(length)
 
 
 def pack_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:

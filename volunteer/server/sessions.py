@@ -13,6 +13,7 @@ import dataclasses
 import heapq
 import itertools
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -22,11 +23,15 @@ import torch
 from models.kv_cache import KVCache
 from models.model import BlockSpan
 from volunteer.server.protocol import BadRequestError, BusyError
+from volunteer.server.push import StepInbox
 
 PRIORITY_INFERENCE = 0
 """Inference steps: a person is waiting for the next token."""
 PRIORITY_TRAINING = 1
 """forward/backward: throughput work that can wait behind a decode step."""
+INLINE_MAX_S = 0.1
+"""The longest decode step that may run on the event loop (see `PriorityCompute`): the
+loop's other work (the DHT, other streams, the control socket) waits that long at most."""
 
 Result = TypeVar("Result")
 
@@ -46,6 +51,10 @@ class Session:
     span: BlockSpan | None = None
     """The blocks the session was opened on: it keeps running on them even after the
     server moves to other blocks (they are freed with the last such session)."""
+    inbox: StepInbox | None = None
+    """Where steps pushed by other servers go (None: the session takes no pushes)."""
+    last_step_id: int = 0
+    """The highest client step number run so far (see `StepRequest.step_id`)."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -63,6 +72,9 @@ class SessionTable:
     def __init__(self, *, cache_tokens: int) -> None:
         self.cache_tokens_total = cache_tokens
         self._sessions: dict[tuple[str, str], Session] = {}
+        self._by_id: dict[str, Session | None] = {}
+        """For pushes, which name a session by id only; None where two peers chose
+        the same id (no pushes for either)."""
 
     @property
     def cache_tokens_used(self) -> int:
@@ -91,6 +103,11 @@ class SessionTable:
                 f"server has {left} of {self.cache_tokens_total} free"
             )
         self._sessions[session.key] = session
+        self._by_id[session.session_id] = None if session.session_id in self._by_id else session
+
+    def find_for_push(self, session_id: str) -> Session | None:
+        """The open session with this id, unless none or several have it."""
+        return self._by_id.get(session_id)
 
     def release(self, session: Session) -> None:
         """Returns the session's tokens to the budget (idempotent).
@@ -100,6 +117,11 @@ class SessionTable:
         """
         if self._sessions.get(session.key) is session:
             del self._sessions[session.key]
+            if self._by_id.get(session.session_id) is session:
+                del self._by_id[session.session_id]
+            # An id two peers chose stays closed to pushes until all its sessions are gone.
+            elif all(each.session_id != session.session_id for each in self._sessions.values()):
+                self._by_id.pop(session.session_id, None)
 
     def release_all(self) -> None:
         for session in list(self._sessions.values()):
@@ -113,18 +135,36 @@ class PriorityCompute:
     worker, for each token, pops whichever job is most urgent at that moment. So an
     inference step queued behind a backlog of forward passes runs next, and an idle
     server has a blocked thread and nothing polling.
+
+    A short decode step that finds the compute thread idle runs on the caller's thread
+    (the event loop) instead: waking a sleeping thread and then the loop again cost about
+    0.75 ms per step here, against ~10 ms of compute for a third of SmolLM2, and nothing
+    else could run in between anyway. Steps measured slower than `inline_max_s` keep
+    going to the compute thread, so the loop never stalls for long.
     """
 
-    def __init__(self, *, threads: int | None = None, decode_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        threads: int | None = None,
+        decode_threads: int | None = None,
+        inline_max_s: float = INLINE_MAX_S,
+    ) -> None:
         """
         Args:
             threads: torch threads for a job (None: what the thread starts with).
             decode_threads: torch threads for a job that asks for `decode=True` (a step of
                 one position): where more threads do not make it faster, fewer leave
                 the other cores to the rest of the swarm and the volunteer's machine.
+            inline_max_s: the longest a decode step may take to run on the caller's
+                thread when the compute thread is idle (0: never).
         """
         self.threads = threads
         self.decode_threads = decode_threads
+        self.inline_max_s = inline_max_s
+        self.decode_s: float | None = None
+        """How long the last decode step took (None: none ran yet)."""
+        self._is_running = False
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="volunteer-compute")
         self._heap: list[tuple[int, int, Callable[[], Any], Future[Any]]] = []
         self._heap_lock = threading.Lock()
@@ -148,10 +188,24 @@ class PriorityCompute:
         threads = (self.decode_threads if decode else None) or self.threads
 
         def job() -> Result:
-            # OpenMP keeps a count per thread: set here, on the compute thread, per job.
+            # OpenMP keeps a count per thread: set here, on the running thread, per job.
             if threads is not None and torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
-            return fn(*args)
+            if not decode:
+                return fn(*args)
+            began = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.decode_s = time.perf_counter() - began
+
+        if decode and self._may_inline():
+            restore = torch.get_num_threads()
+            try:
+                return job()
+            finally:
+                if torch.get_num_threads() != restore:
+                    torch.set_num_threads(restore)
 
         with self._heap_lock:
             entry = (priority, next(self._order), job, job_future)
@@ -160,17 +214,30 @@ class PriorityCompute:
         # Cancelling the awaiting request cancels a job that has not started yet.
         return await asyncio.wrap_future(job_future)
 
+    def _may_inline(self) -> bool:
+        """Whether a decode step may run on the caller's thread now: the compute thread
+        has nothing running or queued, and the last decode step was short enough."""
+        if self.decode_s is None or self.decode_s > self.inline_max_s:
+            return False  # the first step goes to the compute thread and is timed there
+        with self._heap_lock:
+            return not self._is_running and not self._heap
+
     def _run_most_urgent(self) -> None:
         with self._heap_lock:
             if not self._heap:
                 return
             _, _, job, job_future = heapq.heappop(self._heap)
-        if not job_future.set_running_or_notify_cancel():
-            return
+            self._is_running = True
         try:
-            job_future.set_result(job())
-        except BaseException as exc:  # handed to the awaiting request, which re-raises it
-            job_future.set_exception(exc)
+            if not job_future.set_running_or_notify_cancel():
+                return
+            try:
+                job_future.set_result(job())
+            except BaseException as exc:  # handed to the awaiting request, which re-raises
+                job_future.set_exception(exc)
+        finally:
+            with self._heap_lock:
+                self._is_running = False
 
     def shutdown(self) -> None:
         """Cancels queued jobs; a running job finishes in the background."""

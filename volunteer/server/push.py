@@ -1,0 +1,202 @@
+"""Servers pushing a step's output straight to the next server of the route.
+
+Without pushes, every hop's output goes back to the client, which sends it on to the next
+server: on loopback here that relay cost ~1.4 ms per hop and token, most of it Python
+work and two more trips through the p2p daemons, with cold caches after the step's
+compute. So a step message may name the rest of the route (`StepRequest.push_to`): the
+server sends its output to the next server over a link it keeps to that peer, then
+answers its client as before. The client still sends every hop its input once it has
+it, so a lost push only costs time; each server runs whichever copy of a step comes
+first and drops the other (steps are numbered by the client).
+
+- `PushLinks`: the sending side, one stream per next peer, opened in the background on
+  first need (that step goes the slow way) and reused by every session.
+- `StepInbox`: the receiving side of one session: its client's messages and the steps
+  pushed to it, in order of arrival.
+
+A push names its session by id only: the session id is the capability (the client
+hands it to the servers of its route and no one else). A push that does not fit its
+session is dropped, never answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+import volunteer.server.protocol as wire
+from volunteer.p2p_streams import open_stream
+from volunteer.queue_wait import get_within
+from volunteer.server.protocol import SessionExpiredError
+
+logger = logging.getLogger(__name__)
+
+OPEN_TIMEOUT_S = 5.0
+RETRY_AFTER_S = 30.0
+"""A peer whose link failed to open is not tried again for this long."""
+MAX_LINKS = 16
+"""Links kept (and being opened) at once: a client cannot make a server dial without bound."""
+MAX_BUFFERED_BYTES = 1 << 20
+"""A link whose peer does not read this much is dropped rather than buffered further."""
+INBOX_SIZE = 8
+
+
+@dataclasses.dataclass
+class _Link:
+    writer: asyncio.StreamWriter
+    watcher: asyncio.Task[None]
+
+
+class PushLinks:
+    """Outgoing push streams of one server, one per peer."""
+
+    def __init__(self, p2p: P2P, handle: str, *, own_peer_id: str) -> None:
+        self._p2p = p2p
+        self._handle = handle
+        self._own_peer_id = own_peer_id
+        self._links: dict[str, _Link] = {}
+        self._opening: dict[str, asyncio.Task[None]] = {}
+        self._failed_at: dict[str, float] = {}
+
+    def send(self, peer_id: str, message: runtime_pb2.ExpertRequest) -> bool:
+        """Writes `message` to `peer_id`'s link without waiting; False when no link is
+        open yet (one is then opened in the background) or it broke."""
+        link = self._links.get(peer_id)
+        if link is None:
+            self._start_opening(peer_id)
+            return False
+        transport = link.writer.transport
+        if link.writer.is_closing() or transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
+            self._drop(peer_id)
+            return False
+        link.writer.write(wire.encode_frame(message))
+        return True
+
+    async def close(self) -> None:
+        """Closes every link and cancels the openings in flight."""
+        tasks = list(self._opening.values())
+        for task in tasks:
+            task.cancel()
+        for peer_id in list(self._links):
+            tasks.append(self._links[peer_id].watcher)
+            self._drop(peer_id)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _start_opening(self, peer_id: str) -> None:
+        if peer_id in self._opening or peer_id == self._own_peer_id:
+            return
+        if len(self._links) + len(self._opening) >= MAX_LINKS:
+            return
+        failed_at = self._failed_at.get(peer_id)
+        if failed_at is not None and time.monotonic() - failed_at < RETRY_AFTER_S:
+            return
+        try:
+            peer = PeerID.from_base58(peer_id)
+        except ValueError:
+            self._failed_at[peer_id] = time.monotonic()
+            return
+        task = asyncio.create_task(self._open(peer_id, peer), name=f"push-link-{peer_id[-8:]}")
+        self._opening[peer_id] = task
+        task.add_done_callback(lambda _: self._opening.pop(peer_id, None))
+
+    async def _open(self, peer_id: str, peer: PeerID) -> None:
+        try:
+            connecting = open_stream(self._p2p, peer, self._handle)
+            _, reader, writer = await asyncio.wait_for(connecting, OPEN_TIMEOUT_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any failure only means this peer gets no pushes for now
+            logger.info("no push link to %s: %s: %s", peer_id, type(exc).__name__, exc)
+            self._failed_at[peer_id] = time.monotonic()
+            return
+        watcher = asyncio.create_task(self._watch(peer_id, reader), name="push-link-watch")
+        self._links[peer_id] = _Link(writer, watcher)
+
+    async def _watch(self, peer_id: str, reader: asyncio.StreamReader) -> None:
+        """Drops the link when its peer ends it (the peer never writes on it)."""
+        with contextlib.suppress(Exception):
+            await reader.read(1)
+        self._drop(peer_id)
+
+    def _drop(self, peer_id: str) -> None:
+        link = self._links.pop(peer_id, None)
+        if link is not None:
+            link.watcher.cancel()
+            link.writer.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class PushedStep:
+    """A step pushed by another server, already parsed and checked as hidden states."""
+
+    meta: wire.StepRequest
+    hidden: torch.Tensor
+
+
+Inbound = runtime_pb2.ExpertRequest | PushedStep
+
+
+class StepInbox:
+    """One session's messages: its client's stream and the steps pushed to it.
+
+    Owns the task that reads the client's stream; `close` cancels it.
+    """
+
+    def __init__(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], *, idle_timeout_s: float
+    ) -> None:
+        self.idle_timeout_s = idle_timeout_s
+        self._queue: asyncio.Queue[Inbound | BaseException | None] = asyncio.Queue(INBOX_SIZE)
+        self._reading = asyncio.create_task(self._read(requests), name="inference-inbox")
+
+    def push(self, step: PushedStep) -> bool:
+        """Queues a pushed step; False when the inbox is full (the client's copy will do)."""
+        try:
+            self._queue.put_nowait(step)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    async def next(self) -> Inbound | None:
+        """The next message (None at the end of the client's stream).
+
+        Raises:
+            SessionExpiredError: nothing came for `idle_timeout_s`.
+            Whatever reading the client's stream raised.
+        """
+        try:
+            item = await get_within(self._queue, self.idle_timeout_s)
+        except asyncio.TimeoutError:
+            raise SessionExpiredError(
+                f"no message for {self.idle_timeout_s:g} s; stream closed"
+            ) from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def next_from_client(self) -> runtime_pb2.ExpertRequest | None:
+        """The client's next message, skipping pushed steps (after a close)."""
+        while isinstance(item := await self.next(), PushedStep):
+            pass
+        return item
+
+    def close(self) -> None:
+        self._reading.cancel()
+
+    async def _read(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> None:
+        try:
+            async for request in requests:
+                await self._queue.put(request)  # a full inbox holds the client back
+            await self._queue.put(None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # handed to the session's loop, which ends on it
+            await self._queue.put(exc)
