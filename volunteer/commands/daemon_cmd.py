@@ -152,8 +152,10 @@ def _run_foreground(
 
     from volunteer.cpu_sharing import sleep_idle_threads
     from volunteer.lean_imports import import_hivemind
+    from volunteer.memory_tuning import return_large_frees_to_the_os
 
     sleep_idle_threads()
+    return_large_frees_to_the_os()
     import torch
 
     import_hivemind()
