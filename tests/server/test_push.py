@@ -111,8 +111,9 @@ def _until_pushed(pair: Pair, first: InferenceStream, second: InferenceStream) -
 
 def test_a_pushed_step_is_answered_without_the_client_sending_it(pair: Pair) -> None:
     first, second = pair.open(pair.first, 0, 2), pair.open(pair.second, 2, 4)
-    step_id = _until_pushed(pair, first, second)
+    # Counted before: the push may be run before the first server's answer is back here.
     pushed_before = pair.second.stats.pushed_steps
+    step_id = _until_pushed(pair, first, second)
     began = time.monotonic()
     # Nothing is sent to the second server: its answer can only come from the push.
     output = pair.loop.run(second.step(torch.zeros(1, 2, 64), 0, TIMEOUT_S, await_push_s=5.0))

@@ -171,8 +171,12 @@ def _run_foreground(
     from volunteer.daemon.runner import run_daemon
     from volunteer.swarm.dht_records import make_validator, owner_marker
 
-    # Several daemons on one machine each take their share (--threads); a lone one all.
-    torch.set_num_threads(settings.thread_count)
+    # This thread (the event loop's) computes one-position decode steps at most. Torch
+    # work of more threads runs on threads that set their own count (from --threads:
+    # several daemons on one machine each take their share): one OpenMP team here too
+    # would make libgomp let idle workers sleep at once, and prefills slow by a third
+    # (see volunteer.cpu_sharing.in_passing_thread).
+    torch.set_num_threads(1)
     identity = load_or_create_identity(paths)
     if identity.warning:
         print(f"volunteer: warning: {identity.warning}", file=sys.stderr)

@@ -34,10 +34,12 @@ from hivemind.p2p import PeerID
 
 from models.checkpoint import load_span
 from models.errors import ModelError
+from models.model import BlockSpan
 from scheduler.block_selection import ServerSpan
 from scheduler.rebalancing import MoveDecision, next_check_delay_s, should_move
 from volunteer import __version__
 from volunteer.client.remote_span import ping
+from volunteer.cpu_sharing import in_passing_thread
 from volunteer.daemon.control import ControlServer
 from volunteer.daemon.dht_service import DHTService
 from volunteer.daemon.span_plan import (
@@ -137,10 +139,8 @@ class BlockService:
         )
         start, end = plan.start, plan.end
         logger.info("serving %s: %s", model.swarm_name, plan.reason)
-        span = await asyncio.to_thread(
-            load_span, model.folder, model.config, start, end, dtype=DTYPE
-        )
-        decode_threads, throughput = await asyncio.to_thread(
+        span = await in_passing_thread(_load_span, model, start, end, self._settings.thread_count)
+        decode_threads, throughput = await in_passing_thread(
             choose_decode_threads, span, settings.thread_count, SPEED_BUDGET_S
         )
         self._decode_single_measured = decode_threads == 1 < settings.thread_count
@@ -233,7 +233,6 @@ class BlockService:
         name is announced at once, a thread count applies from the next computation."""
         before, self._settings = self._settings, settings
         if settings.thread_count != before.thread_count:
-            torch.set_num_threads(settings.thread_count)  # threads started later inherit it
             if self.handler is not None:
                 compute = self.handler.compute
                 compute.threads = settings.thread_count
@@ -339,8 +338,8 @@ class BlockService:
         end = start + (info.end - info.start)
         self.is_moving = True
         try:
-            span = await asyncio.to_thread(
-                load_span, model.folder, model.config, start, end, dtype=DTYPE
+            span = await in_passing_thread(
+                _load_span, model, start, end, self._settings.thread_count
             )
             handler.swap_span(span)
             # From the record as it is now: the name may have changed while loading.
@@ -388,3 +387,9 @@ class BlockService:
             info = info.model_copy(update={"cache_tokens_left": handler.sessions.cache_tokens_left})
             if not await self._announce(info):
                 logger.warning("re-announce failed; retrying in %g s", self._period_s)
+
+
+def _load_span(model: ServedModel, start: int, end: int, threads: int) -> BlockSpan:
+    # On a passing thread of its own, which takes the daemon's thread count itself.
+    torch.set_num_threads(threads)
+    return load_span(model.folder, model.config, start, end, dtype=DTYPE)

@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pydantic
@@ -21,6 +20,7 @@ import pydantic
 from models.sampling import SamplingParams
 from volunteer.client.swarm_client import SwarmClient
 from volunteer.conversation import Conversation, ReplyStats, user_sampling
+from volunteer.cpu_sharing import in_passing_thread
 from volunteer.daemon.block_service import BlockService
 from volunteer.daemon.control import ControlServer
 from volunteer.daemon.dht_service import DHTService
@@ -82,36 +82,31 @@ class ChatService:
         self._blocks = blocks
         self._chat: SwarmChat | None = None
         self._loading = asyncio.Lock()
-        self._pool: ThreadPoolExecutor | None = None
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT_CHATS)
+        self._is_running = False
         self._stops: set[threading.Event] = set()
+        self._workers: set[asyncio.Future[None]] = set()
+        """Replies under way (or waiting for a slot); one whose caller went away finishes
+        after its next token, still held here."""
         self.replies = 0
 
     def register_control(self, control: ControlServer) -> None:
         control.register_stream("chat", self.chat)
 
     async def start(self) -> None:
-        self._pool = _chat_pool()
+        self._is_running = True
 
     async def stop(self) -> None:
+        self._is_running = False  # replies waiting for a slot are refused
         for stop in list(self._stops):
             stop.set()
         if self._chat is not None:
             await self._chat.client.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
 
     async def apply_settings(self, settings: Settings) -> None:
-        """Takes on a new thread count: replies from now on run on fresh threads, which
-        inherit it (OpenMP keeps a count per thread); replies under way finish as they are."""
-        before, self._settings = self._settings, settings
-        if settings.thread_count == before.thread_count or self._pool is None:
-            return
-        import torch  # loaded already: the daemon serves with it
-
-        torch.set_num_threads(settings.thread_count)
-        old, self._pool = self._pool, _chat_pool()
-        old.shutdown(wait=False)
+        """Takes on a new thread count: replies from now on run on it (each reply has a
+        thread of its own); replies under way finish as they are."""
+        self._settings = settings
 
     def status(self) -> dict[str, Any]:
         return {"chats_active": len(self._stops), "chats_answered": self.replies}
@@ -131,7 +126,7 @@ class ChatService:
             )
         sampling = request.sampling()
         chat = await self._load()
-        if self._pool is None:
+        if not self._is_running:
             raise SettingsError("the daemon is stopping")
         conversation = Conversation(messages=[m.model_dump() for m in request.messages])
         loop = asyncio.get_running_loop()
@@ -140,11 +135,16 @@ class ChatService:
 
         stats = ReplyStats()
         began = time.monotonic()
+        threads = self._settings.thread_count
+
+        def send(kind: str, value: Any) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, (kind, value))
 
         def answer() -> None:
-            def send(kind: str, value: Any) -> None:
-                loop.call_soon_threadsafe(pieces.put_nowait, (kind, value))
+            import torch  # loaded already: the daemon serves with it
 
+            # OpenMP keeps a count per thread, and this thread is the reply's own.
+            torch.set_num_threads(threads)
             try:
                 for piece in chat.stream_reply(
                     conversation,
@@ -160,7 +160,9 @@ class ChatService:
 
         self._stops.add(stop)
         try:
-            worker = loop.run_in_executor(self._pool, answer)
+            worker = asyncio.ensure_future(self._answer_in_a_slot(answer, send))
+            self._workers.add(worker)
+            worker.add_done_callback(self._workers.discard)
             while True:
                 kind, value = await pieces.get()
                 if kind == "error":
@@ -182,6 +184,18 @@ class ChatService:
             stop.set()  # a caller that went away stops the reply after this token
             self._stops.discard(stop)
 
+    async def _answer_in_a_slot(
+        self, answer: Callable[[], None], send: Callable[[str, Any], None]
+    ) -> None:
+        """Runs `answer` once one of MAX_CONCURRENT_CHATS slots is free, on a thread of
+        its own: a reply's OpenMP workers end with it, so they never slow the compute
+        thread's prefills (see volunteer.cpu_sharing.in_passing_thread)."""
+        async with self._slots:
+            if not self._is_running:
+                send("error", SettingsError("the daemon is stopping"))
+                return
+            await in_passing_thread(answer)
+
     async def _load(self) -> SwarmChat:
         # The tokenizer and chat templates (jinja2) load with the first chat, not with
         # every daemon: most daemons only serve blocks.
@@ -199,7 +213,7 @@ class ChatService:
                     num_blocks=model.config.num_layers,
                     local_handler=lambda: self._blocks.handler,
                 )
-                self._chat = await asyncio.to_thread(
+                self._chat = await in_passing_thread(
                     SwarmChat.load,
                     model.folder,
                     model.config,
@@ -207,7 +221,3 @@ class ChatService:
                     loop=asyncio.get_running_loop(),
                 )
             return self._chat
-
-
-def _chat_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(MAX_CONCURRENT_CHATS, thread_name_prefix="volunteer-chat")

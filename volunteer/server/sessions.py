@@ -136,11 +136,11 @@ class PriorityCompute:
     inference step queued behind a backlog of forward passes runs next, and an idle
     server has a blocked thread and nothing polling.
 
-    A short decode step that finds the compute thread idle runs on the caller's thread
-    (the event loop) instead: waking a sleeping thread and then the loop again cost about
-    0.75 ms per step here, against ~10 ms of compute for a third of SmolLM2, and nothing
-    else could run in between anyway. Steps measured slower than `inline_max_s` keep
-    going to the compute thread, so the loop never stalls for long.
+    A short single-threaded decode step that finds the compute thread idle runs on the
+    caller's thread (the event loop) instead: waking the sleeping compute thread and then
+    the loop again cost about 0.3 ms per step here (cold caches after the compute), and
+    nothing else could run in between anyway. Steps measured slower than `inline_max_s`
+    keep going to the compute thread, so the loop never stalls for long.
     """
 
     def __init__(
@@ -215,8 +215,13 @@ class PriorityCompute:
         return await asyncio.wrap_future(job_future)
 
     def _may_inline(self) -> bool:
-        """Whether a decode step may run on the caller's thread now: the compute thread
-        has nothing running or queued, and the last decode step was short enough."""
+        """Whether a decode step may run on the caller's thread now: it runs on one
+        thread, the compute thread has nothing running or queued, and the last decode
+        step was short enough."""
+        if (self.decode_threads or self.threads) != 1:
+            # A second thread's OpenMP team would make libgomp put idle workers to sleep
+            # sooner in both (see volunteer.cpu_sharing.in_passing_thread).
+            return False
         if self.decode_s is None or self.decode_s > self.inline_max_s:
             return False  # the first step goes to the compute thread and is timed there
         with self._heap_lock:
