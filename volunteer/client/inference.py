@@ -69,11 +69,17 @@ class _Hop:
     step_s: float | None = None
     """How long this hop's last step took to answer (None: no step yet)."""
 
-    def push_grace_s(self) -> float:
-        """How long to wait for the answer to a step pushed here before sending it."""
-        if self.step_s is None:
-            return PUSH_GRACE_MIN_S
-        return max(PUSH_GRACE_MIN_S, PUSH_GRACE_FACTOR * self.step_s)
+    def push_grace_s(self, previous: _Hop) -> float:
+        """How long to wait for the answer to a step pushed here (by `previous`, which
+        has just answered it) before sending the step after all.
+
+        The step costs this hop about what it cost the previous hop, per block: a fresh
+        hop (or a bigger step than its last) is judged by that, not by its last step.
+        """
+        assert previous.step_s is not None  # it has just answered this step
+        blocks = (self.hop.end - self.hop.start) / (previous.hop.end - previous.hop.start)
+        expected = max(self.step_s or 0.0, previous.step_s * blocks)
+        return max(PUSH_GRACE_MIN_S, PUSH_GRACE_FACTOR * expected)
 
     def record(self, chunks: list[torch.Tensor]) -> None:
         self.inputs.extend(chunks)
@@ -164,7 +170,9 @@ class SwarmInferenceSession:
                     timeout_s=self._step_timeout_s,
                     step_id=self._steps,
                     push_to=self._push_route(index + 1),
-                    await_push_s=hop.push_grace_s() if hop.stream is pushed_to else 0.0,
+                    await_push_s=(
+                        hop.push_grace_s(self._hops[index - 1]) if hop.stream is pushed_to else 0.0
+                    ),
                 )
             except self._retriable as exc:
                 logger.warning(
