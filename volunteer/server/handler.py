@@ -6,6 +6,8 @@ Wire shapes (envelopes and schemas are in `volunteer.server.protocol`):
 - `rpc_forward` / `rpc_backward`: one `ExpertRequest` in (over a stream, so large
   tensors are not bound by the daemon's 4 MiB unary limit), one `ExpertResponse` out.
   Metadata `SpanRequest`; tensors: hidden [B, S, H] (backward: plus grad of outputs).
+- `BlockHandler.push` (a plain stream, not an RPC): steps that the previous server of a
+  route pushes to one of our sessions (see `volunteer.server.push`); never answered.
 - `rpc_inference`: a bidirectional stream. The first message (`OpenSessionRequest`, no
   tensors) reserves a KV cache and is acknowledged; each later message (`StepRequest`
   plus hidden [B, S, H]) runs one step and gets the span's output; a message with
@@ -312,30 +314,26 @@ class BlockHandler(ServicerBase):
             while (item := await inbox.next()) is not None:
                 if isinstance(item, PushedStep):
                     meta, hidden = item.meta, item.hidden
+                elif (step := await self._client_step(session, inbox, item)) is None:
+                    return  # closed
                 else:
-                    meta = wire.unpack_metadata(item.metadata, wire.StepRequest)
-                    if meta.session_id != session.session_id:
-                        raise BadRequestError(
-                            f"unknown session id {meta.session_id!r} (this stream is "
-                            f"{session.session_id!r})"
-                        )
-                    if meta.is_close:
-                        if await inbox.next_from_client() is not None:
-                            raise BadRequestError(
-                                "unexpected message: no messages may follow the close"
-                            )
-                        return
-                    (hidden,) = self._hidden_tensors(item, count=1)
+                    meta, hidden = step
                 if 0 < meta.step_id <= session.last_step_id:
                     continue  # the other copy of this step was run and answered
-                if isinstance(item, PushedStep) and not self._fits_step(session, hidden, meta):
+                try:
+                    output = await self.run_step(session, hidden, meta.start_pos)
+                except BadRequestError as exc:
+                    if not isinstance(item, PushedStep):
+                        raise
+                    # A push is a shortcut: the client's own copy of the step still comes.
+                    logger.debug("dropped a pushed step (%s): %s", log_context, exc)
                     continue
-                output = wire.pack_tensor(await self.run_step(session, hidden, meta.start_pos))
+                packed = wire.pack_tensor(output)
                 session.last_step_id = max(session.last_step_id, meta.step_id)
                 if isinstance(item, PushedStep):
                     self.stats.pushed_steps += 1
-                pushed = bool(meta.push_to) and self._push(meta, output)
-                yield self._step_reply(session, output, pushed=pushed)
+                pushed = bool(meta.push_to) and self._push(meta, packed)
+                yield self._step_reply(session, packed, pushed=pushed)
         finally:
             # However the stream ends (close, error, timeout, cancellation), free the cache.
             session.inbox = None
@@ -343,15 +341,22 @@ class BlockHandler(ServicerBase):
             self.sessions.release(session)
             logger.debug("closed inference session (%s)", log_context)
 
-    def _fits_step(self, session: Session, hidden: torch.Tensor, meta: wire.StepRequest) -> bool:
-        """Whether a pushed step fits its session; one that does not is dropped (a push
-        is a shortcut: the client's own copy of the step still comes)."""
-        try:
-            self._check_step(session, hidden, meta.start_pos)
-        except BadRequestError as exc:
-            logger.debug("dropped a pushed step for session %r: %s", session.session_id, exc)
-            return False
-        return True
+    async def _client_step(
+        self, session: Session, inbox: StepInbox, request: runtime_pb2.ExpertRequest
+    ) -> tuple[wire.StepRequest, torch.Tensor] | None:
+        """A message of the client's stream as a step; None when it closes the session
+        (and the stream then ended, as it must)."""
+        meta = wire.unpack_metadata(request.metadata, wire.StepRequest)
+        if meta.session_id != session.session_id:
+            raise BadRequestError(
+                f"unknown session id {meta.session_id!r} (this stream is {session.session_id!r})"
+            )
+        if meta.is_close:
+            if await inbox.next_from_client() is not None:
+                raise BadRequestError("unexpected message: no messages may follow the close")
+            return None
+        (hidden,) = self._hidden_tensors(request, count=1)
+        return meta, hidden
 
     def _push(self, meta: wire.StepRequest, output: runtime_pb2.Tensor) -> bool:
         """Sends a step's output to the next server of the route (see
@@ -386,8 +391,8 @@ class BlockHandler(ServicerBase):
                         self.limits.idle_timeout_s,
                     )
                 except (asyncio.TimeoutError, asyncio.IncompleteReadError, PeerUnavailableError):
-                    return
-                except (ConnectionError, OSError):
+                    return  # silent too long, ended, or not our framing
+                except OSError:  # the connection broke
                     return
                 if marker != P2P.MESSAGE_MARKER:
                     return

@@ -101,7 +101,7 @@ class PushLinks:
         try:
             peer = PeerID.from_base58(peer_id)
         except ValueError:
-            self._failed_at[peer_id] = time.monotonic()
+            self._failed(peer_id)
             return
         task = asyncio.create_task(self._open(peer_id, peer), name=f"push-link-{peer_id[-8:]}")
         self._opening[peer_id] = task
@@ -115,7 +115,7 @@ class PushLinks:
             raise
         except Exception as exc:  # any failure only means this peer gets no pushes for now
             logger.info("no push link to %s: %s: %s", peer_id, type(exc).__name__, exc)
-            self._failed_at[peer_id] = time.monotonic()
+            self._failed(peer_id)
             return
         watcher = asyncio.create_task(self._watch(peer_id, reader), name="push-link-watch")
         self._links[peer_id] = _Link(writer, watcher)
@@ -125,6 +125,14 @@ class PushLinks:
         with contextlib.suppress(Exception):
             await reader.read(1)
         self._drop(peer_id)
+
+    def _failed(self, peer_id: str) -> None:
+        now = time.monotonic()
+        # Forget failures old enough to retry: clients may name any number of peers.
+        expired = [peer for peer, at in self._failed_at.items() if now - at >= RETRY_AFTER_S]
+        for peer in expired:
+            del self._failed_at[peer]
+        self._failed_at[peer_id] = now
 
     def _drop(self, peer_id: str) -> None:
         link = self._links.pop(peer_id, None)
