@@ -118,7 +118,9 @@ def test_block_speed_of_a_tiny_span() -> None:
 
 
 def test_decode_threads_are_the_fewest_near_the_fastest() -> None:
-    assert fewest_threads_near_fastest({1: 100.0, 2: 102.0}) == 1  # within 5%: fewer
+    assert fewest_threads_near_fastest({1: 100.0, 2: 102.0}) == 1  # noise: fewer
+    assert fewest_threads_near_fastest({1: 100.0, 2: 130.0}) == 1  # within 25%: fewer
+    assert fewest_threads_near_fastest({1: 100.0, 2: 140.0}) == 2
     assert fewest_threads_near_fastest({1: 100.0, 2: 180.0}) == 2
     assert fewest_threads_near_fastest({1: 100.0, 2: 90.0}) == 1
     assert fewest_threads_near_fastest({4: 50.0}) == 4
