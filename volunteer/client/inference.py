@@ -96,9 +96,9 @@ class _Hop:
 
 PUSH_GRACE_MIN_S = 0.05
 PUSH_GRACE_FACTOR = 3.0
-"""A hop's answer to a pushed step is awaited this many times its last step's time (at
-least PUSH_GRACE_MIN_S) before the client sends the step itself: a lost push costs that
-much time once, never the output."""
+"""A hop's answer to a pushed step is awaited this many times the step's expected time
+(see `_Hop.push_grace_s`; at least PUSH_GRACE_MIN_S) before the client sends the step
+itself: a lost push costs that much time once, never the output."""
 
 
 class SessionFailedError(VolunteerError):

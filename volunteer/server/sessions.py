@@ -1,5 +1,6 @@
 """What a block server's requests share: inference sessions under a KV-cache budget, the
-one compute thread that runs all torch work (inference steps first), and that work.
+one compute thread that runs torch work (inference steps first; a short decode step may
+run on the event loop instead, see `PriorityCompute`), and that work.
 
 Both objects are used from the server's event loop only (the compute thread touches
 nothing here but its own queue), so the budget needs no lock: admission checks and
