@@ -10,14 +10,17 @@ from collections.abc import AsyncIterator, Iterator
 import msgpack
 import pytest
 import torch
+from hivemind.compression.serialization import serialize_torch_tensor
 from hivemind.p2p import P2P, P2PHandlerError
 from hivemind.proto import runtime_pb2
+from hivemind.proto.p2pd_pb2 import RPCError
 
 import volunteer.server.protocol as wire
 from models.model import BlockSpan
 from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
 from volunteer.client.remote_span import RemoteSpan
-from volunteer.server.handler import BlockHandler
+from volunteer.p2p_streams import open_stream
+from volunteer.server.handler import INFERENCE_HANDLE, BlockHandler
 from volunteer.server.protocol import (
     BadRequestError,
     BusyError,
@@ -148,13 +151,24 @@ async def _raw(
 
     async def call() -> list[runtime_pb2.ExpertResponse]:
         if method == "rpc_inference":
-            return [reply async for reply in await stub.rpc_inference(requests())]
+            replies = await _inference_stream(served, requests())
+            return [reply async for reply in replies]
         return [await getattr(stub, method)(requests())]
 
     try:
         return await asyncio.wait_for(call(), 10)
     except P2PHandlerError as exc:
         raise wire.classify_remote_error(str(exc)) from exc
+
+
+async def _inference_stream(
+    served: Server, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    """The inference stream through hivemind's generic stream caller: the server's plain
+    stream handler must speak hivemind's framing."""
+    return await served.client.iterate_protobuf_handler(
+        served.server.peer_id, INFERENCE_HANDLE, requests, runtime_pb2.ExpertResponse
+    )
 
 
 FORWARD_CASES: dict[str, tuple[runtime_pb2.ExpertRequest, str]] = {
@@ -183,7 +197,7 @@ FORWARD_CASES: dict[str, tuple[runtime_pb2.ExpertRequest, str]] = {
     "compressed": (
         _request(
             _span(),
-            (wire.serialize_torch_tensor(torch.ones(1, 2, 64), runtime_pb2.FLOAT16),),
+            (serialize_torch_tensor(torch.ones(1, 2, 64), runtime_pb2.FLOAT16),),
         ),
         "only uncompressed tensors",
     ),
@@ -243,6 +257,48 @@ def test_bad_inference_is_refused_and_the_server_carries_on(served: Server, case
     assert _wait_for_budget(served) == CACHE_TOKENS
 
 
+def _frame(body: bytes, marker: bytes = P2P.MESSAGE_MARKER, length: int | None = None) -> bytes:
+    size = len(body) if length is None else length
+    return marker + size.to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + body
+
+
+RAW_INFERENCE_CASES: dict[str, tuple[bytes, str]] = {
+    "unknown marker": (b"\x07" + bytes(16), "unknown marker b'\\x07'"),
+    "huge length": (_frame(b"", length=1 << 40), "a message of 1099511627776 bytes exceeds"),
+    "not protobuf": (_frame(b"\xff\xff\xff\xff"), "not a protobuf message"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RAW_INFERENCE_CASES))
+def test_garbage_on_the_inference_stream_is_refused(served: Server, case: str) -> None:
+    """Bytes that are not hivemind's framing of a request get an error frame naming the
+    reason, then the stream ends; the server serves on."""
+    garbage, reason = RAW_INFERENCE_CASES[case]
+
+    async def send_garbage() -> tuple[bytes, bytes]:
+        peer = served.server.peer_id
+        _, reader, writer = await open_stream(served.client, peer, INFERENCE_HANDLE)
+        try:
+            writer.write(wire.encode_frame(_open(max_length=8)) + garbage)
+            marker, body = await asyncio.wait_for(wire.read_frame(reader, max_bytes=1 << 20), 10)
+            assert marker == P2P.MESSAGE_MARKER  # the session opened
+            marker, body = await asyncio.wait_for(wire.read_frame(reader, max_bytes=1 << 20), 10)
+            with pytest.raises(asyncio.IncompleteReadError):  # the server ended the stream
+                await asyncio.wait_for(reader.readexactly(1), 10)
+            return marker, body
+        finally:
+            writer.close()
+
+    marker, body = served.loop.run(send_garbage())
+    assert marker == P2P.ERROR_MARKER
+    error = RPCError()
+    error.ParseFromString(body)
+    assert error.message.startswith("bad request: ")
+    assert reason in error.message
+    served.assert_still_serving()
+    assert _wait_for_budget(served) == CACHE_TOKENS
+
+
 def _wait_for_budget(served: Server, timeout_s: float = 1.5) -> int:
     """Free cache tokens once every session is gone (or whatever is left at timeout)."""
     deadline = time.monotonic() + timeout_s
@@ -281,7 +337,6 @@ def test_a_duplicate_session_id_is_refused(served: Server) -> None:
 
 
 def test_a_dropped_stream_frees_its_budget(served: Server) -> None:
-    stub = BlockHandler.get_stub(served.client, served.server.peer_id)
     hang = asyncio.Event()
 
     async def requests() -> AsyncIterator[runtime_pb2.ExpertRequest]:
@@ -289,7 +344,7 @@ def test_a_dropped_stream_frees_its_budget(served: Server) -> None:
         await hang.wait()  # never ends its side: the client just goes away
 
     async def open_and_drop() -> None:
-        responses = await stub.rpc_inference(requests())
+        responses = await _inference_stream(served, requests())
         await asyncio.wait_for(anext(responses), 10)
         await responses.aclose()
 

@@ -18,7 +18,6 @@ from typing import TypeVar
 
 import torch
 from google.protobuf.message import DecodeError, Message
-from hivemind.compression.serialization import deserialize_torch_tensor
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
@@ -26,14 +25,11 @@ from hivemind.proto.p2pd_pb2 import RPCError
 import volunteer.server.protocol as wire
 from volunteer.p2p_streams import open_stream
 from volunteer.queue_wait import get_within
-from volunteer.server.handler import BlockHandler
+from volunteer.server.handler import INFERENCE_HANDLE, BlockHandler
 from volunteer.server.protocol import PeerUnavailableError, RemoteError, RemoteSpanError
 
 Reply = TypeVar("Reply")
 
-INFERENCE_HANDLE = f"{BlockHandler.__name__}.rpc_inference"
-"""hivemind's handler name for `BlockHandler.rpc_inference` (ServicerBase names handlers
-`<class name>.<method>` when no namespace is given)."""
 MAX_REPLY_BYTES = 1 << 30
 
 # What a dead, unreachable or misbehaving connection raises inside hivemind's client.
@@ -204,7 +200,8 @@ class InferenceStream:
                 raise RemoteSpanError(f"{self._what()}: the inference stream is closed")
             reply = await self._receive_pushed(await_push_s) if await_push_s > 0 else None
             if reply is None:
-                meta = wire.StepRequest(
+                # Our own checked values: constructed without validating them again.
+                meta = wire.StepRequest.model_construct(
                     session_id=self.session_id,
                     start_pos=start_pos,
                     step_id=step_id,
@@ -248,9 +245,13 @@ class InferenceStream:
 
     async def _send(self, message: Message, timeout_s: float) -> None:
         """Writes one message; any failure closes the stream before it is raised."""
-        assert self._writer is not None  # set by open() before any send
+        writer = self._writer
+        assert writer is not None  # set by open() before any send
         try:
-            await asyncio.wait_for(P2P.send_protobuf(message, self._writer), timeout_s)
+            if writer.is_closing():
+                raise ConnectionResetError("the stream is closed")
+            writer.write(wire.encode_frame(message))
+            await wire.drain_if_full(writer, timeout_s)
         except BaseException as exc:
             reason = self._last_words() if isinstance(exc, _CONNECTION_ERRORS) else None
             self._abort()
@@ -348,4 +349,8 @@ def _only_tensor(reply: runtime_pb2.ExpertResponse | None, span: RemoteSpan) -> 
     if reply is None or len(reply.tensors) != 1:
         count = 0 if reply is None else len(reply.tensors)
         raise wire.RemoteError(f"{span!r} answered with {count} tensors instead of 1")
-    return deserialize_torch_tensor(reply.tensors[0])
+    try:
+        return wire.unpack_tensor(reply.tensors[0], max_numel=MAX_REPLY_BYTES)
+    except wire.BadRequestError as exc:
+        reason = str(exc).removeprefix(wire.BadRequestError.marker)
+        raise wire.RemoteError(f"{span!r} answered with a bad tensor: {reason}") from exc
