@@ -119,6 +119,10 @@ def test_chat_through_the_swarm_answers_paris(swarm: Swarm) -> None:
     assert "Paris" in result.stdout
     # The blocks really ran on the servers: the second one served the prompt and answer.
     assert swarm.status("second")["tokens_served"] > before + 10
+    # Daemons of one machine reach each other on their Unix sockets, not through p2pd: the
+    # second took the client's stream and the first server's push link there.
+    assert swarm.status("first")["local_links"] >= 1
+    assert swarm.status("second")["local_links"] >= 2
 
 
 def test_greedy_swarm_output_equals_local_for_64_tokens(swarm: Swarm, local_story: str) -> None:

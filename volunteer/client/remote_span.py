@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -23,10 +24,13 @@ from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
 import volunteer.server.protocol as wire
+from volunteer.local_link import LINK_ERRORS, open_local
 from volunteer.p2p_streams import open_stream
 from volunteer.queue_wait import get_within
 from volunteer.server.handler import INFERENCE_HANDLE, BlockHandler
 from volunteer.server.protocol import PeerUnavailableError, RemoteError, RemoteSpanError
+
+logger = logging.getLogger(__name__)
 
 Reply = TypeVar("Reply")
 
@@ -59,11 +63,19 @@ async def _call(awaitable: Awaitable[Reply], *, timeout_s: float, what: str) -> 
 class RemoteSpan:
     """Blocks [start, end) served by one peer."""
 
-    def __init__(self, *, p2p: P2P, peer_id: PeerID, start: int, end: int) -> None:
+    def __init__(
+        self, *, p2p: P2P, peer_id: PeerID, start: int, end: int, local_socket: str | None = None
+    ) -> None:
+        """
+        Args:
+            local_socket: the server's Unix socket on this machine (checked by
+                `volunteer.local_link.dialable`): inference streams open there first.
+        """
         self.p2p = p2p
         self.peer_id = peer_id
         self.start = start
         self.end = end
+        self.local_socket = local_socket
         self._stub = BlockHandler.get_stub(p2p, peer_id)
 
     def __repr__(self) -> str:
@@ -162,16 +174,32 @@ class InferenceStream:
 
     async def open(self, opening: wire.OpenSessionRequest, *, timeout_s: float) -> None:
         """Starts the stream and waits for the server to admit the session."""
-        connecting = open_stream(self.span.p2p, self.span.peer_id, INFERENCE_HANDLE)
-        _, reader, self._writer = await _call(connecting, timeout_s=timeout_s, what=self._what())
+        reader, self._writer = await self._connect(timeout_s)
         self._reading = asyncio.create_task(self._read_forever(reader), name="inference-reader")
         await self._send(runtime_pb2.ExpertRequest(metadata=wire.pack_metadata(opening)), timeout_s)
         await self._receive(timeout_s)
 
+    async def _connect(self, timeout_s: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The stream: on the server's local socket when it has one here, else via p2p."""
+        span = self.span
+        if span.local_socket is not None:
+            peer_id = span.peer_id.to_base58()
+            try:
+                return await open_local(span.local_socket, peer_id, INFERENCE_HANDLE)
+            except LINK_ERRORS as exc:
+                logger.info("%s: no local link (%s); going through p2p", self._what(), exc)
+        connecting = open_stream(span.p2p, span.peer_id, INFERENCE_HANDLE)
+        _, reader, writer = await _call(connecting, timeout_s=timeout_s, what=self._what())
+        return reader, writer
+
     @functools.cached_property
     def push_target(self) -> wire.NextHop:
         """How a previous server of the route names this session to push steps to it."""
-        return wire.NextHop(peer_id=self.span.peer_id.to_base58(), session_id=self.session_id)
+        return wire.NextHop(
+            peer_id=self.span.peer_id.to_base58(),
+            session_id=self.session_id,
+            local_socket=self.span.local_socket,
+        )
 
     async def step(
         self,

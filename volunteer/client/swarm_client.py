@@ -31,6 +31,7 @@ from volunteer.client.inference import InferenceStreamLike, SwarmInferenceSessio
 from volunteer.client.local_span import LocalInferenceStream
 from volunteer.client.remote_span import RemoteSpan, ping
 from volunteer.client.spread import SpreadCalls, TracedHop
+from volunteer.local_link import dialable
 from volunteer.server.handler import BlockHandler
 from volunteer.server.protocol import BusyError, PeerUnavailableError, SessionExpiredError
 from volunteer.swarm.dht_records import read_snapshot_on_node
@@ -248,8 +249,21 @@ class SwarmClient:
 
     def _remote(self, hop: RouteHop) -> RemoteSpan:
         return RemoteSpan(
-            p2p=self.p2p, peer_id=PeerID.from_base58(hop.peer_id), start=hop.start, end=hop.end
+            p2p=self.p2p,
+            peer_id=PeerID.from_base58(hop.peer_id),
+            start=hop.start,
+            end=hop.end,
+            local_socket=self._local_socket(hop),
         )
+
+    def _local_socket(self, hop: RouteHop) -> str | None:
+        """The hop's server's Unix socket, when it runs on this machine (see
+        `volunteer.local_link`)."""
+        snapshot = self._snapshot
+        if snapshot is None or not 0 <= hop.start < len(snapshot.blocks):
+            return None
+        info = snapshot.blocks[hop.start].get(hop.peer_id)
+        return None if info is None else dialable(info.local_socket, info.boot_id)
 
     async def _measure_rtts(self) -> None:
         peers = [c.peer_id for c in self.candidates() if c.peer_id not in self._rtts]

@@ -50,10 +50,11 @@ from volunteer.daemon.span_plan import (
     plan_span,
 )
 from volunteer.errors import VolunteerError
+from volunteer.local_link import SOCKET_NAME, LocalListener, this_boot
 from volunteer.microbench import choose_decode_threads
 from volunteer.paths import Paths
 from volunteer.served_model import ServedModel, open_model
-from volunteer.server.handler import BlockHandler
+from volunteer.server.handler import INFERENCE_HANDLE, PUSH_HANDLE, BlockHandler
 from volunteer.server.protocol import PeerUnavailableError, RemoteError
 from volunteer.settings import Settings
 from volunteer.swarm.dht_records import (
@@ -112,6 +113,7 @@ class BlockService:
         self.moves = 0
         self.last_check: MoveDecision | None = None
         self._info: ServerInfo | None = None
+        self._local: LocalListener | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._decode_single_measured = False
         """One thread decoded as fast as all of them at start (so it keeps doing so)."""
@@ -156,6 +158,7 @@ class BlockService:
             threads=settings.thread_count,
             decode_threads=decode_threads,
         )
+        local_socket = await self._listen_locally(self.handler)
         self._info = ServerInfo(
             state=ServerState.ONLINE,
             start=start,
@@ -166,6 +169,8 @@ class BlockService:
             version=__version__,
             public_name=settings.public_name,
             model=model.swarm_name,
+            local_socket=local_socket,
+            boot_id=this_boot() if local_socket is not None else None,
         )
         for attempt in range(ANNOUNCE_ATTEMPTS):
             if await self._announce(self._info):
@@ -197,9 +202,33 @@ class BlockService:
             if await self._announce(offline):
                 logger.info("announced OFFLINE for blocks %d:%d", offline.start, offline.end)
             self._info = None
+        if self._local is not None:
+            local, self._local = self._local, None
+            await local.close()
         if self.handler is not None:
             handler, self.handler = self.handler, None
             await handler.shutdown()
+
+    async def _listen_locally(self, handler: BlockHandler) -> str | None:
+        """Serves the handler's streams on a Unix socket for processes of this machine
+        (`volunteer.local_link`); its path, or None where that cannot be."""
+        if this_boot() is None:
+            return None
+        listener = LocalListener(
+            self._dht.p2p.peer_id.to_base58(),
+            {
+                INFERENCE_HANDLE: handler.serve_inference_stream,
+                PUSH_HANDLE: handler.serve_push_stream,
+            },
+        )
+        path = self._paths.runtime_dir / SOCKET_NAME
+        try:
+            await listener.start(path)
+        except OSError as exc:
+            logger.warning("no local socket at %s (%s): local peers go through p2p", path, exc)
+            return None
+        self._local = listener
+        return str(listener.path)
 
     def status(self) -> dict[str, Any]:
         handler = self.handler
@@ -217,6 +246,7 @@ class BlockService:
             "requests_served": handler.stats.requests,
             "tokens_served": handler.stats.tokens,
             "open_sessions": len(handler.sessions),
+            "local_links": self._local.links_served if self._local is not None else None,
             "cache_tokens_total": handler.sessions.cache_tokens_total,
             "cache_tokens_left": handler.sessions.cache_tokens_left,
             "throughput": handler.throughput,

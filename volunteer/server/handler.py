@@ -307,14 +307,22 @@ class BlockHandler(ServicerBase):
     async def _serve_inference(
         self, stream_info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        """An inference stream, read and answered here rather than through hivemind's
-        stream RPC machinery: that took a new task, a wait and two queue hand-offs per
-        message, ~0.3 ms per step here with the caches cold after the compute. The
-        framing is hivemind's; an error ends the stream with an error frame as hivemind's
-        handlers do, whose text names the reason.
+        await self.serve_inference_stream(str(stream_info.peer_id), reader, writer)
+
+    async def serve_inference_stream(
+        self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """An inference stream from `peer` (over p2p, or a local link: see
+        `volunteer.local_link`), until it ends.
+
+        Read and answered here rather than through hivemind's stream RPC machinery: that
+        took a new task, a wait and two queue hand-offs per message, ~0.3 ms per step
+        here with the caches cold after the compute. The framing is hivemind's; an error
+        ends the stream with an error frame as hivemind's handlers do, whose text names
+        the reason.
         """
         messages = _client_messages(reader, max_bytes=self._max_step_bytes())
-        replies = self.inference_session(messages, peer=str(stream_info.peer_id))
+        replies = self.inference_session(messages, peer=peer)
         with contextlib.closing(writer):
             try:
                 async for reply in replies:
@@ -324,7 +332,7 @@ class BlockHandler(ServicerBase):
                 return  # the client went away or stopped reading: nobody to tell
             except Exception as exc:
                 level = logging.DEBUG if isinstance(exc, wire.RemoteSpanError) else logging.WARNING
-                logger.log(level, "inference stream of %s failed: %s", stream_info.peer_id, exc)
+                logger.log(level, "inference stream of %s failed: %s", peer, exc)
                 with contextlib.suppress(Exception):
                     writer.write(wire.encode_frame(RPCError(message=str(exc))))
                     await asyncio.wait_for(writer.drain(), ERROR_WRITE_TIMEOUT_S)
@@ -401,7 +409,7 @@ class BlockHandler(ServicerBase):
         (hidden,) = self._hidden_tensors(request, count=1)
         return meta, hidden
 
-    def _push_metadata(self, meta: wire.StepRequest) -> tuple[str, bytes] | None:
+    def _push_metadata(self, meta: wire.StepRequest) -> tuple[wire.NextHop, bytes] | None:
         """Where a step's output is to be pushed (see `volunteer.server.push`) and the
         metadata it goes with; None when this server pushes nothing."""
         if self._links is None:
@@ -414,18 +422,23 @@ class BlockHandler(ServicerBase):
             step_id=meta.step_id,
             push_to=rest,
         )
-        return target.peer_id, wire.pack_metadata(pushed)
+        return target, wire.pack_metadata(pushed)
 
-    def _push(self, peer_id: str, metadata: bytes, output: runtime_pb2.Tensor) -> bool:
+    def _push(self, target: wire.NextHop, metadata: bytes, output: runtime_pb2.Tensor) -> bool:
         """Sends a step's output on to the next server; False when there is no open
         link to it (yet)."""
         if self._links is None:
             return False
         request = runtime_pb2.ExpertRequest(tensors=[output], metadata=metadata)
-        return self._links.send(peer_id, request)
+        return self._links.send(target, request)
 
     async def _serve_pushes(
         self, stream_info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await self.serve_push_stream(str(stream_info.peer_id), reader, writer)
+
+    async def serve_push_stream(
+        self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         """A link from another server: each message is a step for one of our sessions.
 
@@ -449,7 +462,7 @@ class BlockHandler(ServicerBase):
                 try:
                     self._take_push(body)
                 except BadRequestError as exc:
-                    logger.debug("dropped a push from %s: %s", stream_info.peer_id, exc)
+                    logger.debug("dropped a push from %s: %s", peer, exc)
 
     def _take_push(self, body: bytes) -> None:
         request = runtime_pb2.ExpertRequest()

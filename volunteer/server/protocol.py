@@ -37,11 +37,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from volunteer.errors import VolunteerError
 
 PROTOCOL_VERSION = 1
-MAX_METADATA_BYTES = 4096
-"""Metadata is a handful of small fields; anything larger is refused unparsed."""
+MAX_METADATA_BYTES = 32 << 10
+"""Metadata is a handful of small fields (a step's route at most `MAX_PUSH_HOPS` of
+them); anything larger is refused unparsed."""
 MAX_SESSION_ID_CHARS = 128
 MAX_PEER_ID_CHARS = 128
 MAX_PUSH_HOPS = 64
+MAX_SOCKET_PATH_CHARS = 107
+"""The longest Unix socket path Linux takes (its sun_path holds 108 bytes with the NUL)."""
+MAX_HANDLE_CHARS = 64
 
 # Wire dtype names a client may send (hivemind's serializer names, without "torch.").
 _WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -127,6 +131,17 @@ class NextHop(_Schema):
 
     peer_id: str = Field(min_length=1, max_length=MAX_PEER_ID_CHARS)
     session_id: str = Field(min_length=1, max_length=MAX_SESSION_ID_CHARS)
+    local_socket: str | None = Field(default=None, max_length=MAX_SOCKET_PATH_CHARS)
+    """The server's Unix socket, when the client saw it on this machine (see
+    `volunteer.local_link`)."""
+
+
+class LocalHello(_Schema):
+    """The first message each way on a local link (`volunteer.local_link`): the peer id
+    the caller means to reach and the stream it wants; the server's answer names itself."""
+
+    peer_id: str = Field(min_length=1, max_length=MAX_PEER_ID_CHARS)
+    handle: str = Field(min_length=1, max_length=MAX_HANDLE_CHARS)
 
 
 class StepRequest(_Schema):
@@ -216,7 +231,11 @@ def encode_frame(message: Message) -> bytes:
     """One message framed as hivemind frames stream messages: marker, 8-byte length, body
     (the error marker for an `RPCError`: an error, or hivemind's end of stream)."""
     marker = P2P.ERROR_MARKER if isinstance(message, RPCError) else P2P.MESSAGE_MARKER
-    body = message.SerializeToString()
+    return frame_bytes(message.SerializeToString(), marker)
+
+
+def frame_bytes(body: bytes, marker: bytes = P2P.MESSAGE_MARKER) -> bytes:
+    """`body` framed as `encode_frame` frames a message."""
     return marker + len(body).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + body
 
 

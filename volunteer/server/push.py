@@ -33,6 +33,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 import volunteer.server.protocol as wire
+from volunteer.local_link import LINK_ERRORS, open_local
 from volunteer.p2p_streams import open_stream
 from volunteer.queue_wait import get_within
 from volunteer.server.protocol import SessionExpiredError
@@ -66,12 +67,13 @@ class PushLinks:
         self._opening: dict[str, asyncio.Task[None]] = {}
         self._failed_at: dict[str, float] = {}
 
-    def send(self, peer_id: str, message: runtime_pb2.ExpertRequest) -> bool:
-        """Writes `message` to `peer_id`'s link without waiting; False when no link is
-        open yet (one is then opened in the background) or it broke."""
+    def send(self, target: wire.NextHop, message: runtime_pb2.ExpertRequest) -> bool:
+        """Writes `message` to the target peer's link without waiting; False when no link
+        is open yet (one is then opened in the background) or it broke."""
+        peer_id = target.peer_id
         link = self._links.get(peer_id)
         if link is None:
-            self._start_opening(peer_id)
+            self._start_opening(peer_id, target.local_socket)
             return False
         transport = link.writer.transport
         if link.writer.is_closing() or transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
@@ -90,7 +92,7 @@ class PushLinks:
             self._drop(peer_id)
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _start_opening(self, peer_id: str) -> None:
+    def _start_opening(self, peer_id: str, local_socket: str | None) -> None:
         if peer_id in self._opening or peer_id == self._own_peer_id:
             return
         if len(self._links) + len(self._opening) >= MAX_LINKS:
@@ -103,14 +105,14 @@ class PushLinks:
         except ValueError:
             self._failed(peer_id)
             return
-        task = asyncio.create_task(self._open(peer_id, peer), name=f"push-link-{peer_id[-8:]}")
+        opening = self._open(peer_id, peer, local_socket)
+        task = asyncio.create_task(opening, name=f"push-link-{peer_id[-8:]}")
         self._opening[peer_id] = task
         task.add_done_callback(lambda _: self._opening.pop(peer_id, None))
 
-    async def _open(self, peer_id: str, peer: PeerID) -> None:
+    async def _open(self, peer_id: str, peer: PeerID, local_socket: str | None) -> None:
         try:
-            connecting = open_stream(self._p2p, peer, self._handle)
-            _, reader, writer = await asyncio.wait_for(connecting, OPEN_TIMEOUT_S)
+            reader, writer = await self._connect(peer_id, peer, local_socket)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # any failure only means this peer gets no pushes for now
@@ -119,6 +121,19 @@ class PushLinks:
             return
         watcher = asyncio.create_task(self._watch(peer_id, reader), name="push-link-watch")
         self._links[peer_id] = _Link(writer, watcher)
+
+    async def _connect(
+        self, peer_id: str, peer: PeerID, local_socket: str | None
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A link on the peer's local socket where the client named one, else through p2p."""
+        if local_socket is not None:
+            try:
+                return await open_local(local_socket, peer_id, self._handle)
+            except LINK_ERRORS as exc:
+                logger.debug("no local push link to %s: %s", peer_id, exc)
+        connecting = open_stream(self._p2p, peer, self._handle)
+        _, reader, writer = await asyncio.wait_for(connecting, OPEN_TIMEOUT_S)
+        return reader, writer
 
     async def _watch(self, peer_id: str, reader: asyncio.StreamReader) -> None:
         """Drops the link when its peer ends it (the peer never writes on it)."""

@@ -24,6 +24,7 @@ import pydantic
 
 from scheduler.block_selection import ServerSpan, choose_best_start
 from volunteer.errors import VolunteerError
+from volunteer.server.protocol import MAX_SOCKET_PATH_CHARS
 
 SCHEMA_VERSION = 1
 MAX_BLOCKS = 100_000
@@ -99,6 +100,10 @@ class ServerInfo(pydantic.BaseModel):
     """The volunteer package version the server runs."""
     public_name: str | None = pydantic.Field(default=None, max_length=MAX_PUBLIC_NAME_CHARS)
     model: str = pydantic.Field(pattern=MODEL_NAME_RE.pattern)
+    local_socket: str | None = pydantic.Field(default=None, max_length=MAX_SOCKET_PATH_CHARS)
+    """The server's Unix socket, for processes of the same boot (`volunteer.local_link`)."""
+    boot_id: str | None = pydantic.Field(default=None, pattern=_TOKEN_RE)
+    """The id of the boot of the machine the server runs on (with `local_socket`)."""
 
     @pydantic.field_validator("public_name")
     @classmethod
