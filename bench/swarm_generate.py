@@ -22,7 +22,12 @@ time from the kill to the next token. Prints a table, then one JSON line with ev
 figure, including `ratio_1` / `ratio_2` / `ratio_3` (swarm tokens/s divided by local
 tokens/s for 256 tokens; `ratio_N_64` for 64).
 
-    python bench/swarm_generate.py [--repeats 3] [--server-threads 2]
+The daemons and this client share one machine, so by default they reach each other on
+the daemons' Unix sockets (`volunteer.local_link`), as any swarm processes of one
+machine do; `--local-links no` sends everything through the p2p daemons, as between
+machines (`local_links_N` counts each server's local links).
+
+    python bench/swarm_generate.py [--repeats 3] [--server-threads 2] [--local-links no]
 """
 
 from __future__ import annotations
@@ -148,11 +153,14 @@ class Daemons:
     daemon leads its own session, so its group holds its p2pd too).
     """
 
-    def __init__(self, root: Path, folder: Path, env: dict[str, str], threads: int) -> None:
+    def __init__(
+        self, root: Path, folder: Path, env: dict[str, str], threads: int, local_links: str
+    ) -> None:
         self.root = root
         self.folder = folder
         self.env = env
         self.threads = threads
+        self.local_links = local_links
         self.join = ""
         self.pids: dict[str, int] = {}
         self.blocks: dict[str, str] = {}
@@ -171,6 +179,7 @@ class Daemons:
     def start(self, name: str, *flags: str) -> None:
         where = ["--join", self.join] if self.join else ["--new-swarm"]
         model = ["--model", str(self.folder), "--threads", str(self.threads)]
+        model += ["--local-links", self.local_links]
         began = time.perf_counter()
         result = self.cli(name, "start", *model, *where, *flags)
         self.launch_s[name] = time.perf_counter() - began
@@ -230,6 +239,8 @@ class Setup:
     env: dict[str, str]
     tmp: Path
     threads: int
+    local_links: str
+    """"yes": the daemons and this client, on one machine, talk over Unix sockets."""
     bare_rss: int
     """Bytes resident in a bare Python process that imported torch."""
 
@@ -243,7 +254,7 @@ class Setup:
 
     def daemons(self, label: str) -> Daemons:
         root = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=self.tmp))
-        return Daemons(root, self.folder, self.env, self.threads)
+        return Daemons(root, self.folder, self.env, self.threads, self.local_links)
 
     def open_stepper(self, connection: SwarmConnection) -> OpenStepper:
         client = connection.client(model=self.swarm_name, num_blocks=self.config.num_layers)
@@ -296,6 +307,7 @@ def _bench_swarm(setup: Setup, spans: tuple[str, ...], repeats: int) -> dict[str
                 "rss_mib": memory[name][0],
                 "rss_ratio": setup.rss_ratio(memory[name][0], daemons.blocks[name]),
                 "processes": memory[name][1],
+                "local_links": statuses[name].get("local_links") if name in statuses else None,
             }
             for name in ["boot", *servers]
         ],
@@ -391,6 +403,12 @@ def main() -> None:
     parser.add_argument(
         "--server-threads", type=int, default=2, help="torch threads of each daemon (2)"
     )
+    parser.add_argument(
+        "--local-links",
+        choices=("yes", "no"),
+        default="yes",
+        help="daemons serve this machine's processes on Unix sockets (yes; no: all via p2p)",
+    )
     parser.add_argument("--local-part", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.local_part:
@@ -419,6 +437,7 @@ def main() -> None:
     local_tokens = {n: local[n][-1].tokens for n in LENGTHS}
 
     figures: dict[str, Any] = {
+        "local_links": args.local_links,
         "threads": torch.get_num_threads(),
         "server_threads": args.server_threads,
         "prompt_tokens": len(prompt),
@@ -437,6 +456,7 @@ def main() -> None:
             env=env,
             tmp=Path(tmp),
             threads=args.server_threads,
+            local_links=args.local_links,
             bare_rss=bare_rss,
         )
         for count, spans in SWARMS.items():
@@ -458,6 +478,7 @@ def main() -> None:
             figures[f"launch_to_serving_s_{count}"] = [round(s["launch_s"], 2) for s in hosts]
             figures[f"boot_rss_mib_{count}"] = round(result["servers"][0]["rss_mib"], 1)
             figures[f"rss_ratio_{count}"] = [round(s["rss_ratio"], 3) for s in hosts]
+            figures[f"local_links_{count}"] = [s["local_links"] for s in hosts]
             launches.extend(s["launch_s"] for s in hosts)
             servers.extend((count, s) for s in result["servers"])
         _log("failover: 0:15 plus two replicas of 15:30; killing the serving one")

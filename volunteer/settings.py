@@ -63,6 +63,9 @@ class Settings:
     """The most RAM the served blocks and their caches may take; None: what is free."""
     max_gpu_gib: float | None = None
     """The most GPU memory an offloading policy may plan for; None: what is free."""
+    local_links: bool = True
+    """Also serve the blocks' streams on a Unix socket to processes of this machine (other
+    daemons, local clients), which then skip the p2p daemons (`volunteer.local_link`)."""
     rebalance_period_s: float = 600.0
     """Mean seconds between "should this server move to other blocks?" checks (each
     interval randomised by ±50%); 0 never moves."""
@@ -401,6 +404,7 @@ _PARSERS: dict[str, Callable[[_Source], Any]] = {
     "threads": lambda s: _parse_optional_int(s, minimum=1),
     "max_ram_gib": _parse_gib,
     "max_gpu_gib": _parse_gib,
+    "local_links": _parse_bool,
     "rebalance_period_s": _parse_period,
     "log_level": _parse_log_level,
     "start_timeout_s": _parse_timeout,

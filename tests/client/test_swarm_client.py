@@ -3,6 +3,7 @@ out, sessions through remote servers and through this process's own server."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import tempfile
 from collections.abc import Iterator
@@ -206,7 +207,12 @@ def test_a_stale_view_routes_at_once_and_is_read_again_in_the_background(world: 
     now = [1000.0]
     peer = world.peers[1]
     client = SwarmClient(
-        p2p=peer.p2p, node=peer.node, model=MODEL, num_blocks=4, clock=lambda: now[0]
+        p2p=peer.p2p,
+        node=peer.node,
+        model=MODEL,
+        num_blocks=4,
+        clock=lambda: now[0],
+        revalidate_delay_s=0.3,
     )
 
     async def scenario() -> tuple[float, float, float, float]:
@@ -216,6 +222,9 @@ def test_a_stale_view_routes_at_once_and_is_read_again_in_the_background(world: 
         stale = await client.current()
         assert stale is first and client._snapshot_at == read_at
         assert client._refreshing is not None
+        # The read waits a moment, clear of the prefill of the session that asked for it.
+        await asyncio.sleep(0.1)
+        assert not client._refreshing.done() and client._snapshot_at == read_at
         await client._refreshing
         refreshed_at = client._snapshot_at
         now[0] += SNAPSHOT_STALE_MAX_S + 1  # too old: waited for

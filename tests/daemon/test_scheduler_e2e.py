@@ -25,6 +25,7 @@ pytestmark = [
 ]
 
 SERVERS = ("a", "b", "c")
+NO_LOCAL_LINKS = "c"
 MOVE_TIMEOUT_S = 60.0
 
 
@@ -35,7 +36,9 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, smollm2_folder: Path) -> Ite
     try:
         swarm.start("boot", "--num-blocks", "0")
         for name in SERVERS:
-            swarm.start(name, "--num-blocks", "10")
+            # One server keeps to p2p: it must announce no socket and serve none.
+            local = ["--local-links", "no"] if name == NO_LOCAL_LINKS else []
+            swarm.start(name, "--num-blocks", "10", *local)
         yield swarm
     finally:
         homes.reap()
@@ -51,6 +54,14 @@ def test_servers_choosing_their_own_blocks_land_on_different_spans(swarm: Swarm)
     described = swarm.control("boot").call("swarm", timeout_s=30)
     assert sorted((s["start"], s["end"]) for s in described["servers"]) == spans
     assert described["num_blocks"] == 30 and min(described["block_throughput"]) > 0
+    # Each server announces its Unix socket for this machine's processes, unless told not to.
+    sockets = {s["peer_id"]: s["local_socket"] for s in described["servers"]}
+    for name, status in statuses.items():
+        socket = sockets[status["peer_id"]]
+        if name == NO_LOCAL_LINKS:
+            assert socket is None and status["local_links"] is None
+        else:
+            assert socket is not None and Path(socket).exists() and status["local_links"] == 0
     # `volunteer profile` plans with the swarm the daemon sees (without the daemon's own
     # blocks): 10 blocks go where the slowest server is; on a server, its own span.
     profiled = swarm.homes.cli(

@@ -183,3 +183,11 @@ def test_settings_are_frozen_and_keyword_only() -> None:
         Settings("model")  # type: ignore[misc]
     with pytest.raises(AttributeError):
         Settings().port = 1  # type: ignore[misc]
+
+
+def test_local_links_can_be_turned_off(paths: Paths) -> None:
+    assert build(paths).local_links
+    assert not build(paths, local_links="no").local_links
+    assert not build(paths, env={"VOLUNTEER_LOCAL_LINKS": "false"}).local_links
+    with pytest.raises(SettingsError, match="--local-links: expected true or false"):
+        build(paths, local_links="maybe")

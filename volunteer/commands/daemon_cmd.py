@@ -31,6 +31,12 @@ _VALUE_FLAGS = (
     ("--max-ram-gib", "max_ram_gib", "GIB", "most RAM the blocks and caches may take"),
     ("--max-gpu-gib", "max_gpu_gib", "GIB", "most GPU memory an offloading plan may take"),
     (
+        "--local-links",
+        "local_links",
+        "yes|no",
+        "serve this machine's other swarm processes on a Unix socket, past p2pd (yes)",
+    ),
+    (
         "--rebalance-period",
         "rebalance_period_s",
         "SECONDS",

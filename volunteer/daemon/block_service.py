@@ -212,7 +212,7 @@ class BlockService:
     async def _listen_locally(self, handler: BlockHandler) -> str | None:
         """Serves the handler's streams on a Unix socket for processes of this machine
         (`volunteer.local_link`); its path, or None where that cannot be."""
-        if this_boot() is None:
+        if not self._settings.local_links or this_boot() is None:
             return None
         listener = LocalListener(
             self._dht.p2p.peer_id.to_base58(),
