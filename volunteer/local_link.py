@@ -5,8 +5,8 @@ Several daemons may share a machine (one per GPU, or a `--home` each), and a cli
 runs next to them. Through the p2p daemons, every message between two such processes
 crosses two more (each side's p2pd): ~0.2-0.4 ms per message here, with the caches cold
 after a step's compute, for each hop of every token. So a block server also listens on a
-Unix socket in its runtime folder (mode 0600: its own user only) and announces the path
-with this boot's id; a process that sees its own boot id there opens the inference stream
+Unix socket (mode 0600, in a private temp folder) and announces its path with this
+boot's id; a process that sees its own boot id there opens the inference stream
 and the push links on that socket instead, in the same framing, and goes through p2p
 whenever that fails.
 
@@ -109,17 +109,19 @@ class LocalListener:
         self.links_served = 0
         """Links opened to a stream since start (not counting refused ones)."""
 
-    async def start(self, path: Path) -> None:
-        """Listens at `path` (replacing a stale socket file left there); where that path
-        is too long for a socket, in a private folder made for it in the temp folder.
+    async def start(self, folder: Path | None = None) -> None:
+        """Listens at `SOCKET_NAME` in `folder` (replacing a stale socket file left there).
+
+        By default, and where `folder` is too deep for a socket path, the folder is a
+        private one (mode 0700) made in the temp folder: the path goes into the swarm's
+        records, and one under the user's home would tell every peer the user's name.
 
         Raises:
             OSError: the socket cannot be bound.
         """
-        if path.name != SOCKET_NAME:
-            raise OSError(f"{path} cannot be a block server's socket: it must be {SOCKET_NAME}")
-        if len(os.fsencode(path)) > wire.MAX_SOCKET_PATH_CHARS:
-            self._own_folder = Path(tempfile.mkdtemp(prefix="volunteer-"))  # mode 0700
+        path = None if folder is None else folder / SOCKET_NAME
+        if path is None or len(os.fsencode(path)) > wire.MAX_SOCKET_PATH_CHARS:
+            self._own_folder = Path(tempfile.mkdtemp(prefix="volunteer-"))
             path = self._own_folder / SOCKET_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):

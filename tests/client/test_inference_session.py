@@ -76,6 +76,8 @@ class Client:
     backoff: Backoff
     opened: list[RouteHop]
     """Every hop the session asked to open, in order (the failed ones too)."""
+    rereads: list[float]
+    """When the session asked to read the swarm again."""
 
 
 @dataclasses.dataclass
@@ -86,10 +88,18 @@ class Swarm:
     servers: dict[str, Server]
     client: P2P
 
-    def new_session(self, *names: str, lies: tuple[ServerCandidate, ...] = ()) -> Client:
-        """A session whose routes may use only the named servers (and `lies` about them)."""
+    def new_session(
+        self, *names: str, lies: tuple[ServerCandidate, ...] = (), joining: tuple[str, ...] = ()
+    ) -> Client:
+        """A session whose routes may use only the named servers (and `lies` about them);
+        the `joining` ones only once the session has read the swarm again."""
         candidates = [self.servers[name].candidate for name in names] + list(lies)
         opened: list[RouteHop] = []
+        rereads: list[float] = []
+
+        async def reread() -> None:
+            rereads.append(time.monotonic())
+            candidates.extend(self.servers[name].candidate for name in joining)
 
         def plan_route(start: int, end: int, avoid: frozenset[str]) -> list[RouteHop]:
             return inference_route(candidates, start, end, avoid=avoid)
@@ -111,8 +121,9 @@ class Swarm:
             backoff=backoff,
             clock=time.monotonic,
             step_timeout_s=STEP_TIMEOUT_S,
+            reread=reread,
         )
-        return Client(session=session, backoff=backoff, opened=opened)
+        return Client(session=session, backoff=backoff, opened=opened, rereads=rereads)
 
     def kill(self, name: str) -> None:
         """Stops a server for real: its handler and its P2P daemon."""
@@ -402,6 +413,32 @@ def test_a_bad_request_while_opening_closes_the_hops_opened_so_far(swarm: Swarm)
     assert client.opened == [first.hop(0, 2), first.hop(2, 4)]
     assert swarm.session_counts("first", expected=0) == [0]
     assert client.backoff.avoided(time.monotonic()) == frozenset()
+
+
+def test_a_failover_with_no_route_in_view_reads_the_swarm_again(
+    start_swarm: Callable[..., Swarm],
+) -> None:
+    """A replica that joined after the session's view was read is found on a re-read."""
+    swarm = start_swarm(
+        a=ServerSpec(0, 2, throughput=100.0),
+        b=ServerSpec(0, 2, throughput=100.0),
+        c=ServerSpec(2, 4, throughput=100.0),
+    )
+    b, c = swarm.servers["b"], swarm.servers["c"]
+    client = swarm.new_session("a", "c", joining=("b",))
+    session = client.session
+    hidden, cuts = hidden_states(BATCH, 10, seed=23), _cuts(10)
+    swarm.loop.run(session.open(0, 4))
+    before = swarm.loop.run(_steps(session, hidden, cuts[:3]))
+    assert client.rereads == []
+
+    swarm.kill("a")
+    after = swarm.loop.run(_steps(session, hidden, cuts[3:], start=cuts[2]))
+
+    _assert_close(before + after, _local(swarm.full, hidden, cuts))
+    assert len(client.rereads) == 1
+    assert session.route == [b.hop(0, 2), c.hop(2, 4)]
+    swarm.loop.run(session.close())
 
 
 def test_no_replica_left_fails_the_session_quickly(start_swarm: Callable[..., Swarm]) -> None:

@@ -93,7 +93,7 @@ async def _start(full: BlockSpan, folder: Path) -> tuple[list[Server], P2P]:
             PUSH_HANDLE: handler.serve_push_stream,
         }
         listener = LocalListener(p2p.peer_id.to_base58(), handlers)
-        await listener.start(folder / f"server{index}" / SOCKET_NAME)
+        await listener.start(folder / f"server{index}")
         servers.append(Server(handler, p2p, listener))
     known = [addr for s in servers for addr in await s.p2p.get_visible_maddrs()]
     client = await P2P.create(host_maddrs=LOOPBACK, initial_peers=known)
@@ -248,7 +248,7 @@ def test_closing_the_listener_ends_its_links_and_removes_the_socket(tmp_path: Pa
 
     async def scenario() -> bytes:
         listener = LocalListener("me", {"echo": serve})
-        await listener.start(tmp_path / SOCKET_NAME)
+        await listener.start(tmp_path)
         reader, writer = await open_local(str(tmp_path / SOCKET_NAME), "me", "echo")
         await listener.close()
         await asyncio.wait_for(ended.wait(), TIMEOUT_S)
@@ -264,12 +264,15 @@ def test_closing_the_listener_ends_its_links_and_removes_the_socket(tmp_path: Pa
     assert not (tmp_path / SOCKET_NAME).exists()
 
 
-def test_a_folder_too_deep_for_a_socket_gets_a_private_one(tmp_path: Path) -> None:
-    deep = tmp_path / ("d" * 60) / ("e" * 60) / SOCKET_NAME
+@pytest.mark.parametrize("deep", [True, False])
+def test_a_private_folder_holds_the_socket_by_default_or_when_too_deep(
+    tmp_path: Path, deep: bool
+) -> None:
+    folder = tmp_path / ("d" * 60) / ("e" * 60) if deep else None
 
     async def scenario() -> tuple[str, int]:
         listener = LocalListener("me", {})
-        await listener.start(deep)
+        await listener.start(folder)
         assert listener.path is not None
         where = str(listener.path)
         mode = stat.S_IMODE(os.stat(listener.path.parent).st_mode)
@@ -282,5 +285,6 @@ def test_a_folder_too_deep_for_a_socket_gets_a_private_one(tmp_path: Path) -> No
     finally:
         loop.close()
     assert where.endswith(SOCKET_NAME) and len(where) <= wire.MAX_SOCKET_PATH_CHARS
+    assert Path(where).parent.parent == Path(tempfile.gettempdir())
     assert folder_mode == 0o700
     assert not Path(where).parent.exists()  # removed with the socket

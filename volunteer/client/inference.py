@@ -118,7 +118,14 @@ class SwarmInferenceSession:
         clock: Callable[[], float],
         step_timeout_s: float,
         max_failovers: int = 8,
+        reread: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """
+        Args:
+            reread: reads the swarm again for `plan_route`; awaited once when the view it
+                plans with has no route left (a replica may have joined since it was read).
+        """
+        self._reread = reread
         self._plan_route = plan_route
         self._open_stream = open_stream
         self._retriable = retriable
@@ -226,11 +233,16 @@ class SwarmInferenceSession:
 
     async def _open_hops(self, start: int, end: int, history: list[torch.Tensor]) -> list[_Hop]:
         """Opens streams over [start, end), replaying `history` through them in order."""
+        reread = self._reread
         while True:
             avoid = self._backoff.avoided(self._clock())
             try:
                 route = self._plan_route(start, end, avoid)
             except NoRouteError as exc:
+                if reread is not None:
+                    await reread()
+                    reread = None
+                    continue
                 raise SessionFailedError(
                     f"no servers left for blocks {start}:{end} "
                     f"(avoiding {len(avoid)} failed peer(s)): {exc}"

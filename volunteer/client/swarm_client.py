@@ -218,9 +218,21 @@ class SwarmClient:
             backoff=self.backoff,
             clock=self._clock,
             step_timeout_s=self.step_timeout_s,
+            reread=self._reread,
         )
         await session.open(0, self.num_blocks)
         return session
+
+    async def _reread(self) -> None:
+        """Reads the swarm again now: a route is needed that the current view lacks."""
+        refreshing = self._refreshing
+        if refreshing is not None and not refreshing.done():
+            refreshing.cancel()  # most likely still waiting out its delay
+            await asyncio.gather(refreshing, return_exceptions=True)
+        try:
+            await self.refresh()
+        except Exception as exc:  # the caller then fails for want of a route, as it would have
+            logger.info("reading the swarm's records again failed: %s", exc)
 
     async def _open_stream(
         self, hop: RouteHop, *, max_length: int, batch_size: int

@@ -50,7 +50,7 @@ from volunteer.daemon.span_plan import (
     plan_span,
 )
 from volunteer.errors import VolunteerError
-from volunteer.local_link import SOCKET_NAME, LocalListener, this_boot
+from volunteer.local_link import LocalListener, this_boot
 from volunteer.microbench import choose_decode_threads
 from volunteer.paths import Paths
 from volunteer.served_model import ServedModel, open_model
@@ -221,11 +221,10 @@ class BlockService:
                 PUSH_HANDLE: handler.serve_push_stream,
             },
         )
-        path = self._paths.runtime_dir / SOCKET_NAME
         try:
-            await listener.start(path)
+            await listener.start()
         except OSError as exc:
-            logger.warning("no local socket at %s (%s): local peers go through p2p", path, exc)
+            logger.warning("no local socket (%s): local peers go through p2p", exc)
             return None
         self._local = listener
         return str(listener.path)
