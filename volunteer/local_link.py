@@ -24,8 +24,10 @@ import contextlib
 import functools
 import logging
 import os
+import socket
 import stat
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
@@ -35,6 +37,9 @@ from volunteer.server.protocol import LocalHello, PeerUnavailableError, RemoteSp
 logger = logging.getLogger(__name__)
 
 SOCKET_NAME = "blocks.sock"
+FOLDER_PREFIX = "volunteer-links-"
+"""The private folders of the sockets, in the temp folder."""
+STALE_EMPTY_S = 3600.0
 HELLO_TIMEOUT_S = 2.0
 """How long either side waits for the other's hello: both are on this machine."""
 MAX_HELLO_BYTES = 1024
@@ -121,19 +126,18 @@ class LocalListener:
         """
         path = None if folder is None else folder / SOCKET_NAME
         if path is None or len(os.fsencode(path)) > wire.MAX_SOCKET_PATH_CHARS:
-            self._own_folder = Path(tempfile.mkdtemp(prefix="volunteer-"))
+            remove_stale_folders()
+            self._own_folder = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX))
             path = self._own_folder / SOCKET_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(path.lstat().st_mode):
                 path.unlink()  # a crashed daemon's: connecting to it would fail anyway
-        # Bound under a umask that leaves nobody else a moment to connect.
-        umask = os.umask(0o177)
-        try:
-            self._server = await asyncio.start_unix_server(self._accept, path=str(path))
-        finally:
-            os.umask(umask)
+        self._server = await asyncio.start_unix_server(self._accept, path=str(path))
         self.path = path
+        # In a private folder nobody else could connect meanwhile; in another, this
+        # closes the socket to others at once.
+        path.chmod(0o600)
 
     async def close(self) -> None:
         server, self._server = self._server, None
@@ -182,6 +186,44 @@ class LocalListener:
             await handler("local", reader, writer)
         finally:
             writer.close()
+
+
+def remove_stale_folders(temp: Path | None = None) -> int:
+    """Removes the private socket folders of this user's daemons that died without
+    closing (killed, or the machine lost power mid-run); returns how many.
+
+    A folder counts as stale when it holds nothing but a socket that refuses connections
+    (nobody listens there any more), or nothing at all for an hour (a daemon that made it
+    a moment ago is about to bind its socket there).
+    """
+    removed = 0
+    for folder in Path(temp or tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*"):
+        try:
+            if folder.is_symlink() or folder.stat().st_uid != os.getuid():
+                continue
+            entries = list(folder.iterdir())
+            if entries == [] and time.time() - folder.stat().st_mtime > STALE_EMPTY_S:
+                folder.rmdir()
+                removed += 1
+            elif entries == [folder / SOCKET_NAME] and _refuses(folder / SOCKET_NAME):
+                (folder / SOCKET_NAME).unlink()
+                folder.rmdir()
+                removed += 1
+        except OSError:  # another process cleaned it up first, or it is not ours to touch
+            continue
+    return removed
+
+
+def _refuses(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(HELLO_TIMEOUT_S)
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+    return False
 
 
 def _hello(peer_id: str, handle: str) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import socket
 import stat
 import tempfile
 import time
@@ -25,7 +26,15 @@ import volunteer.server.protocol as wire
 from models.model import BlockSpan
 from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
 from volunteer.client.remote_span import InferenceStream, RemoteSpan
-from volunteer.local_link import SOCKET_NAME, LocalListener, dialable, open_local, this_boot
+from volunteer.local_link import (
+    FOLDER_PREFIX,
+    SOCKET_NAME,
+    LocalListener,
+    dialable,
+    open_local,
+    remove_stale_folders,
+    this_boot,
+)
 from volunteer.server.handler import INFERENCE_HANDLE, PUSH_HANDLE, BlockHandler
 from volunteer.server.protocol import PeerUnavailableError
 
@@ -288,3 +297,27 @@ def test_a_private_folder_holds_the_socket_by_default_or_when_too_deep(
     assert Path(where).parent.parent == Path(tempfile.gettempdir())
     assert folder_mode == 0o700
     assert not Path(where).parent.exists()  # removed with the socket
+
+
+def test_the_folders_of_dead_daemons_are_cleaned_up(tmp_path: Path) -> None:
+    def folder(name: str) -> Path:
+        made = tmp_path / f"{FOLDER_PREFIX}{name}"
+        made.mkdir()
+        return made
+
+    dead = folder("dead")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:
+        gone.bind(str(dead / SOCKET_NAME))  # bound, never listening: refuses, as a dead one
+    alive = folder("alive")
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(alive / SOCKET_NAME))
+    listening.listen()
+    old_empty, new_empty, other = folder("old"), folder("new"), folder("other")
+    os.utime(old_empty, (time.time() - 2 * 3600,) * 2)
+    (other / "notes.txt").write_text("not ours to judge")
+    try:
+        assert remove_stale_folders(tmp_path) == 2
+    finally:
+        listening.close()
+    assert not dead.exists() and not old_empty.exists()
+    assert alive.exists() and new_empty.exists() and other.exists()
