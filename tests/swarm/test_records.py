@@ -36,7 +36,12 @@ def make_info(**changes: Any) -> ServerInfo:
 
 
 def test_wire_round_trip_through_msgpack() -> None:
-    info = make_info(inference_rps=3.0, forward_rps=1.5)
+    info = make_info(
+        inference_rps=3.0,
+        forward_rps=1.5,
+        local_socket="/tmp/volunteer-links-x1/blocks.sock",
+        boot_id="2f1c8a5e-0d1b-4b7e-9d1e-5c6f7a8b9c0d",
+    )
     wire = msgpack.unpackb(msgpack.packb(info.to_wire()))
     assert ServerInfo.from_wire(wire) == info
     assert wire["state"] == "online"
@@ -51,10 +56,17 @@ def test_unknown_fields_are_ignored() -> None:
 
 def test_optional_fields_may_be_missing() -> None:
     wire = make_info().to_wire()
-    for name in ("inference_rps", "forward_rps", "public_name", "schema_version"):
+    for name in (
+        "inference_rps",
+        "forward_rps",
+        "public_name",
+        "schema_version",
+        "local_socket",
+        "boot_id",
+    ):
         del wire[name]
     parsed = ServerInfo.from_wire(wire)
-    assert parsed.public_name is None
+    assert parsed.public_name is None and parsed.local_socket is None
     assert parsed.schema_version == 1
 
 
@@ -80,6 +92,9 @@ BAD_FIELDS = [
     {"model": "bad model"},
     {"model": "m" * 500},
     {"inference_rps": -5.0},
+    {"local_socket": "/" + "s" * 200},
+    {"local_socket": 5},
+    {"boot_id": "a boot; with spaces"},
 ]
 
 
