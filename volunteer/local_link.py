@@ -98,6 +98,22 @@ async def open_local(
     return reader, writer
 
 
+async def open_preferring_local(
+    local_socket: str | None,
+    peer_id: str,
+    handle: str,
+    through_p2p: Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]],
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A stream to `handle` of `peer_id`: on its local socket when there is one, else
+    (and whenever that fails) the one `through_p2p` opens."""
+    if local_socket is not None:
+        try:
+            return await open_local(local_socket, peer_id, handle)
+        except LINK_ERRORS as exc:
+            logger.info("no local link to %s (%s): going through p2p", peer_id, exc)
+    return await through_p2p()
+
+
 class LocalListener:
     """A block server's Unix socket: hands each link to the handler of the stream it asks for.
 

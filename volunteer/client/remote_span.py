@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -24,13 +23,11 @@ from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
 import volunteer.server.protocol as wire
-from volunteer.local_link import LINK_ERRORS, open_local
+from volunteer.local_link import open_preferring_local
 from volunteer.p2p_streams import open_stream
 from volunteer.queue_wait import get_within
 from volunteer.server.handler import INFERENCE_HANDLE, BlockHandler
 from volunteer.server.protocol import PeerUnavailableError, RemoteError, RemoteSpanError
-
-logger = logging.getLogger(__name__)
 
 Reply = TypeVar("Reply")
 
@@ -182,15 +179,16 @@ class InferenceStream:
     async def _connect(self, timeout_s: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """The stream: on the server's local socket when it has one here, else via p2p."""
         span = self.span
-        if span.local_socket is not None:
-            peer_id = span.peer_id.to_base58()
-            try:
-                return await open_local(span.local_socket, peer_id, INFERENCE_HANDLE)
-            except LINK_ERRORS as exc:
-                logger.info("%s: no local link (%s); going through p2p", self._what(), exc)
-        connecting = open_stream(span.p2p, span.peer_id, INFERENCE_HANDLE)
-        _, reader, writer = await _call(connecting, timeout_s=timeout_s, what=self._what())
-        return reader, writer
+
+        async def through_p2p() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            connecting = open_stream(span.p2p, span.peer_id, INFERENCE_HANDLE)
+            _, reader, writer = await _call(connecting, timeout_s=timeout_s, what=self._what())
+            return reader, writer
+
+        peer_id = span.peer_id.to_base58()
+        return await open_preferring_local(
+            span.local_socket, peer_id, INFERENCE_HANDLE, through_p2p
+        )
 
     @functools.cached_property
     def push_target(self) -> wire.NextHop:

@@ -131,7 +131,8 @@ class SwarmClient:
         if self._snapshot is None or age > SNAPSHOT_STALE_MAX_S:
             return await self.refresh()
         if age > SNAPSHOT_MAX_AGE_S and (self._refreshing is None or self._refreshing.done()):
-            self._refreshing = asyncio.create_task(self._refresh_quietly(), name="swarm-refresh")
+            refreshing = self._refresh_quietly(delay_s=self.revalidate_delay_s)
+            self._refreshing = asyncio.create_task(refreshing, name="swarm-refresh")
         return self._snapshot
 
     async def close(self) -> None:
@@ -141,9 +142,9 @@ class SwarmClient:
             await asyncio.gather(self._refreshing, return_exceptions=True)
             self._refreshing = None
 
-    async def _refresh_quietly(self) -> None:
+    async def _refresh_quietly(self, *, delay_s: float) -> None:
         try:
-            await asyncio.sleep(self.revalidate_delay_s)
+            await asyncio.sleep(delay_s)
             await self.refresh()
         except Exception as exc:  # the next session waits for a read if this stays stale
             logger.info("reading the swarm's records in the background failed: %s", exc)
@@ -229,10 +230,7 @@ class SwarmClient:
         if refreshing is not None and not refreshing.done():
             refreshing.cancel()  # most likely still waiting out its delay
             await asyncio.gather(refreshing, return_exceptions=True)
-        try:
-            await self.refresh()
-        except Exception as exc:  # the caller then fails for want of a route, as it would have
-            logger.info("reading the swarm's records again failed: %s", exc)
+        await self._refresh_quietly(delay_s=0.0)
 
     async def _open_stream(
         self, hop: RouteHop, *, max_length: int, batch_size: int

@@ -301,9 +301,10 @@ def unpack_tensor(
     """
     _check_encoding(proto, name)
     shape = list(proto.size)
-    if math.prod(shape) > max_numel:  # sizes are unsigned on the wire
+    numel = math.prod(shape)  # sizes are unsigned on the wire
+    if numel > max_numel:
         raise BadRequestError(f"{name}: shape {shape} is not one of at most {max_numel} elements")
-    return _decode(proto, math.prod(shape), name)
+    return _decode(proto, numel, name)
 
 
 def unpack_hidden(

@@ -33,7 +33,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 import volunteer.server.protocol as wire
-from volunteer.local_link import LINK_ERRORS, open_local
+from volunteer.local_link import open_preferring_local
 from volunteer.p2p_streams import open_stream
 from volunteer.queue_wait import get_within
 from volunteer.server.protocol import SessionExpiredError
@@ -126,14 +126,13 @@ class PushLinks:
         self, peer_id: str, peer: PeerID, local_socket: str | None
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A link on the peer's local socket where the client named one, else through p2p."""
-        if local_socket is not None:
-            try:
-                return await open_local(local_socket, peer_id, self._handle)
-            except LINK_ERRORS as exc:
-                logger.debug("no local push link to %s: %s", peer_id, exc)
-        connecting = open_stream(self._p2p, peer, self._handle)
-        _, reader, writer = await asyncio.wait_for(connecting, OPEN_TIMEOUT_S)
-        return reader, writer
+
+        async def through_p2p() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            connecting = open_stream(self._p2p, peer, self._handle)
+            _, reader, writer = await asyncio.wait_for(connecting, OPEN_TIMEOUT_S)
+            return reader, writer
+
+        return await open_preferring_local(local_socket, peer_id, self._handle, through_p2p)
 
     async def _watch(self, peer_id: str, reader: asyncio.StreamReader) -> None:
         """Drops the link when its peer ends it (the peer never writes on it)."""
