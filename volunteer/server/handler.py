@@ -129,6 +129,8 @@ class BlockHandler(ServicerBase):
         throughput: float,
     ) -> None:
         self.span = span
+        self.dtype = _weights_dtype(span)
+        """The served weights' dtype (kept, not looked up: every request checks it)."""
         self.model_name = model_name
         self.limits = limits
         self.sessions = sessions
@@ -216,11 +218,8 @@ class BlockHandler(ServicerBase):
         if span.config != self.span.config or span.num_blocks != self.span.num_blocks:
             raise ValueError("a swapped-in span must be as long and of the same model")
         old, self.span = self.span, span.eval()
+        self.dtype = _weights_dtype(span)
         return old
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.span.parameters()).dtype
 
     async def rpc_info(
         self, request: runtime_pb2.ExpertUID, context: P2PContext
@@ -658,6 +657,10 @@ class BlockHandler(ServicerBase):
                 f"start_pos {start_pos} + {seq} positions exceed the session's "
                 f"max_length {session.max_length}"
             )
+
+
+def _weights_dtype(span: BlockSpan) -> torch.dtype:
+    return next(span.parameters()).dtype
 
 
 async def _client_messages(

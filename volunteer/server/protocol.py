@@ -279,7 +279,13 @@ def pack_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
     work cost ~40 us per message here, as much again to decode.
     """
     requires_grad = tensor.requires_grad
-    tensor = tensor.detach().cpu().contiguous()
+    # Each torch call costs several microseconds cold: only the ones a tensor needs.
+    if requires_grad:
+        tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
     raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
     return runtime_pb2.Tensor(
         compression=runtime_pb2.CompressionType.NONE,
@@ -360,4 +366,6 @@ def _decode(proto: runtime_pb2.Tensor, numel: int, name: str) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype)
     # A copy the tensor owns (and may write to): the message's bytes are immutable.
     tensor = torch.frombuffer(bytearray(proto.buffer), dtype=wire_dtype).view(shape)
-    return tensor.to(dtype).requires_grad_(proto.requires_grad)
+    if wire_dtype != dtype:
+        tensor = tensor.to(dtype)
+    return tensor.requires_grad_() if proto.requires_grad else tensor
