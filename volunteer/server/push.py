@@ -10,7 +10,8 @@ it, so a lost push only costs time; each server runs whichever copy of a step co
 first and drops the other (steps are numbered by the client).
 
 - `PushLinks`: the sending side, one stream per next peer, opened in the background on
-  first need (that step goes the slow way) and reused by every session.
+  first need (that step goes the slow way) and reused by every session; on the peer's
+  Unix socket when the client saw one on this machine (`volunteer.local_link`).
 - `StepInbox`: the receiving side of one session: its client's messages and the steps
   pushed to it, in order of arrival.
 
