@@ -16,14 +16,25 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import hivemind  # noqa: F401
 
+from hivemind.p2p import P2P
+
 from models.config import ModelConfig
 from models.model import BlockSpan
 from volunteer.client.loop_thread import LoopThread
+from volunteer.server.handler import BlockHandler
 
-__all__ = ["LoopThread", "hidden_states", "random_span", "sub_span", "tiny_config"]
+__all__ = [
+    "LoopThread",
+    "hidden_states",
+    "random_span",
+    "start_route_servers",
+    "sub_span",
+    "tiny_config",
+]
 
 
 HIDDEN = 64
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
 
 def tiny_config(num_layers: int = 4) -> ModelConfig:
@@ -64,3 +75,27 @@ def sub_span(full: BlockSpan, start: int, end: int) -> BlockSpan:
 
 def hidden_states(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, seq, HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+async def start_route_servers(
+    full: BlockSpan, spans: list[tuple[int, int]]
+) -> tuple[list[tuple[P2P, BlockHandler]], P2P]:
+    """A block server for each span of `full` on 127.0.0.1, each joined through the ones
+    before it as servers of one swarm know each other, and a client P2P that knows them
+    all."""
+    servers: list[tuple[P2P, BlockHandler]] = []
+    for start, end in spans:
+        known = [addr for p2p, _ in servers for addr in await p2p.get_visible_maddrs()]
+        p2p = await P2P.create(host_maddrs=LOOPBACK, initial_peers=known)
+        handler = await BlockHandler.create(
+            p2p=p2p,
+            span=sub_span(full, start, end),
+            model_name="tiny",
+            cache_tokens=64,
+            max_batch=1,
+            max_chunk=8,
+        )
+        servers.append((p2p, handler))
+    known = [addr for p2p, _ in servers for addr in await p2p.get_visible_maddrs()]
+    client = await P2P.create(host_maddrs=LOOPBACK, initial_peers=known)
+    return servers, client

@@ -24,7 +24,14 @@ from hivemind.p2p import P2P
 
 import volunteer.server.protocol as wire
 from models.model import BlockSpan
-from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
+from tests.server import (
+    LoopThread,
+    hidden_states,
+    random_span,
+    start_route_servers,
+    sub_span,
+    tiny_config,
+)
 from volunteer.client.remote_span import InferenceStream, RemoteSpan
 from volunteer.local_link import (
     FOLDER_PREFIX,
@@ -40,7 +47,6 @@ from volunteer.server.protocol import PeerUnavailableError
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
 
-LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 MAX_LENGTH = 16
 TIMEOUT_S = 10.0
 ATOL = 1e-5
@@ -85,18 +91,9 @@ class Pair:
 
 
 async def _start(full: BlockSpan, folder: Path) -> tuple[list[Server], P2P]:
-    servers: list[Server] = []
-    for index, (start, end) in enumerate(((0, 2), (2, 4))):
-        known = [addr for s in servers for addr in await s.p2p.get_visible_maddrs()]
-        p2p = await P2P.create(host_maddrs=LOOPBACK, initial_peers=known)
-        handler = await BlockHandler.create(
-            p2p=p2p,
-            span=sub_span(full, start, end),
-            model_name="tiny",
-            cache_tokens=64,
-            max_batch=1,
-            max_chunk=8,
-        )
+    started, client = await start_route_servers(full, [(0, 2), (2, 4)])
+    servers = []
+    for index, (p2p, handler) in enumerate(started):
         handlers = {
             INFERENCE_HANDLE: handler.serve_inference_stream,
             PUSH_HANDLE: handler.serve_push_stream,
@@ -104,8 +101,6 @@ async def _start(full: BlockSpan, folder: Path) -> tuple[list[Server], P2P]:
         listener = LocalListener(p2p.peer_id.to_base58(), handlers)
         await listener.start(folder / f"server{index}")
         servers.append(Server(handler, p2p, listener))
-    known = [addr for s in servers for addr in await s.p2p.get_visible_maddrs()]
-    client = await P2P.create(host_maddrs=LOOPBACK, initial_peers=known)
     return servers, client
 
 

@@ -19,14 +19,20 @@ from hivemind.proto import runtime_pb2
 
 import volunteer.server.protocol as wire
 from models.model import BlockSpan
-from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
+from tests.server import (
+    LoopThread,
+    hidden_states,
+    random_span,
+    start_route_servers,
+    sub_span,
+    tiny_config,
+)
 from volunteer.client.remote_span import InferenceStream, RemoteSpan
 from volunteer.server.handler import PUSH_HANDLE, BlockHandler
 from volunteer.server.protocol import PeerUnavailableError
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
 
-LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 MAX_LENGTH = 16
 TIMEOUT_S = 10.0
 ATOL = 1e-5
@@ -52,26 +58,8 @@ class Pair:
 
 
 async def _start(full: BlockSpan) -> tuple[list[P2P], list[BlockHandler], P2P]:
-    p2ps: list[P2P] = []
-    handlers = []
-    for start, end in ((0, 2), (2, 4)):
-        # Each joins through the ones before it, as servers of one swarm know each other.
-        known = [addr for p2p in p2ps for addr in await p2p.get_visible_maddrs()]
-        p2p = await P2P.create(host_maddrs=LOOPBACK, initial_peers=known)
-        p2ps.append(p2p)
-        handlers.append(
-            await BlockHandler.create(
-                p2p=p2p,
-                span=sub_span(full, start, end),
-                model_name="tiny",
-                cache_tokens=64,
-                max_batch=1,
-                max_chunk=8,
-            )
-        )
-    known = [addr for p2p in p2ps for addr in await p2p.get_visible_maddrs()]
-    client = await P2P.create(host_maddrs=LOOPBACK, initial_peers=known)
-    return p2ps, handlers, client
+    servers, client = await start_route_servers(full, [(0, 2), (2, 4)])
+    return [p2p for p2p, _ in servers], [handler for _, handler in servers], client
 
 
 @pytest.fixture(scope="module")
