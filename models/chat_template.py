@@ -21,8 +21,7 @@ import jinja2
 from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-from models.errors import TokenizerError
+from volunteer.models.errors import TokenizerError
 
 # What a template's own code can raise while it runs; anything else is a bug of ours.
 _RENDER_ERRORS = (

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-
-from models.config import ModelConfig
-from models.errors import CheckpointError
-from models.model import BlockSpan, CausalLM, ModelEnds
-from models.rope import RotaryTable
+from volunteer.models.config import ModelConfig
+from volunteer.models.errors import CheckpointError
+from volunteer.models.model import BlockSpan, CausalLM, ModelEnds
+from volunteer.models.rope import RotaryTable
 
 # Our parameter names (inside one block) -> the HF tensors, concatenated along dim 0,
 # that make them up. The one place checkpoint names are translated.

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from models.errors import ModelConfigError, UnsupportedArchitectureError
+from volunteer.models.errors import ModelConfigError, UnsupportedArchitectureError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 ROPE_KINDS = ("default", "linear", "llama3")

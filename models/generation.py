@@ -11,11 +11,10 @@ from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import torch
-
-from models.errors import ContextLengthError
-from models.kv_cache import KVCache
-from models.model import CausalLM
-from models.sampling import Sampler
+from volunteer.models.errors import ContextLengthError
+from volunteer.models.kv_cache import KVCache
+from volunteer.models.model import CausalLM
+from volunteer.models.sampling import Sampler
 
 
 class StepFn(Protocol):

@@ -28,8 +28,7 @@ from typing import Any
 import gguf
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
-
-from models.errors import CheckpointError
+from volunteer.models.errors import CheckpointError
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

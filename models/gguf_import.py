@@ -28,12 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
-
-from models.config import ModelConfig, RopeScaling
-from models.errors import CheckpointError, ModelConfigError
-from models.gguf_file import GGUFFile, can_dequantize, read_gguf, supported_type_names
-from models.gguf_tokenizer import tokenizer_config_from_gguf, tokenizer_json_from_gguf
-from models.rope import inverse_frequencies
+from volunteer.models.config import ModelConfig, RopeScaling
+from volunteer.models.errors import CheckpointError, ModelConfigError
+from volunteer.models.gguf_file import GGUFFile, can_dequantize, read_gguf, supported_type_names
+from volunteer.models.gguf_tokenizer import tokenizer_config_from_gguf, tokenizer_json_from_gguf
+from volunteer.models.rope import inverse_frequencies
 
 # GGUF tensor name -> (HF tensor name, shape in torch order as config dimensions).
 # The one place GGUF names are translated; "{i}" is the block index.

@@ -24,8 +24,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
-
-from models.errors import TokenizerError
+from volunteer.models.errors import TokenizerError
 
 # llama.cpp's llama_token_type values (gguf-py TokenType).
 TOKEN_TYPE_NORMAL = 1

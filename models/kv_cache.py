@@ -8,9 +8,8 @@ is admitted.
 from __future__ import annotations
 
 import torch
-
-from models.config import ModelConfig
-from models.errors import ContextLengthError
+from volunteer.models.config import ModelConfig
+from volunteer.models.errors import ContextLengthError
 
 
 class KVCache:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
-from models.block import BlockWeights, RMSNorm, TransformerBlock, block_forward
-from models.config import ModelConfig
-from models.kv_cache import KVCache
-from models.rope import RotaryTable
+from volunteer.models.block import BlockWeights, RMSNorm, TransformerBlock, block_forward
+from volunteer.models.config import ModelConfig
+from volunteer.models.kv_cache import KVCache
+from volunteer.models.rope import RotaryTable
 
 
 class BlockSpan(nn.Module):

@@ -10,8 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
-
-from models.config import ModelConfig, RopeScaling
+from volunteer.models.config import ModelConfig, RopeScaling
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:

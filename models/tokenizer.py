@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as BackendTokenizer
-
-from models.chat_template import ChatTemplate, select_chat_template
-from models.errors import TokenizerError
-from models.gguf_tokenizer import tokenizer_config_from_gguf, tokenizer_json_from_gguf
+from volunteer.models.chat_template import ChatTemplate, select_chat_template
+from volunteer.models.errors import TokenizerError
+from volunteer.models.gguf_tokenizer import tokenizer_config_from_gguf, tokenizer_json_from_gguf
 
 SPECIAL_TOKEN_NAMES = (
     "bos_token",

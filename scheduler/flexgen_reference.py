@@ -4,7 +4,7 @@ and the throughput it reported. Shared by the tests and `bench/scheduler_decisio
 
 from __future__ import annotations
 
-from scheduler.offload_cost import DeviceSpec, TransformerShape, Workload
+from volunteer.scheduler.offload_cost import DeviceSpec, TransformerShape, Workload
 
 GB = 10**9
 GIB = 2**30

@@ -16,8 +16,13 @@ from collections.abc import Iterable
 
 import numpy as np
 from scipy.optimize import linprog
-
-from scheduler.offload_cost import Batching, DeviceSpec, LayerSizes, TransformerShape, Workload
+from volunteer.scheduler.offload_cost import (
+    Batching,
+    DeviceSpec,
+    LayerSizes,
+    TransformerShape,
+    Workload,
+)
 
 GPU_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 NUM_GPU_BATCHES = (1, 2, 4, 8, 16, 32)

@@ -15,8 +15,7 @@ import random
 from collections.abc import Sequence
 
 import numpy as np
-
-from scheduler.block_selection import (
+from volunteer.scheduler.block_selection import (
     ServerSpan,
     block_throughputs,
     choose_best_start,

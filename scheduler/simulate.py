@@ -18,10 +18,9 @@ import random
 from collections.abc import Sequence
 
 import numpy as np
-
-from scheduler.block_selection import ServerSpan, choose_best_start, coverage_ratio
-from scheduler.capacity import BlockFootprint, MemoryBudget, block_capacity
-from scheduler.rebalancing import Layout, rebalance
+from volunteer.scheduler.block_selection import ServerSpan, choose_best_start, coverage_ratio
+from volunteer.scheduler.capacity import BlockFootprint, MemoryBudget, block_capacity
+from volunteer.scheduler.rebalancing import Layout, rebalance
 
 GIB = 2**30
 

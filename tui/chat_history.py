@@ -1,4 +1,4 @@
-"""The chat screen's memory: each conversation saved as it goes (`volunteer.chat_store`),
+"""The chat screen's memory: each conversation saved as it goes (`volunteer.chat.store`),
 listed and reopened. All calls block on SQLite briefly; the chat screen makes them from
 its worker threads."""
 
@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Any
 
-from volunteer.chat_store import (
+from volunteer.chat.store import (
     ChatStore,
     ConversationSummary,
     StoredConversation,

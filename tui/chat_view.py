@@ -16,10 +16,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Input, Label, ListItem, ListView, Markdown, Static
-
-from tui.chat_history import ChatHistory
-from tui.messages import ChatDone, ChatPiece, ConversationOpened, HistoryListed
-from tui.render import route_text
+from volunteer.tui.chat_history import ChatHistory
+from volunteer.tui.messages import ChatDone, ChatPiece, ConversationOpened, HistoryListed
+from volunteer.tui.render import route_text
 
 DEFAULT_MAX_TOKENS = 256
 PAINT_PERIOD_S = 0.1

@@ -13,13 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from tui.render import setting_label
-from volunteer.daemon import lifecycle
-from volunteer.daemon.control import ControlClient, ControlError, DaemonNotRunningError
-from volunteer.daemon.runner import LOG_FILE_NAME, describe_reload
+from volunteer.tui.render import setting_label
+
+from volunteer.control import lifecycle
+from volunteer.control.channel import ControlClient, ControlError, DaemonNotRunningError
+from volunteer.control.replies import describe_reload
+from volunteer.model_cache.smollm2 import DEFAULT_MODEL
 from volunteer.paths import Paths
 from volunteer.settings import EDITABLE, Settings, read_config, save_config
-from volunteer.smollm2 import DEFAULT_MODEL
 
 STATUS_TIMEOUT_S = 2.0
 SWARM_TIMEOUT_S = 20.0
@@ -78,7 +79,7 @@ class ControlDaemonClient:
     def __init__(self, paths: Paths, *, home: Path | None = None) -> None:
         self._paths = paths
         self._home = home
-        self.log_file: Path | None = paths.log_dir / LOG_FILE_NAME
+        self.log_file: Path | None = paths.daemon_log
 
     def status(self) -> dict[str, Any] | None:
         try:

@@ -10,9 +10,8 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Sparkline, Static
-
-from tui.gauges import Gauges
-from tui.render import blocks_bar, gauge, setting_label
+from volunteer.tui.gauges import Gauges
+from volunteer.tui.render import blocks_bar, gauge, setting_label
 
 SPARK_SAMPLES = 180
 """Tokens/s samples kept for the sparkline: three minutes at one poll a second."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psutil
 
-from volunteer.hardware import GpuInfo, read_gpus
+from volunteer.machine.hardware import GpuInfo, read_gpus
 
 
 @dataclasses.dataclass(frozen=True)

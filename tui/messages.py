@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from textual.message import Message
+from volunteer.tui.gauges import Gauges
 
-from tui.gauges import Gauges
-from volunteer.chat_store import ConversationSummary, StoredConversation
+from volunteer.chat.store import ConversationSummary, StoredConversation
 
 
 class StatusUpdated(Message):

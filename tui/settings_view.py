@@ -12,9 +12,9 @@ from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import Input, Label, Static
+from volunteer.tui.messages import DaemonActionDone
+from volunteer.tui.render import setting_label
 
-from tui.messages import DaemonActionDone
-from tui.render import setting_label
 from volunteer.settings import APPLIED_LIVE
 
 # (settings field, label, placeholder shown when it is left at its default)

@@ -7,8 +7,7 @@ from typing import Any
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
-
-from tui.render import health_map, short_peer
+from volunteer.tui.render import health_map, short_peer
 
 PEER_COLUMNS = ("name", "peer", "blocks", "tokens/s", "rtt ms", "version", "state")
 

@@ -9,10 +9,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from models.errors import ModelError
 from volunteer import __version__
 from volunteer.commands import chat, daemon_cmd, models_cmd, profile_cmd, tui_cmd
 from volunteer.errors import VolunteerError
+from volunteer.models.errors import ModelError
 from volunteer.paths import Paths
 
 _COMMANDS = (models_cmd, chat, daemon_cmd, profile_cmd, tui_cmd)

@@ -34,6 +34,11 @@ class Paths:
         return self.config_dir / "config.toml"
 
     @property
+    def daemon_log(self) -> Path:
+        """The daemon's log (rotated beside itself), tailed by the TUI's log panel."""
+        return self.log_dir / "daemon.log"
+
+    @property
     def models_dir(self) -> Path:
         return self.cache_dir / "models"
 

@@ -20,10 +20,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from volunteer.atomic import write_file_atomic
 from volunteer.errors import SettingsError
+from volunteer.machine.atomic import write_file_atomic
+from volunteer.model_cache.smollm2 import DEFAULT_MODEL
 from volunteer.paths import Paths
-from volunteer.smollm2 import DEFAULT_MODEL
 
 ENV_PREFIX = "VOLUNTEER_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -65,7 +65,7 @@ class Settings:
     """The most GPU memory an offloading policy may plan for; None: what is free."""
     local_links: bool = True
     """Also serve the blocks' streams on a Unix socket to processes of this machine (other
-    daemons, local clients), which then skip the p2p daemons (`volunteer.local_link`)."""
+    daemons, local clients), which then skip the p2p daemons (`volunteer.transport.local_link`)."""
     rebalance_period_s: float = 600.0
     """Mean seconds between "should this server move to other blocks?" checks (each
     interval randomised by ±50%); 0 never moves."""

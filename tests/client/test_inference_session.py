@@ -14,14 +14,14 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 from hivemind.p2p import P2P, PeerID
+from volunteer.models.model import BlockSpan
+from volunteer.scheduler.routing import Backoff, RouteHop, ServerCandidate, inference_route
 
-from models.model import BlockSpan
-from scheduler.routing import Backoff, RouteHop, ServerCandidate, inference_route
 from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
 from volunteer.client.inference import SessionFailedError, SwarmInferenceSession
 from volunteer.client.remote_span import InferenceStream, RemoteSpan
 from volunteer.server.handler import BlockHandler
-from volunteer.server.protocol import (
+from volunteer.transport.protocol import (
     BadRequestError,
     BusyError,
     PeerUnavailableError,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from volunteer.scheduler.routing import RouteHop
 
-from scheduler.routing import RouteHop
 from volunteer.client.inference import PUSH_GRACE_FACTOR, PUSH_GRACE_MIN_S, _Hop
 
 

@@ -17,9 +17,9 @@ from tests.client.test_swarm_client import LOOPBACK, MODEL, Peer, _peer
 from tests.server import LoopThread, hidden_states, random_span, tiny_config
 from volunteer.client.spread import TracedHop
 from volunteer.client.swarm_client import SwarmClient
-from volunteer.server.protocol import BadRequestError
 from volunteer.swarm.dht_records import announce_on_node
 from volunteer.swarm.records import ServerInfo, ServerState
+from volunteer.transport.protocol import BadRequestError
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
 

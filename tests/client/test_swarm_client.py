@@ -16,10 +16,9 @@ from hivemind.p2p import P2P
 from hivemind.utils.crypto import RSAPrivateKey
 
 from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
-from volunteer.client.local_span import LocalInferenceStream
 from volunteer.client.swarm_client import SNAPSHOT_MAX_AGE_S, SNAPSHOT_STALE_MAX_S, SwarmClient
 from volunteer.server.handler import BlockHandler
-from volunteer.server.protocol import BadRequestError
+from volunteer.server.local_stream import LocalInferenceStream
 from volunteer.swarm.dht_records import (
     announce_on_node,
     encode_p2p_identity,
@@ -27,6 +26,7 @@ from volunteer.swarm.dht_records import (
     owner_marker,
 )
 from volunteer.swarm.records import ServerInfo, ServerState
+from volunteer.transport.protocol import BadRequestError
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from volunteer.daemon.lifecycle import pid_file
+from volunteer.control.lifecycle import pid_file
 from volunteer.paths import Paths
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,8 +18,8 @@ import psutil
 import pytest
 
 from tests.daemon.homes import Homes
-from volunteer.daemon.control import socket_path, use_tcp
-from volunteer.daemon.lifecycle import pid_file
+from volunteer.control.channel import socket_path, use_tcp
+from volunteer.control.lifecycle import pid_file
 from volunteer.paths import Paths
 
 pytestmark = pytest.mark.skipif(use_tcp(), reason="daemon tests use the Unix-socket path")

@@ -17,7 +17,7 @@ import pytest
 
 from tests.daemon.homes import Homes
 from tests.daemon.test_swarm_e2e import PARIS_PROMPT, Swarm
-from volunteer.daemon.control import use_tcp
+from volunteer.control.channel import use_tcp
 
 pytestmark = [
     pytest.mark.slow,

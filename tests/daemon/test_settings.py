@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from volunteer.errors import SettingsError
+from volunteer.model_cache.smollm2 import DEFAULT_MODEL
 from volunteer.paths import Paths
 from volunteer.settings import Settings
-from volunteer.smollm2 import DEFAULT_MODEL
 
 PEER = "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooWGjsehKx2X7FXb5FZeC67dMVRJVfPpo18eebps8HVyJHg"
 

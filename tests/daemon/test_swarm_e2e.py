@@ -24,7 +24,7 @@ import pytest
 
 from tests.daemon.homes import ROOT, Homes
 from volunteer.client.swarm_connection import SwarmConnection
-from volunteer.daemon.control import ControlClient, ControlError, use_tcp
+from volunteer.control.channel import ControlClient, ControlError, use_tcp
 from volunteer.paths import Paths
 from volunteer.swarm.dht_records import read_snapshot_on_node
 from volunteer.swarm.records import ServerState

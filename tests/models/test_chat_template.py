@@ -6,10 +6,9 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-
-from models.chat_template import ChatTemplate, select_chat_template
-from models.errors import TokenizerError
-from models.tokenizer import Tokenizer
+from volunteer.models.chat_template import ChatTemplate, select_chat_template
+from volunteer.models.errors import TokenizerError
+from volunteer.models.tokenizer import Tokenizer
 
 USER = [{"role": "user", "content": "hi"}]
 

@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
-from models.config import ModelConfig, RopeScaling
-from models.errors import ModelConfigError, UnsupportedArchitectureError
+from volunteer.models.config import ModelConfig, RopeScaling
+from volunteer.models.errors import ModelConfigError, UnsupportedArchitectureError
 
 SMOLLM2_HF = {
     "model_type": "llama",

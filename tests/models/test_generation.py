@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from volunteer.models.checkpoint import load_causal_lm
+from volunteer.models.errors import ContextLengthError
+from volunteer.models.generation import LocalStepper, generate_tokens
+from volunteer.models.sampling import Sampler, SamplingParams
 
-from models.checkpoint import load_causal_lm
-from models.errors import ContextLengthError
-from models.generation import LocalStepper, generate_tokens
-from models.sampling import Sampler, SamplingParams
 from tests.models.test_parity import _save_reference
 
 transformers = pytest.importorskip("transformers")

@@ -17,11 +17,10 @@ from gguf import GGMLQuantizationType as QT
 from safetensors.numpy import load_file
 from safetensors.torch import load_file as load_torch
 from tokenizers import Tokenizer
-
-from models.config import ModelConfig, RopeScaling
-from models.errors import CheckpointError, ModelConfigError, UnsupportedArchitectureError
-from models.gguf_file import read_gguf
-from models.gguf_import import import_gguf
+from volunteer.models.config import ModelConfig, RopeScaling
+from volunteer.models.errors import CheckpointError, ModelConfigError, UnsupportedArchitectureError
+from volunteer.models.gguf_file import read_gguf
+from volunteer.models.gguf_import import import_gguf
 
 LAYERS, HIDDEN, HEADS, KV_HEADS, FFN = 2, 64, 4, 2, 256
 HEAD_DIM, VOCAB = HIDDEN // HEADS, 128

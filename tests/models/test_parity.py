@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from models.checkpoint import load_causal_lm, load_ends, load_span
-from models.config import ModelConfig
+from volunteer.models.checkpoint import load_causal_lm, load_ends, load_span
+from volunteer.models.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
 

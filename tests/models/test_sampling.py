@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from models.sampling import (
+from volunteer.models.sampling import (
     Sampler,
     SamplingParams,
     apply_repetition_penalty,

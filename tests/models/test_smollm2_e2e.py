@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 import torch
+from volunteer.models.checkpoint import load_causal_lm
+from volunteer.models.generation import LocalStepper, generate_tokens
+from volunteer.models.sampling import Sampler, SamplingParams
+from volunteer.models.tokenizer import Tokenizer
 
-from models.checkpoint import load_causal_lm
-from models.generation import LocalStepper, generate_tokens
-from models.sampling import Sampler, SamplingParams
-from models.tokenizer import Tokenizer
-from volunteer.local_chat import Conversation, LocalChat
+from volunteer.chat.local import Conversation, LocalChat
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,9 +81,9 @@ def test_loading_six_of_thirty_blocks_reads_only_those(smollm2_folder: Path) -> 
     # A fresh interpreter, so nothing else this test session loaded counts.
     code = f"""
 import gc, json, psutil, torch
-from models.checkpoint import load_span
-from models.config import ModelConfig
-from models.model import BlockSpan
+from volunteer.models.checkpoint import load_span
+from volunteer.models.config import ModelConfig
+from volunteer.models.model import BlockSpan
 folder = {str(smollm2_folder)!r}
 config = ModelConfig.from_hf_folder(folder)
 with torch.device("meta"):

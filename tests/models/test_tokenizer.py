@@ -11,10 +11,9 @@ from typing import Any
 import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import pre_tokenizers
-
-from models.errors import TokenizerError
-from models.gguf_tokenizer import tokenizer_config_from_gguf, tokenizer_json_from_gguf
-from models.tokenizer import StreamDecoder, Tokenizer
+from volunteer.models.errors import TokenizerError
+from volunteer.models.gguf_tokenizer import tokenizer_config_from_gguf, tokenizer_json_from_gguf
+from volunteer.models.tokenizer import StreamDecoder, Tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = [
@@ -444,7 +443,7 @@ def test_gguf_files_written_to_a_folder_load_the_same(tmp_path: Path) -> None:
     ],
 )
 def test_wrongly_typed_gguf_metadata_is_a_tokenizer_error(change: dict[str, Any]) -> None:
-    from models.gguf_tokenizer import tokenizer_config_from_gguf, tokenizer_json_from_gguf
+    from volunteer.models.gguf_tokenizer import tokenizer_config_from_gguf, tokenizer_json_from_gguf
 
     meta = {
         "tokenizer.ggml.model": "gpt2",

@@ -6,8 +6,7 @@ import random
 
 import numpy as np
 import pytest
-
-from scheduler.block_selection import (
+from volunteer.scheduler.block_selection import (
     ServerSpan,
     block_throughputs,
     choose_best_start,

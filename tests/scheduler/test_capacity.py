@@ -5,8 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from scheduler.capacity import BlockFootprint, MemoryBudget, block_capacity
+from volunteer.scheduler.capacity import BlockFootprint, MemoryBudget, block_capacity
 
 GIB = 2**30
 BLOCK = BlockFootprint(

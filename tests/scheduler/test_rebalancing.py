@@ -5,9 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from scheduler.block_selection import ServerSpan, block_throughputs, coverage_ratio
-from scheduler.rebalancing import Layout, next_check_delay_s, rebalance, should_move
+from volunteer.scheduler.block_selection import ServerSpan, block_throughputs, coverage_ratio
+from volunteer.scheduler.rebalancing import Layout, next_check_delay_s, rebalance, should_move
 
 TOTAL = 30
 

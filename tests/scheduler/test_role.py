@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scheduler.role import RoleInputs, RoleKind, choose_role
+from volunteer.scheduler.role import RoleInputs, RoleKind, choose_role
 
 
 def _inputs(**changes: object) -> RoleInputs:

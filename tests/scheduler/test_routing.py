@@ -6,8 +6,7 @@ import itertools
 import random
 
 import pytest
-
-from scheduler.routing import (
+from volunteer.scheduler.routing import (
     Backoff,
     NoRouteError,
     RouteHop,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from scheduler.simulate import ModelShape, draw_volunteers, join_all, simulate
+from volunteer.scheduler.simulate import ModelShape, draw_volunteers, join_all, simulate
 
 
 def test_a_thousand_volunteers_join_leave_and_rebalance() -> None:

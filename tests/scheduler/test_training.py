@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from scheduler.training import StagePeer, choose_stage, rebalance_stages, stage_pressure
+from volunteer.scheduler.training import StagePeer, choose_stage, rebalance_stages, stage_pressure
 
 
 def test_a_new_peer_joins_the_stage_with_the_most_load_per_throughput() -> None:

@@ -17,9 +17,9 @@ with warnings.catch_warnings():
     import hivemind  # noqa: F401
 
 from hivemind.p2p import P2P
+from volunteer.models.config import ModelConfig
+from volunteer.models.model import BlockSpan
 
-from models.config import ModelConfig
-from models.model import BlockSpan
 from volunteer.client.loop_thread import LoopThread
 from volunteer.server.handler import BlockHandler
 

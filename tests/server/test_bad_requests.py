@@ -14,14 +14,16 @@ from hivemind.compression.serialization import serialize_torch_tensor
 from hivemind.p2p import P2P, P2PHandlerError
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
+from volunteer.models.model import BlockSpan
 
-import volunteer.server.protocol as wire
-from models.model import BlockSpan
+import volunteer.transport.framing as framing
+import volunteer.transport.protocol as wire
 from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
 from volunteer.client.remote_span import RemoteSpan
-from volunteer.p2p_streams import open_stream
-from volunteer.server.handler import INFERENCE_HANDLE, BlockHandler
-from volunteer.server.protocol import (
+from volunteer.server.handler import BlockHandler
+from volunteer.transport.p2p_streams import open_stream
+from volunteer.transport.protocol import (
+    INFERENCE_HANDLE,
     BadRequestError,
     BusyError,
     PeerUnavailableError,
@@ -116,7 +118,7 @@ def _span(start: int = START, end: int = END) -> wire.SpanRequest:
 def _tensor(
     batch: int = 1, seq: int = 2, hidden: int = 64, dtype: torch.dtype = torch.float32
 ) -> runtime_pb2.Tensor:
-    return wire.pack_tensor(torch.ones(batch, seq, hidden, dtype=dtype))
+    return framing.pack_tensor(torch.ones(batch, seq, hidden, dtype=dtype))
 
 
 def _open(
@@ -181,7 +183,7 @@ FORWARD_CASES: dict[str, tuple[runtime_pb2.ExpertRequest, str]] = {
     "huge B*S": (_request(_span(), (_tensor(2, 8),)), "B * S = 16 positions exceed the limit"),
     "long S": (_request(_span(), (_tensor(1, 9),)), "9 positions exceed max_chunk 8"),
     "rank": (
-        _request(_span(), (wire.pack_tensor(torch.ones(2, 64)),)),
+        _request(_span(), (framing.pack_tensor(torch.ones(2, 64)),)),
         "expected shape [B, S, H]",
     ),
     "lying header": (
@@ -279,10 +281,10 @@ def test_garbage_on_the_inference_stream_is_refused(served: Server, case: str) -
         peer = served.server.peer_id
         _, reader, writer = await open_stream(served.client, peer, INFERENCE_HANDLE)
         try:
-            writer.write(wire.encode_frame(_open(max_length=8)) + garbage)
-            marker, body = await asyncio.wait_for(wire.read_frame(reader, max_bytes=1 << 20), 10)
+            writer.write(framing.encode_frame(_open(max_length=8)) + garbage)
+            marker, body = await asyncio.wait_for(framing.read_frame(reader, max_bytes=1 << 20), 10)
             assert marker == P2P.MESSAGE_MARKER  # the session opened
-            marker, body = await asyncio.wait_for(wire.read_frame(reader, max_bytes=1 << 20), 10)
+            marker, body = await asyncio.wait_for(framing.read_frame(reader, max_bytes=1 << 20), 10)
             with pytest.raises(asyncio.IncompleteReadError):  # the server ended the stream
                 await asyncio.wait_for(reader.readexactly(1), 10)
             return marker, body

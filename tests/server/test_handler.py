@@ -10,12 +10,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 from hivemind.p2p import P2P
+from volunteer.models.model import BlockSpan, CausalLM, ModelEnds
 
-from models.model import BlockSpan, CausalLM, ModelEnds
 from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
 from volunteer.client.remote_span import RemoteSpan
 from volunteer.server.handler import BlockHandler
-from volunteer.server.protocol import PROTOCOL_VERSION
 from volunteer.server.sessions import (
     PRIORITY_INFERENCE,
     PRIORITY_TRAINING,
@@ -23,6 +22,7 @@ from volunteer.server.sessions import (
     backward_span,
     forward_span,
 )
+from volunteer.transport.protocol import PROTOCOL_VERSION
 
 # hivemind's P2P.create finds its daemon binary with importlib.resources.path().
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")

@@ -9,7 +9,7 @@ from hivemind.p2p import P2P
 from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
 from volunteer.client.remote_span import RemoteSpan
 from volunteer.server.handler import BlockHandler
-from volunteer.server.protocol import BusyError
+from volunteer.transport.protocol import BusyError
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
 

@@ -16,9 +16,10 @@ import pytest
 import torch
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
+from volunteer.models.model import BlockSpan
 
-import volunteer.server.protocol as wire
-from models.model import BlockSpan
+import volunteer.transport.framing as framing
+import volunteer.transport.protocol as wire
 from tests.server import (
     LoopThread,
     hidden_states,
@@ -28,8 +29,8 @@ from tests.server import (
     tiny_config,
 )
 from volunteer.client.remote_span import InferenceStream, RemoteSpan
-from volunteer.server.handler import PUSH_HANDLE, BlockHandler
-from volunteer.server.protocol import PeerUnavailableError
+from volunteer.server.handler import BlockHandler
+from volunteer.transport.protocol import PUSH_HANDLE, PeerUnavailableError
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
 
@@ -150,13 +151,13 @@ def test_a_push_to_a_peer_that_cannot_be_reached_is_skipped(pair: Pair) -> None:
 
 def _push_frame(meta: wire.StepRequest | bytes, *tensors: runtime_pb2.Tensor) -> bytes:
     raw = wire.pack_metadata(meta) if isinstance(meta, wire.StepRequest) else meta
-    return wire.encode_frame(runtime_pb2.ExpertRequest(metadata=raw, tensors=list(tensors)))
+    return framing.encode_frame(runtime_pb2.ExpertRequest(metadata=raw, tensors=list(tensors)))
 
 
 def test_bad_pushes_are_dropped_and_the_session_carries_on(pair: Pair) -> None:
     second = pair.open(pair.second, 2, 4)
     sid = second.session_id
-    good = wire.pack_tensor(hidden_states(1, 2, seed=8))
+    good = framing.pack_tensor(hidden_states(1, 2, seed=8))
     bad_frames = [
         P2P.MESSAGE_MARKER + (3).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + b"\xff\xff\xff",
         _push_frame(b"\xc1garbage", good),
@@ -165,7 +166,7 @@ def test_bad_pushes_are_dropped_and_the_session_carries_on(pair: Pair) -> None:
         _push_frame(wire.StepRequest(session_id=sid, step_id=1, is_close=True)),
         _push_frame(wire.StepRequest(session_id=sid, step_id=1)),
         _push_frame(
-            wire.StepRequest(session_id=sid, step_id=1), wire.pack_tensor(torch.ones(1, 2, 5))
+            wire.StepRequest(session_id=sid, step_id=1), framing.pack_tensor(torch.ones(1, 2, 5))
         ),
         _push_frame(wire.StepRequest(session_id=sid, step_id=1, start_pos=9), good),
     ]

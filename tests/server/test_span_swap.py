@@ -9,8 +9,8 @@ from hivemind.p2p import P2P
 from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
 from volunteer.client.remote_span import RemoteSpan
 from volunteer.server.handler import BlockHandler, ServerLimits
-from volunteer.server.protocol import BadRequestError
 from volunteer.server.sessions import PriorityCompute, SessionTable
+from volunteer.transport.protocol import BadRequestError
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
 

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tui.client import config_as_text
-from tui.gauges import Gauges
+from volunteer.tui.client import config_as_text
+from volunteer.tui.gauges import Gauges
+
 from volunteer.paths import Paths
 from volunteer.settings import read_config, save_config
 

@@ -8,14 +8,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from textual.widgets import DataTable, Input, ListView, Static, TabbedContent
+from volunteer.tui.app import VolunteerApp
+from volunteer.tui.chat_history import ChatHistory
+from volunteer.tui.chat_view import ChatView
+from volunteer.tui.log_panel import LogPanel
+from volunteer.tui.messages import DaemonActionDone, StatusUpdated
 
 from tests.tui.fakes import FIXED_GAUGES, SERVING, FakeDaemon
-from tui.app import VolunteerApp
-from tui.chat_history import ChatHistory
-from tui.chat_view import ChatView
-from tui.log_panel import LogPanel
-from tui.messages import DaemonActionDone, StatusUpdated
-from volunteer.chat_store import ChatStore
+from volunteer.chat.store import ChatStore
 from volunteer.paths import Paths
 
 SIZE = (120, 40)

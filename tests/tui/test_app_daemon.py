@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 from textual.widgets import DataTable, Input, Static
+from volunteer.tui.app import VolunteerApp
+from volunteer.tui.chat_view import ChatView
+from volunteer.tui.client import ControlDaemonClient
 
 from tests.daemon.homes import Homes
-from tui.app import VolunteerApp
-from tui.chat_view import ChatView
-from tui.client import ControlDaemonClient
-from volunteer.daemon.control import use_tcp
+from volunteer.control.channel import use_tcp
 from volunteer.paths import Paths
 
 pytestmark = [

@@ -9,9 +9,9 @@ from typing import Any
 
 from textual.pilot import Pilot
 from textual.widgets import Input
+from volunteer.tui.app import VolunteerApp
 
 from tests.tui.fakes import FIXED_GAUGES, FakeDaemon
-from tui.app import VolunteerApp
 from volunteer.paths import Paths
 
 SIZE = (110, 36)

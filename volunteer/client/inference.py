@@ -23,9 +23,9 @@ from typing import Protocol
 
 import torch
 
-from scheduler.routing import Backoff, NoRouteError, RouteHop
 from volunteer.errors import VolunteerError
-from volunteer.server.protocol import NextHop, SessionExpiredError
+from volunteer.scheduler.routing import Backoff, NoRouteError, RouteHop
+from volunteer.transport.protocol import NextHop, SessionExpiredError
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import concurrent.futures
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from volunteer.server.protocol import PeerUnavailableError
+from volunteer.transport.protocol import PeerUnavailableError
 
 Result = TypeVar("Result")
 

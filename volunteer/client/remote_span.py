@@ -1,6 +1,6 @@
 """Calls to one server's span of blocks: info, forward, backward and inference streams.
 
-Every call has a timeout. Failures come out as `volunteer.server.protocol` errors: a
+Every call has a timeout. Failures come out as `volunteer.transport.protocol` errors: a
 `RemoteError` (`BusyError`, `BadRequestError`, `SessionExpiredError`) when the server
 answered with one, a `PeerUnavailableError` when it could not be reached or did not
 answer in time. Retrying, and choosing another server, is the caller's business.
@@ -22,12 +22,20 @@ from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
-import volunteer.server.protocol as wire
-from volunteer.local_link import open_preferring_local
-from volunteer.p2p_streams import open_stream
-from volunteer.queue_wait import get_within
-from volunteer.server.handler import INFERENCE_HANDLE, BlockHandler
-from volunteer.server.protocol import PeerUnavailableError, RemoteError, RemoteSpanError
+import volunteer.transport.framing as framing
+import volunteer.transport.protocol as wire
+from volunteer.transport.local_link import open_preferring_local
+from volunteer.transport.p2p_streams import open_stream
+from volunteer.transport.protocol import (
+    BACKWARD_HANDLE,
+    FORWARD_HANDLE,
+    INFERENCE_HANDLE,
+    INFO_HANDLE,
+    PeerUnavailableError,
+    RemoteError,
+    RemoteSpanError,
+)
+from volunteer.transport.queue_wait import get_within
 
 Reply = TypeVar("Reply")
 
@@ -66,35 +74,35 @@ class RemoteSpan:
         """
         Args:
             local_socket: the server's Unix socket on this machine (checked by
-                `volunteer.local_link.dialable`): inference streams open there first.
+                `volunteer.transport.local_link.dialable`): inference streams open there first.
         """
         self.p2p = p2p
         self.peer_id = peer_id
         self.start = start
         self.end = end
         self.local_socket = local_socket
-        self._stub = BlockHandler.get_stub(p2p, peer_id)
 
     def __repr__(self) -> str:
         return f"RemoteSpan({self.peer_id}, [{self.start}, {self.end}))"
 
     async def info(self, timeout_s: float = 10.0) -> wire.InfoReply:
         """The server's span, model, dtype, limits and free cache."""
-        reply = await _call(
-            self._stub.rpc_info(runtime_pb2.ExpertUID()), timeout_s=timeout_s, what=repr(self)
+        call = self.p2p.call_protobuf_handler(
+            self.peer_id, INFO_HANDLE, runtime_pb2.ExpertUID(), runtime_pb2.ExpertResponse
         )
+        reply = await _call(call, timeout_s=timeout_s, what=repr(self))
         return wire.unpack_metadata(reply.metadata, wire.InfoReply)
 
     async def forward(self, hidden: torch.Tensor, timeout_s: float = 60.0) -> torch.Tensor:
         """Hidden states [B, S, H] through the span (no cache); same dtype back."""
-        reply = await self._single(self._stub.rpc_forward, [hidden], timeout_s)
+        reply = await self._single(FORWARD_HANDLE, [hidden], timeout_s)
         return _only_tensor(reply, self)
 
     async def backward(
         self, hidden: torch.Tensor, grad_outputs: torch.Tensor, timeout_s: float = 60.0
     ) -> torch.Tensor:
         """The gradient of the span's inputs, given its inputs and its outputs' gradient."""
-        reply = await self._single(self._stub.rpc_backward, [hidden, grad_outputs], timeout_s)
+        reply = await self._single(BACKWARD_HANDLE, [hidden, grad_outputs], timeout_s)
         return _only_tensor(reply, self)
 
     async def open_inference(
@@ -124,14 +132,16 @@ class RemoteSpan:
         return stream
 
     async def _single(
-        self, method: object, tensors: list[torch.Tensor], timeout_s: float
+        self, handle: str, tensors: list[torch.Tensor], timeout_s: float
     ) -> runtime_pb2.ExpertResponse:
         meta = wire.SpanRequest(start=self.start, end=self.end)
         request = runtime_pb2.ExpertRequest(
-            tensors=[wire.pack_tensor(t) for t in tensors], metadata=wire.pack_metadata(meta)
+            tensors=[framing.pack_tensor(t) for t in tensors], metadata=wire.pack_metadata(meta)
         )
         # One message over a stream, so that big tensors avoid the unary size limit.
-        call = method(_one(request))  # type: ignore[operator]
+        call = self.p2p.call_protobuf_handler(
+            self.peer_id, handle, _one(request), runtime_pb2.ExpertResponse
+        )
         return await _call(call, timeout_s=timeout_s, what=repr(self))
 
 
@@ -234,7 +244,7 @@ class InferenceStream:
                     push_to=push_to or [],
                 )
                 request = runtime_pb2.ExpertRequest(
-                    tensors=[wire.pack_tensor(hidden)], metadata=wire.pack_metadata(meta)
+                    tensors=[framing.pack_tensor(hidden)], metadata=wire.pack_metadata(meta)
                 )
                 await self._send(request, timeout_s)
                 reply = await self._receive(timeout_s)
@@ -263,7 +273,7 @@ class InferenceStream:
     async def _read_forever(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                self._inbox.put_nowait(await wire.read_frame(reader, max_bytes=MAX_REPLY_BYTES))
+                self._inbox.put_nowait(await framing.read_frame(reader, max_bytes=MAX_REPLY_BYTES))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the end of the stream, a reset, or garbage
@@ -276,8 +286,8 @@ class InferenceStream:
         try:
             if writer.is_closing():
                 raise ConnectionResetError("the stream is closed")
-            writer.write(wire.encode_frame(message))
-            await wire.drain_if_full(writer, timeout_s)
+            writer.write(framing.encode_frame(message))
+            await framing.drain_if_full(writer, timeout_s)
         except BaseException as exc:
             reason = self._last_words() if isinstance(exc, _CONNECTION_ERRORS) else None
             self._abort()
@@ -376,7 +386,7 @@ def _only_tensor(reply: runtime_pb2.ExpertResponse | None, span: RemoteSpan) -> 
         count = 0 if reply is None else len(reply.tensors)
         raise wire.RemoteError(f"{span!r} answered with {count} tensors instead of 1")
     try:
-        return wire.unpack_tensor(reply.tensors[0], max_numel=MAX_REPLY_BYTES)
+        return framing.unpack_tensor(reply.tensors[0], max_numel=MAX_REPLY_BYTES)
     except wire.BadRequestError as exc:
         reason = str(exc).removeprefix(wire.BadRequestError.marker)
         raise wire.RemoteError(f"{span!r} answered with a bad tensor: {reason}") from exc

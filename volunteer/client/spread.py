@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Callable
 
 import torch
 
-from scheduler.routing import Backoff, NoRouteError, RouteHop
 from volunteer.client.inference import SessionFailedError
+from volunteer.scheduler.routing import Backoff, NoRouteError, RouteHop
 
 logger = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 
 import torch
 
-from models.model import ModelEnds
 from volunteer.client.inference import SwarmInferenceSession
 from volunteer.client.loop_bridge import run_on_loop
 from volunteer.client.swarm_client import SwarmClient
+from volunteer.models.model import ModelEnds
 
 
 class SwarmStepper:

@@ -15,27 +15,26 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 
-from scheduler.routing import (
+from volunteer.client.inference import InferenceStreamLike, SwarmInferenceSession
+from volunteer.client.remote_span import RemoteSpan, ping
+from volunteer.client.spread import SpreadCalls, TracedHop
+from volunteer.scheduler.routing import (
     Backoff,
     RouteHop,
     ServerCandidate,
     inference_route,
     load_spread_route,
 )
-from volunteer.client.inference import InferenceStreamLike, SwarmInferenceSession
-from volunteer.client.local_span import LocalInferenceStream
-from volunteer.client.remote_span import RemoteSpan, ping
-from volunteer.client.spread import SpreadCalls, TracedHop
-from volunteer.local_link import dialable
-from volunteer.server.handler import BlockHandler
-from volunteer.server.protocol import BusyError, PeerUnavailableError, SessionExpiredError
 from volunteer.swarm.dht_records import read_snapshot_on_node
 from volunteer.swarm.records import ServerState, SwarmSnapshot
+from volunteer.transport.local_link import dialable
+from volunteer.transport.protocol import BusyError, PeerUnavailableError, SessionExpiredError
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +54,21 @@ REVALIDATE_DELAY_S = 2.0
 daemon of the swarm validate records, which on shared cores slowed the very prefill that
 asked for it (a 37-token first token through 3 servers on this 2-core machine: 107-151 ms
 with the read at once, 80-103 ms without it)."""
+
+
+class OwnBlocks(Protocol):
+    """This process's own block server (`volunteer.server.handler.BlockHandler`), called
+    in-process: libp2p cannot dial its own peer id."""
+
+    async def run_forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor: ...
+
+    async def run_backward(
+        self, hidden: torch.Tensor, grad_outputs: torch.Tensor, start: int, end: int
+    ) -> torch.Tensor: ...
+
+    async def open_local_stream(
+        self, *, start: int, end: int, max_length: int, batch_size: int
+    ) -> InferenceStreamLike: ...
 
 
 class SwarmClient:
@@ -78,7 +92,7 @@ class SwarmClient:
         node: DHTNode,
         model: str,
         num_blocks: int,
-        local_handler: Callable[[], BlockHandler | None] = lambda: None,
+        local_handler: Callable[[], OwnBlocks | None] = lambda: None,
         step_timeout_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -236,8 +250,7 @@ class SwarmClient:
         self, hop: RouteHop, *, max_length: int, batch_size: int
     ) -> InferenceStreamLike:
         if hop.peer_id == self.own_peer_id:
-            return await LocalInferenceStream.open(
-                self._own_handler(),
+            return await self._own_handler().open_local_stream(
                 start=hop.start,
                 end=hop.end,
                 max_length=max_length,
@@ -260,7 +273,7 @@ class SwarmClient:
             return await handler.run_backward(hidden, grad_outputs, hop.start, hop.end)
         return await self._remote(hop).backward(hidden, grad_outputs, timeout_s=self.step_timeout_s)
 
-    def _own_handler(self) -> BlockHandler:
+    def _own_handler(self) -> OwnBlocks:
         handler = self._local_handler()
         if handler is None:
             raise PeerUnavailableError("this peer's own block server is not running")
@@ -277,7 +290,7 @@ class SwarmClient:
 
     def _local_socket(self, hop: RouteHop) -> str | None:
         """The hop's server's Unix socket, when it runs on this machine (see
-        `volunteer.local_link`)."""
+        `volunteer.transport.local_link`)."""
         snapshot = self._snapshot
         if snapshot is None or not 0 <= hop.start < len(snapshot.blocks):
             return None

@@ -16,7 +16,7 @@ from hivemind.p2p import P2P
 
 from volunteer.client.loop_thread import LoopThread
 from volunteer.client.swarm_client import SwarmClient
-from volunteer.server.protocol import PeerUnavailableError
+from volunteer.transport.protocol import PeerUnavailableError
 
 CONNECT_TIMEOUT_S = 60.0
 LISTEN_ON = ["/ip4/127.0.0.1/tcp/0"]

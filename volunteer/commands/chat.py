@@ -9,12 +9,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from volunteer.errors import SettingsError
+from volunteer.model_cache.smollm2 import DEFAULT_MODEL
 from volunteer.paths import Paths
-from volunteer.smollm2 import DEFAULT_MODEL
 
 if TYPE_CHECKING:
-    from models.sampling import SamplingParams
-    from volunteer.conversation import Conversation
+    from volunteer.chat.conversation import Conversation
+    from volunteer.models.sampling import SamplingParams
 
 
 class Chat(Protocol):
@@ -70,7 +70,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace, paths: Paths) -> int:
     # torch loads here, not at CLI start-up, so other commands and --help stay fast.
-    from volunteer.conversation import Conversation, user_sampling
+    from volunteer.chat.conversation import Conversation, user_sampling
 
     if args.local and args.swarm:
         raise SettingsError("--local and --swarm exclude each other; give one of them")
@@ -96,27 +96,27 @@ def _open_chat(args: argparse.Namespace, paths: Paths) -> Iterator[Chat]:
     """The model in this process (--local), a swarm joined from here (--swarm), or the
     daemon's client (the default)."""
     if args.local:
-        from volunteer.local_chat import LocalChat
-        from volunteer.model_store import ModelStore  # (tqdm and hashing: not for `tui`)
+        from volunteer.chat.local import LocalChat
+        from volunteer.model_cache.store import ModelStore  # (tqdm and hashing: not for `tui`)
 
         yield LocalChat.load(ModelStore(paths.models_dir).resolve(args.model or DEFAULT_MODEL))
     elif args.swarm:
-        from volunteer.cpu_sharing import sleep_idle_threads
+        from volunteer.machine.cpu_sharing import sleep_idle_threads
 
         sleep_idle_threads()  # the blocks run on other processes, likely on these cores
-        from volunteer.lean_imports import import_hivemind
+        from volunteer.machine.lean_imports import import_hivemind
 
         import_hivemind()
-        from volunteer.client.swarm_chat import SwarmChat
+        from volunteer.chat.via_swarm import SwarmChat
         from volunteer.client.swarm_connection import SwarmConnection
-        from volunteer.served_model import open_model
+        from volunteer.model_cache.served_model import open_model
 
         model = open_model(args.model or DEFAULT_MODEL, paths.models_dir)
         with SwarmConnection(args.swarm) as connection:
             client = connection.client(model=model.swarm_name, num_blocks=model.config.num_layers)
             yield SwarmChat.load(model.folder, model.config, client=client, loop=connection.loop)
     else:
-        from volunteer.client.daemon_chat import DaemonChat
+        from volunteer.chat.via_daemon import DaemonChat
 
         yield DaemonChat(paths, model=args.model)
 

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from volunteer.daemon import lifecycle
-from volunteer.daemon.control import ControlClient, DaemonNotRunningError
+from volunteer.control import lifecycle
+from volunteer.control.channel import ControlClient, DaemonNotRunningError
+from volunteer.model_cache.smollm2 import DEFAULT_MODEL
 from volunteer.paths import Paths
 from volunteer.settings import APPLIED_LIVE, Settings, flag_name, read_config
-from volunteer.smollm2 import DEFAULT_MODEL
 
 EXIT_NOT_RUNNING = 3
 """`status` exit code when no daemon runs (as LSB init scripts use it)."""
@@ -130,7 +130,7 @@ def run_reload(args: argparse.Namespace, paths: Paths) -> int:
     except DaemonNotRunningError:
         print("volunteer: not running (config.toml applies when it starts)")
         return EXIT_NOT_RUNNING
-    from volunteer.daemon.runner import describe_reload
+    from volunteer.control.replies import describe_reload
 
     print(f"volunteer: {describe_reload(outcome)}")
     return 0
@@ -156,9 +156,9 @@ def _run_foreground(
     # torch, hivemind and the event loop load here, so `status`, `stop` and --help stay fast.
     import asyncio
 
-    from volunteer.cpu_sharing import sleep_idle_threads
-    from volunteer.lean_imports import import_hivemind
-    from volunteer.memory_tuning import return_large_frees_to_the_os
+    from volunteer.machine.cpu_sharing import sleep_idle_threads
+    from volunteer.machine.lean_imports import import_hivemind
+    from volunteer.machine.memory_tuning import return_large_frees_to_the_os
 
     sleep_idle_threads()
     return_large_frees_to_the_os()
@@ -166,8 +166,8 @@ def _run_foreground(
 
     import_hivemind()
 
+    from volunteer.chat.service import ChatService
     from volunteer.daemon.block_service import BlockService
-    from volunteer.daemon.chat_service import ChatService
     from volunteer.daemon.dht_service import DHTService
     from volunteer.daemon.identity import (
         load_or_create_identity,
@@ -181,7 +181,7 @@ def _run_foreground(
     # work of more threads runs on threads that set their own count (from --threads:
     # several daemons on one machine each take their share): one OpenMP team here too
     # would make libgomp let idle workers sleep at once, and prefills slow by a third
-    # (see volunteer.cpu_sharing.in_passing_thread).
+    # (see volunteer.machine.cpu_sharing.in_passing_thread).
     torch.set_num_threads(1)
     identity = load_or_create_identity(paths)
     if identity.warning:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from volunteer.paths import Paths
 
 if TYPE_CHECKING:  # the store (tqdm, hashing) loads when a models command runs
-    from volunteer.model_store import CachedModel
+    from volunteer.model_cache.store import CachedModel
 
 _NAME_HELP = (
     "a registered name (see `volunteer models list`), a Hugging Face repo id (org/name), "
@@ -40,7 +40,7 @@ def register(subparsers: Any) -> None:
 
 def run_list(args: argparse.Namespace, paths: Paths) -> int:
     """Prints one row per cached or registered model."""
-    from volunteer.model_store import ModelStore
+    from volunteer.model_cache.store import ModelStore
 
     rows = [_row(model) for model in ModelStore(paths.models_dir).list()]
     header = ("NAME", "STATUS", "SIZE", "SOURCE")
@@ -54,7 +54,7 @@ def run_list(args: argparse.Namespace, paths: Paths) -> int:
 
 def run_pull(args: argparse.Namespace, paths: Paths) -> int:
     """Pulls one model and prints where it is."""
-    from volunteer.model_store import ModelStore
+    from volunteer.model_cache.store import ModelStore
 
     folder = ModelStore(paths.models_dir).pull(args.name, progress=not args.quiet, force=args.force)
     print(f"{args.name}: ready at {folder}")
@@ -63,7 +63,7 @@ def run_pull(args: argparse.Namespace, paths: Paths) -> int:
 
 def run_verify(args: argparse.Namespace, paths: Paths) -> int:
     """Verifies one model; a damaged one raises, which the CLI reports with exit 1."""
-    from volunteer.model_store import ModelStore
+    from volunteer.model_cache.store import ModelStore
 
     report = ModelStore(paths.models_dir).verify(args.name, progress=not args.quiet)
     if report.is_hashed:

@@ -32,12 +32,12 @@ def register(subparsers: Any) -> None:
 def run_profile(args: argparse.Namespace, paths: Paths) -> int:
     import os
 
-    from models.checkpoint import load_span
+    from volunteer.commands.profile_report import decide, report_json, report_lines
     from volunteer.daemon.span_plan import DTYPE
-    from volunteer.hardware import collect_hardware
-    from volunteer.microbench import load_or_run
-    from volunteer.profile_report import decide, report_json, report_lines
-    from volunteer.served_model import open_model
+    from volunteer.machine.hardware import collect_hardware
+    from volunteer.machine.microbench import load_or_run
+    from volunteer.model_cache.served_model import open_model
+    from volunteer.models.checkpoint import load_span
     from volunteer.settings import Settings
 
     names = ("model", "num_blocks", "max_ram_gib", "max_gpu_gib")
@@ -75,8 +75,8 @@ def run_profile(args: argparse.Namespace, paths: Paths) -> int:
 def _swarm(paths: Paths, model_name: str) -> tuple[Any, str, dict[str, float | None]]:
     """The swarm as the local daemon sees it (or None: an empty one), where that came
     from, and each serving peer's round trip from the daemon."""
-    from volunteer.daemon.control import ControlClient, ControlError
-    from volunteer.daemon.lifecycle import running_daemon
+    from volunteer.control.channel import ControlClient, ControlError
+    from volunteer.control.lifecycle import running_daemon
     from volunteer.swarm.records import RecordError, SwarmSnapshot
 
     if running_daemon(paths) is None:

@@ -24,11 +24,11 @@ def register(subparsers: Any) -> None:
 def run_tui(args: argparse.Namespace, paths: Paths) -> int:
     # Imported here: the rest of the CLI must not pay for Textual (and the TUI must not
     # pay for torch, which nothing on this path imports).
-    from tui.app import VolunteerApp
-    from tui.chat_history import ChatHistory
-    from tui.client import ControlDaemonClient
-    from tui.gauges import GaugeReader
-    from volunteer.chat_store import ChatStore, ChatStoreError, default_path
+    from volunteer.chat.store import ChatStore, ChatStoreError, default_path
+    from volunteer.tui.app import VolunteerApp
+    from volunteer.tui.chat_history import ChatHistory
+    from volunteer.tui.client import ControlDaemonClient
+    from volunteer.tui.gauges import GaugeReader
 
     home = Path(args.home).expanduser().resolve() if args.home else None
     client = ControlDaemonClient(paths, home=home)

@@ -1,1 +1,4 @@
-"""The background daemon: lifecycle, control API, identity."""
+"""The background daemon: its wiring, services, identity and span planning.
+
+May import: every package but the TUI and the CLI's commands.
+"""

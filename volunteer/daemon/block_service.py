@@ -32,15 +32,9 @@ import psutil
 import torch
 from hivemind.p2p import PeerID
 
-from models.checkpoint import load_span
-from models.errors import ModelError
-from models.model import BlockSpan
-from scheduler.block_selection import ServerSpan
-from scheduler.rebalancing import MoveDecision, next_check_delay_s, should_move
 from volunteer import __version__
 from volunteer.client.remote_span import ping
-from volunteer.cpu_sharing import in_passing_thread
-from volunteer.daemon.control import ControlServer
+from volunteer.control.channel import ControlServer
 from volunteer.daemon.dht_service import DHTService
 from volunteer.daemon.span_plan import (
     DTYPE,
@@ -50,12 +44,16 @@ from volunteer.daemon.span_plan import (
     plan_span,
 )
 from volunteer.errors import VolunteerError
-from volunteer.local_link import LocalListener, this_boot
-from volunteer.microbench import choose_decode_threads
+from volunteer.machine.cpu_sharing import in_passing_thread
+from volunteer.machine.microbench import choose_decode_threads
+from volunteer.model_cache.served_model import ServedModel, open_model
+from volunteer.models.checkpoint import load_span
+from volunteer.models.errors import ModelError
+from volunteer.models.model import BlockSpan
 from volunteer.paths import Paths
-from volunteer.served_model import ServedModel, open_model
-from volunteer.server.handler import INFERENCE_HANDLE, PUSH_HANDLE, BlockHandler
-from volunteer.server.protocol import PeerUnavailableError, RemoteError
+from volunteer.scheduler.block_selection import ServerSpan
+from volunteer.scheduler.rebalancing import MoveDecision, next_check_delay_s, should_move
+from volunteer.server.handler import BlockHandler
 from volunteer.settings import Settings
 from volunteer.swarm.dht_records import (
     announce_on_node,
@@ -64,6 +62,13 @@ from volunteer.swarm.dht_records import (
     record_ttl_s,
 )
 from volunteer.swarm.records import ServerInfo, ServerState, SwarmSnapshot
+from volunteer.transport.local_link import LocalListener, this_boot
+from volunteer.transport.protocol import (
+    INFERENCE_HANDLE,
+    PUSH_HANDLE,
+    PeerUnavailableError,
+    RemoteError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +216,7 @@ class BlockService:
 
     async def _listen_locally(self, handler: BlockHandler) -> str | None:
         """Serves the handler's streams on a Unix socket for processes of this machine
-        (`volunteer.local_link`); its path, or None where that cannot be."""
+        (`volunteer.transport.local_link`); its path, or None where that cannot be."""
         if not self._settings.local_links or this_boot() is None:
             return None
         listener = LocalListener(

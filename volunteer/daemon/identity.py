@@ -32,8 +32,8 @@ from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
-from volunteer.atomic import write_file_atomic
 from volunteer.errors import VolunteerError
+from volunteer.machine.atomic import write_file_atomic
 from volunteer.paths import Paths
 from volunteer.swarm.dht_records import encode_p2p_identity
 

@@ -23,15 +23,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from volunteer import __version__
-from volunteer.daemon import lifecycle
-from volunteer.daemon.control import ControlServer
+from volunteer.control import lifecycle
+from volunteer.control.channel import ControlServer
 from volunteer.errors import SettingsError, VolunteerError
 from volunteer.paths import Paths
 from volunteer.settings import APPLIED_LIVE, Settings, changed_fields
 
 logger = logging.getLogger(__name__)
 
-LOG_FILE_NAME = "daemon.log"
 SERVICE_STOP_TIMEOUT_S = 15.0
 """Longest wait for one service to stop before the daemon moves on."""
 
@@ -119,21 +118,6 @@ class _Daemon:
     async def stop(self, params: dict[str, Any]) -> dict[str, Any]:
         self.stop_requested.set()
         return {"stopping": True}
-
-
-def describe_reload(
-    outcome: dict[str, Any], *, label: Callable[[str], str] = str, restart_how: str = ""
-) -> str:
-    """A `reload_config` answer in one line: what applied, what waits for a restart (and
-    `restart_how`), what a flag or env variable of the daemon overrides."""
-    parts = [
-        ("applied now", outcome.get("applied")),
-        (f"applied on restart{restart_how}", outcome.get("restart_needed")),
-        ("set otherwise by a flag or VOLUNTEER_ variable the daemon started with",
-         outcome.get("overridden")),
-    ]  # fmt: skip
-    said = [f"{what}: {', '.join(label(n) for n in names)}" for what, names in parts if names]
-    return "; ".join(said) or "the daemon already runs with these settings"
 
 
 async def run_daemon(
@@ -258,7 +242,7 @@ def configure_logging(settings: Settings, paths: Paths, *, log_to_stderr: bool) 
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     handlers: list[logging.Handler] = [
         logging.handlers.RotatingFileHandler(
-            paths.log_dir / LOG_FILE_NAME, maxBytes=5_000_000, backupCount=3, encoding="utf-8"
+            paths.daemon_log, maxBytes=5_000_000, backupCount=3, encoding="utf-8"
         )
     ]
     if log_to_stderr:

@@ -11,10 +11,10 @@ import dataclasses
 
 import torch
 
-from models.config import ModelConfig
-from models.model import BlockSpan
-from scheduler.capacity import BlockFootprint, Capacity, MemoryBudget, block_capacity
 from volunteer.errors import SettingsError, VolunteerError
+from volunteer.models.config import ModelConfig
+from volunteer.models.model import BlockSpan
+from volunteer.scheduler.capacity import BlockFootprint, Capacity, MemoryBudget, block_capacity
 from volunteer.settings import Settings
 from volunteer.swarm.records import SwarmSnapshot
 

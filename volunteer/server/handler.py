@@ -1,6 +1,6 @@
 """The block server's RPC handlers on hivemind P2P: info, forward, backward, inference.
 
-Wire shapes (envelopes and schemas are in `volunteer.server.protocol`):
+Wire shapes (envelopes and schemas are in `volunteer.transport.protocol`):
 
 - `rpc_info`: unary; replies with `InfoReply` metadata.
 - `rpc_forward` / `rpc_backward`: one `ExpertRequest` in (over a stream, so large
@@ -45,14 +45,10 @@ from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
-import volunteer.server.protocol as wire
-from models.model import BlockSpan
-from volunteer.server.protocol import (
-    BadRequestError,
-    BusyError,
-    PeerUnavailableError,
-    SessionExpiredError,
-)
+import volunteer.transport.framing as framing
+import volunteer.transport.protocol as wire
+from volunteer.models.model import BlockSpan
+from volunteer.server.local_stream import LocalInferenceStream
 from volunteer.server.push import PushedStep, PushLinks, StepInbox
 from volunteer.server.sessions import (
     PRIORITY_INFERENCE,
@@ -65,6 +61,14 @@ from volunteer.server.sessions import (
     forward_span,
     inference_step,
 )
+from volunteer.transport.protocol import (
+    INFERENCE_HANDLE,
+    PUSH_HANDLE,
+    BadRequestError,
+    BusyError,
+    PeerUnavailableError,
+    SessionExpiredError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +77,6 @@ logger = logging.getLogger(__name__)
 # register a stream handler as unary.
 AsyncIterator = typing.AsyncIterator
 
-INFERENCE_HANDLE = "BlockHandler.rpc_inference"
-"""The inference stream (`_serve_inference`): the name and framing hivemind gives a stream
-RPC `rpc_inference`, so hivemind's own stream callers reach it too."""
-PUSH_HANDLE = "BlockHandler.push"
-"""The stream handler that takes steps pushed by other servers (`_serve_pushes`)."""
 MAX_PUSH_BYTES = 64 << 20
 """A pushed message is one step's hidden states: far below this."""
 ERROR_WRITE_TIMEOUT_S = 1.0
@@ -209,6 +208,15 @@ class BlockHandler(ServicerBase):
         self.compute.shutdown()
         self.sessions.release_all()
 
+    async def open_local_stream(
+        self, *, start: int, end: int, max_length: int, batch_size: int
+    ) -> LocalInferenceStream:
+        """An inference session on these blocks for a client in this process (libp2p
+        cannot dial its own peer id): the same checks, cache budget and compute queue."""
+        return await LocalInferenceStream.open(
+            self, start=start, end=end, max_length=max_length, batch_size=batch_size
+        )
+
     def swap_span(self, span: BlockSpan) -> BlockSpan:
         """Serves `span` from now on and returns the span served until now.
 
@@ -249,7 +257,7 @@ class BlockHandler(ServicerBase):
         meta = self._check_span(wire.unpack_metadata(request.metadata, wire.SpanRequest))
         (hidden,) = self._hidden_tensors(request, count=1)
         output = await self._forward(hidden, meta.start, meta.end)
-        return runtime_pb2.ExpertResponse(tensors=[wire.pack_tensor(output)])
+        return runtime_pb2.ExpertResponse(tensors=[framing.pack_tensor(output)])
 
     async def rpc_backward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -259,7 +267,7 @@ class BlockHandler(ServicerBase):
         meta = self._check_span(wire.unpack_metadata(request.metadata, wire.SpanRequest))
         hidden, grad_outputs = self._hidden_tensors(request, count=2)
         grad = await self._backward(hidden, grad_outputs, meta.start, meta.end)
-        return runtime_pb2.ExpertResponse(tensors=[wire.pack_tensor(grad)])
+        return runtime_pb2.ExpertResponse(tensors=[framing.pack_tensor(grad)])
 
     async def run_forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """`rpc_forward` for a tensor that came in-process (this peer's own client)."""
@@ -312,7 +320,7 @@ class BlockHandler(ServicerBase):
         self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         """An inference stream from `peer` (over p2p, or a local link: see
-        `volunteer.local_link`), until it ends.
+        `volunteer.transport.local_link`), until it ends.
 
         Read and answered here rather than through hivemind's stream RPC machinery: that
         took a new task, a wait and two queue hand-offs per message, ~0.3 ms per step
@@ -325,15 +333,15 @@ class BlockHandler(ServicerBase):
         with contextlib.closing(writer):
             try:
                 async for reply in replies:
-                    writer.write(wire.encode_frame(reply))
-                    await wire.drain_if_full(writer, self.limits.idle_timeout_s)
+                    writer.write(framing.encode_frame(reply))
+                    await framing.drain_if_full(writer, self.limits.idle_timeout_s)
             except (OSError, asyncio.TimeoutError):
                 return  # the client went away or stopped reading: nobody to tell
             except Exception as exc:
                 level = logging.DEBUG if isinstance(exc, wire.RemoteSpanError) else logging.WARNING
                 logger.log(level, "inference stream of %s failed: %s", peer, exc)
                 with contextlib.suppress(Exception):
-                    writer.write(wire.encode_frame(RPCError(message=str(exc))))
+                    writer.write(framing.encode_frame(RPCError(message=str(exc))))
                     await asyncio.wait_for(writer.drain(), ERROR_WRITE_TIMEOUT_S)
             finally:
                 await replies.aclose()
@@ -378,7 +386,7 @@ class BlockHandler(ServicerBase):
                     # A push is a shortcut: the client's own copy of the step still comes.
                     logger.debug("dropped a pushed step (%s): %s", log_context, exc)
                     continue
-                packed = wire.pack_tensor(output)
+                packed = framing.pack_tensor(output)
                 session.last_step_id = max(session.last_step_id, meta.step_id)
                 if isinstance(item, PushedStep):
                     self.stats.pushed_steps += 1
@@ -449,7 +457,7 @@ class BlockHandler(ServicerBase):
             while True:
                 try:
                     marker, body = await asyncio.wait_for(
-                        wire.read_frame(reader, max_bytes=MAX_PUSH_BYTES),
+                        framing.read_frame(reader, max_bytes=MAX_PUSH_BYTES),
                         self.limits.idle_timeout_s,
                     )
                 except (asyncio.TimeoutError, asyncio.IncompleteReadError, PeerUnavailableError):
@@ -595,7 +603,7 @@ class BlockHandler(ServicerBase):
         limits = self.limits
         tensors = []
         for index, proto in enumerate(request.tensors):
-            tensor = wire.unpack_hidden(
+            tensor = framing.unpack_hidden(
                 proto,
                 hidden_size=self.span.config.hidden_size,
                 max_positions=limits.max_tokens,
@@ -675,7 +683,7 @@ async def _client_messages(
     """
     while True:
         try:
-            marker, body = await wire.read_frame(reader, max_bytes=max_bytes)
+            marker, body = await framing.read_frame(reader, max_bytes=max_bytes)
         except asyncio.IncompleteReadError:
             return
         except PeerUnavailableError as exc:

@@ -11,7 +11,7 @@ first and drops the other (steps are numbered by the client).
 
 - `PushLinks`: the sending side, one stream per next peer, opened in the background on
   first need (that step goes the slow way) and reused by every session; on the peer's
-  Unix socket when the client saw one on this machine (`volunteer.local_link`).
+  Unix socket when the client saw one on this machine (`volunteer.transport.local_link`).
 - `StepInbox`: the receiving side of one session: its client's messages and the steps
   pushed to it, in order of arrival.
 
@@ -33,11 +33,12 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-import volunteer.server.protocol as wire
-from volunteer.local_link import open_preferring_local
-from volunteer.p2p_streams import open_stream
-from volunteer.queue_wait import get_within
-from volunteer.server.protocol import SessionExpiredError
+import volunteer.transport.framing as framing
+import volunteer.transport.protocol as wire
+from volunteer.transport.local_link import open_preferring_local
+from volunteer.transport.p2p_streams import open_stream
+from volunteer.transport.protocol import SessionExpiredError
+from volunteer.transport.queue_wait import get_within
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class PushLinks:
         if link.writer.is_closing() or transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
             self._drop(peer_id)
             return False
-        link.writer.write(wire.encode_frame(message))
+        link.writer.write(framing.encode_frame(message))
         return True
 
     async def close(self) -> None:

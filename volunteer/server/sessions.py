@@ -21,10 +21,10 @@ from typing import Any, TypeVar
 
 import torch
 
-from models.kv_cache import KVCache
-from models.model import BlockSpan
-from volunteer.server.protocol import BadRequestError, BusyError
+from volunteer.models.kv_cache import KVCache
+from volunteer.models.model import BlockSpan
 from volunteer.server.push import StepInbox
+from volunteer.transport.protocol import BadRequestError, BusyError
 
 PRIORITY_INFERENCE = 0
 """Inference steps: a person is waiting for the next token."""
@@ -221,7 +221,7 @@ class PriorityCompute:
         step was short enough."""
         if (self.decode_threads or self.threads) != 1:
             # A second thread's OpenMP team would make libgomp put idle workers to sleep
-            # sooner in both (see volunteer.cpu_sharing.in_passing_thread).
+            # sooner in both (see volunteer.machine.cpu_sharing.in_passing_thread).
             return False
         if self.decode_s is None or self.decode_s > self.inline_max_s:
             return False  # the first step goes to the compute thread and is timed there

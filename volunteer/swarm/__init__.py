@@ -1,1 +1,4 @@
-"""The swarm protocol: typed DHT records, announcing and reading them."""
+"""The swarm's DHT records: typed, signed, validated; announcing and reading them.
+
+May import: scheduler, transport (its limits), machine.
+"""

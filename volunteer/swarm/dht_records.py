@@ -35,7 +35,7 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from volunteer.atomic import write_file_atomic
+from volunteer.machine.atomic import write_file_atomic
 from volunteer.swarm.records import (
     RecordError,
     ServerInfo,

@@ -22,9 +22,9 @@ from typing import Annotated, Any
 
 import pydantic
 
-from scheduler.block_selection import ServerSpan, choose_best_start
 from volunteer.errors import VolunteerError
-from volunteer.server.protocol import MAX_SOCKET_PATH_CHARS
+from volunteer.scheduler.block_selection import ServerSpan, choose_best_start
+from volunteer.transport.protocol import MAX_SOCKET_PATH_CHARS
 
 SCHEMA_VERSION = 1
 MAX_BLOCKS = 100_000
@@ -101,7 +101,8 @@ class ServerInfo(pydantic.BaseModel):
     public_name: str | None = pydantic.Field(default=None, max_length=MAX_PUBLIC_NAME_CHARS)
     model: str = pydantic.Field(pattern=MODEL_NAME_RE.pattern)
     local_socket: str | None = pydantic.Field(default=None, max_length=MAX_SOCKET_PATH_CHARS)
-    """The server's Unix socket, for processes of the same boot (`volunteer.local_link`)."""
+    """The server's Unix socket, for processes of the same boot
+    (`volunteer.transport.local_link`)."""
     boot_id: str | None = pydantic.Field(default=None, pattern=_TOKEN_RE)
     """The id of the boot of the machine the server runs on (with `local_socket`)."""
 

@@ -1,0 +1,223 @@
+"""Chat through the swarm, served to the CLI and the TUI over the control API.
+
+The control method `chat` (streaming) takes a conversation and sampling options and
+streams the reply's text. The daemon runs the client: the model's ends and tokenizer are
+loaded on the first chat, each reply runs in a worker thread (torch work stays off the
+event loop), and the swarm session runs on the daemon's loop next to the DHT. A client
+that hangs up stops its reply after the current token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import pydantic
+
+from volunteer.chat.conversation import Conversation, ReplyStats, user_sampling
+from volunteer.client.swarm_client import SwarmClient
+from volunteer.control.channel import ControlServer
+from volunteer.daemon.block_service import BlockService
+from volunteer.daemon.dht_service import DHTService
+from volunteer.errors import SettingsError
+from volunteer.machine.cpu_sharing import in_passing_thread
+from volunteer.model_cache.served_model import open_model
+from volunteer.models.sampling import SamplingParams
+from volunteer.paths import Paths
+from volunteer.settings import Settings
+
+if TYPE_CHECKING:
+    from volunteer.chat.via_swarm import SwarmChat
+
+MAX_CONCURRENT_CHATS = 4
+"""Replies generated at once; more wait for a worker."""
+MAX_MESSAGES = 1000
+MAX_NEW_TOKENS = 32768
+
+
+class ChatMessage(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(pydantic.BaseModel):
+    """The `chat` method's params."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    messages: Annotated[list[ChatMessage], pydantic.Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_new_tokens: int = pydantic.Field(default=512, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    model: str | None = None
+    """Must be the daemon's model when given (it is the only one it holds)."""
+
+    def sampling(self) -> SamplingParams:
+        return user_sampling(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+        )
+
+
+class ChatService:
+    """Answers `chat` calls through the swarm (see the module docstring)."""
+
+    def __init__(
+        self, settings: Settings, paths: Paths, dht: DHTService, blocks: BlockService
+    ) -> None:
+        self._settings = settings
+        self._paths = paths
+        self._dht = dht
+        self._blocks = blocks
+        self._chat: SwarmChat | None = None
+        self._loading = asyncio.Lock()
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT_CHATS)
+        self._is_running = False
+        self._stops: set[threading.Event] = set()
+        self._workers: set[asyncio.Future[None]] = set()
+        """Replies under way (or waiting for a slot); one whose caller went away finishes
+        after its next token, still held here."""
+        self.replies = 0
+
+    def register_control(self, control: ControlServer) -> None:
+        control.register_stream("chat", self.chat)
+
+    async def start(self) -> None:
+        self._is_running = True
+
+    async def stop(self) -> None:
+        self._is_running = False  # replies waiting for a slot are refused
+        for stop in list(self._stops):
+            stop.set()
+        if self._chat is not None:
+            await self._chat.client.close()
+
+    async def apply_settings(self, settings: Settings) -> None:
+        """Takes on a new thread count: replies from now on run on it (each reply has a
+        thread of its own); replies under way finish as they are."""
+        self._settings = settings
+
+    def status(self) -> dict[str, Any]:
+        return {"chats_active": len(self._stops), "chats_answered": self.replies}
+
+    async def chat(self, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Streams `{"text": piece}` messages of the reply to `params` (a `ChatRequest`)."""
+        try:
+            request = ChatRequest.model_validate(params)
+        except pydantic.ValidationError as exc:
+            error = exc.errors(include_url=False, include_input=False)[0]
+            where = ".".join(str(part) for part in error["loc"]) or "params"
+            raise SettingsError(f"bad chat request: {where}: {error['msg']}") from None
+        if request.model not in (None, self._settings.model):
+            raise SettingsError(
+                f"this daemon runs {self._settings.model}, not {request.model}; "
+                f"chat with that model through `--swarm MULTIADDR`"
+            )
+        sampling = request.sampling()
+        chat = await self._load()
+        if not self._is_running:
+            raise SettingsError("the daemon is stopping")
+        conversation = Conversation(messages=[m.model_dump() for m in request.messages])
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        stop = threading.Event()
+
+        stats = ReplyStats()
+        began = time.monotonic()
+        threads = self._settings.thread_count
+
+        def send(kind: str, value: Any) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, (kind, value))
+
+        def answer() -> None:
+            import torch  # loaded already: the daemon serves with it
+
+            # OpenMP keeps a count per thread, and this thread is the reply's own.
+            torch.set_num_threads(threads)
+            try:
+                for piece in chat.stream_reply(
+                    conversation,
+                    max_new_tokens=request.max_new_tokens,
+                    sampling=sampling,
+                    should_stop=stop.is_set,
+                    stats=stats,
+                ):
+                    send("text", piece)
+                send("done", None)
+            except BaseException as exc:  # handed to the awaiting control call
+                send("error", exc)
+
+        self._stops.add(stop)
+        try:
+            worker = asyncio.ensure_future(self._answer_in_a_slot(answer, send))
+            self._workers.add(worker)
+            worker.add_done_callback(self._workers.discard)
+            while True:
+                kind, value = await pieces.get()
+                if kind == "error":
+                    raise value
+                if kind == "done":
+                    break
+                yield {"text": value}
+            await worker
+            self.replies += 1
+            # The last message: what the reply took (chat UIs show it under the answer).
+            route = [{"peer_id": p, "start": s, "end": e} for p, s, e in stats.route]
+            yield {
+                "done": True,
+                "tokens": stats.tokens,
+                "seconds": round(time.monotonic() - began, 3),
+                "route": route,
+            }
+        finally:
+            stop.set()  # a caller that went away stops the reply after this token
+            self._stops.discard(stop)
+
+    async def _answer_in_a_slot(
+        self, answer: Callable[[], None], send: Callable[[str, Any], None]
+    ) -> None:
+        """Runs `answer` once one of MAX_CONCURRENT_CHATS slots is free, on a thread of
+        its own: a reply's OpenMP workers end with it, so they never slow the compute
+        thread's prefills (see volunteer.machine.cpu_sharing.in_passing_thread)."""
+        async with self._slots:
+            if not self._is_running:
+                send("error", SettingsError("the daemon is stopping"))
+                return
+            await in_passing_thread(answer)
+
+    async def _load(self) -> SwarmChat:
+        # The tokenizer and chat templates (jinja2) load with the first chat, not with
+        # every daemon: most daemons only serve blocks.
+        from volunteer.chat.via_swarm import SwarmChat
+
+        async with self._loading:
+            if self._chat is None:
+                model = self._blocks.model or await asyncio.to_thread(
+                    open_model, self._settings.model, self._paths.models_dir
+                )
+                client = SwarmClient(
+                    p2p=self._dht.p2p,
+                    node=self._dht.node,
+                    model=model.swarm_name,
+                    num_blocks=model.config.num_layers,
+                    local_handler=lambda: self._blocks.handler,
+                )
+                self._chat = await in_passing_thread(
+                    SwarmChat.load,
+                    model.folder,
+                    model.config,
+                    client=client,
+                    loop=asyncio.get_running_loop(),
+                )
+            return self._chat

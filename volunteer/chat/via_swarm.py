@@ -1,0 +1,123 @@
+"""Chat through the swarm: token embedding and LM head here, every block in the swarm.
+
+`SwarmChat.stream_reply` is synchronous (it runs in a worker thread, like local chat);
+each reply opens one fault-tolerant session on the client's event loop, sized for the
+prompt plus the reply, and closes it at the end however the reply ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from volunteer.chat.conversation import Conversation, ReplyStats, stream_reply
+from volunteer.client.stepper import SwarmStepper, open_swarm_stepper
+from volunteer.client.swarm_client import SwarmClient
+from volunteer.models.checkpoint import load_ends
+from volunteer.models.config import ModelConfig
+from volunteer.models.model import ModelEnds
+from volunteer.models.sampling import SamplingParams
+from volunteer.models.tokenizer import Tokenizer
+
+OPEN_TIMEOUT_S = 120.0
+"""Longest wait to read the swarm and open a route (including failovers)."""
+STEP_TIMEOUT_S = 120.0
+"""Longest wait for one token's step through the whole route, failovers included."""
+CLOSE_TIMEOUT_S = 10.0
+
+
+class SwarmChat:
+    """A tokenizer and the model's ends here, answering through a `SwarmClient`.
+
+    Args:
+        ends: embedding and LM head of the model.
+        tokenizer: its tokenizer.
+        config: its config (context length).
+        client: the swarm client, living on `loop`.
+        loop: the running event loop of `client` (not the calling thread's).
+    """
+
+    def __init__(
+        self,
+        *,
+        ends: ModelEnds,
+        tokenizer: Tokenizer,
+        config: ModelConfig,
+        client: SwarmClient,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.ends = ends.eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.client = client
+        self.loop = loop
+
+    @classmethod
+    def load(
+        cls,
+        folder: Path,
+        config: ModelConfig,
+        *,
+        client: SwarmClient,
+        loop: asyncio.AbstractEventLoop,
+    ) -> SwarmChat:
+        """Loads the ends and tokenizer of a Hugging Face-format folder (float32)."""
+        ends = load_ends(folder, config, dtype=torch.float32)
+        tokenizer = Tokenizer.from_folder(folder)
+        return cls(ends=ends, tokenizer=tokenizer, config=config, client=client, loop=loop)
+
+    def stream_reply(
+        self,
+        conversation: Conversation,
+        *,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        should_stop: Callable[[], bool] = lambda: False,
+        stats: ReplyStats | None = None,
+    ) -> Iterator[str]:
+        """Streams the assistant's next reply as text pieces; it does not record it.
+
+        Raises:
+            SessionFailedError: no route covers the model, or the swarm failed mid-reply
+                beyond what failover could mend.
+        """
+        steppers: list[SwarmStepper] = []
+
+        @contextlib.contextmanager
+        def open_noting_route(prompt_len: int, max_new: int) -> Iterator[SwarmStepper]:
+            with self._open_stepper(prompt_len, max_new) as stepper:
+                steppers.append(stepper)
+                yield stepper
+
+        yield from stream_reply(
+            self.tokenizer,
+            conversation,
+            context_length=self.config.max_position_embeddings,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            open_stepper=open_noting_route,
+            should_stop=should_stop,
+            stats=stats,
+        )
+        if stats is not None and steppers:
+            # The route that served the reply's last step (after any failover).
+            routes = steppers[-1].session.route_history
+            last = routes[-1] if routes else []
+            stats.route = [(hop.peer_id, hop.start, hop.end) for hop in last]
+
+    def _open_stepper(
+        self, prompt_len: int, max_new_tokens: int
+    ) -> contextlib.AbstractContextManager[SwarmStepper]:
+        return open_swarm_stepper(
+            self.client,
+            self.loop,
+            self.ends,
+            max_length=prompt_len + max_new_tokens,
+            open_timeout_s=OPEN_TIMEOUT_S,
+            step_timeout_s=STEP_TIMEOUT_S,
+            close_timeout_s=CLOSE_TIMEOUT_S,
+        )
