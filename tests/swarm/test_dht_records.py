@@ -22,19 +22,21 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from tests.swarm.dht_helpers import (
+    announce,
+    announce_offline,
+    make_dht,
+    read_snapshot,
+    reannounce,
+)
 from volunteer.daemon.identity import Identity, load_or_create_identity
 from volunteer.paths import Paths
 from volunteer.swarm.dht_records import (
-    announce,
-    announce_offline,
     announce_on_node,
-    make_dht,
     make_validator,
     owner_marker,
     peer_id_from_owner,
-    read_snapshot,
     read_snapshot_on_node,
-    reannounce,
 )
 from volunteer.swarm.records import RecordError, ServerInfo, ServerState, block_key
 

@@ -86,7 +86,7 @@ def fallback_path(paths: Paths) -> Path:
 
 
 def runtime_identity_path(paths: Paths) -> Path:
-    """Where the daemon writes the key file hivemind reads at start (see `make_dht`)."""
+    """Where the daemon writes the key file its DHT service hands to hivemind at start."""
     return paths.runtime_dir / RUNTIME_FILE_NAME
 
 

@@ -7,24 +7,21 @@ that subkey not signed by the matching private key, so nobody can overwrite anot
 peer's record. The same RSA key is the peer's libp2p identity, so a reader derives the
 peer id from the owner marker itself: a record cannot claim somebody else's peer id.
 
-Two ways in: sync functions over a `hivemind.DHT` (its node runs in a child process)
-and `*_on_node` coroutines over a `DHTNode` running on the caller's loop (the daemon).
-Records are parsed and checked in the caller's process, so drops are logged there.
+The daemon and the client run a `DHTNode` on their own loop and call the `*_on_node`
+coroutines. Fetching (`fetch_raw`) and checking (`snapshot_from_raw`) are separate steps so a
+caller whose node runs in another process fetches there and checks (and logs drops) in its
+own (the tests' sync wrappers in `tests/swarm/dht_helpers.py` do).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import hivemind
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -35,11 +32,9 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from volunteer.machine.atomic import write_file_atomic
 from volunteer.swarm.records import (
     RecordError,
     ServerInfo,
-    ServerState,
     SwarmSnapshot,
     block_key,
     check_model_name,
@@ -49,8 +44,6 @@ logger = logging.getLogger(__name__)
 
 RECORD_TTL_PERIODS = 3.0
 """A re-announced record lives this many periods, so one late or lost beat is forgiven."""
-PIPE_SLACK_S = 5.0
-"""Extra wait for hivemind's child process to pick up and answer a request over its pipe."""
 _SHA2_256_MULTIHASH_PREFIX = b"\x12\x20"
 """libp2p peer id of an RSA key: multihash(sha2-256 code 0x12, 32-byte digest)."""
 
@@ -104,36 +97,6 @@ def peer_id_from_owner(subkey: object) -> str:
     message = crypto_pb2.PublicKey(key_type=crypto_pb2.KeyType.RSA, data=der).SerializeToString()
     digest = hashlib.sha256(message).digest()
     return PeerID(_SHA2_256_MULTIHASH_PREFIX + digest).to_base58()
-
-
-def make_dht(
-    *,
-    identity_key: RSAPrivateKey,
-    identity_path: Path,
-    initial_peers: Sequence[str],
-    host_maddrs: Sequence[str],
-    announce_maddrs: Sequence[str] | None = None,
-    start: bool = True,
-) -> hivemind.DHT:
-    """A hivemind DHT whose peer id and record signatures both come from `identity_key`.
-
-    Args:
-        identity_key: this peer's RSA key (see `volunteer.daemon.identity`).
-        identity_path: where the libp2p key file for hivemind is written (mode 0600).
-        initial_peers: multiaddrs of peers already in the swarm; empty for a new swarm.
-        host_maddrs: where to listen, e.g. `["/ip4/127.0.0.1/tcp/0"]`.
-        announce_maddrs: the addresses others should dial, if not the listening ones.
-        start: start the DHT's process now (and wait until it is ready).
-    """
-    write_file_atomic(identity_path, encode_p2p_identity(identity_key))
-    return hivemind.DHT(
-        initial_peers=list(initial_peers),
-        start=start,
-        record_validators=[make_validator(identity_key)],
-        host_maddrs=list(host_maddrs),
-        announce_maddrs=list(announce_maddrs) if announce_maddrs is not None else None,
-        identity_path=str(identity_path),
-    )
 
 
 def record_ttl_s(period_s: float) -> float:
@@ -190,70 +153,7 @@ async def read_snapshot_on_node(
     Raises:
         TimeoutError: the DHT did not answer within `timeout_s`.
     """
-    raw = await _fetch_raw(node, _block_keys(model, num_blocks), timeout_s)
-    if raw is None:
-        raise TimeoutError(f"reading the swarm of {model} took over {timeout_s:g} s")
-    return snapshot_from_raw(model, num_blocks, raw)
-
-
-def announce(
-    dht: hivemind.DHT, info: ServerInfo, *, owner: bytes, expiration_s: float, timeout_s: float
-) -> bool:
-    """`announce_on_node` through a `hivemind.DHT` (blocks the calling thread).
-
-    Returns:
-        Whether every block's record was stored.
-    """
-    coro = functools.partial(
-        _announce_in_dht, info=info, owner=owner, expiration_s=expiration_s, timeout_s=timeout_s
-    )
-    future = dht.run_coroutine(coro, return_future=True)
-    try:
-        return bool(future.result(timeout=timeout_s + PIPE_SLACK_S))
-    except _TIMEOUTS:
-        future.cancel()
-        logger.warning("the DHT process did not answer an announce of %s", info.model)
-        return False
-
-
-def announce_offline(
-    dht: hivemind.DHT, info: ServerInfo, *, owner: bytes, expiration_s: float, timeout_s: float
-) -> bool:
-    """Marks this server's span OFFLINE (on a graceful stop), so clients stop routing to it.
-
-    `expiration_s` must not be shorter than the last announce's: the DHT keeps whichever
-    record of a subkey expires last.
-    """
-    offline = info.model_copy(update={"state": ServerState.OFFLINE})
-    return announce(dht, offline, owner=owner, expiration_s=expiration_s, timeout_s=timeout_s)
-
-
-def reannounce(
-    dht: hivemind.DHT, info: ServerInfo, *, owner: bytes, period_s: float, timeout_s: float
-) -> bool:
-    """One beat of the daemon's periodic announce: the record lives `record_ttl_s(period_s)`."""
-    return announce(
-        dht, info, owner=owner, expiration_s=record_ttl_s(period_s), timeout_s=timeout_s
-    )
-
-
-def read_snapshot(
-    dht: hivemind.DHT, model: str, num_blocks: int, *, timeout_s: float
-) -> SwarmSnapshot:
-    """`read_snapshot_on_node` through a `hivemind.DHT` (blocks the calling thread).
-
-    Raises:
-        TimeoutError: the DHT did not answer within `timeout_s` (plus pipe slack).
-    """
-    keys = _block_keys(model, num_blocks)
-    future = dht.run_coroutine(
-        functools.partial(_fetch_in_dht, keys=keys, timeout_s=timeout_s), return_future=True
-    )
-    try:
-        raw = future.result(timeout=timeout_s + PIPE_SLACK_S)
-    except _TIMEOUTS:
-        future.cancel()
-        raw = None
+    raw = await fetch_raw(node, model, num_blocks, timeout_s=timeout_s)
     if raw is None:
         raise TimeoutError(f"reading the swarm of {model} took over {timeout_s:g} s")
     return snapshot_from_raw(model, num_blocks, raw)
@@ -299,7 +199,19 @@ def _describe_subkey(subkey: object) -> str:
     return text if len(text) <= 48 else text[:45] + "..."
 
 
-async def _fetch_raw(node: DHTNode, keys: list[str], timeout_s: float) -> RawRecords | None:
+async def fetch_raw(
+    node: DHTNode, model: str, num_blocks: int, *, timeout_s: float
+) -> RawRecords | None:
+    """Every stored record under the blocks of `model`, unchecked (see `snapshot_from_raw`).
+
+    Returns:
+        The records by block key, or None when the DHT did not answer within `timeout_s`
+        (None, not an exception: in hivemind's child process a raised one is logged as a crash).
+
+    Raises:
+        RecordError: `model` is not a valid model name.
+    """
+    keys = _block_keys(model, num_blocks)
     # sufficient_expiration_time=inf asks every replica and merges their subkeys; the
     # default stops at the first replica that has any value and can miss servers.
     try:
@@ -307,7 +219,6 @@ async def _fetch_raw(node: DHTNode, keys: list[str], timeout_s: float) -> RawRec
             node.get_many(keys, sufficient_expiration_time=float("inf")), timeout=timeout_s
         )
     except _TIMEOUTS:
-        # None, not an exception: hivemind's child process would log a raised one as a crash.
         return None
     raw: RawRecords = {}
     for key, entry in found.items():
@@ -320,24 +231,3 @@ async def _fetch_raw(node: DHTNode, keys: list[str], timeout_s: float) -> RawRec
             (subkey, item.value, item.expiration_time) for subkey, item in entry.value.items()
         ]
     return raw
-
-
-async def _announce_in_dht(
-    _dht: hivemind.DHT,
-    node: DHTNode,
-    *,
-    info: ServerInfo,
-    owner: bytes,
-    expiration_s: float,
-    timeout_s: float,
-) -> bool:
-    return await announce_on_node(
-        node, info, owner=owner, expiration_s=expiration_s, timeout_s=timeout_s
-    )
-
-
-async def _fetch_in_dht(
-    _dht: hivemind.DHT, node: DHTNode, *, keys: list[str], timeout_s: float
-) -> RawRecords | None:
-    # Runs in hivemind's child process; returns plain data so checks and logs stay with us.
-    return await _fetch_raw(node, keys, timeout_s)
