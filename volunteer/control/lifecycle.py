@@ -24,7 +24,6 @@ from typing import Any, Literal
 import psutil
 
 from volunteer.control.channel import ControlClient, ControlError, socket_path, use_tcp
-from volunteer.errors import VolunteerError
 from volunteer.machine.atomic import write_file_atomic
 from volunteer.paths import Paths
 
@@ -35,10 +34,6 @@ OUTPUT_FILE_NAME = "daemon.out"
 _POLL_S = 0.05
 """How often `start` and `stop` look at the daemon: a local socket call is cheap, and
 `start` returns that much sooner after the daemon is serving."""
-
-
-class DaemonError(VolunteerError):
-    """The daemon could not be started or stopped."""
 
 
 @dataclasses.dataclass(frozen=True)
