@@ -25,8 +25,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+# The script's folder is first on sys.path when run as `python bench/scheduler_decisions.py`.
+from flexgen_reference import OPT_30B, OPT_30B_TOKENS_S, T4_MACHINE, WORKLOAD
 from volunteer.scheduler.block_selection import block_throughputs, choose_best_start
-from volunteer.scheduler.flexgen_reference import OPT_30B, OPT_30B_TOKENS_S, T4_MACHINE, WORKLOAD
 from volunteer.scheduler.offload import search_policy, solve_placement
 from volunteer.scheduler.offload_cost import Batching
 from volunteer.scheduler.rebalancing import should_move

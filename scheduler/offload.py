@@ -7,6 +7,8 @@ placement fractions and the per-layer prefill and decode times minimises the blo
 total time under the GPU, CPU and disk capacities (`scheduler.offload_cost` holds the
 times). The best throughput over the grid wins. The grid does not depend on the
 capacities, so a machine with more memory never gets a slower policy.
+
+Not acted on yet: `volunteer profile` reports the policy; the daemon serves from memory.
 """
 
 from __future__ import annotations

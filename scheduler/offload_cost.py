@@ -10,6 +10,8 @@ the small query and new keys/values cross), as FlexGen does.
 
 Every time here is linear in the placement fractions, which is what lets
 `scheduler.offload` search them with a linear program.
+
+Not acted on yet: feeds `scheduler.offload`, which `volunteer profile` reports.
 """
 
 from __future__ import annotations

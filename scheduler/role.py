@@ -4,6 +4,8 @@ Serving comes first while the inference swarm cannot run the model at all (a blo
 with no server) or its weakest block is below the speed people need; otherwise, when
 the volunteer allows training and a training swarm is under way, the machine joins it;
 otherwise it serves. The volunteer's own choices always bound the answer.
+
+Not acted on yet: `volunteer profile` reports the role; the daemon always serves.
 """
 
 from __future__ import annotations

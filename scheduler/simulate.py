@@ -9,6 +9,8 @@ block relative to the ideal, all throughput spread evenly (`coverage_ratio`).
 A server's `throughput` is tokens/s through each of its blocks: its compute speed per
 block divided by how many blocks it holds (a token crosses them one after another),
 capped by its network.
+
+For scale checks: the tests and `bench/scheduler_decisions.py` run it, the daemon does not.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ queued for it (micro-batches waiting), its throughput the summed speed of its pe
 peer joins the stage with the most load per unit of throughput (the bottleneck), and
 peers move, one at a time, from the least to the most loaded stage while the imbalance
 exceeds a threshold and the move makes the worst stage better.
+
+For the training roles of a later issue; only the tests call it today.
 """
 
 from __future__ import annotations

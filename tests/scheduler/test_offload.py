@@ -6,7 +6,10 @@ import dataclasses
 import random
 
 import pytest
-from volunteer.scheduler.flexgen_reference import (
+from volunteer.scheduler.offload import NoPolicyError, OffloadPolicy, search_policy, solve_placement
+from volunteer.scheduler.offload_cost import Batching, DeviceSpec, TransformerShape, Workload
+
+from bench.flexgen_reference import (
     OPT_6_7B,
     OPT_30B,
     OPT_30B_TOKENS_S,
@@ -14,8 +17,6 @@ from volunteer.scheduler.flexgen_reference import (
     T4_MACHINE,
     WORKLOAD,
 )
-from volunteer.scheduler.offload import NoPolicyError, OffloadPolicy, search_policy, solve_placement
-from volunteer.scheduler.offload_cost import Batching, DeviceSpec, TransformerShape, Workload
 
 GB = 10**9
 GIB = 2**30

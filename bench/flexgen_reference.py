@@ -1,6 +1,10 @@
 """FlexGen's published setting, the check of the offloading cost model: the machine of
 the paper (GCP: a 16 GB T4, 208 GB of CPU memory, 1.5 TB SSD), the OPT models it ran,
-and the throughput it reported. Shared by the tests and `bench/scheduler_decisions.py`."""
+and the throughput it reported.
+
+Reference data, not a script: `scheduler_decisions.py` imports it from its own folder
+and `tests/scheduler/test_offload.py` as `bench.flexgen_reference`.
+"""
 
 from __future__ import annotations
 
