@@ -13,8 +13,6 @@ from volunteer.models.sampling import Sampler, SamplingParams
 
 from tests.models.test_parity import _save_reference
 
-transformers = pytest.importorskip("transformers")
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:

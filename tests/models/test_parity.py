@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # the test extra installs it: a missing reference is an error, not a skip
 from volunteer.models.checkpoint import load_causal_lm, load_ends, load_span
 from volunteer.models.config import ModelConfig
-
-transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.numerics
 

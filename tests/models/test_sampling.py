@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers  # the test extra installs it: a missing reference is an error, not a skip
 from volunteer.models.sampling import (
     Sampler,
     SamplingParams,
@@ -11,8 +12,6 @@ from volunteer.models.sampling import (
     keep_top_k,
     keep_top_p,
 )
-
-transformers = pytest.importorskip("transformers")
 
 
 def _logits(rows: int = 3, vocab: int = 50) -> torch.Tensor:

@@ -17,8 +17,6 @@ from volunteer.models.tokenizer import Tokenizer
 
 from volunteer.chat.local import Conversation, LocalChat
 
-transformers = pytest.importorskip("transformers")
-
 pytestmark = pytest.mark.slow
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
