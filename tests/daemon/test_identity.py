@@ -6,8 +6,10 @@ import logging
 import os
 import stat
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
+import keyring
 import keyring.backends.fail
 import pytest
 from keyrings.alt.file import PlaintextKeyring
@@ -18,12 +20,16 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import hivemind  # noqa: F401
 
+
+from tests.daemon.homes import ROOT, Homes
+from tests.daemon.trusted_keyring import BACKEND_NAME, FILE_ENV, TrustedFileKeyring
 from volunteer.daemon.identity import (
     KEYRING_SERVICE,
     IdentityError,
     fallback_path,
     keyring_username,
     load_or_create_identity,
+    system_keyring,
     write_private_file,
 )
 from volunteer.paths import Paths
@@ -128,3 +134,69 @@ def test_write_private_file(tmp_path: Path) -> None:
     path = write_private_file(tmp_path / "sub" / "key", b"secret")
     assert path.read_bytes() == b"secret"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@pytest.fixture
+def os_keyring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """keyring's process-wide backend set to one the daemon accepts; its file's path."""
+    path = tmp_path / "os-keyring.cfg"
+    monkeypatch.setenv(FILE_ENV, str(path))
+    previous = keyring.get_keyring()
+    keyring.set_keyring(TrustedFileKeyring())
+    try:
+        yield path
+    finally:
+        keyring.set_keyring(previous)
+
+
+def test_a_recommended_system_keyring_holds_the_key(tmp_path: Path, os_keyring: Path) -> None:
+    # No backend passed: the daemon's own choice, `system_keyring()`, must pick this one.
+    paths = make_paths(tmp_path / "home")
+    first = load_or_create_identity(paths)
+    assert (first.stored_in, first.warning) == ("keyring", None)
+    assert not fallback_path(paths).exists()
+    assert TrustedFileKeyring().get_password(KEYRING_SERVICE, keyring_username(paths))
+    keyring.set_keyring(TrustedFileKeyring())  # a fresh backend object: a restart
+    again = load_or_create_identity(paths)
+    assert (again.stored_in, again.peer_id) == ("keyring", first.peer_id)
+
+
+def test_a_not_recommended_system_keyring_is_refused(tmp_path: Path, os_keyring: Path) -> None:
+    keyring.set_keyring(file_keyring(os_keyring))  # keyrings.alt at its own priority, 0.5
+    assert system_keyring() is None
+    paths = make_paths(tmp_path / "home")
+    identity = load_or_create_identity(paths)
+    assert identity.stored_in == str(fallback_path(paths))
+    assert not os_keyring.exists()
+
+
+def test_a_daemon_keeps_its_identity_in_the_keyring_across_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keyring_file = tmp_path / "os-keyring.cfg"
+    monkeypatch.setenv(FILE_ENV, str(keyring_file))  # for the reads below, in this process
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    homes = Homes(
+        tmp_path / "homes",
+        VOLUNTEER_NUM_BLOCKS="0",
+        PYTHON_KEYRING_BACKEND=BACKEND_NAME,
+        TRUSTED_KEYRING_FILE=str(keyring_file),
+        PYTHONPATH=python_path,
+    )
+    home = homes.home("keyring")
+    paths = Paths.resolve(home=home, env=homes.env)
+    try:
+        started = homes.cli(home, "start")
+        assert started.returncode == 0, started.stderr
+        first = homes.status(home)["peer_id"]
+        stored = TrustedFileKeyring().get_password(KEYRING_SERVICE, keyring_username(paths))
+        assert stored and not fallback_path(paths).exists()
+        in_keyring = load_or_create_identity(paths, keyring_backend=TrustedFileKeyring())
+        assert (in_keyring.stored_in, in_keyring.peer_id) == ("keyring", first)
+        assert homes.cli(home, "stop").returncode == 0
+        assert homes.cli(home, "start").returncode == 0
+        assert homes.status(home)["peer_id"] == first
+        assert not fallback_path(paths).exists()
+    finally:
+        homes.cli(home, "stop")
+        homes.reap()
