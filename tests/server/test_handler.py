@@ -14,14 +14,14 @@ from volunteer.models.model import BlockSpan, CausalLM, ModelEnds
 
 from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
 from volunteer.client.remote_span import RemoteSpan
-from volunteer.server.handler import BlockHandler
-from volunteer.server.sessions import (
+from volunteer.server.compute import (
     PRIORITY_INFERENCE,
     PRIORITY_TRAINING,
     PriorityCompute,
     backward_span,
     forward_span,
 )
+from volunteer.server.handler import BlockHandler
 from volunteer.transport.protocol import PROTOCOL_VERSION
 
 # hivemind's P2P.create finds its daemon binary with importlib.resources.path().

@@ -8,7 +8,7 @@ import asyncio
 
 import torch
 
-from volunteer.server.sessions import PRIORITY_INFERENCE, PriorityCompute
+from volunteer.server.compute import PRIORITY_INFERENCE, PriorityCompute
 
 
 def test_each_job_runs_on_its_thread_count() -> None:

@@ -8,8 +8,10 @@ from hivemind.p2p import P2P
 
 from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
 from volunteer.client.remote_span import RemoteSpan
-from volunteer.server.handler import BlockHandler, ServerLimits
-from volunteer.server.sessions import PriorityCompute, SessionTable
+from volunteer.server.compute import PriorityCompute
+from volunteer.server.handler import BlockHandler
+from volunteer.server.sessions import SessionTable
+from volunteer.server.validation import ServerLimits
 from volunteer.transport.protocol import BadRequestError
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")

@@ -1,17 +1,19 @@
 """Servers pushing a step's output straight to the next server of the route.
 
 Without pushes, every hop's output goes back to the client, which sends it on to the next
-server: on loopback here that relay cost ~1.4 ms per hop and token, most of it Python
-work and two more trips through the p2p daemons, with cold caches after the step's
-compute. So a step message may name the rest of the route (`StepRequest.push_to`): the
-server sends its output to the next server over a link it keeps to that peer, then
-answers its client as before. The client still sends every hop its input once it has
-it, so a lost push only costs time; each server runs whichever copy of a step comes
-first and drops the other (steps are numbered by the client).
+server: per hop and token, that relay is more Python work and two more trips through the
+p2p daemons, with cold caches after the step's compute. So a step message may name the
+rest of the route (`StepRequest.push_to`): the server sends its output to the next
+server over a link it keeps to that peer, then answers its client as before. The client
+still sends every hop its input once it has it, so a lost push only costs time; each
+server runs whichever copy of a step comes first and drops the other (steps are
+numbered by the client).
 
 - `PushLinks`: the sending side, one stream per next peer, opened in the background on
   first need (that step goes the slow way) and reused by every session; on the peer's
   Unix socket when the client saw one on this machine (`volunteer.transport.local_link`).
+- `serve_push_stream`: the receiving side of a link: each message is checked and put in
+  the inbox of the session it names.
 - `StepInbox`: the receiving side of one session: its client's messages and the steps
   pushed to it, in order of arrival.
 
@@ -28,8 +30,10 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import torch
+from google.protobuf.message import DecodeError
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
@@ -37,8 +41,15 @@ import volunteer.transport.framing as framing
 import volunteer.transport.protocol as wire
 from volunteer.transport.local_link import open_preferring_local
 from volunteer.transport.p2p_streams import open_stream
-from volunteer.transport.protocol import SessionExpiredError
+from volunteer.transport.protocol import (
+    BadRequestError,
+    PeerUnavailableError,
+    SessionExpiredError,
+)
 from volunteer.transport.queue_wait import get_within
+
+if TYPE_CHECKING:  # the handler serves these links: a run-time import would be circular
+    from volunteer.server.handler import BlockHandler
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +61,8 @@ MAX_LINKS = 16
 MAX_BUFFERED_BYTES = 1 << 20
 """A link whose peer does not read this much is dropped rather than buffered further."""
 INBOX_SIZE = 8
+MAX_PUSH_BYTES = 64 << 20
+"""A pushed message is one step's hidden states: far below this."""
 
 
 @dataclasses.dataclass
@@ -224,3 +237,55 @@ class StepInbox:
             raise
         except Exception as exc:  # handed to the session's loop, which ends on it
             await self._queue.put(exc)
+
+
+async def serve_push_stream(
+    handler: BlockHandler, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """A link from another server: each message is a step for one of our sessions.
+
+    Nothing is ever answered: a push that does not parse, names no open session, or
+    does not fit it is dropped (its client sends the step itself too). A link that
+    breaks the framing, or stays silent past the idle timeout, is closed.
+    """
+    with contextlib.closing(writer):
+        while True:
+            try:
+                marker, body = await asyncio.wait_for(
+                    framing.read_frame(reader, max_bytes=MAX_PUSH_BYTES),
+                    handler.limits.idle_timeout_s,
+                )
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError, PeerUnavailableError):
+                return  # silent too long, ended, or not our framing
+            except OSError:  # the connection broke
+                return
+            if marker != P2P.MESSAGE_MARKER:
+                return
+            try:
+                _take_push(handler, body)
+            except BadRequestError as exc:
+                logger.debug("dropped a push from %s: %s", peer, exc)
+
+
+def _take_push(handler: BlockHandler, body: bytes) -> None:
+    """Puts a pushed step in its session's inbox.
+
+    Raises:
+        BadRequestError: the push is malformed, or no open session takes it now.
+    """
+    request = runtime_pb2.ExpertRequest()
+    try:
+        request.ParseFromString(body)
+    except DecodeError as exc:
+        raise BadRequestError(f"not a protobuf message ({exc})") from exc
+    meta = wire.unpack_metadata(request.metadata, wire.StepRequest)
+    if meta.is_close or meta.step_id == 0:
+        raise BadRequestError("a push carries a numbered step")
+    session = handler.sessions.find_for_push(meta.session_id)
+    if session is None or session.inbox is None:
+        raise BadRequestError(f"no session {meta.session_id!r} takes pushes")
+    if meta.step_id <= session.last_step_id:
+        return  # late: the client's copy was run already
+    (hidden,) = handler.hidden_tensors(request, count=1)
+    if not session.inbox.push(PushedStep(meta, hidden)):
+        raise BadRequestError(f"session {meta.session_id!r} has a full inbox")

@@ -1,0 +1,245 @@
+"""The block server's torch work and the one compute thread that runs it: inference
+steps first, and a short decode step on the event loop when that thread is idle (see
+`PriorityCompute`).
+
+The compute thread touches nothing of the server's but its own queue: the jobs get their
+session and tensors as arguments and return new tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+
+from volunteer.models.kv_cache import KVCache
+from volunteer.models.model import BlockSpan
+from volunteer.server.sessions import Session
+from volunteer.transport.protocol import BusyError
+
+PRIORITY_INFERENCE = 0
+"""Inference steps: a person is waiting for the next token."""
+PRIORITY_TRAINING = 1
+"""forward/backward: throughput work that can wait behind a decode step."""
+INLINE_MAX_S = 0.1
+"""The longest decode step that may run on the event loop (see `PriorityCompute`): the
+loop's other work (the DHT, other streams, the control socket) waits that long at most."""
+
+Result = TypeVar("Result")
+
+
+class PriorityCompute:
+    """One compute thread that always runs the most urgent queued job next.
+
+    Each `run` pushes its job on a heap and hands the single-worker pool a token; the
+    worker, for each token, pops whichever job is most urgent at that moment. So an
+    inference step queued behind a backlog of forward passes runs next, and an idle
+    server has a blocked thread and nothing polling.
+
+    A short single-threaded decode step that finds the compute thread idle runs on the
+    caller's thread (the event loop) instead: waking the sleeping compute thread and then
+    the loop again costs two thread hand-offs per step, each with cold caches after the
+    compute, and nothing else could run in between anyway. Steps measured slower than `inline_max_s`
+    keep going to the compute thread, so the loop never stalls for long.
+    """
+
+    def __init__(
+        self,
+        *,
+        threads: int | None = None,
+        decode_threads: int | None = None,
+        inline_max_s: float = INLINE_MAX_S,
+    ) -> None:
+        """
+        Args:
+            threads: torch threads for a job (None: what the thread starts with).
+            decode_threads: torch threads for a job that asks for `decode=True` (a step of
+                one position): where more threads do not make it faster, fewer leave
+                the other cores to the rest of the swarm and the volunteer's machine.
+            inline_max_s: the longest a decode step may take to run on the caller's
+                thread when the compute thread is idle (0: never).
+        """
+        self.threads = threads
+        self.decode_threads = decode_threads
+        self.inline_max_s = inline_max_s
+        self.decode_s: float | None = None
+        """How long the last decode step took (None: none ran yet)."""
+        self._is_running = False
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="volunteer-compute")
+        self._heap: list[tuple[int, int, Callable[[], Any], Future[Any]]] = []
+        self._heap_lock = threading.Lock()
+        self._order = itertools.count()
+        self._is_shut_down = False
+
+    async def run(
+        self, priority: int, fn: Callable[..., Result], *args: Any, decode: bool = False
+    ) -> Result:
+        """Runs fn(*args) on the compute thread; lower priority numbers run first.
+
+        Args:
+            decode: the job is a one-position step (it runs on `decode_threads`).
+
+        Raises:
+            BusyError: the server is shutting down.
+        """
+        if self._is_shut_down:
+            raise BusyError("server is shutting down")
+        job_future: Future[Result] = Future()
+        threads = (self.decode_threads if decode else None) or self.threads
+
+        def job() -> Result:
+            # OpenMP keeps a count per thread: set here, on the running thread, per job.
+            if threads is not None and torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            if not decode:
+                return fn(*args)
+            began = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.decode_s = time.perf_counter() - began
+
+        if decode and self._may_inline():
+            restore = torch.get_num_threads()
+            try:
+                return job()
+            finally:
+                if torch.get_num_threads() != restore:
+                    torch.set_num_threads(restore)
+
+        with self._heap_lock:
+            entry = (priority, next(self._order), job, job_future)
+            heapq.heappush(self._heap, entry)
+        self._pool.submit(self._run_most_urgent)
+        # Cancelling the awaiting request cancels a job that has not started yet.
+        return await asyncio.wrap_future(job_future)
+
+    def _may_inline(self) -> bool:
+        """Whether a decode step may run on the caller's thread now: it runs on one
+        thread, the compute thread has nothing running or queued, and the last decode
+        step was short enough."""
+        if (self.decode_threads or self.threads) != 1:
+            # A second thread's OpenMP team would make libgomp put idle workers to sleep
+            # sooner in both (see volunteer.machine.cpu_sharing.in_passing_thread).
+            return False
+        if self.decode_s is None or self.decode_s > self.inline_max_s:
+            return False  # the first step goes to the compute thread and is timed there
+        with self._heap_lock:
+            return not self._is_running and not self._heap
+
+    def _run_most_urgent(self) -> None:
+        with self._heap_lock:
+            if not self._heap:
+                return
+            _, _, job, job_future = heapq.heappop(self._heap)
+            self._is_running = True
+        try:
+            if not job_future.set_running_or_notify_cancel():
+                return
+            try:
+                job_future.set_result(job())
+            except BaseException as exc:  # handed to the awaiting request, which re-raises
+                job_future.set_exception(exc)
+        finally:
+            with self._heap_lock:
+                self._is_running = False
+
+    def shutdown(self) -> None:
+        """Cancels queued jobs; a running job finishes in the background."""
+        self._is_shut_down = True
+        with self._heap_lock:
+            pending, self._heap = self._heap, []
+        for *_, job_future in pending:
+            job_future.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# The functions below run on the compute thread. Each takes the blocks [start, end) of
+# the request, which lie inside the span; tensors come back in the dtype they came in.
+
+
+def allocate_cache(span: BlockSpan, session: Session) -> KVCache:
+    """A cache for the session's blocks, on the span's device and dtype."""
+    if (session.start, session.end) == (span.start, span.end):
+        return span.allocate_cache(batch_size=session.batch_size, max_length=session.max_length)
+    weight = next(span.parameters())
+    return KVCache.allocate(
+        span.config,
+        num_blocks=session.end - session.start,
+        batch_size=session.batch_size,
+        max_length=session.max_length,
+        dtype=weight.dtype,
+        device=weight.device,
+    )
+
+
+def forward_span(span: BlockSpan, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Hidden states [B, S, H] through blocks [start, end), no cache."""
+    with torch.inference_mode():
+        output = run_blocks(span, _to_span(span, hidden), start, end, 0, None)
+    return _like(output, hidden)
+
+
+def backward_span(
+    span: BlockSpan, hidden: torch.Tensor, grad_outputs: torch.Tensor, start: int, end: int
+) -> torch.Tensor:
+    """The gradient of blocks [start, end)'s inputs, given the gradient of their outputs."""
+    # A fresh forward with autograd on: nothing from earlier requests is kept.
+    with torch.enable_grad():
+        inputs = _to_span(span, hidden.detach()).requires_grad_(True)
+        outputs = run_blocks(span, inputs, start, end, 0, None)
+        (grad,) = torch.autograd.grad(outputs, inputs, _to_span(span, grad_outputs))
+    return _like(grad, hidden)
+
+
+def inference_step(session: Session, hidden: torch.Tensor, start_pos: int) -> torch.Tensor:
+    """One step of a session: new positions [start_pos, start_pos + S) through its cache,
+    on the blocks it was opened on."""
+    cache, span = session.cache, session.span
+    assert cache is not None and span is not None  # set when the session was admitted
+    with torch.inference_mode():
+        output = run_blocks(
+            span, _to_span(span, hidden), session.start, session.end, start_pos, cache
+        )
+    # A start_pos below the old length rewinds: later positions are overwritten.
+    cache.length = start_pos + hidden.shape[1]
+    return _like(output, hidden)
+
+
+def run_blocks(
+    span: BlockSpan,
+    hidden: torch.Tensor,
+    start: int,
+    end: int,
+    start_pos: int,
+    cache: KVCache | None,
+) -> torch.Tensor:
+    """Blocks [start, end) of the span; the whole span takes its own fast path."""
+    if (start, end) == (span.start, span.end):
+        return span(hidden, start_pos=start_pos, cache=cache)
+    cos, sin = span.rotary.slice(start_pos, hidden.shape[1])
+    first = start - span.start
+    for index in range(first, end - span.start):
+        layer_cache = cache.layer(index - first) if cache is not None else None
+        block = span.blocks[index]
+        hidden = block(hidden, cos, sin, start_pos=start_pos, layer_cache=layer_cache)
+    return hidden
+
+
+def _to_span(span: BlockSpan, tensor: torch.Tensor) -> torch.Tensor:
+    """A request tensor on the span's device and in its dtype."""
+    weight = next(span.parameters())
+    return tensor.to(device=weight.device, dtype=weight.dtype)
+
+
+def _like(result: torch.Tensor, request: torch.Tensor) -> torch.Tensor:
+    # Back to the request's device (the CPU, for the wire) and dtype, still on the compute
+    # thread: a GPU->CPU copy waits for the GPU, which the event loop must not.
+    return result.detach().to(device=request.device, dtype=request.dtype)

@@ -1,0 +1,159 @@
+"""Checks of what a request may ask of a block server: its span, its tensors, its limits,
+and how many messages its stream carries.
+
+Every check raises `BadRequestError` with a text that names the reason; hivemind carries
+that text to the caller. Nothing here keeps state: the handler passes in what it serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+
+import torch
+from hivemind.proto import runtime_pb2
+
+import volunteer.transport.framing as framing
+import volunteer.transport.protocol as wire
+from volunteer.models.model import BlockSpan
+from volunteer.server.sessions import Session
+from volunteer.transport.protocol import BadRequestError, SessionExpiredError
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerLimits:
+    """What one request may ask of this server."""
+
+    max_batch: int
+    max_chunk: int
+    """Most new positions per request (S)."""
+    max_tokens: int
+    """Most positions per request over the whole batch (B * S)."""
+    max_length: int
+    """The model's context: the longest session."""
+    idle_timeout_s: float
+    """A stream that sends nothing for this long is closed and its cache freed."""
+
+
+def check_span(span: BlockSpan, meta: wire.SpanRequest) -> None:
+    """Blocks [start, end) must lie inside the served span (a sub-span is allowed)."""
+    if not span.start <= meta.start < meta.end <= span.end:
+        raise BadRequestError(
+            f"blocks [{meta.start}, {meta.end}) are not inside the served span "
+            f"[{span.start}, {span.end})"
+        )
+
+
+def check_open(meta: wire.OpenSessionRequest, limits: ServerLimits) -> None:
+    """A session's batch and length must fit the server's limits."""
+    if meta.batch_size > limits.max_batch:
+        raise BadRequestError(f"batch_size {meta.batch_size} exceeds max_batch {limits.max_batch}")
+    if meta.max_length > limits.max_length:
+        raise BadRequestError(
+            f"max_length {meta.max_length} exceeds the model's context of {limits.max_length}"
+        )
+
+
+def hidden_tensors(
+    request: runtime_pb2.ExpertRequest,
+    *,
+    count: int,
+    hidden_size: int,
+    limits: ServerLimits,
+    dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """The request's tensors, each read and checked as hidden states within the limits."""
+    if len(request.tensors) != count:
+        raise BadRequestError(f"expected {count} tensor(s), got {len(request.tensors)}")
+    tensors = []
+    for index, proto in enumerate(request.tensors):
+        tensor = framing.unpack_hidden(
+            proto, hidden_size=hidden_size, max_positions=limits.max_tokens, name=f"tensor {index}"
+        )
+        check_limits(tensor, limits, dtype)
+        tensors.append(tensor)
+    return tensors
+
+
+def check_hidden(
+    hidden: torch.Tensor, *, hidden_size: int, limits: ServerLimits, dtype: torch.dtype
+) -> None:
+    """The checks of `hidden_tensors`, for a tensor that came in-process."""
+    if hidden.dim() != 3 or hidden.shape[2] != hidden_size:
+        raise BadRequestError(
+            f"hidden states must be [batch, seq, {hidden_size}], got {list(hidden.shape)}"
+        )
+    check_limits(hidden, limits, dtype)
+
+
+def check_limits(tensor: torch.Tensor, limits: ServerLimits, dtype: torch.dtype) -> None:
+    """B <= max_batch, S <= max_chunk, B * S <= max_tokens; float32 or the served dtype."""
+    batch, seq, _ = tensor.shape
+    if batch > limits.max_batch:
+        raise BadRequestError(f"batch {batch} exceeds max_batch {limits.max_batch}")
+    if seq > limits.max_chunk:
+        raise BadRequestError(f"{seq} positions exceed max_chunk {limits.max_chunk}")
+    if batch * seq > limits.max_tokens:
+        raise BadRequestError(f"{batch * seq} positions exceed max_tokens {limits.max_tokens}")
+    if tensor.dtype not in (torch.float32, dtype):
+        raise BadRequestError(f"dtype {tensor.dtype} not accepted: send float32 or {dtype}")
+
+
+def check_step(session: Session, hidden: torch.Tensor, start_pos: int) -> None:
+    """A step must fit its session: its batch, no gap after the cached positions (a
+    rewind below them is allowed), and no position past its max_length."""
+    batch, seq, _ = hidden.shape
+    if batch != session.batch_size:
+        raise BadRequestError(f"batch {batch} != the session's batch_size {session.batch_size}")
+    assert session.cache is not None  # admitted sessions always hold a cache
+    if start_pos > session.cache.length:
+        raise BadRequestError(
+            f"start_pos {start_pos} skips past the {session.cache.length} cached positions"
+        )
+    if start_pos + seq > session.max_length:
+        raise BadRequestError(
+            f"start_pos {start_pos} + {seq} positions exceed the session's "
+            f"max_length {session.max_length}"
+        )
+
+
+async def first_request(
+    requests: AsyncIterator[runtime_pb2.ExpertRequest], *, timeout_s: float
+) -> runtime_pb2.ExpertRequest:
+    """The stream's first message.
+
+    Raises:
+        BadRequestError: the stream ended before it.
+        SessionExpiredError: nothing came for timeout_s.
+    """
+    request = await next_request(requests, timeout_s=timeout_s)
+    if request is None:
+        raise BadRequestError("the request stream ended before its first message")
+    return request
+
+
+async def only_request(
+    requests: AsyncIterator[runtime_pb2.ExpertRequest], *, timeout_s: float
+) -> runtime_pb2.ExpertRequest:
+    """The one message of a forward/backward stream, once the caller ended its side.
+
+    Replying (or ending our side) before that would cut the connection under the
+    caller's last write, which it would see as a broken pipe instead of our answer.
+    """
+    request = await first_request(requests, timeout_s=timeout_s)
+    if await next_request(requests, timeout_s=timeout_s) is not None:
+        raise BadRequestError("unexpected message: a forward/backward stream carries one message")
+    return request
+
+
+async def next_request(
+    requests: AsyncIterator[runtime_pb2.ExpertRequest], *, timeout_s: float
+) -> runtime_pb2.ExpertRequest | None:
+    """The next message, or None at the end of the stream."""
+    try:
+        return await asyncio.wait_for(anext(requests), timeout_s)
+    except StopAsyncIteration:
+        return None
+    except asyncio.TimeoutError:
+        raise SessionExpiredError(f"no message for {timeout_s:g} s; stream closed") from None
