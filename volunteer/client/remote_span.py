@@ -2,8 +2,9 @@
 
 Every call has a timeout. Failures come out as `volunteer.transport.protocol` errors: a
 `RemoteError` (`BusyError`, `BadRequestError`, `SessionExpiredError`) when the server
-answered with one, a `PeerUnavailableError` when it could not be reached or did not
-answer in time. Retrying, and choosing another server, is the caller's business.
+answered with one, a `PeerUnavailableError` when it could not be reached, did not
+answer in time, or speaks another protocol version (`IncompatiblePeerError`).
+Retrying, and choosing another server, is the caller's business.
 """
 
 from __future__ import annotations
@@ -86,11 +87,18 @@ class RemoteSpan:
         return f"RemoteSpan({self.peer_id}, [{self.start}, {self.end}))"
 
     async def info(self, timeout_s: float = 10.0) -> wire.InfoReply:
-        """The server's span, model, dtype, limits and free cache."""
+        """The server's span, model, dtype, limits and free cache.
+
+        Raises:
+            IncompatiblePeerError: the server speaks another protocol version (a
+                `PeerUnavailableError`: routing avoids it as it avoids a dead server).
+            PeerUnavailableError, RemoteError: as for the other calls.
+        """
         call = self.p2p.call_protobuf_handler(
             self.peer_id, INFO_HANDLE, runtime_pb2.ExpertUID(), runtime_pb2.ExpertResponse
         )
         reply = await _call(call, timeout_s=timeout_s, what=repr(self))
+        wire.check_version(reply.metadata, peer=repr(self))
         return wire.unpack_metadata(reply.metadata, wire.InfoReply)
 
     async def forward(self, hidden: torch.Tensor, timeout_s: float = 60.0) -> torch.Tensor:

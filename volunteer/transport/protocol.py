@@ -14,10 +14,13 @@ Errors a caller of a remote span can see::
         │   ├── BadRequestError      "bad request:" the request itself is wrong; a bug
         │   └── SessionExpiredError  "expired:" the session idled past the server's timeout
         └── PeerUnavailableError     no answer: connection refused or lost, or a timeout
+            └── IncompatiblePeerError  it answered in another protocol version
 
 The server raises `BusyError`, `BadRequestError` and `SessionExpiredError` itself: their
 text starts with the marker above, hivemind carries the text to the caller inside a
-`P2PHandlerError`, and `classify_remote_error` turns it back into the same class.
+`P2PHandlerError`, and `classify_remote_error` turns it back into the same class. The
+client raises `IncompatiblePeerError` itself (`check_version`): to a router, a server it
+cannot talk to is as good as one that is down.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from volunteer.errors import VolunteerError
 
 PROTOCOL_VERSION = 1
+"""Sent in every `InfoReply`; a client uses no server whose version differs from its own."""
 MAX_METADATA_BYTES = 32 << 10
 """Metadata is a handful of small fields (a step's route at most `MAX_PUSH_HOPS` of
 them); anything larger is refused unparsed."""
@@ -86,6 +90,10 @@ class SessionExpiredError(RemoteError):
 
 class PeerUnavailableError(RemoteSpanError):
     """The peer could not be reached, dropped the connection, or did not answer in time."""
+
+
+class IncompatiblePeerError(PeerUnavailableError):
+    """The peer answered, but in another protocol version than ours: it is not used."""
 
 
 _MARKED_ERRORS: tuple[type[RemoteError], ...] = (BusyError, BadRequestError, SessionExpiredError)
@@ -196,6 +204,13 @@ class InfoReply(_Schema):
     """Tokens per second this server expects to sustain (measured by its owner)."""
 
 
+class VersionProbe(_Schema):
+    """Only the version of an `InfoReply`, read before the rest: another version's
+    fields need not fit our schema."""
+
+    version: int | None = None
+
+
 Schema = TypeVar("Schema", bound=_Schema)
 
 
@@ -226,3 +241,17 @@ def unpack_metadata(raw: bytes, schema: type[Schema]) -> Schema:
             f"{'.'.join(map(str, e['loc'])) or 'metadata'}: {e['msg']}" for e in exc.errors()
         )
         raise BadRequestError(f"bad {schema.__name__} metadata: {problems}") from exc
+
+
+def check_version(raw: bytes, *, peer: str) -> None:
+    """Checks that the `InfoReply` metadata `raw` is in our protocol version.
+
+    Raises:
+        IncompatiblePeerError: it names another version, or none.
+        BadRequestError: the bytes are not metadata at all.
+    """
+    version = unpack_metadata(raw, VersionProbe).version
+    if version != PROTOCOL_VERSION:
+        raise IncompatiblePeerError(
+            f"{peer} speaks protocol version {version}, this peer speaks {PROTOCOL_VERSION}"
+        )
