@@ -176,7 +176,7 @@ class VolunteerApp(App[None]):
             line.update("no daemon is running (press s to start one)")
         first_sight = is_up and not self.daemon_seen
         self.daemon_seen = is_up
-        self.daemon_state = status.get("state") if status is not None else None
+        self.daemon_state = status.state if status is not None else None
         self.query_one(Dashboard).show_status(status)
         if first_sight:
             self.refresh_swarm()
@@ -185,7 +185,7 @@ class VolunteerApp(App[None]):
     def on_swarm_updated(self, message: SwarmUpdated) -> None:
         if message.swarm is not None:
             dashboard = self.query_one(Dashboard)
-            dashboard.total_blocks = int(message.swarm.get("num_blocks") or 0) or None
+            dashboard.total_blocks = message.swarm.num_blocks or None
         self.query_one(SwarmView).show_swarm(message.swarm, message.error)
 
     @_unless_closing

@@ -16,7 +16,21 @@ from typing import Any, Protocol
 from volunteer.tui.render import setting_label
 
 from volunteer.control import lifecycle
-from volunteer.control.channel import ControlClient, ControlError, DaemonNotRunningError
+from volunteer.control.client import ControlClient
+from volunteer.control.endpoint import ControlError, DaemonNotRunningError
+from volunteer.control.messages import (
+    CHAT,
+    PAUSE,
+    RELOAD,
+    RESUME,
+    STATUS,
+    SWARM,
+    ChatStats,
+    ChatText,
+    StatusReply,
+    SwarmParams,
+    SwarmReply,
+)
 from volunteer.control.replies import describe_reload
 from volunteer.model_cache.smollm2 import DEFAULT_MODEL
 from volunteer.paths import Paths
@@ -34,16 +48,18 @@ class DaemonClient(Protocol):
     log_file: Path | None
     """The daemon's log, tailed by the log panel (None: no log to show)."""
 
-    def status(self) -> dict[str, Any] | None:
-        """The daemon's status (`volunteer status --json`); None when none runs."""
+    def status(self) -> StatusReply | None:
+        """The daemon's status; None when none runs."""
         ...
 
-    def swarm(self) -> dict[str, Any]:
-        """`SwarmSnapshot.to_json()` of the daemon's model."""
+    def swarm(self) -> SwarmReply:
+        """Who serves which block of the daemon's model, with round trips."""
         ...
 
     def chat(self, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """The daemon's chat stream: `{"text": ...}` pieces, then the reply's stats."""
+        """The daemon's chat stream (params: a `ChatRequest`'s fields): `{"text": ...}`
+        pieces, then the reply's stats (`ChatStats` as a dict, as the chat screen saves
+        it)."""
         ...
 
     def start(self) -> str:
@@ -81,18 +97,24 @@ class ControlDaemonClient:
         self._home = home
         self.log_file: Path | None = paths.daemon_log
 
-    def status(self) -> dict[str, Any] | None:
+    def status(self) -> StatusReply | None:
         try:
-            return ControlClient(self._paths).call("status", timeout_s=STATUS_TIMEOUT_S)
+            return ControlClient(self._paths).call(STATUS, timeout_s=STATUS_TIMEOUT_S)
         except DaemonNotRunningError:
             return None
 
-    def swarm(self) -> dict[str, Any]:
-        return ControlClient(self._paths).call("swarm", {"ping": True}, timeout_s=SWARM_TIMEOUT_S)
+    def swarm(self) -> SwarmReply:
+        params = SwarmParams(is_ping=True)
+        return ControlClient(self._paths).call(SWARM, params, timeout_s=SWARM_TIMEOUT_S)
 
     def chat(self, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         client = ControlClient(self._paths)
-        yield from client.call_stream("chat", params, timeout_s=TOKEN_WAIT_S)
+        # The daemon checks the side panel's values and says which one is wrong.
+        for message in client.call_stream(CHAT, params, timeout_s=TOKEN_WAIT_S):
+            if isinstance(message, ChatText):
+                yield {"text": message.text}
+            elif isinstance(message, ChatStats):
+                yield message.model_dump(mode="json")
 
     def start(self) -> str:
         # The CLI, so the daemon gets exactly the settings `volunteer start` would give it.
@@ -111,7 +133,7 @@ class ControlDaemonClient:
         return f"daemon {result.outcome} (pid {result.pid})"
 
     def set_paused(self, is_paused: bool) -> str:
-        ControlClient(self._paths).call("pause" if is_paused else "resume", timeout_s=20.0)
+        ControlClient(self._paths).call(PAUSE if is_paused else RESUME, timeout_s=20.0)
         return "paused: new sessions go to other servers" if is_paused else "resumed serving"
 
     def restart(self) -> str:
@@ -124,7 +146,7 @@ class ControlDaemonClient:
     def save_config(self, edits: dict[str, str]) -> str:
         save_config(self._paths, edits)
         try:
-            outcome = ControlClient(self._paths).call("reload_config", timeout_s=RELOAD_TIMEOUT_S)
+            outcome = ControlClient(self._paths).call(RELOAD, timeout_s=RELOAD_TIMEOUT_S)
         except DaemonNotRunningError:
             return "saved to config.toml; the daemon uses it when it starts"
         except ControlError as exc:  # saved all the same: a restart applies it

@@ -13,6 +13,8 @@ from textual.widgets import Sparkline, Static
 from volunteer.tui.gauges import Gauges
 from volunteer.tui.render import blocks_bar, gauge, setting_label
 
+from volunteer.control.messages import StatusReply
+
 SPARK_SAMPLES = 180
 """Tokens/s samples kept for the sparkline: three minutes at one poll a second."""
 GIB = 2**30
@@ -42,11 +44,11 @@ class Dashboard(Vertical):
         yield Sparkline([], id="spark")
         yield Static(id="gauges")
 
-    def show_status(self, status: dict[str, Any] | None, *, now_s: float | None = None) -> None:
-        is_running = status is not None and status.get("state") != "not_running"
+    def show_status(self, status: StatusReply | None, *, now_s: float | None = None) -> None:
+        is_running = status is not None and status.state != "not_running"
         self.set_class(not is_running, "-empty")
         empty = self.query_one("#empty", Static)
-        if not is_running:
+        if status is None or not is_running:
             empty.update(
                 Text.assemble(
                     ("No daemon is running here.", "bold"),
@@ -57,29 +59,26 @@ class Dashboard(Vertical):
             )
             self._last_tokens = None
             return
-        assert status is not None
-        state = str(status.get("state", "?"))
-        colour = STATE_COLOURS.get(state, "red")
-        line = Text.assemble((f"● {state}", f"bold {colour}"))
-        if status.get("error"):
-            line.append(f" ({status['error']})", style="red")
-        line.append(f"   model {status.get('swarm_model') or status.get('model')}")
-        line.append(f"   up {_uptime(status.get('uptime_s'))}")
-        line.append(f"   peers {status.get('peers_seen', '?')}")
-        if status.get("restart_needed"):
-            waiting = ", ".join(setting_label(name) for name in status["restart_needed"])
+        colour = STATE_COLOURS.get(status.state, "red")
+        line = Text.assemble((f"● {status.state}", f"bold {colour}"))
+        if status.error:
+            line.append(f" ({status.error})", style="red")
+        line.append(f"   model {status.swarm_model or status.model}")
+        line.append(f"   up {_uptime(status.uptime_s)}")
+        line.append(f"   peers {status.peers_seen}")
+        if status.restart_needed:
+            waiting = ", ".join(setting_label(name) for name in status.restart_needed)
             line.append(f"\nsaved settings wait for a restart: {waiting}", style="yellow")
         self.query_one("#state", Static).update(line)
-        bar = blocks_bar(status.get("blocks"), self.total_blocks)
-        if status.get("span_reason"):
-            bar.append(f"\n{status['span_reason']}", style="dim")
+        bar = blocks_bar(status.blocks, self.total_blocks)
+        if status.span_reason:
+            bar.append(f"\n{status.span_reason}", style="dim")
         self.query_one("#blocks", Static).update(bar)
-        requests, tokens = status.get("requests_served", 0), status.get("tokens_served", 0)
         self.query_one("#counters", Static).update(
-            f"requests {requests:,}   tokens {tokens:,}   sessions "
-            f"{status.get('open_sessions', 0)}   chats {status.get('chats_answered', 0)}"
+            f"requests {status.requests_served:,}   tokens {status.tokens_served:,}   "
+            f"sessions {status.open_sessions}   chats {status.chats_answered}"
         )
-        self._sample_rate(int(status.get("tokens_served") or 0), now_s or time.monotonic())
+        self._sample_rate(status.tokens_served, now_s or time.monotonic())
 
     def show_gauges(self, gauges: Gauges) -> None:
         lines = [
@@ -132,8 +131,8 @@ class Dashboard(Vertical):
         )
 
 
-def _uptime(seconds: Any) -> str:
-    if not isinstance(seconds, (int, float)):
+def _uptime(seconds: float | None) -> str:
+    if seconds is None:
         return "?"
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)

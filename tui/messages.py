@@ -8,19 +8,20 @@ from textual.message import Message
 from volunteer.tui.gauges import Gauges
 
 from volunteer.chat.store import ConversationSummary, StoredConversation
+from volunteer.control.messages import StatusReply, SwarmReply
 
 
 class StatusUpdated(Message):
     """A status poll's answer: the status, or None when no daemon runs (or it failed)."""
 
-    def __init__(self, status: dict[str, Any] | None, error: str | None = None) -> None:
+    def __init__(self, status: StatusReply | None, error: str | None = None) -> None:
         super().__init__()
         self.status = status
         self.error = error
 
 
 class SwarmUpdated(Message):
-    def __init__(self, swarm: dict[str, Any] | None, error: str | None = None) -> None:
+    def __init__(self, swarm: SwarmReply | None, error: str | None = None) -> None:
         super().__init__()
         self.swarm = swarm
         self.error = error

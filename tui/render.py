@@ -10,6 +10,8 @@ from typing import Any
 
 from rich.text import Text
 
+from volunteer.control.messages import SwarmReply
+
 FULL, EMPTY = "█", "░"
 BARS = " ▁▂▃▄▅▆▇█"
 
@@ -48,15 +50,15 @@ def blocks_bar(served: Sequence[int] | None, total: int | None, width: int = 60)
     return text
 
 
-def health_rows(swarm: dict[str, Any]) -> list[tuple[int, int, float, bool]]:
+def health_rows(swarm: SwarmReply) -> list[tuple[int, int, float, bool]]:
     """Per block: (index, servers online or joining, their total throughput, is weakest)."""
-    total = int(swarm.get("num_blocks") or 0)
+    total = swarm.num_blocks
     counts = [0] * total
-    for server in swarm.get("servers", []):
-        if server.get("state") in ("online", "joining"):
-            for index in range(max(server["start"], 0), min(server["end"], total)):
+    for server in swarm.servers:
+        if server.state in ("online", "joining"):
+            for index in range(max(server.start, 0), min(server.end, total)):
                 counts[index] += 1
-    throughput = [float(t) for t in swarm.get("block_throughput", [0.0] * total)]
+    throughput = list(swarm.block_throughput) or [0.0] * total
     weakest = min(throughput) if throughput else 0.0
     return [
         (index, counts[index], throughput[index], throughput[index] <= weakest)
@@ -64,7 +66,7 @@ def health_rows(swarm: dict[str, Any]) -> list[tuple[int, int, float, bool]]:
     ]
 
 
-def health_map(swarm: dict[str, Any]) -> Text:
+def health_map(swarm: SwarmReply) -> Text:
     """The model's blocks left to right, in groups of ten: how many servers hold each
     (a dot for none) and its total throughput as a bar relative to the strongest block;
     the weakest blocks in reverse video."""

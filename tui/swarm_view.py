@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 from volunteer.tui.render import health_map, short_peer
+
+from volunteer.control.messages import SwarmReply
 
 PEER_COLUMNS = ("name", "peer", "blocks", "tokens/s", "rtt ms", "version", "state")
 
@@ -20,7 +20,7 @@ class SwarmView(Vertical):
     def on_mount(self) -> None:
         self.query_one("#peers", DataTable).add_columns(*PEER_COLUMNS)
 
-    def show_swarm(self, swarm: dict[str, Any] | None, error: str | None = None) -> None:
+    def show_swarm(self, swarm: SwarmReply | None, error: str | None = None) -> None:
         health = self.query_one("#health", Static)
         table = self.query_one("#peers", DataTable)
         if swarm is None:
@@ -29,16 +29,15 @@ class SwarmView(Vertical):
             return
         health.update(health_map(swarm))
         table.clear()
-        servers = sorted(swarm.get("servers", []), key=lambda s: (s["start"], s["peer_id"]))
-        for server in servers:
-            rtt = server.get("rtt_s")
+        for server in sorted(swarm.servers, key=lambda s: (s.start, s.peer_id)):
+            rtt_s = server.rtt_s
             table.add_row(
-                server.get("public_name") or "-",
-                short_peer(server["peer_id"]),
-                f"{server['start']}:{server['end']}",
-                f"{float(server.get('throughput') or 0):.1f}",
-                "-" if rtt is None else f"{rtt * 1000:.1f}",
-                server.get("version") or "-",
-                server.get("state") or "?",
-                key=server["peer_id"],
+                server.public_name or "-",
+                short_peer(server.peer_id),
+                f"{server.start}:{server.end}",
+                f"{server.throughput:.1f}",
+                "-" if rtt_s is None else f"{rtt_s * 1000:.1f}",
+                server.version or "-",
+                server.state,
+                key=server.peer_id,
             )

@@ -1,4 +1,5 @@
-"""The control API: a real ControlServer on a real Unix socket, driven by the sync client."""
+"""The control API: a real ControlServer on a real Unix socket, driven by the sync client,
+with methods of this test's own (the daemon's are tested with real daemons)."""
 
 from __future__ import annotations
 
@@ -12,65 +13,64 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import pytest
 
-from volunteer.control.channel import (
+from tests.control.loop_thread import LoopThread
+from volunteer.control.client import ControlClient
+from volunteer.control.endpoint import (
     MAX_MESSAGE_BYTES,
-    ControlClient,
     ControlError,
-    ControlServer,
     ControlTimeoutError,
     DaemonNotRunningError,
     socket_path,
     use_tcp,
 )
+from volunteer.control.messages import STATUS, Method, NoParams, Params, Reply
+from volunteer.control.server import ControlServer
 from volunteer.paths import Paths
 
 pytestmark = pytest.mark.skipif(use_tcp(), reason="the Unix-socket path is tested here")
 
 
-class LoopThread:
-    """An event loop in a thread, as the daemon runs one; the test thread is the CLI."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any, timeout_s: float = 10.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        self.run(_cancel_other_tasks())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
+class Anything(Params):
+    model_config = pydantic.ConfigDict(extra="allow")
 
 
-async def _cancel_other_tasks() -> None:
-    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+class CountParams(Params):
+    n: int = pydantic.Field(ge=0)
+    fail: bool = False
 
 
-async def echo(params: dict[str, Any]) -> Any:
-    return params
+class Token(Reply):
+    token: int
 
 
-async def fail(params: dict[str, Any]) -> Any:
+ECHO = Method("echo", Anything, dict[str, Any])
+FAIL = Method("fail", NoParams, dict[str, Any])
+SLOW = Method("slow", NoParams, dict[str, Any])
+COUNT = Method("count", CountParams, Token, is_stream=True)
+NOPE = Method("nope", NoParams, dict[str, Any])
+
+
+async def echo(params: Anything) -> dict[str, Any]:
+    return params.model_dump()
+
+
+async def fail(params: NoParams) -> dict[str, Any]:
     raise RuntimeError("the method broke")
 
 
-async def slow(params: dict[str, Any]) -> Any:
+async def slow(params: NoParams) -> dict[str, Any]:
     await asyncio.sleep(30)
+    return {}
 
 
-async def count(params: dict[str, Any]) -> AsyncIterator[Any]:
-    for i in range(params["n"]):
+async def count(params: CountParams) -> AsyncIterator[Token]:
+    for i in range(params.n):
         await asyncio.sleep(0)
-        yield {"token": i}
-    if params.get("fail"):
+        yield Token(token=i)
+    if params.fail:
         raise RuntimeError("stream broke")
 
 
@@ -87,10 +87,10 @@ def paths(tmp_path: Path) -> Paths:
 def server(paths: Paths) -> Iterator[ControlServer]:
     loop = LoopThread()
     control = ControlServer(paths)
-    control.register("echo", echo)
-    control.register("fail", fail)
-    control.register("slow", slow)
-    control.register_stream("count", count)
+    control.register(ECHO, echo)
+    control.register(FAIL, fail)
+    control.register(SLOW, slow)
+    control.register_stream(COUNT, count)
     loop.run(control.start())
     try:
         yield control
@@ -116,7 +116,7 @@ def raw_exchange(paths: Paths, data: bytes) -> list[dict[str, Any]]:
 
 def test_round_trip(server: ControlServer, paths: Paths) -> None:
     params = {"text": "héllo", "numbers": [1, 2.5], "nested": {"ok": None}}
-    assert ControlClient(paths).call("echo", params) == params
+    assert ControlClient(paths).call(ECHO, params) == params
 
 
 def test_socket_is_private(server: ControlServer, paths: Paths) -> None:
@@ -145,7 +145,7 @@ def test_bad_json_gets_an_error_and_the_connection_keeps_serving(
 
 def test_unknown_method_lists_the_known_ones(server: ControlServer, paths: Paths) -> None:
     with pytest.raises(ControlError, match="unknown method 'nope'; known: count, echo, fail"):
-        ControlClient(paths).call("nope")
+        ControlClient(paths).call(NOPE)
 
 
 def test_a_failing_method_is_reported_and_the_server_goes_on(
@@ -153,8 +153,8 @@ def test_a_failing_method_is_reported_and_the_server_goes_on(
 ) -> None:
     client = ControlClient(paths)
     with pytest.raises(ControlError, match="fail: the method broke"):
-        client.call("fail")
-    assert client.call("echo", {"still": "here"}) == {"still": "here"}
+        client.call(FAIL)
+    assert client.call(ECHO, {"still": "here"}) == {"still": "here"}
 
 
 def test_oversized_message_is_refused(server: ControlServer, paths: Paths) -> None:
@@ -163,17 +163,17 @@ def test_oversized_message_is_refused(server: ControlServer, paths: Paths) -> No
     )
     assert answers == [{"ok": False, "error": f"message longer than {MAX_MESSAGE_BYTES} bytes"}]
     client = ControlClient(paths)
-    assert client.call("echo", {"after": True}) == {"after": True}
+    assert client.call(ECHO, {"after": True}) == {"after": True}
     # The client refuses to send one at all.
     with pytest.raises(ControlError, match="request longer than"):
-        client.call("echo", {"x": "a" * MAX_MESSAGE_BYTES})
+        client.call(ECHO, {"x": "a" * MAX_MESSAGE_BYTES})
 
 
 def test_streaming_call_yields_partial_results_then_ends(
     server: ControlServer, paths: Paths
 ) -> None:
-    results = list(ControlClient(paths).call_stream("count", {"n": 5}))
-    assert results == [{"token": i} for i in range(5)]
+    results = list(ControlClient(paths).call_stream(COUNT, {"n": 5}))
+    assert results == [Token(token=i) for i in range(5)]
 
 
 def test_a_stream_that_breaks_raises_after_its_partial_results(
@@ -181,21 +181,40 @@ def test_a_stream_that_breaks_raises_after_its_partial_results(
 ) -> None:
     received = []
     with pytest.raises(ControlError, match="count: stream broke"):
-        for result in ControlClient(paths).call_stream("count", {"n": 2, "fail": True}):
+        for result in ControlClient(paths).call_stream(COUNT, {"n": 2, "fail": True}):
             received.append(result)
-    assert received == [{"token": 0}, {"token": 1}]
+    assert received == [Token(token=0), Token(token=1)]
+
+
+def test_params_are_checked_against_the_method_before_it_runs(
+    server: ControlServer, paths: Paths
+) -> None:
+    client = ControlClient(paths)
+    with pytest.raises(ControlError, match="count: bad params: n: Input should be greater"):
+        list(client.call_stream(COUNT, {"n": -1}))
+    with pytest.raises(ControlError, match="count: bad params: n: Field required"):
+        list(client.call_stream(COUNT, {}))
+    assert list(client.call_stream(COUNT, CountParams(n=1))) == [Token(token=0)]
+
+
+def test_registering_a_method_the_wrong_way_is_refused(paths: Paths) -> None:
+    control = ControlServer(paths)
+    with pytest.raises(TypeError, match="streams"):
+        control.register(COUNT, count)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="async generator"):
+        control.register_stream(ECHO, echo)  # type: ignore[arg-type]
 
 
 def test_a_call_times_out(server: ControlServer, paths: Paths) -> None:
     client = ControlClient(paths)
     with pytest.raises(ControlTimeoutError):
-        client.call("slow", timeout_s=0.3)
-    assert client.call("echo", {"a": 1}) == {"a": 1}
+        client.call(SLOW, timeout_s=0.3)
+    assert client.call(ECHO, {"a": 1}) == {"a": 1}
 
 
 def test_no_daemon_means_not_running(paths: Paths) -> None:
     with pytest.raises(DaemonNotRunningError):
-        ControlClient(paths).call("echo")
+        ControlClient(paths).call(ECHO)
 
 
 def test_a_leftover_socket_file_is_not_a_daemon(paths: Paths) -> None:
@@ -204,7 +223,7 @@ def test_a_leftover_socket_file_is_not_a_daemon(paths: Paths) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.bind(str(path))  # bound, never listening: what a killed daemon leaves
     with pytest.raises(DaemonNotRunningError):
-        ControlClient(paths).call("echo")
+        ControlClient(paths).call(ECHO)
 
 
 def test_a_daemon_that_exits_mid_call_is_a_control_error(paths: Paths) -> None:
@@ -226,7 +245,7 @@ def test_a_daemon_that_exits_mid_call_is_a_control_error(paths: Paths) -> None:
         thread = threading.Thread(target=accept_then_exit)
         thread.start()
         with pytest.raises(ControlError, match="closed the connection"):
-            ControlClient(paths).call("status", timeout_s=5)
+            ControlClient(paths).call(STATUS, timeout_s=5)
         thread.join(5)
 
 
@@ -235,10 +254,10 @@ def test_a_deep_home_gets_a_short_socket_path(tmp_path: Path) -> None:
     assert not socket_path(paths).is_relative_to(paths.runtime_dir)
     loop = LoopThread()
     control = ControlServer(paths)
-    control.register("echo", echo)
+    control.register(ECHO, echo)
     loop.run(control.start())
     try:
-        assert ControlClient(paths).call("echo", {"deep": 1}) == {"deep": 1}
+        assert ControlClient(paths).call(ECHO, {"deep": 1}) == {"deep": 1}
     finally:
         loop.run(control.close())
         loop.close()

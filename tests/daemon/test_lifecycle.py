@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from tests.daemon.homes import Homes
-from volunteer.control.channel import socket_path, use_tcp
+from volunteer.control.endpoint import socket_path, use_tcp
 from volunteer.control.lifecycle import pid_file
 from volunteer.paths import Paths
 

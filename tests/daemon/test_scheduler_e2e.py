@@ -17,7 +17,8 @@ import pytest
 
 from tests.daemon.homes import Homes
 from tests.daemon.test_swarm_e2e import PARIS_PROMPT, Swarm
-from volunteer.control.channel import use_tcp
+from volunteer.control.endpoint import use_tcp
+from volunteer.control.messages import SWARM
 
 pytestmark = [
     pytest.mark.slow,
@@ -51,7 +52,7 @@ def test_servers_choosing_their_own_blocks_land_on_different_spans(swarm: Swarm)
     assert "no server holds any block yet" in statuses["a"]["span_reason"]
     assert all("weakest span" in statuses[n]["span_reason"] for n in ("b", "c"))
     # The bootstrap daemon, serving nothing, describes the swarm (for the TUI and profile).
-    described = swarm.control("boot").call("swarm", timeout_s=30)
+    described = swarm.control("boot").call(SWARM, timeout_s=30).model_dump(mode="json")
     assert sorted((s["start"], s["end"]) for s in described["servers"]) == spans
     assert described["num_blocks"] == 30 and min(described["block_throughput"]) > 0
     # Each server announces its Unix socket for this machine's processes, unless told not to.

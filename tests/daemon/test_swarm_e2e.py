@@ -24,7 +24,9 @@ import pytest
 
 from tests.daemon.homes import ROOT, Homes
 from volunteer.client.swarm_connection import SwarmConnection
-from volunteer.control.channel import ControlClient, ControlError, use_tcp
+from volunteer.control.client import ControlClient
+from volunteer.control.endpoint import ControlError, use_tcp
+from volunteer.control.messages import CHAT, STATUS, ChatStats, ChatText
 from volunteer.paths import Paths
 from volunteer.swarm.dht_records import read_snapshot_on_node
 from volunteer.swarm.records import ServerState
@@ -39,6 +41,8 @@ STORY_PROMPT = "Write a short story about a robot who learns to paint."
 NEW_TOKENS = "64"
 CHAT_TIMEOUT_S = 180
 IDLE_WINDOW_S = 5.0
+IDLE_CPU_SHARE = 0.1
+"""Most CPU the idle daemons may take together, in cores (a spinning thread takes ~1)."""
 
 
 class Swarm:
@@ -78,7 +82,9 @@ class Swarm:
         return ControlClient(Paths.resolve(home=self.homes.home(name), env=self.homes.env))
 
     def status(self, name: str) -> dict[str, Any]:
-        return self.control(name).call("status", timeout_s=10)
+        """The daemon's status as `volunteer status --json` prints it."""
+        reply = self.control(name).call(STATUS, timeout_s=10)
+        return reply.model_dump(mode="json", exclude_unset=True)
 
 
 @pytest.fixture(scope="module")
@@ -174,10 +180,18 @@ def test_idle_servers_use_no_cpu(swarm: Swarm) -> None:
         p2pd = [p for p in tree if p.name() == "p2pd"]
         assert p2pd and all(p.environ().get("OMP_WAIT_POLICY") == "PASSIVE" for p in p2pd)
 
-    before = cpu_s()
-    time.sleep(IDLE_WINDOW_S)
-    # Three daemons and their p2pd: a few ms of timers and DHT upkeep at most.
-    assert cpu_s() - before < 0.05 * IDLE_WINDOW_S
+    # Idle, three daemons and their p2pd take a few ms of timers and DHT upkeep per
+    # window; one spinning thread would take most of a core. The bound is far from both,
+    # and the quieter of two windows counts: a periodic re-announce (or a busy machine
+    # delaying one) may fall into a window, but it does not fall into both.
+    used_s = []
+    for _ in range(2):
+        before = cpu_s()
+        time.sleep(IDLE_WINDOW_S)
+        used_s.append(cpu_s() - before)
+        if used_s[-1] < IDLE_CPU_SHARE * IDLE_WINDOW_S:
+            break
+    assert min(used_s) < IDLE_CPU_SHARE * IDLE_WINDOW_S, f"CPU seconds per window: {used_s}"
 
 
 @pytest.mark.parametrize(
@@ -197,7 +211,7 @@ def test_a_bad_chat_request_gets_an_error_and_the_daemon_keeps_serving(
     swarm: Swarm, params: dict[str, Any], fragment: str
 ) -> None:
     with pytest.raises(ControlError, match=fragment):
-        list(swarm.control("boot").call_stream("chat", params, timeout_s=30))
+        list(swarm.control("boot").call_stream(CHAT, params, timeout_s=30))
     assert swarm.status("boot")["state"] == "serving"
 
 
@@ -213,8 +227,8 @@ def test_killing_the_serving_replica_mid_generation_changes_nothing(
     swarm: Swarm, local_story: str
 ) -> None:
     params = {"messages": [{"role": "user", "content": STORY_PROMPT}], "max_new_tokens": 64}
-    stream = swarm.control("boot").call_stream("chat", params, timeout_s=CHAT_TIMEOUT_S)
-    pieces = [next(stream)["text"] for _ in range(3)]
+    stream = swarm.control("boot").call_stream(CHAT, params, timeout_s=CHAT_TIMEOUT_S)
+    pieces = [_text(next(stream)) for _ in range(3)]
     serving = [n for n in ("second", "replica") if swarm.status(n)["open_sessions"] > 0]
     assert len(serving) == 1, "exactly one replica of 15:30 serves the session"
     victim_peer = swarm.status(serving[0])["peer_id"]
@@ -222,23 +236,29 @@ def test_killing_the_serving_replica_mid_generation_changes_nothing(
     assert victim is not None
     os.killpg(victim, signal.SIGKILL)  # p2pd too: a dead peer, not a polite one
     began = time.monotonic()
-    pieces.append(next(stream)["text"])
+    pieces.append(_text(next(stream)))
     stall_s = time.monotonic() - began
     rest = list(stream)
-    pieces.extend(message["text"] for message in rest if "text" in message)
+    pieces.extend(message.text for message in rest if isinstance(message, ChatText))
     # The CLI prints the reply and a newline; the stream carries the reply alone.
     assert "".join(pieces) + "\n" == local_story
     # The last message says what the reply took: 64 tokens, through a route (after the
     # failover) that covers blocks 0:30 and avoids the killed replica.
     stats = rest[-1]
-    assert stats["done"] is True and stats["tokens"] == 64 and stats["seconds"] > 0
-    route = [(hop["start"], hop["end"]) for hop in stats["route"]]
+    assert isinstance(stats, ChatStats)
+    assert stats.done is True and stats.tokens == 64 and stats.seconds > 0
+    route = [(hop.start, hop.end) for hop in stats.route]
     assert route[0][0] == 0 and route[-1][1] == 30
     assert all(a[1] == b[0] for a, b in itertools.pairwise(route))
     holders_of_0_15 = {swarm.status(name)["peer_id"] for name in ("first", "auto")}
-    assert stats["route"][0]["peer_id"] in holders_of_0_15
-    assert victim_peer not in {hop["peer_id"] for hop in stats["route"]}
+    assert stats.route[0].peer_id in holders_of_0_15
+    assert victim_peer not in {hop.peer_id for hop in stats.route}
     assert stall_s < 30, f"the next token took {stall_s:.1f} s after the kill"
+
+
+def _text(message: ChatText | ChatStats) -> str:
+    assert isinstance(message, ChatText), message
+    return message.text
 
 
 def test_a_stopped_server_announces_offline_and_chat_says_why(swarm: Swarm) -> None:

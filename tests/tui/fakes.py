@@ -11,27 +11,30 @@ from typing import Any
 from volunteer.tui.client import config_as_text
 from volunteer.tui.gauges import Gauges
 
+from volunteer.control.messages import PAUSED_NOTE, StatusReply, SwarmReply
 from volunteer.paths import Paths
 from volunteer.settings import read_config, save_config
 
 GIB = 2**30
 
-SERVING = {
-    "state": "serving",
-    "error": None,
-    "model": "smollm2-135m-instruct",
-    "swarm_model": "smollm2-135m-instruct",
-    "blocks": [0, 15],
-    "span_reason": "blocks 0:15 because they are the swarm's weakest span",
-    "peers_seen": 2,
-    "requests_served": 1200,
-    "tokens_served": 3400,
-    "open_sessions": 1,
-    "chats_answered": 3,
-    "uptime_s": 754.0,
-}
+SERVING = StatusReply.model_validate(
+    {
+        "state": "serving",
+        "error": None,
+        "model": "smollm2-135m-instruct",
+        "swarm_model": "smollm2-135m-instruct",
+        "blocks": [0, 15],
+        "span_reason": "blocks 0:15 because they are the swarm's weakest span",
+        "peers_seen": 2,
+        "requests_served": 1200,
+        "tokens_served": 3400,
+        "open_sessions": 1,
+        "chats_answered": 3,
+        "uptime_s": 754.0,
+    }
+)
 
-SWARM = {
+SWARM_DATA = {
     "model": "smollm2-135m-instruct",
     "num_blocks": 30,
     "block_throughput": [40.0] * 15 + [10.0] * 15,
@@ -44,6 +47,7 @@ SWARM = {
          "rtt_s": None},
     ],
 }  # fmt: skip
+SWARM = SwarmReply.model_validate(SWARM_DATA)
 
 FIXED_GAUGES = Gauges(
     cpu_percent=42.0,
@@ -61,8 +65,8 @@ STATS = {
     "tokens": 8,
     "seconds": 0.5,
     "route": [
-        {"peer_id": SWARM["servers"][0]["peer_id"], "start": 0, "end": 15},
-        {"peer_id": SWARM["servers"][1]["peer_id"], "start": 15, "end": 30},
+        {"peer_id": SWARM.servers[0].peer_id, "start": 0, "end": 15},
+        {"peer_id": SWARM.servers[1].peer_id, "start": 15, "end": 30},
     ],
 }
 
@@ -78,17 +82,17 @@ class FakeDaemon:
         self.paths = paths
         """Where the settings screen's config.toml lives (the real file logic runs)."""
         self.restarted = 0
-        self.status_reply: dict[str, Any] = dict(SERVING)
+        self.status_reply = SERVING
         self.chat_requests: list[dict[str, Any]] = []
         self.started = self.stopped = 0
         self.hold_after_first_piece: threading.Event | None = None
         """When set to an Event, the chat waits on it after its first piece."""
         self.chat_closed = threading.Event()
 
-    def status(self) -> dict[str, Any] | None:
-        return dict(self.status_reply) if self.running else None
+    def status(self) -> StatusReply | None:
+        return self.status_reply if self.running else None
 
-    def swarm(self) -> dict[str, Any]:
+    def swarm(self) -> SwarmReply:
         return SWARM
 
     def chat(self, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -113,8 +117,12 @@ class FakeDaemon:
         return "daemon stopped"
 
     def set_paused(self, is_paused: bool) -> str:
-        self.status_reply["state"] = "paused" if is_paused else "serving"
-        self.status_reply["error"] = "paused by you: not taking new sessions" if is_paused else None
+        self.status_reply = self.status_reply.model_copy(
+            update={
+                "state": "paused" if is_paused else "serving",
+                "error": PAUSED_NOTE if is_paused else None,
+            }
+        )
         return "paused" if is_paused else "resumed serving"
 
     def restart(self) -> str:

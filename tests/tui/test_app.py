@@ -53,7 +53,7 @@ def test_the_dashboard_shows_the_daemon_and_the_machine() -> None:
         assert "blocks 0:15 of 30" in blocks and "weakest span" in blocks
         assert "tokens 3,400" in text_of(app, "#counters")
         assert "none in the last 3 minutes" in text_of(app, "#spark-label")
-        app.query_one("#dash").show_status({**SERVING, "tokens_served": 3400 + 500})
+        app.query_one("#dash").show_status(SERVING.model_copy(update={"tokens_served": 3900}))
         assert "now " in text_of(app, "#spark-label")  # 500 tokens since the last poll
         gauges = text_of(app, "#gauges")
         assert "42%" in gauges and "6.0 of 16.0 GiB" in gauges and "NVML not available" in gauges
@@ -330,7 +330,7 @@ def test_an_answer_that_arrives_while_the_app_closes_is_dropped() -> None:
             pass
         # A worker's answer posted just before the app closed, handled after its widgets
         # went: nothing to show it on, and no crash.
-        app.on_status_updated(StatusUpdated(dict(SERVING)))
+        app.on_status_updated(StatusUpdated(SERVING))
         app.on_daemon_action_done(DaemonActionDone("stopped"))
 
     asyncio.run(main())

@@ -15,7 +15,7 @@ from volunteer.tui.chat_view import ChatView
 from volunteer.tui.client import ControlDaemonClient
 
 from tests.daemon.homes import Homes
-from volunteer.control.channel import use_tcp
+from volunteer.control.endpoint import use_tcp
 from volunteer.paths import Paths
 
 pytestmark = [

@@ -13,13 +13,19 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Annotated, Any, Literal
-
-import pydantic
+from typing import TYPE_CHECKING, Any
 
 from volunteer.chat.conversation import Conversation, ReplyStats, user_sampling
 from volunteer.client.swarm_client import SwarmClient
-from volunteer.control.channel import ControlServer
+from volunteer.control.messages import (
+    CHAT,
+    ChatRequest,
+    ChatStats,
+    ChatStatus,
+    ChatText,
+    RouteHop,
+)
+from volunteer.control.server import ControlServer
 from volunteer.daemon.block_service import BlockService
 from volunteer.daemon.dht_service import DHTService
 from volunteer.errors import SettingsError
@@ -34,40 +40,16 @@ if TYPE_CHECKING:
 
 MAX_CONCURRENT_CHATS = 4
 """Replies generated at once; more wait for a worker."""
-MAX_MESSAGES = 1000
-MAX_NEW_TOKENS = 32768
 
 
-class ChatMessage(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
-
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(pydantic.BaseModel):
-    """The `chat` method's params."""
-
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
-
-    messages: Annotated[list[ChatMessage], pydantic.Field(min_length=1, max_length=MAX_MESSAGES)]
-    max_new_tokens: int = pydantic.Field(default=512, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 0.9
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    model: str | None = None
-    """Must be the daemon's model when given (it is the only one it holds)."""
-
-    def sampling(self) -> SamplingParams:
-        return user_sampling(
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            repetition_penalty=self.repetition_penalty,
-            seed=self.seed,
-        )
+def _sampling(request: ChatRequest) -> SamplingParams:
+    return user_sampling(
+        temperature=request.temperature,
+        top_k=request.top_k,
+        top_p=request.top_p,
+        repetition_penalty=request.repetition_penalty,
+        seed=request.seed,
+    )
 
 
 class ChatService:
@@ -91,7 +73,8 @@ class ChatService:
         self.replies = 0
 
     def register_control(self, control: ControlServer) -> None:
-        control.register_stream("chat", self.chat)
+        """Adds the streaming control method `chat`."""
+        control.register_stream(CHAT, self.chat)
 
     async def start(self) -> None:
         self._is_running = True
@@ -108,23 +91,18 @@ class ChatService:
         thread of its own); replies under way finish as they are."""
         self._settings = settings
 
-    def status(self) -> dict[str, Any]:
-        return {"chats_active": len(self._stops), "chats_answered": self.replies}
+    def status(self) -> ChatStatus:
+        """Replies under way and replies given."""
+        return ChatStatus(chats_active=len(self._stops), chats_answered=self.replies)
 
-    async def chat(self, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Streams `{"text": piece}` messages of the reply to `params` (a `ChatRequest`)."""
-        try:
-            request = ChatRequest.model_validate(params)
-        except pydantic.ValidationError as exc:
-            error = exc.errors(include_url=False, include_input=False)[0]
-            where = ".".join(str(part) for part in error["loc"]) or "params"
-            raise SettingsError(f"bad chat request: {where}: {error['msg']}") from None
+    async def chat(self, request: ChatRequest) -> AsyncIterator[ChatText | ChatStats]:
+        """Streams the reply to `request` in pieces of text, then what it took."""
         if request.model not in (None, self._settings.model):
             raise SettingsError(
                 f"this daemon runs {self._settings.model}, not {request.model}; "
                 f"chat with that model through `--swarm MULTIADDR`"
             )
-        sampling = request.sampling()
+        sampling = _sampling(request)
         chat = await self._load()
         if not self._is_running:
             raise SettingsError("the daemon is stopping")
@@ -169,17 +147,15 @@ class ChatService:
                     raise value
                 if kind == "done":
                     break
-                yield {"text": value}
+                yield ChatText(text=value)
             await worker
             self.replies += 1
             # The last message: what the reply took (chat UIs show it under the answer).
-            route = [{"peer_id": p, "start": s, "end": e} for p, s, e in stats.route]
-            yield {
-                "done": True,
-                "tokens": stats.tokens,
-                "seconds": round(time.monotonic() - began, 3),
-                "route": route,
-            }
+            yield ChatStats(
+                tokens=stats.tokens,
+                seconds=round(time.monotonic() - began, 3),
+                route=[RouteHop(peer_id=p, start=s, end=e) for p, s, e in stats.route],
+            )
         finally:
             stop.set()  # a caller that went away stops the reply after this token
             self._stops.discard(stop)

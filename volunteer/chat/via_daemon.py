@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+
+import pydantic
 
 from volunteer.chat.conversation import Conversation
-from volunteer.control.channel import ControlClient, DaemonNotRunningError
-from volunteer.errors import VolunteerError
+from volunteer.control.client import ControlClient
+from volunteer.control.endpoint import DaemonNotRunningError
+from volunteer.control.messages import CHAT, ChatMessage, ChatRequest, ChatText, first_problem
+from volunteer.errors import SettingsError, VolunteerError
 from volunteer.models.sampling import SamplingParams
 from volunteer.paths import Paths
 
@@ -30,20 +33,23 @@ class DaemonChat:
         Raises:
             VolunteerError: no daemon runs, or it answered with an error.
         """
-        params: dict[str, Any] = {
-            "messages": conversation.for_template(),
-            "max_new_tokens": max_new_tokens,
-            "temperature": sampling.temperature,
-            "top_k": sampling.top_k,
-            "top_p": sampling.top_p,
-            "repetition_penalty": sampling.repetition_penalty,
-            "seed": sampling.seed,
-            "model": self._model,
-        }
         try:
-            for message in self._client.call_stream("chat", params, timeout_s=TOKEN_WAIT_S):
-                if "text" in message:  # the last message carries the reply's stats
-                    yield message["text"]
+            request = ChatRequest(
+                messages=[ChatMessage.model_validate(m) for m in conversation.for_template()],
+                max_new_tokens=max_new_tokens,
+                temperature=sampling.temperature,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
+                repetition_penalty=sampling.repetition_penalty,
+                seed=sampling.seed,
+                model=self._model,
+            )
+        except pydantic.ValidationError as exc:
+            raise SettingsError(f"bad chat request: {first_problem(exc)}") from None
+        try:
+            for message in self._client.call_stream(CHAT, request, timeout_s=TOKEN_WAIT_S):
+                if isinstance(message, ChatText):  # the last message: the reply's stats
+                    yield message.text
         except DaemonNotRunningError:
             raise VolunteerError(
                 "no daemon is running here: start one with `volunteer start` (or "

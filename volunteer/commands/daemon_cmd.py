@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from volunteer.control import lifecycle
-from volunteer.control.channel import ControlClient, DaemonNotRunningError
+from volunteer.control.client import ControlClient
+from volunteer.control.endpoint import DaemonNotRunningError
+from volunteer.control.messages import RELOAD, STATUS, StatusReply
 from volunteer.model_cache.smollm2 import DEFAULT_MODEL
 from volunteer.paths import Paths
 from volunteer.settings import APPLIED_LIVE, Settings, flag_name, read_config
@@ -106,9 +108,10 @@ def run_start(args: argparse.Namespace, paths: Paths) -> int:
         if result.outcome == "failed":
             print(f"(log: {lifecycle.output_file(paths)})", file=sys.stderr)
         return 1
-    print(f"volunteer: serving (pid {result.pid}), peer id {result.status.get('peer_id')}")
+    assert result.status is not None  # a daemon says it serves in its status
+    print(f"volunteer: serving (pid {result.pid}), peer id {result.status.peer_id}")
     print("others join with:")
-    for maddr in result.status.get("multiaddrs") or []:
+    for maddr in result.status.multiaddrs:
         print(f"  volunteer start --join {maddr}")
     return 0
 
@@ -126,7 +129,7 @@ def run_stop(args: argparse.Namespace, paths: Paths) -> int:
 def run_reload(args: argparse.Namespace, paths: Paths) -> int:
     """Has the daemon read its settings again; prints what it applied and what waits."""
     try:
-        outcome = ControlClient(paths).call("reload_config", timeout_s=30.0)
+        outcome = ControlClient(paths).call(RELOAD, timeout_s=30.0)
     except DaemonNotRunningError:
         print("volunteer: not running (config.toml applies when it starts)")
         return EXIT_NOT_RUNNING
@@ -137,17 +140,23 @@ def run_reload(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def run_status(args: argparse.Namespace, paths: Paths) -> int:
-    """Prints the daemon's status; exit code 3 when it is not running."""
+    """Prints the daemon's status; exit code 3 when it is not running.
+
+    Raises:
+        ControlError: the daemon answered with an error or a malformed status.
+    """
     try:
-        status = ControlClient(paths).call("status", timeout_s=5.0)
+        status = ControlClient(paths).call(STATUS, timeout_s=5.0)
     except DaemonNotRunningError:
         pid = lifecycle.running_daemon(paths)
-        status = {"state": "starting", "pid": pid} if pid else {"state": "not_running"}
+        status = StatusReply(state="starting", pid=pid) if pid else StatusReply(state="not_running")
     if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
+        # The fields the daemon sent (or the few we know without it), as it named them.
+        shown = status.model_dump(mode="json", exclude_unset=True)
+        print(json.dumps(shown, indent=2, sort_keys=True))
     else:
         _print_table(status)
-    return EXIT_NOT_RUNNING if status["state"] == "not_running" else 0
+    return EXIT_NOT_RUNNING if status.state == "not_running" else 0
 
 
 def _run_foreground(
@@ -230,29 +239,29 @@ def _home_argv(args: argparse.Namespace) -> list[str]:
     return ["--home", str(Path(args.home).expanduser().resolve())] if args.home else []
 
 
-def _print_table(status: dict[str, Any]) -> None:
-    if status["state"] == "not_running":
+def _print_table(status: StatusReply) -> None:
+    if status.state == "not_running":
         print("volunteer: not running")
         return
-    blocks = status.get("blocks")
+    blocks = status.blocks
     rows = [
-        ("state", status["state"] + (f" ({status['error']})" if status.get("error") else "")),
-        ("pid", status.get("pid")),
-        ("model", status.get("model")),
+        ("state", status.state + (f" ({status.error})" if status.error else "")),
+        ("pid", status.pid),
+        ("model", status.model),
         ("blocks", f"{blocks[0]}:{blocks[1]}" if blocks else "-"),
-        ("why these", status.get("span_reason")),
-        ("last rebalance", status.get("last_rebalance_check")),
-        ("peers seen", status.get("peers_seen")),
-        ("requests served", status.get("requests_served")),
-        ("tokens served", status.get("tokens_served")),
-        ("uptime", _format_uptime(status.get("uptime_s"))),
-        ("peer id", status.get("peer_id")),
+        ("why these", status.span_reason),
+        ("last rebalance", status.last_rebalance_check),
+        ("peers seen", status.peers_seen),
+        ("requests served", status.requests_served),
+        ("tokens served", status.tokens_served),
+        ("uptime", _format_uptime(status.uptime_s)),
+        ("peer id", status.peer_id),
     ]
-    if status.get("restart_needed"):
-        rows.append(("restart needed", ", ".join(status["restart_needed"])))
+    if status.restart_needed:
+        rows.append(("restart needed", ", ".join(status.restart_needed)))
     for label, value in rows:
         print(f"{label:<16} {'-' if value is None else value}")
-    for index, maddr in enumerate(status.get("multiaddrs") or []):
+    for index, maddr in enumerate(status.multiaddrs):
         print(f"{'multiaddrs' if index == 0 else '':<16} {maddr}")
 
 

@@ -75,27 +75,30 @@ def run_profile(args: argparse.Namespace, paths: Paths) -> int:
 def _swarm(paths: Paths, model_name: str) -> tuple[Any, str, dict[str, float | None]]:
     """The swarm as the local daemon sees it (or None: an empty one), where that came
     from, and each serving peer's round trip from the daemon."""
-    from volunteer.control.channel import ControlClient, ControlError
+    from volunteer.control.client import ControlClient
+    from volunteer.control.endpoint import ControlError
     from volunteer.control.lifecycle import running_daemon
+    from volunteer.control.messages import STATUS, SWARM, SwarmParams
     from volunteer.swarm.records import RecordError, SwarmSnapshot
 
     if running_daemon(paths) is None:
         return None, "no daemon runs here: planned as the first server of a new swarm", {}
     try:
         client = ControlClient(paths)
-        own = client.call("status", timeout_s=SWARM_TIMEOUT_S).get("peer_id")
-        data = client.call("swarm", {"ping": True}, timeout_s=SWARM_TIMEOUT_S)
+        own = client.call(STATUS, timeout_s=SWARM_TIMEOUT_S).peer_id
+        swarm = client.call(SWARM, SwarmParams(is_ping=True), timeout_s=SWARM_TIMEOUT_S)
         # Planned as the daemon would plan a restart: its own records are not another
         # server's, and its round trip to itself is no peer's.
-        snapshot = SwarmSnapshot.from_json(data).without(own or "")
+        snapshot = SwarmSnapshot.from_json(swarm.model_dump(mode="json")).without(own or "")
     except (ControlError, RecordError) as exc:
         why = f"the daemon could not describe its swarm ({exc}): planned as a new swarm"
         return None, why, {}
     if snapshot.model != model_name:
         why = f"the daemon serves {snapshot.model}, not {model_name}: planned as a new swarm"
         return None, why, {}
-    others = [s for s in data["servers"] if "rtt_s" in s and s["peer_id"] != own]
-    rtts = {s["peer_id"]: s["rtt_s"] for s in others}
+    # The daemon pings the servers that are not offline.
+    others = [s for s in swarm.servers if s.state != "offline" and s.peer_id != own]
+    rtts = {s.peer_id: s.rtt_s for s in others}
     servers = len(snapshot.server_spans())
     where = f"as the running daemon sees it ({servers} other server(s) serving)"
     return snapshot, where, rtts

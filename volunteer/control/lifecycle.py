@@ -4,7 +4,9 @@ The daemon owns a pid file (`daemon.pid` in the runtime dir: its pid and its pro
 start time, so a recycled pid is not mistaken for it). `start_background` spawns
 `python -m volunteer ... start --foreground` as a new session with its output going to
 `daemon.out` in the log dir, then waits until the control API reports "serving" or the
-process fails. `stop` asks over the control API, then falls back to SIGTERM and SIGKILL.
+process fails; a failed start is reported once the daemon has exited and cleaned up
+(its pid file and socket gone), so whoever reads the failure finds no leftovers. `stop`
+asks over the control API, then falls back to SIGTERM and SIGKILL.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from typing import Any, Literal
 
 import psutil
 
-from volunteer.control.channel import ControlClient, ControlError, socket_path, use_tcp
+from volunteer.control.client import ControlClient
+from volunteer.control.endpoint import ControlError, socket_path, use_tcp
+from volunteer.control.messages import STATUS, STOP, StatusReply
 from volunteer.machine.atomic import write_file_atomic
 from volunteer.paths import Paths
 
@@ -34,6 +38,9 @@ OUTPUT_FILE_NAME = "daemon.out"
 _POLL_S = 0.05
 """How often `start` and `stop` look at the daemon: a local socket call is cheap, and
 `start` returns that much sooner after the daemon is serving."""
+FAILED_EXIT_WAIT_S = 60.0
+"""Longest wait for a daemon that failed to start to stop its services and exit (it
+stops each within `runner.SERVICE_STOP_TIMEOUT_S`); only bounds a hang."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +51,7 @@ class StartResult:
     pid: int | None
     message: str
     """One line for the person: how to join, why it failed, or what to do next."""
-    status: dict[str, Any] = dataclasses.field(default_factory=dict)
+    status: StatusReply | None = None
     """The daemon's last `status` answer, when it gave one."""
 
 
@@ -145,7 +152,7 @@ def stop(paths: Paths, *, timeout_s: float = 30.0) -> StopResult:
     process = psutil.Process(pid)
     outcome: Literal["stopped", "terminated", "killed"] = "stopped"
     try:
-        ControlClient(paths).call("stop", timeout_s=5.0)
+        ControlClient(paths).call(STOP, timeout_s=5.0)
     except ControlError as exc:
         logger.info("graceful stop of pid %d failed (%s); sending SIGTERM", pid, exc)
         outcome = "terminated"
@@ -182,17 +189,19 @@ def _wait_until_serving(paths: Paths, proc: subprocess.Popen, *, timeout_s: floa
     while time.monotonic() < deadline:
         code = proc.poll()
         if code is not None:
+            _reap_failed(paths, proc)
             reason = last_error_line(output_file(paths)) or f"exit code {code}"
             return StartResult("failed", proc.pid, f"the daemon exited: {reason}")
         try:
-            status = client.call("status", timeout_s=2.0)
+            status = client.call(STATUS, timeout_s=2.0)
         except ControlError:
             time.sleep(_POLL_S)  # not listening yet
             continue
-        if status.get("state") == "serving":
+        if status.state == "serving":
             return StartResult("serving", proc.pid, "serving", status)
-        if status.get("state") == "failed":
-            reason = status.get("error") or last_error_line(output_file(paths))
+        if status.state == "failed":
+            _reap_failed(paths, proc)
+            reason = status.error or last_error_line(output_file(paths))
             return StartResult("failed", proc.pid, f"the daemon failed: {reason}", status)
         time.sleep(_POLL_S)
     return StartResult(
@@ -201,6 +210,19 @@ def _wait_until_serving(paths: Paths, proc: subprocess.Popen, *, timeout_s: floa
         f"still starting after {timeout_s:.0f} s (pid {proc.pid}); it goes on in the "
         "background: `volunteer status` shows its progress, `volunteer stop` stops it",
     )
+
+
+def _reap_failed(paths: Paths, proc: subprocess.Popen) -> None:
+    """Waits for a daemon that failed to start to exit, so its failure is reported after
+    its cleanup; removes what a daemon that could not clean up left behind."""
+    try:
+        proc.wait(timeout=FAILED_EXIT_WAIT_S)
+    except subprocess.TimeoutExpired:
+        logger.warning("pid %d failed to start and is still running; leaving it", proc.pid)
+        return
+    # Removes its pid file if it is still there; the socket only if no daemon took over.
+    if running_daemon(paths) is None and not use_tcp():
+        socket_path(paths).unlink(missing_ok=True)
 
 
 def _detach_kwargs() -> dict[str, Any]:

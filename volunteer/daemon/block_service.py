@@ -8,11 +8,10 @@ every period with a TTL of a few periods, so a server that dies silently drops o
 the swarm on its own. Stop: announce OFFLINE first (clients stop routing here at once),
 then unregister the handlers.
 
-Rebalancing (unless the span was set with `--blocks`): at randomised intervals the
-server asks the scheduler whether moving would raise the swarm's weakest block enough
-(`scheduler.rebalancing.should_move`). If so it loads the new blocks, serves them, and
-announces them ONLINE and the blocks it left OFFLINE; sessions already open finish on
-the old blocks, which are freed after them.
+Rebalancing (unless the span was set with `--blocks`) is decided in
+`volunteer.daemon.rebalancer`; when it moves, `serve_moved` here swaps the span in,
+announces the new blocks ONLINE and the blocks it left OFFLINE; sessions already open
+finish on the old blocks, which are freed after them.
 
 `--num-blocks 0` serves nothing: the daemon is then a DHT peer (a bootstrap node) and a
 client for chat.
@@ -26,7 +25,6 @@ import dataclasses
 import logging
 import random
 import time
-from typing import Any
 
 import psutil
 import torch
@@ -34,25 +32,27 @@ from hivemind.p2p import PeerID
 
 from volunteer import __version__
 from volunteer.client.remote_span import ping
-from volunteer.control.channel import ControlServer
-from volunteer.daemon.dht_service import DHTService
-from volunteer.daemon.span_plan import (
-    DTYPE,
-    SpanPlan,
-    auto_cache_tokens,
-    block_footprint,
-    plan_span,
+from volunteer.control.messages import (
+    PAUSE,
+    RESUME,
+    SWARM,
+    NoParams,
+    PauseReply,
+    ServingStatus,
+    SwarmParams,
+    SwarmReply,
 )
+from volunteer.control.server import ControlServer
+from volunteer.daemon.dht_service import DHTService
+from volunteer.daemon.rebalancer import Rebalancer
+from volunteer.daemon.span_plan import DTYPE, SpanPlan, auto_cache_tokens, plan_span
 from volunteer.errors import VolunteerError
 from volunteer.machine.cpu_sharing import in_passing_thread
 from volunteer.machine.microbench import choose_decode_threads
 from volunteer.model_cache.served_model import ServedModel, open_model
 from volunteer.models.checkpoint import load_span
-from volunteer.models.errors import ModelError
 from volunteer.models.model import BlockSpan
 from volunteer.paths import Paths
-from volunteer.scheduler.block_selection import ServerSpan
-from volunteer.scheduler.rebalancing import MoveDecision, next_check_delay_s, should_move
 from volunteer.server.handler import BlockHandler
 from volunteer.settings import Settings
 from volunteer.swarm.dht_records import (
@@ -77,8 +77,6 @@ ANNOUNCE_PERIOD_S = 30.0
 DHT_TIMEOUT_S = 10.0
 ANNOUNCE_ATTEMPTS = 3
 PING_TIMEOUT_S = 5.0
-MOVE_MEMORY_MARGIN = 1.2
-"""Free memory needed to move, relative to the new blocks' weights."""
 SPEED_BUDGET_S = 0.2
 """Time spent at start measuring the span's decode speed (the throughput announced)."""
 
@@ -105,26 +103,25 @@ class BlockService:
         announce_period_s: float = ANNOUNCE_PERIOD_S,
         rng: random.Random | None = None,
     ) -> None:
-        self._settings = settings
+        self.settings = settings
         self._paths = paths
         self._dht = dht
-        self._owner = owner
+        self.owner = owner
         self._period_s = announce_period_s
         self._rng = rng or random.Random()
         self.model: ServedModel | None = None
         self.handler: BlockHandler | None = None
         self.plan: SpanPlan | None = None
-        self.is_moving = False
-        self.moves = 0
-        self.last_check: MoveDecision | None = None
-        self._info: ServerInfo | None = None
+        self.rebalancer: Rebalancer | None = None
+        self.info: ServerInfo | None = None
+        """The record announced for the served blocks (None: serving none)."""
         self._local: LocalListener | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._decode_single_measured = False
         """One thread decoded as fast as all of them at start (so it keeps doing so)."""
 
     async def start(self) -> None:
-        settings = self._settings
+        settings = self.settings
         if settings.num_blocks == 0:
             logger.info("serving no blocks (--num-blocks 0): a DHT peer and chat client only")
             return
@@ -136,7 +133,7 @@ class BlockService:
         # Our own records from before a restart must not count as another server.
         snapshot = None
         if settings.blocks is None:
-            snapshot = (await self._read_snapshot()).without(peer_id_from_owner(self._owner))
+            snapshot = (await self.read_snapshot()).without(peer_id_from_owner(self.owner))
         self.plan = plan = plan_span(
             model.config,
             settings,
@@ -146,7 +143,7 @@ class BlockService:
         )
         start, end = plan.start, plan.end
         logger.info("serving %s: %s", model.swarm_name, plan.reason)
-        span = await in_passing_thread(_load_span, model, start, end, self._settings.thread_count)
+        span = await self.load_span(start, end)
         decode_threads, throughput = await in_passing_thread(
             choose_decode_threads, span, settings.thread_count, SPEED_BUDGET_S
         )
@@ -164,7 +161,7 @@ class BlockService:
             decode_threads=decode_threads,
         )
         local_socket = await self._listen_locally(self.handler)
-        self._info = ServerInfo(
+        self.info = ServerInfo(
             state=ServerState.ONLINE,
             start=start,
             end=end,
@@ -178,7 +175,7 @@ class BlockService:
             boot_id=this_boot() if local_socket is not None else None,
         )
         for attempt in range(ANNOUNCE_ATTEMPTS):
-            if await self._announce(self._info):
+            if await self.announce(self.info):
                 break
             # A peer that just died may still sit in the routing table: try again.
             logger.warning("announce attempt %d failed", attempt + 1)
@@ -187,7 +184,8 @@ class BlockService:
             raise VolunteerError("could not announce the served blocks in the DHT")
         self._tasks.append(asyncio.create_task(self._announce_forever(), name="announce"))
         if settings.blocks is None and settings.rebalance_period_s > 0:
-            self._tasks.append(asyncio.create_task(self._rebalance_forever(), name="rebalance"))
+            self.rebalancer = Rebalancer(self, rng=self._rng)
+            self._tasks.append(asyncio.create_task(self.rebalancer.run(), name="rebalance"))
         logger.info(
             "serving blocks %d:%d of %s (%.1f tokens/s per block, decoding on %d of %d "
             "threads, %d cache tokens) %.2f s after start",
@@ -202,11 +200,11 @@ class BlockService:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._info is not None:
-            offline = self._info.model_copy(update={"state": ServerState.OFFLINE})
-            if await self._announce(offline):
+        if self.info is not None:
+            offline = self.info.model_copy(update={"state": ServerState.OFFLINE})
+            if await self.announce(offline):
                 logger.info("announced OFFLINE for blocks %d:%d", offline.start, offline.end)
-            self._info = None
+            self.info = None
         if self._local is not None:
             local, self._local = self._local, None
             await local.close()
@@ -217,7 +215,7 @@ class BlockService:
     async def _listen_locally(self, handler: BlockHandler) -> str | None:
         """Serves the handler's streams on a Unix socket for processes of this machine
         (`volunteer.transport.local_link`); its path, or None where that cannot be."""
-        if not self._settings.local_links or this_boot() is None:
+        if not self.settings.local_links or this_boot() is None:
             return None
         listener = LocalListener(
             self._dht.p2p.peer_id.to_base58(),
@@ -234,38 +232,36 @@ class BlockService:
         self._local = listener
         return str(listener.path)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ServingStatus:
+        """The blocks served, the work done, and why these blocks."""
         handler = self.handler
         if handler is None:
-            return {"blocks": None, "requests_served": 0, "tokens_served": 0}
-        # While moving or paused, the daemon's state says so (this overrides "serving").
-        override = {}
-        if handler.is_paused:
-            override = {"state": "paused", "error": "paused by you: not taking new sessions"}
-        elif self.is_moving:
-            override = {"state": "rebalancing"}
-        return override | {
-            "blocks": [handler.span.start, handler.span.end],
-            "swarm_model": handler.model_name,
-            "requests_served": handler.stats.requests,
-            "tokens_served": handler.stats.tokens,
-            "open_sessions": len(handler.sessions),
-            "local_links": self._local.links_served if self._local is not None else None,
-            "cache_tokens_total": handler.sessions.cache_tokens_total,
-            "cache_tokens_left": handler.sessions.cache_tokens_left,
-            "throughput": handler.throughput,
-            "threads": handler.compute.threads,
-            "decode_threads": handler.compute.decode_threads,
-            "span_reason": self.plan.reason if self.plan is not None else None,
-            "rebalancing": self.is_moving,
-            "moves": self.moves,
-            "last_rebalance_check": self.last_check.reason if self.last_check else None,
-        }
+            return ServingStatus()
+        rebalancer = self.rebalancer
+        last_check = rebalancer.last_check if rebalancer is not None else None
+        return ServingStatus(
+            blocks=(handler.span.start, handler.span.end),
+            swarm_model=handler.model_name,
+            requests_served=handler.stats.requests,
+            tokens_served=handler.stats.tokens,
+            open_sessions=len(handler.sessions),
+            local_links=self._local.links_served if self._local is not None else None,
+            cache_tokens_total=handler.sessions.cache_tokens_total,
+            cache_tokens_left=handler.sessions.cache_tokens_left,
+            throughput=handler.throughput,
+            threads=handler.compute.threads,
+            decode_threads=handler.compute.decode_threads,
+            span_reason=self.plan.reason if self.plan is not None else None,
+            is_paused=handler.is_paused,
+            rebalancing=rebalancer is not None and rebalancer.is_moving,
+            moves=rebalancer.moves if rebalancer is not None else 0,
+            last_rebalance_check=last_check.reason if last_check is not None else None,
+        )
 
     async def apply_settings(self, settings: Settings) -> None:
         """Takes on the settings a running server can change (`APPLIED_LIVE`): a new public
         name is announced at once, a thread count applies from the next computation."""
-        before, self._settings = self._settings, settings
+        before, self.settings = self.settings, settings
         if settings.thread_count != before.thread_count:
             if self.handler is not None:
                 compute = self.handler.compute
@@ -274,139 +270,97 @@ class BlockService:
                 single = self._decode_single_measured
                 compute.decode_threads = 1 if single else settings.thread_count
             logger.info("computing on %d threads", settings.thread_count)
-        if settings.public_name != before.public_name and self._info is not None:
-            self._info = self._info.model_copy(update={"public_name": settings.public_name})
-            if not await self._announce(self._info):
+        if settings.public_name != before.public_name and self.info is not None:
+            self.info = self.info.model_copy(update={"public_name": settings.public_name})
+            if not await self.announce(self.info):
                 logger.warning("announcing the new public name failed; the next announce retries")
 
     def register_control(self, control: ControlServer) -> None:
-        control.register("swarm", self._swarm)
-        control.register("pause", self._pause)
-        control.register("resume", self._resume)
+        """Adds the control methods `swarm`, `pause` and `resume`."""
+        control.register(SWARM, self._swarm)
+        control.register(PAUSE, self._pause)
+        control.register(RESUME, self._resume)
 
-    async def _pause(self, params: dict[str, Any]) -> dict[str, Any]:
+    async def _pause(self, params: NoParams) -> PauseReply:
         """Control method: stop taking new work (announced OFFLINE, so clients route
         elsewhere); open sessions finish. The blocks stay loaded for a quick resume."""
         return await self._set_paused(True)
 
-    async def _resume(self, params: dict[str, Any]) -> dict[str, Any]:
+    async def _resume(self, params: NoParams) -> PauseReply:
         return await self._set_paused(False)
 
-    async def _set_paused(self, is_paused: bool) -> dict[str, Any]:
-        handler, info = self.handler, self._info
+    async def _set_paused(self, is_paused: bool) -> PauseReply:
+        handler, info = self.handler, self.info
         if handler is None or info is None:
             raise VolunteerError("this daemon serves no blocks: nothing to pause or resume")
         handler.is_paused = is_paused
         state = ServerState.OFFLINE if is_paused else ServerState.ONLINE
-        self._info = info.model_copy(update={"state": state})
-        announced = await self._announce(self._info)
+        self.info = info.model_copy(update={"state": state})
+        announced = await self.announce(self.info)
         logger.info("%s by the volunteer", "paused" if is_paused else "resumed")
-        return {"paused": is_paused, "announced": announced}
+        return PauseReply(paused=is_paused, announced=announced)
 
-    async def _swarm(self, params: dict[str, Any]) -> dict[str, Any]:
+    async def _swarm(self, params: SwarmParams) -> SwarmReply:
         """Control method: who serves which block of this daemon's model, right now, and
         (with `{"ping": true}`) each serving peer's round trip from here (`rtt_s`, None
         when it did not answer)."""
         if self.model is None:  # a daemon serving nothing still describes its swarm
             self.model = await asyncio.to_thread(
-                open_model, self._settings.model, self._paths.models_dir
+                open_model, self.settings.model, self._paths.models_dir
             )
-        described = (await self._read_snapshot()).to_json()
-        if params.get("ping"):
+        described = (await self.read_snapshot()).to_json()
+        if params.is_ping:
             servers = [s for s in described["servers"] if s["state"] != ServerState.OFFLINE]
             rtts = await asyncio.gather(*(self._rtt_s(s["peer_id"]) for s in servers))
             for server, rtt_s in zip(servers, rtts, strict=True):
                 server["rtt_s"] = rtt_s
-        return described
+        return SwarmReply.model_validate(described)
 
     async def _rtt_s(self, peer_id: str) -> float | None:
-        if peer_id == peer_id_from_owner(self._owner):
+        if peer_id == peer_id_from_owner(self.owner):
             return 0.0
         try:
             return await ping(self._dht.p2p, PeerID.from_base58(peer_id), PING_TIMEOUT_S)
         except (PeerUnavailableError, RemoteError, ValueError):
             return None
 
-    async def _read_snapshot(self) -> SwarmSnapshot:
+    async def read_snapshot(self) -> SwarmSnapshot:
         assert self.model is not None
         config = self.model.config
         return await read_snapshot_on_node(
             self._dht.node, self.model.swarm_name, config.num_layers, timeout_s=DHT_TIMEOUT_S
         )
 
-    async def check_rebalance(self) -> MoveDecision | None:
-        """Asks the scheduler whether to move, and moves if so; None when this server is
-        not in the swarm's records (yet)."""
-        handler, info = self.handler, self._info
-        if handler is None or info is None or self.model is None or handler.is_paused:
-            return None
-        snapshot = await self._read_snapshot()
-        me = peer_id_from_owner(self._owner)
-        spans = [s for s in snapshot.server_spans() if s.peer_id != me]
-        own = ServerSpan(me, info.start, info.end, info.throughput)
-        decision = await asyncio.to_thread(
-            should_move, [*spans, own], me, self.model.config.num_layers, self._rng
-        )
-        if decision.should_move:
-            # The new blocks load before the old ones go (open sessions still use them).
-            needed = (info.end - info.start) * block_footprint(self.model.config).weight_bytes
-            available = psutil.virtual_memory().available
-            if available < needed * MOVE_MEMORY_MARGIN:
-                decision = dataclasses.replace(
-                    decision,
-                    should_move=False,
-                    start=info.start,
-                    reason=f"staying: moving would help, but loading the new blocks first "
-                    f"needs {needed / 2**30:.2f} GiB and {available / 2**30:.2f} GiB is free",
-                )
-        self.last_check = decision
-        logger.info("rebalance check: %s", decision.reason)
-        if decision.should_move:
-            await self._move_to(decision)
-        return decision
+    async def load_span(self, start: int, end: int) -> BlockSpan:
+        """Loads blocks `[start, end)` of the served model, off the event loop."""
+        assert self.model is not None
+        threads = self.settings.thread_count
+        return await in_passing_thread(_load_span, self.model, start, end, threads)
 
-    async def _move_to(self, decision: MoveDecision) -> None:
-        handler, info, model = self.handler, self._info, self.model
-        assert handler is not None and info is not None and model is not None
-        start = decision.start
-        end = start + (info.end - info.start)
-        self.is_moving = True
-        try:
-            span = await in_passing_thread(
-                _load_span, model, start, end, self._settings.thread_count
-            )
-            handler.swap_span(span)
-            # From the record as it is now: the name may have changed while loading.
-            moved = (self._info or info).model_copy(update={"start": start, "end": end})
-            self._info = moved
-            await self._announce(moved)
-            left = [i for i in range(info.start, info.end) if not start <= i < end]
-            if left:
-                offline = info.model_copy(update={"state": ServerState.OFFLINE})
-                await self._announce(offline, blocks=range(left[0], left[-1] + 1))
-            self.moves += 1
-            if self.plan is not None:
-                reason = f"moved from {info.start}:{info.end}: {decision.reason}"
-                self.plan = dataclasses.replace(self.plan, start=start, end=end, reason=reason)
-            logger.info("moved from blocks %d:%d to %d:%d", info.start, info.end, start, end)
-        finally:
-            self.is_moving = False
+    async def serve_moved(self, span: BlockSpan, reason: str) -> None:
+        """Serves `span` instead of the blocks served now (open sessions finish on those)
+        and announces it; the blocks it leaves are announced OFFLINE."""
+        handler, info = self.handler, self.info
+        assert handler is not None and info is not None
+        start, end = span.start, span.end
+        handler.swap_span(span)
+        moved = info.model_copy(update={"start": start, "end": end})
+        self.info = moved
+        await self.announce(moved)
+        left = [i for i in range(info.start, info.end) if not start <= i < end]
+        if left:
+            offline = info.model_copy(update={"state": ServerState.OFFLINE})
+            await self.announce(offline, blocks=range(left[0], left[-1] + 1))
+        if self.plan is not None:
+            reason = f"moved from {info.start}:{info.end}: {reason}"
+            self.plan = dataclasses.replace(self.plan, start=start, end=end, reason=reason)
+        logger.info("moved from blocks %d:%d to %d:%d", info.start, info.end, start, end)
 
-    async def _rebalance_forever(self) -> None:
-        period_s = self._settings.rebalance_period_s
-        while True:
-            await asyncio.sleep(next_check_delay_s(self._rng, period_s))
-            try:
-                await self.check_rebalance()
-            except (TimeoutError, VolunteerError, ModelError, OSError) as exc:
-                # A DHT hiccup or a failed load: keep serving the current span.
-                logger.warning("rebalance check failed: %s", exc)
-
-    async def _announce(self, info: ServerInfo, blocks: range | None = None) -> bool:
+    async def announce(self, info: ServerInfo, blocks: range | None = None) -> bool:
         return await announce_on_node(
             self._dht.node,
             info,
-            owner=self._owner,
+            owner=self.owner,
             expiration_s=record_ttl_s(self._period_s),
             timeout_s=DHT_TIMEOUT_S,
             blocks=blocks,
@@ -415,11 +369,11 @@ class BlockService:
     async def _announce_forever(self) -> None:
         while True:
             await asyncio.sleep(self._period_s)
-            handler, info = self.handler, self._info
+            handler, info = self.handler, self.info
             if handler is None or info is None:
                 return
             info = info.model_copy(update={"cache_tokens_left": handler.sessions.cache_tokens_left})
-            if not await self._announce(info):
+            if not await self.announce(info):
                 logger.warning("re-announce failed; retrying in %g s", self._period_s)
 
 

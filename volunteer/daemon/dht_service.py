@@ -16,6 +16,7 @@ from typing import Any
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
+from volunteer.control.messages import DHTStatus
 from volunteer.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -101,14 +102,14 @@ class DHTService:
         """This peer's id (base58), once started."""
         return self._p2p.peer_id.to_base58() if self._p2p is not None else None
 
-    def status(self) -> dict[str, Any]:
-        """peer_id, multiaddrs and the number of other peers in the routing table."""
+    def status(self) -> DHTStatus:
+        """This peer's id and addresses, and the other peers in its routing table."""
         peers = 0
         if self._node is not None:
             peers = len(self._node.protocol.routing_table.peer_id_to_uid)
-        return {
-            "peer_id": self.peer_id,
-            "multiaddrs": list(self._multiaddrs),
-            "peers_seen": peers,
-            "new_swarm": self._settings.is_new_swarm,
-        }
+        return DHTStatus(
+            peer_id=self.peer_id,
+            multiaddrs=list(self._multiaddrs),
+            peers_seen=peers,
+            new_swarm=self._settings.is_new_swarm,
+        )

@@ -1,8 +1,9 @@
 """The daemon's main coroutine: pid file, control API, services, graceful shutdown.
 
-`run_daemon` owns the one event loop's work. Services (the DHT, later the block server)
-are started in order and stopped in reverse order, so the swarm service can announce
-OFFLINE while its DHT is still up. States::
+`run_daemon` owns the one event loop's work. Services (the DHT, the block server, chat)
+are started in order and stopped in reverse order, so the block server can announce
+OFFLINE while its DHT is still up. Each service reports its part of the `status` reply
+(`volunteer.control.messages`), which the daemon assembles. States::
 
     joining --(every service started)--> serving --(stop / SIGTERM / SIGINT)--> stopping
        └--(a service failed to start)--> failed
@@ -20,11 +21,23 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from volunteer import __version__
 from volunteer.control import lifecycle
-from volunteer.control.channel import ControlServer
+from volunteer.control.messages import (
+    RELOAD,
+    STATUS,
+    STOP,
+    DaemonState,
+    DaemonStatus,
+    NoParams,
+    ReloadReply,
+    Reply,
+    StatusReply,
+    StopReply,
+)
+from volunteer.control.server import ControlServer
 from volunteer.errors import SettingsError, VolunteerError
 from volunteer.paths import Paths
 from volunteer.settings import APPLIED_LIVE, Settings, changed_fields
@@ -44,8 +57,8 @@ class Service(Protocol):
     async def stop(self) -> None:
         """Stops; must not raise for a service that never fully started."""
 
-    def status(self) -> dict[str, Any]:
-        """JSON-able facts merged into the daemon's `status` answer."""
+    def status(self) -> Reply:
+        """The service's part of the daemon's `status` reply."""
 
 
 class _Daemon:
@@ -62,12 +75,12 @@ class _Daemon:
         self.reload = reload
         self.restart_needed: list[str] = []
         """Settings changed in the config that only a restart applies."""
-        self.state = "joining"
+        self.state: DaemonState = "joining"
         self.error: str | None = None
         self.started_at_s = time.monotonic()
         self.stop_requested = asyncio.Event()
 
-    async def reload_config(self, params: dict[str, Any]) -> dict[str, Any]:
+    async def reload_config(self, params: NoParams) -> ReloadReply:
         """Control method: reads the settings again (config.toml under the daemon's own
         environment and flags), applies what a running daemon can (`APPLIED_LIVE`) and
         says what needs a restart, and which edits of the file an env variable or a flag
@@ -94,30 +107,26 @@ class _Daemon:
             for field in dataclasses.fields(Settings)
             if getattr(from_file, field.name) not in (field.default, getattr(wanted, field.name))
         ]
-        return {"applied": live, "restart_needed": self.restart_needed, "overridden": overridden}
+        return ReloadReply(applied=live, restart_needed=self.restart_needed, overridden=overridden)
 
-    async def status(self, params: dict[str, Any]) -> dict[str, Any]:
-        blocks = self.settings.blocks
-        result: dict[str, Any] = {
-            "state": self.state,
-            "error": self.error,
-            "pid": os.getpid(),
-            "version": __version__,
-            "uptime_s": round(time.monotonic() - self.started_at_s, 3),
-            "model": self.settings.model,
-            "blocks": list(blocks) if blocks else None,
-            "public_name": self.settings.public_name,
-            "restart_needed": self.restart_needed,
-            "requests_served": 0,
-            "tokens_served": 0,
-        }
-        for service in self.services:
-            result.update(service.status())
-        return result
+    async def status(self, params: NoParams) -> StatusReply:
+        """Control method: the daemon's state and every service's part."""
+        own = DaemonStatus(
+            state=self.state,
+            error=self.error,
+            pid=os.getpid(),
+            version=__version__,
+            uptime_s=round(time.monotonic() - self.started_at_s, 3),
+            model=self.settings.model,
+            public_name=self.settings.public_name,
+            restart_needed=self.restart_needed,
+        )
+        return StatusReply.assemble(own, [service.status() for service in self.services])
 
-    async def stop(self, params: dict[str, Any]) -> dict[str, Any]:
+    async def stop(self, params: NoParams) -> StopReply:
+        """Control method: a graceful stop (the services stop in reverse order)."""
         self.stop_requested.set()
-        return {"stopping": True}
+        return StopReply()
 
 
 async def run_daemon(
@@ -151,9 +160,9 @@ async def run_daemon(
     lifecycle.write_pid_file(paths)
     daemon = _Daemon(settings, services, reload)
     control = ControlServer(paths)
-    control.register("status", daemon.status)
-    control.register("stop", daemon.stop)
-    control.register("reload_config", daemon.reload_config)
+    control.register(STATUS, daemon.status)
+    control.register(STOP, daemon.stop)
+    control.register(RELOAD, daemon.reload_config)
     for service in services:
         # Optional: services with control methods of their own (chat) add them here.
         register = getattr(service, "register_control", None)

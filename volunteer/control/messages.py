@@ -1,0 +1,259 @@
+"""The control API's methods: each one's name, params and reply, as pydantic models.
+
+Defined once here and shared by the daemon (its `ControlServer` validates the params
+of each request), the CLI and the TUI (their `ControlClient` validates each reply).
+Replies ignore fields they do not know: a newer daemon may add some. The status reply
+is flat on the wire (`volunteer status --json` prints it as it is) and is made of one
+part per service: `DaemonStatus`, `DHTStatus`, `ServingStatus` and `ChatStatus`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+import pydantic
+
+MAX_MESSAGES = 1000
+MAX_NEW_TOKENS = 32768
+PAUSED_NOTE = "paused by you: not taking new sessions"
+
+DaemonState = Literal[
+    "not_running", "starting", "joining", "serving", "paused", "rebalancing", "stopping",
+    "failed",
+]  # fmt: skip
+"""`starting` and `not_running` are the CLI's words for a daemon that does not answer
+yet (its pid file exists) or at all; the daemon itself says the others."""
+
+
+class Reply(pydantic.BaseModel):
+    """A reply from the daemon: unknown fields are ignored, nothing is changed after."""
+
+    model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
+
+
+class Params(pydantic.BaseModel):
+    """A request's params."""
+
+    model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
+
+
+class NoParams(Params):
+    """For the methods that take nothing."""
+
+
+class SwarmParams(Params):
+    is_ping: bool = pydantic.Field(default=False, alias="ping")
+    """Also measure each serving peer's round trip from the daemon."""
+
+    model_config = pydantic.ConfigDict(populate_by_name=True)
+
+
+class ChatMessage(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(Params):
+    """The `chat` method's params; unknown fields are refused (a misspelt option)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    messages: Annotated[list[ChatMessage], pydantic.Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_new_tokens: int = pydantic.Field(default=512, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    model: str | None = None
+    """Must be the daemon's model when given (it is the only one it holds)."""
+
+
+class DaemonStatus(Reply):
+    """The daemon's own part of `status`."""
+
+    state: DaemonState
+    error: str | None = None
+    pid: int | None = None
+    version: str | None = None
+    uptime_s: float | None = None
+    model: str | None = None
+    public_name: str | None = None
+    restart_needed: list[str] = []
+    """Settings changed in config.toml that only a restart applies."""
+
+
+class DHTStatus(Reply):
+    """The DHT service's part of `status`."""
+
+    peer_id: str | None = None
+    multiaddrs: list[str] = []
+    peers_seen: int = 0
+    """Other peers in the routing table."""
+    new_swarm: bool = False
+
+
+class ServingStatus(Reply):
+    """The block service's part of `status` (the defaults: serving no blocks)."""
+
+    blocks: tuple[int, int] | None = None
+    swarm_model: str | None = None
+    requests_served: int = 0
+    tokens_served: int = 0
+    open_sessions: int = 0
+    local_links: int | None = None
+    """Streams taken on the local socket; None: no local socket."""
+    cache_tokens_total: int | None = None
+    cache_tokens_left: int | None = None
+    throughput: float | None = None
+    threads: int | None = None
+    decode_threads: int | None = None
+    span_reason: str | None = None
+    is_paused: bool = False
+    rebalancing: bool = False
+    """Loading the blocks it moves to."""
+    moves: int = 0
+    last_rebalance_check: str | None = None
+
+
+class ChatStatus(Reply):
+    """The chat service's part of `status`."""
+
+    chats_active: int = 0
+    chats_answered: int = 0
+
+
+class StatusReply(ServingStatus, DHTStatus, ChatStatus, DaemonStatus):
+    """`status`: every service's part, flat."""
+
+    @classmethod
+    def assemble(cls, own: DaemonStatus, parts: list[Reply]) -> StatusReply:
+        """The daemon's part and its services' parts in one reply; while it serves, a
+        pause or a move is its state."""
+        values: dict[str, Any] = dict(own)
+        for part in parts:
+            values.update(part)
+        status = cls.model_validate(values)
+        if status.state != "serving":
+            return status
+        if status.is_paused:
+            return status.model_copy(update={"state": "paused", "error": PAUSED_NOTE})
+        if status.rebalancing:
+            return status.model_copy(update={"state": "rebalancing"})
+        return status
+
+
+class ReloadReply(Reply):
+    """`reload_config`: which changed settings apply now, which on restart, and which
+    edits of the file a flag or `VOLUNTEER_` variable of the daemon overrides."""
+
+    applied: list[str] = []
+    restart_needed: list[str] = []
+    overridden: list[str] = []
+
+
+class StopReply(Reply):
+    stopping: bool = True
+
+
+class PauseReply(Reply):
+    """`pause` / `resume`: the state now, and whether the DHT took the new record."""
+
+    paused: bool
+    announced: bool
+
+
+class SwarmServer(Reply):
+    """One server's record in `swarm`. The record's other fields come along as they
+    are (`SwarmSnapshot.from_json` checks them as the DHT record they were)."""
+
+    model_config = pydantic.ConfigDict(extra="allow")
+
+    peer_id: str
+    start: int
+    end: int
+    state: Literal["joining", "online", "offline"]
+    throughput: float = 0.0
+    public_name: str | None = None
+    version: str | None = None
+    rtt_s: float | None = None
+    """The round trip from the daemon (with `ping`); None: not measured or no answer."""
+
+
+class SwarmReply(Reply):
+    """`swarm`: who serves which block of the daemon's model (`SwarmSnapshot.to_json`)."""
+
+    model: str
+    num_blocks: int = pydantic.Field(ge=0)
+    block_throughput: list[float] = []
+    servers: list[SwarmServer] = []
+
+
+class RouteHop(Reply):
+    peer_id: str
+    start: int
+    end: int
+
+
+class ChatText(Reply):
+    """A piece of a chat reply's text."""
+
+    text: str
+
+
+class ChatStats(Reply):
+    """The last message of a chat reply: what it took (chat UIs show it under it)."""
+
+    done: Literal[True] = True
+    tokens: int
+    seconds: float
+    route: list[RouteHop] = []
+
+
+P = TypeVar("P", bound=Params)
+R = TypeVar("R")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method(Generic[P, R]):
+    """A control method: its name, its params model and its reply (or stream item) type."""
+
+    name: str
+    params: type[P]
+    reply: Any
+    """A model, or a union of models (a stream's items)."""
+    is_stream: bool = False
+    _adapter: pydantic.TypeAdapter[R] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_adapter", pydantic.TypeAdapter(self.reply))
+
+    def parse_reply(self, data: Any) -> R:
+        """Raises `pydantic.ValidationError` where `data` is not a valid reply."""
+        return self._adapter.validate_python(data)
+
+    def dump_reply(self, reply: R) -> Any:
+        """`reply` as JSON-able data."""
+        return self._adapter.dump_python(reply, mode="json", by_alias=True)
+
+
+STATUS = Method("status", NoParams, StatusReply)
+STOP = Method("stop", NoParams, StopReply)
+RELOAD = Method("reload_config", NoParams, ReloadReply)
+PAUSE = Method("pause", NoParams, PauseReply)
+RESUME = Method("resume", NoParams, PauseReply)
+SWARM = Method("swarm", SwarmParams, SwarmReply)
+CHAT: Method[ChatRequest, ChatText | ChatStats] = Method(
+    "chat", ChatRequest, ChatText | ChatStats, is_stream=True
+)
+
+
+def first_problem(exc: pydantic.ValidationError) -> str:
+    """The first thing a validation error found, in one short line (the full error may
+    echo a huge value)."""
+    error = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in error["loc"]) or "the message"
+    return f"{where}: {error['msg']}"
