@@ -1,12 +1,18 @@
-"""Helpers for the block-server tests: a tiny random model, and an event loop in a thread.
+"""Helpers for the block-server tests: a tiny random model, an event loop in a thread,
+and waits on conditions.
 
 The servers of a test module live on one loop that runs in a background thread, so plain
 sync tests can share them (pytest-asyncio is not used) and call `loop.run(coro)`.
+
+Tests wait for what they expect to happen (`wait_until`), never for a fixed time: a
+loaded machine only makes them slower. The deadline only stops a hang.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -21,20 +27,27 @@ from volunteer.models.config import ModelConfig
 from volunteer.models.model import BlockSpan
 
 from volunteer.client.loop_thread import LoopThread
+from volunteer.client.remote_span import InferenceStream
 from volunteer.server.handler import BlockHandler
 
 __all__ = [
+    "WAIT_S",
     "LoopThread",
     "hidden_states",
     "random_span",
     "start_route_servers",
+    "step_until_pushed",
     "sub_span",
     "tiny_config",
+    "wait_until",
 ]
 
 
 HIDDEN = 64
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+WAIT_S = 30.0
+"""The longest a test waits for something it expects: far beyond what it takes, so that
+only a hang (the behaviour broke) runs into it."""
 
 
 def tiny_config(num_layers: int = 4) -> ModelConfig:
@@ -99,3 +112,35 @@ async def start_route_servers(
     known = [addr for p2p, _ in servers for addr in await p2p.get_visible_maddrs()]
     client = await P2P.create(host_maddrs=LOOPBACK, initial_peers=known)
     return servers, client
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> bool:
+    """Polls `condition` until it holds (True) or timeout_s has passed (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def step_until_pushed(
+    loop: LoopThread, first: InferenceStream, second: InferenceStream, hidden: torch.Tensor
+) -> int:
+    """Steps `hidden` at position 0 (rewinding each time) through `first`, naming `second`
+    as the next hop, until `first`'s server pushes its output (its link to the next
+    server opens in the background); returns the id of that pushed step.
+
+    A step that was not pushed is sent on to `second` by the client, as a session does.
+    """
+    deadline = time.monotonic() + WAIT_S
+    step_id = 0
+    while time.monotonic() < deadline:
+        step_id += 1
+        stepping = first.step(hidden, 0, WAIT_S, step_id=step_id, push_to=[second.push_target])
+        output = loop.run(stepping)
+        if first.pushed:
+            return step_id
+        loop.run(second.step(output, 0, WAIT_S, step_id=step_id))
+        time.sleep(0.01)
+    raise AssertionError("the first server never pushed to the second")

@@ -12,7 +12,7 @@ import torch
 from hivemind.p2p import P2P
 from volunteer.models.model import BlockSpan, CausalLM, ModelEnds
 
-from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
+from tests.server import WAIT_S, LoopThread, hidden_states, random_span, sub_span, tiny_config
 from volunteer.client.remote_span import RemoteSpan
 from volunteer.server.compute import (
     PRIORITY_INFERENCE,
@@ -223,10 +223,11 @@ def test_sessions_return_their_budget(swarm: Swarm) -> None:
         stream = await remote.open_inference(max_length=20, batch_size=3)
         during = (await remote.info()).cache_tokens_left
         await stream.close()
-        # The server frees the cache when it sees the close; give it a moment.
-        for _ in range(50):
-            after = (await remote.info()).cache_tokens_left
-            if after == 256:
+        # The server frees the cache when it sees the close, which the client does not
+        # wait for: ask until it has (the deadline only stops a hang).
+        deadline = time.monotonic() + WAIT_S
+        while (after := (await remote.info()).cache_tokens_left) != 256:
+            if time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.02)
         return during, after

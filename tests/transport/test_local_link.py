@@ -26,10 +26,12 @@ from volunteer.models.model import BlockSpan
 import volunteer.transport.framing as framing
 import volunteer.transport.protocol as wire
 from tests.server import (
+    WAIT_S,
     LoopThread,
     hidden_states,
     random_span,
     start_route_servers,
+    step_until_pushed,
     sub_span,
     tiny_config,
 )
@@ -139,20 +141,13 @@ def test_pushes_go_over_the_next_servers_local_socket(pair: Pair) -> None:
     assert second.push_target.local_socket == pair.second.socket
     links_before = pair.second.listener.links_served
     hidden = hidden_states(1, 2, seed=3)
-    for step_id in range(1, 200):
-        output = pair.loop.run(
-            first.step(hidden, 0, TIMEOUT_S, step_id=step_id, push_to=[second.push_target])
-        )
-        if first.pushed:
-            break
-        pair.loop.run(second.step(output, 0, TIMEOUT_S, step_id=step_id))
-        time.sleep(0.01)
-    else:
-        raise AssertionError("the first server never pushed to the second")
+    step_until_pushed(pair.loop, first, second, hidden)
     # The push link is the second server's newest local link: no p2p stream was needed.
     assert pair.second.listener.links_served == links_before + 1
-    # Nothing is sent to the second server: its answer can only come from the push.
-    answer = pair.loop.run(second.step(torch.zeros(1, 2, 64), 0, TIMEOUT_S, await_push_s=5.0))
+    # Nothing is sent to the second server unless no answer comes within the grace time,
+    # and then zeros, which give another output: this answer can only come from the push.
+    waiting = second.step(torch.zeros(1, 2, 64), 0, WAIT_S, await_push_s=WAIT_S)
+    answer = pair.loop.run(waiting, timeout_s=3 * WAIT_S)
     assert torch.allclose(answer, pair.local(hidden, 0, 4), atol=ATOL)
     for stream in (first, second):
         pair.loop.run(stream.close())
