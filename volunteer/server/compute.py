@@ -46,8 +46,8 @@ class PriorityCompute:
     A short single-threaded decode step that finds the compute thread idle runs on the
     caller's thread (the event loop) instead: waking the sleeping compute thread and then
     the loop again costs two thread hand-offs per step, each with cold caches after the
-    compute, and nothing else could run in between anyway. Steps measured slower than `inline_max_s`
-    keep going to the compute thread, so the loop never stalls for long.
+    compute, and nothing else could run in between anyway. Steps measured slower than
+    `inline_max_s` keep going to the compute thread, so the loop never stalls for long.
     """
 
     def __init__(

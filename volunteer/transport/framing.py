@@ -71,11 +71,11 @@ def pack_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
     serializer writes (bfloat16 as its raw 2-byte words).
 
     Built here rather than by hivemind's serializer: that one sets up compression
-    metadata on every call, and with the caches cold after a step's compute its extra
-    work cost ~40 us per message here, as much again to decode.
+    metadata on every call, work that every message of a step pays (with the caches
+    cold after the compute) and that an uncompressed tensor does not need.
     """
     requires_grad = tensor.requires_grad
-    # Each torch call costs several microseconds cold: only the ones a tensor needs.
+    # Each torch call has a fixed cost, paid cold after a step: only the ones a tensor needs.
     if requires_grad:
         tensor = tensor.detach()
     if tensor.device.type != "cpu":
