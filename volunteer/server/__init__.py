@@ -1,4 +1,4 @@
-"""Serving a span of blocks over hivemind P2P: handler, sessions, compute, pushes.
+"""Serving blocks on hivemind P2P: handler, inference stream, validation, sessions, compute, push.
 
 May import: models, transport, machine; never the client or the daemon.
 """
