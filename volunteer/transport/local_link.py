@@ -3,8 +3,8 @@ Unix socket.
 
 Several daemons may share a machine (one per GPU, or a `--home` each), and a client often
 runs next to them. Through the p2p daemons, every message between two such processes
-crosses two more (each side's p2pd): ~0.2-0.4 ms per message here, with the caches cold
-after a step's compute, for each hop of every token. So a block server also listens on a
+crosses two more processes (each side's p2pd), for each hop of every token, with the
+caches cold after a step's compute. So a block server also listens on a
 Unix socket (mode 0600, in a private temp folder) and announces its path with this
 boot's id; a process that sees its own boot id there opens the inference stream
 and the push links on that socket instead, in the same framing, and goes through p2p
