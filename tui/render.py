@@ -10,6 +10,7 @@ from typing import Any
 
 from rich.text import Text
 
+from volunteer import settings
 from volunteer.control.messages import SwarmReply
 
 FULL, EMPTY = "█", "░"
@@ -116,16 +117,6 @@ def _spans(indices: list[int]) -> str:
     return ", ".join(parts)
 
 
-SETTING_LABELS = {
-    "public_name": "public name",
-    "model": "model",
-    "threads": "CPU threads",
-    "max_ram_gib": "RAM limit",
-    "max_gpu_gib": "GPU memory limit",
-    "cache_tokens": "attention cache",
-}
-
-
 def setting_label(name: str) -> str:
-    """A settings field as the settings screen names it."""
-    return SETTING_LABELS.get(name, name.replace("_", " "))
+    """A settings field as the settings screen names it (declared with the setting)."""
+    return settings.setting_label(name)

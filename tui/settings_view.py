@@ -1,6 +1,7 @@
 """What the volunteer allows: edited here, checked, written to `config.toml`. A running
-daemon takes on the public name and thread count at once; the rest decides what it loads,
-so it applies when the daemon restarts (ctrl+r restarts it from here)."""
+daemon takes on the settings declared live at once; the rest decides what it loads, so it
+applies when the daemon restarts (ctrl+r restarts it from here). The fields, their labels
+and placeholders come from the settings' declarations (`volunteer.settings.fields`)."""
 
 from __future__ import annotations
 
@@ -15,17 +16,12 @@ from textual.widgets import Input, Label, Static
 from volunteer.tui.messages import DaemonActionDone
 from volunteer.tui.render import setting_label
 
-from volunteer.settings import APPLIED_LIVE
+from volunteer.settings import APPLIED_LIVE, SPECS, OnScreen
 
-# (settings field, label, placeholder shown when it is left at its default)
-FIELDS = (
-    ("public_name", "Public name (leaderboard, health map)", "anonymous"),
-    ("model", "Model to serve", "the embedded SmolLM2"),
-    ("threads", "CPU threads", "all cores"),
-    ("max_ram_gib", "Most RAM for blocks and caches (GiB)", "what is free"),
-    ("max_gpu_gib", "Most GPU memory to plan for (GiB)", "what is free"),
-    ("cache_tokens", "Attention cache (tokens)", "sized from memory"),
+FIELDS: tuple[tuple[str, OnScreen], ...] = tuple(
+    (spec.name, spec.screen) for spec in SPECS if spec.screen is not None
 )
+"""(setting, how the screen shows it) for each editable setting, in declaration order."""
 
 
 class SettingsView(Vertical):
@@ -35,9 +31,9 @@ class SettingsView(Vertical):
     ]
 
     def compose(self) -> ComposeResult:
-        for name, label, placeholder in FIELDS:
-            yield Label(label)
-            yield Input(placeholder=placeholder, id=f"setting-{name}")
+        for name, screen in FIELDS:
+            yield Label(screen.title)
+            yield Input(placeholder=screen.placeholder, id=f"setting-{name}")
         yield Static(
             f"ctrl+s saves. The {' and '.join(map(setting_label, APPLIED_LIVE))} apply at "
             "once; the rest when the daemon restarts (ctrl+r).",
@@ -45,11 +41,11 @@ class SettingsView(Vertical):
         )
 
     def show_config(self, values: dict[str, str]) -> None:
-        for name, _, _ in FIELDS:
+        for name, _ in FIELDS:
             self.query_one(f"#setting-{name}", Input).value = values.get(name, "")
 
     def edits(self) -> dict[str, str]:
-        return {name: self.query_one(f"#setting-{name}", Input).value for name, _, _ in FIELDS}
+        return {name: self.query_one(f"#setting-{name}", Input).value for name, _ in FIELDS}
 
     def action_save(self) -> None:
         self._save(self.edits())

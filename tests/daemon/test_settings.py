@@ -6,11 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from volunteer.tui import render, settings_view
 
+from volunteer.cli import build_parser
+from volunteer.commands import daemon_cmd
 from volunteer.errors import SettingsError
 from volunteer.model_cache.smollm2 import DEFAULT_MODEL
 from volunteer.paths import Paths
-from volunteer.settings import Settings
+from volunteer.settings import APPLIED_LIVE, EDITABLE, SPECS, Settings, SettingSpec
 
 PEER = "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooWGjsehKx2X7FXb5FZeC67dMVRJVfPpo18eebps8HVyJHg"
 
@@ -191,3 +194,57 @@ def test_local_links_can_be_turned_off(paths: Paths) -> None:
     assert not build(paths, env={"VOLUNTEER_LOCAL_LINKS": "false"}).local_links
     with pytest.raises(SettingsError, match="--local-links: expected true or false"):
         build(paths, local_links="maybe")
+
+
+def _start_flags(*argv: str) -> dict[str, Any]:
+    """The settings' flags as `volunteer start` parses them."""
+    return daemon_cmd.settings_flags(build_parser().parse_args(["start", *argv]))
+
+
+EXAMPLES: dict[str, tuple[Any, str]] = {
+    "public_name": ("Ada", "Ada"),
+    "model": ("org/name", "org/name"),
+    "threads": (3, "3"),
+    "max_ram_gib": (6.5, "6.5"),
+    "max_gpu_gib": (2.0, "2"),
+    "cache_tokens": (4096, "4096"),
+    "blocks": ((2, 9), "2:9"),
+    "num_blocks": (0, "0"),
+    "join": ((PEER,), PEER),
+    "new_swarm": (True, "true"),
+    "host": ("0.0.0.0", "0.0.0.0"),
+    "port": (31337, "31337"),
+    "local_links": (False, "no"),
+    "rebalance_period_s": (0.0, "0"),
+    "log_level": ("DEBUG", "debug"),
+    "start_timeout_s": (30.0, "30"),
+}
+"""Per setting: a value other than its default, and that value as env or flag text."""
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.name)
+def test_every_setting_is_read_from_its_flag_env_name_and_config_key(
+    paths: Paths, spec: SettingSpec
+) -> None:
+    value, text = EXAMPLES[spec.name]
+    assert value != spec.default
+    assert getattr(build(paths, env={spec.env_name: text}), spec.name) == value
+    assert getattr(build(paths, toml=Settings(**{spec.name: value}).to_toml()), spec.name) == value
+    # The detached child gets the flags as argv and parses them back.
+    given = {"value": text, "append": [text], "switch": True}[spec.flag_kind]
+    flags = _start_flags(*daemon_cmd.flags_argv({spec.name: given}))
+    assert getattr(build(paths, **flags), spec.name) == value
+
+
+def test_the_settings_screen_shows_the_declared_editable_settings() -> None:
+    assert [name for name, _ in settings_view.FIELDS] == list(EDITABLE)
+    assert EDITABLE == (
+        "public_name",
+        "model",
+        "threads",
+        "max_ram_gib",
+        "max_gpu_gib",
+        "cache_tokens",
+    )
+    assert APPLIED_LIVE == ("public_name", "threads")
+    assert [render.setting_label(name) for name in APPLIED_LIVE] == ["public name", "CPU threads"]

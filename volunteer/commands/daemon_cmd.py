@@ -1,4 +1,4 @@
-"""`volunteer start | stop | status`: the background daemon that lends this machine."""
+"""`volunteer start | stop | reload | status`: the background daemon that lends this machine."""
 
 from __future__ import annotations
 
@@ -13,64 +13,23 @@ from volunteer.control import lifecycle
 from volunteer.control.client import ControlClient
 from volunteer.control.endpoint import DaemonNotRunningError
 from volunteer.control.messages import RELOAD, STATUS, StatusReply
-from volunteer.model_cache.smollm2 import DEFAULT_MODEL
 from volunteer.paths import Paths
-from volunteer.settings import APPLIED_LIVE, Settings, flag_name, read_config
+from volunteer.settings import APPLIED_LIVE, SPECS, Settings, SettingSpec
 
 EXIT_NOT_RUNNING = 3
 """`status` exit code when no daemon runs (as LSB init scripts use it)."""
 
-# (flag, settings field, metavar, help); all values are validated by Settings.build.
-_VALUE_FLAGS = (
-    ("--model", "model", "NAME", f"model to serve (default: {DEFAULT_MODEL})"),
-    ("--blocks", "blocks", "START:END", "serve exactly blocks [START, END)"),
-    ("--num-blocks", "num_blocks", "N", "serve N blocks where the swarm needs them (0: none)"),
-    ("--host", "host", "IP", "address to listen on (default: 127.0.0.1, this machine only)"),
-    ("--port", "port", "PORT", "TCP port to listen on (default: 0, any free port)"),
-    ("--public-name", "public_name", "NAME", "your name on the leaderboard"),
-    ("--cache-tokens", "cache_tokens", "N", "attention cache budget in tokens (default: auto)"),
-    ("--threads", "threads", "N", "torch threads (default: all cores)"),
-    ("--max-ram-gib", "max_ram_gib", "GIB", "most RAM the blocks and caches may take"),
-    ("--max-gpu-gib", "max_gpu_gib", "GIB", "most GPU memory an offloading plan may take"),
-    (
-        "--local-links",
-        "local_links",
-        "yes|no",
-        "serve this machine's other swarm processes on a Unix socket, past p2pd (yes)",
-    ),
-    (
-        "--rebalance-period",
-        "rebalance_period_s",
-        "SECONDS",
-        "mean time between checks whether to move to weaker blocks (600; 0: never)",
-    ),
-    ("--log-level", "log_level", "LEVEL", "DEBUG, INFO (default), WARNING or ERROR"),
-    ("--start-timeout", "start_timeout_s", "SECONDS", "how long to wait for serving (120)"),
-)
-
 
 def register(subparsers: Any) -> None:
-    """Adds `start`, `stop` and `status` to the CLI."""
+    """Adds `start`, `stop`, `reload` and `status` to the CLI."""
     start = subparsers.add_parser(
         "start",
         help="start the daemon in the background",
         description="Join (or start) a swarm and serve model blocks. Options also come from "
         "config.toml and VOLUNTEER_* environment variables; flags win.",
     )
-    for flag, dest, metavar, help_text in _VALUE_FLAGS:
-        start.add_argument(flag, dest=dest, metavar=metavar, help=help_text)
-    start.add_argument(
-        "--join",
-        action="append",
-        metavar="MULTIADDR",
-        help="a peer of the swarm to join (repeatable)",
-    )
-    start.add_argument(
-        "--new-swarm",
-        action="store_const",
-        const=True,
-        help="start a new swarm instead of joining one",
-    )
+    for spec in SPECS:
+        _add_flag(start, spec)
     start.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
     # Set by `start_background` for the child it spawns: its stderr is a log file.
     start.add_argument("--detached", action="store_true", help=argparse.SUPPRESS)
@@ -97,11 +56,15 @@ def register(subparsers: Any) -> None:
 
 def run_start(args: argparse.Namespace, paths: Paths) -> int:
     """Starts the daemon, in the foreground or detached."""
-    flags = _settings_flags(args)
+    flags = settings_flags(args)
     settings = Settings.build(paths=paths, env=os.environ, flags=flags)
     if args.foreground:
-        return _run_foreground(settings, paths, flags, log_to_stderr=not args.detached)
-    child_argv = [*_home_argv(args), "start", "--foreground", "--detached", *_flags_argv(flags)]
+        from volunteer.daemon.main import run_foreground  # torch and hivemind: only here
+
+        return run_foreground(
+            settings, paths=paths, env=os.environ, flags=flags, log_to_stderr=not args.detached
+        )
+    child_argv = [*_home_argv(args), "start", "--foreground", "--detached", *flags_argv(flags)]
     result = lifecycle.start_background(paths, child_argv, timeout_s=settings.start_timeout_s)
     if result.outcome != "serving":
         print(f"volunteer: {result.message}", file=sys.stderr)
@@ -159,78 +122,37 @@ def run_status(args: argparse.Namespace, paths: Paths) -> int:
     return EXIT_NOT_RUNNING if status.state == "not_running" else 0
 
 
-def _run_foreground(
-    settings: Settings, paths: Paths, flags: dict[str, Any], *, log_to_stderr: bool
-) -> int:
-    # torch, hivemind and the event loop load here, so `status`, `stop` and --help stay fast.
-    import asyncio
-
-    from volunteer.machine.cpu_sharing import sleep_idle_threads
-    from volunteer.machine.lean_imports import import_hivemind
-    from volunteer.machine.memory_tuning import return_large_frees_to_the_os
-
-    sleep_idle_threads()
-    return_large_frees_to_the_os()
-    import torch
-
-    import_hivemind()
-
-    from volunteer.chat.service import ChatService
-    from volunteer.daemon.block_service import BlockService
-    from volunteer.daemon.dht_service import DHTService
-    from volunteer.daemon.identity import (
-        load_or_create_identity,
-        runtime_identity_path,
-        write_private_file,
-    )
-    from volunteer.daemon.runner import run_daemon
-    from volunteer.swarm.dht_records import make_validator, owner_marker
-
-    # This thread (the event loop's) computes one-position decode steps at most. Torch
-    # work of more threads runs on threads that set their own count (from --threads:
-    # several daemons on one machine each take their share): one OpenMP team here too
-    # would make libgomp let idle workers sleep at once, and prefills slow by a third
-    # (see volunteer.machine.cpu_sharing.in_passing_thread).
-    torch.set_num_threads(1)
-    identity = load_or_create_identity(paths)
-    if identity.warning:
-        print(f"volunteer: warning: {identity.warning}", file=sys.stderr)
-    identity_path = write_private_file(runtime_identity_path(paths), identity.p2p_identity_bytes())
-    dht = DHTService(
-        settings, identity_path=identity_path, record_validator=make_validator(identity.private_key)
-    )
-    blocks = BlockService(settings, paths, dht, owner=owner_marker(identity.private_key))
-    # Started in this order, stopped in reverse: the blocks announce OFFLINE while the
-    # DHT is still up.
-    services = [dht, blocks, ChatService(settings, paths, dht, blocks)]
-
-    def reload() -> tuple[Settings, Settings]:
-        # The environment and flags it started with still win over the file.
-        return Settings.build(paths=paths, env=os.environ, flags=flags), read_config(paths)
-
-    return asyncio.run(
-        run_daemon(settings, paths, services, log_to_stderr=log_to_stderr, reload=reload)
+def _add_flag(parser: argparse.ArgumentParser, spec: SettingSpec) -> None:
+    # Values stay text (None: not given): Settings.build checks them like env values.
+    if spec.flag_kind == "switch":
+        parser.add_argument(
+            spec.flag, dest=spec.name, action="store_const", const=True, help=spec.help
+        )
+        return
+    action = "append" if spec.flag_kind == "append" else "store"
+    parser.add_argument(
+        spec.flag, dest=spec.name, action=action, metavar=spec.metavar, help=spec.help
     )
 
 
-def _settings_flags(args: argparse.Namespace) -> dict[str, Any]:
-    names = [dest for _, dest, _, _ in _VALUE_FLAGS] + ["join", "new_swarm"]
-    return {name: getattr(args, name) for name in names}
+def settings_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings' flags of a parsed `volunteer start`, by setting name (None: not given)."""
+    return {spec.name: getattr(args, spec.name) for spec in SPECS}
 
 
-def _flags_argv(flags: dict[str, Any]) -> list[str]:
+def flags_argv(flags: dict[str, Any]) -> list[str]:
     """The flags as given, for the child; it layers file and env the same way we did."""
     argv = []
-    for name, value in flags.items():
-        flag = flag_name(name)
+    for spec in SPECS:
+        value = flags.get(spec.name)
         if value is None:
             continue
-        if name == "new_swarm":
-            argv.append(flag)
-        elif name == "join":
-            argv.extend(f"--join={maddr}" for maddr in value)
+        if spec.flag_kind == "switch":
+            argv.append(spec.flag)
+        elif spec.flag_kind == "append":
+            argv.extend(f"{spec.flag}={item}" for item in value)
         else:
-            argv.append(f"{flag}={value}")
+            argv.append(f"{spec.flag}={value}")
     return argv
 
 

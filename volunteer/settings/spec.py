@@ -1,0 +1,253 @@
+"""What one setting's declaration says, and the parsers that check its values.
+
+A setting is a field of `Settings` whose default is `setting(...)`: the `SettingSpec` it
+stores in the field's metadata is the only place that names its flag, env variable, help,
+range (in its parser), label, place on the settings screen and whether a running daemon
+takes it on live. Everything else (the CLI's flags, the config file, the env, the
+settings screen, `APPLIED_LIVE`) is read from these specs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Callable
+from typing import Any, Literal
+
+from volunteer.errors import SettingsError
+
+ENV_PREFIX = "VOLUNTEER_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("0", "false", "no", "off")
+_SPEC_KEY = "volunteer.setting"
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One value as given, with the words that name where it came from."""
+
+    raw: Any
+    where: str
+    is_text: bool = True
+    """Env vars and flags are text to parse; the file's TOML values must have the type."""
+
+
+Parser = Callable[[Source], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class OnScreen:
+    """How the TUI's settings screen shows an editable setting."""
+
+    title: str
+    """The label above its input."""
+    placeholder: str
+    """Shown while it is left at its default."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SettingSpec:
+    """One setting, as declared next to its field of `Settings`."""
+
+    parse: Parser
+    """Checks a value from any source (its range included) and returns it typed."""
+    help: str
+    """The `volunteer start` flag's help."""
+    metavar: str | None = None
+    """The flag's value in `--help`; None for a switch."""
+    flag_kind: Literal["value", "append", "switch"] = "value"
+    """`value`: `--flag=V`; `append`: repeatable, collected in a list; `switch`: no value."""
+    flag_override: str | None = None
+    """The flag when it is not the name with dashes (`--start-timeout`)."""
+    label: str | None = None
+    """The setting's name in the TUI's messages; None: the name with spaces."""
+    screen: OnScreen | None = None
+    """Set for the settings the TUI's settings screen edits, in field order."""
+    is_live: bool = False
+    """Whether a running daemon takes a new value on when it reloads its config; the rest
+    wait for a restart (they decide which blocks it loads and how much memory they take)."""
+    excludes: str | None = None
+    """The setting this one excludes: giving both in one source is an error, and a higher
+    source choosing one clears the other chosen by a lower source."""
+    to_file: Callable[[Any], Any] | None = None
+    """The value as written into `config.toml` when it is not TOML-native."""
+    name: str = ""
+    """The field's name; filled in from the field (`specs_of`)."""
+    default: Any = None
+    """The field's default; filled in from the field (`specs_of`)."""
+
+    @property
+    def flag(self) -> str:
+        """The CLI flag: `num_blocks` -> `--num-blocks`."""
+        return self.flag_override or f"--{self.name.replace('_', '-')}"
+
+    @property
+    def env_name(self) -> str:
+        """The environment variable: `num_blocks` -> `VOLUNTEER_NUM_BLOCKS`."""
+        return f"{ENV_PREFIX}{self.name.upper()}"
+
+    @property
+    def screen_label(self) -> str:
+        """The setting as the TUI names it in messages."""
+        return self.label or self.name.replace("_", " ")
+
+    @property
+    def is_editable(self) -> bool:
+        """Whether the TUI's settings screen edits it."""
+        return self.screen is not None
+
+
+def setting(*, default: Any, **declaration: Any) -> Any:
+    """A field of `Settings` with its declaration (the keyword arguments of `SettingSpec`).
+
+    Returns:
+        A `dataclasses.field`; typed `Any` so the field keeps its annotated type.
+    """
+    spec = SettingSpec(**declaration, default=default)
+    return dataclasses.field(default=default, metadata={_SPEC_KEY: spec})
+
+
+def specs_of(cls: type) -> tuple[SettingSpec, ...]:
+    """The declarations of a dataclass's `setting(...)` fields, in field order."""
+    return tuple(
+        dataclasses.replace(field.metadata[_SPEC_KEY], name=field.name)
+        for field in dataclasses.fields(cls)
+        if _SPEC_KEY in field.metadata
+    )
+
+
+def _is_text(source: Source) -> bool:
+    return source.is_text and isinstance(source.raw, str)
+
+
+def _fail(source: Source, problem: str) -> SettingsError:
+    return SettingsError(f"{source.where}: {problem} (got {source.raw!r})")
+
+
+def whole_number(minimum: int, maximum: int | None = None, *, is_auto_ok: bool = False) -> Parser:
+    """A parser of whole numbers in `[minimum, maximum]`; with `is_auto_ok`, "" or "auto"
+    (text) mean None."""
+
+    def parse(source: Source) -> int | None:
+        if is_auto_ok and _is_text(source) and source.raw.strip().lower() in ("", "auto"):
+            return None
+        raw = source.raw
+        if _is_text(source):
+            try:
+                raw = int(raw.strip())
+            except ValueError:
+                raise _fail(source, "expected a whole number") from None
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise _fail(source, "expected a whole number")
+        if raw < minimum or (maximum is not None and raw > maximum):
+            upper = f" and at most {maximum}" if maximum is not None else ""
+            raise _fail(source, f"must be at least {minimum}{upper}")
+        return raw
+
+    return parse
+
+
+def seconds(low: float, high: float, *, is_low_open: bool = False, low_means: str = "") -> Parser:
+    """A parser of seconds in `[low, high]` (`(low, high]` with `is_low_open`); `low_means`
+    says in the error what the lowest value does, e.g. " (never)"."""
+
+    def parse(source: Source) -> float:
+        value = _number(source)
+        if value is None or value > high or value < low or (is_low_open and value == low):
+            raise _fail(source, f"expected seconds between {low:g}{low_means} and {high:g}")
+        return value
+
+    return parse
+
+
+def parse_gib(source: Source) -> float | None:
+    """GiB above 0 (at most a PiB); "" or "auto" (text) mean None."""
+    if _is_text(source) and source.raw.strip().lower() in ("", "auto"):
+        return None
+    value = _number(source)
+    if value is None or not 0 < value <= 1 << 20:
+        raise _fail(source, "expected GiB above 0, e.g. 6 or 0.5")
+    return value
+
+
+def parse_bool(source: Source) -> bool:
+    """true/false in the file; 1/0, true/false, yes/no, on/off as text."""
+    if isinstance(source.raw, bool):
+        return source.raw
+    if _is_text(source) and source.raw.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+        return source.raw.strip().lower() in _TRUE_WORDS
+    raise _fail(source, "expected true or false")
+
+
+def parse_text(source: Source) -> str:
+    """A non-empty string, stripped."""
+    if not isinstance(source.raw, str) or not source.raw.strip():
+        raise _fail(source, "expected a non-empty string")
+    return source.raw.strip()
+
+
+def parse_blocks(source: Source) -> tuple[int, int]:
+    """`START:END` -> (START, END), with 0 <= START < END."""
+    text = source.raw
+    if not isinstance(text, str) or text.count(":") != 1:
+        raise _fail(source, "expected START:END, e.g. 0:12")
+    start_text, end_text = text.split(":")
+    try:
+        start, end = int(start_text), int(end_text)
+    except ValueError:
+        raise _fail(source, "expected START:END with whole numbers, e.g. 0:12") from None
+    if start < 0 or end <= start:
+        raise _fail(source, "needs 0 <= START < END (blocks [START, END) are served)")
+    return start, end
+
+
+def parse_join(source: Source) -> tuple[str, ...]:
+    """A list of multiaddrs that name their peer (`/p2p/<peer id>`)."""
+    raw = source.raw
+    # From the environment: one string, several addresses split by commas or spaces.
+    items = raw.replace(",", " ").split() if _is_text(source) else raw
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise _fail(source, "expected a list of multiaddrs")
+    for item in items:
+        if not item.startswith("/") or "/p2p/" not in item:
+            raise _fail(source, f"{item!r} is not a multiaddr like /ip4/1.2.3.4/tcp/31337/p2p/Qm…")
+    return tuple(items)
+
+
+def parse_host(source: Source) -> str:
+    """An IP address (v4 or v6), not a host name."""
+    text = parse_text(source)
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise _fail(source, "expected an IP address such as 127.0.0.1 or 0.0.0.0") from None
+    return text
+
+
+def parse_public_name(source: Source) -> str:
+    """At most 64 printable characters."""
+    text = parse_text(source)
+    if len(text) > 64 or not text.isprintable():
+        raise _fail(source, "expected at most 64 printable characters")
+    return text
+
+
+def parse_log_level(source: Source) -> str:
+    """One of `LOG_LEVELS`, any case."""
+    text = parse_text(source).upper()
+    if text not in LOG_LEVELS:
+        raise _fail(source, f"expected one of {', '.join(LOG_LEVELS)}")
+    return text
+
+
+def _number(source: Source) -> float | None:
+    """A float from a number (file) or text (env, flag); None when it is neither."""
+    raw = source.raw
+    if isinstance(raw, bool) or not (isinstance(raw, (int, float)) or _is_text(source)):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if value == value else None  # NaN is no number here
