@@ -131,7 +131,9 @@ def test_a_start_that_fails_says_why(homes: Homes) -> None:
     started = homes.cli(home, "start", "--join", nobody)
     assert started.returncode == 1
     assert "daemon failed" in started.stderr and "bootstrap" in started.stderr
-    assert not pid_file(Paths.resolve(home=home, env=homes.env)).exists()
+    # Reported once the daemon has exited and cleaned up: nothing of it is left.
+    paths = Paths.resolve(home=home, env=homes.env)
+    assert not pid_file(paths).exists() and not socket_path(paths).exists()
 
 
 def test_killed_daemon_is_replaced_and_stop_cleans_up(homes: Homes) -> None:

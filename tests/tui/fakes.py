@@ -88,6 +88,8 @@ class FakeDaemon:
         self.hold_after_first_piece: threading.Event | None = None
         """When set to an Event, the chat waits on it after its first piece."""
         self.chat_closed = threading.Event()
+        self.holding = threading.Event()
+        """Set once the chat holds after its first piece (the app has taken that piece)."""
 
     def status(self) -> StatusReply | None:
         return self.status_reply if self.running else None
@@ -101,6 +103,7 @@ class FakeDaemon:
             for index, piece in enumerate(ANSWER):
                 yield {"text": piece}
                 if index == 0 and self.hold_after_first_piece is not None:
+                    self.holding.set()
                     self.hold_after_first_piece.wait(10)
             yield STATS
         finally:

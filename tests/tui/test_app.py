@@ -15,10 +15,13 @@ from volunteer.tui.log_panel import LogPanel
 from volunteer.tui.messages import DaemonActionDone, StatusUpdated
 
 from tests.tui.fakes import FIXED_GAUGES, SERVING, FakeDaemon
+from tests.tui.waiting import until
 from volunteer.chat.store import ChatStore
 from volunteer.paths import Paths
 
 SIZE = (120, 40)
+WAIT_S = 10.0
+"""Bounds a hang only: the scripted daemon answers at once."""
 
 
 def run(scenario: Callable[[VolunteerApp, object], Awaitable[None]], daemon: FakeDaemon) -> None:
@@ -166,7 +169,7 @@ def test_chat_streams_the_answer_with_its_route_and_speed() -> None:
     async def scenario(app: VolunteerApp, pilot: object) -> None:
         await _ask(app, pilot, "What is the capital of France?")
         await settle(app, pilot)
-        await pilot.pause(0.2)  # type: ignore[attr-defined]
+        await until(pilot, lambda: not app.query(".streaming"), "the reply's Markdown", WAIT_S)
         text = _chat_text(app)
         assert "› What is the capital of France?" in text
         assert "The capital of France is **Paris**." in text
@@ -196,14 +199,13 @@ def test_escape_stops_a_reply_and_ctrl_n_starts_a_new_conversation() -> None:
 
     async def scenario(app: VolunteerApp, pilot: object) -> None:
         await _ask(app, pilot, "Tell me a long story")
-        await pilot.pause(0.3)  # type: ignore[attr-defined]
+        await until(pilot, daemon.holding.is_set, "the first piece", WAIT_S)
         view = app.query_one(ChatView)
         assert view.is_streaming
         await pilot.press("escape")  # type: ignore[attr-defined]
         daemon.hold_after_first_piece.set()  # the next piece comes; the app ends there
         await settle(app, pilot)
-        await pilot.pause(0.2)  # type: ignore[attr-defined]
-        assert not view.is_streaming
+        await until(pilot, lambda: not view.is_streaming, "the reply to end", WAIT_S)
         assert daemon.chat_closed.wait(5)
         text = _chat_text(app)
         assert "stopped" in text and "**Paris**" not in text
@@ -306,7 +308,7 @@ def test_chats_are_saved_listed_and_reopened(tmp_path: Path) -> None:
             listing.index = 0
             await pilot.press("enter")
             await settle(app, pilot)
-            await pilot.pause(0.2)
+            await until(pilot, lambda: len(view.messages) == 2, "the reopened chat", WAIT_S)
             assert [m["role"] for m in view.messages] == ["user", "assistant"]
             assert app.query_one("#system", Input).value == "Be brief."
             assert "Paris" in _chat_text(app) and "saved · 8 tokens" in _chat_text(app)

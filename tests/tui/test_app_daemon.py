@@ -4,8 +4,7 @@ shows its blocks, the swarm map its server, and the chat answers with Paris."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from volunteer.tui.chat_view import ChatView
 from volunteer.tui.client import ControlDaemonClient
 
 from tests.daemon.homes import Homes
+from tests.tui.waiting import until
 from volunteer.control.endpoint import use_tcp
 from volunteer.paths import Paths
 
@@ -40,12 +40,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, smollm2_folder: Path) -> It
         homes.reap()
 
 
-async def _until(pilot: object, check: object, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            pytest.fail(f"waited {WAIT_S:g} s for {what}")
-        await pilot.pause(0.2)  # type: ignore[attr-defined]
+async def _until(pilot: object, check: Callable[[], object], what: str) -> None:
+    await until(pilot, check, what, WAIT_S)
 
 
 def test_dashboard_swarm_and_chat_against_a_real_daemon(daemon: Paths) -> None:

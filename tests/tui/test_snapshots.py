@@ -12,9 +12,12 @@ from textual.widgets import Input
 from volunteer.tui.app import VolunteerApp
 
 from tests.tui.fakes import FIXED_GAUGES, FakeDaemon
+from tests.tui.waiting import until
 from volunteer.paths import Paths
 
 SIZE = (110, 36)
+WAIT_S = 10.0
+"""Bounds a hang only: the scripted daemon answers at once."""
 
 
 def _app(daemon: FakeDaemon | None = None) -> VolunteerApp:
@@ -51,7 +54,7 @@ def test_chat_after_an_answer(snap_compare: Any) -> None:
         prompt.value = "What is the capital of France?"
         await pilot.press("enter")
         await pilot.app.workers.wait_for_complete()
-        await pilot.pause(0.3)
+        await until(pilot, lambda: not pilot.app.query(".streaming"), "the Markdown", WAIT_S)
         pilot.app.set_focus(None)  # no blinking cursor in the picture
         await pilot.pause()
 
