@@ -1,10 +1,11 @@
 """`volunteer tui`: the volunteer's window on the daemon — dashboard, chat, swarm map, log.
 
-The app gets its daemon client in the constructor (`tui.client.DaemonClient`); all daemon
-I/O runs in thread workers and comes back as messages (`tui.messages`), so the screen
-never waits on the daemon. It polls the status every second and the swarm every few
-seconds; when the daemon goes away it shows the empty state, and it picks the daemon up
-again by itself when one runs, saying so in the status line.
+The app gets its daemon client in the constructor (`volunteer.tui.client.DaemonClient`);
+all daemon I/O runs in thread workers and comes back as messages
+(`volunteer.tui.messages`), so the screen never waits on the daemon. It polls the status
+every second and the swarm every few seconds; when the daemon goes away it shows the
+empty state, and it picks the daemon up again by itself when one runs, saying so in the
+status line.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class VolunteerApp(App[None]):
     ) -> None:
         """
         Args:
-            client: the daemon, as `tui.client.DaemonClient`.
+            client: the daemon, as `volunteer.tui.client.DaemonClient`.
             gauges: reads the machine's gauges (default: psutil and NVML here).
             history: where chats are saved and reopened (None: not saved).
             poll: poll the daemon and the machine on timers (tests drive `refresh_*`).

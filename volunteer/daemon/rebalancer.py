@@ -1,8 +1,8 @@
 """Whether a block server should move to other blocks, and the move.
 
-At randomised intervals (`scheduler.rebalancing.next_check_delay_s`) the server asks the
-scheduler whether moving would raise the swarm's weakest block enough
-(`scheduler.rebalancing.should_move`). If so, and the new blocks fit in free memory next
+At randomised intervals (`next_check_delay_s`) the server asks the scheduler whether
+moving would raise the swarm's weakest block enough (`should_move`, both in
+`volunteer.scheduler.rebalancing`). If so, and the new blocks fit in free memory next
 to the old ones (they load before the old ones go), it loads them and has the block
 service serve them (`BlockService.serve_moved`). Only servers whose span was not set
 with `--blocks` rebalance.
