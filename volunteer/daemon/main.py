@@ -91,5 +91,11 @@ def _services(settings: Settings, paths: Paths) -> list[Service]:
     dht = DHTService(
         settings, identity_path=identity_path, record_validator=make_validator(identity.private_key)
     )
-    blocks = BlockService(settings, paths, dht, owner=owner_marker(identity.private_key))
+    blocks = BlockService(
+        settings,
+        paths,
+        dht,
+        owner=owner_marker(identity.private_key),
+        announce_period_s=settings.announce_period_s,
+    )
     return [dht, blocks, ChatService(settings, paths, dht, blocks)]

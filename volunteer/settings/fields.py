@@ -150,6 +150,18 @@ class Settings:
     )
     """Mean seconds between "should this server move to other blocks?" checks (each
     interval randomised by ±50%); 0 never moves."""
+    announce_period_s: float = setting(
+        default=30.0,
+        parse=s.seconds(5, 3600),
+        help="seconds between re-announces of the served blocks (30); shorter: a server "
+        "that died drops out of routes sooner, longer: less DHT traffic",
+        metavar="SECONDS",
+        flag_override="--announce-period",
+        label="announce period",
+    )
+    """How often the served blocks' records are announced again; they expire a few periods
+    later (`volunteer.swarm.dht_records.record_ttl_s`). At least 5 s: a record must outlive
+    the wait for the next announce, the period plus the DHT's timeout."""
     log_level: str = setting(
         default="INFO",
         parse=s.parse_log_level,
