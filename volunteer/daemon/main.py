@@ -57,7 +57,7 @@ def run_foreground(
     # This thread (the event loop's) computes one-position decode steps at most. Torch
     # work of more threads runs on threads that set their own count (from --threads:
     # several daemons on one machine each take their share): one OpenMP team here too
-    # would make libgomp let idle workers sleep at once, and prefills slow by a third
+    # would make libgomp let idle workers sleep at once, and prefills would slow down
     # (see volunteer.machine.cpu_sharing.in_passing_thread).
     torch.set_num_threads(1)
     services = _services(settings, paths)
