@@ -46,14 +46,13 @@ SNAPSHOT_MAX_AGE_S = 5.0
 """A session opened within this long of the last DHT read reuses it."""
 SNAPSHOT_STALE_MAX_S = 60.0
 """A session opened later than SNAPSHOT_MAX_AGE_S but within this long still routes with
-the last read, while a new one is read in the background: reading the DHT took 15-200 ms
-here, all of it added to the first token, whereas a server that left since is only a
+the last read, while a new one is read in the background: a DHT read waits on several
+peers, all of it added to the first token, whereas a server that left since is only a
 failover away. Petals' client likewise refreshes its view every minute."""
 REVALIDATE_DELAY_S = 2.0
 """How long after a stale view was used the background read starts: the read makes every
-daemon of the swarm validate records, which on shared cores slowed the very prefill that
-asked for it (a 37-token first token through 3 servers on this 2-core machine: 107-151 ms
-with the read at once, 80-103 ms without it)."""
+daemon of the swarm validate records, which on shared cores slows the very prefill that
+asked for it; a few seconds later that first token is out."""
 
 
 class OwnBlocks(Protocol):

@@ -3,8 +3,8 @@
 A swarm process (a daemon, or a client whose blocks run elsewhere) computes in short
 bursts and then waits on the network while another process on the same cores computes:
 the next server in the route, p2pd, the client's LM head. libgomp's default keeps idle
-OpenMP workers spinning for about 3 ms after each burst, taking the core from whoever
-computes next; on a 2-core machine that cost a loopback swarm about a fifth of its speed.
+OpenMP workers spinning after each burst (300,000 spins), taking the core from whoever
+computes next; the fewer the cores, the more of the swarm's speed that costs.
 Letting idle workers sleep also keeps an idle server at no CPU. A lone process running
 the whole model (`chat --local`) keeps the default: there, spinning saves wake-ups.
 """
@@ -21,8 +21,9 @@ from typing import Any, TypeVar
 Result = TypeVar("Result")
 
 SPIN_COUNT = "10000"
-"""libgomp's spins before sleeping (about 0.1 ms here): long enough to keep the workers
-hot between the back-to-back ops of one step, short enough to free the core after it."""
+"""libgomp's spins before sleeping, a thirtieth of its default: long enough to keep the
+workers hot between the back-to-back ops of one step, short enough to free the core after
+it."""
 
 
 def sleeping_threads_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -55,9 +56,9 @@ async def in_passing_thread(fn: Callable[..., Result], *args: Any, **kwargs: Any
     ends). libgomp keeps idle workers spinning between parallel regions only while it
     manages no more threads than the machine has cores, and every thread that ran a
     parallel torch op keeps its team of workers until the thread ends. Such work left on
-    a thread that lives on (asyncio.to_thread's pool) made every later prefill on the
-    compute thread wake sleeping workers op after op: 100-120 ms instead of 70-80 for
-    SmolLM2's 37-token chat prompt on this 2-core machine.
+    a thread that lives on (asyncio.to_thread's pool) raises the count of threads libgomp
+    manages past the cores, after which every later prefill on the compute thread wakes
+    sleeping workers op after op, and is slower for it.
     """
     loop = asyncio.get_running_loop()
     done: asyncio.Future[Result] = loop.create_future()

@@ -1,12 +1,12 @@
 """Importing hivemind without the part of scipy it never needs here.
 
 hivemind's package `__init__` imports every subpackage, and its averager's load
-balancing runs `import scipy.optimize` at import time: about 40 MiB resident and 0.2 s
-for a linear program that only hivemind's decentralized averaging solves, which a
-volunteer daemon or swarm client never runs. `import_hivemind()` imports hivemind with a
-placeholder standing in for `scipy.optimize` and takes it out right after, so any later
-`scipy.optimize` use (ours, or that hivemind function's, via scipy's lazy submodule
-attribute) loads the real module then.
+balancing runs `import scipy.optimize` at import time: tens of MiB resident in every
+daemon, and start-up time, for a linear program that only hivemind's decentralized
+averaging solves, which a volunteer daemon or swarm client never runs.
+`import_hivemind()` imports hivemind with a placeholder standing in for `scipy.optimize`
+and takes it out right after, so any later `scipy.optimize` use (ours, or that hivemind
+function's, via scipy's lazy submodule attribute) loads the real module then.
 """
 
 from __future__ import annotations

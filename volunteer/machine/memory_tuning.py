@@ -3,9 +3,9 @@
 glibc serves an allocation above its mmap threshold (128 KiB at first) with a mapping of
 its own, unmapped when freed; but each such free raises the threshold (up to 32 MiB), so
 later large buffers come from the heap and stay resident after they are freed. A block
-server allocates and frees a KV cache per session (13.5 MiB for 293 positions over 30
-SmolLM2 blocks): measured here, five sessions left 26 MiB resident for good. A threshold
-set once with mallopt() no longer moves.
+server allocates and frees a KV cache per session (megabytes each), so after a few
+sessions their freed caches stay resident for good. A threshold set once with mallopt()
+no longer moves.
 """
 
 from __future__ import annotations

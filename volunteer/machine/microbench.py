@@ -45,10 +45,10 @@ BLOCK_DECODE_STEPS = 32
 BLOCK_FORWARD_TOKENS = 128
 DECODE_TOLERANCE = 0.25
 """Fewer decode threads win unless more are faster by more than this share (1/(1-0.25):
-a third). A 0.2 s measurement on a shared machine swings by 10-35% (three daemons on
-this 2-vCPU VM: one measured 2 threads as faster and then decoded 20% slower than its
-neighbours with 1), while where more threads truly help, they help by far more; and the
-cores that fewer threads leave free serve the rest of the swarm."""
+a third). A short measurement on cores other processes share swings by tens of percent
+(it can even rank 2 threads faster that then decode slower than 1), while where more
+threads truly help, they help by far more; and the cores that fewer threads leave free
+serve the rest of the swarm."""
 MEMORY_BACKED_FS = frozenset({"tmpfs", "ramfs"})
 
 
