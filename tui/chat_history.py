@@ -15,6 +15,7 @@ from volunteer.chat.store import (
     StoredMessage,
     title_from,
 )
+from volunteer.control.messages import ChatStats
 
 LIST_LIMIT = 50
 
@@ -36,18 +37,17 @@ class ChatHistory:
             question = StoredMessage(role="user", content=text, created_at_s=time.time())
             self.store.append(self.conversation_id, question)
 
-    def record_answer(self, text: str, stats: dict[str, Any] | None) -> None:
+    def record_answer(self, text: str, stats: ChatStats | None) -> None:
         with self._lock:
             if self.conversation_id is None:
                 return
-            stats = stats or {}
-            route = tuple((h["peer_id"], h["start"], h["end"]) for h in stats.get("route", []))
+            route = () if stats is None else tuple((h.peer_id, h.start, h.end) for h in stats.route)
             message = StoredMessage(
                 role="assistant",
                 content=text,
                 created_at_s=time.time(),
-                tokens=stats.get("tokens"),
-                seconds=stats.get("seconds"),
+                tokens=None if stats is None else stats.tokens,
+                seconds=None if stats is None else stats.seconds,
                 route=route,
             )
             self.store.append(self.conversation_id, message)

@@ -20,6 +20,8 @@ from volunteer.tui.chat_history import ChatHistory
 from volunteer.tui.messages import ChatDone, ChatPiece, ConversationOpened, HistoryListed
 from volunteer.tui.render import route_text
 
+from volunteer.control.messages import ChatStats, ChatText
+
 DEFAULT_MAX_TOKENS = 256
 PAINT_PERIOD_S = 0.1
 
@@ -101,7 +103,7 @@ class ChatView(Horizontal):
 
     @work(thread=True, group="chat")
     def ask(self, params: dict[str, Any], reply_id: int, stop: threading.Event) -> None:
-        stats: dict[str, Any] | None = None
+        stats: ChatStats | None = None
         question = params["messages"][-1]["content"]
         system = next((m["content"] for m in params["messages"] if m["role"] == "system"), None)
         settings = {k: v for k, v in params.items() if k != "messages"}
@@ -109,9 +111,9 @@ class ChatView(Horizontal):
         stream = self.app.client.chat(params)  # type: ignore[attr-defined]
         try:
             for message in stream:
-                if "text" in message:
-                    self.post_message(ChatPiece(message["text"], reply_id))
-                elif message.get("done"):
+                if isinstance(message, ChatText):
+                    self.post_message(ChatPiece(message.text, reply_id))
+                else:
                     stats = message
                 if stop.is_set():
                     break
@@ -138,7 +140,7 @@ class ChatView(Horizontal):
             self.post_message(HistoryListed(None, error=f"not saved: {exc}"))
 
     @work(thread=True, group="chat-save")
-    def save_answer(self, text: str, stats: dict[str, Any] | None) -> None:
+    def save_answer(self, text: str, stats: ChatStats | None) -> None:
         self._save(lambda h: h.record_answer(text, stats))
 
     @work(thread=True, exclusive=True, group="chat-list")
@@ -255,11 +257,10 @@ class ChatView(Horizontal):
 def _stats_line(message: ChatDone) -> str:
     if message.error is not None:
         return f"failed: {message.error}"
-    stats = message.stats or {}
-    tokens, seconds = stats.get("tokens"), stats.get("seconds")
+    stats = message.stats
     parts = ["stopped" if message.stopped else "done"]
-    if tokens is not None and seconds:
-        parts.append(f"{tokens} tokens, {tokens / seconds:.1f} tokens/s")
-    if stats.get("route"):
-        parts.append(f"route {route_text(stats['route'])}")
+    if stats is not None and stats.seconds:
+        parts.append(f"{stats.tokens} tokens, {stats.tokens / stats.seconds:.1f} tokens/s")
+    if stats is not None and stats.route:
+        parts.append(f"route {route_text(stats.route)}")
     return " · ".join(parts)

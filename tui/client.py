@@ -56,10 +56,9 @@ class DaemonClient(Protocol):
         """Who serves which block of the daemon's model, with round trips."""
         ...
 
-    def chat(self, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """The daemon's chat stream (params: a `ChatRequest`'s fields): `{"text": ...}`
-        pieces, then the reply's stats (`ChatStats` as a dict, as the chat screen saves
-        it)."""
+    def chat(self, params: dict[str, Any]) -> Iterator[ChatText | ChatStats]:
+        """The daemon's chat stream (params: a `ChatRequest`'s fields, which the daemon
+        checks and names the wrong one of): the reply's text pieces, then its stats."""
         ...
 
     def start(self) -> str:
@@ -107,14 +106,9 @@ class ControlDaemonClient:
         params = SwarmParams(is_ping=True)
         return ControlClient(self._paths).call(SWARM, params, timeout_s=SWARM_TIMEOUT_S)
 
-    def chat(self, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def chat(self, params: dict[str, Any]) -> Iterator[ChatText | ChatStats]:
         client = ControlClient(self._paths)
-        # The daemon checks the side panel's values and says which one is wrong.
-        for message in client.call_stream(CHAT, params, timeout_s=TOKEN_WAIT_S):
-            if isinstance(message, ChatText):
-                yield {"text": message.text}
-            elif isinstance(message, ChatStats):
-                yield message.model_dump(mode="json")
+        yield from client.call_stream(CHAT, params, timeout_s=TOKEN_WAIT_S)
 
     def start(self) -> str:
         # The CLI, so the daemon gets exactly the settings `volunteer start` would give it.

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from textual.message import Message
 from volunteer.tui.gauges import Gauges
 
 from volunteer.chat.store import ConversationSummary, StoredConversation
-from volunteer.control.messages import StatusReply, SwarmReply
+from volunteer.control.messages import ChatStats, StatusReply, SwarmReply
 
 
 class StatusUpdated(Message):
@@ -45,7 +43,7 @@ class ChatDone(Message):
 
     def __init__(
         self,
-        stats: dict[str, Any] | None,
+        stats: ChatStats | None,
         reply_id: int,
         *,
         error: str | None = None,

@@ -6,12 +6,11 @@ Pure functions of plain data, so the screens stay thin and the drawing is easy t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from rich.text import Text
 
 from volunteer import settings
-from volunteer.control.messages import SwarmReply
+from volunteer.control.messages import RouteHop, SwarmReply
 
 FULL, EMPTY = "█", "░"
 BARS = " ▁▂▃▄▅▆▇█"
@@ -101,8 +100,8 @@ def short_peer(peer_id: str) -> str:
     return peer_id if len(peer_id) <= 14 else f"{peer_id[:6]}…{peer_id[-6:]}"
 
 
-def route_text(route: Sequence[dict[str, Any]]) -> str:
-    return " → ".join(f"{short_peer(h['peer_id'])} {h['start']}:{h['end']}" for h in route)
+def route_text(route: Sequence[RouteHop]) -> str:
+    return " → ".join(f"{short_peer(h.peer_id)} {h.start}:{h.end}" for h in route)
 
 
 def _spans(indices: list[int]) -> str:

@@ -11,7 +11,14 @@ from typing import Any
 from volunteer.tui.client import config_as_text
 from volunteer.tui.gauges import Gauges
 
-from volunteer.control.messages import PAUSED_NOTE, StatusReply, SwarmReply
+from volunteer.control.messages import (
+    PAUSED_NOTE,
+    ChatStats,
+    ChatText,
+    RouteHop,
+    StatusReply,
+    SwarmReply,
+)
 from volunteer.paths import Paths
 from volunteer.settings import read_config, save_config
 
@@ -60,15 +67,14 @@ FIXED_GAUGES = Gauges(
 )
 
 ANSWER = ["The capital ", "of France ", "is **Paris**."]
-STATS = {
-    "done": True,
-    "tokens": 8,
-    "seconds": 0.5,
-    "route": [
-        {"peer_id": SWARM.servers[0].peer_id, "start": 0, "end": 15},
-        {"peer_id": SWARM.servers[1].peer_id, "start": 15, "end": 30},
+STATS = ChatStats(
+    tokens=8,
+    seconds=0.5,
+    route=[
+        RouteHop(peer_id=SWARM.servers[0].peer_id, start=0, end=15),
+        RouteHop(peer_id=SWARM.servers[1].peer_id, start=15, end=30),
     ],
-}
+)
 
 
 class FakeDaemon:
@@ -97,11 +103,11 @@ class FakeDaemon:
     def swarm(self) -> SwarmReply:
         return SWARM
 
-    def chat(self, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def chat(self, params: dict[str, Any]) -> Iterator[ChatText | ChatStats]:
         self.chat_requests.append(params)
         try:
             for index, piece in enumerate(ANSWER):
-                yield {"text": piece}
+                yield ChatText(text=piece)
                 if index == 0 and self.hold_after_first_piece is not None:
                     self.holding.set()
                     self.hold_after_first_piece.wait(10)
