@@ -6,7 +6,6 @@ Each daemon runs a real hivemind DHT on 127.0.0.1. Every daemon a test starts is
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -162,10 +161,6 @@ def test_killed_daemon_is_replaced_and_stop_cleans_up(homes: Homes) -> None:
     assert "not running" in homes.cli(home, "stop").stdout
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("volunteer.daemon.identity") is None,
-    reason="volunteer.daemon.identity is not written yet",
-)
 def test_restart_keeps_the_peer_id(homes: Homes) -> None:
     home = homes.home("identity")
     assert homes.cli(home, "start").returncode == 0
