@@ -2,7 +2,7 @@
 
 `Tokenizer` wraps a `tokenizers` tokenizer built from a model folder (tokenizer.json,
 tokenizer_config.json, generation_config.json) or from GGUF metadata (see
-`models.gguf_tokenizer`). Added tokens such as `<|im_start|>` are always matched whole in
+`volunteer.models.gguf_tokenizer`). Added tokens such as `<|im_start|>` are always matched whole in
 input text, as both transformers and llama.cpp do by default.
 """
 

@@ -4,7 +4,7 @@ many sequences run together, for the most tokens per second a machine can genera
 For each batching choice (GPU batch size, number of GPU batches, 4-bit compression of
 weights and of the cache, enumerated on a fixed grid) a linear program over the nine
 placement fractions and the per-layer prefill and decode times minimises the block's
-total time under the GPU, CPU and disk capacities (`scheduler.offload_cost` holds the
+total time under the GPU, CPU and disk capacities (`volunteer.scheduler.offload_cost` holds the
 times). The best throughput over the grid wins. The grid does not depend on the
 capacities, so a machine with more memory never gets a slower policy.
 

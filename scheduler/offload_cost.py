@@ -9,9 +9,9 @@ slowest part. With the cache off the GPU, attention runs on the CPU next to it (
 the small query and new keys/values cross), as FlexGen does.
 
 Every time here is linear in the placement fractions, which is what lets
-`scheduler.offload` search them with a linear program.
+`volunteer.scheduler.offload` search them with a linear program.
 
-Not acted on yet: feeds `scheduler.offload`, which `volunteer profile` reports.
+Not acted on yet: feeds `volunteer.scheduler.offload`, which `volunteer profile` reports.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Training traffic (fine-tuning, spot checks) keeps no cache on the servers: every call
 stands alone. So each hop goes to a server drawn at random, weighted by throughput, among
-those holding the next block (`scheduler.routing.load_spread_route`), which spreads the
+those holding the next block (`volunteer.scheduler.routing.load_spread_route`), which spreads the
 load; a hop that fails on a peer or network error is drawn again without that peer.
 
 The forward returns, with its output, the trace of the hops it took and their inputs:

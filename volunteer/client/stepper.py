@@ -1,6 +1,6 @@
 """The generation loop's step function, with the blocks running in the swarm.
 
-The loop (`models.generation.generate_tokens`) is synchronous and runs in a worker
+The loop (`volunteer.models.generation.generate_tokens`) is synchronous and runs in a worker
 thread; the swarm session lives on the event loop that owns the P2P connections. Each
 step embeds tokens locally, sends the hidden states through the session on that loop,
 and turns the returned hidden states into logits with the local LM head — the same

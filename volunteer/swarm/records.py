@@ -256,7 +256,7 @@ class SwarmSnapshot:
 
     def weakest_span(self, num_blocks: int, rng: random.Random | None = None) -> tuple[int, int]:
         """Where a server of `num_blocks` blocks should join: the window where the swarm
-        is weakest (`scheduler.block_selection.choose_best_start`).
+        is weakest (`volunteer.scheduler.block_selection.choose_best_start`).
 
         Sums are exactly rounded (`math.fsum`) in peer order, so the same snapshot always
         gives the same answer; ties go to the lowest start, or to `rng`'s pick.
