@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from typing import Any
 
 import pytest
-from volunteer.models.chat_template import ChatTemplate, select_chat_template
+from volunteer.models.chat_template import (
+    MAX_RENDERED_CHARS,
+    MAX_SOURCE_CHARS,
+    ChatTemplate,
+    select_chat_template,
+)
 from volunteer.models.errors import TokenizerError
 from volunteer.models.tokenizer import Tokenizer
 
@@ -51,6 +57,61 @@ def test_syntax_error_is_a_tokenizer_error_with_the_line() -> None:
 def test_template_failures_and_sandbox_escapes_are_tokenizer_errors(source: str) -> None:
     with pytest.raises(TokenizerError, match="failed to render"):
         _render(source)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+        "{{ '{0.__class__.__mro__}'.format(messages) }}",
+        "{{ (messages|attr('__class__')).__mro__ }}",
+        "{{ raise_exception.__globals__['os'] }}",
+    ],
+)
+def test_sandbox_escape_attempts_are_refused(source: str) -> None:
+    with pytest.raises(TokenizerError):
+        _render(source)
+
+
+COSTLY = {
+    "nested empty loops": "{% for i in range(100000) %}{% for j in range(100000) %}"
+    "{% endfor %}{% endfor %}",
+    "exponential recursion": "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}"
+    "{% endmacro %}{{ f(60) }}",
+    "endless recursion": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+    "huge string": "{{ 'x' * 1000000000 }}",
+    "huge power": "{{ 10 ** 100000000 }}",
+    "doubling": "{% set ns = namespace(s='x') %}{% for i in range(64) %}"
+    "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s|length }}",
+    "squaring": "{% set ns = namespace(n=3) %}{% for i in range(64) %}"
+    "{% set ns.n = ns.n * ns.n %}{% endfor %}{{ ns.n > 0 }}",
+    "wide padding": "{{ 'x'|center(1000000000) }}{{ 'x'.ljust(1000000000) }}",
+    "long output": "{% for i in range(100000) %}{% for j in range(100) %}"
+    "{{ messages }}{% endfor %}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("source", COSTLY.values(), ids=COSTLY.keys())
+def test_costly_templates_are_refused_in_bounded_time(source: str) -> None:
+    started = time.monotonic()
+    template = ChatTemplate.compile(source)  # compiling never folds the costly constants
+    with pytest.raises(TokenizerError, match=r"limit|over|steps|recursion"):
+        template.render(USER)
+    # The bound is seconds (RENDER_TIMEOUT_S); generous here for a loaded machine.
+    assert time.monotonic() - started < 60
+
+
+def test_an_oversized_template_is_refused_at_compile() -> None:
+    with pytest.raises(TokenizerError, match="over the limit"):
+        ChatTemplate.compile("x" * (MAX_SOURCE_CHARS + 1))
+
+
+def test_a_long_honest_conversation_still_renders() -> None:
+    source = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+    messages = [{"role": "user", "content": "y" * 1000}] * 1000
+    rendered = _render(source, messages)
+    assert len(rendered) == 1000 * (len("<user>") + 1001) < MAX_RENDERED_CHARS
 
 
 def test_tojson_keeps_unicode_and_html_characters() -> None:
