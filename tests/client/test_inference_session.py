@@ -113,12 +113,15 @@ class Swarm:
         def plan_route(start: int, end: int, avoid: frozenset[str]) -> list[RouteHop]:
             return inference_route(candidates, start, end, avoid=avoid)
 
-        async def open_stream(hop: RouteHop) -> InferenceStream:
+        async def open_stream(hop: RouteHop, next_step_id: int) -> InferenceStream:
             opened.append(hop)
             peer_id = PeerID.from_base58(hop.peer_id)
             remote = RemoteSpan(p2p=self.client, peer_id=peer_id, start=hop.start, end=hop.end)
             return await remote.open_inference(
-                max_length=MAX_LENGTH, batch_size=BATCH, timeout_s=STEP_TIMEOUT_S
+                max_length=MAX_LENGTH,
+                batch_size=BATCH,
+                timeout_s=STEP_TIMEOUT_S,
+                next_step_id=next_step_id,
             )
 
         # Long enough that a failed peer stays avoided for the whole test.

@@ -182,19 +182,22 @@ def _push_frame(meta: wire.StepRequest | bytes, *tensors: runtime_pb2.Tensor) ->
 
 def test_bad_pushes_are_dropped_and_the_session_carries_on(pair: Pair) -> None:
     second = pair.open(pair.second, 2, 4)
-    sid = second.session_id
+    sid, secret = second.session_id, second.push_target.push_secret
     good = framing.pack_tensor(hidden_states(1, 2, seed=8))
+
+    def step(**fields: object) -> wire.StepRequest:
+        # With the session's own secret: each frame is dropped for its other fault.
+        return wire.StepRequest(session_id=sid, push_secret=secret, **fields)  # type: ignore[arg-type]
+
     bad_frames = [
         P2P.MESSAGE_MARKER + (3).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + b"\xff\xff\xff",
         _push_frame(b"\xc1garbage", good),
-        _push_frame(wire.StepRequest(session_id="nobody", step_id=1), good),
-        _push_frame(wire.StepRequest(session_id=sid, step_id=0), good),
-        _push_frame(wire.StepRequest(session_id=sid, step_id=1, is_close=True)),
-        _push_frame(wire.StepRequest(session_id=sid, step_id=1)),
-        _push_frame(
-            wire.StepRequest(session_id=sid, step_id=1), framing.pack_tensor(torch.ones(1, 2, 5))
-        ),
-        _push_frame(wire.StepRequest(session_id=sid, step_id=1, start_pos=9), good),
+        _push_frame(wire.StepRequest(session_id="nobody", step_id=1, push_secret=secret), good),
+        _push_frame(step(step_id=0), good),
+        _push_frame(step(step_id=1, is_close=True)),
+        _push_frame(step(step_id=1)),
+        _push_frame(step(step_id=1), framing.pack_tensor(torch.ones(1, 2, 5))),
+        _push_frame(step(step_id=1, start_pos=9), good),
     ]
     pushed_before = pair.second.stats.pushed_steps
 

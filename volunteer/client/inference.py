@@ -52,8 +52,9 @@ class InferenceStreamLike(Protocol):
     async def close(self) -> None: ...
 
 
-OpenStream = Callable[[RouteHop], Awaitable[InferenceStreamLike]]
-"""Opens an inference stream on the hop's server for the hop's blocks."""
+OpenStream = Callable[[RouteHop, int], Awaitable[InferenceStreamLike]]
+"""Opens an inference stream on the hop's server for the hop's blocks, whose first
+numbered step is the given step id (servers take pushes only for a session's next step)."""
 PlanRoute = Callable[[int, int, frozenset[str]], list[RouteHop]]
 """Chooses hops covering [start, end) while avoiding the given peers."""
 
@@ -280,7 +281,12 @@ class SwarmInferenceSession:
     async def _open_all(self, route: list[RouteHop]) -> list[_Hop]:
         """Opens a stream on every hop at once (a route's set-up costs one round trip,
         not one per hop); if any fails, closes the others and raises its error."""
-        opening = [(hop, asyncio.ensure_future(self._open_stream(hop))) for hop in route]
+        # Opened before the first step, or by a failover in step N, which the new hops
+        # are sent next.
+        next_step_id = max(self._steps, 1)
+        opening = [
+            (hop, asyncio.ensure_future(self._open_stream(hop, next_step_id))) for hop in route
+        ]
         tasks = [task for _, task in opening]
         try:
             await asyncio.wait(tasks)

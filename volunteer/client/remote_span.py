@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -41,6 +42,8 @@ from volunteer.transport.queue_wait import get_within
 Reply = TypeVar("Reply")
 
 MAX_REPLY_BYTES = 1 << 30
+PUSH_SECRET_BYTES = 16
+"""128 random bits: no one can guess a session's push secret."""
 
 # What a dead, unreachable or misbehaving connection raises inside hivemind's client.
 _CONNECTION_ERRORS = (
@@ -120,8 +123,12 @@ class RemoteSpan:
         batch_size: int,
         timeout_s: float = 30.0,
         session_id: str | None = None,
+        next_step_id: int = 1,
     ) -> InferenceStream:
         """Opens an inference session holding a KV cache on the server.
+
+        The session takes pushes only with a secret drawn here (see `push_target`), and
+        only for its next step, numbered from `next_step_id` on.
 
         Raises:
             BusyError: the server has no cache room for batch_size * max_length now.
@@ -134,8 +141,12 @@ class RemoteSpan:
             session_id=session_id or uuid.uuid4().hex,
             max_length=max_length,
             batch_size=batch_size,
+            push_secret=secrets.token_hex(PUSH_SECRET_BYTES),
+            next_step_id=next_step_id,
         )
-        stream = InferenceStream(span=self, session_id=opening.session_id)
+        stream = InferenceStream(
+            span=self, session_id=opening.session_id, push_secret=opening.push_secret
+        )
         await stream.open(opening, timeout_s=timeout_s)
         return stream
 
@@ -176,9 +187,12 @@ class InferenceStream:
     when the next write then fails.
     """
 
-    def __init__(self, *, span: RemoteSpan, session_id: str) -> None:
+    def __init__(
+        self, *, span: RemoteSpan, session_id: str, push_secret: str | None = None
+    ) -> None:
         self.span = span
         self.session_id = session_id
+        self._push_secret = push_secret
         self._writer: asyncio.StreamWriter | None = None
         self._inbox: asyncio.Queue[tuple[bytes, bytes] | BaseException] = asyncio.Queue()
         self._reading: asyncio.Task[None] | None = None
@@ -215,6 +229,7 @@ class InferenceStream:
             peer_id=self.span.peer_id.to_base58(),
             session_id=self.session_id,
             local_socket=self.span.local_socket,
+            push_secret=self._push_secret,
         )
 
     async def step(

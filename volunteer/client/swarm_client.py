@@ -222,8 +222,10 @@ class SwarmClient:
         """
         await self.current()
 
-        async def open_stream(hop: RouteHop) -> InferenceStreamLike:
-            return await self._open_stream(hop, max_length=max_length, batch_size=batch_size)
+        async def open_stream(hop: RouteHop, next_step_id: int) -> InferenceStreamLike:
+            return await self._open_stream(
+                hop, max_length=max_length, batch_size=batch_size, next_step_id=next_step_id
+            )
 
         session = SwarmInferenceSession(
             plan_route=self.plan_inference,
@@ -246,7 +248,7 @@ class SwarmClient:
         await self._refresh_quietly(delay_s=0.0)
 
     async def _open_stream(
-        self, hop: RouteHop, *, max_length: int, batch_size: int
+        self, hop: RouteHop, *, max_length: int, batch_size: int, next_step_id: int
     ) -> InferenceStreamLike:
         if hop.peer_id == self.own_peer_id:
             return await self._own_handler().open_local_stream(
@@ -256,7 +258,10 @@ class SwarmClient:
                 batch_size=batch_size,
             )
         return await self._remote(hop).open_inference(
-            max_length=max_length, batch_size=batch_size, timeout_s=self.step_timeout_s
+            max_length=max_length,
+            batch_size=batch_size,
+            timeout_s=self.step_timeout_s,
+            next_step_id=next_step_id,
         )
 
     async def _call_forward(self, hop: RouteHop, hidden: torch.Tensor) -> torch.Tensor:

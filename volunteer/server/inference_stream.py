@@ -82,10 +82,13 @@ async def inference_session(
 ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
     """An inference session: open, then one reply per step, until close."""
     opening = await first_request(requests, timeout_s=handler.limits.idle_timeout_s)
-    session = await _open_session(handler, opening, peer=peer)
+    session, opened = await _open_session(handler, opening, peer=peer)
+    session.last_step_id = opened.next_step_id - 1
     log_context = f"peer {peer}, session {session.session_id!r}"
     logger.debug("opened inference session (%s)", log_context)
-    inbox = StepInbox(requests, idle_timeout_s=handler.limits.idle_timeout_s)
+    inbox = StepInbox(
+        requests, idle_timeout_s=handler.limits.idle_timeout_s, push_secret=opened.push_secret
+    )
     session.inbox = inbox
     try:
         yield _step_reply(session)
@@ -124,7 +127,7 @@ async def inference_session(
 
 async def _open_session(
     handler: BlockHandler, request: runtime_pb2.ExpertRequest, *, peer: str
-) -> Session:
+) -> tuple[Session, wire.OpenSessionRequest]:
     try:
         meta = wire.unpack_metadata(request.metadata, wire.OpenSessionRequest)
     except BadRequestError as exc:
@@ -132,7 +135,7 @@ async def _open_session(
         raise BadRequestError(f"the first message must open a session: {reason}") from exc
     if request.tensors:
         raise BadRequestError("the opening message carries no tensors")
-    return await handler.open_session(meta, peer=peer)
+    return await handler.open_session(meta, peer=peer), meta
 
 
 async def _client_step(
@@ -165,6 +168,7 @@ def _push_metadata(meta: wire.StepRequest) -> tuple[wire.NextHop, bytes]:
         start_pos=meta.start_pos,
         step_id=meta.step_id,
         push_to=rest,
+        push_secret=target.push_secret,
     )
     return target, wire.pack_metadata(pushed)
 

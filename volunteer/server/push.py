@@ -17,9 +17,15 @@ numbered by the client).
 - `StepInbox`: the receiving side of one session: its client's messages and the steps
   pushed to it, in order of arrival.
 
-A push names its session by id only: the session id is the capability (the client
-hands it to the servers of its route and no one else). A push that does not fit its
-session is dropped, never answered.
+A push names its session by id and carries the session's push secret: a random value the
+client drew for that session (`OpenSessionRequest.push_secret`) and handed only to the
+servers before it on the route (`NextHop.push_secret`), so no stranger and no server of
+another route can write into a session. A server earlier on the same route learns the
+secrets of the hops after it (it forwards them): it can already feed those hops whatever
+it likes through its own output, so that grants it nothing new. A push is taken only for
+the session's next step (`Session.last_step_id` + 1): one with a later id would make the
+session drop the client's own steps as copies. A push that does not fit its session is
+dropped, never answered.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -188,11 +195,27 @@ class StepInbox:
     """
 
     def __init__(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], *, idle_timeout_s: float
+        self,
+        requests: AsyncIterator[runtime_pb2.ExpertRequest],
+        *,
+        idle_timeout_s: float,
+        push_secret: str | None = None,
     ) -> None:
+        """
+        Args:
+            push_secret: what a push must carry to be taken (None: no push is).
+        """
         self.idle_timeout_s = idle_timeout_s
+        self._push_secret = push_secret
         self._queue: asyncio.Queue[Inbound | BaseException | None] = asyncio.Queue(INBOX_SIZE)
         self._reading = asyncio.create_task(self._read(requests), name="inference-inbox")
+
+    def admits(self, secret: str | None) -> bool:
+        """Whether a push carrying `secret` may write into this session."""
+        if self._push_secret is None or secret is None:
+            return False
+        # Constant time: a push's answer is silence either way, but its timing is not.
+        return hmac.compare_digest(self._push_secret, secret)
 
     def push(self, step: PushedStep) -> bool:
         """Queues a pushed step; False when the inbox is full (the client's copy will do)."""
@@ -282,10 +305,15 @@ def _take_push(handler: BlockHandler, body: bytes) -> None:
     if meta.is_close or meta.step_id == 0:
         raise BadRequestError("a push carries a numbered step")
     session = handler.sessions.find_for_push(meta.session_id)
-    if session is None or session.inbox is None:
-        raise BadRequestError(f"no session {meta.session_id!r} takes pushes")
+    if session is None or session.inbox is None or not session.inbox.admits(meta.push_secret):
+        # One answer for both: a wrong secret must not tell that the session exists.
+        raise BadRequestError(f"no session {meta.session_id!r} takes this push")
     if meta.step_id <= session.last_step_id:
         return  # late: the client's copy was run already
+    if meta.step_id != session.last_step_id + 1:
+        raise BadRequestError(
+            f"step {meta.step_id} is not the session's next ({session.last_step_id + 1})"
+        )
     (hidden,) = handler.hidden_tensors(request, count=1)
     if not session.inbox.push(PushedStep(meta, hidden)):
         raise BadRequestError(f"session {meta.session_id!r} has a full inbox")

@@ -14,7 +14,8 @@ Errors a caller of a remote span can see::
         │   ├── BadRequestError      "bad request:" the request itself is wrong; a bug
         │   └── SessionExpiredError  "expired:" the session idled past the server's timeout
         └── PeerUnavailableError     no answer: connection refused or lost, or a timeout
-            └── IncompatiblePeerError  it answered in another protocol version
+            ├── IncompatiblePeerError  it answered in another protocol version
+            └── BadReplyError          it answered, but not with a valid reply
 
 The server raises `BusyError`, `BadRequestError` and `SessionExpiredError` itself: their
 text starts with the marker above, hivemind carries the text to the caller inside a
@@ -43,6 +44,8 @@ MAX_PUSH_HOPS = 64
 MAX_SOCKET_PATH_CHARS = 107
 """The longest Unix socket path Linux takes (its sun_path holds 108 bytes with the NUL)."""
 MAX_HANDLE_CHARS = 64
+PUSH_SECRET_PATTERN = r"^[0-9a-f]{32,64}$"
+"""A push secret: 16 to 32 random bytes in lowercase hex (`secrets.token_hex`)."""
 
 # The server's handle names: hivemind names an RPC `rpc_x` of a servicer class `C` "C.rpc_x",
 # and the client calls them by name (it never imports the server).
@@ -96,6 +99,11 @@ class IncompatiblePeerError(PeerUnavailableError):
     """The peer answered, but in another protocol version than ours: it is not used."""
 
 
+class BadReplyError(PeerUnavailableError):
+    """The peer answered, but not with a valid reply: its own failure, not the caller's,
+    so a router treats it as down and tries another replica."""
+
+
 _MARKED_ERRORS: tuple[type[RemoteError], ...] = (BusyError, BadRequestError, SessionExpiredError)
 
 
@@ -133,6 +141,13 @@ class OpenSessionRequest(SpanRequest):
     max_length: int = Field(ge=1)
     """Most positions the session will ever hold (prompt plus generated tokens)."""
     batch_size: int = Field(ge=1)
+    push_secret: str | None = Field(default=None, pattern=PUSH_SECRET_PATTERN)
+    """The secret a push into this session must carry (`volunteer.server.push`); the
+    client draws one per session and hands it only to the hop before this one. None:
+    the session takes no pushes."""
+    next_step_id: int = Field(default=1, ge=1)
+    """The `StepRequest.step_id` of the session's first numbered step (a session opened
+    by a failover starts mid-route); a push is taken only for the session's next step."""
 
 
 class NextHop(_Schema):
@@ -143,6 +158,8 @@ class NextHop(_Schema):
     local_socket: str | None = Field(default=None, max_length=MAX_SOCKET_PATH_CHARS)
     """The server's Unix socket, when the client saw it on this machine (see
     `volunteer.transport.local_link`)."""
+    push_secret: str | None = Field(default=None, pattern=PUSH_SECRET_PATTERN)
+    """The session's `OpenSessionRequest.push_secret`, for the push to carry."""
 
 
 class LocalHello(_Schema):
@@ -172,6 +189,8 @@ class StepRequest(_Schema):
     push_to: list[NextHop] = Field(default_factory=list, max_length=MAX_PUSH_HOPS)
     """The rest of the route: the output also goes straight to push_to[0] (with the
     hops after it), so the next server can start before the client relays it."""
+    push_secret: str | None = Field(default=None, pattern=PUSH_SECRET_PATTERN)
+    """In a push only: the receiving session's secret (`NextHop.push_secret`)."""
 
 
 class StepReply(_Schema):
