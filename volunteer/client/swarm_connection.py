@@ -10,12 +10,12 @@ import asyncio
 from collections.abc import Sequence
 from types import TracebackType
 
-from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
 from volunteer.client.loop_thread import LoopThread
 from volunteer.client.swarm_client import SwarmClient
+from volunteer.swarm.dht_records import make_validator
 from volunteer.transport.protocol import PeerUnavailableError
 
 CONNECT_TIMEOUT_S = 60.0
@@ -69,8 +69,9 @@ class SwarmConnection:
                     initial_peers=self.initial_peers,
                     client_mode=True,
                     # Servers sign their records; without the validator a reader would
-                    # take the signature for part of the value and fail to decode it.
-                    record_validator=RSASignatureValidator(),
+                    # take the signature for part of the value and fail to decode it,
+                    # and would take a stranger's plain value over the servers' records.
+                    record_validator=make_validator(),
                 ),
                 CONNECT_TIMEOUT_S,
             )

@@ -18,6 +18,7 @@ from hivemind.p2p import P2P
 
 from volunteer.control.messages import DHTStatus
 from volunteer.settings import Settings
+from volunteer.swarm.dht_storage import bound_node_storage
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,8 @@ class DHTService:
 
     Args:
         settings: `join`, `new_swarm`, `host` and `port` are used.
-        identity_path: hivemind private key file, so the peer id survives restarts;
-            None gives a fresh peer id at each start.
+        identity_path: hivemind private key file, so the peer id survives restarts; removed
+            once p2pd has started. None gives a fresh peer id at each start.
         record_validator: signs this peer's records and checks others' (see
             `volunteer.swarm.dht_records.make_validator`); None stores unsigned records.
     """
@@ -81,9 +82,14 @@ class DHTService:
             nat_port_map=not is_loopback,
             auto_nat=not is_loopback,
         )
+        if self._identity_path is not None:
+            # p2pd has read the key: a plaintext copy of it must not outlive that.
+            self._identity_path.unlink(missing_ok=True)
         self._node = await DHTNode.create(
             p2p=self._p2p, initial_peers=initial_peers, record_validator=self._record_validator
         )
+        # Strangers store records here; what we keep for them is capped.
+        bound_node_storage(self._node)
         self._multiaddrs = [str(addr) for addr in await self._p2p.get_visible_maddrs()]
         what = "started a new swarm" if settings.is_new_swarm else "joined the swarm"
         logger.info("DHT %s as %s; others join with %s", what, self.peer_id, self._multiaddrs)

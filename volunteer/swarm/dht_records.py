@@ -32,6 +32,7 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from volunteer.swarm.dht_validator import RECORD_TTL_PERIODS, SwarmRecordValidator
 from volunteer.swarm.records import (
     RecordError,
     ServerInfo,
@@ -42,8 +43,6 @@ from volunteer.swarm.records import (
 
 logger = logging.getLogger(__name__)
 
-RECORD_TTL_PERIODS = 3.0
-"""A re-announced record lives this many periods, so one late or lost beat is forgiven."""
 _SHA2_256_MULTIHASH_PREFIX = b"\x12\x20"
 """libp2p peer id of an RSA key: multihash(sha2-256 code 0x12, 32-byte digest)."""
 
@@ -55,9 +54,11 @@ RawRecords = dict[str, list[tuple[Any, Any, float]]]
 """Block key -> (subkey, value, expiration time) as stored, before any checks."""
 
 
-def make_validator(identity_key: RSAPrivateKey) -> RSASignatureValidator:
-    """The record validator that signs with `identity_key` and checks everyone's signatures."""
-    return RSASignatureValidator(identity_key)
+def make_validator(identity_key: RSAPrivateKey | None = None) -> SwarmRecordValidator:
+    """The record validator that signs with `identity_key` (None: a reader that signs
+    nothing) and refuses what our key space does not hold
+    (`volunteer.swarm.dht_validator`)."""
+    return SwarmRecordValidator(identity_key)
 
 
 def owner_marker(identity_key: RSAPrivateKey) -> bytes:

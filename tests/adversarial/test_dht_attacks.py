@@ -1,0 +1,230 @@
+"""Hostile records in the DHT: honest tiny-model servers on 127.0.0.1 announce, an attacker
+running plain hivemind (no validator of ours) stores what it likes under their block keys,
+and the honest records must survive in every honest read while sessions keep working.
+
+Each attack runs after the previous ones, on one module-scoped swarm, so later checks also
+show that the earlier attacks left nothing behind that breaks routing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import hivemind
+
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
+from volunteer.client.swarm_connection import SwarmConnection
+from volunteer.server.handler import BlockHandler
+from volunteer.swarm.dht_records import (
+    announce_on_node,
+    encode_p2p_identity,
+    make_validator,
+    owner_marker,
+    read_snapshot_on_node,
+)
+from volunteer.swarm.dht_storage import bound_node_storage
+from volunteer.swarm.dht_validator import MAX_RECORD_BYTES, MAX_RECORD_LIFETIME_S
+from volunteer.swarm.records import ServerInfo, ServerState, block_key
+
+pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+MODEL = "tiny-attacked"
+NUM_BLOCKS = 4
+TIMEOUT_S = 10.0
+ATOL = 1e-5
+HOUR_S = 3600.0
+
+
+@dataclasses.dataclass
+class Honest:
+    p2p: P2P
+    node: DHTNode
+    handler: BlockHandler
+    owner: bytes
+
+    @property
+    def peer_id(self) -> str:
+        return self.p2p.peer_id.to_base58()
+
+
+@dataclasses.dataclass
+class Swarm:
+    loop: LoopThread
+    full: torch.nn.Module
+    honest: list[Honest]
+    client: SwarmConnection
+    attacker: hivemind.DHT
+    attacker_key: RSAPrivateKey
+
+
+async def _honest(full: torch.nn.Module, start: int, end: int, peers: list[str]) -> Honest:
+    key = RSAPrivateKey()
+    with tempfile.TemporaryDirectory() as folder:
+        identity = Path(folder) / "identity.key"
+        identity.write_bytes(encode_p2p_identity(key))
+        p2p = await P2P.create(
+            host_maddrs=LOOPBACK, initial_peers=peers, identity_path=str(identity)
+        )
+    # As the daemon's DHTService builds it: our validator and bounded storage.
+    node = await DHTNode.create(p2p=p2p, initial_peers=peers, record_validator=make_validator(key))
+    bound_node_storage(node)
+    handler = await BlockHandler.create(
+        p2p=p2p, span=sub_span(full, start, end), model_name=MODEL, cache_tokens=256
+    )
+    honest = Honest(p2p, node, handler, owner_marker(key))
+    info = _info(start, end, throughput=100.0)
+    assert await announce_on_node(
+        node, info, owner=honest.owner, expiration_s=HOUR_S, timeout_s=TIMEOUT_S
+    )
+    return honest
+
+
+def _info(start: int, end: int, *, throughput: float) -> ServerInfo:
+    return ServerInfo(
+        state=ServerState.ONLINE,
+        start=start,
+        end=end,
+        throughput=throughput,
+        dtype="float32",
+        cache_tokens_left=256,
+        version="0.1.0",
+        model=MODEL,
+    )
+
+
+async def _start(full: torch.nn.Module) -> list[Honest]:
+    first = await _honest(full, 0, 2, [])
+    maddrs = [str(a) for a in await first.p2p.get_visible_maddrs()]
+    return [first, await _honest(full, 2, 4, maddrs)]
+
+
+async def _stop(honest: list[Honest]) -> None:
+    for peer in honest:
+        await peer.handler.shutdown()
+        await peer.node.shutdown()
+        await peer.p2p.shutdown()
+
+
+@pytest.fixture(scope="module")
+def swarm() -> Iterator[Swarm]:
+    loop = LoopThread()
+    full = random_span(tiny_config(NUM_BLOCKS))
+    honest = loop.run(_start(full), timeout_s=60)
+    maddrs = [str(a) for a in loop.run(honest[0].p2p.get_visible_maddrs())]
+    attacker_key = RSAPrivateKey()
+    # Plain hivemind: it signs its own marked subkeys and checks nothing of ours.
+    attacker = hivemind.DHT(
+        initial_peers=maddrs,
+        start=True,
+        host_maddrs=LOOPBACK,
+        record_validators=[RSASignatureValidator(attacker_key)],
+    )
+    try:
+        with SwarmConnection(maddrs) as client:
+            yield Swarm(loop, full, honest, client, attacker, attacker_key)
+    finally:
+        attacker.shutdown()
+        loop.run(_stop(honest))
+        loop.close()
+
+
+def _assert_honest_records_survive(swarm: Swarm) -> None:
+    expected = {peer.peer_id for peer in swarm.honest}
+    readers = [(swarm.loop, peer.node) for peer in swarm.honest]
+    readers.append((swarm.client.loop_thread, swarm.client.node))
+    for loop, node in readers:
+        snapshot = loop.run(
+            read_snapshot_on_node(node, MODEL, NUM_BLOCKS, timeout_s=TIMEOUT_S),
+            timeout_s=TIMEOUT_S + 5,
+        )
+        assert set(snapshot.spans()) == expected
+        assert snapshot.block_throughput() == [100.0] * NUM_BLOCKS
+
+
+def _assert_sessions_work(swarm: Swarm) -> None:
+    hidden = hidden_states(1, 5)
+    cache = swarm.full.allocate_cache(batch_size=1, max_length=16)
+    with torch.no_grad():
+        expected = swarm.full(hidden, start_pos=0, cache=cache)
+    # A fresh client reads the swarm now, not a view from before the attack.
+    client = swarm.client.client(model=MODEL, num_blocks=NUM_BLOCKS)
+
+    async def decode() -> torch.Tensor:
+        session = await client.open_session(max_length=16)
+        try:
+            return await session.step(hidden, 0)
+        finally:
+            await session.close()
+
+    got = swarm.client.loop_thread.run(decode(), timeout_s=60)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def _attacker_marker(swarm: Swarm) -> bytes:
+    return owner_marker(swarm.attacker_key)
+
+
+def test_the_honest_swarm_works_before_any_attack(swarm: Swarm) -> None:
+    _assert_honest_records_survive(swarm)
+    _assert_sessions_work(swarm)
+
+
+def test_a_plain_value_does_not_wipe_the_block_keys(swarm: Swarm) -> None:
+    later = get_dht_time() + HOUR_S
+    for index in range(NUM_BLOCKS):
+        swarm.attacker.store(block_key(MODEL, index), b"x", later)
+    _assert_honest_records_survive(swarm)
+    _assert_sessions_work(swarm)
+
+
+def test_a_far_future_record_is_refused(swarm: Swarm) -> None:
+    # Signed by the attacker, so plain hivemind takes it; it would never expire.
+    forever = get_dht_time() + MAX_RECORD_LIFETIME_S + 10 * HOUR_S
+    fake = _info(0, NUM_BLOCKS, throughput=1e6).to_wire()
+    for index in range(NUM_BLOCKS):
+        key = block_key(MODEL, index)
+        swarm.attacker.store(key, fake, forever, subkey=_attacker_marker(swarm))
+    _assert_honest_records_survive(swarm)
+    _assert_sessions_work(swarm)
+
+
+def test_an_oversized_record_is_refused(swarm: Swarm) -> None:
+    # Unknown fields are ignored on read, so only the size cap keeps this one out.
+    padded = {**_info(0, NUM_BLOCKS, throughput=1e6).to_wire(), "pad": "x" * MAX_RECORD_BYTES}
+    later = get_dht_time() + HOUR_S
+    for index in range(NUM_BLOCKS):
+        swarm.attacker.store(block_key(MODEL, index), padded, later, subkey=_attacker_marker(swarm))
+    _assert_honest_records_survive(swarm)
+    _assert_sessions_work(swarm)
+
+
+def test_a_flood_of_subkeys_is_refused(swarm: Swarm) -> None:
+    # One key, many subkeys: hivemind signs any subkey that contains the marker.
+    fake = _info(0, NUM_BLOCKS, throughput=1e6).to_wire()
+    later = get_dht_time() + HOUR_S
+    marker = _attacker_marker(swarm)
+    for index in range(NUM_BLOCKS):
+        key = block_key(MODEL, index)
+        for i in range(50):
+            swarm.attacker.store(key, fake, later, subkey=marker + b"#%d" % i, return_future=True)
+            swarm.attacker.store(key, fake, later, subkey=b"unsigned-%d" % i, return_future=True)
+        # The last one waited for: the attacker's process handles stores in order.
+        swarm.attacker.store(key, fake, later, subkey=b"unsigned-last")
+    _assert_honest_records_survive(swarm)
+    _assert_sessions_work(swarm)
