@@ -240,6 +240,13 @@ EXAMPLES: dict[str, tuple[Any, str]] = {
     "announce_period_s": (10.0, "10"),
     "log_level": ("DEBUG", "debug"),
     "start_timeout_s": (30.0, "30"),
+    "max_message_mib": (16, "16"),
+    "max_sessions": (200, "200"),
+    "max_sessions_per_peer": (3, "3"),
+    "max_queued_jobs": (5, "5"),
+    "max_backward_tokens": (1024, "1024"),
+    "max_session_s": (600.0, "600"),
+    "max_push_streams_per_peer": (2, "2"),
 }
 """Per setting: a value other than its default, and that value as env or flag text."""
 
@@ -270,3 +277,16 @@ def test_the_settings_screen_shows_the_declared_editable_settings() -> None:
     )
     assert APPLIED_LIVE == ("public_name", "threads")
     assert [render.setting_label(name) for name in APPLIED_LIVE] == ["public name", "CPU threads"]
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"VOLUNTEER_MAX_SESSIONS": "0"}, "must be at least 1"),
+        ({"VOLUNTEER_MAX_MESSAGE_MIB": "5000"}, "at most 4096"),
+        ({"VOLUNTEER_MAX_SESSION_S": "1"}, "expected seconds between 10"),
+    ],
+)
+def test_server_caps_are_checked(paths: Paths, env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(SettingsError, match=fragment):
+        build(paths, env=env)

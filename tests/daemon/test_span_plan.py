@@ -7,7 +7,6 @@ import pytest
 from tests.server import tiny_config
 from tests.swarm.test_records import make_info
 from volunteer.daemon.span_plan import (
-    AUTOGRAD_RESERVE_TOKENS,
     MEMORY_FRACTION,
     MEMORY_RESERVE_BYTES,
     NotEnoughMemoryError,
@@ -87,7 +86,7 @@ def test_the_auto_cache_stays_within_the_limit_and_holds_one_full_session() -> N
     none_left = auto_cache_tokens(CONFIG, Settings(max_ram_gib=0.5), 12, PLENTY)
     assert roomy > tight > none_left == CONFIG.max_position_embeddings
     footprint = block_footprint(CONFIG)
-    reserve = AUTOGRAD_RESERVE_TOKENS * footprint.activation_bytes_per_token
+    reserve = Settings().max_backward_tokens * footprint.activation_bytes_per_token
     budget = 0.6 * 2**30 - MEMORY_RESERVE_BYTES - 12 * (footprint.weight_bytes + reserve)
     assert tight * 12 * footprint.cache_bytes_per_token <= budget
 
@@ -99,8 +98,14 @@ def block_capacity_bytes() -> int:
     return (
         footprint.weight_bytes
         + CONFIG.max_position_embeddings * footprint.cache_bytes_per_token
-        + AUTOGRAD_RESERVE_TOKENS * footprint.activation_bytes_per_token
+        + Settings().max_backward_tokens * footprint.activation_bytes_per_token
     )
+
+
+def test_the_autograd_reserve_is_the_backward_cap() -> None:
+    free = int((MEMORY_RESERVE_BYTES + 5 * block_capacity_bytes()) / MEMORY_FRACTION) + 1
+    assert plan_capacity(CONFIG, Settings(), free).num_blocks == 5
+    assert plan_capacity(CONFIG, Settings(max_backward_tokens=1024), free).num_blocks < 5
 
 
 def test_the_memory_fraction_applies_to_what_is_free() -> None:

@@ -53,6 +53,7 @@ from volunteer.model_cache.served_model import ServedModel, open_model
 from volunteer.models.checkpoint import load_span
 from volunteer.models.model import BlockSpan
 from volunteer.paths import Paths
+from volunteer.server.caps import ServerCaps
 from volunteer.server.handler import BlockHandler
 from volunteer.settings import Settings
 from volunteer.swarm.dht_records import (
@@ -159,6 +160,7 @@ class BlockService:
             throughput=throughput,
             threads=settings.thread_count,
             decode_threads=decode_threads,
+            caps=ServerCaps.from_settings(settings),
         )
         local_socket = await self._listen_locally(self.handler)
         self.info = ServerInfo(

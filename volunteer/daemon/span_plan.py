@@ -28,9 +28,6 @@ MEMORY_RESERVE_BYTES = 512 << 20
 CACHE_MEMORY_FRACTION = 0.25
 """Share of the memory left after loading that the attention caches may take."""
 MAX_AUTO_CACHE_BYTES = 4 << 30
-AUTOGRAD_RESERVE_TOKENS = 512
-"""Positions of one backward request (a full chunk) whose activations a block must hold:
-servers answer forward/backward for fine-tuning clients too."""
 GIB = 2**30
 
 
@@ -94,7 +91,9 @@ def _capacity(config: ModelConfig, settings: Settings, available_bytes: int) -> 
         block_footprint(config),
         memory_budget(settings, available_bytes),
         cache_tokens=settings.cache_tokens or config.max_position_embeddings,
-        autograd_tokens=AUTOGRAD_RESERVE_TOKENS,
+        # The server refuses longer backward calls and runs one at a time: the cap and
+        # this reserve are the same setting (servers answer fine-tuning clients too).
+        autograd_tokens=settings.max_backward_tokens,
         total_blocks=config.num_layers,
     )
 
@@ -161,7 +160,7 @@ def auto_cache_tokens(
     footprint = block_footprint(config)
     left = memory_budget(settings, available_bytes).usable_bytes
     left -= num_blocks * (
-        footprint.weight_bytes + AUTOGRAD_RESERVE_TOKENS * footprint.activation_bytes_per_token
+        footprint.weight_bytes + settings.max_backward_tokens * footprint.activation_bytes_per_token
     )
     budget = min(max(left, 0), available_bytes * CACHE_MEMORY_FRACTION, MAX_AUTO_CACHE_BYTES)
     per_token = num_blocks * footprint.cache_bytes_per_token

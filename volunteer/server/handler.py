@@ -23,12 +23,16 @@ Decisions:
   rewind: the client replays from there, e.g. after failing over); never above it.
 - Any bad request raises an error whose text names the reason; hivemind sends that text
   to the caller, and the server goes on serving everyone else.
+- What a stranger may hold (sessions, calls, push streams, message bytes, backward
+  positions, session lifetime) is capped per peer and in total (`volunteer.server.caps`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import time
 import typing
 
 import torch
@@ -40,6 +44,8 @@ import volunteer.transport.framing as framing
 import volunteer.transport.protocol as wire
 from volunteer.models.model import BlockSpan
 from volunteer.server import validation
+from volunteer.server.calls import serve_call
+from volunteer.server.caps import DEFAULT_CAPS, PeerSlots, ServerCaps, serve_in_slot
 from volunteer.server.compute import (
     PRIORITY_INFERENCE,
     PRIORITY_TRAINING,
@@ -54,7 +60,15 @@ from volunteer.server.local_stream import LocalInferenceStream
 from volunteer.server.push import PushLinks, serve_push_stream
 from volunteer.server.sessions import Session, SessionTable
 from volunteer.server.validation import ServerLimits, only_request
-from volunteer.transport.protocol import INFERENCE_HANDLE, PUSH_HANDLE, BadRequestError, BusyError
+from volunteer.transport.protocol import (
+    BACKWARD_HANDLE,
+    FORWARD_HANDLE,
+    INFERENCE_HANDLE,
+    INFO_HANDLE,
+    PUSH_HANDLE,
+    BadRequestError,
+    BusyError,
+)
 
 # hivemind's ServicerBase tells stream RPCs from unary ones by the `_name` of
 # typing.AsyncIterator; collections.abc.AsyncIterator[...] lacks it and would silently
@@ -90,6 +104,7 @@ class BlockHandler(ServicerBase):
         sessions: SessionTable,
         compute: PriorityCompute,
         throughput: float,
+        caps: ServerCaps = DEFAULT_CAPS,
     ) -> None:
         self.span = span
         self.dtype = _weights_dtype(span)
@@ -100,6 +115,14 @@ class BlockHandler(ServicerBase):
         self.compute = compute
         self.throughput = throughput
         self.stats = ServeStats()
+        self.caps = caps
+        self.session_slots = PeerSlots(
+            "sessions", total=caps.max_sessions, per_peer=caps.max_sessions_per_peer
+        )
+        self.call_slots = PeerSlots("forward/backward calls", total=caps.max_queued_jobs)
+        self.push_slots = PeerSlots(
+            "push streams", total=caps.max_sessions, per_peer=caps.max_push_streams_per_peer
+        )
         self.is_paused = False
         """Paused by its volunteer: new sessions and forward/backward calls are turned
         away as busy (clients go elsewhere); open sessions finish."""
@@ -122,6 +145,7 @@ class BlockHandler(ServicerBase):
         throughput: float = 0.0,
         threads: int | None = None,
         decode_threads: int | None = None,
+        caps: ServerCaps = DEFAULT_CAPS,
     ) -> BlockHandler:
         """Builds a handler for `span` and registers its RPCs on `p2p`.
 
@@ -137,6 +161,7 @@ class BlockHandler(ServicerBase):
             throughput: tokens/s this server expects to sustain, reported by `rpc_info`.
             threads, decode_threads: torch threads of the compute thread, for all work
                 and for one-position inference steps (see `PriorityCompute`).
+            caps: what peers may hold (see `ServerCaps`).
         """
         limits = ServerLimits(
             max_batch=max_batch,
@@ -152,8 +177,14 @@ class BlockHandler(ServicerBase):
             sessions=SessionTable(cache_tokens=cache_tokens),
             compute=PriorityCompute(threads=threads, decode_threads=decode_threads),
             throughput=throughput,
+            caps=caps,
         )
-        await handler.add_p2p_handlers(p2p)
+        # Only info goes through hivemind's RPC machinery (a unary call: its size is
+        # bounded by the p2p daemon); the streams are read by our bounded reader.
+        await p2p.add_protobuf_handler(INFO_HANDLE, handler.rpc_info, runtime_pb2.ExpertUID)
+        for handle, is_backward in ((FORWARD_HANDLE, False), (BACKWARD_HANDLE, True)):
+            serve = functools.partial(serve_call, handler, is_backward=is_backward)
+            await p2p.add_binary_stream_handler(handle, serve)
         await p2p.add_binary_stream_handler(INFERENCE_HANDLE, handler._serve_inference)
         await p2p.add_binary_stream_handler(PUSH_HANDLE, handler._serve_pushes)
         handler._p2p = p2p
@@ -215,9 +246,12 @@ class BlockHandler(ServicerBase):
         return runtime_pb2.ExpertResponse(metadata=wire.pack_metadata(reply))
 
     async def rpc_forward(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        self,
+        requests: AsyncIterator[runtime_pb2.ExpertRequest],
+        context: P2PContext | None = None,
     ) -> runtime_pb2.ExpertResponse:
-        """Hidden states [B, S, H] through blocks [start, end), no cache."""
+        """Hidden states [B, S, H] through blocks [start, end), no cache (served as a
+        plain stream: `volunteer.server.calls`)."""
         request = await only_request(requests, timeout_s=self.limits.idle_timeout_s)
         meta = wire.unpack_metadata(request.metadata, wire.SpanRequest)
         validation.check_span(self.span, meta)
@@ -226,7 +260,9 @@ class BlockHandler(ServicerBase):
         return runtime_pb2.ExpertResponse(tensors=[framing.pack_tensor(output)])
 
     async def rpc_backward(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        self,
+        requests: AsyncIterator[runtime_pb2.ExpertRequest],
+        context: P2PContext | None = None,
     ) -> runtime_pb2.ExpertResponse:
         """Given inputs [B, S, H] and the grad of the outputs, the grad of the inputs."""
         request = await only_request(requests, timeout_s=self.limits.idle_timeout_s)
@@ -272,6 +308,7 @@ class BlockHandler(ServicerBase):
                 f"grad_outputs shape {list(grad_outputs.shape)} != "
                 f"hidden shape {list(hidden.shape)}"
             )
+        validation.check_backward(hidden, self.caps.max_backward_tokens)
         grad = await self.compute.run(
             PRIORITY_TRAINING, backward_span, self.span, hidden, grad_outputs, start, end
         )
@@ -296,6 +333,7 @@ class BlockHandler(ServicerBase):
             batch_size=meta.batch_size,
             max_length=meta.max_length,
             span=self.span,
+            expires_at=time.monotonic() + self.caps.max_session_s,
         )
         self.sessions.admit(session)
         try:
@@ -344,24 +382,33 @@ class BlockHandler(ServicerBase):
     async def serve_inference_stream(
         self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        """An inference stream from `peer` (over p2p or a local link), until it ends."""
-        await serve_inference_stream(self, peer, reader, writer)
+        """An inference stream from `peer` (over p2p or a local link), until it ends;
+        refused as busy past the session caps."""
+        await serve_in_slot(
+            self.session_slots,
+            peer,
+            writer,
+            lambda: serve_inference_stream(self, peer, reader, writer),
+        )
 
     async def serve_push_stream(
         self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        """A push link from another server (over p2p or a local link), until it ends."""
-        await serve_push_stream(self, peer, reader, writer)
+        """A push link from another server (over p2p or a local link), until it ends;
+        refused as busy past the push stream caps."""
+        await serve_in_slot(
+            self.push_slots, peer, writer, lambda: serve_push_stream(self, peer, reader, writer)
+        )
 
     async def _serve_inference(
         self, stream_info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        await serve_inference_stream(self, str(stream_info.peer_id), reader, writer)
+        await self.serve_inference_stream(str(stream_info.peer_id), reader, writer)
 
     async def _serve_pushes(
         self, stream_info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        await serve_push_stream(self, str(stream_info.peer_id), reader, writer)
+        await self.serve_push_stream(str(stream_info.peer_id), reader, writer)
 
 
 def _weights_dtype(span: BlockSpan) -> torch.dtype:

@@ -53,28 +53,41 @@ async def serve_inference_stream(
     """
     messages = client_messages(reader, max_bytes=max_step_bytes(handler))
     replies = inference_session(handler, messages, peer=peer)
+    await write_replies(replies, writer, peer=peer, timeout_s=handler.limits.idle_timeout_s)
+
+
+async def write_replies(
+    replies: AsyncIterator[runtime_pb2.ExpertResponse],
+    writer: asyncio.StreamWriter,
+    *,
+    peer: str,
+    timeout_s: float,
+) -> None:
+    """Writes each reply of a stream, then closes it; an error ends it with an error
+    frame naming the reason (a peer that does not read for timeout_s is left)."""
     with contextlib.closing(writer):
         try:
             async for reply in replies:
                 writer.write(framing.encode_frame(reply))
-                await framing.drain_if_full(writer, handler.limits.idle_timeout_s)
+                await framing.drain_if_full(writer, timeout_s)
         except (OSError, asyncio.TimeoutError):
             return  # the client went away or stopped reading: nobody to tell
         except Exception as exc:
             level = logging.DEBUG if isinstance(exc, wire.RemoteSpanError) else logging.WARNING
-            logger.log(level, "inference stream of %s failed: %s", peer, exc)
+            logger.log(level, "stream of %s failed: %s", peer, exc)
             with contextlib.suppress(Exception):
                 writer.write(framing.encode_frame(RPCError(message=str(exc))))
                 await asyncio.wait_for(writer.drain(), ERROR_WRITE_TIMEOUT_S)
         finally:
-            await replies.aclose()
+            await replies.aclose()  # type: ignore[attr-defined]  # an async generator
 
 
 def max_step_bytes(handler: BlockHandler) -> int:
-    """The largest message a valid step can be: a float32 tensor of max_tokens positions
-    and its metadata."""
-    hidden_size = handler.span.config.hidden_size
-    return handler.limits.max_tokens * hidden_size * 4 + wire.MAX_METADATA_BYTES
+    """The largest message a valid step can be (a float32 tensor of max_tokens positions
+    and its metadata), within the server's message cap."""
+    return handler.caps.message_bytes(
+        hidden_size=handler.span.config.hidden_size, tensors=1, positions=handler.limits.max_tokens
+    )
 
 
 async def inference_session(

@@ -47,7 +47,7 @@ class LocalInferenceStream:
         """Admits a session on `handler`.
 
         Raises:
-            BusyError: no cache room now.
+            BusyError: no cache room now, or the server holds its most sessions.
             BadRequestError: the span or a limit is wrong.
         """
         meta = wire.OpenSessionRequest(
@@ -57,7 +57,13 @@ class LocalInferenceStream:
             max_length=max_length,
             batch_size=batch_size,
         )
-        return cls(handler, await handler.open_session(meta, peer=LOCAL_PEER))
+        # Counted as a stream's session is, so that the caps hold for every session.
+        handler.session_slots.take(LOCAL_PEER)
+        try:
+            return cls(handler, await handler.open_session(meta, peer=LOCAL_PEER))
+        except BaseException:
+            handler.session_slots.give_back(LOCAL_PEER)
+            raise
 
     push_target = None
     """No other server can push to an in-process session."""
@@ -97,5 +103,7 @@ class LocalInferenceStream:
         self._release()
 
     def _release(self) -> None:
+        if not self._is_closed:
+            self.handler.session_slots.give_back(LOCAL_PEER)
         self._is_closed = True
         self.handler.sessions.release(self.session)

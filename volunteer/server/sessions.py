@@ -7,6 +7,7 @@ admission checks and reserves without awaiting in between.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from volunteer.models.kv_cache import KVCache
 from volunteer.models.model import BlockSpan
@@ -33,6 +34,9 @@ class Session:
     """Where steps pushed by other servers go (None: the session takes no pushes)."""
     last_step_id: int = 0
     """The highest client step number run so far (see `StepRequest.step_id`)."""
+    expires_at: float = math.inf
+    """When (`time.monotonic`) the session has lived its `max_session_s`: a step after
+    it ends the session."""
 
     @property
     def key(self) -> tuple[str, str]:

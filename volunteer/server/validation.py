@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 
 import torch
@@ -100,9 +101,26 @@ def check_limits(tensor: torch.Tensor, limits: ServerLimits, dtype: torch.dtype)
         raise BadRequestError(f"dtype {tensor.dtype} not accepted: send float32 or {dtype}")
 
 
+def check_backward(hidden: torch.Tensor, max_backward_tokens: int) -> None:
+    """A backward call may hold autograd activations for at most the positions that the
+    memory plan reserved (`max_backward_tokens`)."""
+    positions = hidden.shape[0] * hidden.shape[1]
+    if positions > max_backward_tokens:
+        raise BadRequestError(
+            f"backward of {positions} positions exceeds max_backward_tokens {max_backward_tokens}"
+        )
+
+
 def check_step(session: Session, hidden: torch.Tensor, start_pos: int) -> None:
-    """A step must fit its session: its batch, no gap after the cached positions (a
-    rewind below them is allowed), and no position past its max_length."""
+    """A step must fit its session: its lifetime, its batch, no gap after the cached
+    positions (a rewind below them is allowed), and no position past its max_length.
+
+    Raises:
+        SessionExpiredError: the session has lived its max_session_s.
+        BadRequestError: the step does not fit it.
+    """
+    if time.monotonic() > session.expires_at:
+        raise SessionExpiredError("the session outlived max_session_s; open a new one")
     batch, seq, _ = hidden.shape
     if batch != session.batch_size:
         raise BadRequestError(f"batch {batch} != the session's batch_size {session.batch_size}")

@@ -162,6 +162,73 @@ class Settings:
     """How often the served blocks' records are announced again; they expire a few periods
     later (`volunteer.swarm.dht_records.record_ttl_s`). At least 5 s: a record must outlive
     the wait for the next announce, the period plus the DHT's timeout."""
+    max_message_mib: int = setting(
+        default=64,
+        parse=s.whole_number(1, 4096),
+        help="largest message a peer may send a served block, in MiB (64)",
+        metavar="MIB",
+    )
+    """The most bytes one forward/backward/inference/push message may declare; a larger
+    one is refused ("bad request:") before its body is read. The server reads at most
+    min(this, what a valid request of its limits can be) per message, one message per open
+    stream: read buffers <= (2 * max_sessions + max_queued_jobs) * that."""
+    max_sessions: int = setting(
+        default=64,
+        parse=s.whole_number(1, 100_000),
+        help="most inference sessions served at once, all peers together (64)",
+        metavar="N",
+    )
+    """Inference streams open at once, counted from the stream's first byte (so a stream
+    that never opens its session holds a slot too); more are answered "busy:". Also the
+    most push streams in total. Bounds the server's streams (file descriptors) for
+    sessions to this, and their read buffers to this * the message bound; the caches are
+    bounded apart, by the attention cache budget."""
+    max_sessions_per_peer: int = setting(
+        default=8,
+        parse=s.whole_number(1, 100_000),
+        help="most inference sessions one peer may hold at once (8)",
+        metavar="N",
+    )
+    """One peer's share of `max_sessions`: past it that peer is answered "busy:" while
+    others still get sessions."""
+    max_queued_jobs: int = setting(
+        default=16,
+        parse=s.whole_number(1, 100_000),
+        help="most forward/backward calls served or queued at once (16)",
+        metavar="N",
+    )
+    """forward/backward calls held at once, from the stream's first byte until the reply;
+    more are answered "busy:". Their inputs and outputs held: <= this * 3 * the message
+    bound (a backward carries two tensors, and its reply one). Inference steps are not
+    counted here: each session runs one step at a time."""
+    max_backward_tokens: int = setting(
+        default=512,
+        parse=s.whole_number(1, 1 << 20),
+        help="most positions (batch * sequence) of one backward call (512)",
+        metavar="N",
+    )
+    """A backward call of more positions is refused ("bad request:"). The memory plan
+    reserves autograd activations for exactly this many positions per served block, and
+    the one compute thread runs one backward at a time, so they take at most
+    this * blocks * the activation bytes per position."""
+    max_session_s: float = setting(
+        default=3600.0,
+        parse=s.seconds(10, 7 * 86400),
+        help="longest an inference session may live, in seconds (3600)",
+        metavar="SECONDS",
+        flag_override="--max-session",
+    )
+    """A session older than this ends with an "expired:" error at its next message (a
+    silent one ends at its idle timeout already), and its client replays into a new one:
+    nobody holds a share of the cache for longer than this plus the idle timeout."""
+    max_push_streams_per_peer: int = setting(
+        default=4,
+        parse=s.whole_number(1, 1000),
+        help="most push streams another server may keep open to this one (4)",
+        metavar="N",
+    )
+    """A server keeps one push link per next peer; a few more cover a link being
+    replaced. More are answered "busy:"; all peers together hold at most `max_sessions`."""
     log_level: str = setting(
         default="INFO",
         parse=s.parse_log_level,

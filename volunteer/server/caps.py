@@ -1,0 +1,121 @@
+"""How much of a block server any one stranger, and all of them together, may hold.
+
+Each cap is a setting (`volunteer.settings.fields`, where each one's memory bound is
+stated); `ServerCaps` carries their values to the handler. Streams are counted from
+their first byte, not from a successful open: a stream that never sends its first
+message holds a file descriptor and a read buffer all the same. A stream over a cap is
+answered "busy:" (room may come later) and closed at once, unread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+from collections.abc import Awaitable, Callable
+
+from hivemind.proto.p2pd_pb2 import RPCError
+
+import volunteer.transport.framing as framing
+import volunteer.transport.protocol as wire
+from volunteer.settings import Settings
+from volunteer.transport.protocol import BusyError
+
+REFUSAL_WRITE_TIMEOUT_S = 1.0
+"""How long a refused stream waits to hand its peer the reason before it closes."""
+MIB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerCaps:
+    """The caps of one block server (see each setting's docstring)."""
+
+    max_message_bytes: int
+    max_sessions: int
+    max_sessions_per_peer: int
+    max_queued_jobs: int
+    max_backward_tokens: int
+    max_session_s: float
+    max_push_streams_per_peer: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ServerCaps:
+        return cls(
+            max_message_bytes=settings.max_message_mib * MIB,
+            max_sessions=settings.max_sessions,
+            max_sessions_per_peer=settings.max_sessions_per_peer,
+            max_queued_jobs=settings.max_queued_jobs,
+            max_backward_tokens=settings.max_backward_tokens,
+            max_session_s=settings.max_session_s,
+            max_push_streams_per_peer=settings.max_push_streams_per_peer,
+        )
+
+    def message_bytes(self, *, hidden_size: int, tensors: int, positions: int) -> int:
+        """The largest message a valid request can be (`tensors` float32 hidden states
+        of `positions` rows, and the metadata), within `max_message_bytes`."""
+        valid = tensors * positions * hidden_size * 4 + wire.MAX_METADATA_BYTES
+        return min(valid, self.max_message_bytes)
+
+
+DEFAULT_CAPS = ServerCaps.from_settings(Settings())
+"""The settings' defaults: one declaration each, read from there."""
+
+
+class PeerSlots:
+    """Slots of one kind (sessions, calls, push streams), in total and per peer.
+
+    Used from the event loop only: taking checks and counts without awaiting between.
+    """
+
+    def __init__(self, what: str, *, total: int, per_peer: int | None = None) -> None:
+        self.what = what
+        self.total = total
+        self.per_peer = per_peer
+        self._held: collections.Counter[str] = collections.Counter()
+
+    @property
+    def used(self) -> int:
+        return sum(self._held.values())
+
+    def held_by(self, peer: str) -> int:
+        return self._held[peer]
+
+    def take(self, peer: str) -> None:
+        """Raises BusyError when the peer's share or the total is used up."""
+        if self.per_peer is not None and self._held[peer] >= self.per_peer:
+            raise BusyError(f"this peer already holds {self.per_peer} {self.what}, its most")
+        if self.used >= self.total:
+            raise BusyError(f"server holds {self.total} {self.what}, its most; try another")
+        self._held[peer] += 1
+
+    def give_back(self, peer: str) -> None:
+        self._held[peer] -= 1
+        if self._held[peer] <= 0:
+            del self._held[peer]
+
+
+async def serve_in_slot(
+    slots: PeerSlots,
+    peer: str,
+    writer: asyncio.StreamWriter,
+    serve: Callable[[], Awaitable[None]],
+) -> None:
+    """Runs `serve` (one stream of `peer`) while it holds a slot; without a free slot,
+    answers the stream with the busy error instead and closes it."""
+    try:
+        slots.take(peer)
+    except BusyError as exc:
+        await refuse(writer, exc)
+        return
+    try:
+        await serve()
+    finally:
+        slots.give_back(peer)
+
+
+async def refuse(writer: asyncio.StreamWriter, exc: Exception) -> None:
+    """Ends a stream with an error frame naming the reason, as hivemind's handlers do."""
+    with contextlib.closing(writer), contextlib.suppress(Exception):
+        writer.write(framing.encode_frame(RPCError(message=str(exc))))
+        await asyncio.wait_for(writer.drain(), REFUSAL_WRITE_TIMEOUT_S)
