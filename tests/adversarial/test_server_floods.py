@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -259,3 +261,21 @@ def test_a_session_outliving_its_lifetime_ends_with_a_clear_error(swarm: Swarm) 
 async def _set_caps(handler: BlockHandler, caps: object) -> None:
     # On the server's loop, between its requests: a test's way of a restart with new caps.
     handler.caps = caps  # type: ignore[assignment]
+
+
+def test_the_daemon_raises_its_file_limit_to_the_hard_limit() -> None:
+    """Each stream a server serves is a socket: the caps bound them, and the daemon
+    starts with room for them (not a distro's soft limit of 1024)."""
+    script = (
+        "import resource\n"
+        "from volunteer.daemon.main import raise_file_limit\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
+        "raise_file_limit()\n"
+        "print(*resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    soft, hard = map(int, result.stdout.split())
+    assert soft == hard or (soft == 10240 and soft < hard)

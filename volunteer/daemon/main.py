@@ -45,6 +45,7 @@ def run_foreground(
 
     sleep_idle_threads()
     return_large_frees_to_the_os()
+    raise_file_limit()
     import asyncio
 
     import torch
@@ -69,6 +70,30 @@ def run_foreground(
     return asyncio.run(
         run_daemon(settings, paths, services, log_to_stderr=log_to_stderr, reload=reload)
     )
+
+
+def raise_file_limit() -> None:
+    """Raises this process's open-file soft limit to its hard limit.
+
+    Every p2p stream a server serves is a socket of this process, and many distros start
+    processes at a soft limit of 1024: the caps on sessions, calls and push streams bound
+    what peers hold, but together with the DHT's connections they can pass that. Where
+    the platform has no `resource` module (Windows), or the limit cannot be raised, the
+    limit stays as it is.
+    """
+    try:
+        import resource
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # macOS reports an infinite hard limit but refuses a soft one above OPEN_MAX (10240).
+    for target in (hard, 10240):
+        if soft != resource.RLIM_INFINITY and (target == resource.RLIM_INFINITY or target > soft):
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                return
+            except (ValueError, OSError):
+                continue
 
 
 def _services(settings: Settings, paths: Paths) -> list[Service]:
