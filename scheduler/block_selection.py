@@ -11,11 +11,27 @@ float noise in sums cannot send two servers to different places.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
+import statistics
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+CLAIM_CAP_FACTOR = 4.0
+"""A server's claimed throughput counts for placement as at most this many typical
+servers (the swarm's low median claim). Claims are unchecked: without a cap one record
+of 1e9 tokens/s makes its blocks look served forever and steers every newcomer away.
+The median holds while liars are fewer than half the claims; a fast honest server in a
+slow swarm is undercounted, which only moves newcomers a little towards its blocks."""
+
+
+def claim_cap(claims: Sequence[float]) -> float:
+    """The most one claim counts for placement (`CLAIM_CAP_FACTOR`); inf with no claims."""
+    if not claims:
+        return math.inf
+    return CLAIM_CAP_FACTOR * statistics.median_low(claims)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -228,3 +228,30 @@ def test_a_flood_of_subkeys_is_refused(swarm: Swarm) -> None:
         swarm.attacker.store(key, fake, later, subkey=b"unsigned-last")
     _assert_honest_records_survive(swarm)
     _assert_sessions_work(swarm)
+
+
+def test_fake_joining_records_do_not_steer_the_span_choice(swarm: Swarm) -> None:
+    # Another model, so the earlier tests' swarm keeps only honest records.
+    steer = "tiny-steer"
+    first, second = swarm.honest
+    for peer, (start, end) in ((first, (0, 2)), (second, (2, 4))):
+        info = _info(start, end, throughput=100.0).model_copy(update={"model": steer})
+        stored = announce_on_node(
+            peer.node, info, owner=peer.owner, expiration_s=HOUR_S, timeout_s=TIMEOUT_S
+        )
+        assert swarm.loop.run(stored, timeout_s=TIMEOUT_S + 5)
+    # Signed by the attacker, well-formed and in range: only their state gives them away.
+    joining = _info(0, 2, throughput=1e9).model_copy(
+        update={"model": steer, "state": ServerState.JOINING}
+    )
+    later = get_dht_time() + HOUR_S
+    for index in range(2):
+        key = block_key(steer, index)
+        assert swarm.attacker.store(key, joining.to_wire(), later, subkey=_attacker_marker(swarm))
+    snapshot = swarm.loop.run(
+        read_snapshot_on_node(first.node, steer, NUM_BLOCKS, timeout_s=TIMEOUT_S),
+        timeout_s=TIMEOUT_S + 5,
+    )
+    assert len(snapshot.spans()) == 3  # the fake records are read, and not counted
+    assert snapshot.block_throughput() == [100.0] * NUM_BLOCKS
+    assert snapshot.weakest_span(2) == (0, 2)

@@ -9,6 +9,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from volunteer.scheduler.block_selection import CLAIM_CAP_FACTOR
 
 from volunteer.swarm.records import (
     RecordError,
@@ -158,8 +159,8 @@ def test_snapshot_helpers() -> None:
     assert list(snap.servers_for_block(5)) == ["peerC"]
     assert list(snap.spans()) == ["peerA", "peerB", "peerC"]
     assert (snap.spans()["peerA"].start, snap.spans()["peerA"].end) == (2, 5)
-    # Offline servers carry no traffic.
-    assert snap.block_throughput() == [2.0, 2.0, 3.0, 1.0, 1.0, 0.0]
+    # Offline servers carry no traffic; joining ones carry none yet.
+    assert snap.block_throughput() == [2.0, 2.0, 2.0, 0.0, 0.0, 0.0]
     with pytest.raises(IndexError):
         snap.servers_for_block(6)
 
@@ -259,3 +260,32 @@ def test_a_snapshot_round_trips_through_json() -> None:
 def test_malformed_swarm_json_is_refused(data: object) -> None:
     with pytest.raises(RecordError):
         SwarmSnapshot.from_json(data)
+
+
+def test_joining_records_do_not_count_as_capacity() -> None:
+    # A JOINING record is no route for any client: counting it let fake ones steer
+    # newcomers away from the blocks they claimed.
+    honest = {"a": (0, 2, 100.0, ServerState.ONLINE)}
+    fake = {f"fake{i}": (2, 4, 1e9, ServerState.JOINING) for i in range(3)}
+    snap = snapshot(4, {**honest, **fake})
+    assert snap.block_throughput() == [100.0, 100.0, 0.0, 0.0]
+    assert snap.weakest_span(2) == (2, 4)
+    assert [span.peer_id for span in snap.server_spans()] == ["a"]
+
+
+def test_one_inflated_claim_counts_as_a_few_typical_servers() -> None:
+    # Six honest servers on 0:2 outweigh one honest server and one liar on 2:4 once the
+    # liar's 1e9 counts as CLAIM_CAP_FACTOR typical servers; uncapped, the liar would
+    # draw the newcomer to 0:2.
+    spans = {f"h{i}": (0, 2, 100.0, ServerState.ONLINE) for i in range(6)}
+    spans["h6"] = (2, 4, 100.0, ServerState.ONLINE)
+    spans["liar"] = (2, 4, 1e9, ServerState.ONLINE)
+    snap = snapshot(4, spans)
+    assert snap.claim_cap() == CLAIM_CAP_FACTOR * 100.0
+    liar_side = 100.0 + CLAIM_CAP_FACTOR * 100.0
+    assert liar_side < 600.0
+    assert snap.block_throughput() == [600.0, 600.0, liar_side, liar_side]
+    assert snap.weakest_span(2) == (2, 4)
+    assert {s.peer_id: s.throughput for s in snap.server_spans()}[
+        "liar"
+    ] == CLAIM_CAP_FACTOR * 100.0

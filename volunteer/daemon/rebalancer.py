@@ -71,7 +71,8 @@ class Rebalancer:
         snapshot = await service.read_snapshot()
         me = peer_id_from_owner(service.owner)
         spans = [s for s in snapshot.server_spans() if s.peer_id != me]
-        own = ServerSpan(me, info.start, info.end, info.throughput)
+        # Capped like everyone else's claim, so the comparison is like for like.
+        own = ServerSpan(me, info.start, info.end, min(info.throughput, snapshot.claim_cap()))
         decision = await asyncio.to_thread(
             should_move, [*spans, own], me, model.config.num_layers, self._rng
         )

@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import pydantic
 
 from volunteer.errors import VolunteerError
-from volunteer.scheduler.block_selection import ServerSpan, choose_best_start
+from volunteer.scheduler.block_selection import ServerSpan, choose_best_start, claim_cap
 from volunteer.transport.protocol import MAX_SOCKET_PATH_CHARS
 
 SCHEMA_VERSION = 1
@@ -247,12 +247,28 @@ class SwarmSnapshot:
                     found[peer_id] = info
         return dict(sorted(found.items()))
 
+    def claim_cap(self) -> float:
+        """The most one online server's claimed throughput counts for placement
+        (`volunteer.scheduler.block_selection.claim_cap` over the online claims)."""
+        online = self._online_spans()
+        return claim_cap([info.throughput for info in online.values()])
+
     def block_throughput(self) -> list[float]:
-        """For each block, the summed throughput of the servers that are online or joining."""
+        """For each block, the capacity placement counts: the summed throughput of the
+        online servers, each claim capped (`claim_cap`). JOINING records do not count:
+        clients route to no joining server, so fake ones could steer servers away."""
+        cap = self.claim_cap()
         return [
-            math.fsum(info.throughput for info in servers.values() if info.is_serving)
+            math.fsum(
+                min(info.throughput, cap)
+                for info in servers.values()
+                if info.state is ServerState.ONLINE
+            )
             for servers in self.blocks
         ]
+
+    def _online_spans(self) -> dict[str, ServerInfo]:
+        return {p: i for p, i in self.spans().items() if i.state is ServerState.ONLINE}
 
     def weakest_span(self, num_blocks: int, rng: random.Random | None = None) -> tuple[int, int]:
         """Where a server of `num_blocks` blocks should join: the window where the swarm
@@ -274,9 +290,10 @@ class SwarmSnapshot:
         return start, start + num_blocks
 
     def server_spans(self) -> list[ServerSpan]:
-        """The serving servers as the scheduler sees them, in peer-id order."""
+        """The online servers as placement counts them (claims capped, as in
+        `block_throughput`), in peer-id order."""
+        online, cap = self._online_spans(), self.claim_cap()
         return [
-            ServerSpan(peer_id, info.start, info.end, info.throughput)
-            for peer_id, info in self.spans().items()
-            if info.is_serving
+            ServerSpan(peer_id, info.start, info.end, min(info.throughput, cap))
+            for peer_id, info in online.items()
         ]
