@@ -29,6 +29,7 @@ from volunteer.daemon.identity import (
     fallback_path,
     keyring_username,
     load_or_create_identity,
+    runtime_identity_path,
     system_keyring,
     write_private_file,
 )
@@ -191,6 +192,8 @@ def test_a_daemon_keeps_its_identity_in_the_keyring_across_restarts(
         first = homes.status(home)["peer_id"]
         stored = TrustedFileKeyring().get_password(KEYRING_SERVICE, keyring_username(paths))
         assert stored and not fallback_path(paths).exists()
+        # hivemind's p2pd read its key from a file: gone once it runs.
+        assert not runtime_identity_path(paths).exists()
         in_keyring = load_or_create_identity(paths, keyring_backend=TrustedFileKeyring())
         assert (in_keyring.stored_in, in_keyring.peer_id) == ("keyring", first)
         assert homes.cli(home, "stop").returncode == 0
@@ -200,3 +203,4 @@ def test_a_daemon_keeps_its_identity_in_the_keyring_across_restarts(
     finally:
         homes.cli(home, "stop")
         homes.reap()
+    assert not runtime_identity_path(paths).exists()

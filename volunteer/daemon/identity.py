@@ -86,7 +86,13 @@ def fallback_path(paths: Paths) -> Path:
 
 
 def runtime_identity_path(paths: Paths) -> Path:
-    """Where the daemon writes the key file its DHT service hands to hivemind at start."""
+    """Where the daemon writes the key file its DHT service hands to hivemind at start.
+
+    hivemind's p2pd reads its key only from a file. The file lives in the 0700 runtime
+    folder, mode 0600, and only while p2pd starts: the DHT service removes it once p2pd
+    runs, and the daemon on every exit; a daemon killed while starting leaves it until
+    the next start on this home overwrites and removes it.
+    """
     return paths.runtime_dir / RUNTIME_FILE_NAME
 
 

@@ -67,9 +67,16 @@ def run_foreground(
         # The environment and flags it started with still win over the file.
         return Settings.build(paths=paths, env=env, flags=flags), read_config(paths)
 
-    return asyncio.run(
-        run_daemon(settings, paths, services, log_to_stderr=log_to_stderr, reload=reload)
-    )
+    try:
+        return asyncio.run(
+            run_daemon(settings, paths, services, log_to_stderr=log_to_stderr, reload=reload)
+        )
+    finally:
+        # The DHT removes the key file once p2pd has read it; this covers every exit
+        # before that (a failed start, a stop while starting).
+        from volunteer.daemon.identity import runtime_identity_path
+
+        runtime_identity_path(paths).unlink(missing_ok=True)
 
 
 def raise_file_limit() -> None:
