@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
+import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.daemon.homes import Homes
+with warnings.catch_warnings():
+    # hivemind's import (via the identity module) runs torch.jit.script, which torch
+    # deprecates; the suite turns warnings into errors.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from volunteer.daemon.identity import runtime_identity_path
+
+from tests.daemon.homes import CLI_TIMEOUT_S, ROOT, Homes
 from volunteer.control.endpoint import socket_path, use_tcp
-from volunteer.control.lifecycle import pid_file
+from volunteer.control.lifecycle import lock_file, output_file, pid_file
 from volunteer.paths import Paths
 
 pytestmark = pytest.mark.skipif(use_tcp(), reason="daemon tests use the Unix-socket path")
@@ -78,6 +87,50 @@ def test_second_start_with_the_same_home_says_already_running(
     again = homes.cli(home, "start", "--new-swarm")
     assert again.returncode == 1
     assert f"already running (pid {homes.remember(home)})" in again.stderr
+
+
+def test_what_the_daemon_creates_is_private_and_its_key_file_is_gone(
+    homes: Homes, first: tuple[Path, subprocess.CompletedProcess[str]]
+) -> None:
+    paths = Paths.resolve(home=first[0], env=homes.env)
+    assert not runtime_identity_path(paths).exists()  # p2pd has read it: removed
+    daemon = psutil.Process(homes.remember(first[0]))
+    processes = [daemon, *daemon.children(recursive=True)]  # p2pd among them
+    sockets = {Path(c.laddr) for p in processes for c in p.net_connections("unix") if c.laddr}
+    assert socket_path(paths) in sockets
+    assert any(path.name.startswith("hivemind-p2pd-") for path in sockets), sockets
+    made = [paths.runtime_dir, paths.log_dir, paths.daemon_log, output_file(paths)]
+    made += [pid_file(paths), lock_file(paths), *sockets]
+    modes = {str(path): stat.S_IMODE(path.stat().st_mode) for path in made}
+    assert {path: oct(mode) for path, mode in modes.items() if mode & 0o077} == {}
+
+
+def test_two_starts_racing_on_one_home_leave_one_daemon(homes: Homes) -> None:
+    home = homes.home("racing")
+    argv = [sys.executable, "-m", "volunteer", "--home", str(home), "start"]
+    starts = [
+        subprocess.Popen(
+            argv, cwd=ROOT, env=homes.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [start.communicate(timeout=CLI_TIMEOUT_S) for start in starts]
+    winner = homes.remember(home)
+    ours = _daemons_of(home)
+    homes.pids.update(ours)  # reaped whatever happens
+    try:
+        assert sorted(start.returncode for start in starts) == [0, 1], outputs
+        loser_err = next(
+            err for start, (_, err) in zip(starts, outputs, strict=True) if start.returncode
+        )
+        # Said as such, not as a daemon that failed (the loser's child exits on the lock).
+        assert loser_err.startswith("volunteer: already running"), loser_err
+        # Exactly one daemon process for this home, the one its pid file names: the
+        # losing start's daemon exited without taking the socket or the pid file.
+        assert ours == {winner}
+        assert homes.status(home)["pid"] == winner
+    finally:
+        homes.cli(home, "stop", "--timeout", "10")
 
 
 def test_reload_applies_what_it_can_and_says_what_waits_for_a_restart(
@@ -163,14 +216,30 @@ def test_killed_daemon_is_replaced_and_stop_cleans_up(homes: Homes) -> None:
 
 def test_restart_keeps_the_peer_id(homes: Homes) -> None:
     home = homes.home("identity")
+    key_file = runtime_identity_path(Paths.resolve(home=home, env=homes.env))
     assert homes.cli(home, "start").returncode == 0
     before = homes.status(home)["peer_id"]
+    assert not key_file.exists()
     assert homes.cli(home, "stop").returncode == 0
+    key_file.write_bytes(b"left by a daemon killed while starting")
     assert homes.cli(home, "start").returncode == 0
     try:
         assert homes.status(home)["peer_id"] == before
+        assert not key_file.exists()  # the stale one was replaced, then removed
     finally:
         homes.cli(home, "stop")
+    assert not key_file.exists()
+
+
+def _daemons_of(home: Path) -> set[int]:
+    """Live daemon processes started for `home` (zombies awaiting their reaper excluded)."""
+    found = set()
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = process.info["cmdline"] or []
+        alive = process.info["status"] != psutil.STATUS_ZOMBIE
+        if alive and str(home) in cmdline and "--foreground" in cmdline:
+            found.add(process.pid)
+    return found
 
 
 def _wait_gone(pid: int, timeout_s: float = 10.0) -> None:

@@ -7,7 +7,10 @@ this object's threads over its single connection.
 
 The store never deletes or rewrites a file it does not recognise: a file that is not
 SQLite, a foreign SQLite database, or one written by a newer volunteer raises
-`ChatStoreError` before anything is written. Errors::
+`ChatStoreError` before anything is written.
+
+Chats are private: the file is created (or tightened to) mode 0600 whatever the opening
+process's umask, and SQLite gives its -wal and -shm files the database file's mode. Errors::
 
     VolunteerError                     volunteer.errors
     └── ChatStoreError                 unreadable, foreign or newer file; SQLite failures
@@ -20,6 +23,7 @@ import builtins
 import contextlib
 import dataclasses
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -173,12 +177,13 @@ class ChatStore:
         """
         path = Path(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise ChatStoreError(
                 f"cannot create the folder of the chat store {path}: {exc}"
             ) from exc
         _check_magic(path)
+        _make_private(path)
         with _as_store_errors(path):
             # Autocommit mode: transactions are begun explicitly (see `_transaction`).
             connection = sqlite3.connect(
@@ -358,6 +363,19 @@ def _check_magic(path: Path) -> None:
         raise ChatStoreError(f"cannot read the chat store {path}: {exc}") from exc
     if header and header != SQLITE_MAGIC:
         raise ChatStoreError(f"{path} is not a SQLite database; move it away to start afresh")
+
+
+def _make_private(path: Path) -> None:
+    """Creates the database file 0600 (SQLite takes an empty file as a new database), or
+    makes an existing one and its -wal and -shm files 0600 (Windows: left writable)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{path}{suffix}", 0o600)
+    except OSError as exc:
+        raise ChatStoreError(f"cannot create the chat store {path}: {exc}") from exc
 
 
 def _prepare(connection: sqlite3.Connection, path: Path) -> None:

@@ -59,11 +59,15 @@ def run_start(args: argparse.Namespace, paths: Paths) -> int:
     flags = settings_flags(args)
     settings = Settings.build(paths=paths, env=os.environ, flags=flags)
     if args.foreground:
-        from volunteer.daemon.main import run_foreground  # torch and hivemind: only here
+        # Before the daemon creates anything: its files and sockets are private, and a
+        # second start on this home fails here (AlreadyRunningError) having touched nothing.
+        lifecycle.use_private_umask()
+        with lifecycle.daemon_lock(paths):
+            from volunteer.daemon.main import run_foreground  # torch and hivemind: only here
 
-        return run_foreground(
-            settings, paths=paths, env=os.environ, flags=flags, log_to_stderr=not args.detached
-        )
+            return run_foreground(
+                settings, paths=paths, env=os.environ, flags=flags, log_to_stderr=not args.detached
+            )
     child_argv = [*_home_argv(args), "start", "--foreground", "--detached", *flags_argv(flags)]
     result = lifecycle.start_background(paths, child_argv, timeout_s=settings.start_timeout_s)
     if result.outcome != "serving":

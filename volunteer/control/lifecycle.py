@@ -7,6 +7,11 @@ start time, so a recycled pid is not mistaken for it). `start_background` spawns
 process fails; a failed start is reported once the daemon has exited and cleaned up
 (its pid file and socket gone), so whoever reads the failure finds no leftovers. `stop`
 asks over the control API, then falls back to SIGTERM and SIGKILL.
+
+Only one daemon runs per home: it holds an exclusive lock on `daemon.lock` (flock; a
+byte-range lock on Windows) for its whole life, taken before it creates anything. The pid
+file only finds the daemon; two starts racing both see no pid file, and the lock (released
+by the OS when its holder dies, even by SIGKILL) is what lets exactly one of them run.
 """
 
 from __future__ import annotations
@@ -19,21 +24,31 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import psutil
 
 from volunteer.control.client import ControlClient
-from volunteer.control.endpoint import ControlError, socket_path, use_tcp
+from volunteer.control.endpoint import ControlError, private_dir, socket_path, use_tcp
 from volunteer.control.messages import STATUS, STOP, StatusReply
+from volunteer.errors import VolunteerError
 from volunteer.machine.atomic import write_file_atomic
 from volunteer.paths import Paths
+
+if os.name == "nt":
+    import msvcrt
+else:
+    import fcntl
 
 logger = logging.getLogger(__name__)
 
 PID_FILE_NAME = "daemon.pid"
+LOCK_FILE_NAME = "daemon.lock"
+PRIVATE_UMASK = 0o077
+"""The daemon's umask: what it creates (logs, chat history, sockets, p2pd's sockets)
+is its user's alone."""
 OUTPUT_FILE_NAME = "daemon.out"
 _POLL_S = 0.05
 """How often `start` and `stop` look at the daemon: a local socket call is cheap, and
@@ -71,6 +86,75 @@ def pid_file(paths: Paths) -> Path:
 def output_file(paths: Paths) -> Path:
     """Where a background daemon's stdout and stderr go (rewritten at each start)."""
     return paths.log_dir / OUTPUT_FILE_NAME
+
+
+class AlreadyRunningError(VolunteerError):
+    """Another daemon holds this home's lock."""
+
+    def __init__(self, pid: int | None) -> None:
+        super().__init__(f"already running (pid {pid})" if pid else "already running")
+        self.pid = pid
+
+
+def lock_file(paths: Paths) -> Path:
+    """The file whose lock the instance's daemon holds for its life."""
+    return paths.runtime_dir / LOCK_FILE_NAME
+
+
+def use_private_umask() -> None:
+    """Makes everything this process creates from now on private to its user."""
+    os.umask(PRIVATE_UMASK)
+
+
+@contextlib.contextmanager
+def daemon_lock(paths: Paths) -> Iterator[None]:
+    """Holds the instance's lock while the block runs (the daemon's whole life).
+
+    Raises:
+        AlreadyRunningError: another process holds it.
+    """
+    private_dir(paths.runtime_dir)
+    # The file is never removed: a removal would let a third start lock a new file while
+    # a second still waits on the old one.
+    fd = os.open(lock_file(paths), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if not _try_lock(fd):
+            raise AlreadyRunningError(_pid_in(fd))
+        # For the message a losing start prints; the pid file stays the daemon's record.
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def lock_holder(paths: Paths) -> int | None:
+    """The pid of the process holding the instance's lock (0 until it has written it),
+    or None when the lock is free."""
+    try:
+        fd = os.open(lock_file(paths), os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        return None if _try_lock(fd) else (_pid_in(fd) or 0)
+    finally:
+        os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        if os.name == "nt":
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError (posix) or PermissionError (Windows): it is held
+        return False
+    return True
+
+
+def _pid_in(fd: int) -> int | None:
+    text = os.pread(fd, 32, 0) if hasattr(os, "pread") else b""
+    return int(text) if text.strip().isdigit() else None
 
 
 def write_pid_file(paths: Paths) -> None:
@@ -126,8 +210,9 @@ def start_background(
     if pid is not None:
         return StartResult("already_running", pid, f"already running (pid {pid})")
     out_path = output_file(paths)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "wb") as out:
+    out_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    out_path.unlink(missing_ok=True)  # rewritten, and created private (a log)
+    with open(os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "volunteer", *child_argv],
             stdin=subprocess.DEVNULL,
@@ -189,13 +274,15 @@ def _wait_until_serving(paths: Paths, proc: subprocess.Popen, *, timeout_s: floa
     while time.monotonic() < deadline:
         code = proc.poll()
         if code is not None:
-            _reap_failed(paths, proc)
-            reason = last_error_line(output_file(paths)) or f"exit code {code}"
-            return StartResult("failed", proc.pid, f"the daemon exited: {reason}")
+            return _exited(paths, proc, code)
         try:
             status = client.call(STATUS, timeout_s=2.0)
         except ControlError:
             time.sleep(_POLL_S)  # not listening yet
+            continue
+        if status.pid != proc.pid:
+            # A racing start's daemon answers; ours will exit on the lock it holds.
+            time.sleep(_POLL_S)
             continue
         if status.state == "serving":
             return StartResult("serving", proc.pid, "serving", status)
@@ -210,6 +297,15 @@ def _wait_until_serving(paths: Paths, proc: subprocess.Popen, *, timeout_s: floa
         f"still starting after {timeout_s:.0f} s (pid {proc.pid}); it goes on in the "
         "background: `volunteer status` shows its progress, `volunteer stop` stops it",
     )
+
+
+def _exited(paths: Paths, proc: subprocess.Popen, code: int) -> StartResult:
+    _reap_failed(paths, proc)
+    holder = lock_holder(paths)
+    if holder is not None:  # another start won the race for the lock
+        return StartResult("already_running", holder, str(AlreadyRunningError(holder)))
+    reason = last_error_line(output_file(paths)) or f"exit code {code}"
+    return StartResult("failed", proc.pid, f"the daemon exited: {reason}")
 
 
 def _reap_failed(paths: Paths, proc: subprocess.Popen) -> None:

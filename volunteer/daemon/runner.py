@@ -244,8 +244,9 @@ def _signals_set(event: asyncio.Event) -> Iterator[None]:
 
 
 def configure_logging(settings: Settings, paths: Paths, *, log_to_stderr: bool) -> None:
-    """Sends the daemon's logs to a rotating file (and stderr when asked)."""
-    paths.log_dir.mkdir(parents=True, exist_ok=True)
+    """Sends the daemon's logs to a rotating file (and stderr when asked); the logs are
+    private (they name peers, models and the person's own addresses)."""
+    _make_logs_private(paths)
     root = logging.getLogger()
     root.setLevel(settings.log_level)
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -259,3 +260,15 @@ def configure_logging(settings: Settings, paths: Paths, *, log_to_stderr: bool) 
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)
+
+
+def _make_logs_private(paths: Paths) -> None:
+    """Makes the log folder 0700 and its files 0600, also those an older version left
+    readable; new files follow the daemon's private umask."""
+    paths.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if os.name != "posix":
+        return
+    paths.log_dir.chmod(0o700)
+    for path in paths.log_dir.iterdir():
+        if path.is_file():
+            path.chmod(0o600)
