@@ -4,7 +4,13 @@ The client keeps, for every hop of its route, the hidden states it has sent so f
 a server dies or refuses mid-generation, the session asks for another route over that
 hop's blocks (avoiding the failed peer), replays the kept inputs there to rebuild the
 server-side KV cache, and carries on: the caller sees the same outputs, a little later.
-Only peer and network errors are retried; a bad request is a bug and is raised.
+
+Peer and network errors, and replies that are not valid (`BadReplyError`), are the
+server's failure: retried elsewhere. A server's "bad request" may be a lie as well, so
+the session checks its own input first (the same batch, hidden size and dtype as its
+first step, no gap in positions): input that passes, yet is refused, is tried on
+another replica; only when `MAX_REFUSALS` servers refuse the same step is the refusal
+believed and raised.
 
 Errors::
 
@@ -25,7 +31,7 @@ import torch
 
 from volunteer.errors import VolunteerError
 from volunteer.scheduler.routing import Backoff, NoRouteError, RouteHop
-from volunteer.transport.protocol import NextHop, SessionExpiredError
+from volunteer.transport.protocol import BadRequestError, NextHop, SessionExpiredError
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +108,10 @@ PUSH_GRACE_FACTOR = 3.0
 itself: a lost push costs that much time once, never the output."""
 
 
+MAX_REFUSALS = 2
+"""Servers that may refuse one step as a bad request before the refusal is believed."""
+
+
 class SessionFailedError(VolunteerError):
     """The session could not continue: no route left, or retries exhausted."""
 
@@ -136,6 +146,9 @@ class SwarmInferenceSession:
         self._failovers_left = max_failovers
         self._hops: list[_Hop] = []
         self._steps = 0
+        self._shape: tuple[int, int, torch.dtype] | None = None
+        """Batch, hidden size and dtype of the first step: every step must keep them."""
+        self._refusals_left = MAX_REFUSALS
         self.route_history: list[list[RouteHop]] = []
 
     @property
@@ -144,6 +157,7 @@ class SwarmInferenceSession:
 
     async def open(self, start: int, end: int) -> None:
         """Chooses a route over [start, end) and opens a stream on every hop."""
+        self._refusals_left = MAX_REFUSALS
         self._hops = await self._open_hops(start, end, history=[])
         self.route_history.append(self.route)
 
@@ -159,6 +173,8 @@ class SwarmInferenceSession:
         """
         if not self._hops:
             raise RuntimeError("the inference session is not open")
+        self._check_input(hidden, start_pos)
+        self._refusals_left = MAX_REFUSALS
         for hop in self._hops:
             hop.rewind(start_pos)
         self._steps += 1
@@ -182,7 +198,9 @@ class SwarmInferenceSession:
                         hop.push_grace_s(self._hops[index - 1]) if hop.stream is pushed_to else 0.0
                     ),
                 )
-            except self._retriable as exc:
+            except Exception as exc:
+                if not self._is_server_fault(exc):
+                    raise
                 logger.warning(
                     "peer %s failed on blocks %d:%d at position %d: %s",
                     hop.hop.peer_id, hop.hop.start, hop.hop.end, start_pos, exc,
@@ -198,6 +216,43 @@ class SwarmInferenceSession:
             is_pushed = hop.stream.pushed and index < len(self._hops)
             pushed_to = self._hops[index].stream if is_pushed else None
         return hidden
+
+    def _check_input(self, hidden: torch.Tensor, start_pos: int) -> None:
+        """Refuses input that cannot be right whatever the server, before sending it.
+
+        Raises:
+            BadRequestError: another batch, hidden size or dtype than the first step's, or
+                a start_pos past the positions sent so far.
+        """
+        if hidden.dim() != 3 or min(hidden.shape) < 1:
+            raise BadRequestError(f"hidden states must be [B, S, H], got {list(hidden.shape)}")
+        shape = (hidden.shape[0], hidden.shape[2], hidden.dtype)
+        if self._shape is None:
+            self._shape = shape
+        elif shape != self._shape:
+            batch, size, dtype = self._shape
+            raise BadRequestError(
+                f"batch {shape[0]}, hidden size {shape[1]}, {shape[2]} != the session's "
+                f"batch {batch}, hidden size {size}, {dtype}"
+            )
+        if start_pos > self._hops[0].length:
+            raise BadRequestError(
+                f"start_pos {start_pos} skips past the {self._hops[0].length} positions sent"
+            )
+
+    def _blames_server(self, error: BaseException) -> bool:
+        """Whether `error` may be the server's fault (a refusal may be, see the module)."""
+        return isinstance(error, (*self._retriable, BadRequestError))
+
+    def _is_server_fault(self, error: BaseException) -> bool:
+        """Whether to try another server after `error`: a refusal counts against the
+        step's MAX_REFUSALS."""
+        if isinstance(error, BadRequestError) and not isinstance(error, self._retriable):
+            if self._refusals_left <= 0:
+                return False
+            self._refusals_left -= 1
+            return True
+        return isinstance(error, self._retriable)
 
     def _push_route(self, index: int) -> list[NextHop]:
         """The hops from `index` on that can take pushes, up to the first that cannot."""
@@ -250,7 +305,9 @@ class SwarmInferenceSession:
                 ) from exc
             try:
                 return await self._open_and_replay(route, history)
-            except self._retriable as exc:
+            except Exception as exc:
+                if not self._is_server_fault(exc):
+                    raise
                 if self._failovers_left <= 0:
                     raise SessionFailedError("too many server failures in one session") from exc
                 self._failovers_left -= 1
@@ -272,7 +329,7 @@ class SwarmInferenceSession:
             except BaseException as exc:
                 # Whatever the failure (a bad request, a cancellation too), the sessions
                 # opened so far must not keep holding cache on their servers.
-                if isinstance(exc, self._retriable):
+                if self._blames_server(exc):
                     self._backoff.record_failure(hop.hop.peer_id, self._clock())
                 await _close_all(hops)
                 raise
@@ -300,13 +357,15 @@ class SwarmInferenceSession:
         failed = [(hop, task.exception()) for hop, task in opening if not _opened(task)]
         if failed:
             for hop, error in failed:
-                if isinstance(error, self._retriable):
+                if self._blames_server(error):
                     self._backoff.record_failure(hop.peer_id, self._clock())
             await _close_all(hops)
-            # A bad request is a bug to surface, even when another hop was merely busy.
+            # A bug is surfaced first; a refusal only after plain failures, so that it
+            # spends the step's refusals only when nothing else went wrong.
             errors = [error for _, error in failed]
-            bugs = [error for error in errors if not isinstance(error, self._retriable)]
-            raise (bugs or errors)[0]  # type: ignore[misc]  # exceptions, by _opened()
+            bugs = [error for error in errors if not self._blames_server(error)]
+            plain = [error for error in errors if isinstance(error, self._retriable)]
+            raise (bugs or plain or errors)[0]  # type: ignore[misc]  # exceptions, by _opened()
         return hops
 
     async def _replay(self, hop: _Hop, chunks: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -3,7 +3,8 @@
 Every call has a timeout. Failures come out as `volunteer.transport.protocol` errors: a
 `RemoteError` (`BusyError`, `BadRequestError`, `SessionExpiredError`) when the server
 answered with one, a `PeerUnavailableError` when it could not be reached, did not
-answer in time, or speaks another protocol version (`IncompatiblePeerError`).
+answer in time, speaks another protocol version (`IncompatiblePeerError`), or answered
+with anything but a valid reply (`BadReplyError`, see `volunteer.client.replies`).
 Retrying, and choosing another server, is the caller's business.
 """
 
@@ -26,6 +27,14 @@ from hivemind.proto.p2pd_pb2 import RPCError
 
 import volunteer.transport.framing as framing
 import volunteer.transport.protocol as wire
+from volunteer.client.replies import (
+    MAX_REPLY_BYTES,
+    check_output,
+    only_tensor,
+    reply_bytes,
+    server_error,
+    was_pushed,
+)
 from volunteer.transport.local_link import open_preferring_local
 from volunteer.transport.p2p_streams import open_stream
 from volunteer.transport.protocol import (
@@ -34,14 +43,15 @@ from volunteer.transport.protocol import (
     INFERENCE_HANDLE,
     INFO_HANDLE,
     PeerUnavailableError,
-    RemoteError,
     RemoteSpanError,
 )
 from volunteer.transport.queue_wait import get_within
 
 Reply = TypeVar("Reply")
 
-MAX_REPLY_BYTES = 1 << 30
+INBOX_SIZE = 4
+"""Frames read ahead of the caller: one reply per step, and an error, come at a time."""
+
 PUSH_SECRET_BYTES = 16
 """128 random bits: no one can guess a session's push secret."""
 
@@ -60,7 +70,7 @@ async def _call(awaitable: Awaitable[Reply], *, timeout_s: float, what: str) -> 
     try:
         return await asyncio.wait_for(awaitable, timeout_s)
     except P2PHandlerError as exc:
-        raise wire.classify_remote_error(str(exc)) from exc
+        raise server_error(str(exc), what=what) from exc
     except _CONNECTION_ERRORS as exc:
         raise PeerUnavailableError(f"{what}: {type(exc).__name__}: {exc}") from exc
     except ValueError as exc:
@@ -107,14 +117,14 @@ class RemoteSpan:
     async def forward(self, hidden: torch.Tensor, timeout_s: float = 60.0) -> torch.Tensor:
         """Hidden states [B, S, H] through the span (no cache); same dtype back."""
         reply = await self._single(FORWARD_HANDLE, [hidden], timeout_s)
-        return _only_tensor(reply, self)
+        return check_output(only_tensor(reply, what=repr(self)), hidden, what=repr(self))
 
     async def backward(
         self, hidden: torch.Tensor, grad_outputs: torch.Tensor, timeout_s: float = 60.0
     ) -> torch.Tensor:
         """The gradient of the span's inputs, given its inputs and its outputs' gradient."""
         reply = await self._single(BACKWARD_HANDLE, [hidden, grad_outputs], timeout_s)
-        return _only_tensor(reply, self)
+        return check_output(only_tensor(reply, what=repr(self)), hidden, what=repr(self))
 
     async def open_inference(
         self,
@@ -194,7 +204,10 @@ class InferenceStream:
         self.session_id = session_id
         self._push_secret = push_secret
         self._writer: asyncio.StreamWriter | None = None
-        self._inbox: asyncio.Queue[tuple[bytes, bytes] | BaseException] = asyncio.Queue()
+        # Bounded: a server that sends more than it was asked is not read further.
+        self._inbox: asyncio.Queue[tuple[bytes, bytes] | BaseException] = asyncio.Queue(INBOX_SIZE)
+        self._reply_limit = MAX_REPLY_BYTES
+        """The largest reply frame read now (see `replies.reply_bytes`)."""
         self._reading: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._is_closed = False
@@ -257,6 +270,7 @@ class InferenceStream:
         async with self._lock:
             if self._is_closed:
                 raise RemoteSpanError(f"{self._what()}: the inference stream is closed")
+            self._reply_limit = reply_bytes(hidden)
             reply = await self._receive_pushed(await_push_s) if await_push_s > 0 else None
             if reply is None:
                 # Our own checked values: constructed without validating them again.
@@ -272,8 +286,8 @@ class InferenceStream:
                 await self._send(request, timeout_s)
                 reply = await self._receive(timeout_s)
                 assert reply is not None  # only an expected end returns None
-            output = _only_tensor(reply, self.span)
-            self.pushed = _was_pushed(reply)
+            output = check_output(only_tensor(reply, what=self._what()), hidden, what=self._what())
+            self.pushed = was_pushed(reply)
             return output
 
     async def close(self, timeout_s: float = 5.0) -> None:
@@ -296,11 +310,12 @@ class InferenceStream:
     async def _read_forever(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                self._inbox.put_nowait(await framing.read_frame(reader, max_bytes=MAX_REPLY_BYTES))
+                frame = await framing.read_frame(reader, max_bytes=lambda: self._reply_limit)
+                await self._inbox.put(frame)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the end of the stream, a reset, or garbage
-            self._inbox.put_nowait(exc)
+            await self._inbox.put(exc)
 
     async def _send(self, message: Message, timeout_s: float) -> None:
         """Writes one message; any failure closes the stream before it is raised."""
@@ -320,13 +335,13 @@ class InferenceStream:
                 raise PeerUnavailableError(f"{self._what()}: sending failed: {exc!r}") from exc
             raise
 
-    def _last_words(self) -> RemoteError | None:
+    def _last_words(self) -> RemoteSpanError | None:
         """The error the server sent before it closed the stream, if one came."""
         while not self._inbox.empty():
             item = self._inbox.get_nowait()
             if isinstance(item, tuple) and item[0] == P2P.ERROR_MARKER:
                 with contextlib.suppress(DecodeError):
-                    return wire.classify_remote_error(_parse(RPCError, item[1]).message)
+                    return server_error(_parse(RPCError, item[1]).message, what=self._what())
         return None
 
     async def _receive_pushed(self, timeout_s: float) -> runtime_pb2.ExpertResponse | None:
@@ -365,7 +380,7 @@ class InferenceStream:
         try:
             if marker == P2P.ERROR_MARKER:
                 self._abort()  # the server ends the session after an error
-                raise wire.classify_remote_error(_parse(RPCError, body).message)
+                raise server_error(_parse(RPCError, body).message, what=self._what())
             return _parse(runtime_pb2.ExpertResponse, body)
         except DecodeError as exc:
             self._abort()
@@ -395,21 +410,3 @@ def _parse(kind: type[ParsedMessage], body: bytes) -> ParsedMessage:
 
 async def _one(request: runtime_pb2.ExpertRequest) -> AsyncIterator[runtime_pb2.ExpertRequest]:
     yield request
-
-
-def _was_pushed(reply: runtime_pb2.ExpertResponse) -> bool:
-    try:
-        return wire.unpack_metadata(reply.metadata, wire.StepReply).pushed
-    except wire.BadRequestError:
-        return False  # a server that says nothing pushed nothing we should wait for
-
-
-def _only_tensor(reply: runtime_pb2.ExpertResponse | None, span: RemoteSpan) -> torch.Tensor:
-    if reply is None or len(reply.tensors) != 1:
-        count = 0 if reply is None else len(reply.tensors)
-        raise wire.RemoteError(f"{span!r} answered with {count} tensors instead of 1")
-    try:
-        return framing.unpack_tensor(reply.tensors[0], max_numel=MAX_REPLY_BYTES)
-    except wire.BadRequestError as exc:
-        reason = str(exc).removeprefix(wire.BadRequestError.marker)
-        raise wire.RemoteError(f"{span!r} answered with a bad tensor: {reason}") from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 
 import torch
 from google.protobuf.message import Message
@@ -49,8 +50,13 @@ async def drain_if_full(writer: asyncio.StreamWriter, timeout_s: float) -> None:
     await asyncio.wait_for(writer.drain(), timeout_s)
 
 
-async def read_frame(reader: asyncio.StreamReader, *, max_bytes: int) -> tuple[bytes, bytes]:
+async def read_frame(
+    reader: asyncio.StreamReader, *, max_bytes: int | Callable[[], int]
+) -> tuple[bytes, bytes]:
     """One framed message (see `encode_frame`), or an error frame: marker and body.
+
+    `max_bytes` may be a function, asked once the length has come: a reader that waits
+    ahead for a reply bounds it by what was asked in the meantime.
 
     Raises:
         asyncio.IncompleteReadError: the stream ended.
@@ -61,8 +67,9 @@ async def read_frame(reader: asyncio.StreamReader, *, max_bytes: int) -> tuple[b
     if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
         raise PeerUnavailableError(f"a message with an unknown marker {marker!r}")
     length = int.from_bytes(await reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
-    if length > max_bytes:
-        raise PeerUnavailableError(f"a message of {length} bytes exceeds {max_bytes}")
+    limit = max_bytes() if callable(max_bytes) else max_bytes
+    if length > limit:
+        raise PeerUnavailableError(f"a message of {length} bytes exceeds {limit}")
     return marker, await reader.readexactly(length)
 
 

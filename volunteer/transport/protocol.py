@@ -26,6 +26,7 @@ cannot talk to is as good as one that is down.
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any, TypeVar
 
 import msgpack
@@ -105,6 +106,27 @@ class BadReplyError(PeerUnavailableError):
 
 
 _MARKED_ERRORS: tuple[type[RemoteError], ...] = (BusyError, BadRequestError, SessionExpiredError)
+
+
+def printable(text: str, *, keep_lines: bool = False, max_chars: int = 2000) -> str:
+    """`text` from a peer, fit to show a person: control and format characters removed
+    (a peer's text must not drive the terminal, e.g. move its cursor, or reorder what is
+    shown with bidirectional overrides), at most max_chars long.
+
+    Args:
+        keep_lines: keep newlines and tabs (model output); otherwise they become spaces.
+    """
+    kept = []
+    for char in text[: max_chars * 2]:
+        if char in "\n\t":
+            kept.append(char if keep_lines else " ")
+        elif unicodedata.category(char) not in _HIDDEN_CATEGORIES:
+            kept.append(char)
+    return "".join(kept)[:max_chars]
+
+
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn"})
+"""Control, format (bidi overrides, zero-width), surrogate, private-use, unassigned."""
 
 
 def classify_remote_error(message: str) -> RemoteError:

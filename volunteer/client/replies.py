@@ -1,0 +1,79 @@
+"""Checks on what a server answers: a reply that is not what was asked for is the server's
+failure (`BadReplyError`, which routing treats as a server down), never the user's.
+
+A server may answer with an unexplained error, garbage, a tensor of the wrong shape or
+dtype, NaN or inf, or a frame far larger than any valid reply: each is caught here, before
+the value reaches the next hop or the sampler, so the client fails over to another
+replica instead of ending the session or decoding nonsense.
+"""
+
+from __future__ import annotations
+
+import torch
+from hivemind.proto import runtime_pb2
+
+import volunteer.transport.framing as framing
+import volunteer.transport.protocol as wire
+from volunteer.transport.protocol import BadReplyError, RemoteError, RemoteSpanError
+
+MAX_REPLY_BYTES = 1 << 30
+"""The most any reply may be before the client knows what it asked for (see
+`reply_bytes`)."""
+REPLY_OVERHEAD_BYTES = wire.MAX_METADATA_BYTES + 1024
+"""A reply's metadata and protobuf framing around its tensor."""
+
+
+def reply_bytes(like: torch.Tensor) -> int:
+    """The largest valid reply to a step on `like`: a tensor of its shape (at 4 bytes an
+    element: hivemind's legacy layout sends bfloat16 as float32) and its metadata."""
+    return like.numel() * 4 + REPLY_OVERHEAD_BYTES
+
+
+def server_error(message: str, *, what: str) -> RemoteSpanError:
+    """A server's error text as our error: a marked one (busy, bad request, expired) as
+    its class; anything else, a failure of the server's own (`BadReplyError`)."""
+    error = wire.classify_remote_error(wire.printable(message))
+    if type(error) is RemoteError:
+        return BadReplyError(f"{what} failed: {error}")
+    return error
+
+
+def only_tensor(reply: runtime_pb2.ExpertResponse | None, *, what: str) -> torch.Tensor:
+    """The one tensor of a reply.
+
+    Raises:
+        BadReplyError: none, several, or one that does not decode.
+    """
+    if reply is None or len(reply.tensors) != 1:
+        count = 0 if reply is None else len(reply.tensors)
+        raise BadReplyError(f"{what} answered with {count} tensors instead of 1")
+    try:
+        return framing.unpack_tensor(reply.tensors[0], max_numel=MAX_REPLY_BYTES)
+    except wire.BadRequestError as exc:
+        reason = str(exc).removeprefix(wire.BadRequestError.marker)
+        raise BadReplyError(f"{what} answered with a bad tensor: {reason}") from exc
+
+
+def check_output(output: torch.Tensor, like: torch.Tensor, *, what: str) -> torch.Tensor:
+    """`output`, once it has `like`'s shape and dtype and only finite values (a span maps
+    hidden states to hidden states of the same shape and dtype).
+
+    Raises:
+        BadReplyError: it does not.
+    """
+    if output.shape != like.shape or output.dtype != like.dtype:
+        raise BadReplyError(
+            f"{what} answered {output.dtype} {list(output.shape)} "
+            f"for {like.dtype} {list(like.shape)}"
+        )
+    if not torch.isfinite(output).all():
+        raise BadReplyError(f"{what} answered NaN or infinite values")
+    return output
+
+
+def was_pushed(reply: runtime_pb2.ExpertResponse) -> bool:
+    """Whether the server says it pushed the step's output on to the next hop."""
+    try:
+        return wire.unpack_metadata(reply.metadata, wire.StepReply).pushed
+    except wire.BadRequestError:
+        return False  # a server that says nothing pushed nothing we should wait for
