@@ -15,6 +15,7 @@ from hivemind.proto import runtime_pb2
 import tests.server  # noqa: F401  (imports hivemind with its import-time warning silenced)
 import volunteer.transport.protocol as wire
 from volunteer.client.remote_span import RemoteSpan, ping
+from volunteer.client.replies import server_error
 from volunteer.server.handler import BlockHandler
 from volunteer.transport.protocol import (
     BACKWARD_HANDLE,
@@ -112,3 +113,17 @@ def test_a_server_of_our_protocol_version_is_used() -> None:
     info, rtt = asyncio.run(_ask_a_server_that_answers(_info(PROTOCOL_VERSION)))
     assert isinstance(info, wire.InfoReply) and info.version == PROTOCOL_VERSION
     assert isinstance(rtt, float) and rtt > 0
+
+
+def test_printable_removes_what_could_drive_a_terminal() -> None:
+    hostile = "ok\x1b[2J\x07 name\u202egnp.exe\u200b\r\nline\tend\x00"
+    assert wire.printable(hostile) == "ok[2J namegnp.exe line end"
+    assert wire.printable(hostile, keep_lines=True) == "ok[2J namegnp.exe\nline\tend"
+    assert len(wire.printable("x" * 10_000, max_chars=50)) == 50
+
+
+def test_a_servers_unexplained_error_reaches_the_user_without_control_characters() -> None:
+    error = server_error("RuntimeError('\x1b]0;owned\x07boom')", what="server")
+    assert isinstance(error, wire.BadReplyError)
+    assert "\x1b" not in str(error) and "\x07" not in str(error)
+    assert isinstance(server_error("busy: \x1b[31mfull", what="server"), wire.BusyError)
