@@ -211,8 +211,11 @@ def start_background(
         return StartResult("already_running", pid, f"already running (pid {pid})")
     out_path = output_file(paths)
     out_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    out_path.unlink(missing_ok=True)  # rewritten, and created private (a log)
+    # A log: created private, and one an older version left readable is tightened (not
+    # replaced: a racing start's daemon may be writing to it).
     with open(os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+        if os.name == "posix":
+            os.fchmod(out.fileno(), 0o600)
         proc = subprocess.Popen(
             [sys.executable, "-m", "volunteer", *child_argv],
             stdin=subprocess.DEVNULL,
