@@ -177,7 +177,10 @@ def _print_table(status: StatusReply) -> None:
         ("blocks", f"{blocks[0]}:{blocks[1]}" if blocks else "-"),
         ("why these", status.span_reason),
         ("last rebalance", status.last_rebalance_check),
-        ("peers seen", status.peers_seen),
+        (
+            "peers seen",
+            f"{status.peers_seen}{' (partitioned: redialling)' * status.is_partitioned}",
+        ),
         ("requests served", status.requests_served),
         ("tokens served", status.tokens_served),
         ("uptime", _format_uptime(status.uptime_s)),

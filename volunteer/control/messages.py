@@ -94,6 +94,8 @@ class DHTStatus(Reply):
     peers_seen: int = 0
     """Other peers in the routing table."""
     new_swarm: bool = False
+    is_partitioned: bool = False
+    """The daemon had peers and has none now: it is dialling the known ones again."""
 
 
 class ServingStatus(Reply):

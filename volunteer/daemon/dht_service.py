@@ -8,6 +8,7 @@ so the daemon keeps one loop and other services can use `p2p` and `node` directl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 from pathlib import Path
@@ -17,6 +18,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
 from volunteer.control.messages import DHTStatus
+from volunteer.daemon import known_peers
 from volunteer.settings import Settings
 from volunteer.swarm.dht_storage import bound_node_storage
 
@@ -24,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 60.0
 """Longest wait for p2pd to start and the DHT to bootstrap from `--join` peers."""
+MAINTAIN_PERIOD_S = 5.0
+"""How often the known peers are saved, or, with none in the routing table, dialled
+again: a restarted bootstrap peer is found within a few of these."""
 
 
 class DHTService:
@@ -35,6 +40,8 @@ class DHTService:
             once p2pd has started. None gives a fresh peer id at each start.
         record_validator: signs this peer's records and checks others' (see
             `volunteer.swarm.dht_records.make_validator`); None stores unsigned records.
+        known_peers_path: where the peers met are kept (`volunteer.daemon.known_peers`);
+            None keeps none.
     """
 
     def __init__(
@@ -43,13 +50,18 @@ class DHTService:
         *,
         identity_path: Path | None = None,
         record_validator: Any = None,
+        known_peers_path: Path | None = None,
     ) -> None:
         self._settings = settings
         self._identity_path = identity_path
         self._record_validator = record_validator
+        self._known_peers_path = known_peers_path
         self._p2p: P2P | None = None
         self._node: DHTNode | None = None
         self._multiaddrs: list[str] = []
+        self._maintaining: asyncio.Task[None] | None = None
+        self._has_had_peers = False
+        self._is_partitioned = False
 
     @property
     def p2p(self) -> P2P:
@@ -93,9 +105,41 @@ class DHTService:
         self._multiaddrs = [str(addr) for addr in await self._p2p.get_visible_maddrs()]
         what = "started a new swarm" if settings.is_new_swarm else "joined the swarm"
         logger.info("DHT %s as %s; others join with %s", what, self.peer_id, self._multiaddrs)
+        self._maintaining = asyncio.create_task(self._maintain_forever(), name="dht-peers")
+
+    async def _maintain_forever(self) -> None:
+        while True:
+            try:
+                await self._maintain()
+            except Exception:  # a bad file or a failed dial must not end the loop
+                logger.exception("keeping the known peers failed")
+            await asyncio.sleep(MAINTAIN_PERIOD_S)
+
+    async def _maintain(self) -> None:
+        """Saves the connected peers of the routing table; with none, dials the known ones
+        again (the `--join` addresses and those saved before)."""
+        p2p, node, path = self.p2p, self.node, self._known_peers_path
+        connected = await known_peers.connected_addresses(p2p, node)
+        if connected:
+            if self._is_partitioned:
+                logger.info("reconnected to the swarm")
+            self._has_had_peers, self._is_partitioned = True, False
+            if path is not None:
+                known_peers.save(path, connected)
+            return
+        targets = [*self._settings.join, *(known_peers.load(path) if path else [])]
+        if self._has_had_peers and not self._is_partitioned:
+            logger.warning("no peers left in the routing table: partitioned; redialling")
+        self._is_partitioned = self._has_had_peers
+        if targets:
+            await known_peers.redial(p2p, node, targets)
 
     async def stop(self) -> None:
         """Leaves the DHT and stops p2pd."""
+        if self._maintaining is not None:
+            self._maintaining.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintaining
         node, p2p = self._node, self._p2p
         self._node = self._p2p = None
         if node is not None:
@@ -118,4 +162,5 @@ class DHTService:
             multiaddrs=list(self._multiaddrs),
             peers_seen=peers,
             new_swarm=self._settings.is_new_swarm,
+            is_partitioned=self._is_partitioned,
         )

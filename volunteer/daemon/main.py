@@ -121,7 +121,10 @@ def _services(settings: Settings, paths: Paths) -> list[Service]:
         print(f"volunteer: warning: {identity.warning}", file=sys.stderr)
     identity_path = write_private_file(runtime_identity_path(paths), identity.p2p_identity_bytes())
     dht = DHTService(
-        settings, identity_path=identity_path, record_validator=make_validator(identity.private_key)
+        settings,
+        identity_path=identity_path,
+        record_validator=make_validator(identity.private_key),
+        known_peers_path=paths.data_dir / "known_peers.json",
     )
     blocks = BlockService(
         settings,
