@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 from volunteer.errors import SettingsError
 from volunteer.model_cache.smollm2 import DEFAULT_MODEL
 from volunteer.paths import Paths
+from volunteer.transport.protocol import printable
 
 if TYPE_CHECKING:
     from volunteer.chat.conversation import Conversation
@@ -136,7 +137,9 @@ def _answer(
             conversation, max_new_tokens=args.max_new_tokens, sampling=sampling
         ):
             pieces.append(piece)
-            out.write(piece)
+            # A model's weights came from its publisher: its text must not drive the
+            # terminal (escape sequences, bidirectional overrides).
+            out.write(printable(piece, keep_lines=True, max_chars=len(piece)))
             out.flush()
     finally:
         # An interrupted reply still joins the conversation, as far as it got.
