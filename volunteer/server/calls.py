@@ -51,4 +51,4 @@ async def serve_call(
     async def serve() -> None:
         await write_replies(replies(), writer, peer=peer, timeout_s=handler.limits.idle_timeout_s)
 
-    await serve_in_slot(handler.call_slots, peer, writer, serve)
+    await serve_in_slot(handler.call_slots, peer, reader, writer, serve)

@@ -22,8 +22,8 @@ import volunteer.transport.protocol as wire
 from volunteer.settings import Settings
 from volunteer.transport.protocol import BusyError
 
-REFUSAL_WRITE_TIMEOUT_S = 1.0
-"""How long a refused stream waits to hand its peer the reason before it closes."""
+REFUSAL_LINGER_S = 2.0
+"""How long a refused stream waits for its peer to take the reason and end its side."""
 MIB = 1 << 20
 
 
@@ -98,6 +98,7 @@ class PeerSlots:
 async def serve_in_slot(
     slots: PeerSlots,
     peer: str,
+    reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     serve: Callable[[], Awaitable[None]],
 ) -> None:
@@ -106,7 +107,7 @@ async def serve_in_slot(
     try:
         slots.take(peer)
     except BusyError as exc:
-        await refuse(writer, exc)
+        await refuse(reader, writer, exc)
         return
     try:
         await serve()
@@ -114,8 +115,20 @@ async def serve_in_slot(
         slots.give_back(peer)
 
 
-async def refuse(writer: asyncio.StreamWriter, exc: Exception) -> None:
-    """Ends a stream with an error frame naming the reason, as hivemind's handlers do."""
+async def refuse(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exc: Exception
+) -> None:
+    """Ends a stream with an error frame naming the reason, as hivemind's handlers do.
+
+    Closing with the peer's bytes unread resets the stream, and a reset can drop our
+    answer before the peer reads it: so the peer's bytes are read and dropped (never
+    kept) until it ends its side, for REFUSAL_LINGER_S at most.
+    """
     with contextlib.closing(writer), contextlib.suppress(Exception):
         writer.write(framing.encode_frame(RPCError(message=str(exc))))
-        await asyncio.wait_for(writer.drain(), REFUSAL_WRITE_TIMEOUT_S)
+        await asyncio.wait_for(_drop_until_end(reader), REFUSAL_LINGER_S)
+
+
+async def _drop_until_end(reader: asyncio.StreamReader) -> None:
+    while await reader.read(1 << 16):
+        pass

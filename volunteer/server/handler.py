@@ -387,6 +387,7 @@ class BlockHandler(ServicerBase):
         await serve_in_slot(
             self.session_slots,
             peer,
+            reader,
             writer,
             lambda: serve_inference_stream(self, peer, reader, writer),
         )
@@ -397,7 +398,11 @@ class BlockHandler(ServicerBase):
         """A push link from another server (over p2p or a local link), until it ends;
         refused as busy past the push stream caps."""
         await serve_in_slot(
-            self.push_slots, peer, writer, lambda: serve_push_stream(self, peer, reader, writer)
+            self.push_slots,
+            peer,
+            reader,
+            writer,
+            lambda: serve_push_stream(self, peer, reader, writer),
         )
 
     async def _serve_inference(
