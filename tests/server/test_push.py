@@ -32,6 +32,7 @@ from tests.server import (
     wait_until,
 )
 from volunteer.client.remote_span import InferenceStream, RemoteSpan
+from volunteer.server.caps import max_step_bytes
 from volunteer.server.handler import BlockHandler
 from volunteer.transport.p2p_streams import open_stream
 from volunteer.transport.protocol import INFERENCE_HANDLE, PUSH_HANDLE
@@ -227,3 +228,20 @@ def test_bad_pushes_are_dropped_and_the_session_carries_on(pair: Pair) -> None:
 def _settles(handler: BlockHandler) -> bool:
     """Whether every session of `handler` ends and frees its cache."""
     return wait_until(lambda: handler.sessions.cache_tokens_left == 64)
+
+
+def test_a_push_longer_than_any_step_ends_the_link_unread(pair: Pair) -> None:
+    # The header alone says too much: the server must not wait for (or buffer) the body.
+    length = max_step_bytes(pair.second) + 1
+
+    async def announce_a_long_push() -> bytes:
+        peer_id = pair.second._p2p.peer_id  # type: ignore[union-attr]
+        _, reader, writer = await pair.client.call_binary_stream_handler(peer_id, PUSH_HANDLE)
+        writer.write(P2P.MESSAGE_MARKER + length.to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER))
+        await writer.drain()
+        try:
+            return await asyncio.wait_for(reader.read(), TIMEOUT_S)
+        finally:
+            writer.close()
+
+    assert pair.loop.run(announce_a_long_push()) == b""

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from hivemind.proto.p2pd_pb2 import RPCError
 
@@ -21,6 +22,9 @@ import volunteer.transport.framing as framing
 import volunteer.transport.protocol as wire
 from volunteer.settings import Settings
 from volunteer.transport.protocol import BusyError
+
+if TYPE_CHECKING:  # the handler holds the caps: a run-time import would be circular
+    from volunteer.server.handler import BlockHandler
 
 REFUSAL_LINGER_S = 2.0
 """How long a refused stream waits for its peer to take the reason and end its side."""
@@ -56,6 +60,15 @@ class ServerCaps:
         of `positions` rows, and the metadata), within `max_message_bytes`."""
         valid = tensors * positions * hidden_size * 4 + wire.MAX_METADATA_BYTES
         return min(valid, self.max_message_bytes)
+
+
+def max_step_bytes(handler: BlockHandler) -> int:
+    """The largest message a valid step can be, sent by a client or pushed by another
+    server (a float32 tensor of max_tokens positions and its metadata), within the
+    server's message cap."""
+    return handler.caps.message_bytes(
+        hidden_size=handler.span.config.hidden_size, tensors=1, positions=handler.limits.max_tokens
+    )
 
 
 DEFAULT_CAPS = ServerCaps.from_settings(Settings())

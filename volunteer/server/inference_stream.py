@@ -26,6 +26,7 @@ from hivemind.proto.p2pd_pb2 import RPCError
 
 import volunteer.transport.framing as framing
 import volunteer.transport.protocol as wire
+from volunteer.server.caps import max_step_bytes
 from volunteer.server.push import PushedStep, StepInbox
 from volunteer.server.sessions import Session
 from volunteer.server.validation import first_request
@@ -80,14 +81,6 @@ async def write_replies(
                 await asyncio.wait_for(writer.drain(), ERROR_WRITE_TIMEOUT_S)
         finally:
             await replies.aclose()  # type: ignore[attr-defined]  # an async generator
-
-
-def max_step_bytes(handler: BlockHandler) -> int:
-    """The largest message a valid step can be (a float32 tensor of max_tokens positions
-    and its metadata), within the server's message cap."""
-    return handler.caps.message_bytes(
-        hidden_size=handler.span.config.hidden_size, tensors=1, positions=handler.limits.max_tokens
-    )
 
 
 async def inference_session(

@@ -46,6 +46,7 @@ from hivemind.proto import runtime_pb2
 
 import volunteer.transport.framing as framing
 import volunteer.transport.protocol as wire
+from volunteer.server.caps import max_step_bytes
 from volunteer.transport.local_link import open_preferring_local
 from volunteer.transport.p2p_streams import open_stream
 from volunteer.transport.protocol import (
@@ -68,8 +69,6 @@ MAX_LINKS = 16
 MAX_BUFFERED_BYTES = 1 << 20
 """A link whose peer does not read this much is dropped rather than buffered further."""
 INBOX_SIZE = 8
-MAX_PUSH_BYTES = 64 << 20
-"""A pushed message is one step's hidden states: far below this."""
 
 
 @dataclasses.dataclass
@@ -275,7 +274,7 @@ async def serve_push_stream(
         while True:
             try:
                 marker, body = await asyncio.wait_for(
-                    framing.read_frame(reader, max_bytes=MAX_PUSH_BYTES),
+                    framing.read_frame(reader, max_bytes=max_step_bytes(handler)),
                     handler.limits.idle_timeout_s,
                 )
             except (asyncio.TimeoutError, asyncio.IncompleteReadError, PeerUnavailableError):
