@@ -111,9 +111,11 @@ def _attacker(name: str, command: list[str], env: dict[str, str], log: Path) -> 
         yield counts
     finally:
         counts["cpu_s"] = round(_cpu_seconds(process.pid), 1)
-        with contextlib.suppress(Exception):  # closes its stdin: the attacker's cue to stop
-            out, _ = process.communicate(timeout=STOP_TIMEOUT_S)
-            counts.update(json.loads(out.strip().splitlines()[-1]))
+        process.stdin.close()  # type: ignore[union-attr]  # the attacker's cue to stop
+        with contextlib.suppress(json.JSONDecodeError):
+            counts.update(json.loads(_read_line(process, STOP_TIMEOUT_S)))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(STOP_TIMEOUT_S)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, 9)
 

@@ -36,6 +36,8 @@ SUBKEYS_PER_ROUND = 50
 FLOOD_POSITIONS = 256
 """Positions per forward call of the message flood: a valid call, expensive to compute."""
 HOUR_S = 3600.0
+CLEANUP_TIMEOUT_S = 20.0
+"""Shutting the Sybils' p2p daemons down; past it the caller kills the process group."""
 
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -278,9 +280,10 @@ async def _main(args: argparse.Namespace) -> None:
     )
     if task.done() and task.exception() is not None:
         attack.counts[f"crashed: {task.exception()!r}"[:200]] += 1
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    # The counters first: the caller may kill this process group if the clean-up lags.
     print(json.dumps(dict(attack.counts)), flush=True)
+    task.cancel()
+    await asyncio.wait([task], timeout=CLEANUP_TIMEOUT_S)
 
 
 if __name__ == "__main__":
