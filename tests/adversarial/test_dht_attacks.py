@@ -28,6 +28,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
+from tests.swarm.dht_helpers import owned_main_loop
 from volunteer.client.swarm_connection import SwarmConnection
 from volunteer.server.handler import BlockHandler
 from volunteer.swarm.dht_records import (
@@ -128,20 +129,21 @@ def swarm() -> Iterator[Swarm]:
     honest = loop.run(_start(full), timeout_s=60)
     maddrs = [str(a) for a in loop.run(honest[0].p2p.get_visible_maddrs())]
     attacker_key = RSAPrivateKey()
-    # Plain hivemind: it signs its own marked subkeys and checks nothing of ours.
-    attacker = hivemind.DHT(
-        initial_peers=maddrs,
-        start=True,
-        host_maddrs=LOOPBACK,
-        record_validators=[RSASignatureValidator(attacker_key)],
-    )
-    try:
-        with SwarmConnection(maddrs) as client:
-            yield Swarm(loop, full, honest, client, attacker, attacker_key)
-    finally:
-        attacker.shutdown()
-        loop.run(_stop(honest))
-        loop.close()
+    with owned_main_loop():
+        # Plain hivemind: it signs its own marked subkeys and checks nothing of ours.
+        attacker = hivemind.DHT(
+            initial_peers=maddrs,
+            start=True,
+            host_maddrs=LOOPBACK,
+            record_validators=[RSASignatureValidator(attacker_key)],
+        )
+        try:
+            with SwarmConnection(maddrs) as client:
+                yield Swarm(loop, full, honest, client, attacker, attacker_key)
+        finally:
+            attacker.shutdown()
+            loop.run(_stop(honest))
+            loop.close()
 
 
 def _assert_honest_records_survive(swarm: Swarm) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import pydantic
 import pytest
 
-from tests.control.loop_thread import LoopThread
+from volunteer.client.loop_thread import LoopThread
 from volunteer.control.client import ControlClient
 from volunteer.control.endpoint import (
     MAX_MESSAGE_BYTES,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.control.loop_thread import LoopThread
 from volunteer import cli
+from volunteer.client.loop_thread import LoopThread
 from volunteer.control.client import ControlClient
 from volunteer.control.endpoint import MalformedReplyError, private_dir, socket_path, use_tcp
 from volunteer.control.messages import STATUS, SWARM

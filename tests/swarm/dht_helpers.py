@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import hivemind
@@ -37,6 +38,25 @@ PIPE_SLACK_S = 5.0
 """Extra wait for hivemind's child process to pick up and answer a request over its pipe."""
 # Before Python 3.11 these three were different classes.
 _TIMEOUTS = (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError)
+
+
+@contextlib.contextmanager
+def owned_main_loop() -> Iterator[None]:
+    """An event loop of ours as the main thread's, for the life of `hivemind.DHT`s made
+    in it, closed after.
+
+    A `hivemind.DHT`'s futures in this process take the main thread's event loop, and
+    create one when none is set. Left behind, that loop is dropped by the next
+    `asyncio.run` (or Textual app) of the main thread and collected unclosed: its
+    ResourceWarnings then fail whichever later test the collector happens to run in.
+    """
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
 
 
 def make_dht(

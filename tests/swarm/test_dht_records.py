@@ -26,6 +26,7 @@ from tests.swarm.dht_helpers import (
     announce,
     announce_offline,
     make_dht,
+    owned_main_loop,
     read_snapshot,
     reannounce,
 )
@@ -74,13 +75,14 @@ def start_peer(root: Path, initial_peers: list[str]) -> Peer:
 @pytest.fixture(scope="module")
 def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Peer, Peer]]:
     started: list[Peer] = []
-    try:
-        started.append(start_peer(tmp_path_factory.mktemp("peer-a"), []))
-        started.append(start_peer(tmp_path_factory.mktemp("peer-b"), started[0].maddrs()))
-        yield started[0], started[1]
-    finally:
-        for peer in started:
-            peer.dht.shutdown()
+    with owned_main_loop():
+        try:
+            started.append(start_peer(tmp_path_factory.mktemp("peer-a"), []))
+            started.append(start_peer(tmp_path_factory.mktemp("peer-b"), started[0].maddrs()))
+            yield started[0], started[1]
+        finally:
+            for peer in started:
+                peer.dht.shutdown()
 
 
 def info_for(model: str, start: int, end: int, **changes: object) -> ServerInfo:
