@@ -9,10 +9,8 @@ show that the earlier attacks left nothing behind that breaks routing.
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,23 +20,18 @@ with warnings.catch_warnings():
     import hivemind
 
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.node import DHTNode
-from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
+from tests.server import LoopThread, hidden_states, random_span, tiny_config
+from tests.swarm.block_peers import Peer, start_peer, stop_peers
 from tests.swarm.dht_helpers import owned_main_loop
 from volunteer.client.swarm_connection import SwarmConnection
-from volunteer.server.handler import BlockHandler
 from volunteer.swarm.dht_records import (
     announce_on_node,
-    encode_p2p_identity,
-    make_validator,
     owner_marker,
     read_snapshot_on_node,
 )
-from volunteer.swarm.dht_storage import bound_node_storage
 from volunteer.swarm.dht_validator import MAX_RECORD_BYTES, MAX_RECORD_LIFETIME_S
 from volunteer.swarm.records import ServerInfo, ServerState, block_key
 
@@ -53,45 +46,20 @@ HOUR_S = 3600.0
 
 
 @dataclasses.dataclass
-class Honest:
-    p2p: P2P
-    node: DHTNode
-    handler: BlockHandler
-    owner: bytes
-
-    @property
-    def peer_id(self) -> str:
-        return self.p2p.peer_id.to_base58()
-
-
-@dataclasses.dataclass
 class Swarm:
     loop: LoopThread
     full: torch.nn.Module
-    honest: list[Honest]
+    honest: list[Peer]
     client: SwarmConnection
     attacker: hivemind.DHT
     attacker_key: RSAPrivateKey
 
 
-async def _honest(full: torch.nn.Module, start: int, end: int, peers: list[str]) -> Honest:
-    key = RSAPrivateKey()
-    with tempfile.TemporaryDirectory() as folder:
-        identity = Path(folder) / "identity.key"
-        identity.write_bytes(encode_p2p_identity(key))
-        p2p = await P2P.create(
-            host_maddrs=LOOPBACK, initial_peers=peers, identity_path=str(identity)
-        )
-    # As the daemon's DHTService builds it: our validator and bounded storage.
-    node = await DHTNode.create(p2p=p2p, initial_peers=peers, record_validator=make_validator(key))
-    bound_node_storage(node)
-    handler = await BlockHandler.create(
-        p2p=p2p, span=sub_span(full, start, end), model_name=MODEL, cache_tokens=256
-    )
-    honest = Honest(p2p, node, handler, owner_marker(key))
+async def _honest(full: torch.nn.Module, start: int, end: int, peers: list[str]) -> Peer:
+    honest = await start_peer(full, start, end, peers, model=MODEL)
     info = _info(start, end, throughput=100.0)
     assert await announce_on_node(
-        node, info, owner=honest.owner, expiration_s=HOUR_S, timeout_s=TIMEOUT_S
+        honest.node, info, owner=honest.owner, expiration_s=HOUR_S, timeout_s=TIMEOUT_S
     )
     return honest
 
@@ -109,17 +77,10 @@ def _info(start: int, end: int, *, throughput: float) -> ServerInfo:
     )
 
 
-async def _start(full: torch.nn.Module) -> list[Honest]:
+async def _start(full: torch.nn.Module) -> list[Peer]:
     first = await _honest(full, 0, 2, [])
     maddrs = [str(a) for a in await first.p2p.get_visible_maddrs()]
     return [first, await _honest(full, 2, 4, maddrs)]
-
-
-async def _stop(honest: list[Honest]) -> None:
-    for peer in honest:
-        await peer.handler.shutdown()
-        await peer.node.shutdown()
-        await peer.p2p.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +103,7 @@ def swarm() -> Iterator[Swarm]:
                 yield Swarm(loop, full, honest, client, attacker, attacker_key)
         finally:
             attacker.shutdown()
-            loop.run(_stop(honest))
+            loop.run(stop_peers(honest))
             loop.close()
 
 

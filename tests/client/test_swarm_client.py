@@ -5,25 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
-from hivemind.dht.node import DHTNode
-from hivemind.p2p import P2P
-from hivemind.utils.crypto import RSAPrivateKey
 
 from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
+from tests.swarm.block_peers import Peer, start_peer, stop_peers
 from volunteer.client.swarm_client import SNAPSHOT_MAX_AGE_S, SNAPSHOT_STALE_MAX_S, SwarmClient
-from volunteer.server.handler import BlockHandler
 from volunteer.server.local_stream import LocalInferenceStream
 from volunteer.swarm.dht_records import (
     announce_on_node,
-    encode_p2p_identity,
-    make_validator,
-    owner_marker,
 )
 from volunteer.swarm.records import ServerInfo, ServerState
 from volunteer.transport.protocol import BadRequestError
@@ -39,40 +31,10 @@ only a stall of the whole loop could make the read begin before the look."""
 
 
 @dataclasses.dataclass
-class Peer:
-    p2p: P2P
-    node: DHTNode
-    handler: BlockHandler
-    owner: bytes
-
-    @property
-    def peer_id(self) -> str:
-        return self.p2p.peer_id.to_base58()
-
-
-@dataclasses.dataclass
 class World:
     loop: LoopThread
     full: torch.nn.Module
     peers: list[Peer]
-
-
-async def _peer(full: object, start: int, end: int, initial_peers: list[str]) -> Peer:
-    key = RSAPrivateKey()
-    # The peer id and the records' owner marker come from one key, as in the daemon.
-    with tempfile.TemporaryDirectory() as folder:
-        identity = Path(folder) / "identity.key"
-        identity.write_bytes(encode_p2p_identity(key))
-        p2p = await P2P.create(
-            host_maddrs=LOOPBACK, initial_peers=initial_peers, identity_path=str(identity)
-        )
-    node = await DHTNode.create(
-        p2p=p2p, initial_peers=initial_peers, record_validator=make_validator(key)
-    )
-    handler = await BlockHandler.create(
-        p2p=p2p, span=sub_span(full, start, end), model_name=MODEL, cache_tokens=256
-    )
-    return Peer(p2p, node, handler, owner_marker(key))
 
 
 async def _announce(peer: Peer, state: ServerState, throughput: float) -> None:
@@ -90,21 +52,18 @@ async def _announce(peer: Peer, state: ServerState, throughput: float) -> None:
 
 
 async def _start(full: object) -> list[Peer]:
-    first = await _peer(full, 0, 2, [])
+    first = await start_peer(full, 0, 2, [], model=MODEL)
     maddrs = [str(a) for a in await first.p2p.get_visible_maddrs()]
-    peers = [first, await _peer(full, 2, 4, maddrs), await _peer(full, 0, 4, maddrs)]
+    peers = [
+        first,
+        await start_peer(full, 2, 4, maddrs, model=MODEL),
+        await start_peer(full, 0, 4, maddrs, model=MODEL),
+    ]
     await _announce(peers[0], ServerState.ONLINE, 100.0)
     await _announce(peers[1], ServerState.ONLINE, 100.0)
     # The fastest server of all, but leaving: no route may use it.
     await _announce(peers[2], ServerState.OFFLINE, 10_000.0)
     return peers
-
-
-async def _stop(peers: list[Peer]) -> None:
-    for peer in peers:
-        await peer.handler.shutdown()
-        await peer.node.shutdown()
-        await peer.p2p.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +73,7 @@ def world() -> Iterator[World]:
     try:
         peers = loop.run(_start(full), timeout_s=60)
         yield World(loop, full, peers)
-        loop.run(_stop(peers))
+        loop.run(stop_peers(peers))
     finally:
         loop.close()
 

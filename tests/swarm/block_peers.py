@@ -1,0 +1,60 @@
+"""In-process block servers in one DHT, each built as the daemon builds its own: a P2P
+identity and record signatures from one key, our record validator, bounded storage."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import torch
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+from hivemind.utils.crypto import RSAPrivateKey
+
+from tests.server import sub_span
+from volunteer.server.handler import BlockHandler
+from volunteer.swarm.dht_records import encode_p2p_identity, make_validator, owner_marker
+from volunteer.swarm.dht_storage import bound_node_storage
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+
+
+@dataclasses.dataclass
+class Peer:
+    p2p: P2P
+    node: DHTNode
+    handler: BlockHandler
+    owner: bytes
+
+    @property
+    def peer_id(self) -> str:
+        return self.p2p.peer_id.to_base58()
+
+
+async def start_peer(
+    full: torch.nn.Module, start: int, end: int, initial_peers: list[str], *, model: str
+) -> Peer:
+    """Serves blocks [start, end) of `full` under `model`, joined to `initial_peers`."""
+    key = RSAPrivateKey()
+    with tempfile.TemporaryDirectory() as folder:
+        identity = Path(folder) / "identity.key"
+        identity.write_bytes(encode_p2p_identity(key))
+        p2p = await P2P.create(
+            host_maddrs=LOOPBACK, initial_peers=initial_peers, identity_path=str(identity)
+        )
+    node = await DHTNode.create(
+        p2p=p2p, initial_peers=initial_peers, record_validator=make_validator(key)
+    )
+    bound_node_storage(node)
+    handler = await BlockHandler.create(
+        p2p=p2p, span=sub_span(full, start, end), model_name=model, cache_tokens=256
+    )
+    return Peer(p2p, node, handler, owner_marker(key))
+
+
+async def stop_peers(peers: list[Peer]) -> None:
+    for peer in peers:
+        await peer.handler.shutdown()
+        await peer.node.shutdown()
+        await peer.p2p.shutdown()
