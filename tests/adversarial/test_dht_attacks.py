@@ -24,7 +24,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from tests.server import LoopThread, hidden_states, random_span, tiny_config
-from tests.swarm.block_peers import Peer, start_peer, stop_peers
+from tests.swarm.block_peers import LOOPBACK, Peer, start_peer, stop_peers
 from tests.swarm.dht_helpers import owned_main_loop
 from volunteer.client.swarm_connection import SwarmConnection
 from volunteer.swarm.dht_records import (
@@ -37,7 +37,6 @@ from volunteer.swarm.records import ServerInfo, ServerState, block_key
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
 
-LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 MODEL = "tiny-attacked"
 NUM_BLOCKS = 4
 TIMEOUT_S = 10.0

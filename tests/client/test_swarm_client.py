@@ -22,7 +22,6 @@ from volunteer.transport.protocol import BadRequestError
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
 
-LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 MODEL = "tiny-client"
 ATOL = 1e-5
 REVALIDATE_DELAY_S = 1.5
