@@ -13,8 +13,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from tests.client.test_swarm_client import LOOPBACK, MODEL, Peer, _peer
+from tests.client.test_swarm_client import MODEL
 from tests.server import LoopThread, hidden_states, random_span, tiny_config
+from tests.swarm.block_peers import LOOPBACK, Peer, start_peer, stop_peers
 from volunteer.client.spread import TracedHop
 from volunteer.client.swarm_client import SwarmClient
 from volunteer.swarm.dht_records import announce_on_node
@@ -40,7 +41,7 @@ async def _start(full: torch.nn.Module) -> dict[str, Peer]:
     peers: dict[str, Peer] = {}
     maddrs: list[str] = []
     for name, (start, end) in SPANS.items():
-        peers[name] = await _peer(full, start, end, maddrs)
+        peers[name] = await start_peer(full, start, end, maddrs, model=MODEL)
         if not maddrs:
             maddrs = [str(a) for a in await peers[name].p2p.get_visible_maddrs()]
     for peer in peers.values():
@@ -58,12 +59,6 @@ async def _start(full: torch.nn.Module) -> dict[str, Peer]:
             peer.node, info, owner=peer.owner, expiration_s=60, timeout_s=10
         )
     return peers
-
-
-async def _stop(peer: Peer) -> None:
-    await peer.handler.shutdown()
-    await peer.node.shutdown()
-    await peer.p2p.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +81,7 @@ def world() -> Iterator[World]:
         yield World(loop, full, peers, client)
         for peer in peers.values():
             if peer.p2p.is_alive:
-                loop.run(_stop(peer))
+                loop.run(stop_peers([peer]))
     finally:
         loop.close()
 
