@@ -41,8 +41,8 @@ Handler = TypeVar("Handler", bound=Callable[..., None])
 
 
 def _unless_closing(handler: Handler) -> Handler:
-    """For handlers of worker answers: one that arrives while the app closes finds its
-    widgets gone; there is nothing left to show it on."""
+    """For handlers of worker answers, and workers that look at widgets: one that runs
+    while the app closes finds its widgets gone; there is nothing left to show it on."""
 
     @functools.wraps(handler)
     def guarded(*args: Any) -> None:
@@ -152,6 +152,7 @@ class VolunteerApp(App[None]):
         self.post_message(GaugesUpdated(self._read_gauges()))
 
     @work(thread=True, exclusive=True, group="log")
+    @_unless_closing  # this worker looks at the log panel, gone once the app closes
     def refresh_log(self) -> None:
         if not self.query_one("#log", LogPanel).has_class("hidden"):
             lines = self._log.read_new()
