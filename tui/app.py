@@ -117,7 +117,7 @@ class VolunteerApp(App[None]):
             with TabPane(r"Settings \[F4]", id="settings"):
                 yield SettingsView(id="settings-view")
         yield LogPanel(id="log", max_lines=2000, wrap=False, classes="hidden")
-        yield Static("connecting to the daemon…", id="status-line")
+        yield Static("connecting to the daemon…", id="status-line", markup=False)
         yield Footer()
 
     def on_mount(self) -> None:

@@ -60,7 +60,7 @@ class ChatView(Horizontal):
             yield Input("1.0", id="top-p", type="number")
             yield Label("Max new tokens")
             yield Input(str(DEFAULT_MAX_TOKENS), id="max-tokens", type="integer")
-            yield Static(id="chat-note")
+            yield Static(id="chat-note", markup=False)
             yield Label("Saved chats (Enter opens)")
             yield ListView(id="history")
 
@@ -88,9 +88,11 @@ class ChatView(Horizontal):
         event.input.value = ""
         self.messages.append({"role": "user", "content": text})
         log = self.query_one("#messages", VerticalScroll)
-        await log.mount(Static(f"› {text}", classes="user"))
-        self._answer = Static("", classes="assistant streaming")
-        self._stats = Static("…", classes="stats")
+        await log.mount(Static(f"› {text}", classes="user", markup=False))
+        # markup=False on every text that comes from people, models or peers: Textual
+        # would read "[/]" as markup and fail, or "[@click=...]" as an action.
+        self._answer = Static("", classes="assistant streaming", markup=False)
+        self._stats = Static("…", classes="stats", markup=False)
         await log.mount(self._answer, self._stats)
         log.anchor()
         self._reply = []
@@ -155,7 +157,10 @@ class ChatView(Horizontal):
         listing = self.query_one("#history", ListView)
         index = listing.index
         await listing.clear()
-        items = [ListItem(Label(s.title), id=f"chat-{s.id}") for s in message.summaries or []]
+        items = [
+            ListItem(Label(s.title, markup=False), id=f"chat-{s.id}")
+            for s in message.summaries or []
+        ]
         await listing.extend(items)
         if index is not None and items:
             listing.index = min(index, len(items) - 1)
@@ -181,7 +186,7 @@ class ChatView(Horizontal):
         for stored in conversation.messages:
             self.messages.append({"role": stored.role, "content": stored.content})
             if stored.role == "user":
-                await log.mount(Static(f"› {stored.content}", classes="user"))
+                await log.mount(Static(f"› {stored.content}", classes="user", markup=False))
             else:
                 await log.mount(Markdown(stored.content, classes="assistant"))
                 if stored.tokens and stored.seconds:

@@ -39,7 +39,7 @@ class Dashboard(Vertical):
         yield Static(id="empty")
         yield Static(id="state")
         yield Static(id="blocks")
-        yield Static(id="counters")
+        yield Static(id="counters", markup=False)
         yield Static("tokens/s served, last 3 minutes", id="spark-label")
         yield Sparkline([], id="spark")
         yield Static(id="gauges")

@@ -38,6 +38,7 @@ class SettingsView(Vertical):
             f"ctrl+s saves. The {' and '.join(map(setting_label, APPLIED_LIVE))} apply at "
             "once; the rest when the daemon restarts (ctrl+r).",
             id="settings-note",
+            markup=False,
         )
 
     def show_config(self, values: dict[str, str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
@@ -14,7 +15,7 @@ PEER_COLUMNS = ("name", "peer", "blocks", "tokens/s", "rtt ms", "version", "stat
 
 class SwarmView(Vertical):
     def compose(self) -> ComposeResult:
-        yield Static("waiting for the daemon's view of the swarm…", id="health")
+        yield Static("waiting for the daemon's view of the swarm…", id="health", markup=False)
         yield DataTable(id="peers", zebra_stripes=True, cursor_type="row")
 
     def on_mount(self) -> None:
@@ -32,7 +33,9 @@ class SwarmView(Vertical):
         for server in sorted(swarm.servers, key=lambda s: (s.start, s.peer_id)):
             rtt_s = server.rtt_s
             table.add_row(
-                server.public_name or "-",
+                # Text, not str: the table reads a str as markup, and a stranger's name
+                # like "[/]" would crash the view or "[@click=...]" bind an action.
+                Text(server.public_name or "-"),
                 short_peer(server.peer_id),
                 f"{server.start}:{server.end}",
                 f"{server.throughput:.1f}",

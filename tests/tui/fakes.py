@@ -89,6 +89,8 @@ class FakeDaemon:
         """Where the settings screen's config.toml lives (the real file logic runs)."""
         self.restarted = 0
         self.status_reply = SERVING
+        self.swarm_reply = SWARM
+        self.answer = list(ANSWER)
         self.chat_requests: list[dict[str, Any]] = []
         self.started = self.stopped = 0
         self.hold_after_first_piece: threading.Event | None = None
@@ -101,12 +103,12 @@ class FakeDaemon:
         return self.status_reply if self.running else None
 
     def swarm(self) -> SwarmReply:
-        return SWARM
+        return self.swarm_reply
 
     def chat(self, params: dict[str, Any]) -> Iterator[ChatText | ChatStats]:
         self.chat_requests.append(params)
         try:
-            for index, piece in enumerate(ANSWER):
+            for index, piece in enumerate(self.answer):
                 yield ChatText(text=piece)
                 if index == 0 and self.hold_after_first_piece is not None:
                     self.holding.set()

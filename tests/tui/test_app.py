@@ -14,7 +14,7 @@ from volunteer.tui.chat_view import ChatView
 from volunteer.tui.log_panel import LogPanel
 from volunteer.tui.messages import DaemonActionDone, StatusUpdated
 
-from tests.tui.fakes import FIXED_GAUGES, SERVING, FakeDaemon
+from tests.tui.fakes import FIXED_GAUGES, SERVING, SWARM, FakeDaemon
 from tests.tui.waiting import until
 from volunteer.chat.store import ChatStore
 from volunteer.paths import Paths
@@ -141,10 +141,46 @@ def test_the_swarm_map_and_peers() -> None:
         table = app.query_one("#peers", DataTable)
         assert table.row_count == 2
         first = table.get_row_at(0)
-        assert first[0] == "alice" and first[2] == "0:15" and first[4] == "2.1"
+        assert str(first[0]) == "alice" and first[2] == "0:15" and first[4] == "2.1"
         assert table.get_row_at(1)[4] == "-"  # a peer that did not answer a ping
 
     run(scenario, FakeDaemon())
+
+
+HOSTILE_TEXTS = ("[/]", "[@click=app.quit]free tokens[/]", "[bold]x[/italic]")
+"""Markup that Textual would fail on, or bind to an action, if it read it as markup."""
+
+
+def test_names_answers_and_errors_are_shown_as_plain_text() -> None:
+    daemon = FakeDaemon()
+    servers = [
+        server.model_copy(update={"public_name": name})
+        for server, name in zip(SWARM.servers, HOSTILE_TEXTS, strict=False)
+    ]
+    daemon.swarm_reply = SWARM.model_copy(update={"servers": servers})
+    daemon.answer = list(HOSTILE_TEXTS)
+
+    async def scenario(app: VolunteerApp, pilot: object) -> None:
+        app.refresh_status()
+        await settle(app, pilot)
+        app.refresh_swarm()
+        await settle(app, pilot)
+        await pilot.press("3")  # type: ignore[attr-defined]
+        await pilot.pause()  # type: ignore[attr-defined]
+        table = app.query_one("#peers", DataTable)
+        names = {str(table.get_row_at(row)[0]) for row in range(table.row_count)}
+        assert names == set(HOSTILE_TEXTS[:2])
+        await _ask(app, pilot, HOSTILE_TEXTS[2])
+        await settle(app, pilot)
+        await until(pilot, lambda: not app.query(".streaming"), "the reply's Markdown", WAIT_S)
+        text = _chat_text(app)
+        assert f"› {HOSTILE_TEXTS[2]}" in text and "".join(HOSTILE_TEXTS) in text
+        app.query_one("#status-line", Static).update(HOSTILE_TEXTS[0])
+        await pilot.pause()  # type: ignore[attr-defined]
+        assert text_of(app, "#status-line") == HOSTILE_TEXTS[0]
+        assert app.is_running
+
+    run(scenario, daemon)
 
 
 async def _ask(app: VolunteerApp, pilot: object, question: str) -> None:
