@@ -112,7 +112,9 @@ def test_settings_against_a_real_daemon(daemon: Paths) -> None:
             app.refresh_swarm()
             table = app.query_one("#peers", DataTable)
             await _until(
-                pilot, lambda: table.row_count == 1 and table.get_row_at(0)[0] == "ada", "the name"
+                pilot,
+                lambda: table.row_count == 1 and str(table.get_row_at(0)[0]) == "ada",
+                "the name",
             )
             await pilot.press("f1")
             app.refresh_status()
