@@ -11,7 +11,7 @@ strings (`bos_token`, `eos_token`, ...).
 The sandbox stops escapes, not waste: a template can still loop, recurse or build strings
 without end. So the source is bounded (`MAX_SOURCE_CHARS`), the rendered text is bounded
 (`MAX_RENDERED_CHARS`, counted while it streams out of `generate()`), and every loop
-iteration, call and intercepted operator (`*`, `**`, `+`) counts against a deadline
+iteration, call and intercepted operator (`*`, `**`, `+`, `%`) counts against a deadline
 (`RENDER_TIMEOUT_S`) and a step budget (`MAX_RENDER_STEPS`); the operators also refuse
 results that would exceed the output bound before they are built.
 """
@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import json
 import operator
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -255,11 +256,12 @@ class _CountingCodeGenerator(CodeGenerator):
 
 
 _SIZED = (str, list, tuple)
-_BINOPS = {"*": operator.mul, "**": operator.pow, "+": operator.add}
+_BINOPS = {"*": operator.mul, "**": operator.pow, "+": operator.add, "%": operator.mod}
 
 
 class _BoundedEnvironment(ImmutableSandboxedEnvironment):
-    """The sandbox, with every call, loop iteration and `*`, `**`, `+` counted and sized."""
+    """The sandbox, with every call, loop iteration and `*`, `**`, `+`, `%` counted and
+    sized."""
 
     code_generator_class = _CountingCodeGenerator
     # Intercepted operators are also never folded at compile time (`{{ 10 ** 100000000 }}`).
@@ -274,6 +276,12 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         _spend()
         _check_sizes(args, kwargs)
+        # The sandbox hands out str.format wrapped (`__wrapped__` is the bound method).
+        method = getattr(__obj, "__wrapped__", __obj)
+        if getattr(method, "__name__", None) in ("format", "format_map"):
+            owner = getattr(method, "__self__", None)
+            if isinstance(owner, str):
+                _check_format(owner, args)
         return super().call(__context, __obj, *args, **kwargs)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
@@ -297,6 +305,34 @@ def _check_binop_size(op: str, left: Any, right: Any) -> None:
         too_big = right > 0 and abs(left).bit_length() * right > _MAX_INT_BITS
     if too_big:
         raise _TemplateTooCostly(f"chat template computed a value over the size limit ({op})")
+    if op == "%" and isinstance(left, str):
+        _check_format(left, right if isinstance(right, tuple) else (right,))
+
+
+_PRINTF_SPEC_RE = re.compile(r"%(?:\([^)]*\))?[#0 +\-]*(\*|\d+)?(?:\.(\*|\d+))?")
+_BRACE_FIELD_RE = re.compile(r"\{[^{}]*\}")
+_DIGITS_RE = re.compile(r"\d+")
+
+
+def _format_widths(fmt: str) -> Iterator[str]:
+    """The widths and precisions of a format string: digits, or "*" (from the values)."""
+    for match in _PRINTF_SPEC_RE.finditer(fmt):
+        yield from (group for group in match.groups() if group)
+    for match in _BRACE_FIELD_RE.finditer(fmt):
+        _, colon, spec = match.group()[1:-1].partition(":")
+        if colon:
+            yield from _DIGITS_RE.findall(spec)
+
+
+def _check_format(fmt: str, values: Sequence[Any]) -> None:
+    """Refuses `"%900000000s" % x`, `"{:900000000}".format(x)` and `"%*s" % (n, x)` with a
+    width past the output bound: formatting builds that text before the bound sees it."""
+    limit = len(str(MAX_RENDERED_CHARS))
+    for width in _format_widths(fmt):
+        if width == "*":
+            _check_sizes(values, {})
+        elif len(width) > limit or int(width) > MAX_RENDERED_CHARS:
+            raise _TemplateTooCostly(f"chat template formats a width of {width}, over the limit")
 
 
 def _check_sizes(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
@@ -322,12 +358,25 @@ def _checked_filter(function: Callable[..., Any]) -> Callable[..., Any]:
     return checked
 
 
+def _checked_format_filter(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`format` takes its format string as the filtered value, not as an argument."""
+
+    @functools.wraps(function)
+    def checked(value: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str):
+            _check_format(value, args)
+        return function(value, *args, **kwargs)
+
+    return checked
+
+
 @functools.lru_cache(maxsize=1)
 def _environment() -> ImmutableSandboxedEnvironment:
     env = _BoundedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, loopcontrols]
     )
     env.filters["tojson"] = _tojson
+    env.filters["format"] = _checked_format_filter(env.filters["format"])
     env.filters = {name: _checked_filter(function) for name, function in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import tracemalloc
 from datetime import datetime
 from typing import Any
 
@@ -100,6 +101,35 @@ def test_costly_templates_are_refused_in_bounded_time(source: str) -> None:
         template.render(USER)
     # The bound is seconds (RENDER_TIMEOUT_S); generous here for a loaded machine.
     assert time.monotonic() - started < 60
+
+
+WIDE_FORMATS = {
+    "percent": "{{ '%900000000s' % 'x' }}",
+    "percent star": "{{ '%*s' % (900000000, 'x') }}",
+    "named percent": "{{ '%(a)900000000s' % {'a': 'x'} }}",
+    "format filter": "{{ '%900000000s'|format('x') }}",
+    "str.format": "{{ '{:>900000000}'.format('x') }}",
+    "nested str.format": "{{ '{:{w}}'.format('x', w=900000000) }}",
+}
+
+
+@pytest.mark.parametrize("source", WIDE_FORMATS.values(), ids=WIDE_FORMATS.keys())
+def test_a_huge_format_width_is_refused_before_it_is_built(source: str) -> None:
+    template = ChatTemplate.compile(source)
+    tracemalloc.start()
+    try:
+        with pytest.raises(TokenizerError, match="limit"):
+            template.render(USER)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Formatting first and bounding the output after would allocate the whole width.
+    assert peak < 64 * 2**20
+
+
+def test_honest_format_widths_still_render() -> None:
+    source = "{{ '%-6s|%5.2f' % ('ab', 1.5) }}{{ '{:>4}'.format(7) }}{{ '%3d'|format(4) }}"
+    assert ChatTemplate.compile(source).render(USER) == "ab    | 1.50   7  4"
 
 
 def test_an_oversized_template_is_refused_at_compile() -> None:
