@@ -3,6 +3,7 @@ bounded storage that caps subkeys per key and records per node."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from volunteer.errors import SettingsError
 from volunteer.paths import Paths
 from volunteer.settings import Settings
 from volunteer.swarm.dht_records import make_validator, owner_marker
-from volunteer.swarm.dht_storage import BoundedDHTStorage
+from volunteer.swarm.dht_storage import RECOUNT_EVERY_S, BoundedDHTStorage
 from volunteer.swarm.dht_validator import (
     MAX_ANNOUNCE_PERIOD_S,
     MAX_RECORD_BYTES,
@@ -117,3 +118,20 @@ def test_storage_refuses_new_records_past_the_total_cap() -> None:
     assert not storage.store_subkey(DHTID.generate(source="k-new"), "s", b"v", now + 60)
     assert not storage.store_subkey(DHTID.generate(source="k0"), "other", b"v", now + 60)
     assert storage.store_subkey(DHTID.generate(source="k0"), "s", b"v2", now + 61)
+
+
+def test_a_full_storage_counts_its_records_at_most_once_per_period() -> None:
+    now = [0.0]
+    storage = BoundedDHTStorage(max_subkeys_per_key=10, max_records=4, clock=lambda: now[0])
+    soon, later = get_dht_time() + 0.5, get_dht_time() + 60
+    for i in range(4):
+        assert storage.store_subkey(DHTID.generate(source=f"k{i}"), "s", b"v", soon)
+    refused = [
+        storage.store_subkey(DHTID.generate(source=f"x{i}"), "s", b"v", later) for i in range(1000)
+    ]
+    assert not any(refused) and storage.recounts == 1
+    # Once the period passes, a count sees the expired records gone and makes room.
+    time.sleep(0.6)
+    now[0] += RECOUNT_EVERY_S
+    assert storage.store_subkey(DHTID.generate(source="new"), "s", b"v", later)
+    assert storage.recounts == 2

@@ -16,6 +16,8 @@ worst case, before Python's overhead).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from hivemind.dht.node import DHTNode
@@ -26,6 +28,9 @@ MAX_SUBKEYS_PER_KEY = 512
 """Servers announced under one block key; a real block has far fewer replicas."""
 MAX_STORED_RECORDS = 50_000
 """Records (subkeys, over all keys) one node keeps for others, in storage and in cache."""
+RECOUNT_EVERY_S = 1.0
+"""While full, how often the records are counted again (to see expired ones go): a
+flood of refused stores must not cost a count of every record each."""
 
 
 class BoundedDHTStorage(DHTLocalStorage):
@@ -36,13 +41,18 @@ class BoundedDHTStorage(DHTLocalStorage):
         *,
         max_subkeys_per_key: int = MAX_SUBKEYS_PER_KEY,
         max_records: int = MAX_STORED_RECORDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
         self.max_subkeys_per_key = max_subkeys_per_key
         self.max_records = max_records
+        self.recounts = 0
+        """How many times the records were counted (the costly part of refusing)."""
+        self._clock = clock
         self._count_hint = 0
         """Records held, counted up on each new one; expiry only lowers the truth, so
         the exact (costly) count is taken only when the hint reaches the cap."""
+        self._next_recount = -float("inf")
 
     def store_subkey(self, key: DHTID, subkey: Any, value: bytes, expiration_time: float) -> bool:
         current = self.get(key)
@@ -60,6 +70,11 @@ class BoundedDHTStorage(DHTLocalStorage):
     def _has_room(self) -> bool:
         if self._count_hint < self.max_records:
             return True
+        now = self._clock()
+        if now < self._next_recount:
+            return False
+        self._next_recount = now + RECOUNT_EVERY_S
+        self.recounts += 1
         self._count_hint = sum(
             len(item.value) if isinstance(item.value, DictionaryDHTValue) else 1
             for _, item in self.items()
@@ -67,7 +82,7 @@ class BoundedDHTStorage(DHTLocalStorage):
         return self._count_hint < self.max_records
 
 
-def bound_node_storage(node: DHTNode, **caps: int) -> None:
+def bound_node_storage(node: DHTNode, **caps: Any) -> None:
     """Replaces a freshly created node's storage and cache with bounded ones.
 
     hivemind's `DHTNode.create` builds them unbounded and takes no storage class, so
