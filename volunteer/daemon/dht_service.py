@@ -20,6 +20,7 @@ from hivemind.p2p import P2P
 from volunteer.control.messages import DHTStatus
 from volunteer.daemon import known_peers
 from volunteer.settings import Settings
+from volunteer.swarm.dht_guard import guard_stores
 from volunteer.swarm.dht_storage import bound_node_storage
 
 logger = logging.getLogger(__name__)
@@ -100,8 +101,9 @@ class DHTService:
         self._node = await DHTNode.create(
             p2p=self._p2p, initial_peers=initial_peers, record_validator=self._record_validator
         )
-        # Strangers store records here; what we keep for them is capped.
+        # Strangers store records here; what we keep for them, and how fast, is capped.
         bound_node_storage(self._node)
+        await guard_stores(self._node)
         self._multiaddrs = [str(addr) for addr in await self._p2p.get_visible_maddrs()]
         what = "started a new swarm" if settings.is_new_swarm else "joined the swarm"
         logger.info("DHT %s as %s; others join with %s", what, self.peer_id, self._multiaddrs)
