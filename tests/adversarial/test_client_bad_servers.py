@@ -3,15 +3,17 @@
 The hostile server is a bare hivemind P2P peer that registers our inference handle with a
 handler written here: it admits the session like a server, then answers the first step
 with an unexplained error, a refusal, garbage, a wrong shape, NaN, a frame claiming a
-terabyte, or by hanging up. It claims the highest throughput for blocks 0:2, so the
-route goes through it first; an honest replica of 0:2 and an honest server of 2:4 stand
-beside it. Each time the session must back the hostile peer off, replay on the honest
-replica, and give the same outputs as the blocks run locally.
+terabyte, or by hanging up; or it answers the opening itself with a frame far larger
+than an acknowledgement, and stalls. It claims the highest throughput for blocks 0:2, so
+the route goes through it first; an honest replica of 0:2 and an honest server of 2:4
+stand beside it. Each time the session must back the hostile peer off, replay on the
+honest replica, and give the same outputs as the blocks run locally.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -38,7 +40,7 @@ from tests.server import (
 from volunteer.client.inference import SwarmInferenceSession
 from volunteer.client.remote_span import InferenceStream, RemoteSpan
 from volunteer.client.swarm_client import RETRIABLE_ERRORS
-from volunteer.transport.protocol import INFERENCE_HANDLE
+from volunteer.transport.protocol import FORWARD_HANDLE, INFERENCE_HANDLE, PeerUnavailableError
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
 
@@ -47,6 +49,14 @@ PREFILL = 5
 TOTAL = 9
 ATOL = 1e-5
 HIDDEN = tiny_config().hidden_size
+CLAIMED_BYTES = (1 << 30) - 1
+"""What the stalling hostile server claims its next frame holds: within the client's old
+1 GiB bound for any reply, and far more than a valid reply to what was asked."""
+STALL_S = 2 * WAIT_S
+"""How long the stalling server then sends nothing: longer than the client's wait, so
+only a refusal of the length itself ends that wait in time."""
+REFUSED_S = WAIT_S / 3
+"""A claimed length must be refused well before the client's wait would end anyway."""
 
 
 @dataclasses.dataclass
@@ -85,12 +95,24 @@ def _bad_answer(mode: str, hidden: torch.Tensor) -> bytes:
     )
 
 
+async def _claim_and_stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Sends the header of a frame of CLAIMED_BYTES, none of which follow, and waits for
+    the client to hang up (or STALL_S)."""
+    writer.write(P2P.MESSAGE_MARKER + CLAIMED_BYTES.to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER))
+    await writer.drain()
+    with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+        await asyncio.wait_for(reader.read(), STALL_S)
+
+
 async def _start_hostile(known: list, mode: list[str]) -> P2P:
     hostile = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=known)
 
     async def serve(_: P2PContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         try:
-            await framing.read_frame(reader, max_bytes=1 << 20)  # the opening: admitted
+            await framing.read_frame(reader, max_bytes=1 << 20)  # the opening
+            if mode[0] == "huge acknowledgement":
+                await _claim_and_stall(reader, writer)
+                return
             ack = wire.StepReply(session_id="x", length=0)
             writer.write(
                 framing.encode_frame(runtime_pb2.ExpertResponse(metadata=wire.pack_metadata(ack)))
@@ -106,7 +128,15 @@ async def _start_hostile(known: list, mode: list[str]) -> P2P:
         finally:
             writer.close()
 
+    async def forward(_: P2PContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        try:
+            await framing.read_frame(reader, max_bytes=1 << 24)  # the request
+            await _claim_and_stall(reader, writer)
+        finally:
+            writer.close()
+
     await hostile.add_binary_stream_handler(INFERENCE_HANDLE, serve)
+    await hostile.add_binary_stream_handler(FORWARD_HANDLE, forward)
     return hostile
 
 
@@ -189,7 +219,17 @@ def _local(full: BlockSpan, hidden: torch.Tensor) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize(
     "mode",
-    ["error", "refusal", "garbage", "huge frame", "wrong shape", "wrong dtype", "nan", "hang up"],
+    [
+        "error",
+        "refusal",
+        "garbage",
+        "huge frame",
+        "wrong shape",
+        "wrong dtype",
+        "nan",
+        "hang up",
+        "huge acknowledgement",
+    ],
 )
 def test_a_hostile_replica_is_backed_off_and_the_output_is_the_honest_one(
     swarm: Swarm, mode: str
@@ -199,7 +239,13 @@ def test_a_hostile_replica_is_backed_off_and_the_output_is_the_honest_one(
     session = _session(swarm, backoff)
     hidden = hidden_states(1, TOTAL, seed=50)
 
+    began = time.monotonic()
     outputs = swarm.loop.run(_decode(session, hidden), timeout_s=3 * WAIT_S)
+    took = time.monotonic() - began
+
+    # Every failure is seen at once (a huge claimed length before any of it is read),
+    # not when the client's wait for the reply ends.
+    assert took < REFUSED_S, f"the session took {took:.1f} s"
 
     expected = _local(swarm.full, hidden)
     assert len(outputs) == len(expected)
@@ -207,6 +253,23 @@ def test_a_hostile_replica_is_backed_off_and_the_output_is_the_honest_one(
         assert got.shape == want.shape, index
         assert (got - want).abs().max().item() <= ATOL, f"step {index}"
     hostile_id = swarm.hostile.peer_id.to_base58()
-    assert session.route_history[0][0].peer_id == hostile_id
+    if mode == "huge acknowledgement":  # it was refused while opening: never on a route
+        assert all(hop.peer_id != hostile_id for route in session.route_history for hop in route)
+    else:
+        assert session.route_history[0][0].peer_id == hostile_id
     assert all(hop.peer_id != hostile_id for hop in session.route_history[-1])
     assert hostile_id in backoff.avoided(time.monotonic())
+
+
+def test_a_forward_reply_claiming_more_than_its_request_allows_is_refused_unread(
+    swarm: Swarm,
+) -> None:
+    remote = RemoteSpan(p2p=swarm.client, peer_id=swarm.hostile.peer_id, start=0, end=2)
+    hidden = hidden_states(1, PREFILL, seed=51)
+    began = time.monotonic()
+
+    with pytest.raises(PeerUnavailableError, match="exceeds"):
+        swarm.loop.run(remote.forward(hidden, timeout_s=WAIT_S), timeout_s=3 * WAIT_S)
+
+    took = time.monotonic() - began
+    assert took < REFUSED_S, f"the claimed length was refused after {took:.1f} s"

@@ -3,7 +3,9 @@
 The client keeps, for every hop of its route, the hidden states it has sent so far. When
 a server dies or refuses mid-generation, the session asks for another route over that
 hop's blocks (avoiding the failed peer), replays the kept inputs there to rebuild the
-server-side KV cache, and carries on: the caller sees the same outputs, a little later.
+server-side KV cache, and carries on: the caller sees the same outputs (within float
+rounding), a little later. A replay is a prefill: the kept inputs go in as few steps as
+the new server takes, not one round trip per past step.
 
 Peer and network errors, and replies that are not valid (`BadReplyError`), are the
 server's failure: retried elsewhere. A server's "bad request" may be a lie as well, so
@@ -39,6 +41,8 @@ logger = logging.getLogger(__name__)
 class InferenceStreamLike(Protocol):
     pushed: bool
     """Whether the server pushed its last step's output on to the next hop."""
+    max_chunk: int | None
+    """The most positions one step may carry (None: the server did not say)."""
 
     @property
     def push_target(self) -> NextHop | None:
@@ -316,11 +320,7 @@ class SwarmInferenceSession:
     async def _open_and_replay(
         self, route: list[RouteHop], history: list[torch.Tensor]
     ) -> list[_Hop]:
-        # Replayed chunk by chunk, as first sent: no message exceeds the server's limits,
-        # and every position is computed with the same shapes as the first time, so the
-        # rebuilt cache matches the lost one and greedy output does not drift (merging
-        # chunks would change float summation order). Each hop's outputs are the next
-        # hop's history.
+        # Each hop's outputs are the next hop's history.
         hops = await self._open_all(route)
         chunks = history
         for hop in hops:
@@ -369,13 +369,32 @@ class SwarmInferenceSession:
         return hops
 
     async def _replay(self, hop: _Hop, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Sends `chunks` (positions 0, 1, ... in order) through a fresh hop; its outputs."""
+        """Sends `chunks` (positions 0, 1, ... in order) through a fresh hop, in as few
+        steps as its server takes; the outputs of those steps, in order.
+
+        A history of N decode steps is one prefill, not N round trips (a failover late in
+        a long answer would otherwise stall it for seconds). The rebuilt cache equals
+        the lost one within float rounding: a prefill sums in another order than single
+        steps do, as on any replica with other hardware.
+        """
+        steps = _regroup(chunks, hop.stream.max_chunk)
         outputs, position = [], 0
-        for chunk in chunks:
-            outputs.append(await hop.stream.step(chunk, position, timeout_s=self._step_timeout_s))
-            position += chunk.shape[1]
-        hop.record(chunks)
+        for piece in steps:
+            outputs.append(await hop.stream.step(piece, position, timeout_s=self._step_timeout_s))
+            position += piece.shape[1]
+        hop.record(steps)
         return outputs
+
+
+def _regroup(chunks: list[torch.Tensor], max_chunk: int | None) -> list[torch.Tensor]:
+    """`chunks` (hidden [B, S, H] at consecutive positions) as pieces of max_chunk
+    positions (the last may be shorter); as they are when max_chunk is None: a server
+    that does not say what it takes gets what a server took before."""
+    if max_chunk is None or not chunks:
+        return chunks
+    if len(chunks) == 1 and chunks[0].shape[1] <= max_chunk:
+        return chunks
+    return list(torch.cat(chunks, dim=1).split(max_chunk, dim=1))
 
 
 def _keep_before(chunks: list[torch.Tensor], position: int) -> list[torch.Tensor]:

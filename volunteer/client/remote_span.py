@@ -16,23 +16,25 @@ import functools
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 import torch
 from google.protobuf.message import DecodeError, Message
-from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
+from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
 import volunteer.transport.framing as framing
 import volunteer.transport.protocol as wire
+from volunteer.client.calls import CONNECTION_ERRORS, call_once, within
+from volunteer.client.keepalive import Keepalive, get_alive
 from volunteer.client.replies import (
-    MAX_REPLY_BYTES,
+    OPEN_REPLY_BYTES,
     check_output,
     only_tensor,
     reply_bytes,
     server_error,
+    step_limit,
     was_pushed,
 )
 from volunteer.transport.local_link import open_preferring_local
@@ -47,36 +49,13 @@ from volunteer.transport.protocol import (
 )
 from volunteer.transport.queue_wait import get_within
 
-Reply = TypeVar("Reply")
-
 INBOX_SIZE = 4
 """Frames read ahead of the caller: one reply per step, and an error, come at a time."""
 
 PUSH_SECRET_BYTES = 16
 """128 random bits: no one can guess a session's push secret."""
-
-# What a dead, unreachable or misbehaving connection raises inside hivemind's client.
-_CONNECTION_ERRORS = (
-    asyncio.TimeoutError,
-    asyncio.IncompleteReadError,
-    P2PDaemonError,
-    ConnectionError,
-    OSError,
-)
-
-
-async def _call(awaitable: Awaitable[Reply], *, timeout_s: float, what: str) -> Reply:
-    """Awaits one remote call with a timeout, translating failures to our errors."""
-    try:
-        return await asyncio.wait_for(awaitable, timeout_s)
-    except P2PHandlerError as exc:
-        raise server_error(str(exc), what=what) from exc
-    except _CONNECTION_ERRORS as exc:
-        raise PeerUnavailableError(f"{what}: {type(exc).__name__}: {exc}") from exc
-    except ValueError as exc:
-        # hivemind's single-reply stream call raises this when the stream ends empty,
-        # which is what a server that dropped the connection looks like.
-        raise PeerUnavailableError(f"{what}: no reply ({exc})") from exc
+KEEPALIVE = Keepalive()
+"""How an inference stream tells a gone server from a slow one (see `Keepalive`)."""
 
 
 class RemoteSpan:
@@ -110,7 +89,7 @@ class RemoteSpan:
         call = self.p2p.call_protobuf_handler(
             self.peer_id, INFO_HANDLE, runtime_pb2.ExpertUID(), runtime_pb2.ExpertResponse
         )
-        reply = await _call(call, timeout_s=timeout_s, what=repr(self))
+        reply = await within(call, timeout_s=timeout_s, what=repr(self))
         wire.check_version(reply.metadata, peer=repr(self))
         return wire.unpack_metadata(reply.metadata, wire.InfoReply)
 
@@ -134,11 +113,14 @@ class RemoteSpan:
         timeout_s: float = 30.0,
         session_id: str | None = None,
         next_step_id: int = 1,
+        keepalive: Keepalive | None = KEEPALIVE,
     ) -> InferenceStream:
         """Opens an inference session holding a KV cache on the server.
 
         The session takes pushes only with a secret drawn here (see `push_target`), and
-        only for its next step, numbered from `next_step_id` on.
+        only for its next step, numbered from `next_step_id` on. While a reply is late,
+        the server is pinged as `keepalive` says (None: never; see
+        `volunteer.client.keepalive`).
 
         Raises:
             BusyError: the server has no cache room for batch_size * max_length now.
@@ -155,7 +137,10 @@ class RemoteSpan:
             next_step_id=next_step_id,
         )
         stream = InferenceStream(
-            span=self, session_id=opening.session_id, push_secret=opening.push_secret
+            span=self,
+            session_id=opening.session_id,
+            push_secret=opening.push_secret,
+            keepalive=keepalive,
         )
         await stream.open(opening, timeout_s=timeout_s)
         return stream
@@ -167,11 +152,18 @@ class RemoteSpan:
         request = runtime_pb2.ExpertRequest(
             tensors=[framing.pack_tensor(t) for t in tensors], metadata=wire.pack_metadata(meta)
         )
-        # One message over a stream, so that big tensors avoid the unary size limit.
-        call = self.p2p.call_protobuf_handler(
-            self.peer_id, handle, _one(request), runtime_pb2.ExpertResponse
+        # One message over a stream, so that big tensors avoid the unary size limit; the
+        # reply is hidden states of the first tensor's shape, and read within that bound.
+        call = call_once(
+            self.p2p,
+            self.peer_id,
+            handle,
+            request,
+            max_reply_bytes=reply_bytes(tensors[0]),
+            timeout_s=timeout_s,
+            what=repr(self),
         )
-        return await _call(call, timeout_s=timeout_s, what=repr(self))
+        return await within(call, timeout_s=timeout_s, what=repr(self))
 
 
 async def ping(p2p: P2P, peer_id: PeerID, timeout_s: float) -> float:
@@ -194,20 +186,33 @@ class InferenceStream:
     out its whole timeout instead of failing over at once. Here a reader task takes
     every frame (and the end of the stream) as it arrives, so a dead server is seen at
     once, and a reason the server sent before closing (an expired session) is kept even
-    when the next write then fails.
+    when the next write then fails. A host that vanished without closing anything is
+    found by pinging it while a reply is late (`volunteer.client.keepalive`).
     """
 
     def __init__(
-        self, *, span: RemoteSpan, session_id: str, push_secret: str | None = None
+        self,
+        *,
+        span: RemoteSpan,
+        session_id: str,
+        push_secret: str | None = None,
+        keepalive: Keepalive | None = None,
     ) -> None:
         self.span = span
         self.session_id = session_id
         self._push_secret = push_secret
+        self._keepalive = keepalive
         self._writer: asyncio.StreamWriter | None = None
         # Bounded: a server that sends more than it was asked is not read further.
         self._inbox: asyncio.Queue[tuple[bytes, bytes] | BaseException] = asyncio.Queue(INBOX_SIZE)
-        self._reply_limit = MAX_REPLY_BYTES
-        """The largest reply frame read now (see `replies.reply_bytes`)."""
+        self._reply_limit = OPEN_REPLY_BYTES
+        """The largest reply to the last request: the open's acknowledgement, then a
+        step's output (see `replies.reply_bytes` and `_frame_limit`)."""
+        self._is_awaited = asyncio.Event()
+        """Set while the caller waits for a reply."""
+        self.max_chunk: int | None = None
+        """The most positions the server takes in one step of this session, as it said
+        when it admitted the session (None: it did not say)."""
         self._reading: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._is_closed = False
@@ -219,7 +224,7 @@ class InferenceStream:
         reader, self._writer = await self._connect(timeout_s)
         self._reading = asyncio.create_task(self._read_forever(reader), name="inference-reader")
         await self._send(runtime_pb2.ExpertRequest(metadata=wire.pack_metadata(opening)), timeout_s)
-        await self._receive(timeout_s)
+        self.max_chunk = step_limit(await self._receive(timeout_s, is_watched=True))
 
     async def _connect(self, timeout_s: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """The stream: on the server's local socket when it has one here, else via p2p."""
@@ -227,7 +232,7 @@ class InferenceStream:
 
         async def through_p2p() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
             connecting = open_stream(span.p2p, span.peer_id, INFERENCE_HANDLE)
-            _, reader, writer = await _call(connecting, timeout_s=timeout_s, what=self._what())
+            _, reader, writer = await within(connecting, timeout_s=timeout_s, what=self._what())
             return reader, writer
 
         peer_id = span.peer_id.to_base58()
@@ -284,7 +289,7 @@ class InferenceStream:
                     tensors=[framing.pack_tensor(hidden)], metadata=wire.pack_metadata(meta)
                 )
                 await self._send(request, timeout_s)
-                reply = await self._receive(timeout_s)
+                reply = await self._receive(timeout_s, is_watched=True)
                 assert reply is not None  # only an expected end returns None
             output = check_output(only_tensor(reply, what=self._what()), hidden, what=self._what())
             self.pushed = was_pushed(reply)
@@ -310,12 +315,23 @@ class InferenceStream:
     async def _read_forever(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                frame = await framing.read_frame(reader, max_bytes=lambda: self._reply_limit)
+                frame = await framing.read_frame(reader, max_bytes=self._frame_limit)
                 await self._inbox.put(frame)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the end of the stream, a reset, or garbage
             await self._inbox.put(exc)
+
+    async def _frame_limit(self, length: int) -> int:
+        """The bound of a frame of `length` bytes, asked before its body is read.
+
+        A frame longer than the last request's reply may be waits, unread, until the
+        caller waits for a reply: a pushed step may be answered before the client sent
+        it and set its bound. Then the bound of the reply awaited decides.
+        """
+        if length > self._reply_limit:
+            await self._is_awaited.wait()
+        return self._reply_limit
 
     async def _send(self, message: Message, timeout_s: float) -> None:
         """Writes one message; any failure closes the stream before it is raised."""
@@ -327,11 +343,11 @@ class InferenceStream:
             writer.write(framing.encode_frame(message))
             await framing.drain_if_full(writer, timeout_s)
         except BaseException as exc:
-            reason = self._last_words() if isinstance(exc, _CONNECTION_ERRORS) else None
+            reason = self._last_words() if isinstance(exc, CONNECTION_ERRORS) else None
             self._abort()
             if reason is not None:
                 raise reason from exc
-            if isinstance(exc, _CONNECTION_ERRORS):
+            if isinstance(exc, CONNECTION_ERRORS):
                 raise PeerUnavailableError(f"{self._what()}: sending failed: {exc!r}") from exc
             raise
 
@@ -346,23 +362,39 @@ class InferenceStream:
 
     async def _receive_pushed(self, timeout_s: float) -> runtime_pb2.ExpertResponse | None:
         """The answer to a pushed step, or None when none came within timeout_s."""
+        self._is_awaited.set()
         try:
             item = await get_within(self._inbox, timeout_s)
         except asyncio.TimeoutError:
             return None  # a get that timed out takes nothing off the queue
+        finally:
+            self._is_awaited.clear()
         return self._take(item, is_end_expected=False)
 
     async def _receive(
-        self, timeout_s: float, *, is_end_expected: bool = False
+        self, timeout_s: float, *, is_end_expected: bool = False, is_watched: bool = False
     ) -> runtime_pb2.ExpertResponse | None:
-        """The next reply (None at an expected end); any failure closes the stream."""
+        """The next reply (None at an expected end); any failure closes the stream.
+
+        `is_watched`: the server is pinged while the reply is late (see `Keepalive`), and
+        a ping it does not answer fails the wait at once.
+        """
+        self._is_awaited.set()
         try:
-            item = await get_within(self._inbox, timeout_s)
+            if is_watched and self._keepalive is not None:
+                ping = self.span.info
+                item = await get_alive(self._inbox, timeout_s, ping=ping, keepalive=self._keepalive)
+            else:
+                item = await get_within(self._inbox, timeout_s)
         except BaseException as exc:
             self._abort()
-            if isinstance(exc, _CONNECTION_ERRORS):
+            if isinstance(exc, PeerUnavailableError):
+                raise PeerUnavailableError(f"{self._what()}: {exc}") from exc
+            if isinstance(exc, CONNECTION_ERRORS):
                 raise PeerUnavailableError(f"{self._what()}: no reply in {timeout_s:g} s") from exc
             raise
+        finally:
+            self._is_awaited.clear()
         return self._take(item, is_end_expected=is_end_expected)
 
     def _take(
@@ -406,7 +438,3 @@ def _parse(kind: type[ParsedMessage], body: bytes) -> ParsedMessage:
     message = kind()
     message.ParseFromString(body)
     return message
-
-
-async def _one(request: runtime_pb2.ExpertRequest) -> AsyncIterator[runtime_pb2.ExpertRequest]:
-    yield request

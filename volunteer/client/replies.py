@@ -16,11 +16,13 @@ import volunteer.transport.framing as framing
 import volunteer.transport.protocol as wire
 from volunteer.transport.protocol import BadReplyError, RemoteError, RemoteSpanError
 
-MAX_REPLY_BYTES = 1 << 30
-"""The most any reply may be before the client knows what it asked for (see
-`reply_bytes`)."""
+MAX_REPLY_NUMEL = 1 << 30
+"""The most elements a reply's tensor may declare: its frame is bounded before it is read
+(`reply_bytes`), this only keeps a header from asking for more than any reply holds."""
 REPLY_OVERHEAD_BYTES = wire.MAX_METADATA_BYTES + 1024
 """A reply's metadata and protobuf framing around its tensor."""
+OPEN_REPLY_BYTES = REPLY_OVERHEAD_BYTES
+"""The open's acknowledgement: metadata only."""
 
 
 def reply_bytes(like: torch.Tensor) -> int:
@@ -48,7 +50,7 @@ def only_tensor(reply: runtime_pb2.ExpertResponse | None, *, what: str) -> torch
         count = 0 if reply is None else len(reply.tensors)
         raise BadReplyError(f"{what} answered with {count} tensors instead of 1")
     try:
-        return framing.unpack_tensor(reply.tensors[0], max_numel=MAX_REPLY_BYTES)
+        return framing.unpack_tensor(reply.tensors[0], max_numel=MAX_REPLY_NUMEL)
     except wire.BadRequestError as exc:
         reason = str(exc).removeprefix(wire.BadRequestError.marker)
         raise BadReplyError(f"{what} answered with a bad tensor: {reason}") from exc
@@ -69,6 +71,17 @@ def check_output(output: torch.Tensor, like: torch.Tensor, *, what: str) -> torc
     if not torch.isfinite(output).all():
         raise BadReplyError(f"{what} answered NaN or infinite values")
     return output
+
+
+def step_limit(reply: runtime_pb2.ExpertResponse | None) -> int | None:
+    """The most positions per step that a server's acknowledgement of a session says it
+    takes (None: it says nothing usable; a replay then goes in the steps first sent)."""
+    if reply is None:
+        return None
+    try:
+        return wire.unpack_metadata(reply.metadata, wire.StepReply).max_chunk
+    except wire.BadRequestError:
+        return None
 
 
 def was_pushed(reply: runtime_pb2.ExpertResponse) -> bool:

@@ -97,7 +97,9 @@ async def inference_session(
     )
     session.inbox = inbox
     try:
-        yield _step_reply(session)
+        limits = handler.limits
+        max_chunk = max(1, min(limits.max_chunk, limits.max_tokens // opened.batch_size))
+        yield _step_reply(session, max_chunk=max_chunk)
         while (item := await inbox.next()) is not None:
             if isinstance(item, PushedStep):
                 meta, hidden = item.meta, item.hidden
@@ -191,12 +193,16 @@ def _push(
 
 
 def _step_reply(
-    session: Session, output: runtime_pb2.Tensor | None = None, *, pushed: bool = False
+    session: Session,
+    output: runtime_pb2.Tensor | None = None,
+    *,
+    pushed: bool = False,
+    max_chunk: int | None = None,
 ) -> runtime_pb2.ExpertResponse:
     length = session.cache.length if session.cache is not None else 0
     # Our own values: constructed without validating them.
     meta = wire.StepReply.model_construct(
-        session_id=session.session_id, length=length, pushed=pushed
+        session_id=session.session_id, length=length, pushed=pushed, max_chunk=max_chunk
     )
     tensors = [] if output is None else [output]
     return runtime_pb2.ExpertResponse(tensors=tensors, metadata=wire.pack_metadata(meta))

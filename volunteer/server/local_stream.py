@@ -70,6 +70,12 @@ class LocalInferenceStream:
     pushed = False
     """Nor does it push: its output comes back to this process at no cost."""
 
+    @property
+    def max_chunk(self) -> int:
+        """The most positions one step of this session may carry."""
+        limits = self.handler.limits
+        return max(1, min(limits.max_chunk, limits.max_tokens // self.session.batch_size))
+
     async def step(
         self,
         hidden: torch.Tensor,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import torch
 from google.protobuf.message import Message
@@ -51,12 +51,13 @@ async def drain_if_full(writer: asyncio.StreamWriter, timeout_s: float) -> None:
 
 
 async def read_frame(
-    reader: asyncio.StreamReader, *, max_bytes: int | Callable[[], int]
+    reader: asyncio.StreamReader, *, max_bytes: int | Callable[[int], Awaitable[int]]
 ) -> tuple[bytes, bytes]:
     """One framed message (see `encode_frame`), or an error frame: marker and body.
 
-    `max_bytes` may be a function, asked once the length has come: a reader that waits
-    ahead for a reply bounds it by what was asked in the meantime.
+    `max_bytes` may be a function of the frame's length, awaited once the length has
+    come and before any of the body is read: a reader that waits ahead for replies may
+    hold a frame there until it knows what the reply may be.
 
     Raises:
         asyncio.IncompleteReadError: the stream ended.
@@ -67,7 +68,7 @@ async def read_frame(
     if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
         raise PeerUnavailableError(f"a message with an unknown marker {marker!r}")
     length = int.from_bytes(await reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
-    limit = max_bytes() if callable(max_bytes) else max_bytes
+    limit = max_bytes if isinstance(max_bytes, int) else await max_bytes(length)
     if length > limit:
         raise PeerUnavailableError(f"a message of {length} bytes exceeds {limit}")
     return marker, await reader.readexactly(length)

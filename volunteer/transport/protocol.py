@@ -224,6 +224,10 @@ class StepReply(_Schema):
     pushed: bool = False
     """The output also went to the next server of the route (`StepRequest.push_to`),
     which will answer the step without waiting for the client to send it."""
+    max_chunk: int | None = Field(default=None, ge=1)
+    """In the open's acknowledgement: the most positions one step of this session may
+    carry (within max_chunk and max_tokens over its batch), so that a client replaying
+    a history after a failover sends it in as few steps as the server takes."""
 
 
 class InfoReply(_Schema):
