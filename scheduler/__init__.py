@@ -6,7 +6,8 @@ Acted on today:
     - `capacity`: how many blocks fit (the daemon's span plan, `volunteer.daemon.span_plan`);
     - `block_selection`: where a joining server sits (through `volunteer.swarm.records`);
     - `rebalancing.should_move`, `next_check_delay_s`: when a serving daemon moves;
-    - `routing`: the client's inference and forward/backward routes, and its backoff.
+    - `routing`: the client's inference and forward/backward routes, and its backoff;
+    - `claims`: the speed routing counts for a server, measured or claimed (probation).
 
 Reported, not yet acted on:
     - `offload`, `offload_cost`: the FlexGen offloading policy; `volunteer profile` shows
