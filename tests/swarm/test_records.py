@@ -19,6 +19,9 @@ from volunteer.swarm.records import (
     block_key,
 )
 
+OURS, THEIRS = "a" * 64, "b" * 64
+"""Weights hashes of two different models published under one name."""
+
 
 def make_info(**changes: Any) -> ServerInfo:
     fields: dict[str, Any] = {
@@ -42,6 +45,8 @@ def test_wire_round_trip_through_msgpack() -> None:
         forward_rps=1.5,
         local_socket="/tmp/volunteer-links-x1/blocks.sock",
         boot_id="2f1c8a5e-0d1b-4b7e-9d1e-5c6f7a8b9c0d",
+        weights_sha256=OURS,
+        device_class="cpu",
     )
     wire = msgpack.unpackb(msgpack.packb(info.to_wire()))
     assert ServerInfo.from_wire(wire) == info
@@ -64,10 +69,14 @@ def test_optional_fields_may_be_missing() -> None:
         "schema_version",
         "local_socket",
         "boot_id",
+        "weights_sha256",
+        "device_class",
     ):
         del wire[name]
     parsed = ServerInfo.from_wire(wire)
     assert parsed.public_name is None and parsed.local_socket is None
+    # A record from before weights were hashed: unknown, not an error.
+    assert parsed.weights_sha256 is None and parsed.device_class is None
     assert parsed.schema_version == 1
 
 
@@ -96,6 +105,11 @@ BAD_FIELDS = [
     {"local_socket": "/" + "s" * 200},
     {"local_socket": 5},
     {"boot_id": "a boot; with spaces"},
+    {"weights_sha256": "ab" * 31},
+    {"weights_sha256": "AB" * 32},
+    {"weights_sha256": "g" * 64},
+    {"weights_sha256": 5},
+    {"device_class": "cpu; lies"},
 ]
 
 
@@ -289,3 +303,27 @@ def test_one_inflated_claim_counts_as_a_few_typical_servers() -> None:
     assert {s.peer_id: s.throughput for s in snap.server_spans()}[
         "liar"
     ] == CLAIM_CAP_FACTOR * 100.0
+
+
+def test_placement_counts_only_servers_of_the_same_weights() -> None:
+    # Under one model name: ours on 0:2, a far faster server of other weights on 2:4, and
+    # an older peer that states no hash on 2:4. Neither of those can share a route with
+    # ours, so for placement 2:4 is unserved and is where a newcomer of ours goes.
+    entries = []
+    for peer, start, end, throughput, weights in (
+        ("ours", 0, 2, 100.0, OURS),
+        ("theirs", 2, 4, 1e6, THEIRS),
+        ("unstated", 2, 4, 100.0, None),
+    ):
+        info = make_info(
+            start=start, end=end, throughput=throughput, model="m", weights_sha256=weights
+        )
+        entries += [(index, peer, info) for index in range(start, end)]
+    snap = SwarmSnapshot.build("m", 4, entries)
+    assert snap.weakest_span(2) == (0, 2)  # all records counted: 0:2 looks weakest
+    ours = snap.with_weights(OURS)
+    assert list(ours.spans()) == ["ours"]
+    assert ours.block_throughput() == [100.0, 100.0, 0.0, 0.0]
+    assert ours.weakest_span(2) == (2, 4)
+    assert [s.peer_id for s in ours.server_spans()] == ["ours"]
+    assert list(snap.with_weights(THEIRS).spans()) == ["theirs"]

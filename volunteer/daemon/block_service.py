@@ -50,6 +50,7 @@ from volunteer.errors import VolunteerError
 from volunteer.machine.cpu_sharing import in_passing_thread
 from volunteer.machine.microbench import choose_decode_threads
 from volunteer.model_cache.served_model import ServedModel, open_model
+from volunteer.model_cache.weights_hash import weights_hash
 from volunteer.models.checkpoint import load_span
 from volunteer.models.model import BlockSpan
 from volunteer.paths import Paths
@@ -80,6 +81,8 @@ ANNOUNCE_ATTEMPTS = 3
 PING_TIMEOUT_S = 5.0
 SPEED_BUDGET_S = 0.2
 """Time spent at start measuring the span's decode speed (the throughput announced)."""
+DEVICE_CLASS = "cpu"
+"""What the blocks compute on, as records state it (`ServerInfo.device_class`)."""
 
 
 class BlockService:
@@ -116,6 +119,8 @@ class BlockService:
         self.rebalancer: Rebalancer | None = None
         self.info: ServerInfo | None = None
         """The record announced for the served blocks (None: serving none)."""
+        self.weights_hash: str | None = None
+        """`weights_hash` of the served model's files (None: serving none)."""
         self._local: LocalListener | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._decode_single_measured = False
@@ -130,11 +135,13 @@ class BlockService:
         self.model = model = await asyncio.to_thread(
             open_model, settings.model, self._paths.models_dir
         )
+        self.weights_hash = await asyncio.to_thread(weights_hash, model.folder)
         available = psutil.virtual_memory().available
         # Our own records from before a restart must not count as another server.
         snapshot = None
         if settings.blocks is None:
-            snapshot = (await self.read_snapshot()).without(peer_id_from_owner(self.owner))
+            me = peer_id_from_owner(self.owner)
+            snapshot = (await self.placement_snapshot()).without(me)
         self.plan = plan = plan_span(
             model.config,
             settings,
@@ -175,6 +182,8 @@ class BlockService:
             model=model.swarm_name,
             local_socket=local_socket,
             boot_id=this_boot() if local_socket is not None else None,
+            weights_sha256=self.weights_hash,
+            device_class=DEVICE_CLASS,
         )
         for attempt in range(ANNOUNCE_ATTEMPTS):
             if await self.announce(self.info):
@@ -325,6 +334,12 @@ class BlockService:
             return await ping(self._dht.p2p, PeerID.from_base58(peer_id), PING_TIMEOUT_S)
         except (PeerUnavailableError, RemoteError, ValueError):
             return None
+
+    async def placement_snapshot(self) -> SwarmSnapshot:
+        """The swarm as span choice and rebalancing count it: only the servers of the
+        same weights, since others cannot share a route with ours."""
+        assert self.weights_hash is not None
+        return (await self.read_snapshot()).with_weights(self.weights_hash)
 
     async def read_snapshot(self) -> SwarmSnapshot:
         assert self.model is not None

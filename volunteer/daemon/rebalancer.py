@@ -68,7 +68,7 @@ class Rebalancer:
         handler, info, model = service.handler, service.info, service.model
         if handler is None or info is None or model is None or handler.is_paused:
             return None
-        snapshot = await service.read_snapshot()
+        snapshot = await service.placement_snapshot()
         me = peer_id_from_owner(service.owner)
         spans = [s for s in snapshot.server_spans() if s.peer_id != me]
         # Capped like everyone else's claim, so the comparison is like for like.

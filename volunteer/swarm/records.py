@@ -36,6 +36,7 @@ MAX_PUBLIC_NAME_CHARS = 64
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,127}$")
 """A Hugging Face repo id or a registered short name: no spaces, no control characters."""
 _TOKEN_RE = r"^[A-Za-z0-9][A-Za-z0-9._+\-]{0,63}$"
+WEIGHTS_SHA256_RE = r"^[0-9a-f]{64}$"
 _CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -105,6 +106,12 @@ class ServerInfo(pydantic.BaseModel):
     (`volunteer.transport.local_link`)."""
     boot_id: str | None = pydantic.Field(default=None, pattern=_TOKEN_RE)
     """The id of the boot of the machine the server runs on (with `local_socket`)."""
+    weights_sha256: str | None = pydantic.Field(default=None, pattern=WEIGHTS_SHA256_RE)
+    """The hash of the weights it serves (`volunteer.model_cache.weights_hash`); None: an
+    older peer that does not say, which no route or placement counts on."""
+    device_class: str | None = pydantic.Field(default=None, pattern=_TOKEN_RE)
+    """What it computes on, "cpu" or "gpu": bounds how fast it can plausibly be
+    (`volunteer.scheduler.claims`); None or an unknown class is bounded as the fastest."""
 
     @pydantic.field_validator("public_name")
     @classmethod
@@ -226,6 +233,18 @@ class SwarmSnapshot:
         ones, which must not count as someone else serving)."""
         blocks = tuple(
             types.MappingProxyType({p: i for p, i in servers.items() if p != peer_id})
+            for servers in self.blocks
+        )
+        return dataclasses.replace(self, blocks=blocks)
+
+    def with_weights(self, weights_sha256: str) -> SwarmSnapshot:
+        """The same swarm with only the records of servers serving these weights: peers
+        with other weights under the model's name (or that do not say) cannot share a
+        route or a placement with ours."""
+        blocks = tuple(
+            types.MappingProxyType(
+                {p: i for p, i in servers.items() if i.weights_sha256 == weights_sha256}
+            )
             for servers in self.blocks
         )
         return dataclasses.replace(self, blocks=blocks)
