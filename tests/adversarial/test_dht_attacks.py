@@ -42,6 +42,8 @@ NUM_BLOCKS = 4
 TIMEOUT_S = 10.0
 ATOL = 1e-5
 HOUR_S = 3600.0
+OURS = "a" * 64
+"""The weights hash of the honest servers' (and the client's) model."""
 
 
 @dataclasses.dataclass
@@ -63,7 +65,7 @@ async def _honest(full: torch.nn.Module, start: int, end: int, peers: list[str])
     return honest
 
 
-def _info(start: int, end: int, *, throughput: float) -> ServerInfo:
+def _info(start: int, end: int, *, throughput: float, weights: str | None = OURS) -> ServerInfo:
     return ServerInfo(
         state=ServerState.ONLINE,
         start=start,
@@ -73,6 +75,8 @@ def _info(start: int, end: int, *, throughput: float) -> ServerInfo:
         cache_tokens_left=256,
         version="0.1.0",
         model=MODEL,
+        weights_sha256=weights,
+        device_class="cpu",
     )
 
 
@@ -125,7 +129,7 @@ def _assert_sessions_work(swarm: Swarm) -> None:
     with torch.no_grad():
         expected = swarm.full(hidden, start_pos=0, cache=cache)
     # A fresh client reads the swarm now, not a view from before the attack.
-    client = swarm.client.client(model=MODEL, num_blocks=NUM_BLOCKS)
+    client = swarm.client.client(model=MODEL, num_blocks=NUM_BLOCKS, weights_hash=OURS)
 
     async def decode() -> torch.Tensor:
         session = await client.open_session(max_length=16)
@@ -217,3 +221,47 @@ def test_fake_joining_records_do_not_steer_the_span_choice(swarm: Swarm) -> None
     assert len(snapshot.spans()) == 3  # the fake records are read, and not counted
     assert snapshot.block_throughput() == [100.0] * NUM_BLOCKS
     assert snapshot.weakest_span(2) == (0, 2)
+
+
+def test_records_of_other_weights_under_our_name_draw_no_route_and_no_placement(
+    swarm: Swarm,
+) -> None:
+    # Another model published under this one's name: well-formed, signed, and claiming
+    # to be the fastest server of all. Routed to, it would answer from other weights;
+    # counted, it would steer servers away from the blocks it claims.
+    forked = "tiny-forked"
+    first, second = swarm.honest
+    for peer, (start, end) in ((first, (0, 2)), (second, (2, 4))):
+        info = _info(start, end, throughput=100.0).model_copy(update={"model": forked})
+        stored = announce_on_node(
+            peer.node, info, owner=peer.owner, expiration_s=HOUR_S, timeout_s=TIMEOUT_S
+        )
+        assert swarm.loop.run(stored, timeout_s=TIMEOUT_S + 5)
+    later = get_dht_time() + HOUR_S
+    fake = _info(0, NUM_BLOCKS, throughput=1e6, weights="b" * 64)
+    fake = fake.model_copy(update={"model": forked})
+    for index in range(NUM_BLOCKS):
+        key = block_key(forked, index)
+        assert swarm.attacker.store(key, fake.to_wire(), later, subkey=_attacker_marker(swarm))
+    snapshot = swarm.loop.run(
+        read_snapshot_on_node(first.node, forked, NUM_BLOCKS, timeout_s=TIMEOUT_S),
+        timeout_s=TIMEOUT_S + 5,
+    )
+    assert len(snapshot.spans()) == 3  # the forged record is read: valid as a record
+    ours = snapshot.with_weights(OURS)
+    assert set(ours.spans()) == {peer.peer_id for peer in swarm.honest}
+    assert ours.block_throughput() == [100.0] * NUM_BLOCKS
+    client = swarm.client.client(model=forked, num_blocks=NUM_BLOCKS, weights_hash=OURS)
+
+    async def decode() -> list[list[str]]:
+        session = await client.open_session(max_length=16)
+        try:
+            await session.step(hidden_states(1, 3), 0)
+            return [[hop.peer_id for hop in route] for route in session.route_history]
+        finally:
+            await session.close()
+
+    client.trial_share = 1.0  # even routes that try newcomers
+    routes = swarm.client.loop_thread.run(decode(), timeout_s=60)
+    assert routes == [[first.peer_id, second.peer_id]]  # no failover: never tried them
+    assert {c.peer_id for c in client.candidates()} == set(ours.spans())

@@ -31,6 +31,7 @@ from volunteer.daemon.dht_service import DHTService
 from volunteer.errors import SettingsError
 from volunteer.machine.cpu_sharing import in_passing_thread
 from volunteer.model_cache.served_model import open_model
+from volunteer.model_cache.weights_hash import weights_hash
 from volunteer.models.sampling import SamplingParams
 from volunteer.paths import Paths
 from volunteer.settings import Settings
@@ -188,6 +189,9 @@ class ChatService:
                     model=model.swarm_name,
                     num_blocks=model.config.num_layers,
                     local_handler=lambda: self._blocks.handler,
+                    # Only servers of the same weights as the model's ends run here.
+                    weights_hash=await asyncio.to_thread(weights_hash, model.folder),
+                    config=model.config,
                 )
                 self._chat = await in_passing_thread(
                     SwarmChat.load,

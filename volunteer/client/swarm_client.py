@@ -6,6 +6,12 @@ measures round trips to the servers it may use, plans the lowest-latency route f
 inference session and opens one stream per hop. Failures inside a session are handled by
 `SwarmInferenceSession` (failover and replay); the peers that failed are avoided with
 exponential back-off across sessions too.
+
+Records are claims (`volunteer.client.server_view`). Only servers announcing the same
+weights as the client's own files are routed through, and each counts at the speed the
+client measured of it (`volunteer.client.measurements`, which times every step and call
+it makes); a newcomer counts at its claim, capped, on probation, except in a small share
+of inference routes that try newcomers, so that they get measured at all.
 """
 
 from __future__ import annotations
@@ -22,8 +28,11 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 
 from volunteer.client.inference import InferenceStreamLike, SwarmInferenceSession
+from volunteer.client.measurements import PeerMeasurements
 from volunteer.client.remote_span import RemoteSpan, ping
+from volunteer.client.server_view import ServerView, Work
 from volunteer.client.spread import SpreadCalls, TracedHop
+from volunteer.models.config import ModelConfig
 from volunteer.scheduler.routing import (
     Backoff,
     RouteHop,
@@ -32,7 +41,7 @@ from volunteer.scheduler.routing import (
     load_spread_route,
 )
 from volunteer.swarm.dht_records import read_snapshot_on_node
-from volunteer.swarm.records import ServerState, SwarmSnapshot
+from volunteer.swarm.records import SwarmSnapshot
 from volunteer.transport.local_link import dialable
 from volunteer.transport.protocol import BusyError, PeerUnavailableError, SessionExpiredError
 
@@ -42,6 +51,8 @@ RETRIABLE_ERRORS = (PeerUnavailableError, BusyError, SessionExpiredError)
 """Peer and network trouble: another server may do. A bad request is a bug: raised."""
 SNAPSHOT_TIMEOUT_S = 10.0
 PING_TIMEOUT_S = 3.0
+PINGS = 2
+"""Pings to a server first seen: its round trip is the least of them."""
 SNAPSHOT_MAX_AGE_S = 5.0
 """A session opened within this long of the last DHT read reuses it."""
 SNAPSHOT_STALE_MAX_S = 60.0
@@ -53,6 +64,10 @@ REVALIDATE_DELAY_S = 2.0
 """How long after a stale view was used the background read starts: the read makes every
 daemon of the swarm validate records, which on shared cores slows the very prefill that
 asked for it; a few seconds later that first token is out."""
+TRIAL_SHARE = 0.1
+"""Share of inference routes planned with newcomers judged by their claims (capped by
+what their hardware could do) rather than on probation: how an unmeasured server gets
+measured, and so the most routes a newcomer's lie can draw before it is."""
 
 
 class OwnBlocks(Protocol):
@@ -80,8 +95,15 @@ class SwarmClient:
         local_handler: this process's own block server, if it serves blocks: libp2p
             cannot dial itself, so its blocks are called in-process.
         step_timeout_s: the longest wait for one hop's step (or forward/backward call).
-        clock: monotonic seconds (for back-off).
-        rng: draws the servers of forward/backward calls (seed it to reproduce a run).
+        clock: monotonic seconds (for back-off and timing servers).
+        rng: draws the servers of forward/backward calls, and which inference routes try
+            newcomers (seed it to reproduce a run).
+        weights_hash: `volunteer.model_cache.weights_hash` of the client's own model files:
+            only servers announcing it are routed through. None (tools and tests that run
+            no model ends) routes through any server of the model's name.
+        config: the model's config, for the most a server could plausibly run it at
+            (None: claims are bounded by probation only).
+        trial_share: see TRIAL_SHARE.
     """
 
     def __init__(
@@ -96,6 +118,9 @@ class SwarmClient:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         revalidate_delay_s: float = REVALIDATE_DELAY_S,
+        weights_hash: str | None = None,
+        config: ModelConfig | None = None,
+        trial_share: float = TRIAL_SHARE,
     ) -> None:
         self.p2p = p2p
         self.revalidate_delay_s = revalidate_delay_s
@@ -109,11 +134,16 @@ class SwarmClient:
         self._snapshot: SwarmSnapshot | None = None
         self._snapshot_at = -float("inf")
         self._refreshing: asyncio.Task[None] | None = None
-        self._rtts: dict[str, float] = {}
+        self.weights_hash = weights_hash
+        self.trial_share = trial_share
+        self.measurements = PeerMeasurements(clock=clock)
+        self._view = ServerView(
+            model=model, weights_hash=weights_hash, config=config, measurements=self.measurements
+        )
         self._rng = rng or random.Random()
         self._spread = SpreadCalls(
             plan=self.plan_spread,
-            forward=self._call_forward,
+            forward=self.measurements.timed_forward(self._call_forward),
             backward=self._call_backward,
             retriable=RETRIABLE_ERRORS,
             backoff=self.backoff,
@@ -162,37 +192,34 @@ class SwarmClient:
         except Exception as exc:  # the next session waits for a read if this stays stale
             logger.info("reading the swarm's records in the background failed: %s", exc)
 
-    def candidates(self) -> list[ServerCandidate]:
-        """The servers that announced themselves online, with measured round trips."""
-        if self._snapshot is None:
-            return []
-        return [
-            ServerCandidate(
-                peer_id=peer_id,
-                start=info.start,
-                end=info.end,
-                throughput=info.throughput,
-                rtt_s=self._rtts.get(peer_id),
-            )
-            for peer_id, info in self._snapshot.spans().items()
-            if info.state == ServerState.ONLINE
-        ]
+    def candidates(
+        self, *, kind: Work = "decode", on_probation: bool = True
+    ) -> list[ServerCandidate]:
+        """The online servers with our weights, each at the speed routing counts for it
+        (measured for `kind` of work, else its claim as a prior: see the module
+        docstring), with measured round trips."""
+        return self._view.candidates(self._snapshot, kind=kind, on_probation=on_probation)
 
     def plan_inference(self, start: int, end: int, avoid: frozenset[str]) -> list[RouteHop]:
-        """The lowest-latency route over [start, end) among the known online servers.
+        """The lowest-latency route over [start, end) among the known online servers
+        (newcomers on probation, but in `trial_share` of the routes).
 
         Raises:
             NoRouteError: the servers not avoided leave a gap.
         """
-        return inference_route(self.candidates(), start, end, avoid=avoid)
+        is_trial = self._rng.random() < self.trial_share
+        candidates = self.candidates(kind="decode", on_probation=not is_trial)
+        return inference_route(candidates, start, end, avoid=avoid)
 
     def plan_spread(self, start: int, end: int, avoid: frozenset[str]) -> list[RouteHop]:
-        """A route over [start, end) drawn by throughput among the known online servers.
+        """A route over [start, end) drawn by speed among the known online servers
+        (a random draw already gives newcomers on probation their share).
 
         Raises:
             NoRouteError: the servers not avoided leave a gap.
         """
-        return load_spread_route(self.candidates(), start, end, rng=self._rng, avoid=avoid)
+        candidates = self.candidates(kind="forward")
+        return load_spread_route(candidates, start, end, rng=self._rng, avoid=avoid)
 
     async def forward(
         self, hidden: torch.Tensor, *, start: int = 0, end: int | None = None
@@ -223,9 +250,10 @@ class SwarmClient:
         await self.current()
 
         async def open_stream(hop: RouteHop, next_step_id: int) -> InferenceStreamLike:
-            return await self._open_stream(
+            stream = await self._open_stream(
                 hop, max_length=max_length, batch_size=batch_size, next_step_id=next_step_id
             )
+            return self.measurements.timed_stream(hop, stream)
 
         session = SwarmInferenceSession(
             plan_route=self.plan_inference,
@@ -302,18 +330,23 @@ class SwarmClient:
         return None if info is None else dialable(info.local_socket, info.boot_id)
 
     async def _measure_rtts(self) -> None:
-        peers = [c.peer_id for c in self.candidates() if c.peer_id not in self._rtts]
+        measured = self.measurements.rtt_s
+        peers = [
+            peer_id for peer_id in self._view.routable(self._snapshot) if measured(peer_id) is None
+        ]
         if peers:
             await asyncio.gather(*(self._ping(peer_id) for peer_id in peers))
 
     async def _ping(self, peer_id: str) -> None:
         if peer_id == self.own_peer_id:
-            self._rtts[peer_id] = 0.0
+            self.measurements.record_rtt(peer_id, 0.0)
             return
         try:
-            rtt_s = await ping(self.p2p, PeerID.from_base58(peer_id), PING_TIMEOUT_S)
+            # The first ping to a peer also sets up the connection: only the later ones
+            # time the path alone (`record_rtt` keeps the least).
+            for _ in range(PINGS):
+                rtt_s = await ping(self.p2p, PeerID.from_base58(peer_id), PING_TIMEOUT_S)
+                self.measurements.record_rtt(peer_id, rtt_s)
         except RETRIABLE_ERRORS as exc:
             logger.info("server %s did not answer a ping: %s", peer_id, exc)
             self.backoff.record_failure(peer_id, self._clock())
-            return
-        self._rtts[peer_id] = rtt_s

@@ -15,6 +15,7 @@ from hivemind.p2p import P2P
 
 from volunteer.client.loop_thread import LoopThread
 from volunteer.client.swarm_client import SwarmClient
+from volunteer.models.config import ModelConfig
 from volunteer.swarm.dht_records import make_validator
 from volunteer.transport.protocol import PeerUnavailableError
 
@@ -50,10 +51,25 @@ class SwarmConnection:
     def loop(self) -> asyncio.AbstractEventLoop:
         return self.loop_thread.loop
 
-    def client(self, *, model: str, num_blocks: int) -> SwarmClient:
-        """A `SwarmClient` for `model` over this connection (use it on `loop`)."""
+    def client(
+        self,
+        *,
+        model: str,
+        num_blocks: int,
+        weights_hash: str | None = None,
+        config: ModelConfig | None = None,
+    ) -> SwarmClient:
+        """A `SwarmClient` for `model` over this connection (use it on `loop`); see it for
+        `weights_hash` and `config`."""
         assert self.p2p is not None and self.node is not None, "use inside `with`"
-        client = SwarmClient(p2p=self.p2p, node=self.node, model=model, num_blocks=num_blocks)
+        client = SwarmClient(
+            p2p=self.p2p,
+            node=self.node,
+            model=model,
+            num_blocks=num_blocks,
+            weights_hash=weights_hash,
+            config=config,
+        )
         self._clients.append(client)  # closed with the connection
         return client
 

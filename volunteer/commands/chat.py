@@ -111,10 +111,16 @@ def _open_chat(args: argparse.Namespace, paths: Paths) -> Iterator[Chat]:
         from volunteer.chat.via_swarm import SwarmChat
         from volunteer.client.swarm_connection import SwarmConnection
         from volunteer.model_cache.served_model import open_model
+        from volunteer.model_cache.weights_hash import weights_hash
 
         model = open_model(args.model or DEFAULT_MODEL, paths.models_dir)
         with SwarmConnection(args.swarm) as connection:
-            client = connection.client(model=model.swarm_name, num_blocks=model.config.num_layers)
+            client = connection.client(
+                model=model.swarm_name,
+                num_blocks=model.config.num_layers,
+                weights_hash=weights_hash(model.folder),  # only servers of the same weights
+                config=model.config,
+            )
             yield SwarmChat.load(model.folder, model.config, client=client, loop=connection.loop)
     else:
         from volunteer.chat.via_daemon import DaemonChat
