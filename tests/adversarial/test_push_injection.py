@@ -5,8 +5,9 @@ decodes through both, the first server pushing each step's output to the second.
 stranger, a bare hivemind P2P peer that knows the second hop's session id (the worst
 case: ids are not secret), pushes its own hidden states into that session before every
 step: with no secret, a guessed one, and (as a server of the route could) the right
-secret but a step id ahead of the session's. Each push must be dropped: the client's
-outputs equal those of the same decoding without the attacker.
+secret but a step id ahead of the session's. Each push must be refused: the client's
+outputs equal those of the same decoding without the attacker. Each refusal ends the
+stranger's link and counts against it, until its links are refused outright.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 import torch
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
+from hivemind.proto.p2pd_pb2 import RPCError
 
 import volunteer.transport.framing as framing
 import volunteer.transport.protocol as wire
@@ -37,6 +39,7 @@ from volunteer.transport.protocol import PUSH_HANDLE
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
 
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 MAX_LENGTH = 16
 PREFILL = 3
 DECODE_STEPS = 4
@@ -64,7 +67,7 @@ def route() -> Iterator[Route]:
             start_route_servers(random_span(tiny_config()), [(0, 2), (2, 4)])
         )
         maddrs = [addr for p2p, _ in servers for addr in loop.run(p2p.get_visible_maddrs())]
-        stranger = loop.run(P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs))
+        stranger = loop.run(P2P.create(host_maddrs=LOOPBACK, initial_peers=maddrs))
         yield Route(loop, servers[0][1], servers[1][1], client, stranger)
         for _, handler in servers:
             loop.run(handler.shutdown())
@@ -116,23 +119,27 @@ def _push_frame(session_id: str, secret: str | None, step_id: int, position: int
     return framing.encode_frame(request)
 
 
-def _inject(route: Route, frames: list[bytes]) -> None:
-    """Writes `frames` on one push link from the stranger, then breaks the framing: the
-    server reads a link in order, so once it ends the link every frame was handled."""
+def _inject(route: Route, frames: list[bytes], stranger: P2P | None = None) -> list[str]:
+    """Writes each of `frames` on a new push link from the stranger; the error each link
+    was closed with (every push here must be refused: none is read quietly)."""
 
-    async def send() -> bytes:
+    async def send(frame: bytes) -> str:
         peer_id = route.second._p2p.peer_id  # type: ignore[union-attr]
-        _, reader, writer = await route.stranger.call_binary_stream_handler(peer_id, PUSH_HANDLE)
+        p2p = stranger or route.stranger
+        _, reader, writer = await p2p.call_binary_stream_handler(peer_id, PUSH_HANDLE)
         try:
-            for frame in frames:
-                writer.write(frame)
-            writer.write(b"\x07")  # no such marker: the server ends the link
+            writer.write(frame)
             await writer.drain()
-            return await asyncio.wait_for(reader.read(), WAIT_S)
+            reading = framing.read_frame(reader, max_bytes=1 << 16)
+            marker, body = await asyncio.wait_for(reading, WAIT_S)
         finally:
             writer.close()
+        assert marker == P2P.ERROR_MARKER
+        error = RPCError()
+        error.ParseFromString(body)
+        return error.message
 
-    assert route.loop.run(send(), timeout_s=2 * WAIT_S) == b""
+    return [route.loop.run(send(frame), timeout_s=2 * WAIT_S) for frame in frames]
 
 
 def test_pushes_without_the_sessions_secret_or_step_are_dropped(route: Route) -> None:
@@ -141,7 +148,7 @@ def test_pushes_without_the_sessions_secret_or_step_are_dropped(route: Route) ->
 
     def attack(target: InferenceStream, step_id: int, position: int) -> None:
         sid, secret = target.session_id, target.push_target.push_secret
-        _inject(
+        refusals = _inject(
             route,
             [
                 _push_frame(sid, None, step_id, position),
@@ -152,6 +159,7 @@ def test_pushes_without_the_sessions_secret_or_step_are_dropped(route: Route) ->
                 _push_frame(sid, secret, step_id + 5, position),
             ],
         )
+        assert all(text.startswith("bad request: ") for text in refusals)
 
     attacked = _decode(route, attack)
     assert len(attacked) == len(honest) == 1 + DECODE_STEPS
@@ -159,6 +167,9 @@ def test_pushes_without_the_sessions_secret_or_step_are_dropped(route: Route) ->
         assert torch.allclose(got, want, atol=1e-5), f"step {index + 1} differs"
     # The honest pushes still flowed, none of the stranger's were run.
     assert route.second.stats.pushed_steps - pushed_before <= 1 + DECODE_STEPS
+    # A few failures in, the stranger was kept out; the first server never was.
+    assert route.second.push_penalties.banned_for(str(route.stranger.peer_id)) > 0
+    assert route.second.push_penalties.banned_for(str(route.client.peer_id)) == 0
 
 
 def test_the_right_secret_and_step_are_taken(route: Route) -> None:
@@ -171,9 +182,33 @@ def test_the_right_secret_and_step_are_taken(route: Route) -> None:
     assert honest.shape == (1, PREFILL, tiny_config().hidden_size)
     pushed_before = route.second.stats.pushed_steps
     frame = _push_frame(second.session_id, second.push_target.push_secret, 2, PREFILL)
-    _inject(route, [frame])
+    # A peer with no failed pushes (the stranger above is kept out by now).
+    maddrs = route.loop.run(route.second._p2p.get_visible_maddrs())  # type: ignore[union-attr]
+    fresh = route.loop.run(P2P.create(host_maddrs=LOOPBACK, initial_peers=maddrs))
+    try:
+        _send_quietly(route, fresh, frame)
+    finally:
+        route.loop.run(fresh.shutdown())
     zeros = torch.zeros(1, 1, tiny_config().hidden_size)
     route.loop.run(second.step(zeros, PREFILL, WAIT_S, step_id=2, await_push_s=WAIT_S))
     assert route.second.stats.pushed_steps == pushed_before + 1
     for stream in (first, second):
         route.loop.run(stream.close())
+
+
+def _send_quietly(route: Route, sender: P2P, frame: bytes) -> None:
+    """Writes `frame` on a push link, then breaks the framing: the server reads a link in
+    order, so once it ends the link (without an error: the push was taken) the frame was
+    handled."""
+
+    async def send() -> bytes:
+        peer_id = route.second._p2p.peer_id  # type: ignore[union-attr]
+        _, reader, writer = await sender.call_binary_stream_handler(peer_id, PUSH_HANDLE)
+        try:
+            writer.write(frame + b"\x07")  # no such marker: the server ends the link
+            await writer.drain()
+            return await asyncio.wait_for(reader.read(), WAIT_S)
+        finally:
+            writer.close()
+
+    assert route.loop.run(send(), timeout_s=2 * WAIT_S) == b""

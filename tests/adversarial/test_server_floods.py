@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import volunteer.transport.framing as framing
 from tests.server import LoopThread, hidden_states, random_span, tiny_config, wait_until
 from volunteer.client.remote_span import RemoteSpan
 from volunteer.server.caps import DEFAULT_CAPS
+from volunteer.server.compute import forward_span
 from volunteer.server.handler import BlockHandler
 from volunteer.transport.p2p_streams import open_stream
 from volunteer.transport.protocol import (
@@ -39,7 +41,8 @@ CAPS = dataclasses.replace(
     DEFAULT_CAPS,
     max_sessions=4,
     max_sessions_per_peer=2,
-    max_queued_jobs=2,
+    max_queued_jobs=3,
+    max_calls_per_peer=2,
     max_push_streams_per_peer=2,
 )
 CACHE_TOKENS = 1024
@@ -201,16 +204,64 @@ def test_silent_streams_hold_no_more_than_the_caps(swarm: Swarm) -> None:
         _close_all(streams)
 
 
-def test_a_flood_of_calls_is_answered_busy(swarm: Swarm) -> None:
+def test_one_peer_gets_its_share_of_calls_and_others_still_get_theirs(swarm: Swarm) -> None:
     attacker = swarm.attackers[0]
-    streams = swarm.loop.run(_silent_streams(attacker, swarm, FORWARD_HANDLE, 6))
+    streams = swarm.loop.run(_silent_streams(attacker, swarm, FORWARD_HANDLE, 5))
     refusals = swarm.loop.run(_refusals(streams, held=2))
-    assert len(refusals) == 4
-    assert all(r.startswith("busy: server holds 2 forward/backward calls") for r in refusals)
+    assert len(refusals) == 3
+    expected = "busy: this peer already holds 2 forward/backward calls"
+    assert all(r.startswith(expected) for r in refusals)
+    hidden = hidden_states(1, 2)
+    output = swarm.loop.run(swarm.remote(swarm.honest).forward(hidden, timeout_s=30))
+    torch.testing.assert_close(output, forward_span(swarm.handler.span, hidden, 0, 2))
+    _close_all(streams)
+
+
+def test_a_flood_of_calls_is_answered_busy(swarm: Swarm) -> None:
+    first, second = swarm.attackers
+    streams = swarm.loop.run(_silent_streams(first, swarm, FORWARD_HANDLE, 2))
+    assert wait_until(lambda: swarm.handler.call_slots.held_by(str(first.peer_id)) == 2)
+    more = swarm.loop.run(_silent_streams(second, swarm, FORWARD_HANDLE, 3))
+    refusals = swarm.loop.run(_refusals(more, held=1))
+    assert len(refusals) == 2
+    assert all(r.startswith("busy: server holds 3 forward/backward calls") for r in refusals)
     with pytest.raises(BusyError, match="forward/backward calls"):
         swarm.loop.run(swarm.remote(swarm.honest).forward(hidden_states(1, 2), timeout_s=30))
     swarm.assert_honest_unharmed()  # inference steps are not queued behind calls
-    _close_all(streams)
+    _close_all(streams + more)
+
+
+def test_a_stream_that_never_sends_its_request_is_closed_with_a_reason(swarm: Swarm) -> None:
+    """Each silent stream holds its slot for the first-message bound, not the idle
+    timeout, then hears why it was closed."""
+    handler, attacker = swarm.handler, swarm.attackers[0]
+    swarm.loop.run(_set_caps(handler, dataclasses.replace(CAPS, first_message_s=1.0)))
+    try:
+        for handle in (INFERENCE_HANDLE, FORWARD_HANDLE, PUSH_HANDLE):
+            streams = swarm.loop.run(_silent_streams(attacker, swarm, handle, 1))
+            (refusal,) = swarm.loop.run(_refusals(streams, held=0))
+            assert re.match(r"^bad request: no (request|push) within 1(\.\d+)? s", refusal)
+            _close_all(streams)
+    finally:
+        swarm.loop.run(_set_caps(handler, CAPS))
+
+
+def test_a_long_forward_is_computed_in_slices_charged_to_its_caller(swarm: Swarm) -> None:
+    """A forward of many positions holds the compute thread one slice at a time (an
+    inference step waits for one slice at most), and the queue weighs its time against
+    the peer that sent it."""
+    handler, attacker = swarm.handler, swarm.attackers[0]
+    swarm.loop.run(_set_caps(handler, dataclasses.replace(CAPS, forward_slice_s=0.0)))
+    try:
+        hidden = hidden_states(1, 8, seed=9)
+        before = handler.compute.jobs_run
+        output = swarm.loop.run(swarm.remote(attacker).forward(hidden, timeout_s=30))
+        # The smallest slices: one block over one position each.
+        assert handler.compute.jobs_run - before == 2 * 8
+        torch.testing.assert_close(output, forward_span(handler.span, hidden, 0, 2))
+        assert handler.compute.used_by(str(attacker.peer_id)) > 0
+    finally:
+        swarm.loop.run(_set_caps(handler, CAPS))
 
 
 def test_an_oversized_message_is_refused_unread(swarm: Swarm) -> None:

@@ -248,13 +248,16 @@ def test_inference_jumps_the_queue_of_training_work() -> None:
             while not gate.is_set():
                 time.sleep(0.001)
 
-        jobs = [asyncio.ensure_future(compute.run(PRIORITY_TRAINING, blocker))]
+        jobs = [asyncio.ensure_future(compute.run(PRIORITY_TRAINING, blocker, peer="a"))]
         await asyncio.sleep(0.05)
         jobs += [
-            asyncio.ensure_future(compute.run(PRIORITY_TRAINING, order.append, "training"))
+            asyncio.ensure_future(
+                compute.run(PRIORITY_TRAINING, order.append, "training", peer="a")
+            )
             for _ in range(3)
         ]
-        jobs.append(asyncio.ensure_future(compute.run(PRIORITY_INFERENCE, order.append, "step")))
+        stepping = compute.run(PRIORITY_INFERENCE, order.append, "step", peer="a")
+        jobs.append(asyncio.ensure_future(stepping))
         await asyncio.sleep(0.05)
         loop.call_soon(gate.set)
         await asyncio.wait_for(asyncio.gather(*jobs), 10)

@@ -1,14 +1,25 @@
-"""The compute thread's torch thread count: OpenMP keeps one per thread, so the compute
+"""The compute thread: its torch thread count (OpenMP keeps one per thread, so the compute
 thread sets it itself, per job: all threads for batches, `decode_threads` for one-position
-steps."""
+steps), and the order it runs queued jobs in (inference first, then the peer that used
+least compute lately)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import torch
 
-from volunteer.server.compute import PRIORITY_INFERENCE, PriorityCompute
+from tests.server import WAIT_S
+from volunteer.server.compute import (
+    PRIORITY_INFERENCE,
+    PRIORITY_TRAINING,
+    PriorityCompute,
+    ServiceTally,
+)
+
+PEER = "a peer"
 
 
 def test_each_job_runs_on_its_thread_count() -> None:
@@ -17,11 +28,14 @@ def test_each_job_runs_on_its_thread_count() -> None:
         try:
             seen = []
             for decode in (False, True, False, True):
-                count = await compute.run(PRIORITY_INFERENCE, torch.get_num_threads, decode=decode)
+                run = compute.run(
+                    PRIORITY_INFERENCE, torch.get_num_threads, peer=PEER, decode=decode
+                )
+                count = await run
                 seen.append(count)
             # A change (the volunteer's new setting) applies from the next job on.
             compute.threads = 1
-            seen.append(await compute.run(PRIORITY_INFERENCE, torch.get_num_threads))
+            seen.append(await compute.run(PRIORITY_INFERENCE, torch.get_num_threads, peer=PEER))
             return seen
         finally:
             compute.shutdown()
@@ -33,7 +47,9 @@ def test_without_counts_the_thread_keeps_its_own() -> None:
     async def main() -> int:
         compute = PriorityCompute()
         try:
-            return await compute.run(PRIORITY_INFERENCE, torch.get_num_threads, decode=True)
+            return await compute.run(
+                PRIORITY_INFERENCE, torch.get_num_threads, peer=PEER, decode=True
+            )
         finally:
             compute.shutdown()
 
@@ -43,3 +59,119 @@ def test_without_counts_the_thread_keeps_its_own() -> None:
         assert asyncio.run(main()) == 1
     finally:
         torch.set_num_threads(before)
+
+
+async def _wait_for_queue(compute: PriorityCompute, count: int) -> None:
+    """Until `count` jobs wait behind the one running (a hang fails the test)."""
+    async with asyncio.timeout(WAIT_S):
+        while compute.queued < count:
+            await asyncio.sleep(0.01)
+
+
+def _hold(gate: threading.Event) -> None:
+    """A job that keeps the compute thread until the test has queued the others."""
+    if not gate.wait(WAIT_S):
+        raise TimeoutError("the test never released the compute thread")
+
+
+def test_a_newcomer_runs_before_a_peer_with_a_backlog() -> None:
+    """Least attained service first: a peer that has kept the thread busy (one identity
+    of a flood) queues behind a peer that has used nothing, whatever it queued first."""
+
+    async def main() -> list[str]:
+        compute = PriorityCompute()
+        order: list[str] = []
+        gate = threading.Event()
+        try:
+            held = asyncio.ensure_future(compute.run(PRIORITY_TRAINING, _hold, gate, peer="flood"))
+            await _wait_for_running(compute)
+            jobs = [
+                asyncio.ensure_future(
+                    compute.run(PRIORITY_TRAINING, order.append, f"flood {i}", peer="flood")
+                )
+                for i in range(3)
+            ]
+            jobs.append(
+                asyncio.ensure_future(
+                    compute.run(PRIORITY_TRAINING, order.append, "newcomer", peer="newcomer")
+                )
+            )
+            await _wait_for_queue(compute, 4)
+            gate.set()
+            await asyncio.wait_for(asyncio.gather(held, *jobs), WAIT_S)
+            return order
+        finally:
+            gate.set()
+            compute.shutdown()
+
+    assert asyncio.run(main()) == ["newcomer", "flood 0", "flood 1", "flood 2"]
+
+
+def test_inference_runs_first_whoever_asked() -> None:
+    """Fairness orders peers within a class: a busy peer's inference step still runs
+    before a newcomer's training job."""
+
+    async def main() -> list[str]:
+        compute = PriorityCompute()
+        order: list[str] = []
+        gate = threading.Event()
+        try:
+            held = asyncio.ensure_future(compute.run(PRIORITY_TRAINING, _hold, gate, peer="busy"))
+            await _wait_for_running(compute)
+            training = compute.run(PRIORITY_TRAINING, order.append, "training", peer="new")
+            step = compute.run(PRIORITY_INFERENCE, order.append, "step", peer="busy")
+            jobs = [asyncio.ensure_future(training), asyncio.ensure_future(step)]
+            await _wait_for_queue(compute, 2)
+            gate.set()
+            await asyncio.wait_for(asyncio.gather(held, *jobs), WAIT_S)
+            return order
+        finally:
+            gate.set()
+            compute.shutdown()
+
+    assert asyncio.run(main()) == ["step", "training"]
+
+
+async def _wait_for_running(compute: PriorityCompute) -> None:
+    """Until the compute thread took the first job off the queue."""
+    async with asyncio.timeout(WAIT_S):
+        while compute.queued:
+            await asyncio.sleep(0.01)
+
+
+def test_a_peers_use_is_charged_and_fades() -> None:
+    now = [100.0]
+    tally = ServiceTally(half_life_s=4.0, clock=lambda: now[0])
+    tally.charge("a", 8.0)
+    assert tally.of("a") == 8.0
+    now[0] += 4.0
+    assert tally.of("a") == 4.0
+    tally.charge("a", 1.0)
+    now[0] += 8.0
+    assert tally.of("a") == 5.0 / 4
+    assert tally.of("never seen") == 0.0
+
+
+def test_the_tally_forgets_the_lightest_peers_past_its_bound() -> None:
+    tally = ServiceTally(max_peers=4, clock=lambda: 0.0)
+    for index in range(5):
+        tally.charge(f"peer {index}", float(index + 1))
+    # Over its bound, the tally keeps the heaviest half: the light ones read as newcomers.
+    assert len(tally) <= 4
+    assert tally.of("peer 4") == 5.0
+    assert tally.of("peer 0") == 0.0
+
+
+def test_each_job_is_charged_to_its_peer() -> None:
+    async def main() -> tuple[float, float, int]:
+        compute = PriorityCompute()
+        try:
+            await compute.run(PRIORITY_TRAINING, time.sleep, 0.01, peer="sleeper")
+            await compute.run(PRIORITY_TRAINING, int, peer="quick")
+            return compute.used_by("sleeper"), compute.used_by("nobody"), compute.jobs_run
+        finally:
+            compute.shutdown()
+
+    sleeper, nobody, jobs = asyncio.run(main())
+    # At least the time it slept, decayed a little: the decay halves in seconds.
+    assert sleeper >= 0.01 * 0.5 and nobody == 0.0 and jobs == 2

@@ -16,6 +16,7 @@ import pytest
 import torch
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
+from hivemind.proto.p2pd_pb2 import RPCError
 from volunteer.models.model import BlockSpan
 
 import volunteer.transport.framing as framing
@@ -34,6 +35,7 @@ from tests.server import (
 from volunteer.client.remote_span import InferenceStream, RemoteSpan
 from volunteer.server.caps import max_step_bytes
 from volunteer.server.handler import BlockHandler
+from volunteer.server.penalty_box import PenaltyBox
 from volunteer.transport.p2p_streams import open_stream
 from volunteer.transport.protocol import INFERENCE_HANDLE, PUSH_HANDLE
 
@@ -181,13 +183,45 @@ def _push_frame(meta: wire.StepRequest | bytes, *tensors: runtime_pb2.Tensor) ->
     return framing.encode_frame(runtime_pb2.ExpertRequest(metadata=raw, tensors=list(tensors)))
 
 
-def test_bad_pushes_are_dropped_and_the_session_carries_on(pair: Pair) -> None:
+async def _push_link(pair: Pair, frames: list[bytes], sender: P2P | None = None) -> str | None:
+    """Writes `frames` on a new push link to the second server: the error it closed the
+    link with, or None if it read them all without one."""
+    peer_id = pair.second._p2p.peer_id  # type: ignore[union-attr]
+    p2p = sender or pair.client
+    _, reader, writer = await p2p.call_binary_stream_handler(peer_id, PUSH_HANDLE)
+    try:
+        for frame in frames:
+            writer.write(frame)
+        # No such marker: a server still reading ends the link there, without a word.
+        writer.write(b"\x07")
+        await writer.drain()
+        return await _closing_error(reader)
+    finally:
+        writer.close()
+
+
+async def _closing_error(reader: asyncio.StreamReader) -> str | None:
+    """The error frame a link was closed with (None: closed without one)."""
+    try:
+        marker, body = await asyncio.wait_for(
+            framing.read_frame(reader, max_bytes=1 << 16), TIMEOUT_S
+        )
+    except asyncio.IncompleteReadError as exc:
+        assert exc.partial == b""
+        return None
+    assert marker == P2P.ERROR_MARKER
+    error = RPCError()
+    error.ParseFromString(body)
+    return error.message
+
+
+def test_bad_pushes_are_refused_and_the_session_carries_on(pair: Pair) -> None:
     second = pair.open(pair.second, 2, 4)
     sid, secret = second.session_id, second.push_target.push_secret
     good = framing.pack_tensor(hidden_states(1, 2, seed=8))
 
     def step(**fields: object) -> wire.StepRequest:
-        # With the session's own secret: each frame is dropped for its other fault.
+        # With the session's own secret: each frame is refused for its other fault.
         return wire.StepRequest(session_id=sid, push_secret=secret, **fields)  # type: ignore[arg-type]
 
     bad_frames = [
@@ -198,24 +232,21 @@ def test_bad_pushes_are_dropped_and_the_session_carries_on(pair: Pair) -> None:
         _push_frame(step(step_id=1, is_close=True)),
         _push_frame(step(step_id=1)),
         _push_frame(step(step_id=1), framing.pack_tensor(torch.ones(1, 2, 5))),
-        _push_frame(step(step_id=1, start_pos=9), good),
     ]
+    # Authentic and well formed, but past the cached positions: taken, then the session
+    # drops it as it would the client's own step.
+    misplaced = _push_frame(step(step_id=1, start_pos=9), good)
     pushed_before = pair.second.stats.pushed_steps
-
-    async def send_then_break_framing() -> bytes:
-        peer_id = pair.second._p2p.peer_id  # type: ignore[union-attr]
-        _, reader, writer = await pair.client.call_binary_stream_handler(peer_id, PUSH_HANDLE)
+    # Room for every fault here: the strikes are another test's.
+    pair.second.push_penalties = PenaltyBox(free_strikes=len(bad_frames))
+    try:
         for frame in bad_frames:
-            writer.write(frame)
-        # The server reads the link in order: it handles every frame above, then ends it.
-        writer.write(b"\x07")  # no such marker: the server ends the link
-        await writer.drain()
-        try:
-            return await asyncio.wait_for(reader.read(), TIMEOUT_S)
-        finally:
-            writer.close()
-
-    assert pair.loop.run(send_then_break_framing()) == b""
+            # The server ends the link at the bad push, with one reason for all.
+            reply = pair.loop.run(_push_link(pair, [frame]))
+            assert reply == "bad request: a push was refused; link closed"
+        assert pair.loop.run(_push_link(pair, [misplaced])) is None
+    finally:
+        pair.second.push_penalties = PenaltyBox()
     hidden = hidden_states(1, 2, seed=9)
     output = pair.loop.run(second.step(hidden, 0, TIMEOUT_S, step_id=1))
     assert torch.allclose(output, pair.local(hidden, 2, 4), atol=ATOL)
@@ -223,6 +254,92 @@ def test_bad_pushes_are_dropped_and_the_session_carries_on(pair: Pair) -> None:
     # before this step, and none of it ran.
     assert pair.second.stats.pushed_steps == pushed_before
     pair.loop.run(second.close())
+
+
+def test_a_link_ends_at_its_first_bad_push(pair: Pair) -> None:
+    """A good push behind a bad one on the same link is never read: a guesser pays a
+    new stream per guess."""
+    second = pair.open(pair.second, 2, 4)
+    sid, secret = second.session_id, second.push_target.push_secret
+    good = framing.pack_tensor(hidden_states(1, 1, seed=11))
+    guess = wire.StepRequest(session_id=sid, step_id=1, push_secret="0" * 32)
+    right = wire.StepRequest(session_id=sid, step_id=1, push_secret=secret)
+    pushed_before = pair.second.stats.pushed_steps
+    try:
+        reply = pair.loop.run(
+            _push_link(pair, [_push_frame(guess, good), _push_frame(right, good)])
+        )
+        assert reply is not None and reply.startswith("bad request: a push was refused")
+        hidden = hidden_states(1, 1, seed=12)
+        output = pair.loop.run(second.step(hidden, 0, TIMEOUT_S, step_id=1))
+        assert torch.allclose(output, pair.local(hidden, 2, 4), atol=ATOL)
+        assert pair.second.stats.pushed_steps == pushed_before
+    finally:
+        pair.second.push_penalties = PenaltyBox()
+        pair.loop.run(second.close())
+
+
+def test_a_peer_whose_pushes_keep_failing_is_kept_out_for_a_while(pair: Pair) -> None:
+    second = pair.open(pair.second, 2, 4)
+    guess = _push_frame(
+        wire.StepRequest(session_id=second.session_id, step_id=1, push_secret="0" * 32),
+        framing.pack_tensor(hidden_states(1, 1, seed=13)),
+    )
+    box = pair.second.push_penalties = PenaltyBox(free_strikes=2, first_ban_s=600.0)
+    stranger = str(pair.client.peer_id)
+    try:
+        for _ in range(3):  # two free strikes, and the third earns the ban
+            reply = pair.loop.run(_push_link(pair, [guess]))
+            assert reply is not None and reply.startswith("bad request: a push was refused")
+        assert box.banned_for(stranger) > 0
+        # Kept out: a new link is refused before anything on it is read.
+        reply = pair.loop.run(_push_link(pair, [guess]))
+        assert reply is not None and reply.startswith("bad request: this peer's pushes failed;")
+        # Another server's pushes still come in.
+        first = pair.open(pair.first, 0, 2)
+        step_until_pushed(pair.loop, first, second, hidden_states(1, 1))
+        pair.loop.run(first.close())
+    finally:
+        pair.second.push_penalties = PenaltyBox()
+        pair.loop.run(second.close())
+
+
+def test_a_push_that_comes_just_after_its_session_closed_is_no_strike(pair: Pair) -> None:
+    """The previous server of a route may push a step as the client closes the session:
+    with the session's own secret, that is no guess."""
+    second = pair.open(pair.second, 2, 4)
+    sid, secret = second.session_id, second.push_target.push_secret
+    pair.loop.run(second.close())
+    assert wait_until(lambda: pair.second.sessions.find_for_push(sid) is None)
+    late = wire.StepRequest(session_id=sid, step_id=1, push_secret=secret)
+    frame = _push_frame(late, framing.pack_tensor(hidden_states(1, 1, seed=14)))
+    box = pair.second.push_penalties = PenaltyBox(free_strikes=0)
+    try:
+        assert pair.loop.run(_push_link(pair, [frame])) is None  # read and dropped
+        assert box.banned_for(str(pair.client.peer_id)) == 0
+    finally:
+        pair.second.push_penalties = PenaltyBox()
+
+
+def test_a_link_that_sends_nothing_is_closed_with_a_reason(pair: Pair) -> None:
+    caps = pair.second.caps
+    pair.second.caps = dataclasses.replace(caps, first_message_s=0.5)
+    try:
+        reply = pair.loop.run(_push_link_silent(pair))
+    finally:
+        pair.second.caps = caps
+    assert reply is not None and reply.startswith("bad request: no push within 0.5")
+    client = str(pair.client.peer_id)
+    assert wait_until(lambda: pair.second.push_slots.held_by(client) == 0)
+
+
+async def _push_link_silent(pair: Pair) -> str | None:
+    peer_id = pair.second._p2p.peer_id  # type: ignore[union-attr]
+    _, reader, writer = await pair.client.call_binary_stream_handler(peer_id, PUSH_HANDLE)
+    try:
+        return await _closing_error(reader)
+    finally:
+        writer.close()
 
 
 def _settles(handler: BlockHandler) -> bool:

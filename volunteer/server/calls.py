@@ -6,7 +6,9 @@ before the handler sees one: any peer could make the server allocate without bou
 These calls come through our own reader instead (`client_messages`), which refuses a
 length over the bound before reading its body; the handle names, framing and error
 frames stay hivemind's, so hivemind's stubs and our client call them unchanged. Each
-call holds one of the server's `max_queued_jobs` slots from its first byte to its reply.
+call holds one of the server's `max_queued_jobs` slots, and of its peer's share
+`max_calls_per_peer`, from its first byte to its reply; its request must come within
+`ServerCaps.first_message_within` of opening.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from hivemind.proto import runtime_pb2
 
 from volunteer.server.caps import serve_in_slot
 from volunteer.server.inference_stream import client_messages, write_replies
+from volunteer.server.validation import opened_within
 
 if TYPE_CHECKING:  # the handler serves these calls: a run-time import would be circular
     from volunteer.server.handler import BlockHandler
@@ -46,7 +49,9 @@ async def serve_call(
         answer = handler.rpc_forward
 
     async def replies() -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        yield await answer(client_messages(reader, max_bytes=max_bytes))
+        messages = client_messages(reader, max_bytes=max_bytes)
+        within = caps.first_message_within(max_bytes)
+        yield await answer(opened_within(messages, timeout_s=within), peer=peer)
 
     async def serve() -> None:
         await write_replies(replies(), writer, peer=peer, timeout_s=handler.limits.idle_timeout_s)

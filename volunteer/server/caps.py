@@ -39,9 +39,12 @@ class ServerCaps:
     max_sessions: int
     max_sessions_per_peer: int
     max_queued_jobs: int
+    max_calls_per_peer: int
     max_backward_tokens: int
     max_session_s: float
     max_push_streams_per_peer: int
+    forward_slice_s: float
+    first_message_s: float
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServerCaps:
@@ -50,9 +53,12 @@ class ServerCaps:
             max_sessions=settings.max_sessions,
             max_sessions_per_peer=settings.max_sessions_per_peer,
             max_queued_jobs=settings.max_queued_jobs,
+            max_calls_per_peer=settings.max_calls_per_peer,
             max_backward_tokens=settings.max_backward_tokens,
             max_session_s=settings.max_session_s,
             max_push_streams_per_peer=settings.max_push_streams_per_peer,
+            forward_slice_s=settings.forward_slice_s,
+            first_message_s=settings.first_message_s,
         )
 
     def message_bytes(self, *, hidden_size: int, tensors: int, positions: int) -> int:
@@ -60,6 +66,11 @@ class ServerCaps:
         of `positions` rows, and the metadata), within `max_message_bytes`."""
         valid = tensors * positions * hidden_size * 4 + wire.MAX_METADATA_BYTES
         return min(valid, self.max_message_bytes)
+
+    def first_message_within(self, max_bytes: int) -> float:
+        """How long a stream may take to send its first message of up to `max_bytes`:
+        `first_message_s`, and a second per MiB for a slow uplink."""
+        return self.first_message_s + max_bytes / MIB
 
 
 def max_step_bytes(handler: BlockHandler) -> int:
@@ -129,19 +140,26 @@ async def serve_in_slot(
 
 
 async def refuse(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exc: Exception
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    exc: Exception,
+    *,
+    drop_bytes: int | None = None,
 ) -> None:
     """Ends a stream with an error frame naming the reason, as hivemind's handlers do.
 
     Closing with the peer's bytes unread resets the stream, and a reset can drop our
     answer before the peer reads it: so the peer's bytes are read and dropped (never
-    kept) until it ends its side, for REFUSAL_LINGER_S at most.
+    kept) until it ends its side, for REFUSAL_LINGER_S at most, and at most `drop_bytes`
+    of them (None: no bound). A peer that keeps writing into a refused stream (a flood)
+    is better cut off: its next writes fail, and it has to open another stream.
     """
     with contextlib.closing(writer), contextlib.suppress(Exception):
         writer.write(framing.encode_frame(RPCError(message=str(exc))))
-        await asyncio.wait_for(_drop_until_end(reader), REFUSAL_LINGER_S)
+        await asyncio.wait_for(_drop_until_end(reader, drop_bytes), REFUSAL_LINGER_S)
 
 
-async def _drop_until_end(reader: asyncio.StreamReader) -> None:
-    while await reader.read(1 << 16):
-        pass
+async def _drop_until_end(reader: asyncio.StreamReader, limit: int | None) -> None:
+    dropped = 0
+    while (limit is None or dropped < limit) and (chunk := await reader.read(1 << 16)):
+        dropped += len(chunk)

@@ -1,6 +1,6 @@
 """The block server's torch work and the one compute thread that runs it: inference
-steps first, and a short decode step on the event loop when that thread is idle (see
-`PriorityCompute`).
+steps first, the peer that used least compute lately first within a class, and a short
+decode step on the event loop when that thread is idle (see `PriorityCompute`).
 
 The compute thread touches nothing of the server's but its own queue: the jobs get their
 session and tensors as arguments and return new tensors.
@@ -9,7 +9,7 @@ session and tensors as arguments and return new tensors.
 from __future__ import annotations
 
 import asyncio
-import heapq
+import dataclasses
 import itertools
 import threading
 import time
@@ -31,17 +31,77 @@ PRIORITY_TRAINING = 1
 INLINE_MAX_S = 0.1
 """The longest decode step that may run on the event loop (see `PriorityCompute`): the
 loop's other work (the DHT, other streams, the control socket) waits that long at most."""
+SERVICE_HALF_LIFE_S = 4.0
+"""How fast a peer's use of the compute thread is forgiven (see `ServiceTally`): long
+enough to remember a flood between two of its calls, short enough that a peer that
+stopped is a newcomer again within half a minute."""
+MAX_TALLIED_PEERS = 4096
+"""Peers whose recent use is remembered; past it the least loaded half is forgotten."""
 
 Result = TypeVar("Result")
 
 
-class PriorityCompute:
-    """One compute thread that always runs the most urgent queued job next.
+class ServiceTally:
+    """Compute seconds each peer used recently, each second counting half as much
+    `half_life_s` later. Not thread-safe: `PriorityCompute` holds its lock around it."""
 
-    Each `run` pushes its job on a heap and hands the single-worker pool a token; the
-    worker, for each token, pops whichever job is most urgent at that moment. So an
-    inference step queued behind a backlog of forward passes runs next, and an idle
-    server has a blocked thread and nothing polling.
+    def __init__(
+        self,
+        *,
+        half_life_s: float = SERVICE_HALF_LIFE_S,
+        max_peers: int = MAX_TALLIED_PEERS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.half_life_s = half_life_s
+        self.max_peers = max_peers
+        self.clock = clock
+        self._used: dict[str, tuple[float, float]] = {}
+        """Per peer: its tally and when (`clock`) it was last brought up to date."""
+
+    def __len__(self) -> int:
+        return len(self._used)
+
+    def of(self, peer: str, now: float | None = None) -> float:
+        """The peer's decayed compute seconds (0 for one never seen or forgotten)."""
+        seconds, at = self._used.get(peer, (0.0, 0.0))
+        if not seconds:
+            return 0.0
+        elapsed = (self.clock() if now is None else now) - at
+        return seconds * 0.5 ** (max(elapsed, 0.0) / self.half_life_s)
+
+    def charge(self, peer: str, seconds: float) -> None:
+        now = self.clock()
+        self._used[peer] = (self.of(peer, now) + seconds, now)
+        if len(self._used) > self.max_peers:
+            # Forgetting a peer only makes it a newcomer again; the heaviest are kept.
+            by_load = sorted(self._used, key=lambda each: self.of(each, now))
+            for forgotten in by_load[: len(by_load) // 2]:
+                del self._used[forgotten]
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    priority: int
+    order: int
+    peer: str
+    run: Callable[[], Any]
+    future: Future[Any]
+
+
+class PriorityCompute:
+    """One compute thread that runs the most urgent queued job next.
+
+    Most urgent: the lowest priority class (inference before training), then the peer
+    that used the least compute lately (`ServiceTally`: least attained service first),
+    then the oldest job. So an inference step queued behind a backlog of forward passes
+    runs next, and an honest client's decode step, which costs little, runs before the
+    queued jobs of a peer (or of each of its many identities) that keeps the thread
+    busy. Long calls are split into short jobs by their callers
+    (`volunteer.server.slices`), so a job that cannot jump the queue waits at most one.
+
+    Each `run` queues its job and hands the single-worker pool a token; the worker, for
+    each token, takes whichever job is most urgent at that moment. An idle server has a
+    blocked thread and nothing polling.
 
     A short single-threaded decode step that finds the compute thread idle runs on the
     caller's thread (the event loop) instead: waking the sleeping compute thread and then
@@ -56,6 +116,7 @@ class PriorityCompute:
         threads: int | None = None,
         decode_threads: int | None = None,
         inline_max_s: float = INLINE_MAX_S,
+        tally: ServiceTally | None = None,
     ) -> None:
         """
         Args:
@@ -65,25 +126,48 @@ class PriorityCompute:
                 the other cores to the rest of the swarm and the volunteer's machine.
             inline_max_s: the longest a decode step may take to run on the caller's
                 thread when the compute thread is idle (0: never).
+            tally: where each peer's use is counted (default: a fresh one).
         """
         self.threads = threads
         self.decode_threads = decode_threads
         self.inline_max_s = inline_max_s
         self.decode_s: float | None = None
         """How long the last decode step took (None: none ran yet)."""
+        self.jobs_run = 0
+        """Jobs run so far, inline ones included."""
         self._is_running = False
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="volunteer-compute")
-        self._heap: list[tuple[int, int, Callable[[], Any], Future[Any]]] = []
-        self._heap_lock = threading.Lock()
+        self._queue: list[_Job] = []
+        self._lock = threading.Lock()
+        """Guards the queue, `_is_running`, `jobs_run` and the tally."""
+        self._tally = tally or ServiceTally()
         self._order = itertools.count()
         self._is_shut_down = False
 
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for the compute thread (not counting the one it runs)."""
+        with self._lock:
+            return len(self._queue)
+
+    def used_by(self, peer: str) -> float:
+        """The peer's recent compute seconds, as the queue weighs them."""
+        with self._lock:
+            return self._tally.of(peer)
+
     async def run(
-        self, priority: int, fn: Callable[..., Result], *args: Any, decode: bool = False
+        self,
+        priority: int,
+        fn: Callable[..., Result],
+        *args: Any,
+        peer: str,
+        decode: bool = False,
     ) -> Result:
-        """Runs fn(*args) on the compute thread; lower priority numbers run first.
+        """Runs fn(*args) on the compute thread for `peer`, who is charged its time;
+        lower priority numbers run first.
 
         Args:
+            peer: who asked (a peer id; `LOCAL_PEER` for this process's own client).
             decode: the job is a one-position step (it runs on `decode_threads`).
 
         Raises:
@@ -98,13 +182,16 @@ class PriorityCompute:
             # OpenMP keeps a count per thread: set here, on the running thread, per job.
             if threads is not None and torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
-            if not decode:
-                return fn(*args)
             began = time.perf_counter()
             try:
                 return fn(*args)
             finally:
-                self.decode_s = time.perf_counter() - began
+                took = time.perf_counter() - began
+                if decode:
+                    self.decode_s = took
+                with self._lock:
+                    self._tally.charge(peer, took)
+                    self.jobs_run += 1
 
         if decode and self._may_inline():
             restore = torch.get_num_threads()
@@ -114,9 +201,8 @@ class PriorityCompute:
                 if torch.get_num_threads() != restore:
                     torch.set_num_threads(restore)
 
-        with self._heap_lock:
-            entry = (priority, next(self._order), job, job_future)
-            heapq.heappush(self._heap, entry)
+        with self._lock:
+            self._queue.append(_Job(priority, next(self._order), peer, job, job_future))
         self._pool.submit(self._run_most_urgent)
         # Cancelling the awaiting request cancels a job that has not started yet.
         return await asyncio.wrap_future(job_future)
@@ -131,33 +217,48 @@ class PriorityCompute:
             return False
         if self.decode_s is None or self.decode_s > self.inline_max_s:
             return False  # the first step goes to the compute thread and is timed there
-        with self._heap_lock:
-            return not self._is_running and not self._heap
+        with self._lock:
+            return not self._is_running and not self._queue
+
+    def _take_most_urgent(self) -> _Job | None:
+        """Removes and returns the most urgent job (the caller holds the lock)."""
+        if not self._queue:
+            return None
+        now = self._tally.clock()
+        # A linear pass: the caps keep the queue short (calls, sessions), and each
+        # peer's tally decays with time, so no ordering kept between picks would last.
+        used: dict[str, float] = {}
+        for job in self._queue:
+            if job.peer not in used:
+                used[job.peer] = self._tally.of(job.peer, now)
+        most_urgent = min(self._queue, key=lambda job: (job.priority, used[job.peer], job.order))
+        self._queue.remove(most_urgent)
+        return most_urgent
 
     def _run_most_urgent(self) -> None:
-        with self._heap_lock:
-            if not self._heap:
+        with self._lock:
+            job = self._take_most_urgent()
+            if job is None:
                 return
-            _, _, job, job_future = heapq.heappop(self._heap)
             self._is_running = True
         try:
-            if not job_future.set_running_or_notify_cancel():
+            if not job.future.set_running_or_notify_cancel():
                 return
             try:
-                job_future.set_result(job())
+                job.future.set_result(job.run())
             except BaseException as exc:  # handed to the awaiting request, which re-raises
-                job_future.set_exception(exc)
+                job.future.set_exception(exc)
         finally:
-            with self._heap_lock:
+            with self._lock:
                 self._is_running = False
 
     def shutdown(self) -> None:
         """Cancels queued jobs; a running job finishes in the background."""
         self._is_shut_down = True
-        with self._heap_lock:
-            pending, self._heap = self._heap, []
-        for *_, job_future in pending:
-            job_future.cancel()
+        with self._lock:
+            pending, self._queue = self._queue, []
+        for job in pending:
+            job.future.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -183,7 +284,7 @@ def allocate_cache(span: BlockSpan, session: Session) -> KVCache:
 def forward_span(span: BlockSpan, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """Hidden states [B, S, H] through blocks [start, end), no cache."""
     with torch.inference_mode():
-        output = run_blocks(span, _to_span(span, hidden), start, end, 0, None)
+        output = run_blocks(span, to_span(span, hidden), start, end, 0, None)
     return _like(output, hidden)
 
 
@@ -193,9 +294,9 @@ def backward_span(
     """The gradient of blocks [start, end)'s inputs, given the gradient of their outputs."""
     # A fresh forward with autograd on: nothing from earlier requests is kept.
     with torch.enable_grad():
-        inputs = _to_span(span, hidden.detach()).requires_grad_(True)
+        inputs = to_span(span, hidden.detach()).requires_grad_(True)
         outputs = run_blocks(span, inputs, start, end, 0, None)
-        (grad,) = torch.autograd.grad(outputs, inputs, _to_span(span, grad_outputs))
+        (grad,) = torch.autograd.grad(outputs, inputs, to_span(span, grad_outputs))
     return _like(grad, hidden)
 
 
@@ -206,7 +307,7 @@ def inference_step(session: Session, hidden: torch.Tensor, start_pos: int) -> to
     assert cache is not None and span is not None  # set when the session was admitted
     with torch.inference_mode():
         output = run_blocks(
-            span, _to_span(span, hidden), session.start, session.end, start_pos, cache
+            span, to_span(span, hidden), session.start, session.end, start_pos, cache
         )
     # A start_pos below the old length rewinds: later positions are overwritten.
     cache.length = start_pos + hidden.shape[1]
@@ -233,7 +334,7 @@ def run_blocks(
     return hidden
 
 
-def _to_span(span: BlockSpan, tensor: torch.Tensor) -> torch.Tensor:
+def to_span(span: BlockSpan, tensor: torch.Tensor) -> torch.Tensor:
     """A request tensor on the span's device and in its dtype."""
     weight = next(span.parameters())
     return tensor.to(device=weight.device, dtype=weight.dtype)

@@ -24,7 +24,8 @@ Decisions:
 - Any bad request raises an error whose text names the reason; hivemind sends that text
   to the caller, and the server goes on serving everyone else.
 - What a stranger may hold (sessions, calls, push streams, message bytes, backward
-  positions, session lifetime) is capped per peer and in total (`volunteer.server.caps`).
+  positions, session lifetime) is capped per peer and in total (`volunteer.server.caps`);
+  compute goes to the peer that used least lately, and long calls run in short slices.
 """
 
 from __future__ import annotations
@@ -45,20 +46,19 @@ import volunteer.transport.protocol as wire
 from volunteer.models.model import BlockSpan
 from volunteer.server import validation
 from volunteer.server.calls import serve_call
-from volunteer.server.caps import DEFAULT_CAPS, PeerSlots, ServerCaps, serve_in_slot
+from volunteer.server.caps import DEFAULT_CAPS, PeerSlots, ServerCaps, refuse, serve_in_slot
 from volunteer.server.compute import (
     PRIORITY_INFERENCE,
-    PRIORITY_TRAINING,
     PriorityCompute,
     allocate_cache,
-    backward_span,
-    forward_span,
     inference_step,
 )
 from volunteer.server.inference_stream import serve_inference_stream
-from volunteer.server.local_stream import LocalInferenceStream
-from volunteer.server.push import PushLinks, serve_push_stream
+from volunteer.server.local_stream import LOCAL_PEER, LocalInferenceStream
+from volunteer.server.penalty_box import PenaltyBox
+from volunteer.server.push import REFUSAL_DROP_BYTES, PushLinks, serve_push_stream
 from volunteer.server.sessions import Session, SessionTable
+from volunteer.server.slices import SliceBudget, sliced_backward, sliced_forward
 from volunteer.server.validation import ServerLimits, only_request
 from volunteer.transport.protocol import (
     BACKWARD_HANDLE,
@@ -119,10 +119,16 @@ class BlockHandler(ServicerBase):
         self.session_slots = PeerSlots(
             "sessions", total=caps.max_sessions, per_peer=caps.max_sessions_per_peer
         )
-        self.call_slots = PeerSlots("forward/backward calls", total=caps.max_queued_jobs)
+        self.call_slots = PeerSlots(
+            "forward/backward calls", total=caps.max_queued_jobs, per_peer=caps.max_calls_per_peer
+        )
         self.push_slots = PeerSlots(
             "push streams", total=caps.max_sessions, per_peer=caps.max_push_streams_per_peer
         )
+        self.push_penalties = PenaltyBox()
+        """Peers whose pushes failed: refused new push streams for a growing while."""
+        self.slice_budget = SliceBudget(caps.forward_slice_s)
+        """How much of a forward/backward call one compute job takes (`slices`)."""
         self.is_paused = False
         """Paused by its volunteer: new sessions and forward/backward calls are turned
         away as busy (clients go elsewhere); open sessions finish."""
@@ -249,34 +255,38 @@ class BlockHandler(ServicerBase):
         self,
         requests: AsyncIterator[runtime_pb2.ExpertRequest],
         context: P2PContext | None = None,
+        *,
+        peer: str,
     ) -> runtime_pb2.ExpertResponse:
         """Hidden states [B, S, H] through blocks [start, end), no cache (served as a
-        plain stream: `volunteer.server.calls`)."""
+        plain stream: `volunteer.server.calls`, which names the peer)."""
         request = await only_request(requests, timeout_s=self.limits.idle_timeout_s)
         meta = wire.unpack_metadata(request.metadata, wire.SpanRequest)
         validation.check_span(self.span, meta)
         (hidden,) = self.hidden_tensors(request, count=1)
-        output = await self._forward(hidden, meta.start, meta.end)
+        output = await self._forward(hidden, meta.start, meta.end, peer)
         return runtime_pb2.ExpertResponse(tensors=[framing.pack_tensor(output)])
 
     async def rpc_backward(
         self,
         requests: AsyncIterator[runtime_pb2.ExpertRequest],
         context: P2PContext | None = None,
+        *,
+        peer: str,
     ) -> runtime_pb2.ExpertResponse:
         """Given inputs [B, S, H] and the grad of the outputs, the grad of the inputs."""
         request = await only_request(requests, timeout_s=self.limits.idle_timeout_s)
         meta = wire.unpack_metadata(request.metadata, wire.SpanRequest)
         validation.check_span(self.span, meta)
         hidden, grad_outputs = self.hidden_tensors(request, count=2)
-        grad = await self._backward(hidden, grad_outputs, meta.start, meta.end)
+        grad = await self._backward(hidden, grad_outputs, meta.start, meta.end, peer)
         return runtime_pb2.ExpertResponse(tensors=[framing.pack_tensor(grad)])
 
     async def run_forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """`rpc_forward` for a tensor that came in-process (this peer's own client)."""
         validation.check_span(self.span, wire.SpanRequest(start=start, end=end))
         self.check_hidden(hidden)
-        return await self._forward(hidden, start, end)
+        return await self._forward(hidden, start, end, LOCAL_PEER)
 
     async def run_backward(
         self, hidden: torch.Tensor, grad_outputs: torch.Tensor, start: int, end: int
@@ -285,22 +295,28 @@ class BlockHandler(ServicerBase):
         validation.check_span(self.span, wire.SpanRequest(start=start, end=end))
         self.check_hidden(hidden)
         self.check_hidden(grad_outputs)
-        return await self._backward(hidden, grad_outputs, start, end)
+        return await self._backward(hidden, grad_outputs, start, end, LOCAL_PEER)
 
     def _check_not_paused(self) -> None:
         if self.is_paused:
             raise BusyError("this server is paused by its volunteer; try another")
 
-    async def _forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    async def _forward(self, hidden: torch.Tensor, start: int, end: int, peer: str) -> torch.Tensor:
         self._check_not_paused()
-        output = await self.compute.run(
-            PRIORITY_TRAINING, forward_span, self.span, hidden, start, end
+        output = await sliced_forward(
+            self.compute, self.span, hidden, start, end, peer=peer, budget=self._budget()
         )
         self.stats.count(hidden)
         return output
 
+    def _budget(self) -> SliceBudget:
+        # The caps may change under a running server (tests do): follow them.
+        if self.slice_budget.target_s != self.caps.forward_slice_s:
+            self.slice_budget = SliceBudget(self.caps.forward_slice_s)
+        return self.slice_budget
+
     async def _backward(
-        self, hidden: torch.Tensor, grad_outputs: torch.Tensor, start: int, end: int
+        self, hidden: torch.Tensor, grad_outputs: torch.Tensor, start: int, end: int, peer: str
     ) -> torch.Tensor:
         self._check_not_paused()
         if hidden.shape != grad_outputs.shape:
@@ -309,8 +325,9 @@ class BlockHandler(ServicerBase):
                 f"hidden shape {list(hidden.shape)}"
             )
         validation.check_backward(hidden, self.caps.max_backward_tokens)
-        grad = await self.compute.run(
-            PRIORITY_TRAINING, backward_span, self.span, hidden, grad_outputs, start, end
+        span, budget = self.span, self._budget()
+        grad = await sliced_backward(
+            self.compute, span, hidden, grad_outputs, start, end, peer=peer, budget=budget
         )
         self.stats.count(hidden)
         return grad
@@ -333,12 +350,13 @@ class BlockHandler(ServicerBase):
             batch_size=meta.batch_size,
             max_length=meta.max_length,
             span=self.span,
+            push_secret=meta.push_secret,
             expires_at=time.monotonic() + self.caps.max_session_s,
         )
         self.sessions.admit(session)
         try:
             session.cache = await self.compute.run(
-                PRIORITY_INFERENCE, allocate_cache, session.span, session
+                PRIORITY_INFERENCE, allocate_cache, session.span, session, peer=peer
             )
         except BaseException:
             self.sessions.release(session)
@@ -356,7 +374,13 @@ class BlockHandler(ServicerBase):
         validation.check_step(session, hidden, start_pos)
         batch, seq, _ = hidden.shape
         output = await self.compute.run(
-            PRIORITY_INFERENCE, inference_step, session, hidden, start_pos, decode=batch * seq == 1
+            PRIORITY_INFERENCE,
+            inference_step,
+            session,
+            hidden,
+            start_pos,
+            peer=session.peer,
+            decode=batch * seq == 1,
         )
         self.stats.count(hidden)
         return output
@@ -396,7 +420,12 @@ class BlockHandler(ServicerBase):
         self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         """A push link from another server (over p2p or a local link), until it ends;
-        refused as busy past the push stream caps."""
+        refused as busy past the push stream caps, and while its peer is kept out for
+        failed pushes."""
+        if (ban_s := self.push_penalties.banned_for(peer)) > 0:
+            why = f"this peer's pushes failed; no push links from it for {ban_s:.0f} s"
+            await refuse(reader, writer, BadRequestError(why), drop_bytes=REFUSAL_DROP_BYTES)
+            return
         await serve_in_slot(
             self.push_slots,
             peer,

@@ -87,7 +87,7 @@ async def inference_session(
     handler: BlockHandler, requests: AsyncIterator[runtime_pb2.ExpertRequest], *, peer: str
 ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
     """An inference session: open, then one reply per step, until close."""
-    opening = await first_request(requests, timeout_s=handler.limits.idle_timeout_s)
+    opening = await first_request(requests, timeout_s=handler.caps.first_message_s)
     session, opened = await _open_session(handler, opening, peer=peer)
     session.last_step_id = opened.next_step_id - 1
     log_context = f"peer {peer}, session {session.session_id!r}"

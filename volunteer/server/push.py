@@ -25,7 +25,11 @@ secrets of the hops after it (it forwards them): it can already feed those hops 
 it likes through its own output, so that grants it nothing new. A push is taken only for
 the session's next step (`Session.last_step_id` + 1): one with a later id would make the
 session drop the client's own steps as copies. A push that does not fit its session is
-dropped, never answered.
+dropped, never answered, and ends its link: a server of the route never sends one (but
+for a step that lost the race to its client's copy, or a session that closed a moment
+before, which are dropped quietly). Each such failure is a strike against the sending
+peer, and a peer with a few is refused push links for a growing while
+(`volunteer.server.penalty_box`): guessing costs the guesser a new stream per guess.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from hivemind.proto import runtime_pb2
 
 import volunteer.transport.framing as framing
 import volunteer.transport.protocol as wire
-from volunteer.server.caps import max_step_bytes
+from volunteer.server.caps import max_step_bytes, refuse
 from volunteer.transport.local_link import open_preferring_local
 from volunteer.transport.p2p_streams import open_stream
 from volunteer.transport.protocol import (
@@ -69,6 +73,9 @@ MAX_LINKS = 16
 MAX_BUFFERED_BYTES = 1 << 20
 """A link whose peer does not read this much is dropped rather than buffered further."""
 INBOX_SIZE = 8
+REFUSAL_DROP_BYTES = 1 << 16
+"""What a refused push link's peer may still write before we cut it off (see `refuse`):
+enough for the end of its message, not for a flood to go on at our expense."""
 
 
 @dataclasses.dataclass
@@ -266,34 +273,51 @@ async def serve_push_stream(
 ) -> None:
     """A link from another server: each message is a step for one of our sessions.
 
-    Nothing is ever answered: a push that does not parse, names no open session, or
-    does not fit it is dropped (its client sends the step itself too). A link that
-    breaks the framing, or stays silent past the idle timeout, is closed.
+    Nothing is ever answered: a push that lands in a session, or arrives late for one, is
+    all a link carries. A push that fails (see `_take_push`) strikes its peer and ends
+    the link with a "bad request:" error, as does a link whose first push does not come
+    within the caps' first-message bound; one that breaks the framing, or stays silent
+    past the idle timeout, is closed.
     """
+    max_bytes = max_step_bytes(handler)
+    timeout_s = handler.caps.first_message_within(max_bytes)
+    is_first = True
     with contextlib.closing(writer):
         while True:
             try:
-                marker, body = await asyncio.wait_for(
-                    framing.read_frame(reader, max_bytes=max_step_bytes(handler)),
-                    handler.limits.idle_timeout_s,
-                )
-            except (asyncio.TimeoutError, asyncio.IncompleteReadError, PeerUnavailableError):
-                return  # silent too long, ended, or not our framing
-            except OSError:  # the connection broke
-                return
+                reading = framing.read_frame(reader, max_bytes=max_bytes)
+                marker, body = await asyncio.wait_for(reading, timeout_s)
+            except asyncio.TimeoutError:
+                if is_first:
+                    why = f"no push within {timeout_s:g} s of opening the link"
+                    await refuse(
+                        reader, writer, BadRequestError(why), drop_bytes=REFUSAL_DROP_BYTES
+                    )
+                return  # else silent too long
+            except (asyncio.IncompleteReadError, PeerUnavailableError, OSError):
+                return  # ended, not our framing, or the connection broke
             if marker != P2P.MESSAGE_MARKER:
                 return
+            is_first, timeout_s = False, handler.limits.idle_timeout_s
             try:
                 _take_push(handler, body)
             except BadRequestError as exc:
-                logger.debug("dropped a push from %s: %s", peer, exc)
+                ban_s = handler.push_penalties.strike(peer)
+                logger.debug("refused a push from %s (ban %g s): %s", peer, ban_s, exc)
+                # The same reason for every failure: a guess learns nothing.
+                refusal = BadRequestError("a push was refused; link closed")
+                await refuse(reader, writer, refusal, drop_bytes=REFUSAL_DROP_BYTES)
+                return
 
 
 def _take_push(handler: BlockHandler, body: bytes) -> None:
-    """Puts a pushed step in its session's inbox.
+    """Puts a pushed step in its session's inbox, or drops a late one quietly.
+
+    The tensor is read only once the push is known to be the session's own.
 
     Raises:
-        BadRequestError: the push is malformed, or no open session takes it now.
+        BadRequestError: the push is malformed, names no open session it may write
+            into, or does not fit the session.
     """
     request = runtime_pb2.ExpertRequest()
     try:
@@ -305,6 +329,8 @@ def _take_push(handler: BlockHandler, body: bytes) -> None:
         raise BadRequestError("a push carries a numbered step")
     session = handler.sessions.find_for_push(meta.session_id)
     if session is None or session.inbox is None or not session.inbox.admits(meta.push_secret):
+        if handler.sessions.closed_lately(meta.session_id, meta.push_secret):
+            return  # the session closed as its route's previous server pushed
         # One answer for both: a wrong secret must not tell that the session exists.
         raise BadRequestError(f"no session {meta.session_id!r} takes this push")
     if meta.step_id <= session.last_step_id:
@@ -315,4 +341,4 @@ def _take_push(handler: BlockHandler, body: bytes) -> None:
         )
     (hidden,) = handler.hidden_tensors(request, count=1)
     if not session.inbox.push(PushedStep(meta, hidden)):
-        raise BadRequestError(f"session {meta.session_id!r} has a full inbox")
+        logger.debug("dropped a push: session %r has a full inbox", meta.session_id)

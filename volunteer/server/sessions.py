@@ -6,13 +6,19 @@ admission checks and reserves without awaiting in between.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hmac
 import math
 
 from volunteer.models.kv_cache import KVCache
 from volunteer.models.model import BlockSpan
 from volunteer.server.push import StepInbox
 from volunteer.transport.protocol import BadRequestError, BusyError
+
+RECENTLY_CLOSED = 1024
+"""Closed sessions remembered, so that a push that arrives just after its session
+closed is taken for the honest straggler it is, not for a guess (see `closed_lately`)."""
 
 
 @dataclasses.dataclass
@@ -32,6 +38,8 @@ class Session:
     server moves to other blocks (they are freed with the last such session)."""
     inbox: StepInbox | None = None
     """Where steps pushed by other servers go (None: the session takes no pushes)."""
+    push_secret: str | None = None
+    """What a push into this session must carry (`OpenSessionRequest.push_secret`)."""
     last_step_id: int = 0
     """The highest client step number run so far (see `StepRequest.step_id`)."""
     expires_at: float = math.inf
@@ -57,6 +65,8 @@ class SessionTable:
         self._by_id: dict[str, Session | None] = {}
         """For pushes, which name a session by id only; None where two peers chose
         the same id (no pushes for either)."""
+        self._closed: collections.OrderedDict[str, str] = collections.OrderedDict()
+        """The push secrets of the last RECENTLY_CLOSED sessions that took pushes, by id."""
 
     @property
     def cache_tokens_used(self) -> int:
@@ -91,6 +101,12 @@ class SessionTable:
         """The open session with this id, unless none or several have it."""
         return self._by_id.get(session_id)
 
+    def closed_lately(self, session_id: str, secret: str | None) -> bool:
+        """Whether a recently closed session had this id and push secret: a push for it
+        comes from a server of its route, a moment late."""
+        known = self._closed.get(session_id)
+        return known is not None and secret is not None and hmac.compare_digest(known, secret)
+
     def release(self, session: Session) -> None:
         """Returns the session's tokens to the budget (idempotent).
 
@@ -99,6 +115,11 @@ class SessionTable:
         """
         if self._sessions.get(session.key) is session:
             del self._sessions[session.key]
+            if session.push_secret is not None:
+                self._closed[session.session_id] = session.push_secret
+                self._closed.move_to_end(session.session_id)
+                if len(self._closed) > RECENTLY_CLOSED:
+                    self._closed.popitem(last=False)
             if self._by_id.get(session.session_id) is session:
                 del self._by_id[session.session_id]
             # An id two peers chose stays closed to pushes until all its sessions are gone.

@@ -142,13 +142,25 @@ async def first_request(
     """The stream's first message.
 
     Raises:
-        BadRequestError: the stream ended before it.
-        SessionExpiredError: nothing came for timeout_s.
+        BadRequestError: the stream ended before it, or it did not come within timeout_s
+            (a stream that opens and stays silent only holds a slot).
     """
-    request = await next_request(requests, timeout_s=timeout_s)
+    try:
+        request = await next_request(requests, timeout_s=timeout_s)
+    except SessionExpiredError:
+        raise BadRequestError(f"no request within {timeout_s:g} s of opening the stream") from None
     if request is None:
         raise BadRequestError("the request stream ended before its first message")
     return request
+
+
+async def opened_within(
+    requests: AsyncIterator[runtime_pb2.ExpertRequest], *, timeout_s: float
+) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+    """`requests`, whose first message must come within timeout_s (see `first_request`)."""
+    yield await first_request(requests, timeout_s=timeout_s)
+    async for request in requests:
+        yield request
 
 
 async def only_request(

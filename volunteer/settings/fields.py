@@ -201,6 +201,35 @@ class Settings:
     more are answered "busy:". Their inputs and outputs held: <= this * 3 * the message
     bound (a backward carries two tensors, and its reply one). Inference steps are not
     counted here: each session runs one step at a time."""
+    max_calls_per_peer: int = setting(
+        default=4,
+        parse=s.whole_number(1, 100_000),
+        help="most forward/backward calls one peer may have served or queued (4)",
+        metavar="N",
+    )
+    """One peer's share of `max_queued_jobs`: past it that peer is answered "busy:" while
+    others still get calls in."""
+    forward_slice_s: float = setting(
+        default=0.01,
+        parse=s.seconds(0, 10, low_means=" (the smallest pieces)"),
+        help="longest piece of a forward/backward call between inference steps (0.01 s)",
+        metavar="SECONDS",
+        flag_override="--forward-slice",
+    )
+    """A forward/backward call is computed as pieces each timed to take about this long
+    (at least one block over one position; a backward, one block over all its positions),
+    and an inference step waits for at most one piece: a long call cannot hold up the
+    tokens of the people chatting. 0: the smallest pieces."""
+    first_message_s: float = setting(
+        default=10.0,
+        parse=s.seconds(1, 600),
+        help="how long a new stream may take to send its request, in seconds (10)",
+        metavar="SECONDS",
+        flag_override="--first-message-timeout",
+    )
+    """An inference, forward/backward or push stream whose first message has not come
+    by then is closed with a "bad request:" error, freeing its slot (a forward/backward
+    call or a push is allowed one more second per MiB its message may be)."""
     max_backward_tokens: int = setting(
         default=512,
         parse=s.whole_number(1, 1 << 20),
