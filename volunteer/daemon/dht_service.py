@@ -20,7 +20,7 @@ from hivemind.p2p import P2P
 from volunteer.control.messages import DHTStatus
 from volunteer.daemon import known_peers
 from volunteer.settings import Settings
-from volunteer.swarm.dht_guard import guard_stores
+from volunteer.swarm.dht_guard import guard_dht
 from volunteer.swarm.dht_storage import bound_node_storage
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class DHTService:
         )
         # Strangers store records here; what we keep for them, and how fast, is capped.
         bound_node_storage(self._node)
-        await guard_stores(self._node)
+        await guard_dht(self._node)
         self._multiaddrs = [str(addr) for addr in await self._p2p.get_visible_maddrs()]
         what = "started a new swarm" if settings.is_new_swarm else "joined the swarm"
         logger.info("DHT %s as %s; others join with %s", what, self.peer_id, self._multiaddrs)
