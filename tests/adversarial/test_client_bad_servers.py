@@ -20,15 +20,16 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 from hivemind.p2p.p2p_daemon import P2PContext
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 from volunteer.models.model import BlockSpan
-from volunteer.scheduler.routing import Backoff, RouteHop, ServerCandidate, inference_route
+from volunteer.scheduler.routing import Backoff, ServerCandidate
 
 import volunteer.transport.framing as framing
 import volunteer.transport.protocol as wire
+from tests.client.decoding import assert_close, decode_cuts, local_outputs, route_session
 from tests.server import (
     WAIT_S,
     LoopThread,
@@ -38,8 +39,7 @@ from tests.server import (
     tiny_config,
 )
 from volunteer.client.inference import SwarmInferenceSession
-from volunteer.client.remote_span import InferenceStream, RemoteSpan
-from volunteer.client.swarm_client import RETRIABLE_ERRORS
+from volunteer.client.remote_span import RemoteSpan
 from volunteer.transport.protocol import FORWARD_HANDLE, INFERENCE_HANDLE, PeerUnavailableError
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
@@ -47,7 +47,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWa
 MAX_LENGTH = 16
 PREFILL = 5
 TOTAL = 9
-ATOL = 1e-5
 HIDDEN = tiny_config().hidden_size
 CLAIMED_BYTES = (1 << 30) - 1
 """What the stalling hostile server claims its next frame holds: within the client's old
@@ -173,48 +172,16 @@ def swarm() -> Iterator[Swarm]:
         loop.close()
 
 
-def _session(swarm: Swarm, backoff: Backoff) -> SwarmInferenceSession:
-    def plan_route(start: int, end: int, avoid: frozenset[str]) -> list[RouteHop]:
-        return inference_route(swarm.candidates, start, end, avoid=avoid)
-
-    async def open_stream(hop: RouteHop, next_step_id: int) -> InferenceStream:
-        peer_id = PeerID.from_base58(hop.peer_id)
-        remote = RemoteSpan(p2p=swarm.client, peer_id=peer_id, start=hop.start, end=hop.end)
-        opening = remote.open_inference(
-            max_length=MAX_LENGTH, batch_size=1, timeout_s=WAIT_S, next_step_id=next_step_id
-        )
-        return await opening
-
-    return SwarmInferenceSession(
-        plan_route=plan_route,
-        open_stream=open_stream,
-        retriable=RETRIABLE_ERRORS,
-        backoff=backoff,
-        clock=time.monotonic,
-        step_timeout_s=WAIT_S,
-    )
-
-
 async def _decode(session: SwarmInferenceSession, hidden: torch.Tensor) -> list[torch.Tensor]:
     await session.open(0, 4)
     try:
         outputs, start = [], 0
-        for end in [PREFILL, *range(PREFILL + 1, TOTAL + 1)]:
+        for end in decode_cuts(PREFILL, TOTAL):
             outputs.append(await session.step(hidden[:, start:end], start))
             start = end
         return outputs
     finally:
         await session.close()
-
-
-def _local(full: BlockSpan, hidden: torch.Tensor) -> list[torch.Tensor]:
-    cache = full.allocate_cache(batch_size=1, max_length=MAX_LENGTH)
-    outputs, start = [], 0
-    with torch.no_grad():
-        for end in [PREFILL, *range(PREFILL + 1, TOTAL + 1)]:
-            outputs.append(full(hidden[:, start:end], start_pos=start, cache=cache))
-            start = end
-    return outputs
 
 
 @pytest.mark.parametrize(
@@ -236,7 +203,9 @@ def test_a_hostile_replica_is_backed_off_and_the_output_is_the_honest_one(
 ) -> None:
     swarm.mode[0] = mode
     backoff = Backoff(base_s=60.0)
-    session = _session(swarm, backoff)
+    session = route_session(
+        swarm.client, swarm.candidates, backoff, max_length=MAX_LENGTH, timeout_s=WAIT_S
+    )
     hidden = hidden_states(1, TOTAL, seed=50)
 
     began = time.monotonic()
@@ -247,11 +216,8 @@ def test_a_hostile_replica_is_backed_off_and_the_output_is_the_honest_one(
     # not when the client's wait for the reply ends.
     assert took < REFUSED_S, f"the session took {took:.1f} s"
 
-    expected = _local(swarm.full, hidden)
-    assert len(outputs) == len(expected)
-    for index, (got, want) in enumerate(zip(outputs, expected, strict=True)):
-        assert got.shape == want.shape, index
-        assert (got - want).abs().max().item() <= ATOL, f"step {index}"
+    cuts = decode_cuts(PREFILL, TOTAL)
+    assert_close(outputs, local_outputs(swarm.full, hidden, cuts, MAX_LENGTH))
     hostile_id = swarm.hostile.peer_id.to_base58()
     if mode == "huge acknowledgement":  # it was refused while opening: never on a route
         assert all(hop.peer_id != hostile_id for route in session.route_history for hop in route)

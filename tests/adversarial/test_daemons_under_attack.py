@@ -54,7 +54,7 @@ import psutil
 import pytest
 from volunteer.models.config import ModelConfig
 
-from tests.daemon.homes import ROOT, Homes
+from tests.daemon.homes import ROOT, DaemonSwarm, Homes
 from volunteer.control.endpoint import use_tcp
 from volunteer.daemon.span_plan import block_footprint
 from volunteer.swarm.dht_storage import MAX_STORED_RECORDS
@@ -112,39 +112,21 @@ ATTACKS = {
 }
 
 
-class Swarm:
+class Swarm(DaemonSwarm):
+    """The module's daemons, with local links off, and what the attacker needs of them."""
+
     def __init__(self, homes: Homes, model: Path) -> None:
-        self.homes = homes
-        self.model = model
-        self.join = ""
-        self.status: dict[str, dict[str, Any]] = {}
-
-    def start(self, name: str, *flags: str) -> None:
-        home = self.homes.home(name)
-        home.mkdir(exist_ok=True)
-        where = ["--join", self.join] if self.join else ["--new-swarm"]
-        common = ["--model", str(self.model), "--threads", "1", "--local-links", "no"]
-        started = self.homes.cli(home, "start", *common, *where, *flags)
-        assert started.returncode == 0, started.stderr
-        self.status[name] = self.homes.status(home)
-        if not self.join:
-            self.join = self.status[name]["multiaddrs"][0]
-
-    def chat(self) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "volunteer", "--home", str(self.homes.home("boot"))]
-        command += ["chat", "--max-new-tokens", NEW_TOKENS, PROMPT]
-        return subprocess.run(
-            command,
-            cwd=ROOT,
-            env=self.homes.env,
-            capture_output=True,
-            text=True,
-            timeout=CHAT_TIMEOUT_S,
+        super().__init__(
+            homes,
+            model,
+            new_tokens=NEW_TOKENS,
+            chat_timeout_s=CHAT_TIMEOUT_S,
+            daemon_flags=("--local-links", "no"),
         )
 
     def rss_mib(self, name: str) -> float:
         """The resident memory of the daemon and all its children (p2pd included)."""
-        process = psutil.Process(self.status[name]["pid"])
+        process = psutil.Process(self.started[name]["pid"])
         total = 0
         for each in [process, *process.children(recursive=True)]:
             with contextlib.suppress(psutil.NoSuchProcess):
@@ -152,9 +134,9 @@ class Swarm:
         return total / MIB
 
     def attacker_args(self) -> list[str]:
-        args = ["--join", self.join, "--model", self.status["first"]["swarm_model"]]
+        args = ["--join", self.join, "--model", self.started["first"]["swarm_model"]]
         for name, (start, end) in SERVERS.items():
-            args += ["--server", f"{self.status[name]['peer_id']}:{start}:{end}"]
+            args += ["--server", f"{self.started[name]['peer_id']}:{start}:{end}"]
         args += ["--num-blocks", "30", "--hidden", "576", "--context", str(FLOOD_CONTEXT)]
         return [*args, "--sybils", str(SYBILS)]
 
@@ -164,7 +146,7 @@ class PeakRss:
 
     def __init__(self, swarm: Swarm) -> None:
         self.swarm = swarm
-        self.peak = dict.fromkeys(swarm.status, 0.0)
+        self.peak = dict.fromkeys(swarm.started, 0.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -220,9 +202,9 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, smollm2_folder: Path) -> Ite
 def honest(swarm: Swarm) -> tuple[str, dict[str, float]]:
     """The chat's answer with no attacker, and each daemon's memory bound."""
     with PeakRss(swarm) as rss:
-        answers = [swarm.chat() for _ in range(2)]  # the first one warms the routes up
+        answers = [swarm.chat(PROMPT) for _ in range(2)]  # the first one warms the routes up
         began = time.monotonic()
-        answers.append(swarm.chat())
+        answers.append(swarm.chat(PROMPT))
         chat_s = time.monotonic() - began
     for answer in answers:
         assert answer.returncode == 0, answer.stderr
@@ -292,7 +274,7 @@ def test_the_honest_chat_and_memory_survive(
         time.sleep(SETTLE_S)
         for pause_s in (REREAD_S, 0.0):
             chat_began = time.monotonic()
-            chats.append((swarm.chat(), time.monotonic() - chat_began))
+            chats.append((swarm.chat(PROMPT), time.monotonic() - chat_began))
             time.sleep(pause_s)
         time.sleep(max(0.0, ATTACK_S - (time.monotonic() - began)))
     tail = log.read_text()[-2000:]
@@ -306,5 +288,5 @@ def test_the_honest_chat_and_memory_survive(
         assert chat.stdout == answer, f"chat {index}; attacker: {counts}"
     for name, peak in rss.peak.items():
         assert peak <= bounds[name], f"{name}: peak RSS {peak:.0f} MiB > {bounds[name]:.0f} MiB"
-    for name in swarm.status:  # every daemon still runs
-        assert psutil.pid_exists(swarm.status[name]["pid"]), name
+    for name in swarm.started:  # every daemon still runs
+        assert psutil.pid_exists(swarm.started[name]["pid"]), name

@@ -20,11 +20,12 @@ with warnings.catch_warnings():
     import hivemind
 
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from tests.server import LoopThread, hidden_states, random_span, tiny_config
-from tests.swarm.block_peers import LOOPBACK, Peer, start_peer, stop_peers
+from tests.swarm.block_peers import LOOPBACK, Peer, server_info, start_peer, stop_peers
 from tests.swarm.dht_helpers import owned_main_loop
 from volunteer.client.swarm_connection import SwarmConnection
 from volunteer.swarm.dht_records import (
@@ -33,7 +34,7 @@ from volunteer.swarm.dht_records import (
     read_snapshot_on_node,
 )
 from volunteer.swarm.dht_validator import MAX_RECORD_BYTES, MAX_RECORD_LIFETIME_S
-from volunteer.swarm.records import ServerInfo, ServerState, block_key
+from volunteer.swarm.records import ServerInfo, ServerState, SwarmSnapshot, block_key
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
 
@@ -65,19 +66,34 @@ async def _honest(full: torch.nn.Module, start: int, end: int, peers: list[str])
     return honest
 
 
-def _info(start: int, end: int, *, throughput: float, weights: str | None = OURS) -> ServerInfo:
-    return ServerInfo(
-        state=ServerState.ONLINE,
-        start=start,
-        end=end,
-        throughput=throughput,
-        dtype="float32",
-        cache_tokens_left=256,
-        version="0.1.0",
-        model=MODEL,
-        weights_sha256=weights,
-        device_class="cpu",
+def _info(
+    start: int,
+    end: int,
+    *,
+    throughput: float,
+    weights: str | None = OURS,
+    model: str = MODEL,
+    state: ServerState = ServerState.ONLINE,
+) -> ServerInfo:
+    return server_info(start, end, model=model, throughput=throughput, weights=weights, state=state)
+
+
+def _snapshot(loop: LoopThread, node: DHTNode, model: str) -> SwarmSnapshot:
+    """What `node` reads of `model`'s servers now."""
+    return loop.run(
+        read_snapshot_on_node(node, model, NUM_BLOCKS, timeout_s=TIMEOUT_S),
+        timeout_s=TIMEOUT_S + 5,
     )
+
+
+def _announce_honest_as(swarm: Swarm, model: str) -> None:
+    """The honest servers announce their blocks under `model` too."""
+    for peer, (start, end) in zip(swarm.honest, ((0, 2), (2, 4)), strict=True):
+        info = _info(start, end, throughput=100.0, model=model)
+        stored = announce_on_node(
+            peer.node, info, owner=peer.owner, expiration_s=HOUR_S, timeout_s=TIMEOUT_S
+        )
+        assert swarm.loop.run(stored, timeout_s=TIMEOUT_S + 5)
 
 
 async def _start(full: torch.nn.Module) -> list[Peer]:
@@ -115,10 +131,7 @@ def _assert_honest_records_survive(swarm: Swarm) -> None:
     readers = [(swarm.loop, peer.node) for peer in swarm.honest]
     readers.append((swarm.client.loop_thread, swarm.client.node))
     for loop, node in readers:
-        snapshot = loop.run(
-            read_snapshot_on_node(node, MODEL, NUM_BLOCKS, timeout_s=TIMEOUT_S),
-            timeout_s=TIMEOUT_S + 5,
-        )
+        snapshot = _snapshot(loop, node, MODEL)
         assert set(snapshot.spans()) == expected
         assert snapshot.block_throughput() == [100.0] * NUM_BLOCKS
 
@@ -199,25 +212,15 @@ def test_a_flood_of_subkeys_is_refused(swarm: Swarm) -> None:
 def test_fake_joining_records_do_not_steer_the_span_choice(swarm: Swarm) -> None:
     # Another model, so the earlier tests' swarm keeps only honest records.
     steer = "tiny-steer"
-    first, second = swarm.honest
-    for peer, (start, end) in ((first, (0, 2)), (second, (2, 4))):
-        info = _info(start, end, throughput=100.0).model_copy(update={"model": steer})
-        stored = announce_on_node(
-            peer.node, info, owner=peer.owner, expiration_s=HOUR_S, timeout_s=TIMEOUT_S
-        )
-        assert swarm.loop.run(stored, timeout_s=TIMEOUT_S + 5)
+    first = swarm.honest[0]
+    _announce_honest_as(swarm, steer)
     # Signed by the attacker, well-formed and in range: only their state gives them away.
-    joining = _info(0, 2, throughput=1e9).model_copy(
-        update={"model": steer, "state": ServerState.JOINING}
-    )
+    joining = _info(0, 2, throughput=1e9, model=steer, state=ServerState.JOINING)
     later = get_dht_time() + HOUR_S
     for index in range(2):
         key = block_key(steer, index)
         assert swarm.attacker.store(key, joining.to_wire(), later, subkey=_attacker_marker(swarm))
-    snapshot = swarm.loop.run(
-        read_snapshot_on_node(first.node, steer, NUM_BLOCKS, timeout_s=TIMEOUT_S),
-        timeout_s=TIMEOUT_S + 5,
-    )
+    snapshot = _snapshot(swarm.loop, first.node, steer)
     assert len(snapshot.spans()) == 3  # the fake records are read, and not counted
     assert snapshot.block_throughput() == [100.0] * NUM_BLOCKS
     assert snapshot.weakest_span(2) == (0, 2)
@@ -231,22 +234,13 @@ def test_records_of_other_weights_under_our_name_draw_no_route_and_no_placement(
     # counted, it would steer servers away from the blocks it claims.
     forked = "tiny-forked"
     first, second = swarm.honest
-    for peer, (start, end) in ((first, (0, 2)), (second, (2, 4))):
-        info = _info(start, end, throughput=100.0).model_copy(update={"model": forked})
-        stored = announce_on_node(
-            peer.node, info, owner=peer.owner, expiration_s=HOUR_S, timeout_s=TIMEOUT_S
-        )
-        assert swarm.loop.run(stored, timeout_s=TIMEOUT_S + 5)
+    _announce_honest_as(swarm, forked)
     later = get_dht_time() + HOUR_S
-    fake = _info(0, NUM_BLOCKS, throughput=1e6, weights="b" * 64)
-    fake = fake.model_copy(update={"model": forked})
+    fake = _info(0, NUM_BLOCKS, throughput=1e6, weights="b" * 64, model=forked)
     for index in range(NUM_BLOCKS):
         key = block_key(forked, index)
         assert swarm.attacker.store(key, fake.to_wire(), later, subkey=_attacker_marker(swarm))
-    snapshot = swarm.loop.run(
-        read_snapshot_on_node(first.node, forked, NUM_BLOCKS, timeout_s=TIMEOUT_S),
-        timeout_s=TIMEOUT_S + 5,
-    )
+    snapshot = _snapshot(swarm.loop, first.node, forked)
     assert len(snapshot.spans()) == 3  # the forged record is read: valid as a record
     ours = snapshot.with_weights(OURS)
     assert set(ours.spans()) == {peer.peer_id for peer in swarm.honest}

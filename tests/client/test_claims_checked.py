@@ -19,12 +19,12 @@ from volunteer.scheduler.claims import PROBATION_FACTOR
 from volunteer.scheduler.routing import RouteHop, inference_route
 
 from tests.server import LoopThread, hidden_states, random_span, tiny_config
-from tests.swarm.block_peers import Peer, start_peer, stop_peers
+from tests.swarm.block_peers import Peer, server_info, start_peer, stop_peers
 from volunteer.client.inference import SessionFailedError
 from volunteer.client.swarm_client import SwarmClient
 from volunteer.client.swarm_connection import SwarmConnection
 from volunteer.swarm.dht_records import announce_on_node
-from volunteer.swarm.records import ServerInfo, ServerState
+from volunteer.swarm.records import ServerState
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
 
@@ -52,17 +52,8 @@ class World:
         state: ServerState = ServerState.ONLINE,
     ) -> None:
         peer = self.servers[server]
-        info = ServerInfo(
-            state=state,
-            start=0,
-            end=NUM_BLOCKS,
-            throughput=throughput,
-            dtype="float32",
-            cache_tokens_left=256,
-            version="0.1.0",
-            model=model,
-            weights_sha256=weights,
-            device_class="cpu",
+        info = server_info(
+            0, NUM_BLOCKS, model=model, throughput=throughput, weights=weights, state=state
         )
         stored = announce_on_node(peer.node, info, owner=peer.owner, expiration_s=600, timeout_s=10)
         assert self.loop.run(stored, timeout_s=20)

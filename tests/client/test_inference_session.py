@@ -17,6 +17,7 @@ from hivemind.p2p import P2P, PeerID
 from volunteer.models.model import BlockSpan
 from volunteer.scheduler.routing import Backoff, RouteHop, ServerCandidate, inference_route
 
+from tests.client.decoding import assert_close, decode_cuts, local_outputs
 from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
 from volunteer.client.inference import SessionFailedError, SwarmInferenceSession
 from volunteer.client.remote_span import InferenceStream, RemoteSpan
@@ -31,7 +32,6 @@ from volunteer.transport.protocol import (
 # hivemind's P2P.create finds its daemon binary with importlib.resources.path().
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
 
-ATOL = 1e-5
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 BATCH = 2
 MAX_LENGTH = 32
@@ -238,22 +238,6 @@ def patient_clock() -> float:
     return PATIENCE * time.monotonic()
 
 
-def _cuts(total: int) -> list[int]:
-    """A prefill of PREFILL positions, then single-position decode steps up to `total`."""
-    return [PREFILL, *range(PREFILL + 1, total + 1)]
-
-
-def _local(full: BlockSpan, hidden: torch.Tensor, cuts: list[int]) -> list[torch.Tensor]:
-    """The outputs of the same steps through every block, with a local KV cache."""
-    cache = full.allocate_cache(batch_size=hidden.shape[0], max_length=MAX_LENGTH)
-    outputs, start = [], 0
-    with torch.no_grad():
-        for end in cuts:
-            outputs.append(full(hidden[:, start:end], start_pos=start, cache=cache))
-            start = end
-    return outputs
-
-
 async def _open_steps_close(
     session: SwarmInferenceSession, hidden: torch.Tensor, cuts: list[int]
 ) -> list[torch.Tensor]:
@@ -275,20 +259,12 @@ async def _steps(
     return outputs
 
 
-def _assert_close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
-    assert len(actual) == len(expected)
-    for index, (each_actual, each_expected) in enumerate(zip(actual, expected, strict=True)):
-        assert each_actual.shape == each_expected.shape, index
-        error = (each_actual - each_expected).abs().max().item()
-        assert error <= ATOL, f"step {index}: max error {error}"
-
-
 def test_a_two_server_route_equals_local_decoding(swarm: Swarm) -> None:
     client = swarm.new_session("first", "second")
-    hidden, cuts = hidden_states(BATCH, 11, seed=20), _cuts(11)
+    hidden, cuts = hidden_states(BATCH, 11, seed=20), decode_cuts(PREFILL, 11)
 
     actual = swarm.loop.run(_open_steps_close(client.session, hidden, cuts))
-    _assert_close(actual, _local(swarm.full, hidden, cuts))
+    assert_close(actual, local_outputs(swarm.full, hidden, cuts, MAX_LENGTH))
     # Through all four blocks: the first two alone give something else.
     with torch.no_grad():
         assert (actual[0] - sub_span(swarm.full, 0, 2)(hidden[:, :PREFILL])).abs().max() > 0.1
@@ -307,14 +283,16 @@ def test_each_server_pushes_its_output_down_the_route(swarm: Swarm) -> None:
     while second.handler.stats.pushed_steps == 0:
         assert time.monotonic() < deadline, "the first server never pushed to the second"
         warm_up = swarm.new_session("first", "second", clock=patient_clock).session
-        swarm.loop.run(_open_steps_close(warm_up, hidden_states(BATCH, 11, seed=22), _cuts(11)))
+        swarm.loop.run(
+            _open_steps_close(warm_up, hidden_states(BATCH, 11, seed=22), decode_cuts(PREFILL, 11))
+        )
     pushed_before = second.handler.stats.pushed_steps
     client = swarm.new_session("first", "second", clock=patient_clock)
-    hidden, cuts = hidden_states(BATCH, 12, seed=23), _cuts(12)
+    hidden, cuts = hidden_states(BATCH, 12, seed=23), decode_cuts(PREFILL, 12)
 
     actual = swarm.loop.run(_open_steps_close(client.session, hidden, cuts))
 
-    _assert_close(actual, _local(swarm.full, hidden, cuts))
+    assert_close(actual, local_outputs(swarm.full, hidden, cuts, MAX_LENGTH))
     # Over an open link, the second server ran every step from the first's push, none
     # from the client (which waits for the push, and only then would send the step).
     assert second.handler.stats.pushed_steps - pushed_before == len(cuts)
@@ -330,7 +308,7 @@ def test_a_dead_replica_is_replaced_and_replayed(start_swarm: Callable[..., Swar
     a, b, c = (swarm.servers[name] for name in "abc")
     client = swarm.new_session("a", "b", "c")
     session = client.session
-    hidden, cuts = hidden_states(BATCH, 10, seed=21), _cuts(10)
+    hidden, cuts = hidden_states(BATCH, 10, seed=21), decode_cuts(PREFILL, 10)
     swarm.loop.run(session.open(0, 4))
     before = swarm.loop.run(_steps(session, hidden, cuts[:3]))
     assert session.route == [a.hop(0, 2), c.hop(2, 4)]
@@ -338,7 +316,7 @@ def test_a_dead_replica_is_replaced_and_replayed(start_swarm: Callable[..., Swar
     swarm.kill("a")
     after = swarm.loop.run(_steps(session, hidden, cuts[3:], start=cuts[2]))
 
-    _assert_close(before + after, _local(swarm.full, hidden, cuts))
+    assert_close(before + after, local_outputs(swarm.full, hidden, cuts, MAX_LENGTH))
     assert session.route_history == [[a.hop(0, 2), c.hop(2, 4)], [b.hop(0, 2), c.hop(2, 4)]]
     assert a.peer_id in client.backoff.avoided(time.monotonic())
     # Only the dead hop was reopened: c kept its session and its cache.
@@ -371,17 +349,17 @@ def test_a_rewind_is_not_replayed_after_a_failover(start_swarm: Callable[..., Sw
 
     with torch.no_grad():
         expected = swarm.full(torch.cat([hidden[:, :PREFILL], rewritten, last], dim=1))
-    _assert_close([actual], [expected[:, -1:]])
+    assert_close([actual], [expected[:, -1:]])
     assert len(session.route_history) == 2
 
 
 def test_a_busy_server_is_skipped_for_another_replica(swarm: Swarm) -> None:
     cramped, first, second = (swarm.servers[name] for name in ("cramped", "first", "second"))
     client = swarm.new_session("cramped", "first", "second")
-    hidden, cuts = hidden_states(BATCH, 7, seed=24), _cuts(7)
+    hidden, cuts = hidden_states(BATCH, 7, seed=24), decode_cuts(PREFILL, 7)
 
     actual = swarm.loop.run(_open_steps_close(client.session, hidden, cuts))
-    _assert_close(actual, _local(swarm.full, hidden, cuts))
+    assert_close(actual, local_outputs(swarm.full, hidden, cuts, MAX_LENGTH))
     # A route's hops open at once: the first try opened second too, and closed it when
     # cramped said busy; the second try opened first and second again.
     assert client.opened == [
@@ -454,7 +432,7 @@ def test_a_failover_with_no_route_in_view_reads_the_swarm_again(
     b, c = swarm.servers["b"], swarm.servers["c"]
     client = swarm.new_session("a", "c", joining=("b",))
     session = client.session
-    hidden, cuts = hidden_states(BATCH, 10, seed=23), _cuts(10)
+    hidden, cuts = hidden_states(BATCH, 10, seed=23), decode_cuts(PREFILL, 10)
     swarm.loop.run(session.open(0, 4))
     before = swarm.loop.run(_steps(session, hidden, cuts[:3]))
     assert client.rereads == []
@@ -462,7 +440,7 @@ def test_a_failover_with_no_route_in_view_reads_the_swarm_again(
     swarm.kill("a")
     after = swarm.loop.run(_steps(session, hidden, cuts[3:], start=cuts[2]))
 
-    _assert_close(before + after, _local(swarm.full, hidden, cuts))
+    assert_close(before + after, local_outputs(swarm.full, hidden, cuts, MAX_LENGTH))
     assert len(client.rereads) == 1
     assert session.route == [b.hop(0, 2), c.hop(2, 4)]
     swarm.loop.run(session.close())
@@ -489,7 +467,7 @@ def test_no_replica_left_fails_the_session_quickly(start_swarm: Callable[..., Sw
 def test_an_expired_session_is_replayed_on_the_same_server(swarm: Swarm) -> None:
     sleepy = swarm.servers["sleepy"]
     client = swarm.new_session("sleepy")
-    hidden, cuts = hidden_states(BATCH, 7, seed=27), _cuts(7)
+    hidden, cuts = hidden_states(BATCH, 7, seed=27), decode_cuts(PREFILL, 7)
     swarm.loop.run(client.session.open(0, 4))
     before = swarm.loop.run(_steps(client.session, hidden, cuts[:1]))
     assert swarm.session_counts("sleepy", expected=0) == [0]  # the server closed it, idle
@@ -497,7 +475,7 @@ def test_an_expired_session_is_replayed_on_the_same_server(swarm: Swarm) -> None
     after = swarm.loop.run(_steps(client.session, hidden, cuts[1:], start=cuts[0]))
     swarm.loop.run(client.session.close())
 
-    _assert_close(before + after, _local(swarm.full, hidden, cuts))
+    assert_close(before + after, local_outputs(swarm.full, hidden, cuts, MAX_LENGTH))
     # The client idled; the server did nothing wrong and is not avoided.
     assert client.session.route_history == [[sleepy.hop(0, 4)], [sleepy.hop(0, 4)]]
     assert client.backoff.avoided(time.monotonic()) == frozenset()

@@ -24,15 +24,15 @@ from typing import IO
 
 import pytest
 import torch
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 from volunteer.models.model import BlockSpan
-from volunteer.scheduler.routing import Backoff, RouteHop, ServerCandidate, inference_route
+from volunteer.scheduler.routing import Backoff, RouteHop, ServerCandidate
 
+from tests.client.decoding import assert_close, decode_cuts, local_outputs, route_session
 from tests.server import LoopThread, hidden_states, random_span, start_route_servers, tiny_config
 from volunteer.client.inference import SwarmInferenceSession
 from volunteer.client.keepalive import Keepalive
-from volunteer.client.remote_span import KEEPALIVE, InferenceStream, RemoteSpan
-from volunteer.client.swarm_client import RETRIABLE_ERRORS
+from volunteer.client.remote_span import KEEPALIVE
 from volunteer.server.handler import BlockHandler
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
@@ -42,7 +42,6 @@ LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 MAX_LENGTH = 16
 PREFILL = 5
 TOTAL = 10
-ATOL = 1e-5
 STEP_TIMEOUT_S = 120.0
 """Far past what any step here takes: only the keepalive may end the stopped one's."""
 DETECTED_S = 30.0
@@ -56,50 +55,19 @@ SLOW_KEEPALIVE = Keepalive(after_s=0.1, timeout_s=1.0)
 
 
 def _cuts() -> list[int]:
-    return [PREFILL, *range(PREFILL + 1, TOTAL + 1)]
-
-
-def _expected(full: BlockSpan, hidden: torch.Tensor) -> list[torch.Tensor]:
-    cache = full.allocate_cache(batch_size=1, max_length=MAX_LENGTH)
-    outputs, start = [], 0
-    with torch.no_grad():
-        for end in _cuts():
-            outputs.append(full(hidden[:, start:end], start_pos=start, cache=cache))
-            start = end
-    return outputs
-
-
-def _assert_close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
-    assert len(actual) == len(expected)
-    for index, (got, want) in enumerate(zip(actual, expected, strict=True)):
-        assert got.shape == want.shape, index
-        assert (got - want).abs().max().item() <= ATOL, f"step {index}"
+    return decode_cuts(PREFILL, TOTAL)
 
 
 def _session(
     client: P2P, candidates: list[ServerCandidate], backoff: Backoff, keepalive: Keepalive
 ) -> SwarmInferenceSession:
-    def plan_route(start: int, end: int, avoid: frozenset[str]) -> list[RouteHop]:
-        return inference_route(candidates, start, end, avoid=avoid)
-
-    async def open_stream(hop: RouteHop, next_step_id: int) -> InferenceStream:
-        peer_id = PeerID.from_base58(hop.peer_id)
-        remote = RemoteSpan(p2p=client, peer_id=peer_id, start=hop.start, end=hop.end)
-        return await remote.open_inference(
-            max_length=MAX_LENGTH,
-            batch_size=1,
-            timeout_s=STEP_TIMEOUT_S,
-            next_step_id=next_step_id,
-            keepalive=keepalive,
-        )
-
-    return SwarmInferenceSession(
-        plan_route=plan_route,
-        open_stream=open_stream,
-        retriable=RETRIABLE_ERRORS,
-        backoff=backoff,
-        clock=time.monotonic,
-        step_timeout_s=STEP_TIMEOUT_S,
+    return route_session(
+        client,
+        candidates,
+        backoff,
+        max_length=MAX_LENGTH,
+        timeout_s=STEP_TIMEOUT_S,
+        keepalive=keepalive,
     )
 
 
@@ -167,7 +135,7 @@ def test_a_stopped_server_is_left_within_seconds_and_the_output_is_the_same(
                     assert took < DETECTED_S, f"the stopped server was left after {took:.1f} s"
                 start = end
 
-            _assert_close(outputs, _expected(full, hidden))
+            assert_close(outputs, local_outputs(full, hidden, _cuts(), MAX_LENGTH))
             assert len(session.route_history) == 2
             assert all(hop.peer_id != stopped["peer_id"] for hop in session.route_history[-1])
             assert stopped["peer_id"] in backoff.avoided(time.monotonic())
@@ -232,7 +200,7 @@ def test_a_slow_prefill_is_waited_for_while_the_server_answers_pings(loop: LoopT
         finally:
             loop.run(session.close())
 
-        _assert_close(outputs, _expected(full, hidden))
+        assert_close(outputs, local_outputs(full, hidden, _cuts(), MAX_LENGTH))
         # The prefill outlasted many keepalive periods (each a ping), and was not cut.
         assert took[0] >= SLOW_PREFILL_S > 10 * SLOW_KEEPALIVE.after_s
         assert session.route_history == [[RouteHop(peer_id, 0, 4)]]

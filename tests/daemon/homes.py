@@ -66,3 +66,54 @@ class Homes:
             # Each daemon leads its own session, so its process group holds p2pd too.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
+
+
+class DaemonSwarm:
+    """Daemons of one swarm, each in a home named after it: the first one started makes
+    the swarm, the others join it through the first one's address."""
+
+    def __init__(
+        self,
+        homes: Homes,
+        model: Path,
+        *,
+        new_tokens: str,
+        chat_timeout_s: float,
+        daemon_flags: tuple[str, ...] = (),
+    ) -> None:
+        self.homes = homes
+        self.model = model
+        self.new_tokens = new_tokens
+        self.chat_timeout_s = chat_timeout_s
+        self.daemon_flags = daemon_flags
+        """Given to every daemon's `start`, before its own flags."""
+        self.join = ""
+        self.started: dict[str, dict[str, Any]] = {}
+        """Each daemon's status (`volunteer status --json`) once it had started."""
+
+    def start(self, name: str, *flags: str) -> Path:
+        home = self.homes.home(name)
+        home.mkdir(exist_ok=True)
+        where = ["--join", self.join] if self.join else ["--new-swarm"]
+        # One torch thread each: several daemons share this machine's cores.
+        common = ["--model", str(self.model), "--threads", "1", *self.daemon_flags]
+        started = self.homes.cli(home, "start", *common, *where, *flags)
+        assert started.returncode == 0, started.stderr
+        self.started[name] = self.homes.status(home)
+        if not self.join:
+            self.join = self.started[name]["multiaddrs"][0]
+        return home
+
+    def chat(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`volunteer chat` through the bootstrap daemon (the one named "boot"), or as
+        `args` say."""
+        command = [sys.executable, "-m", "volunteer", "--home", str(self.homes.home("boot"))]
+        command += ["chat", "--max-new-tokens", self.new_tokens, *args]
+        return subprocess.run(
+            command,
+            cwd=ROOT,
+            env=self.homes.env,
+            capture_output=True,
+            text=True,
+            timeout=self.chat_timeout_s,
+        )

@@ -12,7 +12,6 @@ import itertools
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.daemon.homes import ROOT, Homes
+from tests.daemon.homes import DaemonSwarm, Homes
 from volunteer.client.swarm_connection import SwarmConnection
 from volunteer.control.client import ControlClient
 from volunteer.control.endpoint import ControlError, use_tcp
@@ -45,38 +44,11 @@ IDLE_CPU_SHARE = 0.1
 """Most CPU the idle daemons may take together, in cores (a spinning thread takes ~1)."""
 
 
-class Swarm:
+class Swarm(DaemonSwarm):
     """The module's daemons and how to talk to them."""
 
     def __init__(self, homes: Homes, model: Path) -> None:
-        self.homes = homes
-        self.model = model
-        self.join: str = ""
-
-    def start(self, name: str, *flags: str) -> Path:
-        home = self.homes.home(name)
-        home.mkdir(exist_ok=True)
-        where = ["--join", self.join] if self.join else ["--new-swarm"]
-        # One torch thread each: several daemons share this machine's cores.
-        args = ("start", "--model", str(self.model), "--threads", "1", *where, *flags)
-        started = self.homes.cli(home, *args)
-        assert started.returncode == 0, started.stderr
-        if not self.join:
-            self.join = self.homes.status(home)["multiaddrs"][0]
-        return home
-
-    def chat(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """`volunteer chat` through the bootstrap daemon (or as `args` say)."""
-        command = [sys.executable, "-m", "volunteer", "--home", str(self.homes.home("boot"))]
-        command += ["chat", "--max-new-tokens", NEW_TOKENS, *args]
-        return subprocess.run(
-            command,
-            cwd=ROOT,
-            env=self.homes.env,
-            capture_output=True,
-            text=True,
-            timeout=CHAT_TIMEOUT_S,
-        )
+        super().__init__(homes, model, new_tokens=NEW_TOKENS, chat_timeout_s=CHAT_TIMEOUT_S)
 
     def control(self, name: str) -> ControlClient:
         return ControlClient(Paths.resolve(home=self.homes.home(name), env=self.homes.env))

@@ -74,69 +74,53 @@ def _hold(gate: threading.Event) -> None:
         raise TimeoutError("the test never released the compute thread")
 
 
-def test_a_newcomer_runs_before_a_peer_with_a_backlog() -> None:
-    """Least attained service first: a peer that has kept the thread busy (one identity
-    of a flood) queues behind a peer that has used nothing, whatever it queued first."""
-
-    async def main() -> list[str]:
-        compute = PriorityCompute()
-        order: list[str] = []
-        gate = threading.Event()
-        try:
-            held = asyncio.ensure_future(compute.run(PRIORITY_TRAINING, _hold, gate, peer="flood"))
-            await _wait_for_running(compute)
-            jobs = [
-                asyncio.ensure_future(
-                    compute.run(PRIORITY_TRAINING, order.append, f"flood {i}", peer="flood")
-                )
-                for i in range(3)
-            ]
-            jobs.append(
-                asyncio.ensure_future(
-                    compute.run(PRIORITY_TRAINING, order.append, "newcomer", peer="newcomer")
-                )
-            )
-            await _wait_for_queue(compute, 4)
-            gate.set()
-            await asyncio.wait_for(asyncio.gather(held, *jobs), WAIT_S)
-            return order
-        finally:
-            gate.set()
-            compute.shutdown()
-
-    assert asyncio.run(main()) == ["newcomer", "flood 0", "flood 1", "flood 2"]
-
-
-def test_inference_runs_first_whoever_asked() -> None:
-    """Fairness orders peers within a class: a busy peer's inference step still runs
-    before a newcomer's training job."""
-
-    async def main() -> list[str]:
-        compute = PriorityCompute()
-        order: list[str] = []
-        gate = threading.Event()
-        try:
-            held = asyncio.ensure_future(compute.run(PRIORITY_TRAINING, _hold, gate, peer="busy"))
-            await _wait_for_running(compute)
-            training = compute.run(PRIORITY_TRAINING, order.append, "training", peer="new")
-            step = compute.run(PRIORITY_INFERENCE, order.append, "step", peer="busy")
-            jobs = [asyncio.ensure_future(training), asyncio.ensure_future(step)]
-            await _wait_for_queue(compute, 2)
-            gate.set()
-            await asyncio.wait_for(asyncio.gather(held, *jobs), WAIT_S)
-            return order
-        finally:
-            gate.set()
-            compute.shutdown()
-
-    assert asyncio.run(main()) == ["step", "training"]
-
-
 async def _wait_for_running(compute: PriorityCompute) -> None:
     """Until the compute thread took the first job off the queue."""
     async with asyncio.timeout(WAIT_S):
         while compute.queued:
             await asyncio.sleep(0.01)
+
+
+def _run_order(held_by: str, jobs: list[tuple[int, str, str]]) -> list[str]:
+    """The order the compute thread runs `jobs` (priority, name, peer) in, when all of
+    them were queued, in that order, while a training job of `held_by` kept it busy."""
+
+    async def main() -> list[str]:
+        compute = PriorityCompute()
+        order: list[str] = []
+        gate = threading.Event()
+        try:
+            held = asyncio.ensure_future(compute.run(PRIORITY_TRAINING, _hold, gate, peer=held_by))
+            await _wait_for_running(compute)
+            queued = [
+                asyncio.ensure_future(compute.run(priority, order.append, name, peer=peer))
+                for priority, name, peer in jobs
+            ]
+            await _wait_for_queue(compute, len(jobs))
+            gate.set()
+            await asyncio.wait_for(asyncio.gather(held, *queued), WAIT_S)
+            return order
+        finally:
+            gate.set()
+            compute.shutdown()
+
+    return asyncio.run(main())
+
+
+def test_a_newcomer_runs_before_a_peer_with_a_backlog() -> None:
+    """Least attained service first: a peer that has kept the thread busy (one identity
+    of a flood) queues behind a peer that has used nothing, whatever it queued first."""
+    flood = [(PRIORITY_TRAINING, f"flood {i}", "flood") for i in range(3)]
+    newcomer = (PRIORITY_TRAINING, "newcomer", "newcomer")
+    assert _run_order("flood", [*flood, newcomer]) == ["newcomer", "flood 0", "flood 1", "flood 2"]
+
+
+def test_inference_runs_first_whoever_asked() -> None:
+    """Fairness orders peers within a class: a busy peer's inference step still runs
+    before a newcomer's training job."""
+    training = (PRIORITY_TRAINING, "training", "new")
+    step = (PRIORITY_INFERENCE, "step", "busy")
+    assert _run_order("busy", [training, step]) == ["step", "training"]
 
 
 def test_a_peers_use_is_charged_and_fades() -> None:

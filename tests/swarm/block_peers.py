@@ -16,6 +16,7 @@ from tests.server import sub_span
 from volunteer.server.handler import BlockHandler
 from volunteer.swarm.dht_records import encode_p2p_identity, make_validator, owner_marker
 from volunteer.swarm.dht_storage import bound_node_storage
+from volunteer.swarm.records import ServerInfo, ServerState
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
@@ -51,6 +52,31 @@ async def start_peer(
         p2p=p2p, span=sub_span(full, start, end), model_name=model, cache_tokens=256
     )
     return Peer(p2p, node, handler, owner_marker(key))
+
+
+def server_info(
+    start: int,
+    end: int,
+    *,
+    model: str,
+    throughput: float,
+    weights: str | None,
+    state: ServerState = ServerState.ONLINE,
+) -> ServerInfo:
+    """A record of blocks [start, end) of `model`, as a CPU server of float32 blocks with
+    256 cache tokens left announces it (or as one that claims to be such a server)."""
+    return ServerInfo(
+        state=state,
+        start=start,
+        end=end,
+        throughput=throughput,
+        dtype="float32",
+        cache_tokens_left=256,
+        version="0.1.0",
+        model=model,
+        weights_sha256=weights,
+        device_class="cpu",
+    )
 
 
 async def stop_peers(peers: list[Peer]) -> None:

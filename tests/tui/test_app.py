@@ -38,6 +38,15 @@ async def settle(app: VolunteerApp, pilot: object) -> None:
     await pilot.pause()  # type: ignore[attr-defined]
 
 
+async def show_the_swarm_tab(app: VolunteerApp, pilot: object) -> None:
+    """Reads the daemon's status and the swarm, then switches to the swarm tab."""
+    app.refresh_status()
+    await settle(app, pilot)
+    app.refresh_swarm()
+    await settle(app, pilot)
+    await pilot.press("3")  # type: ignore[attr-defined]
+
+
 def text_of(app: VolunteerApp, selector: str) -> str:
     return str(app.query_one(selector, Static).render())
 
@@ -130,11 +139,7 @@ def test_number_and_function_keys_switch_tabs() -> None:
 
 def test_the_swarm_map_and_peers() -> None:
     async def scenario(app: VolunteerApp, pilot: object) -> None:
-        app.refresh_status()
-        await settle(app, pilot)
-        app.refresh_swarm()
-        await settle(app, pilot)
-        await pilot.press("3")  # type: ignore[attr-defined]
+        await show_the_swarm_tab(app, pilot)
         health = text_of(app, "#health")
         assert "weakest: 15:30 at 10 tokens/s; strongest 40 tokens/s" in health
         assert "servers 1111111111 1111111111 1111111111" in health
@@ -161,11 +166,7 @@ def test_names_answers_and_errors_are_shown_as_plain_text() -> None:
     daemon.answer = list(HOSTILE_TEXTS)
 
     async def scenario(app: VolunteerApp, pilot: object) -> None:
-        app.refresh_status()
-        await settle(app, pilot)
-        app.refresh_swarm()
-        await settle(app, pilot)
-        await pilot.press("3")  # type: ignore[attr-defined]
+        await show_the_swarm_tab(app, pilot)
         await pilot.pause()  # type: ignore[attr-defined]
         table = app.query_one("#peers", DataTable)
         names = {str(table.get_row_at(row)[0]) for row in range(table.row_count)}
