@@ -1,6 +1,6 @@
 """A failover replays the history in as few steps as the new server takes, not one round
 trip per past step, and the outputs stay those of the blocks run locally, rewinds
-included.
+included. A prompt longer than a server takes in one step goes in several.
 
 Real block servers on 127.0.0.1 (each takes at most `MAX_CHUNK` positions a step); each
 stream the session opens is wrapped in a `CountingStream` that records the steps the
@@ -186,5 +186,21 @@ def test_a_long_decode_history_is_replayed_in_few_steps_and_rewinds_hold(swarm: 
         # Only the failed hop was replayed: "c" kept its session through both failovers.
         assert len(session.route_history) == 3
         assert swarm.stream_of("c").steps[-1] == (12, 1)
+    finally:
+        loop.run(session.close())
+
+
+def test_a_prompt_longer_than_a_step_goes_in_several(swarm: Swarm) -> None:
+    session, full, loop = swarm.session(), swarm.full, swarm.loop
+    sequence = hidden_states(1, 2 * MAX_CHUNK + 3, seed=73)
+    loop.run(session.open(0, 4))
+    try:
+        prompt = sequence.shape[1] - 1
+        output = loop.run(session.step(sequence[:, :prompt], 0), timeout_s=WAIT_S)
+        _assert_close(output, _expected(full, sequence, 0, prompt), "the long prompt")
+        output = loop.run(session.step(sequence[:, prompt:], prompt), timeout_s=WAIT_S)
+        _assert_close(output, _expected(full, sequence, prompt, prompt + 1), "the next token")
+        # Every hop was sent pieces of at most MAX_CHUNK positions (it refuses more).
+        assert swarm.stream_of("a").steps == [(0, 8), (8, 8), (16, 2), (18, 1)]
     finally:
         loop.run(session.close())

@@ -168,7 +168,8 @@ class SwarmInferenceSession:
     async def step(self, hidden: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Feeds hidden [B, S, H] at positions [start_pos, start_pos + S) through the route.
 
-        A start_pos below the positions sent so far rewinds the session there.
+        A start_pos below the positions sent so far rewinds the session there. A step
+        longer than a hop takes at once (a long prompt) goes as several in a row.
 
         Raises:
             SessionFailedError: a hop failed and no replacement could be found.
@@ -178,6 +179,21 @@ class SwarmInferenceSession:
         if not self._hops:
             raise RuntimeError("the inference session is not open")
         self._check_input(hidden, start_pos)
+        outputs, offset = [], 0
+        while offset < hidden.shape[1]:
+            # Asked again each time: a failover may have brought a hop with a lower limit.
+            size = self._step_limit() or hidden.shape[1]
+            piece = hidden[:, offset : offset + size]
+            outputs.append(await self._step_once(piece, start_pos + offset))
+            offset += piece.shape[1]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def _step_limit(self) -> int | None:
+        """The most positions every hop of the route takes in one step (None: unknown)."""
+        limits = [hop.stream.max_chunk for hop in self._hops if hop.stream.max_chunk]
+        return min(limits) if limits else None
+
+    async def _step_once(self, hidden: torch.Tensor, start_pos: int) -> torch.Tensor:
         self._refusals_left = MAX_REFUSALS
         for hop in self._hops:
             hop.rewind(start_pos)
