@@ -14,9 +14,10 @@ phase shows what the session and message floods cost them.
 By default every byte goes through the p2p daemons, as between machines (the attackers
 have no other way in); `--local-links yes` lets the honest client use the daemons' Unix
 sockets instead. Attackers, daemons and client share this machine's cores, so each
-attacker runs at the least CPU priority (`attackers.py` lowers its own niceness to 19,
-and its p2p daemons inherit it): across machines the attacker's own CPU would not count
-against the honest swarm, and here it takes only what the swarm leaves idle. What the
+attacker runs at the least CPU priority (`attackers.py` lowers its own niceness to 19
+and takes Linux's idle scheduling class, and its p2p daemons inherit both): across
+machines the attacker's own CPU would not count against the honest swarm, and here it
+takes only what the swarm leaves idle. What the
 servers spend on the attacker's requests counts in full, as it would anywhere. The
 attacker's CPU seconds are shown beside its counters.
 
