@@ -18,10 +18,16 @@ from hivemind.p2p import P2P
 from hivemind.proto.p2pd_pb2 import RPCError
 
 import volunteer.transport.framing as framing
-from tests.server import LoopThread, hidden_states, random_span, tiny_config, wait_until
+from tests.server import (
+    LoopThread,
+    hidden_states,
+    random_span,
+    tiny_config,
+    wait_until,
+    whole_forward,
+)
 from volunteer.client.remote_span import RemoteSpan
 from volunteer.server.caps import DEFAULT_CAPS
-from volunteer.server.compute import forward_span
 from volunteer.server.handler import BlockHandler
 from volunteer.transport.p2p_streams import open_stream
 from volunteer.transport.protocol import (
@@ -213,7 +219,7 @@ def test_one_peer_gets_its_share_of_calls_and_others_still_get_theirs(swarm: Swa
     assert all(r.startswith(expected) for r in refusals)
     hidden = hidden_states(1, 2)
     output = swarm.loop.run(swarm.remote(swarm.honest).forward(hidden, timeout_s=30))
-    torch.testing.assert_close(output, forward_span(swarm.handler.span, hidden, 0, 2))
+    torch.testing.assert_close(output, whole_forward(swarm.handler.span, hidden, 0, 2))
     _close_all(streams)
 
 
@@ -258,7 +264,7 @@ def test_a_long_forward_is_computed_in_slices_charged_to_its_caller(swarm: Swarm
         output = swarm.loop.run(swarm.remote(attacker).forward(hidden, timeout_s=30))
         # The smallest slices: one block over one position each.
         assert handler.compute.jobs_run - before == 2 * 8
-        torch.testing.assert_close(output, forward_span(handler.span, hidden, 0, 2))
+        torch.testing.assert_close(output, whole_forward(handler.span, hidden, 0, 2))
         assert handler.compute.used_by(str(attacker.peer_id)) > 0
     finally:
         swarm.loop.run(_set_caps(handler, CAPS))

@@ -86,6 +86,25 @@ def sub_span(full: BlockSpan, start: int, end: int) -> BlockSpan:
     return part.eval()
 
 
+def whole_forward(full: BlockSpan, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """The reference a served forward must match: blocks [start, end) of `full` (a span
+    from block 0) run at once through the model's own span, no cache."""
+    with torch.no_grad():
+        return sub_span(full, start, end)(hidden)
+
+
+def whole_backward(
+    full: BlockSpan, hidden: torch.Tensor, grad_outputs: torch.Tensor, start: int, end: int
+) -> torch.Tensor:
+    """The reference a served backward must match: the gradient of blocks [start, end)'s
+    inputs, by autograd through them all at once."""
+    inputs = hidden.detach().requires_grad_(True)
+    with torch.enable_grad():
+        outputs = sub_span(full, start, end)(inputs)
+        (grad,) = torch.autograd.grad(outputs, inputs, grad_outputs)
+    return grad
+
+
 def hidden_states(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, seq, HIDDEN, generator=torch.Generator().manual_seed(seed))
 

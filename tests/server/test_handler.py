@@ -18,8 +18,6 @@ from volunteer.server.compute import (
     PRIORITY_INFERENCE,
     PRIORITY_TRAINING,
     PriorityCompute,
-    backward_span,
-    forward_span,
 )
 from volunteer.server.handler import BlockHandler
 from volunteer.transport.protocol import PROTOCOL_VERSION
@@ -265,15 +263,3 @@ def test_inference_jumps_the_queue_of_training_work() -> None:
 
     asyncio.run(scenario())
     assert order == ["step", "training", "training", "training"]
-
-
-def test_a_bfloat16_span_takes_float32_and_answers_in_float32() -> None:
-    span = sub_span(random_span(tiny_config()), 0, 2).to(torch.bfloat16)
-    hidden = hidden_states(1, 4)
-    actual = forward_span(span, hidden, 0, 2)
-    with torch.no_grad():
-        expected = span(hidden.to(torch.bfloat16)).float()
-    assert actual.dtype == torch.float32
-    assert torch.equal(actual, expected)
-    grad = backward_span(span, hidden, torch.ones_like(hidden), 0, 2)
-    assert grad.dtype == torch.float32 and grad.abs().sum() > 0

@@ -14,12 +14,18 @@ import pytest
 import torch
 from volunteer.models.config import ModelConfig
 
-from tests.server import WAIT_S, hidden_states, random_span, tiny_config
+from tests.server import (
+    WAIT_S,
+    hidden_states,
+    random_span,
+    sub_span,
+    tiny_config,
+    whole_backward,
+    whole_forward,
+)
 from volunteer.server.compute import (
     PRIORITY_TRAINING,
     PriorityCompute,
-    backward_span,
-    forward_span,
 )
 from volunteer.server.slices import (
     BACKWARD_COST,
@@ -109,7 +115,7 @@ def test_a_sliced_forward_matches_the_whole_forward(
         lambda compute: sliced_forward(compute, span, hidden, start, end, peer="p", budget=budget)
     )
     assert sliced.dtype == hidden.dtype and sliced.shape == hidden.shape
-    torch.testing.assert_close(sliced, forward_span(span, hidden, start, end), atol=ATOL, rtol=0)
+    torch.testing.assert_close(sliced, whole_forward(span, hidden, start, end), atol=ATOL, rtol=0)
 
 
 def test_the_smallest_slices_are_one_block_over_one_position() -> None:
@@ -133,7 +139,7 @@ def test_a_sliced_backward_matches_the_whole_backward(target_s: float) -> None:
             compute, span, hidden, grad_outputs, 1, 4, peer="p", budget=budget
         )
     )
-    whole = backward_span(span, hidden, grad_outputs, 1, 4)
+    whole = whole_backward(span, hidden, grad_outputs, 1, 4)
     torch.testing.assert_close(sliced, whole, atol=ATOL, rtol=1e-4)
 
 
@@ -176,3 +182,22 @@ def test_a_budget_follows_the_measured_time_per_position() -> None:
     budget.record(100, 0.1)
     assert budget.units() == 10
     assert SliceBudget(0.0).units(decode_s=1.0) == 1
+
+
+def test_a_bfloat16_span_takes_float32_and_answers_in_float32() -> None:
+    span = sub_span(random_span(tiny_config()), 0, 2).to(torch.bfloat16)
+    hidden = hidden_states(1, 4)
+    budget = SliceBudget(10.0)  # one job: the whole call, as the reference runs it
+    actual = _run(
+        lambda compute: sliced_forward(compute, span, hidden, 0, 2, peer="p", budget=budget)
+    )
+    with torch.no_grad():
+        expected = span(hidden.to(torch.bfloat16)).float()
+    assert actual.dtype == torch.float32
+    assert torch.equal(actual, expected)
+    grad = _run(
+        lambda compute: sliced_backward(
+            compute, span, hidden, torch.ones_like(hidden), 0, 2, peer="p", budget=budget
+        )
+    )
+    assert grad.dtype == torch.float32 and grad.abs().sum() > 0

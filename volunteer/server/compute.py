@@ -281,25 +281,6 @@ def allocate_cache(span: BlockSpan, session: Session) -> KVCache:
     )
 
 
-def forward_span(span: BlockSpan, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """Hidden states [B, S, H] through blocks [start, end), no cache."""
-    with torch.inference_mode():
-        output = run_blocks(span, to_span(span, hidden), start, end, 0, None)
-    return _like(output, hidden)
-
-
-def backward_span(
-    span: BlockSpan, hidden: torch.Tensor, grad_outputs: torch.Tensor, start: int, end: int
-) -> torch.Tensor:
-    """The gradient of blocks [start, end)'s inputs, given the gradient of their outputs."""
-    # A fresh forward with autograd on: nothing from earlier requests is kept.
-    with torch.enable_grad():
-        inputs = to_span(span, hidden.detach()).requires_grad_(True)
-        outputs = run_blocks(span, inputs, start, end, 0, None)
-        (grad,) = torch.autograd.grad(outputs, inputs, to_span(span, grad_outputs))
-    return _like(grad, hidden)
-
-
 def inference_step(session: Session, hidden: torch.Tensor, start_pos: int) -> torch.Tensor:
     """One step of a session: new positions [start_pos, start_pos + S) through its cache,
     on the blocks it was opened on."""
