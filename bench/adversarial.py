@@ -9,7 +9,9 @@ process: its own loop and CPU share, as a stranger's machine), then alone again;
 baseline is the median over both alone phases, so that drift in the machine's speed does
 not tilt the ratios. Every run must give the alone run's tokens. Meanwhile the servers'
 resident memory (each daemon and its children, p2pd included) is sampled; its peak per
-phase shows what the session and message floods cost them.
+phase shows what the session and message floods cost them. Each server's CPU time per
+generated token is shown as its Python process's plus its p2pd's: what an attacker's
+requests cost a server beyond serving.
 
 By default every byte goes through the p2p daemons, as between machines (the attackers
 have no other way in); `--local-links yes` lets the honest client use the daemons' Unix
@@ -127,16 +129,40 @@ def _attacker(name: str, command: list[str], env: dict[str, str], log: Path) -> 
 
 def _cpu_seconds(pid: int) -> float:
     """CPU time used so far by a process and its children (its p2p daemons)."""
+    return sum(_cpu_split(pid))
+
+
+def _cpu_split(pid: int) -> tuple[float, float]:
+    """CPU time used so far by a process itself, and by its children (p2pd) together."""
     import psutil
 
-    total = 0.0
+    own, children = 0.0, 0.0
     with contextlib.suppress(psutil.NoSuchProcess):
         process = psutil.Process(pid)
-        for each in [process, *process.children(recursive=True)]:
+        times = process.cpu_times()
+        own = times.user + times.system
+        for each in process.children(recursive=True):
             with contextlib.suppress(psutil.NoSuchProcess):
                 times = each.cpu_times()
-                total += times.user + times.system
-    return total
+                children += times.user + times.system
+    return own, children
+
+
+class ServerCpu:
+    """CPU seconds each server spent in the `with` block: its Python process, its p2pd."""
+
+    def __init__(self, daemons: Any) -> None:
+        self.daemons = daemons
+        self.spent: dict[str, tuple[float, float]] = {}
+
+    def __enter__(self) -> ServerCpu:
+        self._start = {name: _cpu_split(self.daemons.pids[name]) for name in SERVERS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, (own, children) in self._start.items():
+            now = _cpu_split(self.daemons.pids[name])
+            self.spent[name] = (now[0] - own, now[1] - children)
 
 
 def _read_line(process: subprocess.Popen, timeout_s: float) -> str:
@@ -220,9 +246,10 @@ def _bench(sg: Any, setup: Any, args: argparse.Namespace) -> dict[str, dict]:
                         log = setup.tmp / f"{phase}.log"
                         counts = stack.enter_context(_attacker(phase, command, setup.env, log))
                         time.sleep(args.settle_s)
-                    with PeakRss(daemons) as rss:
+                    with PeakRss(daemons) as rss, ServerCpu(daemons) as cpu:
                         result = _phase(sg, open_stepper, setup.prompt, args)
                 result["rss_mib"] = rss.peak
+                result["server_cpu_s"] = cpu.spent
                 result["attacker"] = counts
                 phases[phase] = result
     finally:
@@ -243,17 +270,27 @@ def _report(phases: dict[str, dict], args: argparse.Namespace, load_start: float
         "load_avg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
         "cpus": os.cpu_count(),
     }
-    print(f"\n{'phase':16s} {'tok/s':>7s} {'ratio':>6s} {'same':>5s} {'peak RSS MiB':>14s}  notes")
+    print(
+        f"\n{'phase':16s} {'tok/s':>7s} {'ratio':>6s} {'same':>5s} {'peak RSS MiB':>14s} "
+        f"{'server CPU s/token':>22s}  notes"
+    )
     for phase, result in phases.items():
         tps = statistics.median(result["tps"])
         ratio = tps / baseline
         same = bool(result["tokens"]) and all(t == reference for t in result["tokens"])
         rss = "/".join(f"{mib:.0f}" for mib in result["rss_mib"].values())
+        made = max(1, args.tokens * len(result["tokens"]))
+        cpu = "/".join(
+            f"{own / made:.3f}+{p2pd / made:.3f}" for own, p2pd in result["server_cpu_s"].values()
+        )
         notes = result["error"] or json.dumps(result["attacker"])
-        print(f"{phase:16s} {tps:7.2f} {ratio:6.3f} {same!s:>5s} {rss:>14s}  {notes}")
+        print(f"{phase:16s} {tps:7.2f} {ratio:6.3f} {same!s:>5s} {rss:>14s} {cpu:>22s}  {notes}")
         key = phase.replace(" ", "_")
         figures[f"tps_{key}"] = round(tps, 2)
         figures[f"peak_rss_mib_{key}"] = [round(mib, 1) for mib in result["rss_mib"].values()]
+        figures[f"server_cpu_s_{key}"] = [
+            [round(t, 2) for t in pair] for pair in result["server_cpu_s"].values()
+        ]
         if phase in ATTACKS:
             figures[f"ratio_{key}"] = round(ratio, 3)
             figures[f"identical_{key}"] = same

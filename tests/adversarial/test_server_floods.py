@@ -52,6 +52,8 @@ CAPS = dataclasses.replace(
     max_push_streams_per_peer=2,
 )
 CACHE_TOKENS = 1024
+LINGER_S = 2.0
+"""How long a refused stream that its peer holds open lingers (short, for the tests)."""
 """Room for every session the caps allow: the caps, not the cache budget, refuse here."""
 
 
@@ -111,6 +113,7 @@ def swarm() -> Iterator[Swarm]:
     loop = LoopThread()
     try:
         server, handler, honest, attackers = loop.run(_start())
+        handler.refusals.linger_s = LINGER_S
         expected = loop.run(
             _honest_session(RemoteSpan(p2p=honest, peer_id=server.peer_id, start=0, end=2))
         )
@@ -142,11 +145,12 @@ async def _silent_streams(
 
 
 async def _refusal(reader: asyncio.StreamReader) -> str:
-    """The error a refused stream was answered with; the server then closed it."""
+    """The error a refused stream was answered with; the server then closed it, once the
+    linger was over (this peer does not end its side)."""
     marker, body = await asyncio.wait_for(framing.read_frame(reader, max_bytes=1 << 16), 30)
     assert marker == P2P.ERROR_MARKER
     with pytest.raises(asyncio.IncompleteReadError):
-        await asyncio.wait_for(reader.readexactly(1), 30)
+        await asyncio.wait_for(reader.readexactly(1), LINGER_S + 10)
     error = RPCError()
     error.ParseFromString(body)
     return error.message
@@ -197,7 +201,8 @@ def test_the_total_of_sessions_is_capped(swarm: Swarm) -> None:
 
 def test_silent_streams_hold_no_more_than_the_caps(swarm: Swarm) -> None:
     """Many streams that never send a byte (file descriptor exhaustion): past its share
-    the peer's streams are answered busy and closed at once, not held until a timeout."""
+    the peer's streams are answered busy at once and closed after the linger, not held
+    until a timeout."""
     attacker = swarm.attackers[0]
     for handle, what in ((INFERENCE_HANDLE, "sessions"), (PUSH_HANDLE, "push streams")):
         streams = swarm.loop.run(_silent_streams(attacker, swarm, handle, 12))

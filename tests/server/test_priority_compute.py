@@ -12,6 +12,7 @@ import time
 import torch
 
 from tests.server import WAIT_S
+from volunteer.server.anticipation import Anticipation
 from volunteer.server.compute import (
     PRIORITY_INFERENCE,
     PRIORITY_TRAINING,
@@ -159,3 +160,46 @@ def test_each_job_is_charged_to_its_peer() -> None:
     sleeper, nobody, jobs = asyncio.run(main())
     # At least the time it slept, decayed a little: the decay halves in seconds.
     assert sleeper >= 0.01 * 0.5 and nobody == 0.0 and jobs == 2
+
+
+def _chat_and_work(
+    anticipation: Anticipation, gap_s: float, steps: int, work_after: int
+) -> list[str]:
+    """The order of a chat's steps (one every `gap_s` after the previous one ended) and one
+    forward job queued right after step `work_after` ended."""
+
+    async def main() -> list[str]:
+        compute = PriorityCompute(anticipation=anticipation)
+        order: list[str] = []
+        try:
+            work = None
+            for step in range(steps):
+                await compute.run(PRIORITY_INFERENCE, order.append, f"step {step}", peer=PEER)
+                if step == work_after:
+                    work = asyncio.ensure_future(
+                        compute.run(PRIORITY_TRAINING, order.append, "work", peer="other")
+                    )
+                await asyncio.sleep(gap_s)
+            assert work is not None
+            await asyncio.wait_for(work, WAIT_S)
+            return order
+        finally:
+            compute.shutdown()
+
+    return asyncio.run(main())
+
+
+def test_forward_work_waits_for_a_chats_next_step_when_it_is_due() -> None:
+    # Wide margins: 0.3 s gaps, a 0.45 s window; a loaded machine's jitter fits in between.
+    order = _chat_and_work(Anticipation(max_window_s=2.0), 0.3, steps=6, work_after=3)
+    assert order.index("work") == order.index("step 4") + 1
+    # Without anticipation, the same work runs at once, before that step.
+    order = _chat_and_work(Anticipation(max_window_s=0.0), 0.3, steps=6, work_after=3)
+    assert order.index("work") == order.index("step 3") + 1
+
+
+def test_forward_work_still_runs_while_a_chat_never_pauses() -> None:
+    anticipation = Anticipation(max_window_s=2.0, max_hold_s=0.3)
+    order = _chat_and_work(anticipation, 0.1, steps=30, work_after=3)
+    # Held 0.3 s at most (three steps or so), not until the chat's 30 steps are over.
+    assert order.index("work") < order.index("step 15")

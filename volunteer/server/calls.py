@@ -56,4 +56,4 @@ async def serve_call(
     async def serve() -> None:
         await write_replies(replies(), writer, peer=peer, timeout_s=handler.limits.idle_timeout_s)
 
-    await serve_in_slot(handler.call_slots, peer, reader, writer, serve)
+    await serve_in_slot(handler.call_slots, handler.refusals, peer, reader, writer, serve)

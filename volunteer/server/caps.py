@@ -4,7 +4,7 @@ Each cap is a setting (`volunteer.settings.fields`, where each one's memory boun
 stated); `ServerCaps` carries their values to the handler. Streams are counted from
 their first byte, not from a successful open: a stream that never sends its first
 message holds a file descriptor and a read buffer all the same. A stream over a cap is
-answered "busy:" (room may come later) and closed at once, unread.
+answered "busy:" (room may come later), unread (see `Refusals` for when it is closed).
 """
 
 from __future__ import annotations
@@ -26,8 +26,13 @@ from volunteer.transport.protocol import BusyError
 if TYPE_CHECKING:  # the handler holds the caps: a run-time import would be circular
     from volunteer.server.handler import BlockHandler
 
-REFUSAL_LINGER_S = 2.0
+REFUSAL_LINGER_S = 30.0
 """How long a refused stream waits for its peer to take the reason and end its side."""
+MAX_LINGERING = 1024
+"""Refused streams waiting at once for their peers (each an idle socket and a task)."""
+MAX_HELD_UNREAD = 32
+"""Streams of peers kept out for misbehaving, held open unread at once (see
+`Refusals.hold_unread`); each may leave a flow-control window of bytes in p2pd."""
 MIB = 1 << 20
 
 
@@ -119,19 +124,97 @@ class PeerSlots:
             del self._held[peer]
 
 
+class Refusals:
+    """Ends refused streams, each with an error frame naming the reason, as hivemind's
+    handlers do.
+
+    Closing with the peer's bytes unread resets the stream, and a reset can drop our
+    answer before the peer reads it: so a refused stream lingers, its peer's bytes read
+    and dropped (never kept), until the peer ends its side. An honest peer does so as soon
+    as it has read the reason. A peer that holds the stream open instead, to have us
+    close it and open the next (a flood of stream opens, each costing us more than it
+    costs the peer), finds it held for `linger_s`: it waits, not us. At most
+    `max_lingering` refused streams linger at once (bounded sockets and memory); past
+    that, a refused stream is closed as soon as its reason is written. Of the peer's
+    bytes, at most `max_drop_bytes` per stream are read (one message's worth).
+
+    Used from the event loop only.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_drop_bytes: int,
+        linger_s: float = REFUSAL_LINGER_S,
+        max_lingering: int = MAX_LINGERING,
+        max_held_unread: int = MAX_HELD_UNREAD,
+    ) -> None:
+        self.max_drop_bytes = max_drop_bytes
+        self.linger_s = linger_s
+        self.max_lingering = max_lingering
+        self.max_held_unread = max_held_unread
+        self.lingering = 0
+        self.held_unread = 0
+
+    async def refuse(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        exc: Exception,
+        *,
+        drop_bytes: int | None = None,
+    ) -> None:
+        """Answers `exc` and ends the stream (see the class's docstring); of the peer's
+        bytes, at most `drop_bytes` (None: `max_drop_bytes`) are dropped before it is cut
+        off: a peer that keeps writing into a refused stream (a flood) gets its next
+        writes failed, and has to open another stream."""
+        if drop_bytes is None:
+            drop_bytes = self.max_drop_bytes
+        with contextlib.closing(writer), contextlib.suppress(Exception):
+            writer.write(framing.encode_frame(RPCError(message=str(exc))))
+            if self.lingering >= self.max_lingering:
+                await writer.drain()
+                return
+            self.lingering += 1
+            try:
+                await asyncio.wait_for(_drop_until_end(reader, drop_bytes), self.linger_s)
+            finally:
+                self.lingering -= 1
+
+    async def hold_unread(self, writer: asyncio.StreamWriter, exc: Exception) -> None:
+        """Answers `exc`, then holds the stream open for `linger_s` without reading it:
+        for a peer kept out for misbehaving, whose streams carry a flood (pushes written
+        without waiting for answers). Once the flow-control windows between us are full
+        its writes wait, so its next stream waits too, and its bytes cost us nothing
+        more. At most `max_held_unread` at once; past that, the stream is closed once
+        the reason is written."""
+        with contextlib.closing(writer), contextlib.suppress(Exception):
+            writer.write(framing.encode_frame(RPCError(message=str(exc))))
+            if self.held_unread >= self.max_held_unread:
+                await writer.drain()
+                return
+            writer.transport.pause_reading()
+            self.held_unread += 1
+            try:
+                await asyncio.sleep(self.linger_s)
+            finally:
+                self.held_unread -= 1
+
+
 async def serve_in_slot(
     slots: PeerSlots,
+    refusals: Refusals,
     peer: str,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     serve: Callable[[], Awaitable[None]],
 ) -> None:
     """Runs `serve` (one stream of `peer`) while it holds a slot; without a free slot,
-    answers the stream with the busy error instead and closes it."""
+    answers the stream with the busy error instead (see `Refusals`)."""
     try:
         slots.take(peer)
     except BusyError as exc:
-        await refuse(reader, writer, exc)
+        await refusals.refuse(reader, writer, exc)
         return
     try:
         await serve()
@@ -139,27 +222,7 @@ async def serve_in_slot(
         slots.give_back(peer)
 
 
-async def refuse(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    exc: Exception,
-    *,
-    drop_bytes: int | None = None,
-) -> None:
-    """Ends a stream with an error frame naming the reason, as hivemind's handlers do.
-
-    Closing with the peer's bytes unread resets the stream, and a reset can drop our
-    answer before the peer reads it: so the peer's bytes are read and dropped (never
-    kept) until it ends its side, for REFUSAL_LINGER_S at most, and at most `drop_bytes`
-    of them (None: no bound). A peer that keeps writing into a refused stream (a flood)
-    is better cut off: its next writes fail, and it has to open another stream.
-    """
-    with contextlib.closing(writer), contextlib.suppress(Exception):
-        writer.write(framing.encode_frame(RPCError(message=str(exc))))
-        await asyncio.wait_for(_drop_until_end(reader, drop_bytes), REFUSAL_LINGER_S)
-
-
-async def _drop_until_end(reader: asyncio.StreamReader, limit: int | None) -> None:
+async def _drop_until_end(reader: asyncio.StreamReader, limit: int) -> None:
     dropped = 0
-    while (limit is None or dropped < limit) and (chunk := await reader.read(1 << 16)):
+    while dropped < limit and (chunk := await reader.read(1 << 16)):
         dropped += len(chunk)

@@ -1,6 +1,7 @@
 """The block server's torch work and the one compute thread that runs it: inference
-steps first, the peer that used least compute lately first within a class, and a short
-decode step on the event loop when that thread is idle (see `PriorityCompute`).
+steps first, also in time (`volunteer.server.anticipation`), the peer that used least
+compute lately first within a class, and a short decode step on the event loop when that
+thread is idle (see `PriorityCompute`).
 
 The compute thread touches nothing of the server's but its own queue: the jobs get their
 session and tensors as arguments and return new tensors.
@@ -21,6 +22,7 @@ import torch
 
 from volunteer.models.kv_cache import KVCache
 from volunteer.models.model import BlockSpan
+from volunteer.server.anticipation import Anticipation
 from volunteer.server.sessions import Session
 from volunteer.transport.protocol import BusyError
 
@@ -97,7 +99,9 @@ class PriorityCompute:
     runs next, and an honest client's decode step, which costs little, runs before the
     queued jobs of a peer (or of each of its many identities) that keeps the thread
     busy. Long calls are split into short jobs by their callers
-    (`volunteer.server.slices`), so a job that cannot jump the queue waits at most one.
+    (`volunteer.server.slices`), so a job that cannot jump the queue waits at most one;
+    and right after an inference step, forward/backward jobs wait for the next step if
+    it is due soon (`Anticipation`), so that a chat's step does not wait even for one.
 
     Each `run` queues its job and hands the single-worker pool a token; the worker, for
     each token, takes whichever job is most urgent at that moment. An idle server has a
@@ -117,6 +121,7 @@ class PriorityCompute:
         decode_threads: int | None = None,
         inline_max_s: float = INLINE_MAX_S,
         tally: ServiceTally | None = None,
+        anticipation: Anticipation | None = None,
     ) -> None:
         """
         Args:
@@ -127,6 +132,8 @@ class PriorityCompute:
             inline_max_s: the longest a decode step may take to run on the caller's
                 thread when the compute thread is idle (0: never).
             tally: where each peer's use is counted (default: a fresh one).
+            anticipation: the inference steps' pace (default: a fresh one; one with
+                `max_window_s=0` never holds forward/backward work back).
         """
         self.threads = threads
         self.decode_threads = decode_threads
@@ -139,8 +146,11 @@ class PriorityCompute:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="volunteer-compute")
         self._queue: list[_Job] = []
         self._lock = threading.Lock()
-        """Guards the queue, `_is_running`, `jobs_run` and the tally."""
+        """Guards the queue, `_is_running`, `jobs_run`, the tally and the anticipation."""
+        self._queued = threading.Condition(self._lock)
+        """Notified when a job is queued (a held-back job waits on it for a step)."""
         self._tally = tally or ServiceTally()
+        self.anticipation = anticipation or Anticipation()
         self._order = itertools.count()
         self._is_shut_down = False
 
@@ -177,6 +187,10 @@ class PriorityCompute:
             raise BusyError("server is shutting down")
         job_future: Future[Result] = Future()
         threads = (self.decode_threads if decode else None) or self.threads
+        is_inference = priority == PRIORITY_INFERENCE
+        if is_inference:
+            with self._lock:
+                self.anticipation.inference_arrived()
 
         def job() -> Result:
             # OpenMP keeps a count per thread: set here, on the running thread, per job.
@@ -192,6 +206,8 @@ class PriorityCompute:
                 with self._lock:
                     self._tally.charge(peer, took)
                     self.jobs_run += 1
+                    if is_inference:
+                        self.anticipation.inference_ended()
 
         if decode and self._may_inline():
             restore = torch.get_num_threads()
@@ -203,6 +219,7 @@ class PriorityCompute:
 
         with self._lock:
             self._queue.append(_Job(priority, next(self._order), peer, job, job_future))
+            self._queued.notify()
         self._pool.submit(self._run_most_urgent)
         # Cancelling the awaiting request cancels a job that has not started yet.
         return await asyncio.wrap_future(job_future)
@@ -237,9 +254,20 @@ class PriorityCompute:
 
     def _run_most_urgent(self) -> None:
         with self._lock:
-            job = self._take_most_urgent()
-            if job is None:
-                return
+            while True:
+                job = self._take_most_urgent()
+                if job is None:
+                    return
+                if job.priority == PRIORITY_INFERENCE or self._is_shut_down:
+                    break
+                wait_s = self.anticipation.training_wait_s()
+                if wait_s <= 0:
+                    self.anticipation.training_started()
+                    break
+                # Back in the queue (its order kept) while a step may come; a step that
+                # comes is taken first, and this token's job is left for the next token.
+                self._queue.append(job)
+                self._queued.wait(wait_s)
             self._is_running = True
         try:
             if not job.future.set_running_or_notify_cancel():
@@ -257,6 +285,7 @@ class PriorityCompute:
         self._is_shut_down = True
         with self._lock:
             pending, self._queue = self._queue, []
+            self._queued.notify_all()
         for job in pending:
             job.future.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -46,7 +46,7 @@ import volunteer.transport.protocol as wire
 from volunteer.models.model import BlockSpan
 from volunteer.server import validation
 from volunteer.server.calls import serve_call
-from volunteer.server.caps import DEFAULT_CAPS, PeerSlots, ServerCaps, refuse, serve_in_slot
+from volunteer.server.caps import DEFAULT_CAPS, PeerSlots, Refusals, ServerCaps, serve_in_slot
 from volunteer.server.compute import (
     PRIORITY_INFERENCE,
     PriorityCompute,
@@ -56,7 +56,7 @@ from volunteer.server.compute import (
 from volunteer.server.inference_stream import serve_inference_stream
 from volunteer.server.local_stream import LOCAL_PEER, LocalInferenceStream
 from volunteer.server.penalty_box import PenaltyBox
-from volunteer.server.push import REFUSAL_DROP_BYTES, PushLinks, serve_push_stream
+from volunteer.server.push import PushLinks, serve_push_stream
 from volunteer.server.sessions import Session, SessionTable
 from volunteer.server.slices import SliceBudget, sliced_backward, sliced_forward
 from volunteer.server.validation import ServerLimits, only_request
@@ -125,6 +125,8 @@ class BlockHandler(ServicerBase):
         self.push_slots = PeerSlots(
             "push streams", total=caps.max_sessions, per_peer=caps.max_push_streams_per_peer
         )
+        self.refusals = Refusals(max_drop_bytes=caps.max_message_bytes)
+        """Streams refused by any cap, lingering until their peers end them."""
         self.push_penalties = PenaltyBox()
         """Peers whose pushes failed: refused new push streams for a growing while."""
         self.slice_budget = SliceBudget(caps.forward_slice_s)
@@ -408,31 +410,21 @@ class BlockHandler(ServicerBase):
     ) -> None:
         """An inference stream from `peer` (over p2p or a local link), until it ends;
         refused as busy past the session caps."""
-        await serve_in_slot(
-            self.session_slots,
-            peer,
-            reader,
-            writer,
-            lambda: serve_inference_stream(self, peer, reader, writer),
-        )
+        serve = functools.partial(serve_inference_stream, self, peer, reader, writer)
+        await serve_in_slot(self.session_slots, self.refusals, peer, reader, writer, serve)
 
     async def serve_push_stream(
         self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         """A push link from another server (over p2p or a local link), until it ends;
         refused as busy past the push stream caps, and while its peer is kept out for
-        failed pushes."""
+        failed pushes (then held unread: see `Refusals.hold_unread`)."""
         if (ban_s := self.push_penalties.banned_for(peer)) > 0:
             why = f"this peer's pushes failed; no push links from it for {ban_s:.0f} s"
-            await refuse(reader, writer, BadRequestError(why), drop_bytes=REFUSAL_DROP_BYTES)
+            await self.refusals.hold_unread(writer, BadRequestError(why))
             return
-        await serve_in_slot(
-            self.push_slots,
-            peer,
-            reader,
-            writer,
-            lambda: serve_push_stream(self, peer, reader, writer),
-        )
+        serve = functools.partial(serve_push_stream, self, peer, reader, writer)
+        await serve_in_slot(self.push_slots, self.refusals, peer, reader, writer, serve)
 
     async def _serve_inference(
         self, stream_info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

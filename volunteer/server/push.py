@@ -50,7 +50,7 @@ from hivemind.proto import runtime_pb2
 
 import volunteer.transport.framing as framing
 import volunteer.transport.protocol as wire
-from volunteer.server.caps import max_step_bytes, refuse
+from volunteer.server.caps import max_step_bytes
 from volunteer.transport.local_link import open_preferring_local
 from volunteer.transport.p2p_streams import open_stream
 from volunteer.transport.protocol import (
@@ -290,7 +290,7 @@ async def serve_push_stream(
             except asyncio.TimeoutError:
                 if is_first:
                     why = f"no push within {timeout_s:g} s of opening the link"
-                    await refuse(
+                    await handler.refusals.refuse(
                         reader, writer, BadRequestError(why), drop_bytes=REFUSAL_DROP_BYTES
                     )
                 return  # else silent too long
@@ -306,7 +306,9 @@ async def serve_push_stream(
                 logger.debug("refused a push from %s (ban %g s): %s", peer, ban_s, exc)
                 # The same reason for every failure: a guess learns nothing.
                 refusal = BadRequestError("a push was refused; link closed")
-                await refuse(reader, writer, refusal, drop_bytes=REFUSAL_DROP_BYTES)
+                await handler.refusals.refuse(
+                    reader, writer, refusal, drop_bytes=REFUSAL_DROP_BYTES
+                )
                 return
 
 
