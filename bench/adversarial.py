@@ -26,6 +26,7 @@ attacker's CPU seconds are shown beside its counters.
 Prints a table, then one JSON line with `ratio_<attack>` per attack.
 
     python bench/adversarial.py [--tokens 64] [--repeats 3] [--sybils 4] [--attacks a,b]
+        [--server-threads 1]
 """
 
 from __future__ import annotations
@@ -63,7 +64,14 @@ def _parse() -> argparse.Namespace:
     )
     parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated subset")
     parser.add_argument("--settle-s", type=float, default=3.0, help="attack before measuring")
-    parser.add_argument("--server-threads", type=int, default=2, help="torch threads per daemon")
+    parser.add_argument(
+        "--server-threads",
+        type=int,
+        default=1,
+        help="torch threads per daemon (1: on a 2-core machine, a core each, as on machines "
+        "of their own; with more, their OpenMP teams and the flood's handling oversubscribe "
+        "the cores, and each stalls the others)",
+    )
     parser.add_argument("--local-links", choices=("yes", "no"), default="no")
     args = parser.parse_args()
     args.attacks = [name for name in args.attacks.split(",") if name]
