@@ -36,7 +36,13 @@ OURS = (
     "volunteer.transport",
     "volunteer.tui",
 )
-CORE = ("volunteer", "volunteer.errors", "volunteer.paths", "volunteer.settings")
+CORE = (
+    "volunteer",
+    "volunteer.errors",
+    "volunteer.faults",
+    "volunteer.paths",
+    "volunteer.settings",
+)
 """The root modules any layer may use (cli and __main__ are the program, not a library)."""
 
 ALLOWED: dict[str, tuple[str, ...]] = {

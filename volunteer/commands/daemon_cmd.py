@@ -188,6 +188,8 @@ def _print_table(status: StatusReply) -> None:
     ]
     if status.restart_needed:
         rows.append(("restart needed", ", ".join(status.restart_needed)))
+    if status.faults:
+        rows.append(("DRILL faults", f"{status.faults} (answers wrong on purpose)"))
     for label, value in rows:
         print(f"{label:<16} {'-' if value is None else value}")
     for index, maddr in enumerate(status.multiaddrs):

@@ -84,6 +84,8 @@ class DaemonStatus(Reply):
     public_name: str | None = None
     restart_needed: list[str] = []
     """Settings changed in config.toml that only a restart applies."""
+    faults: str | None = None
+    """Drill faults this daemon commits on purpose (`volunteer.faults`); None: none."""
 
 
 class DHTStatus(Reply):

@@ -55,6 +55,7 @@ from volunteer.models.checkpoint import load_span
 from volunteer.models.model import BlockSpan
 from volunteer.paths import Paths
 from volunteer.server.caps import ServerCaps
+from volunteer.server.drill import Drill
 from volunteer.server.handler import BlockHandler
 from volunteer.settings import Settings
 from volunteer.swarm.dht_records import (
@@ -169,6 +170,9 @@ class BlockService:
             decode_threads=decode_threads,
             caps=ServerCaps.from_settings(settings),
         )
+        if settings.faults:
+            logger.warning("DRILL: the served blocks answer wrong on purpose (%s)", settings.faults)
+            self.handler.drill = Drill(settings.faults)
         local_socket = await self._listen_locally(self.handler)
         self.info = ServerInfo(
             state=ServerState.ONLINE,

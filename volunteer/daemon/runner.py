@@ -120,6 +120,7 @@ class _Daemon:
             model=self.settings.model,
             public_name=self.settings.public_name,
             restart_needed=self.restart_needed,
+            faults=str(self.settings.faults) or None,
         )
         return StatusReply.assemble(own, [service.status() for service in self.services])
 

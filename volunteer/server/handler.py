@@ -53,6 +53,7 @@ from volunteer.server.compute import (
     allocate_cache,
     inference_step,
 )
+from volunteer.server.drill import Drill
 from volunteer.server.inference_stream import serve_inference_stream
 from volunteer.server.local_stream import LOCAL_PEER, LocalInferenceStream
 from volunteer.server.penalty_box import PenaltyBox
@@ -131,6 +132,8 @@ class BlockHandler(ServicerBase):
         """Peers whose pushes failed: refused new push streams for a growing while."""
         self.slice_budget = SliceBudget(caps.forward_slice_s)
         """How much of a forward/backward call one compute job takes (`slices`)."""
+        self.drill: Drill | None = None
+        """Faults committed on purpose (`volunteer.server.drill`): drills only."""
         self.is_paused = False
         """Paused by its volunteer: new sessions and forward/backward calls are turned
         away as busy (clients go elsewhere); open sessions finish."""
@@ -309,6 +312,8 @@ class BlockHandler(ServicerBase):
             self.compute, self.span, hidden, start, end, peer=peer, budget=self._budget()
         )
         self.stats.count(hidden)
+        if self.drill is not None:
+            output = self.drill.output((peer, "forward"), output)
         return output
 
     def _budget(self) -> SliceBudget:
@@ -385,6 +390,8 @@ class BlockHandler(ServicerBase):
             decode=batch * seq == 1,
         )
         self.stats.count(hidden)
+        if self.drill is not None:
+            output = self.drill.output(session.key, output)
         return output
 
     def hidden_tensors(

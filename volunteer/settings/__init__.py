@@ -1,6 +1,6 @@
 """The daemon's settings, each declared once: defaults < `config.toml` < `VOLUNTEER_*` env
-< CLI flags. Core: imports only `volunteer.errors`, `paths`, `machine.atomic` and
-`model_cache.smollm2`.
+< CLI flags. Core: imports only `volunteer.errors`, `faults`, `paths`, `machine.atomic`
+and `model_cache.smollm2`.
 
 `Settings.build` runs once at the CLI edge and the frozen result is passed down; nothing
 below reads the environment or the config file again. Every value is checked where it

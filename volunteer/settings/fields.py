@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from volunteer.errors import SettingsError
+from volunteer.faults import NO_FAULTS, Faults
 from volunteer.machine.atomic import write_file_atomic
 from volunteer.model_cache.smollm2 import DEFAULT_MODEL
 from volunteer.paths import Paths
@@ -258,6 +259,16 @@ class Settings:
     )
     """A server keeps one push link per next peer; a few more cover a link being
     replaced. More are answered "busy:"; all peers together hold at most `max_sessions`."""
+    faults: Faults = setting(  # noqa: RUF009  (Faults is frozen: immutable)
+        default=NO_FAULTS,
+        parse=s.parse_faults_setting,
+        help="DRILLS ONLY: misbehave on purpose, e.g. perturb:0.05:0.05 (see the README)",
+        metavar="FAULTS",
+        to_file=str,
+    )
+    """Faults this daemon commits on purpose (`volunteer.faults`), for tests and drills of
+    the swarm's checks: its servers' outputs go wrong, it files false accusations. Said
+    loudly in its log and status; never for real service."""
     log_level: str = setting(
         default="INFO",
         parse=s.parse_log_level,

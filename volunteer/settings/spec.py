@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from volunteer.errors import SettingsError
+from volunteer.faults import NO_FAULTS, Faults, parse_faults
 
 ENV_PREFIX = "VOLUNTEER_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -251,3 +252,15 @@ def _number(source: Source) -> float | None:
     except ValueError:
         return None
     return value if value == value else None  # NaN is no number here
+
+
+def parse_faults_setting(source: Source) -> Faults:
+    """Drill faults (see `volunteer.faults`); "" or "none" for none."""
+    if not isinstance(source.raw, str):
+        raise _fail(source, "expected a list of faults such as perturb:0.05:0.05")
+    if source.raw.strip().lower() in ("", "none"):
+        return NO_FAULTS
+    try:
+        return parse_faults(source.raw)
+    except SettingsError as exc:
+        raise _fail(source, str(exc)) from None

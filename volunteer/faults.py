@@ -1,0 +1,89 @@
+"""Drill faults: a server that misbehaves on purpose, for tests and drills only.
+
+`VOLUNTEER_FAULTS` (the `faults` setting) lists faults, comma-separated:
+
+  perturb:RATE:SCALE   add noise to a RATE share of steps: each position's output vector
+                       gets a random vector SCALE times its own norm long
+  constant[:RATE]      answer zeros (every step, or a RATE share of them)
+  stale[:RATE]         answer the session's previous step's output again (its last
+                       position for every position of this step; zeros on the first)
+  lie-accuse[:RATE]    accuse servers this peer checked of wrong outputs they never gave
+                       (read by the checks' side, not by the server)
+
+A server with faults says so in its log and status: a drill must never pass for a
+healthy peer by mistake. This module is the setting's grammar (no torch: the settings
+read it); `volunteer.server.drill` makes a server's outputs wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from volunteer.errors import SettingsError
+
+OUTPUT_FAULTS = ("perturb", "constant", "stale")
+KINDS = (*OUTPUT_FAULTS, "lie-accuse")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    kind: str
+    rate: float = 1.0
+    scale: float = 0.0
+
+    def __str__(self) -> str:
+        if self.kind == "perturb":
+            return f"perturb:{self.rate:g}:{self.scale:g}"
+        return self.kind if self.rate == 1.0 else f"{self.kind}:{self.rate:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Faults:
+    """The parsed `faults` setting (empty: an honest server)."""
+
+    faults: tuple[Fault, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.faults)
+
+    def __str__(self) -> str:
+        return ",".join(map(str, self.faults))
+
+    def rate_of(self, kind: str) -> float:
+        """The share of occasions on which `kind` strikes (0: never)."""
+        return max((fault.rate for fault in self.faults if fault.kind == kind), default=0.0)
+
+
+NO_FAULTS = Faults()
+"""An honest peer's faults: none."""
+
+
+def parse_faults(text: str) -> Faults:
+    """The `faults` setting from its text (see the module's docstring).
+
+    Raises:
+        SettingsError: an unknown fault, or a rate or scale out of range.
+    """
+    faults = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        kind, *numbers = item.split(":")
+        if kind not in KINDS:
+            raise SettingsError(f"unknown fault {kind!r} in {text!r}; known: {', '.join(KINDS)}")
+        wanted = 2 if kind == "perturb" else 1
+        if (kind == "perturb" and len(numbers) != 2) or len(numbers) > wanted:
+            usage = "perturb:RATE:SCALE" if kind == "perturb" else f"{kind}[:RATE]"
+            raise SettingsError(f"fault {item!r}: expected {usage}")
+        try:
+            values = [float(number) for number in numbers]
+        except ValueError as exc:
+            raise SettingsError(f"fault {item!r}: {exc}") from None
+        rate = values[0] if values else 1.0
+        if not 0.0 <= rate <= 1.0:
+            raise SettingsError(f"fault {item!r}: RATE must be within 0 and 1")
+        scale = values[1] if kind == "perturb" else 0.0
+        if kind == "perturb" and not 0.0 < scale <= 1e6:
+            raise SettingsError(f"fault {item!r}: SCALE must be above 0")
+        faults.append(Fault(kind, rate, scale))
+    return Faults(tuple(faults))
