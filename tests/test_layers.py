@@ -34,6 +34,7 @@ OURS = (
     "volunteer.server",
     "volunteer.swarm",
     "volunteer.transport",
+    "volunteer.trust",
     "volunteer.tui",
 )
 CORE = (
@@ -61,12 +62,20 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "volunteer.swarm": (*CORE, "volunteer.scheduler", "volunteer.transport", "volunteer.machine"),
     "volunteer.model_cache": (*CORE, "volunteer.models", "volunteer.machine", "volunteer.swarm"),
     "volunteer.server": (*CORE, "volunteer.models", "volunteer.transport", "volunteer.machine"),
+    "volunteer.trust": (
+        *CORE,
+        "volunteer.models",
+        "volunteer.scheduler",
+        "volunteer.transport",
+        "volunteer.swarm",
+    ),
     "volunteer.client": (
         *CORE,
         "volunteer.models",
         "volunteer.scheduler",
         "volunteer.transport",
         "volunteer.swarm",
+        "volunteer.trust",
         "volunteer.machine",
     ),
     "volunteer.chat": (
