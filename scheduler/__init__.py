@@ -7,7 +7,8 @@ Acted on today:
     - `block_selection`: where a joining server sits (through `volunteer.swarm.records`);
     - `rebalancing.should_move`, `next_check_delay_s`: when a serving daemon moves;
     - `routing`: the client's inference and forward/backward routes, and its backoff;
-    - `claims`: the speed routing counts for a server, measured or claimed (probation).
+    - `claims`: the speed routing counts for a server, measured or claimed (probation);
+    - `verification`: how often a server's work is checked, and how long a ban lasts.
 
 Reported, not yet acted on:
     - `offload`, `offload_cost`: the FlexGen offloading policy; `volunteer profile` shows

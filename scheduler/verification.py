@@ -1,0 +1,62 @@
+"""How often to check a server's work, and how long a proven cheat stays banned.
+
+As BOINC's adaptive replication: a newcomer has every step checked; the share falls as
+its record of passed checks grows (half of them after `HALF_AT` passes, never under
+`MIN_SHARE`), and any failure puts it back to every step. A check covers every position
+since the last check of that server (`volunteer.client.verification`), so a sampled
+share still finds a server that is wrong on a few steps, only later.
+
+A ban lasts `FIRST_BAN_S`, and `BAN_GROWTH` times longer at each next ban of the same
+peer, `MAX_BAN_S` at most: an honest peer wrongly banned (it cannot be by the checks'
+tolerance, but a bug can) comes back, a repeated cheat stays out longer each time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Mode = Literal["off", "sample", "all"]
+MODES: tuple[Mode, ...] = ("off", "sample", "all")
+HALF_AT = 10
+"""Passed checks after which half of a server's steps are checked."""
+MIN_SHARE = 0.05
+"""The least share of steps checked, however long the record."""
+FIRST_BAN_S = 600.0
+BAN_GROWTH = 4.0
+MAX_BAN_S = 7 * 24 * 3600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckRecord:
+    """What one peer knows of another from its own checks."""
+
+    passed: int = 0
+    failed: int = 0
+    bans: int = 0
+    """Bans so far, the current one included."""
+
+
+def check_share(record: CheckRecord, mode: Mode) -> float:
+    """The share of a server's steps to check (0 to 1)."""
+    if mode == "off":
+        return 0.0
+    if mode == "all" or record.failed > 0:
+        return 1.0
+    return max(MIN_SHARE, 1.0 / (1.0 + record.passed / HALF_AT))
+
+
+def is_checked_now(record: CheckRecord, mode: Mode, draw: float) -> bool:
+    """Whether this step is checked, `draw` being uniform in [0, 1) from the caller's rng."""
+    return draw < check_share(record, mode)
+
+
+def ban_s(bans_before: int) -> float:
+    """How long a new ban lasts for a peer banned `bans_before` times already."""
+    return min(MAX_BAN_S, FIRST_BAN_S * BAN_GROWTH**bans_before)
+
+
+def standing(record: CheckRecord) -> float:
+    """A score from 0 (failed checks only) to 1 (many passed, none failed), routing's
+    preference among servers of like speed: a newcomer scores 0.5."""
+    return (record.passed + HALF_AT) / (record.passed + 2 * HALF_AT + 10 * record.failed)
