@@ -18,6 +18,7 @@ from volunteer.client.inference import SwarmInferenceSession
 from volunteer.client.keepalive import Keepalive
 from volunteer.client.remote_span import KEEPALIVE, InferenceStream, RemoteSpan
 from volunteer.client.swarm_client import RETRIABLE_ERRORS
+from volunteer.client.verification import Verifier
 
 ATOL = 1e-5
 
@@ -56,6 +57,7 @@ def route_session(
     max_length: int,
     timeout_s: float,
     keepalive: Keepalive | None = KEEPALIVE,
+    verifier: Verifier | None = None,
 ) -> SwarmInferenceSession:
     """A session of batch 1 whose routes use only `candidates` (read when it plans one);
     `timeout_s` bounds each opening and each step."""
@@ -81,4 +83,5 @@ def route_session(
         backoff=backoff,
         clock=time.monotonic,
         step_timeout_s=timeout_s,
+        verifier=verifier,
     )

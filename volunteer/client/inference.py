@@ -25,12 +25,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import torch
 
+from volunteer.client.positions import keep_before, regroup
+from volunteer.client.verification import HopCheck, Verifier, WrongOutputError
 from volunteer.errors import VolunteerError
 from volunteer.scheduler.routing import Backoff, NoRouteError, RouteHop
 from volunteer.transport.protocol import BadRequestError, NextHop, SessionExpiredError
@@ -79,6 +82,8 @@ class _Hop:
     """Positions in `inputs`."""
     step_s: float | None = None
     """How long this hop's last step took to answer (None: no step yet)."""
+    check: HopCheck | None = None
+    """This hop's checks (`volunteer.client.verification`); None: unchecked."""
 
     def push_grace_s(self, previous: _Hop) -> float:
         """How long to wait for the answer to a step pushed here (by `previous`, which
@@ -101,7 +106,7 @@ class _Hop:
         the history, or a later replay would rebuild the positions the caller rewound)."""
         # Only a rewind walks the history: a plain next step must not cost O(length).
         if position < self.length:
-            self.inputs = _keep_before(self.inputs, position)
+            self.inputs = keep_before(self.inputs, position)
             self.length = position
 
 
@@ -134,12 +139,15 @@ class SwarmInferenceSession:
         step_timeout_s: float,
         max_failovers: int = 8,
         reread: Callable[[], Awaitable[None]] | None = None,
+        verifier: Verifier | None = None,
     ) -> None:
         """
         Args:
             reread: reads the swarm again for `plan_route`; awaited once when the view it
                 plans with has no route left (a replica may have joined since it was read).
+            verifier: checks a share of each hop's steps (None: none are checked).
         """
+        self._verifier = verifier
         self._reread = reread
         self._plan_route = plan_route
         self._open_stream = open_stream
@@ -204,20 +212,17 @@ class SwarmInferenceSession:
         while index < len(self._hops):
             hop = self._hops[index]
             began = self._clock()
+            grace_s = hop.push_grace_s(self._hops[index - 1]) if hop.stream is pushed_to else 0.0
+            run = functools.partial(self._send_step, index, hidden, start_pos, grace_s)
             try:
-                # Each server pushes its output on to the next (volunteer.server.push):
-                # the next hop's answer is awaited first, and the step sent to it only
-                # when that answer is late (the push was lost).
-                output = await hop.stream.step(
-                    hidden,
-                    start_pos,
-                    timeout_s=self._step_timeout_s,
-                    step_id=self._steps,
-                    push_to=self._push_route(index + 1),
-                    await_push_s=(
-                        hop.push_grace_s(self._hops[index - 1]) if hop.stream is pushed_to else 0.0
-                    ),
-                )
+                if self._verifier is not None and hop.check is None:
+                    hop.check = self._verifier.hop_check(hop.hop.start, hop.hop.end)
+                if hop.check is None:
+                    output = await run(False)
+                else:
+                    output = await hop.check.step(
+                        run, hop.hop.peer_id, hidden, start_pos, hop.inputs
+                    )
             except Exception as exc:
                 if not self._is_server_fault(exc):
                     raise
@@ -236,6 +241,22 @@ class SwarmInferenceSession:
             is_pushed = hop.stream.pushed and index < len(self._hops)
             pushed_to = self._hops[index].stream if is_pushed else None
         return hidden
+
+    def _send_step(
+        self, index: int, hidden: torch.Tensor, start_pos: int, grace_s: float, is_checked: bool
+    ) -> Awaitable[torch.Tensor]:
+        """The step to hop `index`. Each server pushes its output on to the next
+        (volunteer.server.push): the next hop's answer is awaited first, and the step
+        sent to it only when that answer is late (the push was lost). A checked output
+        is not pushed: the next server gets it from us once it has passed."""
+        return self._hops[index].stream.step(
+            hidden,
+            start_pos,
+            timeout_s=self._step_timeout_s,
+            step_id=self._steps,
+            push_to=[] if is_checked else self._push_route(index + 1),
+            await_push_s=grace_s,
+        )
 
     def _check_input(self, hidden: torch.Tensor, start_pos: int) -> None:
         """Refuses input that cannot be right whatever the server, before sending it.
@@ -267,6 +288,8 @@ class SwarmInferenceSession:
     def _is_server_fault(self, error: BaseException) -> bool:
         """Whether to try another server after `error`: a refusal counts against the
         step's MAX_REFUSALS."""
+        if isinstance(error, WrongOutputError):
+            return True
         if isinstance(error, BadRequestError) and not isinstance(error, self._retriable):
             if self._refusals_left <= 0:
                 return False
@@ -290,6 +313,8 @@ class SwarmInferenceSession:
                 await hop.stream.close()
             except self._retriable as exc:
                 logger.info("closing the stream to %s failed: %s", hop.hop.peer_id, exc)
+            if hop.check is not None:
+                await hop.check.close()
         self._hops = []
 
     async def _replace(self, index: int, error: BaseException) -> None:
@@ -303,6 +328,8 @@ class SwarmInferenceSession:
         self._failovers_left -= 1
         with contextlib.suppress(*self._retriable):
             await failed.stream.close()  # it is most likely gone already
+        if failed.check is not None:
+            await failed.check.close()
         replacement = await self._open_hops(failed.hop.start, failed.hop.end, failed.inputs)
         self._hops[index : index + 1] = replacement
         self.route_history.append(self.route)
@@ -312,6 +339,8 @@ class SwarmInferenceSession:
         reread = self._reread
         while True:
             avoid = self._backoff.avoided(self._clock())
+            if self._verifier is not None:
+                avoid |= self._verifier.banned()
             try:
                 route = self._plan_route(start, end, avoid)
             except NoRouteError as exc:
@@ -393,35 +422,13 @@ class SwarmInferenceSession:
         the lost one within float rounding: a prefill sums in another order than single
         steps do, as on any replica with other hardware.
         """
-        steps = _regroup(chunks, hop.stream.max_chunk)
+        steps = regroup(chunks, hop.stream.max_chunk)
         outputs, position = [], 0
         for piece in steps:
             outputs.append(await hop.stream.step(piece, position, timeout_s=self._step_timeout_s))
             position += piece.shape[1]
         hop.record(steps)
         return outputs
-
-
-def _regroup(chunks: list[torch.Tensor], max_chunk: int | None) -> list[torch.Tensor]:
-    """`chunks` (hidden [B, S, H] at consecutive positions) as pieces of max_chunk
-    positions (the last may be shorter); as they are when max_chunk is None: a server
-    that does not say what it takes gets what a server took before."""
-    if max_chunk is None or not chunks:
-        return chunks
-    if len(chunks) == 1 and chunks[0].shape[1] <= max_chunk:
-        return chunks
-    return list(torch.cat(chunks, dim=1).split(max_chunk, dim=1))
-
-
-def _keep_before(chunks: list[torch.Tensor], position: int) -> list[torch.Tensor]:
-    """The part of `chunks` (hidden [B, S, H] at positions 0, 1, ...) before `position`."""
-    kept, length = [], 0
-    for chunk in chunks:
-        if length >= position:
-            break
-        kept.append(chunk[:, : position - length])
-        length += kept[-1].shape[1]
-    return kept
 
 
 def _opened(task: asyncio.Future[InferenceStreamLike]) -> bool:

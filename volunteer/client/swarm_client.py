@@ -27,12 +27,24 @@ import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 
-from volunteer.client.inference import InferenceStreamLike, SwarmInferenceSession
+from volunteer.client.inference import (
+    InferenceStreamLike,
+    OpenStream,
+    SessionFailedError,
+    SwarmInferenceSession,
+)
 from volunteer.client.measurements import PeerMeasurements
 from volunteer.client.remote_span import RemoteSpan, ping
 from volunteer.client.server_view import ServerView, Work
 from volunteer.client.spread import SpreadCalls, TracedHop
+from volunteer.client.verification import (
+    Computation,
+    LocalComputation,
+    SessionComputation,
+    Verifier,
+)
 from volunteer.models.config import ModelConfig
+from volunteer.models.model import BlockSpan
 from volunteer.scheduler.routing import (
     Backoff,
     RouteHop,
@@ -40,10 +52,12 @@ from volunteer.scheduler.routing import (
     inference_route,
     load_spread_route,
 )
+from volunteer.scheduler.verification import Mode
 from volunteer.swarm.dht_records import read_snapshot_on_node
 from volunteer.swarm.records import SwarmSnapshot
 from volunteer.transport.local_link import dialable
 from volunteer.transport.protocol import BusyError, PeerUnavailableError, SessionExpiredError
+from volunteer.trust.reputation import Reputation
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +82,10 @@ TRIAL_SHARE = 0.1
 """Share of inference routes planned with newcomers judged by their claims (capped by
 what their hardware could do) rather than on probation: how an unmeasured server gets
 measured, and so the most routes a newcomer's lie can draw before it is."""
+SHADOW_FAILOVERS = 2
+"""Failovers a check's shadow session may take before the step goes unchecked."""
+LocalBlocks = Callable[[int, int], BlockSpan | None]
+"""Blocks [start, end) this process can compute itself; None where it cannot."""
 
 
 class OwnBlocks(Protocol):
@@ -121,7 +139,15 @@ class SwarmClient:
         weights_hash: str | None = None,
         config: ModelConfig | None = None,
         trial_share: float = TRIAL_SHARE,
+        verify: Mode = "off",
+        reputation: Reputation | None = None,
+        local_blocks: LocalBlocks | None = None,
     ) -> None:
+        self.verify: Mode = verify
+        """How sessions check servers' steps (`volunteer.client.verification`)."""
+        self.reputation = reputation or Reputation()
+        self.local_blocks = local_blocks
+        """Blocks this process can compute itself, checks' arbiter of last resort."""
         self.p2p = p2p
         self.revalidate_delay_s = revalidate_delay_s
         self.node = node
@@ -241,8 +267,11 @@ class SwarmClient:
         """
         return await self._spread.backward(trace, grad_outputs)
 
-    async def open_session(self, *, max_length: int, batch_size: int = 1) -> SwarmInferenceSession:
-        """A fault-tolerant inference session over every block of the model.
+    async def open_session(
+        self, *, max_length: int, batch_size: int = 1, verify: Mode | None = None
+    ) -> SwarmInferenceSession:
+        """A fault-tolerant inference session over every block of the model, its steps
+        checked as `verify` says (None: as this client's `verify`).
 
         Raises:
             SessionFailedError: no route covers the model now (or every one failed).
@@ -263,9 +292,42 @@ class SwarmClient:
             clock=self._clock,
             step_timeout_s=self.step_timeout_s,
             reread=self._reread,
+            verifier=self._verifier(verify or self.verify, open_stream, max_length, batch_size),
         )
         await session.open(0, self.num_blocks)
         return session
+
+    def _verifier(
+        self, mode: Mode, open_stream: OpenStream, max_length: int, batch_size: int
+    ) -> Verifier | None:
+        if mode == "off":
+            return None
+
+        async def open_computation(
+            start: int, end: int, avoid: frozenset[str]
+        ) -> Computation | None:
+            shadow = SwarmInferenceSession(
+                plan_route=lambda s, e, more: self.plan_inference(s, e, more | avoid),
+                open_stream=open_stream,
+                retriable=RETRIABLE_ERRORS,
+                backoff=self.backoff,
+                clock=self._clock,
+                step_timeout_s=self.step_timeout_s,
+                max_failovers=SHADOW_FAILOVERS,
+            )
+            try:
+                await shadow.open(start, end)
+                return SessionComputation(shadow)
+            except (SessionFailedError, *RETRIABLE_ERRORS):
+                pass  # no other replica: this process's own blocks, if it has them
+            span = self.local_blocks(start, end) if self.local_blocks is not None else None
+            if span is None:
+                return None
+            return LocalComputation(span, batch_size=batch_size, max_length=max_length)
+
+        return Verifier(
+            mode=mode, reputation=self.reputation, open_computation=open_computation, rng=self._rng
+        )
 
     async def _reread(self) -> None:
         """Reads the swarm again now: a route is needed that the current view lacks."""

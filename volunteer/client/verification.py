@@ -1,0 +1,311 @@
+"""Checking servers' inference steps by recomputing them elsewhere (issue 15).
+
+For each hop of a session, a share of its steps (`scheduler.verification`: every step
+of a newcomer or with `verify all`, fewer as its record grows) is also run on an
+independent computation of the same blocks: a shadow session on another replica, or the
+blocks computed in this process where no replica is left. The shadow is kept in step
+lazily: before a checked step it is sent the positions it has not seen yet, in as few
+steps as it takes, together with (concurrently to) the server's own step.
+
+Outputs are compared per position within the tolerance (`trust.tolerance`). On a
+mismatch a third computation over the whole history decides: the side that disagrees
+with it is wrong. A wrong server is banned (`trust.reputation`) and its step raises
+`WrongOutputError`, which the session treats as that server's failure: it replays the
+hop on another replica, which is checked in turn, so that the caller gets the honest
+output. A wrong shadow is banned and replaced; with no third computation, or when it
+agrees with neither, nobody is banned and the server's output is not used.
+
+A checked step's output is not pushed on to the next hop (see `SwarmInferenceSession`):
+nothing unverified reaches the next server on the steps that are checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import torch
+
+from volunteer.client.positions import between
+from volunteer.errors import VolunteerError
+from volunteer.models.model import BlockSpan
+from volunteer.scheduler.verification import Mode, is_checked_now
+from volunteer.trust.reputation import Reputation
+from volunteer.trust.tolerance import FLOAT32_TOLERANCE, first_mismatch
+
+logger = logging.getLogger(__name__)
+
+
+class WrongOutputError(VolunteerError):
+    """A server's output was found wrong by a check: the server's failure."""
+
+
+class Computation(Protocol):
+    """An independent computation of some blocks, with its own cache."""
+
+    @property
+    def peers(self) -> frozenset[str]:
+        """The peers computing it (none: this process)."""
+
+    async def step(self, hidden: torch.Tensor, start_pos: int) -> torch.Tensor: ...
+
+    async def close(self) -> None: ...
+
+
+OpenComputation = Callable[[int, int, frozenset[str]], Awaitable[Computation | None]]
+"""Opens a computation of blocks [start, end) avoiding the given peers; None if none."""
+
+
+@dataclasses.dataclass
+class Verifier:
+    """What the checks of a client's sessions share."""
+
+    mode: Mode
+    reputation: Reputation
+    open_computation: OpenComputation
+    rng: random.Random = dataclasses.field(default_factory=random.Random)
+    tolerance: float = FLOAT32_TOLERANCE
+    checked: int = 0
+    """Steps checked so far."""
+    wrong: int = 0
+    """Servers' steps found wrong (and their servers banned)."""
+    unresolved: int = 0
+    """Mismatches no third computation could decide."""
+    unverifiable: int = 0
+    """Steps that were to be checked, with no independent computation to check them."""
+
+    def wants_check(self, peer_id: str) -> bool:
+        record = self.reputation.of(peer_id).record
+        return is_checked_now(record, self.mode, self.rng.random())
+
+    def banned(self) -> frozenset[str]:
+        return self.reputation.banned()
+
+    def hop_check(self, start: int, end: int) -> HopCheck:
+        return HopCheck(self, start, end)
+
+
+class HopCheck:
+    """The checks of one hop (blocks [start, end)): its shadow and how far it is."""
+
+    def __init__(self, verifier: Verifier, start: int, end: int) -> None:
+        self.verifier = verifier
+        self.start, self.end = start, end
+        self._shadow: Computation | None = None
+        self._shadow_length = 0
+
+    async def step(
+        self,
+        primary: Callable[[bool], Awaitable[torch.Tensor]],
+        peer_id: str,
+        hidden: torch.Tensor,
+        start_pos: int,
+        history: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """The server's output of this step, checked when the policy draws it.
+
+        `primary(is_checked)` runs the step on the server (a checked step's output must
+        not be pushed on); `history` holds the hop's inputs before `start_pos`.
+
+        Raises:
+            WrongOutputError: the server's output was found wrong (it is banned), or a
+                mismatch could not be decided (nobody is).
+            Whatever `primary` raises.
+        """
+        verifier = self.verifier
+        if not verifier.wants_check(peer_id):
+            return await primary(False)
+        shadowing = asyncio.ensure_future(self._shadow_step(peer_id, hidden, start_pos, history))
+        try:
+            output = await primary(True)
+        except BaseException:
+            shadowing.cancel()
+            await asyncio.gather(shadowing, return_exceptions=True)
+            raise
+        expected = await shadowing
+        if expected is None:
+            verifier.unverifiable += 1
+            return output
+        verifier.checked += 1
+        if first_mismatch(output, expected, verifier.tolerance) is None:
+            self._passed({peer_id} | self._shadow_peers())
+            return output
+        return await self._decide(peer_id, output, expected, hidden, start_pos, history)
+
+    async def close(self) -> None:
+        shadow, self._shadow = self._shadow, None
+        if shadow is not None:
+            with contextlib.suppress(Exception):
+                await shadow.close()
+
+    def _shadow_peers(self) -> frozenset[str]:
+        return self._shadow.peers if self._shadow is not None else frozenset()
+
+    def _passed(self, peers: set[str] | frozenset[str]) -> None:
+        for peer in peers:
+            self.verifier.reputation.record_check(peer, passed=True)
+
+    async def _shadow_step(
+        self, peer_id: str, hidden: torch.Tensor, start_pos: int, history: list[torch.Tensor]
+    ) -> torch.Tensor | None:
+        """The shadow's output of the step (None: no independent computation)."""
+        if self._shadow is not None and (peer_id in self._shadow.peers or self._shadow_banned()):
+            await self.close()  # it must not be the server it checks, nor a banned one
+        try:
+            if self._shadow is None:
+                avoid = frozenset({peer_id}) | self.verifier.banned()
+                self._shadow = await self.verifier.open_computation(self.start, self.end, avoid)
+                self._shadow_length = 0
+                if self._shadow is None:
+                    return None
+            if self._shadow_length < start_pos:
+                missing = between(history, self._shadow_length, start_pos)
+                await self._shadow.step(torch.cat(missing, dim=1), self._shadow_length)
+            output = await self._shadow.step(hidden, start_pos)
+            self._shadow_length = start_pos + hidden.shape[1]
+            return output
+        except asyncio.CancelledError:
+            await self.close()  # its cache may be ahead of what it was told
+            raise
+        except Exception as exc:  # the shadow's own servers failed past its failovers
+            logger.info("the shadow of blocks %d:%d failed: %s", self.start, self.end, exc)
+            await self.close()
+            return None
+
+    def _shadow_banned(self) -> bool:
+        return bool(self._shadow_peers() & self.verifier.banned())
+
+    async def _decide(
+        self,
+        peer_id: str,
+        output: torch.Tensor,
+        expected: torch.Tensor,
+        hidden: torch.Tensor,
+        start_pos: int,
+        history: list[torch.Tensor],
+    ) -> torch.Tensor:
+        verifier = self.verifier
+        shadow_peers = self._shadow_peers()
+        where = f"blocks {self.start}:{self.end} at position {start_pos}"
+        avoid = frozenset({peer_id}) | shadow_peers
+        verdict = await self._third_opinion(avoid, hidden, start_pos, history)
+        if verdict is None:
+            verifier.unresolved += 1
+            await self.close()
+            raise WrongOutputError(f"{where}: {peer_id} and its shadow disagree, undecided")
+        is_right = first_mismatch(output, verdict, verifier.tolerance) is None
+        is_shadow_right = first_mismatch(expected, verdict, verifier.tolerance) is None
+        if is_right:
+            self._passed({peer_id})
+            if not is_shadow_right:
+                self._convict(shadow_peers, f"wrong output on {where} (as a shadow)")
+                await self.close()
+            return output
+        if is_shadow_right:
+            self._passed(shadow_peers)
+        else:
+            await self.close()
+        self._convict(frozenset({peer_id}), f"wrong output on {where}")
+        raise WrongOutputError(f"{peer_id} answered {where} wrong: a check found it")
+
+    async def _third_opinion(
+        self, avoid: frozenset[str], hidden: torch.Tensor, start_pos: int, history: list
+    ) -> torch.Tensor | None:
+        """The step's output by a computation that avoids both sides, over the whole
+        history (None: there is none, or it failed)."""
+        third = await self.verifier.open_computation(
+            self.start, self.end, avoid | self.verifier.banned()
+        )
+        if third is None:
+            return None
+        try:
+            if start_pos > 0:
+                await third.step(torch.cat(between(history, 0, start_pos), dim=1), 0)
+            return await third.step(hidden, start_pos)
+        except Exception as exc:
+            logger.info("the third computation of blocks %d:%d failed: %s", *self.span, exc)
+            return None
+        finally:
+            with contextlib.suppress(Exception):
+                await third.close()
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.start, self.end
+
+    def _convict(self, peers: frozenset[str], reason: str) -> None:
+        """Bans `peers` when the blame is theirs alone: one peer (a shadow of several
+        servers cannot say which of them was wrong)."""
+        if len(peers) != 1:
+            return
+        (peer,) = peers
+        self.verifier.wrong += 1
+        self.verifier.reputation.record_check(peer, passed=False)
+        standing = self.verifier.reputation.ban(peer, reason)
+        logger.warning("banned %s until %.0f: %s", peer, standing.banned_until_s, reason)
+
+
+class LocalComputation:
+    """Blocks computed in this process (the arbiter of last resort), with a cache."""
+
+    def __init__(self, span: BlockSpan, *, batch_size: int, max_length: int) -> None:
+        self.span = span
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self._cache = None
+
+    @property
+    def peers(self) -> frozenset[str]:
+        return frozenset()
+
+    async def step(self, hidden: torch.Tensor, start_pos: int) -> torch.Tensor:
+        return await asyncio.to_thread(self._step, hidden, start_pos)
+
+    def _step(self, hidden: torch.Tensor, start_pos: int) -> torch.Tensor:
+        weight = next(self.span.parameters())
+        with torch.inference_mode():
+            if self._cache is None:
+                self._cache = self.span.allocate_cache(
+                    batch_size=self.batch_size, max_length=self.max_length
+                )
+            output = self.span(
+                hidden.to(device=weight.device, dtype=weight.dtype),
+                start_pos=start_pos,
+                cache=self._cache,
+            )
+            self._cache.length = start_pos + hidden.shape[1]
+        return output.to(device=hidden.device, dtype=hidden.dtype)
+
+    async def close(self) -> None:
+        self._cache = None
+
+
+class _Session(Protocol):
+    @property
+    def route(self) -> list: ...
+
+    async def step(self, hidden: torch.Tensor, start_pos: int) -> torch.Tensor: ...
+
+    async def close(self) -> None: ...
+
+
+class SessionComputation:
+    """Blocks computed by other servers: a session of their own (with failover)."""
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+
+    @property
+    def peers(self) -> frozenset[str]:
+        return frozenset(hop.peer_id for hop in self.session.route)
+
+    async def step(self, hidden: torch.Tensor, start_pos: int) -> torch.Tensor:
+        return await self.session.step(hidden, start_pos)
+
+    async def close(self) -> None:
+        await self.session.close()
