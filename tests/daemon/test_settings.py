@@ -11,6 +11,7 @@ from volunteer.tui import render, settings_view
 from volunteer.cli import build_parser
 from volunteer.commands import daemon_cmd
 from volunteer.errors import SettingsError
+from volunteer.faults import parse_faults
 from volunteer.model_cache.smollm2 import DEFAULT_MODEL
 from volunteer.paths import Paths
 from volunteer.settings import APPLIED_LIVE, EDITABLE, SPECS, Settings, SettingSpec
@@ -250,6 +251,8 @@ EXAMPLES: dict[str, tuple[Any, str]] = {
     "max_backward_tokens": (1024, "1024"),
     "max_session_s": (600.0, "600"),
     "max_push_streams_per_peer": (2, "2"),
+    "verify": ("all", "ALL"),
+    "faults": (parse_faults("stale:0.5,perturb:0.1:0.05"), "stale:0.5, perturb:0.1:0.05"),
 }
 """Per setting: a value other than its default, and that value as env or flag text."""
 

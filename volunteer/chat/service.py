@@ -28,6 +28,7 @@ from volunteer.control.messages import (
 from volunteer.control.server import ControlServer
 from volunteer.daemon.block_service import BlockService
 from volunteer.daemon.dht_service import DHTService
+from volunteer.daemon.local_checks import local_blocks, open_reputation
 from volunteer.errors import SettingsError
 from volunteer.machine.cpu_sharing import in_passing_thread
 from volunteer.model_cache.served_model import open_model
@@ -131,6 +132,7 @@ class ChatService:
                     sampling=sampling,
                     should_stop=stop.is_set,
                     stats=stats,
+                    verify=request.verify,
                 ):
                     send("text", piece)
                 send("done", None)
@@ -192,6 +194,9 @@ class ChatService:
                     # Only servers of the same weights as the model's ends run here.
                     weights_hash=await asyncio.to_thread(weights_hash, model.folder),
                     config=model.config,
+                    verify=self._settings.verify,  # type: ignore[arg-type]  # checked
+                    reputation=await asyncio.to_thread(open_reputation, self._paths),
+                    local_blocks=local_blocks(model, self._blocks),
                 )
                 self._chat = await in_passing_thread(
                     SwarmChat.load,

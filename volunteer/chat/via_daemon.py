@@ -21,9 +21,12 @@ TOKEN_WAIT_S = 300.0
 class DaemonChat:
     """The `stream_reply` of local chat, answered by the daemon's `chat` method."""
 
-    def __init__(self, paths: Paths, *, model: str | None = None) -> None:
+    def __init__(
+        self, paths: Paths, *, model: str | None = None, verify: str | None = None
+    ) -> None:
         self._client = ControlClient(paths)
         self._model = model
+        self._verify = verify
 
     def stream_reply(
         self, conversation: Conversation, *, max_new_tokens: int, sampling: SamplingParams
@@ -43,6 +46,7 @@ class DaemonChat:
                 repetition_penalty=sampling.repetition_penalty,
                 seed=sampling.seed,
                 model=self._model,
+                verify=self._verify,
             )
         except pydantic.ValidationError as exc:
             raise SettingsError(f"bad chat request: {first_problem(exc)}") from None

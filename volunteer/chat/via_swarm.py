@@ -17,6 +17,7 @@ import torch
 from volunteer.chat.conversation import Conversation, ReplyStats, stream_reply
 from volunteer.client.stepper import SwarmStepper, open_swarm_stepper
 from volunteer.client.swarm_client import SwarmClient
+from volunteer.client.verification import Mode
 from volunteer.models.checkpoint import load_ends
 from volunteer.models.config import ModelConfig
 from volunteer.models.model import ModelEnds
@@ -78,8 +79,10 @@ class SwarmChat:
         sampling: SamplingParams,
         should_stop: Callable[[], bool] = lambda: False,
         stats: ReplyStats | None = None,
+        verify: Mode | None = None,
     ) -> Iterator[str]:
-        """Streams the assistant's next reply as text pieces; it does not record it.
+        """Streams the assistant's next reply as text pieces; it does not record it. The
+        servers' steps are checked as `verify` says (None: as the client's `verify`).
 
         Raises:
             SessionFailedError: no route covers the model, or the swarm failed mid-reply
@@ -89,7 +92,7 @@ class SwarmChat:
 
         @contextlib.contextmanager
         def open_noting_route(prompt_len: int, max_new: int) -> Iterator[SwarmStepper]:
-            with self._open_stepper(prompt_len, max_new) as stepper:
+            with self._open_stepper(prompt_len, max_new, verify) as stepper:
                 steppers.append(stepper)
                 yield stepper
 
@@ -110,7 +113,7 @@ class SwarmChat:
             stats.route = [(hop.peer_id, hop.start, hop.end) for hop in last]
 
     def _open_stepper(
-        self, prompt_len: int, max_new_tokens: int
+        self, prompt_len: int, max_new_tokens: int, verify: Mode | None
     ) -> contextlib.AbstractContextManager[SwarmStepper]:
         return open_swarm_stepper(
             self.client,
@@ -120,4 +123,5 @@ class SwarmChat:
             open_timeout_s=OPEN_TIMEOUT_S,
             step_timeout_s=STEP_TIMEOUT_S,
             close_timeout_s=CLOSE_TIMEOUT_S,
+            verify=verify,
         )

@@ -19,6 +19,7 @@ from volunteer.client.inference import SwarmInferenceSession
 from volunteer.client.loop_bridge import run_on_loop
 from volunteer.client.swarm_client import SwarmClient
 from volunteer.models.model import ModelEnds
+from volunteer.scheduler.verification import Mode
 
 
 class SwarmStepper:
@@ -62,11 +63,13 @@ def open_swarm_stepper(
     open_timeout_s: float,
     step_timeout_s: float,
     close_timeout_s: float,
+    verify: Mode | None = None,
 ) -> Iterator[SwarmStepper]:
     """A step function over a fresh session of `client` (living on `loop`) for up to
-    `max_length` positions; the session is closed at exit, however the block ends."""
+    `max_length` positions, checked as `verify` says (None: as the client's); the
+    session is closed at exit, however the block ends."""
     session = run_on_loop(
-        client.open_session(max_length=max_length),
+        client.open_session(max_length=max_length, verify=verify),
         loop,
         timeout_s=open_timeout_s,
         what="opening a route through the swarm",

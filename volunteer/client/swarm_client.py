@@ -320,13 +320,19 @@ class SwarmClient:
                 return SessionComputation(shadow)
             except (SessionFailedError, *RETRIABLE_ERRORS):
                 pass  # no other replica: this process's own blocks, if it has them
-            span = self.local_blocks(start, end) if self.local_blocks is not None else None
+            if self.local_blocks is None:
+                return None
+            span = await asyncio.to_thread(self.local_blocks, start, end)
             if span is None:
                 return None
             return LocalComputation(span, batch_size=batch_size, max_length=max_length)
 
         return Verifier(
-            mode=mode, reputation=self.reputation, open_computation=open_computation, rng=self._rng
+            mode=mode,
+            reputation=self.reputation,
+            open_computation=open_computation,
+            rng=self._rng,
+            trusted=frozenset({self.own_peer_id}),
         )
 
     async def _reread(self) -> None:

@@ -16,6 +16,7 @@ from hivemind.p2p import P2P
 from volunteer.client.loop_thread import LoopThread
 from volunteer.client.swarm_client import SwarmClient
 from volunteer.models.config import ModelConfig
+from volunteer.scheduler.verification import Mode
 from volunteer.swarm.dht_records import make_validator
 from volunteer.transport.protocol import PeerUnavailableError
 
@@ -58,9 +59,10 @@ class SwarmConnection:
         num_blocks: int,
         weights_hash: str | None = None,
         config: ModelConfig | None = None,
+        verify: Mode = "off",
     ) -> SwarmClient:
         """A `SwarmClient` for `model` over this connection (use it on `loop`); see it for
-        `weights_hash` and `config`."""
+        `weights_hash`, `config` and `verify`."""
         assert self.p2p is not None and self.node is not None, "use inside `with`"
         client = SwarmClient(
             p2p=self.p2p,
@@ -69,6 +71,7 @@ class SwarmConnection:
             num_blocks=num_blocks,
             weights_hash=weights_hash,
             config=config,
+            verify=verify,
         )
         self._clients.append(client)  # closed with the connection
         return client

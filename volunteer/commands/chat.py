@@ -66,6 +66,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--top-p", type=float, default=0.9, metavar="P")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R")
     parser.add_argument("--seed", type=int, metavar="S", help="seed for reproducible sampling")
+    parser.add_argument(
+        "--verify",
+        choices=("off", "sample", "all"),
+        help="check the servers' steps by recomputing them elsewhere: off, sample (a share, "
+        "more for newcomers) or all (every step); default: the daemon's setting, or sample",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -75,6 +81,8 @@ def run(args: argparse.Namespace, paths: Paths) -> int:
 
     if args.local and args.swarm:
         raise SettingsError("--local and --swarm exclude each other; give one of them")
+    if args.local and args.verify:
+        raise SettingsError("--verify checks swarm servers; --local runs every block here")
     if args.max_new_tokens <= 0:
         raise SettingsError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     sampling = user_sampling(
@@ -120,12 +128,13 @@ def _open_chat(args: argparse.Namespace, paths: Paths) -> Iterator[Chat]:
                 num_blocks=model.config.num_layers,
                 weights_hash=weights_hash(model.folder),  # only servers of the same weights
                 config=model.config,
+                verify=args.verify or "sample",
             )
             yield SwarmChat.load(model.folder, model.config, client=client, loop=connection.loop)
     else:
         from volunteer.chat.via_daemon import DaemonChat
 
-        yield DaemonChat(paths, model=args.model)
+        yield DaemonChat(paths, model=args.model, verify=args.verify)
 
 
 def _answer(

@@ -70,6 +70,8 @@ class ChatRequest(Params):
     seed: int | None = None
     model: str | None = None
     """Must be the daemon's model when given (it is the only one it holds)."""
+    verify: Literal["off", "sample", "all"] | None = None
+    """How the servers' steps are checked (None: as the daemon's `verify` setting)."""
 
 
 class DaemonStatus(Reply):

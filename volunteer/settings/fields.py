@@ -259,6 +259,15 @@ class Settings:
     )
     """A server keeps one push link per next peer; a few more cover a link being
     replaced. More are answered "busy:"; all peers together hold at most `max_sessions`."""
+    verify: str = setting(
+        default="sample",
+        parse=s.parse_verify,
+        help="check servers' steps: off, sample (default: a share, more for newcomers) or all",
+        metavar="MODE",
+    )
+    """How this daemon's chats check the servers' steps by recomputing them elsewhere:
+    `off`, `sample` (a share that falls as a server's record of passed checks grows) or
+    `all` (every step); `volunteer chat --verify` overrides it per chat."""
     faults: Faults = setting(  # noqa: RUF009  (Faults is frozen: immutable)
         default=NO_FAULTS,
         parse=s.parse_faults_setting,

@@ -19,6 +19,8 @@ from volunteer.faults import NO_FAULTS, Faults, parse_faults
 
 ENV_PREFIX = "VOLUNTEER_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+VERIFY_MODES = ("off", "sample", "all")
+"""How this daemon's chats check servers' steps (`volunteer.client.verification`)."""
 _TRUE_WORDS = ("1", "true", "yes", "on")
 _FALSE_WORDS = ("0", "false", "no", "off")
 _SPEC_KEY = "volunteer.setting"
@@ -231,6 +233,14 @@ def parse_public_name(source: Source) -> str:
     text = parse_text(source)
     if len(text) > 64 or not text.isprintable():
         raise _fail(source, "expected at most 64 printable characters")
+    return text
+
+
+def parse_verify(source: Source) -> str:
+    """`off`, `sample` or `all`, any case."""
+    text = parse_text(source).lower()
+    if text not in VERIFY_MODES:
+        raise _fail(source, f"expected one of {', '.join(VERIFY_MODES)}")
     return text
 
 

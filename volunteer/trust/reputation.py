@@ -126,7 +126,8 @@ def _open(path: Path) -> sqlite3.Connection:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
         os.chmod(path, 0o600)
-        db = sqlite3.connect(path, timeout=5.0)
+        # Opened on a worker thread, used on the event loop: one user at a time.
+        db = sqlite3.connect(path, timeout=5.0, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(_SCHEMA)
         return db
