@@ -222,9 +222,13 @@ class HopCheck:
     ) -> torch.Tensor | None:
         """The step's output by a computation that avoids both sides, over the whole
         history (None: there is none, or it failed)."""
-        third = await self.verifier.open_computation(
-            self.start, self.end, avoid | self.verifier.banned()
-        )
+        try:
+            third = await self.verifier.open_computation(
+                self.start, self.end, avoid | self.verifier.banned()
+            )
+        except Exception as exc:  # e.g. the model's files could not be read
+            logger.warning("no third computation of blocks %d:%d: %s", *self.span, exc)
+            return None
         if third is None:
             return None
         try:

@@ -43,7 +43,7 @@ def local_blocks(
         handler = blocks.handler
         if handler is not None and (handler.span.start, handler.span.end) == (start, end):
             return handler.span
-        weights = block_footprint(model.config).weights * (end - start)
+        weights = block_footprint(model.config).weight_bytes * (end - start)
         if weights > LOCAL_CHECK_MAX_BYTES:
             return None
         with lock:
