@@ -9,6 +9,8 @@ client decides a mismatch on 15:30 with the blocks loaded from its own model fil
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,3 +71,20 @@ def test_checked_chat_equals_local_and_the_cheat_is_banned(swarm: DaemonSwarm) -
         reputation.close()
     served = swarm.homes.status(swarm.homes.home("cheat"))["requests_served"]
     assert served <= MAX_CHEAT_STEPS
+
+
+def test_peers_and_status_show_the_ban(swarm: DaemonSwarm) -> None:
+    boot = swarm.homes.home("boot")
+    listed = swarm.homes.cli(boot, "peers", "--json")
+    assert listed.returncode == 0, listed.stderr
+    peers = {peer["peer_id"]: peer for peer in json.loads(listed.stdout)["peers"]}
+    cheat = peers[swarm.started["cheat"]["peer_id"]]
+    assert cheat["blocks"] == [15, 30] and cheat["failed"] >= 1
+    assert cheat["banned_until_s"] > time.time()
+    assert "wrong output" in cheat["ban_reason"]
+    honest = peers[swarm.started["honest"]["peer_id"]]
+    assert honest["banned_until_s"] is None and honest["standing"] > cheat["standing"]
+    text = swarm.homes.cli(boot, "peers").stdout
+    assert "banned until" in text and swarm.started["cheat"]["peer_id"] in text
+    status = swarm.homes.status(boot)
+    assert status["peers_banned"] == 1 and status["checks_failed"] >= 1

@@ -28,7 +28,8 @@ from volunteer.control.messages import (
 from volunteer.control.server import ControlServer
 from volunteer.daemon.block_service import BlockService
 from volunteer.daemon.dht_service import DHTService
-from volunteer.daemon.local_checks import local_blocks, open_reputation
+from volunteer.daemon.local_checks import local_blocks
+from volunteer.daemon.trust_service import TrustService
 from volunteer.errors import SettingsError
 from volunteer.machine.cpu_sharing import in_passing_thread
 from volunteer.model_cache.served_model import open_model
@@ -58,8 +59,14 @@ class ChatService:
     """Answers `chat` calls through the swarm (see the module docstring)."""
 
     def __init__(
-        self, settings: Settings, paths: Paths, dht: DHTService, blocks: BlockService
+        self,
+        settings: Settings,
+        paths: Paths,
+        dht: DHTService,
+        blocks: BlockService,
+        trust: TrustService,
     ) -> None:
+        self._trust = trust
         self._settings = settings
         self._paths = paths
         self._dht = dht
@@ -195,7 +202,7 @@ class ChatService:
                     weights_hash=await asyncio.to_thread(weights_hash, model.folder),
                     config=model.config,
                     verify=self._settings.verify,  # type: ignore[arg-type]  # checked
-                    reputation=await asyncio.to_thread(open_reputation, self._paths),
+                    reputation=self._trust.reputation,
                     local_blocks=local_blocks(model, self._blocks),
                 )
                 self._chat = await in_passing_thread(

@@ -182,6 +182,11 @@ def _print_table(status: StatusReply) -> None:
             f"{status.peers_seen}{' (partitioned: redialling)' * status.is_partitioned}",
         ),
         ("requests served", status.requests_served),
+        (
+            "checks",
+            f"{status.checks_passed} passed, {status.checks_failed} failed, "
+            f"{status.peers_banned} of {status.peers_checked} checked peers banned",
+        ),
         ("tokens served", status.tokens_served),
         ("uptime", _format_uptime(status.uptime_s)),
         ("peer id", status.peer_id),

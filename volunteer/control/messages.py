@@ -132,7 +132,39 @@ class ChatStatus(Reply):
     chats_answered: int = 0
 
 
-class StatusReply(ServingStatus, DHTStatus, ChatStatus, DaemonStatus):
+class TrustStatus(Reply):
+    """The trust service's part of `status`: what this daemon's checks found."""
+
+    peers_checked: int = 0
+    peers_banned: int = 0
+    checks_passed: int = 0
+    checks_failed: int = 0
+
+
+class PeerReport(Reply):
+    """One peer as this daemon knows it: its record (if serving) and its checks."""
+
+    peer_id: str
+    public_name: str | None = None
+    blocks: tuple[int, int] | None = None
+    state: str | None = None
+    """Its record's state; None: no record of it now."""
+    standing: float
+    """0 (failed checks only) to 1 (many passed): routing prefers the higher."""
+    passed: int = 0
+    failed: int = 0
+    banned_until_s: float | None = None
+    """Unix time its ban ends; None: not banned."""
+    ban_reason: str | None = None
+
+
+class PeersReply(Reply):
+    """`peers`: every peer in the model's records or in this daemon's checks."""
+
+    peers: list[PeerReport] = []
+
+
+class StatusReply(ServingStatus, DHTStatus, ChatStatus, TrustStatus, DaemonStatus):
     """`status`: every service's part, flat."""
 
     @classmethod
@@ -252,6 +284,7 @@ RELOAD = Method("reload_config", NoParams, ReloadReply)
 PAUSE = Method("pause", NoParams, PauseReply)
 RESUME = Method("resume", NoParams, PauseReply)
 SWARM = Method("swarm", SwarmParams, SwarmReply)
+PEERS = Method("peers", NoParams, PeersReply)
 CHAT: Method[ChatRequest, ChatText | ChatStats] = Method(
     "chat", ChatRequest, ChatText | ChatStats, is_stream=True
 )

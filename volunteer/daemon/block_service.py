@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import random
 import time
+from typing import Any
 
 import psutil
 import torch
@@ -319,17 +320,21 @@ class BlockService:
         """Control method: who serves which block of this daemon's model, right now, and
         (with `{"ping": true}`) each serving peer's round trip from here (`rtt_s`, None
         when it did not answer)."""
-        if self.model is None:  # a daemon serving nothing still describes its swarm
-            self.model = await asyncio.to_thread(
-                open_model, self.settings.model, self._paths.models_dir
-            )
-        described = (await self.read_snapshot()).to_json()
+        described = await self.describe_swarm()
         if params.is_ping:
             servers = [s for s in described["servers"] if s["state"] != ServerState.OFFLINE]
             rtts = await asyncio.gather(*(self._rtt_s(s["peer_id"]) for s in servers))
             for server, rtt_s in zip(servers, rtts, strict=True):
                 server["rtt_s"] = rtt_s
         return SwarmReply.model_validate(described)
+
+    async def describe_swarm(self) -> dict[str, Any]:
+        """The model's records now, as `SwarmSnapshot.to_json` gives them."""
+        if self.model is None:  # a daemon serving nothing still describes its swarm
+            self.model = await asyncio.to_thread(
+                open_model, self.settings.model, self._paths.models_dir
+            )
+        return (await self.read_snapshot()).to_json()
 
     async def _rtt_s(self, peer_id: str) -> float | None:
         if peer_id == peer_id_from_owner(self.owner):

@@ -114,6 +114,7 @@ def _services(settings: Settings, paths: Paths) -> list[Service]:
         runtime_identity_path,
         write_private_file,
     )
+    from volunteer.daemon.trust_service import TrustService
     from volunteer.swarm.dht_records import make_validator, owner_marker
 
     identity = load_or_create_identity(paths)
@@ -133,4 +134,5 @@ def _services(settings: Settings, paths: Paths) -> list[Service]:
         owner=owner_marker(identity.private_key),
         announce_period_s=settings.announce_period_s,
     )
-    return [dht, blocks, ChatService(settings, paths, dht, blocks)]
+    trust = TrustService(paths, blocks)
+    return [dht, blocks, trust, ChatService(settings, paths, dht, blocks, trust)]

@@ -1,0 +1,95 @@
+"""The daemon's record of the peers it checked (`volunteer.trust.reputation`), shared by
+its chats, shown by `volunteer peers` and `status`.
+
+The record is a SQLite file in the data folder. One that cannot be opened (another
+program's file, a full disk) is logged and replaced by a record in memory for this run:
+the daemon keeps serving and checking, and the file is left as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from volunteer.control.messages import PEERS, NoParams, PeerReport, PeersReply, TrustStatus
+from volunteer.control.server import ControlServer
+from volunteer.daemon.block_service import BlockService
+from volunteer.daemon.local_checks import open_reputation
+from volunteer.paths import Paths
+from volunteer.scheduler.verification import standing
+from volunteer.trust.reputation import PeerStanding, Reputation, ReputationStoreError
+
+logger = logging.getLogger(__name__)
+
+
+class TrustService:
+    """Owns this daemon's `Reputation` from start to stop."""
+
+    def __init__(self, paths: Paths, blocks: BlockService) -> None:
+        self._paths = paths
+        self._blocks = blocks
+        self.reputation = Reputation()
+        """In memory until `start` opens the file."""
+
+    async def start(self) -> None:
+        try:
+            self.reputation = await asyncio.to_thread(open_reputation, self._paths)
+        except ReputationStoreError as exc:
+            logger.error("%s; this run keeps its record of checks in memory only", exc)
+
+    async def stop(self) -> None:
+        self.reputation.close()
+
+    def status(self) -> TrustStatus:
+        now = time.time()
+        peers = list(self.reputation)
+        return TrustStatus(
+            peers_checked=len(peers),
+            peers_banned=sum(p.is_banned(now) for p in peers),
+            checks_passed=sum(p.passed for p in peers),
+            checks_failed=sum(p.failed for p in peers),
+        )
+
+    def register_control(self, control: ControlServer) -> None:
+        """Adds the control method `peers`."""
+        control.register(PEERS, self._peers)
+
+    async def _peers(self, params: NoParams) -> PeersReply:
+        """Control method: every server of the model's records and every peer checked,
+        with its blocks, name, checks and ban."""
+        reports: dict[str, PeerReport] = {}
+        try:
+            servers = (await self._blocks.describe_swarm())["servers"]
+        except Exception as exc:  # a partitioned daemon still shows what it checked
+            logger.info("peers: the swarm's records could not be read: %s", exc)
+            servers = []
+        for server in servers:
+            peer_id = server["peer_id"]
+            reports[peer_id] = _report(
+                self.reputation.of(peer_id),
+                public_name=server.get("public_name"),
+                blocks=(server["start"], server["end"]),
+                state=server.get("state"),
+            )
+        for each in self.reputation:
+            if each.peer_id not in reports:
+                reports[each.peer_id] = _report(each)
+        return PeersReply(peers=sorted(reports.values(), key=_order))
+
+
+def _report(each: PeerStanding, **record: object) -> PeerReport:
+    is_banned = each.is_banned(time.time())
+    return PeerReport(
+        peer_id=each.peer_id,
+        standing=round(standing(each.record), 3),
+        passed=each.passed,
+        failed=each.failed,
+        banned_until_s=each.banned_until_s if is_banned else None,
+        ban_reason=each.ban_reason if is_banned else None,
+        **record,  # type: ignore[arg-type]  # the record's fields, checked by the model
+    )
+
+
+def _order(report: PeerReport) -> tuple:
+    return (report.blocks or (10**9, 10**9), -report.standing, report.peer_id)
