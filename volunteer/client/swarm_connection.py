@@ -14,7 +14,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
 from volunteer.client.loop_thread import LoopThread
-from volunteer.client.swarm_client import SwarmClient
+from volunteer.client.swarm_client import LocalBlocks, SwarmClient
 from volunteer.models.config import ModelConfig
 from volunteer.scheduler.verification import Mode
 from volunteer.swarm.dht_records import make_validator
@@ -60,9 +60,10 @@ class SwarmConnection:
         weights_hash: str | None = None,
         config: ModelConfig | None = None,
         verify: Mode = "off",
+        local_blocks: LocalBlocks | None = None,
     ) -> SwarmClient:
         """A `SwarmClient` for `model` over this connection (use it on `loop`); see it for
-        `weights_hash`, `config` and `verify`."""
+        `weights_hash`, `config`, `verify` and `local_blocks`."""
         assert self.p2p is not None and self.node is not None, "use inside `with`"
         client = SwarmClient(
             p2p=self.p2p,
@@ -72,6 +73,7 @@ class SwarmConnection:
             weights_hash=weights_hash,
             config=config,
             verify=verify,
+            local_blocks=local_blocks,
         )
         self._clients.append(client)  # closed with the connection
         return client

@@ -118,6 +118,7 @@ def _open_chat(args: argparse.Namespace, paths: Paths) -> Iterator[Chat]:
         import_hivemind()
         from volunteer.chat.via_swarm import SwarmChat
         from volunteer.client.swarm_connection import SwarmConnection
+        from volunteer.daemon.local_checks import local_blocks
         from volunteer.model_cache.served_model import open_model
         from volunteer.model_cache.weights_hash import weights_hash
 
@@ -129,6 +130,7 @@ def _open_chat(args: argparse.Namespace, paths: Paths) -> Iterator[Chat]:
                 weights_hash=weights_hash(model.folder),  # only servers of the same weights
                 config=model.config,
                 verify=args.verify or "sample",
+                local_blocks=local_blocks(model),  # this process decides mismatches
             )
             yield SwarmChat.load(model.folder, model.config, client=client, loop=connection.loop)
     else:

@@ -31,16 +31,17 @@ def open_reputation(paths: Paths) -> Reputation:
 
 
 def local_blocks(
-    model: ServedModel, blocks: BlockService
+    model: ServedModel, blocks: BlockService | None = None
 ) -> Callable[[int, int], BlockSpan | None]:
-    """Blocks [start, end) computed here: the served span when it is exactly those, else
-    loaded from the model's files (the last one kept) within `LOCAL_CHECK_MAX_BYTES`;
-    None when too large. Blocks the caller: call it from a worker thread."""
+    """Blocks [start, end) computed here: the span `blocks` serves when it is exactly
+    those, else loaded from the model's files (the last one kept) within
+    `LOCAL_CHECK_MAX_BYTES`; None when too large. Blocks the caller: call it from a
+    worker thread."""
     loaded: dict[tuple[int, int], BlockSpan] = {}
     lock = threading.Lock()
 
     def get(start: int, end: int) -> BlockSpan | None:
-        handler = blocks.handler
+        handler = blocks.handler if blocks is not None else None
         if handler is not None and (handler.span.start, handler.span.end) == (start, end):
             return handler.span
         weights = block_footprint(model.config).weight_bytes * (end - start)
