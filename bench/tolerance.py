@@ -11,6 +11,7 @@ under the tolerance: tolerance / distance), then one JSON line.
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable
 
@@ -44,6 +45,7 @@ def _run(span: BlockSpan, hidden: torch.Tensor, threads: int, chunk: int | None)
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     folder = ModelStore(Paths.from_environ().models_dir).resolve(DEFAULT_MODEL)
     config = ModelConfig.from_hf_folder(folder)
     ids = Tokenizer.from_folder(folder).encode_chat([{"role": "user", "content": PROMPT}])
