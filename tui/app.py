@@ -143,7 +143,16 @@ class VolunteerApp(App[None]):
         if not self.daemon_seen:
             return
         try:
-            self.post_message(SwarmUpdated(self.client.swarm()))
+            swarm = self.client.swarm()
+        except Exception as exc:
+            self.post_message(SwarmUpdated(None, error=str(exc) or type(exc).__name__))
+            return
+        try:
+            peers = self.client.peers()
+        except Exception:  # an older daemon, or one busy: the map still shows
+            peers = None
+        try:
+            self.post_message(SwarmUpdated(swarm, peers=peers))
         except Exception as exc:
             self.post_message(SwarmUpdated(None, error=str(exc) or type(exc).__name__))
 
@@ -188,7 +197,7 @@ class VolunteerApp(App[None]):
         if message.swarm is not None:
             dashboard = self.query_one(Dashboard)
             dashboard.total_blocks = message.swarm.num_blocks or None
-        self.query_one(SwarmView).show_swarm(message.swarm, message.error)
+        self.query_one(SwarmView).show_swarm(message.swarm, message.error, message.peers)
 
     @_unless_closing
     def on_gauges_updated(self, message: GaugesUpdated) -> None:

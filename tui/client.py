@@ -21,12 +21,14 @@ from volunteer.control.endpoint import ControlError, DaemonNotRunningError
 from volunteer.control.messages import (
     CHAT,
     PAUSE,
+    PEERS,
     RELOAD,
     RESUME,
     STATUS,
     SWARM,
     ChatStats,
     ChatText,
+    PeersReply,
     StatusReply,
     SwarmParams,
     SwarmReply,
@@ -54,6 +56,10 @@ class DaemonClient(Protocol):
 
     def swarm(self) -> SwarmReply:
         """Who serves which block of the daemon's model, with round trips."""
+        ...
+
+    def peers(self) -> PeersReply:
+        """The peers the daemon knows, with what its checks found of each."""
         ...
 
     def chat(self, params: dict[str, Any]) -> Iterator[ChatText | ChatStats]:
@@ -105,6 +111,9 @@ class ControlDaemonClient:
     def swarm(self) -> SwarmReply:
         params = SwarmParams(is_ping=True)
         return ControlClient(self._paths).call(SWARM, params, timeout_s=SWARM_TIMEOUT_S)
+
+    def peers(self) -> PeersReply:
+        return ControlClient(self._paths).call(PEERS, timeout_s=SWARM_TIMEOUT_S)
 
     def chat(self, params: dict[str, Any]) -> Iterator[ChatText | ChatStats]:
         client = ControlClient(self._paths)

@@ -6,7 +6,7 @@ from textual.message import Message
 from volunteer.tui.gauges import Gauges
 
 from volunteer.chat.store import ConversationSummary, StoredConversation
-from volunteer.control.messages import ChatStats, StatusReply, SwarmReply
+from volunteer.control.messages import ChatStats, PeersReply, StatusReply, SwarmReply
 
 
 class StatusUpdated(Message):
@@ -19,10 +19,16 @@ class StatusUpdated(Message):
 
 
 class SwarmUpdated(Message):
-    def __init__(self, swarm: SwarmReply | None, error: str | None = None) -> None:
+    def __init__(
+        self,
+        swarm: SwarmReply | None,
+        error: str | None = None,
+        peers: PeersReply | None = None,
+    ) -> None:
         super().__init__()
         self.swarm = swarm
         self.error = error
+        self.peers = peers
 
 
 class GaugesUpdated(Message):

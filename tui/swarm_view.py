@@ -8,9 +8,19 @@ from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 from volunteer.tui.render import health_map, short_peer
 
-from volunteer.control.messages import SwarmReply
+from volunteer.control.messages import PeerReport, PeersReply, SwarmReply
 
-PEER_COLUMNS = ("name", "peer", "blocks", "tokens/s", "rtt ms", "version", "state")
+PEER_COLUMNS = (
+    "name",
+    "peer",
+    "blocks",
+    "tokens/s",
+    "rtt ms",
+    "version",
+    "state",
+    "standing",
+    "checks ✓/✗",
+)
 
 
 class SwarmView(Vertical):
@@ -21,7 +31,9 @@ class SwarmView(Vertical):
     def on_mount(self) -> None:
         self.query_one("#peers", DataTable).add_columns(*PEER_COLUMNS)
 
-    def show_swarm(self, swarm: SwarmReply | None, error: str | None = None) -> None:
+    def show_swarm(
+        self, swarm: SwarmReply | None, error: str | None = None, peers: PeersReply | None = None
+    ) -> None:
         health = self.query_one("#health", Static)
         table = self.query_one("#peers", DataTable)
         if swarm is None:
@@ -30,8 +42,10 @@ class SwarmView(Vertical):
             return
         health.update(health_map(swarm))
         table.clear()
+        checked = {peer.peer_id: peer for peer in peers.peers} if peers is not None else {}
         for server in sorted(swarm.servers, key=lambda s: (s.start, s.peer_id)):
             rtt_s = server.rtt_s
+            report = checked.get(server.peer_id)
             table.add_row(
                 # Text, not str: the table reads a str as markup, and a stranger's name
                 # like "[/]" would crash the view or "[@click=...]" bind an action.
@@ -41,6 +55,16 @@ class SwarmView(Vertical):
                 f"{server.throughput:.1f}",
                 "-" if rtt_s is None else f"{rtt_s * 1000:.1f}",
                 server.version or "-",
-                server.state,
+                _state(server.state, report),
+                "-" if report is None else f"{report.standing:.2f}",
+                "-" if report is None else f"{report.passed}/{report.failed}",
                 key=server.peer_id,
             )
+
+
+def _state(state: str, report: PeerReport | None) -> str | Text:
+    """The record's state (one of three words, checked when read), or "banned" and why
+    (words that came from a peer: shown as plain text, never as markup)."""
+    if report is None or report.banned_until_s is None:
+        return state
+    return Text(f"banned: {report.ban_reason or 'failed a check'}", style="bold red")

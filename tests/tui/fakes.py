@@ -15,6 +15,7 @@ from volunteer.control.messages import (
     PAUSED_NOTE,
     ChatStats,
     ChatText,
+    PeersReply,
     RouteHop,
     StatusReply,
     SwarmReply,
@@ -55,6 +56,17 @@ SWARM_DATA = {
     ],
 }  # fmt: skip
 SWARM = SwarmReply.model_validate(SWARM_DATA)
+PEERS = PeersReply.model_validate(
+    {
+        "peers": [
+            {"peer_id": "QmAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA1", "standing": 0.83,
+             "passed": 40, "failed": 0},
+            {"peer_id": "QmBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB2", "standing": 0.1,
+             "passed": 2, "failed": 1, "banned_until_s": 4102444800.0,
+             "ban_reason": "wrong output on blocks 15:30 at position 7"},
+        ]
+    }
+)  # fmt: skip
 
 FIXED_GAUGES = Gauges(
     cpu_percent=42.0,
@@ -90,6 +102,7 @@ class FakeDaemon:
         self.restarted = 0
         self.status_reply = SERVING
         self.swarm_reply = SWARM
+        self.peers_reply = PEERS
         self.answer = list(ANSWER)
         self.chat_requests: list[dict[str, Any]] = []
         self.started = self.stopped = 0
@@ -104,6 +117,9 @@ class FakeDaemon:
 
     def swarm(self) -> SwarmReply:
         return self.swarm_reply
+
+    def peers(self) -> PeersReply:
+        return self.peers_reply
 
     def chat(self, params: dict[str, Any]) -> Iterator[ChatText | ChatStats]:
         self.chat_requests.append(params)

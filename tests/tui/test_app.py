@@ -148,6 +148,11 @@ def test_the_swarm_map_and_peers() -> None:
         first = table.get_row_at(0)
         assert str(first[0]) == "alice" and first[2] == "0:15" and first[4] == "2.1"
         assert table.get_row_at(1)[4] == "-"  # a peer that did not answer a ping
+        # What this daemon's checks found: standing, checks passed/failed, and a ban.
+        assert (first[6], first[7], first[8]) == ("online", "0.83", "40/0")
+        second = table.get_row_at(1)
+        assert str(second[6]).startswith("banned: wrong output on blocks 15:30")
+        assert second[8] == "2/1"
 
     run(scenario, FakeDaemon())
 
