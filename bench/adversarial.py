@@ -207,24 +207,9 @@ def main() -> None:
     import swarm_generate as sg  # torch and the model: only past --help
 
     load_start = os.getloadavg()[0]
-    paths = sg.Paths.from_environ()
-    folder = sg.ModelStore(paths.models_dir).resolve(sg.DEFAULT_MODEL)
-    config = sg.ModelConfig.from_hf_folder(folder)
-    prompt = sg.Tokenizer.from_folder(folder).encode_chat([{"role": "user", "content": sg.PROMPT}])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VOLUNTEER_")}
-    env["VOLUNTEER_CACHE_DIR"] = str(paths.cache_dir)
     with tempfile.TemporaryDirectory(prefix="adversarial-bench-") as tmp:
-        setup = sg.Setup(
-            folder=folder,
-            config=config,
-            swarm_name=sg.swarm_model_name(str(folder), folder),
-            prompt=prompt,
-            ends=sg.load_ends(folder, config).eval(),
-            env=env,
-            tmp=Path(tmp),
-            threads=args.server_threads,
-            local_links=args.local_links,
-            bare_rss=0,  # swarm_generate's RSS ratio is not reported here
+        setup = sg.embedded_setup(
+            Path(tmp), threads=args.server_threads, local_links=args.local_links
         )
         phases = _bench(sg, setup, args)
     _report(phases, args, load_start)

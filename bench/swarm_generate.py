@@ -274,6 +274,30 @@ class Setup:
         return open_stepper
 
 
+def embedded_setup(tmp: Path, *, threads: int, local_links: str) -> Setup:
+    """The embedded model's swarm set-up for a bench of daemons in `tmp` (the other
+    benches' entry: no bare-process RSS measured)."""
+    paths = Paths.from_environ()
+    folder = ModelStore(paths.models_dir).resolve(DEFAULT_MODEL)
+    config = ModelConfig.from_hf_folder(folder)
+    prompt = Tokenizer.from_folder(folder).encode_chat([{"role": "user", "content": PROMPT}])
+    # The daemons see only our options, not this shell's VOLUNTEER_* settings.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VOLUNTEER_")}
+    env["VOLUNTEER_CACHE_DIR"] = str(paths.cache_dir)
+    return Setup(
+        folder=folder,
+        config=config,
+        swarm_name=swarm_model_name(str(folder), folder),
+        prompt=prompt,
+        ends=load_ends(folder, config).eval(),
+        env=env,
+        tmp=tmp,
+        threads=threads,
+        local_links=local_links,
+        bare_rss=0,
+    )
+
+
 def _bare_torch_rss() -> int:
     code = "import psutil, torch; print(psutil.Process().memory_info().rss)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -61,25 +61,8 @@ def main() -> None:
     os.environ.update(sleeping_threads_env(os.environ))
     import swarm_generate as sg  # torch and the model: only past --help
 
-    paths = sg.Paths.from_environ()
-    folder = sg.ModelStore(paths.models_dir).resolve(sg.DEFAULT_MODEL)
-    config = sg.ModelConfig.from_hf_folder(folder)
-    prompt = sg.Tokenizer.from_folder(folder).encode_chat([{"role": "user", "content": sg.PROMPT}])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VOLUNTEER_")}
-    env["VOLUNTEER_CACHE_DIR"] = str(paths.cache_dir)
     with tempfile.TemporaryDirectory(prefix="verification-bench-") as tmp:
-        setup = sg.Setup(
-            folder=folder,
-            config=config,
-            swarm_name=sg.swarm_model_name(str(folder), folder),
-            prompt=prompt,
-            ends=sg.load_ends(folder, config).eval(),
-            env=env,
-            tmp=Path(tmp),
-            threads=args.server_threads,
-            local_links="no",
-            bare_rss=0,
-        )
+        setup = sg.embedded_setup(Path(tmp), threads=args.server_threads, local_links="no")
         figures = _bench(sg, setup, args)
     _report(figures)
 
