@@ -129,6 +129,9 @@ def _open(path: Path) -> sqlite3.Connection:
         # Opened on a worker thread, used on the event loop: one user at a time.
         db = sqlite3.connect(path, timeout=5.0, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
+        # Written on the event loop at each check: no fsync per write (a power cut may
+        # lose the last checks, never the file).
+        db.execute("PRAGMA synchronous=NORMAL")
         db.execute(_SCHEMA)
         return db
     except (OSError, sqlite3.Error) as exc:
