@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -18,12 +19,7 @@ from volunteer.scheduler.verification import Mode
 from tests.client.decoding import assert_close, decode_cuts, local_outputs, route_session
 from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
 from volunteer.client.inference import SessionFailedError, SwarmInferenceSession
-from volunteer.client.verification import (
-    Computation,
-    LocalComputation,
-    SessionComputation,
-    Verifier,
-)
+from volunteer.client.verification import Verifier, computation_opener
 from volunteer.faults import parse_faults
 from volunteer.server.drill import Drill
 from volunteer.server.handler import BlockHandler
@@ -53,26 +49,27 @@ class Swarm:
         client computes blocks itself as the checks' last resort."""
         candidates = [self.servers[name][2] for name in names]
 
-        async def open_computation(
-            start: int, end: int, avoid: frozenset[str]
-        ) -> Computation | None:
+        async def open_shadow(start: int, end: int, avoid: frozenset[str]) -> Any:
             others = [c for c in candidates if c.peer_id not in avoid]
             shadow = route_session(
                 self.client, others, Backoff(), max_length=MAX_LENGTH, timeout_s=TIMEOUT_S
             )
-            try:
-                await shadow.open(start, end)
-                return SessionComputation(shadow)
-            except Exception:
-                if not local:
-                    return None
-                span = sub_span(self.full, start, end)
-                return LocalComputation(span, batch_size=1, max_length=MAX_LENGTH)
+            await shadow.open(start, end)
+            return shadow
+
+        async def local_span(start: int, end: int) -> BlockSpan:
+            return sub_span(self.full, start, end)
 
         verifier = Verifier(
             mode=mode,
             reputation=Reputation(),
-            open_computation=open_computation,
+            open_computation=computation_opener(
+                open_shadow,
+                local_span if local else None,
+                no_route=(SessionFailedError,),
+                batch_size=1,
+                max_length=MAX_LENGTH,
+            ),
             rng=random.Random(0),
         )
         session = route_session(

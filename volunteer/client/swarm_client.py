@@ -37,12 +37,7 @@ from volunteer.client.measurements import PeerMeasurements
 from volunteer.client.remote_span import RemoteSpan, ping
 from volunteer.client.server_view import ServerView, Work
 from volunteer.client.spread import SpreadCalls, TracedHop
-from volunteer.client.verification import (
-    Computation,
-    LocalComputation,
-    SessionComputation,
-    Verifier,
-)
+from volunteer.client.verification import Verifier, computation_opener
 from volunteer.models.config import ModelConfig
 from volunteer.models.model import BlockSpan
 from volunteer.scheduler.routing import (
@@ -303,9 +298,7 @@ class SwarmClient:
         if mode == "off":
             return None
 
-        async def open_computation(
-            start: int, end: int, avoid: frozenset[str]
-        ) -> Computation | None:
+        async def open_shadow(start: int, end: int, avoid: frozenset[str]) -> SwarmInferenceSession:
             shadow = SwarmInferenceSession(
                 plan_route=lambda s, e, more: self.plan_inference(s, e, more | avoid),
                 open_stream=open_stream,
@@ -315,22 +308,25 @@ class SwarmClient:
                 step_timeout_s=self.step_timeout_s,
                 max_failovers=SHADOW_FAILOVERS,
             )
-            try:
-                await shadow.open(start, end)
-                return SessionComputation(shadow)
-            except (SessionFailedError, *RETRIABLE_ERRORS):
-                pass  # no other replica: this process's own blocks, if it has them
-            if self.local_blocks is None:
-                return None
-            span = await asyncio.to_thread(self.local_blocks, start, end)
-            if span is None:
-                return None
-            return LocalComputation(span, batch_size=batch_size, max_length=max_length)
+            await shadow.open(start, end)
+            return shadow
+
+        local_blocks = self.local_blocks
+
+        async def local_span(start: int, end: int) -> BlockSpan | None:
+            assert local_blocks is not None
+            return await asyncio.to_thread(local_blocks, start, end)
 
         return Verifier(
             mode=mode,
             reputation=self.reputation,
-            open_computation=open_computation,
+            open_computation=computation_opener(
+                open_shadow,
+                local_span if local_blocks is not None else None,
+                no_route=(SessionFailedError, *RETRIABLE_ERRORS),
+                batch_size=batch_size,
+                max_length=max_length,
+            ),
             rng=self._rng,
             trusted=frozenset({self.own_peer_id}),
         )

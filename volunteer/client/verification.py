@@ -61,6 +61,31 @@ OpenComputation = Callable[[int, int, frozenset[str]], Awaitable[Computation | N
 """Opens a computation of blocks [start, end) avoiding the given peers; None if none."""
 
 
+def computation_opener(
+    open_session: Callable[[int, int, frozenset[str]], Awaitable[_Session]],
+    local_span: Callable[[int, int], Awaitable[BlockSpan | None]] | None,
+    *,
+    no_route: tuple[type[BaseException], ...],
+    batch_size: int,
+    max_length: int,
+) -> OpenComputation:
+    """An `OpenComputation` that opens a session of other servers (`open_session`, which
+    raises one of `no_route` when none is left) or else computes the blocks here, from
+    `local_span` (None, or a span of None: this process cannot)."""
+
+    async def open_computation(start: int, end: int, avoid: frozenset[str]) -> Computation | None:
+        try:
+            return SessionComputation(await open_session(start, end, avoid))
+        except no_route:
+            pass  # no other replica: this process's own blocks, if it has them
+        span = await local_span(start, end) if local_span is not None else None
+        if span is None:
+            return None
+        return LocalComputation(span, batch_size=batch_size, max_length=max_length)
+
+    return open_computation
+
+
 @dataclasses.dataclass
 class Verifier:
     """What the checks of a client's sessions share."""
@@ -227,7 +252,7 @@ class HopCheck:
                 self.start, self.end, avoid | self.verifier.banned()
             )
         except Exception as exc:  # e.g. the model's files could not be read
-            logger.warning("no third computation of blocks %d:%d: %s", *self.span, exc)
+            logger.warning("no third computation of blocks %d:%d: %s", self.start, self.end, exc)
             return None
         if third is None:
             return None
@@ -236,15 +261,13 @@ class HopCheck:
                 await third.step(torch.cat(between(history, 0, start_pos), dim=1), 0)
             return await third.step(hidden, start_pos)
         except Exception as exc:
-            logger.info("the third computation of blocks %d:%d failed: %s", *self.span, exc)
+            logger.info(
+                "the third computation of blocks %d:%d failed: %s", self.start, self.end, exc
+            )
             return None
         finally:
             with contextlib.suppress(Exception):
                 await third.close()
-
-    @property
-    def span(self) -> tuple[int, int]:
-        return self.start, self.end
 
     def _convict(self, peers: frozenset[str], reason: str) -> None:
         """Bans `peers` when the blame is theirs alone: one peer (a shadow of several
