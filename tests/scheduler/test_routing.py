@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 
 import pytest
 from volunteer.scheduler.routing import (
+    STANDING_WEIGHT,
     Backoff,
     NoRouteError,
     RouteHop,
     ServerCandidate,
     inference_route,
     load_spread_route,
+    standing_factor,
 )
 
 
-def _server(peer: str, start: int, end: int, tps: float = 100.0, rtt: float = 0.01):
-    return ServerCandidate(peer, start, end, tps, rtt)
+def _server(
+    peer: str,
+    start: int,
+    end: int,
+    tps: float = 100.0,
+    rtt: float = 0.01,
+    standing: float = 0.5,
+):
+    return ServerCandidate(peer, start, end, tps, rtt, standing)
 
 
 def test_one_server_for_everything_beats_two_hops() -> None:
@@ -80,6 +90,59 @@ def test_load_spread_draws_by_throughput_and_covers_the_span() -> None:
     assert 0.70 < counts["a"] / 2000 < 0.80
     route = load_spread_route([_server("x", 0, 12), _server("y", 12, 30)], 0, 30, rng=rng)
     assert route == [RouteHop("x", 0, 12), RouteHop("y", 12, 30)]
+
+
+def test_of_like_speed_the_reputable_server_is_chosen() -> None:
+    # "a" would win the tie by peer id: standing alone must move the route to "b".
+    newcomer = _server("a", 0, 30, standing=0.5)
+    reputable = _server("b", 0, 30, standing=0.9)
+    assert inference_route([newcomer, reputable], 0, 30) == [RouteHop("b", 0, 30)]
+    # Still when the reputable one is a little slower, and for a part of the chain.
+    slightly_slower = _server("b", 0, 30, tps=90.0, standing=0.9)
+    assert inference_route([newcomer, slightly_slower], 0, 30) == [RouteHop("b", 0, 30)]
+    chain = [_server("a", 0, 30), _server("c", 15, 30, standing=0.95)]
+    assert inference_route(chain, 0, 30) == [RouteHop("a", 0, 15), RouteHop("c", 15, 30)]
+
+
+def test_the_standing_penalty_is_bounded_so_a_much_faster_newcomer_wins() -> None:
+    assert standing_factor(0.0, 1.0) == pytest.approx(1.0 + STANDING_WEIGHT)
+    assert standing_factor(-5.0, 7.0) == pytest.approx(1.0 + STANDING_WEIGHT)
+    assert standing_factor(0.7, 0.7) == 1.0 and standing_factor(0.9, 0.5) == 1.0
+    # Three times as fast: the newcomer wins, even with the worst standing there is.
+    slow_veteran = _server("old", 0, 30, tps=100.0, standing=1.0)
+    for level in (0.5, 0.0):
+        fast_newcomer = _server("new", 0, 30, tps=300.0, standing=level)
+        route = inference_route([slow_veteran, fast_newcomer], 0, 30)
+        assert route == [RouteHop("new", 0, 30)]
+
+
+def test_equal_standings_route_as_by_speed_alone() -> None:
+    # Round trip against compute: "b" wins by speed alone (0.511 s against 0.601 s), but
+    # would lose were every compute time scaled by the same factor (1.5: 0.761 against 0.751).
+    servers = [_server("a", 0, 30, tps=100.0, rtt=0.3), _server("b", 0, 30, tps=60.0, rtt=0.01)]
+    by_speed = inference_route(servers, 0, 30)
+    assert by_speed == [RouteHop("b", 0, 30)]
+    for level in (0.0, 0.3, 0.9, 1.0):
+        same = [dataclasses.replace(c, standing=level) for c in servers]
+        assert inference_route(same, 0, 30) == by_speed
+    drawn = [
+        _server("a", 0, 30, tps=300.0, standing=0.2),
+        _server("b", 0, 30, tps=100.0, standing=0.2),
+    ]
+    rng = random.Random(0)
+    share = sum(load_spread_route(drawn, 0, 30, rng=rng)[0].peer_id == "a" for _ in range(2000))
+    assert 0.70 < share / 2000 < 0.80
+
+
+def test_spread_draws_favour_the_reputable_server() -> None:
+    servers = [_server("new", 0, 30, standing=0.5), _server("old", 0, 30, standing=1.0)]
+    rng = random.Random(1)
+    draws = 4000
+    old = sum(load_spread_route(servers, 0, 30, rng=rng)[0].peer_id == "old" for _ in range(draws))
+    # Weights 1 and 1 / 1.5: "old" draws 60%, a newcomer still 40% (so it gets checked).
+    expected = standing_factor(0.5) / (1.0 + standing_factor(0.5))
+    assert expected - 0.03 < old / draws < expected + 0.03
+    assert 0.55 < old / draws < 0.65
 
 
 def test_backoff_doubles_and_forgives() -> None:
