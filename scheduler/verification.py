@@ -14,6 +14,7 @@ tolerance, but a bug can) comes back, a repeated cheat stays out longer each tim
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 Mode = Literal["off", "sample", "all"]
@@ -60,3 +61,17 @@ def standing(record: CheckRecord) -> float:
     """A score from 0 (failed checks only) to 1 (many passed, none failed), routing's
     preference among servers of like speed: a newcomer scores 0.5."""
     return (record.passed + HALF_AT) / (record.passed + 2 * HALF_AT + 10 * record.failed)
+
+
+def validator_rest_s(round_s: float, share: float, *, min_rest_s: float) -> float:
+    """How long a validator rests after a round of checks that took `round_s`, so that
+    checking takes at most `share` of its time (never: a share of 0)."""
+    if share <= 0.0:
+        return math.inf
+    return max(min_rest_s, round_s * (1.0 - share) / share)
+
+
+def probe_order(records: dict[str, CheckRecord], draws: dict[str, float]) -> list[str]:
+    """Which servers a validator checks first: the least checked (newcomers on
+    probation), ties broken by the caller's random `draws`."""
+    return sorted(records, key=lambda peer: (records[peer].passed, draws.get(peer, 0.0)))

@@ -1,6 +1,9 @@
 """A server that answers wrong on purpose, among real daemons on loopback serving the real
 SmolLM2: with every step checked, chat through the swarm answers exactly what the model
-answers locally, and the client bans the cheat within a few of its steps.
+answers locally, the client bans the cheat within a few of its steps, and the other
+daemons ban it too within a minute, from the client's accusation alone (their validator
+role is off: none of them checks the cheat itself). A daemon that files false
+accusations (`--faults lie-accuse`) is banned by the others; whom it accused is not.
 
 The swarm: a bootstrap daemon that serves nothing and runs the client, one server of
 blocks 0:15, and two of 15:30, one of them a drill (`--faults perturb:1.0:0.05`). The
@@ -30,12 +33,20 @@ PROMPT = "Write a short story about a robot who learns to paint."
 NEW_TOKENS = "24"
 CHAT_TIMEOUT_S = 240
 MAX_CHEAT_STEPS = 20
+SWARM_BAN_S = 60.0
+LIAR_BAN_S = 120.0
 
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory: pytest.TempPathFactory, smollm2_folder: Path) -> Iterator[DaemonSwarm]:
     homes = Homes(tmp_path_factory.mktemp("wrong"))
-    swarm = DaemonSwarm(homes, smollm2_folder, new_tokens=NEW_TOKENS, chat_timeout_s=CHAT_TIMEOUT_S)
+    swarm = DaemonSwarm(
+        homes,
+        smollm2_folder,
+        new_tokens=NEW_TOKENS,
+        chat_timeout_s=CHAT_TIMEOUT_S,
+        daemon_flags=("--validate-share", "0"),
+    )
     try:
         swarm.start("boot", "--num-blocks", "0")
         swarm.start("first", "--blocks", "0:15")
@@ -88,3 +99,55 @@ def test_peers_and_status_show_the_ban(swarm: DaemonSwarm) -> None:
     assert "banned until" in text and swarm.started["cheat"]["peer_id"] in text
     status = swarm.homes.status(boot)
     assert status["peers_banned"] == 1 and status["checks_failed"] >= 1
+
+
+def _peers(swarm: DaemonSwarm, name: str) -> dict[str, dict]:
+    listed = swarm.homes.cli(swarm.homes.home(name), "peers", "--json")
+    assert listed.returncode == 0, listed.stderr
+    return {peer["peer_id"]: peer for peer in json.loads(listed.stdout)["peers"]}
+
+
+def _wait_for_bans(swarm: DaemonSwarm, peer: str, judges: list[str], timeout_s: float) -> dict:
+    """Each judge's report of `peer`, once every judge bans it (or the deadline passes)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reports = {judge: _peers(swarm, judge).get(peer, {}) for judge in judges}
+        if all(r.get("banned_until_s") for r in reports.values()) or time.monotonic() > deadline:
+            return reports
+        time.sleep(2.0)
+
+
+def test_the_other_daemons_ban_the_cheat_from_the_accusation_within_a_minute(
+    swarm: DaemonSwarm,
+) -> None:
+    cheat = swarm.started["cheat"]["peer_id"]
+    boot_id = swarm.started["boot"]["peer_id"]
+    banned_by_boot = _peers(swarm, "boot")[cheat]["banned_until_s"]
+    reports = _wait_for_bans(swarm, cheat, ["first", "honest"], SWARM_BAN_S)
+    for judge, report in reports.items():
+        # Bans last the same here: their ends are as far apart as the bans themselves.
+        assert report.get("banned_until_s"), (judge, report)
+        assert report["banned_until_s"] - banned_by_boot <= SWARM_BAN_S, (judge, report)
+        assert f"proven by {boot_id}" in report["ban_reason"], (judge, report)
+    status = swarm.homes.status(swarm.homes.home("first"))
+    assert status["accusations_upheld"] >= 1 and status["accusations_refuted"] == 0
+    assert swarm.homes.status(swarm.homes.home("boot"))["accusations_filed"] >= 1
+
+
+def test_a_false_accuser_loses_its_standing_and_the_accused_keep_theirs(
+    swarm: DaemonSwarm,
+) -> None:
+    # Its validator probes servers every few seconds, and accuses each that passes.
+    swarm.start("liar", "--num-blocks", "0", "--faults", "lie-accuse", "--validate-share", "0.5")
+    liar = swarm.started["liar"]["peer_id"]
+    judges = ["boot", "first", "honest"]
+    reports = _wait_for_bans(swarm, liar, judges, LIAR_BAN_S)
+    for judge, report in reports.items():
+        assert report.get("banned_until_s"), (judge, report)
+        assert "false accusation against" in report["ban_reason"], (judge, report)
+    for judge in judges:
+        peers = _peers(swarm, judge)
+        for honest in ("first", "honest"):
+            report = peers[swarm.started[honest]["peer_id"]]
+            assert report["banned_until_s"] is None, (judge, honest, report)
+    assert swarm.homes.status(swarm.homes.home("boot"))["accusations_refuted"] >= 1

@@ -11,19 +11,38 @@ from typing import Any
 
 import pytest
 import torch
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils.crypto import RSAPrivateKey
 from volunteer.models.model import BlockSpan
 from volunteer.scheduler.routing import Backoff, ServerCandidate
 from volunteer.scheduler.verification import Mode
 
 from tests.client.decoding import assert_close, decode_cuts, local_outputs, route_session
-from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_config
+from tests.server import (
+    LoopThread,
+    hidden_states,
+    random_span,
+    signing_p2p,
+    sub_span,
+    tiny_config,
+)
 from volunteer.client.inference import SessionFailedError, SwarmInferenceSession
-from volunteer.client.verification import Verifier, computation_opener
+from volunteer.client.remote_span import RemoteSpan
+from volunteer.client.verification import LocalComputation, Verifier, computation_opener
 from volunteer.faults import parse_faults
 from volunteer.server.drill import Drill
 from volunteer.server.handler import BlockHandler
+from volunteer.transport.commitment import PeerSigner
+from volunteer.transport.protocol import BadReplyError
+from volunteer.trust.evidence import Evidence, EvidenceError, is_wrong
+from volunteer.trust.evidence_exchange import (
+    EVIDENCE_HANDLE,
+    EvidenceFetchError,
+    EvidenceStore,
+    fetch_evidence,
+)
 from volunteer.trust.reputation import Reputation
+from volunteer.trust.tolerance import FLOAT32_TOLERANCE
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
 
@@ -122,7 +141,7 @@ async def _start(full: BlockSpan) -> tuple[P2P, dict]:
     servers: dict[str, tuple[P2P, BlockHandler, ServerCandidate]] = {}
     for name, (start, end, throughput, faults, threads) in SPECS.items():
         known = [a for p2p, _, _ in servers.values() for a in await p2p.get_visible_maddrs()]
-        p2p = await P2P.create(host_maddrs=LOOPBACK, initial_peers=known)
+        p2p, signer = await signing_p2p(host_maddrs=LOOPBACK, initial_peers=known)
         handler = await BlockHandler.create(
             p2p=p2p,
             span=sub_span(full, start, end),
@@ -133,6 +152,7 @@ async def _start(full: BlockSpan) -> tuple[P2P, dict]:
             throughput=throughput,
             threads=threads,
         )
+        handler.signer = signer
         if faults:
             handler.drill = Drill(parse_faults(faults), seed=1)
         candidate = ServerCandidate(p2p.peer_id.to_base58(), start, end, throughput)
@@ -176,10 +196,16 @@ def test_a_cheating_shadow_is_caught_by_the_third_computation(swarm: Swarm) -> N
     # The honest server is routed (it is the faster), the zeros server shadows it, and
     # this process decides.
     session, verifier = swarm.session(["front", "honest", "zeros"], "all")
+    accused: list[tuple[str, Evidence]] = []
+    verifier.accuse = lambda peer, evidence, reason: accused.append((peer, evidence))
     swarm.decode(session, steps=4)
     assert verifier.reputation.is_banned(swarm.peer("zeros"))
     assert not verifier.reputation.is_banned(swarm.peer("honest"))
     assert "as a shadow" in verifier.reputation.of(swarm.peer("zeros")).ban_reason
+    # A shadow signs its steps as any server does: it is accused with its own evidence.
+    ((peer, evidence),) = accused
+    assert peer == swarm.peer("zeros") == evidence.checked_certificate().server
+    assert swarm.loop.run(is_wrong(evidence, _replay_here(swarm), FLOAT32_TOLERANCE), 60)
 
 
 def test_honest_servers_of_other_thread_counts_are_never_found_wrong(swarm: Swarm) -> None:
@@ -220,3 +246,116 @@ def test_sampled_checks_catch_a_server_wrong_on_a_fifth_of_its_steps(swarm: Swar
     assert verifier.reputation.is_banned(swarm.peer("flaky"))
     assert not verifier.reputation.is_banned(swarm.peer("honest"))
     assert verifier.checked < 2 * 41  # a share of the steps, not all of them
+
+
+def _replay_here(swarm: Swarm):
+    """Recomputes evidence's steps on the blocks run in this process (the judge's own)."""
+
+    async def replay(start: int, end: int, steps: list) -> torch.Tensor:
+        local = LocalComputation(sub_span(swarm.full, start, end), batch_size=1, max_length=64)
+        for position, hidden in steps:
+            output = await local.step(hidden, position)
+        return output
+
+    return replay
+
+
+def test_a_caught_cheat_leaves_evidence_that_a_stranger_checks_without_it(swarm: Swarm) -> None:
+    # A cheat of its own, which goes offline once caught: the stranger who judges the
+    # evidence cannot have asked it anything.
+    async def start_cheat() -> tuple[P2P, BlockHandler]:
+        known = [str(a) for a in await swarm.client.get_visible_maddrs()]
+        p2p, signer = await signing_p2p(host_maddrs=LOOPBACK, initial_peers=known)
+        handler = await BlockHandler.create(
+            p2p=p2p, span=sub_span(swarm.full, 2, 4), model_name="tiny", cache_tokens=1024,
+            max_batch=1, max_chunk=16,
+        )  # fmt: skip
+        handler.signer = signer
+        handler.drill = Drill(parse_faults("perturb:1.0:0.05"), seed=2)
+        return p2p, handler
+
+    p2p, handler = swarm.loop.run(start_cheat(), timeout_s=60)
+    cheat = p2p.peer_id.to_base58()
+    swarm.servers["gone"] = (p2p, handler, ServerCandidate(cheat, 2, 4, 1000.0))
+    try:
+        session, verifier = swarm.session(["front", "gone", "honest"], "all")
+        accused: list[tuple[str, Evidence, str]] = []
+        verifier.accuse = lambda peer, evidence, reason: accused.append((peer, evidence, reason))
+        swarm.decode(session, steps=3)
+    finally:
+        del swarm.servers["gone"]
+        swarm.loop.run(handler.shutdown(), timeout_s=30)
+        swarm.loop.run(p2p.shutdown(), timeout_s=30)
+    assert [(peer, reason) for peer, _, reason in accused] == [
+        (cheat, "wrong output on blocks 2:4 at position 0")
+    ]
+    raw = accused[0][1].to_bytes()
+
+    async def judge() -> bool:
+        # The accuser (this client) serves its evidence to a peer that knows only it.
+        store = EvidenceStore()
+        name = store.add(raw)
+        await swarm.client.add_binary_stream_handler(EVIDENCE_HANDLE, store.serve)
+        accuser = [str(a) for a in await swarm.client.get_visible_maddrs()]
+        stranger = await P2P.create(host_maddrs=LOOPBACK, initial_peers=accuser)
+        try:
+            accuser_id = swarm.client.peer_id.to_base58()
+            fetched = await fetch_evidence(stranger, accuser_id, name, timeout_s=TIMEOUT_S)
+            with pytest.raises(EvidenceFetchError):
+                await fetch_evidence(stranger, accuser_id, "0" * 64, timeout_s=TIMEOUT_S)
+            evidence = Evidence.from_bytes(fetched)
+            assert evidence.checked_certificate().server == cheat
+            return await is_wrong(evidence, _replay_here(swarm), FLOAT32_TOLERANCE)
+        finally:
+            await stranger.shutdown()
+            await swarm.client.remove_binary_stream_handler(EVIDENCE_HANDLE)
+
+    assert swarm.loop.run(judge(), timeout_s=120)
+
+    # Evidence with any step changed no longer holds: the chain is not the one signed.
+    tampered = Evidence.from_bytes(raw)
+    tampered.steps[0].hidden = tampered.steps[0].hidden + 1e-3
+    with pytest.raises(EvidenceError, match="does not hold"):
+        tampered.checked_certificate()
+    with pytest.raises(EvidenceError):
+        Evidence.from_bytes(raw[:-10])
+
+
+def test_an_honest_servers_signed_steps_do_not_convict_it(swarm: Swarm) -> None:
+    async def run() -> tuple[Evidence, Evidence]:
+        logs = []
+        for name in ("honest", "cheat"):
+            peer = PeerID.from_base58(swarm.peer(name))
+            remote = RemoteSpan(p2p=swarm.client, peer_id=peer, start=2, end=4)
+            stream = await remote.open_inference(max_length=MAX_LENGTH, batch_size=1)
+            hidden = hidden_states(1, 6, seed=11)
+            await stream.step(hidden[:, :4], 0)
+            await stream.step(hidden[:, 4:6], 4)
+            await stream.step(hidden[:, 3:4], 3)  # a rewind is part of the signed history
+            await stream.close()
+            logs.append(stream.log.evidence())
+        return logs[0], logs[1]
+
+    honest, cheat = swarm.loop.run(run(), timeout_s=60)
+    replay = _replay_here(swarm)
+    honest = Evidence.from_bytes(honest.to_bytes())
+    assert honest.checked_certificate().server == swarm.peer("honest")
+    assert not swarm.loop.run(is_wrong(honest, replay, FLOAT32_TOLERANCE), timeout_s=60)
+    assert swarm.loop.run(is_wrong(cheat, replay, FLOAT32_TOLERANCE), timeout_s=60)
+
+
+def test_a_server_certifying_a_key_not_its_own_is_not_used(swarm: Swarm) -> None:
+    _, handler, candidate = swarm.servers["zeros"]
+    own = handler.signer
+    handler.signer = PeerSigner(RSAPrivateKey())  # certificates that name another peer
+
+    async def run() -> None:
+        peer = PeerID.from_base58(candidate.peer_id)
+        remote = RemoteSpan(p2p=swarm.client, peer_id=peer, start=2, end=4)
+        with pytest.raises(BadReplyError, match=r"not its server's peer id|another server"):
+            await remote.open_inference(max_length=MAX_LENGTH, batch_size=1)
+
+    try:
+        swarm.loop.run(run(), timeout_s=60)
+    finally:
+        handler.signer = own

@@ -114,6 +114,8 @@ def test_new_swarm_false_does_not_clear_a_lower_join(paths: Paths) -> None:
         ({"max_ram_gib": "0"}, "--max-ram-gib: expected GiB above 0"),
         ({"max_ram_gib": "nan"}, "--max-ram-gib: expected GiB above 0"),
         ({"rebalance_period_s": "-5"}, "--rebalance-period: expected seconds between 0"),
+        ({"validate_share": "0.9"}, "--validate-share: expected a share between 0 and 0.5"),
+        ({"validate_share": "most"}, "--validate-share: expected a share"),
         ({"model": " "}, "--model: expected a non-empty string"),
         ({"blocks": "0:2", "num_blocks": "2"}, "--blocks and --num-blocks exclude each other"),
         ({"join": [PEER], "new_swarm": True}, "--join and --new-swarm exclude each other"),
@@ -252,6 +254,7 @@ EXAMPLES: dict[str, tuple[Any, str]] = {
     "max_session_s": (600.0, "600"),
     "max_push_streams_per_peer": (2, "2"),
     "verify": ("all", "ALL"),
+    "validate_share": (0.25, "0.25"),
     "faults": (parse_faults("stale:0.5,perturb:0.1:0.05"), "stale:0.5, perturb:0.1:0.05"),
 }
 """Per setting: a value other than its default, and that value as env or flag text."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import pytest
@@ -14,7 +15,9 @@ from volunteer.scheduler.verification import (
     ban_s,
     check_share,
     is_checked_now,
+    probe_order,
     standing,
+    validator_rest_s,
 )
 
 
@@ -51,3 +54,22 @@ def test_standing_prefers_passed_checks_and_sinks_with_a_failure() -> None:
     assert standing(CheckRecord(passed=100)) > 0.9
     assert standing(CheckRecord(passed=100, failed=1)) < standing(CheckRecord(passed=100))
     assert standing(CheckRecord(failed=3)) < 0.3
+
+
+def test_a_validator_rests_to_keep_within_its_share() -> None:
+    assert validator_rest_s(1.0, 0.5, min_rest_s=0.1) == pytest.approx(1.0)
+    assert validator_rest_s(1.0, 0.02, min_rest_s=5.0) == pytest.approx(49.0)
+    assert validator_rest_s(0.01, 0.5, min_rest_s=5.0) == 5.0
+    assert validator_rest_s(1.0, 0.0, min_rest_s=5.0) == math.inf
+    # Time checking over time in all stays within the share, whatever a round costs.
+    for round_s in (0.1, 2.0, 30.0):
+        rest = validator_rest_s(round_s, 0.1, min_rest_s=1.0)
+        assert round_s / (round_s + rest) <= 0.1 + 1e-9
+
+
+def test_a_validator_checks_the_least_checked_first() -> None:
+    records = {"old": CheckRecord(passed=40), "new": CheckRecord(), "mid": CheckRecord(passed=3)}
+    assert probe_order(records, {}) == ["new", "mid", "old"]
+    tied = {"a": CheckRecord(), "b": CheckRecord()}
+    assert probe_order(tied, {"a": 0.9, "b": 0.1}) == ["b", "a"]
+    assert probe_order(tied, {"a": 0.1, "b": 0.9}) == ["a", "b"]

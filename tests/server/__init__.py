@@ -10,9 +10,12 @@ loaded machine only makes them slower. The deadline only stops a hang.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -29,12 +32,15 @@ from volunteer.models.model import BlockSpan
 from volunteer.client.loop_thread import LoopThread
 from volunteer.client.remote_span import InferenceStream
 from volunteer.server.handler import BlockHandler
+from volunteer.swarm.dht_records import encode_p2p_identity
+from volunteer.transport.commitment import PeerSigner
 
 __all__ = [
     "WAIT_S",
     "LoopThread",
     "hidden_states",
     "random_span",
+    "signing_p2p",
     "start_route_servers",
     "step_until_pushed",
     "sub_span",
@@ -103,6 +109,22 @@ def whole_backward(
         outputs = sub_span(full, start, end)(inputs)
         (grad,) = torch.autograd.grad(outputs, inputs, grad_outputs)
     return grad
+
+
+async def signing_p2p(**options: Any) -> tuple[P2P, PeerSigner]:
+    """A P2P whose peer id is a fresh RSA key, as a daemon's is, and that key's signer:
+    a server given it (`BlockHandler.signer`) commits to its steps."""
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    key = RSAPrivateKey()
+    descriptor, path = tempfile.mkstemp(prefix="identity-")
+    try:
+        os.write(descriptor, encode_p2p_identity(key))
+        os.close(descriptor)
+        p2p = await P2P.create(identity_path=path, **options)
+    finally:
+        os.unlink(path)
+    return p2p, PeerSigner(key)
 
 
 def hidden_states(batch: int, seq: int, seed: int = 1) -> torch.Tensor:

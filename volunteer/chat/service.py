@@ -203,6 +203,7 @@ class ChatService:
                     config=model.config,
                     verify=self._settings.verify,  # type: ignore[arg-type]  # checked
                     reputation=self._trust.reputation,
+                    accuse=self._trust.accuse,
                     local_blocks=local_blocks(model, self._blocks),
                 )
                 self._chat = await in_passing_thread(

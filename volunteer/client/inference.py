@@ -37,6 +37,7 @@ from volunteer.client.verification import HopCheck, Verifier, WrongOutputError
 from volunteer.errors import VolunteerError
 from volunteer.scheduler.routing import Backoff, NoRouteError, RouteHop
 from volunteer.transport.protocol import BadRequestError, NextHop, SessionExpiredError
+from volunteer.trust.step_log import StepLog
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +168,10 @@ class SwarmInferenceSession:
     def route(self) -> list[RouteHop]:
         return [hop.hop for hop in self._hops]
 
+    def logs(self) -> list[StepLog | None]:
+        """Each hop's signed steps, in route order (None: a hop that keeps none)."""
+        return [getattr(hop.stream, "log", None) for hop in self._hops]
+
     async def open(self, start: int, end: int) -> None:
         """Chooses a route over [start, end) and opens a stream on every hop."""
         self._refusals_left = MAX_REFUSALS
@@ -221,7 +226,7 @@ class SwarmInferenceSession:
                     output = await run(False)
                 else:
                     output = await hop.check.step(
-                        run, hop.hop.peer_id, hidden, start_pos, hop.inputs
+                        run, hop.hop.peer_id, hidden, start_pos, hop.inputs, log=self.logs()[index]
                     )
             except Exception as exc:
                 if not self._is_server_fault(exc):

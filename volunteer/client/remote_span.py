@@ -31,7 +31,9 @@ from volunteer.client.keepalive import Keepalive, get_alive
 from volunteer.client.replies import (
     OPEN_REPLY_BYTES,
     check_output,
+    follow_log,
     only_tensor,
+    open_log,
     reply_bytes,
     server_error,
     step_limit,
@@ -44,10 +46,12 @@ from volunteer.transport.protocol import (
     FORWARD_HANDLE,
     INFERENCE_HANDLE,
     INFO_HANDLE,
+    BadReplyError,
     PeerUnavailableError,
     RemoteSpanError,
 )
 from volunteer.transport.queue_wait import get_within
+from volunteer.trust.step_log import StepLog
 
 INBOX_SIZE = 4
 """Frames read ahead of the caller: one reply per step, and an error, come at a time."""
@@ -152,8 +156,8 @@ class RemoteSpan:
         request = runtime_pb2.ExpertRequest(
             tensors=[framing.pack_tensor(t) for t in tensors], metadata=wire.pack_metadata(meta)
         )
-        # One message over a stream, so that big tensors avoid the unary size limit; the
-        # reply is hidden states of the first tensor's shape, and read within that bound.
+        # One message over a stream: big tensors avoid the unary size limit; the reply
+        # (hidden states of the first tensor's shape) is read within that bound.
         call = call_once(
             self.p2p,
             self.peer_id,
@@ -180,14 +184,12 @@ async def ping(p2p: P2P, peer_id: PeerID, timeout_s: float) -> float:
 class InferenceStream:
     """One inference session on one server: steps go in order, one at a time.
 
-    It drives the stream's connection itself rather than through hivemind's stream
-    helper: that helper, when the server dies, waits for the caller's next request
-    before it reports the end of the stream, so a client waiting for a reply would sit
-    out its whole timeout instead of failing over at once. Here a reader task takes
-    every frame (and the end of the stream) as it arrives, so a dead server is seen at
-    once, and a reason the server sent before closing (an expired session) is kept even
-    when the next write then fails. A host that vanished without closing anything is
-    found by pinging it while a reply is late (`volunteer.client.keepalive`).
+    It drives the connection itself: hivemind's stream helper reports a dead server
+    only at the caller's next request, so a client waiting for a reply would sit out
+    its whole timeout instead of failing over. Here a reader task takes every frame (and
+    the end of the stream) as it arrives: a dead server is seen at once, and a reason
+    it sent before closing (an expired session) is kept even when the next write fails;
+    a vanished host is found by pinging it while a reply is late (`client.keepalive`).
     """
 
     def __init__(
@@ -218,13 +220,20 @@ class InferenceStream:
         self._is_closed = False
         self.pushed = False
         """Whether the server pushed its last step's output on to the next hop."""
+        self.log: StepLog | None = None  # None: the server commits to nothing
 
     async def open(self, opening: wire.OpenSessionRequest, *, timeout_s: float) -> None:
         """Starts the stream and waits for the server to admit the session."""
         reader, self._writer = await self._connect(timeout_s)
         self._reading = asyncio.create_task(self._read_forever(reader), name="inference-reader")
         await self._send(runtime_pb2.ExpertRequest(metadata=wire.pack_metadata(opening)), timeout_s)
-        self.max_chunk = step_limit(await self._receive(timeout_s, is_watched=True))
+        ack = await self._receive(timeout_s, is_watched=True)
+        self.max_chunk = step_limit(ack)
+        try:
+            self.log = open_log(ack, opening, server=str(self.span.peer_id), what=self._what())
+        except BadReplyError:
+            self._abort()
+            raise
 
     async def _connect(self, timeout_s: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """The stream: on the server's local socket when it has one here, else via p2p."""
@@ -292,6 +301,7 @@ class InferenceStream:
                 reply = await self._receive(timeout_s, is_watched=True)
                 assert reply is not None  # only an expected end returns None
             output = check_output(only_tensor(reply, what=self._what()), hidden, what=self._what())
+            follow_log(self.log, reply, start_pos, hidden, what=self._what())
             self.pushed = was_pushed(reply)
             return output
 

@@ -14,7 +14,9 @@ from hivemind.proto import runtime_pb2
 
 import volunteer.transport.framing as framing
 import volunteer.transport.protocol as wire
+from volunteer.transport.commitment import CommitmentError, SignedCertificate
 from volunteer.transport.protocol import BadReplyError, RemoteError, RemoteSpanError
+from volunteer.trust.step_log import StepLog
 
 MAX_REPLY_NUMEL = 1 << 30
 """The most elements a reply's tensor may declare: its frame is bounded before it is read
@@ -90,3 +92,57 @@ def was_pushed(reply: runtime_pb2.ExpertResponse) -> bool:
         return wire.unpack_metadata(reply.metadata, wire.StepReply).pushed
     except wire.BadRequestError:
         return False  # a server that says nothing pushed nothing we should wait for
+
+
+def open_log(
+    reply: runtime_pb2.ExpertResponse | None,
+    opening: wire.OpenSessionRequest,
+    *,
+    server: str,
+    what: str,
+) -> StepLog | None:
+    """The log of the session's signed steps, from the certificate in the server's
+    acknowledgement (None: the server commits to nothing; see `volunteer.trust.step_log`).
+
+    Raises:
+        BadReplyError: a certificate that is not the server's, or not of this session.
+    """
+    try:
+        meta = wire.unpack_metadata(reply.metadata, wire.StepReply) if reply else None
+    except wire.BadRequestError:
+        return None  # step_limit said the same: an acknowledgement of no use
+    if meta is None or meta.certificate is None:
+        return None
+    certificate = SignedCertificate(meta.certificate, meta.certificate_signature or b"")
+    try:
+        return StepLog(
+            certificate,
+            server=server,
+            session_id=opening.session_id,
+            start=opening.start,
+            end=opening.end,
+        )
+    except CommitmentError as exc:
+        raise BadReplyError(f"{what}: {exc}") from None
+
+
+def follow_log(
+    log: StepLog,
+    reply: runtime_pb2.ExpertResponse,
+    start_pos: int,
+    hidden: torch.Tensor,
+    *,
+    what: str,
+) -> None:
+    """Adds a step's reply to the session's log (if it has one).
+
+    Raises:
+        BadReplyError: the reply's commitment is missing or not over this step.
+    """
+    if log is None:
+        return
+    try:
+        meta = wire.unpack_metadata(reply.metadata, wire.StepReply)
+        log.follow(start_pos, hidden, reply.tensors[0], meta.chain, meta.signature)
+    except (CommitmentError, wire.BadRequestError) as exc:
+        raise BadReplyError(f"{what}: {exc}") from None

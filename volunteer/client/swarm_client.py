@@ -17,6 +17,7 @@ of inference routes that try newcomers, so that they get measured at all.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -47,11 +48,12 @@ from volunteer.scheduler.routing import (
     inference_route,
     load_spread_route,
 )
-from volunteer.scheduler.verification import Mode
+from volunteer.scheduler.verification import Mode, standing
 from volunteer.swarm.dht_records import read_snapshot_on_node
 from volunteer.swarm.records import SwarmSnapshot
 from volunteer.transport.local_link import dialable
 from volunteer.transport.protocol import BusyError, PeerUnavailableError, SessionExpiredError
+from volunteer.trust.evidence import Evidence
 from volunteer.trust.reputation import Reputation
 
 logger = logging.getLogger(__name__)
@@ -137,12 +139,15 @@ class SwarmClient:
         verify: Mode = "off",
         reputation: Reputation | None = None,
         local_blocks: LocalBlocks | None = None,
+        accuse: Callable[[str, Evidence, str], None] | None = None,
     ) -> None:
         self.verify: Mode = verify
         """How sessions check servers' steps (`volunteer.client.verification`)."""
         self.reputation = reputation or Reputation()
         self.local_blocks = local_blocks
         """Blocks this process can compute itself, checks' arbiter of last resort."""
+        self.accuse = accuse
+        """Files an accusation of a server found wrong, with its evidence (None: none)."""
         self.p2p = p2p
         self.revalidate_delay_s = revalidate_delay_s
         self.node = node
@@ -229,7 +234,7 @@ class SwarmClient:
             NoRouteError: the servers not avoided leave a gap.
         """
         is_trial = self._rng.random() < self.trial_share
-        candidates = self.candidates(kind="decode", on_probation=not is_trial)
+        candidates = self._with_standing(self.candidates(kind="decode", on_probation=not is_trial))
         return inference_route(candidates, start, end, avoid=avoid)
 
     def plan_spread(self, start: int, end: int, avoid: frozenset[str]) -> list[RouteHop]:
@@ -239,8 +244,22 @@ class SwarmClient:
         Raises:
             NoRouteError: the servers not avoided leave a gap.
         """
-        candidates = self.candidates(kind="forward")
+        candidates = self._with_standing(self.candidates(kind="forward"))
         return load_spread_route(candidates, start, end, rng=self._rng, avoid=avoid)
+
+    def _with_standing(self, candidates: list[ServerCandidate]) -> list[ServerCandidate]:
+        """The candidates with the standing our checks gave each, for routing to prefer
+        the reputable among like speed. Our own server, which the verifier trusts and
+        never checks, is put on a par with the best of the others: never held back for
+        its empty record, and not making every other server count as less reputable."""
+        own = self.own_peer_id
+        found = {
+            each.peer_id: standing(self.reputation.of(each.peer_id).record)
+            for each in candidates
+            if each.peer_id != own
+        }
+        found[own] = max(found.values(), default=ServerCandidate.standing)
+        return [dataclasses.replace(each, standing=found[each.peer_id]) for each in candidates]
 
     async def forward(
         self, hidden: torch.Tensor, *, start: int = 0, end: int | None = None
@@ -329,6 +348,7 @@ class SwarmClient:
             ),
             rng=self._rng,
             trusted=frozenset({self.own_peer_id}),
+            accuse=self.accuse,
         )
 
     async def _reread(self) -> None:

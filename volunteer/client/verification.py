@@ -35,8 +35,10 @@ from volunteer.client.positions import between
 from volunteer.errors import VolunteerError
 from volunteer.models.model import BlockSpan
 from volunteer.scheduler.verification import Mode, is_checked_now
+from volunteer.trust.evidence import Evidence
 from volunteer.trust.reputation import Reputation
-from volunteer.trust.tolerance import FLOAT32_TOLERANCE, first_mismatch
+from volunteer.trust.step_log import StepLog
+from volunteer.trust.tolerance import FLOAT32_TOLERANCE, first_mismatch, tolerance_for
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,9 @@ class Computation(Protocol):
         """The peers computing it (none: this process)."""
 
     async def step(self, hidden: torch.Tensor, start_pos: int) -> torch.Tensor: ...
+
+    def evidence(self) -> Evidence | None:
+        """The evidence of its last step, when one server signed it all (else None)."""
 
     async def close(self) -> None: ...
 
@@ -106,11 +111,22 @@ class Verifier:
     unverifiable: int = 0
     """Steps that were to be checked, with no independent computation to check them."""
 
-    def wants_check(self, peer_id: str) -> bool:
-        if peer_id in self.trusted:
+    accuse: Callable[[str, Evidence, str], None] | None = None
+    """Called with a server found wrong, the evidence and the reason: files an
+    accusation (`volunteer.trust.accusations`); None: the ban stays this peer's own."""
+
+    def wants_check(self, peer_id: str, *, is_committed: bool = True) -> bool:
+        """Whether to check this step of the server; one that does not commit to its
+        steps cannot be accused, only caught: it is checked at every step."""
+        if peer_id in self.trusted or self.mode == "off":
             return False
         record = self.reputation.of(peer_id).record
-        return is_checked_now(record, self.mode, self.rng.random())
+        return not is_committed or is_checked_now(record, self.mode, self.rng.random())
+
+    def tolerance_of(self, log: StepLog | None) -> float:
+        """How far a server's outputs may be from a recomputation: wider for a server
+        that says (in its certificate) it computes in a half-precision dtype."""
+        return self.tolerance if log is None else max(self.tolerance, tolerance_for(log.dtype))
 
     def banned(self) -> frozenset[str]:
         return self.reputation.banned()
@@ -135,11 +151,14 @@ class HopCheck:
         hidden: torch.Tensor,
         start_pos: int,
         history: list[torch.Tensor],
+        *,
+        log: StepLog | None = None,
     ) -> torch.Tensor:
         """The server's output of this step, checked when the policy draws it.
 
         `primary(is_checked)` runs the step on the server (a checked step's output must
-        not be pushed on); `history` holds the hop's inputs before `start_pos`.
+        not be pushed on); `history` holds the hop's inputs before `start_pos`; `log`
+        is the server session's signed steps (the evidence should it be found wrong).
 
         Raises:
             WrongOutputError: the server's output was found wrong (it is banned), or a
@@ -147,7 +166,7 @@ class HopCheck:
             Whatever `primary` raises.
         """
         verifier = self.verifier
-        if not verifier.wants_check(peer_id):
+        if not verifier.wants_check(peer_id, is_committed=log is not None):
             return await primary(False)
         shadowing = asyncio.ensure_future(self._shadow_step(peer_id, hidden, start_pos, history))
         try:
@@ -161,10 +180,11 @@ class HopCheck:
             verifier.unverifiable += 1
             return output
         verifier.checked += 1
-        if first_mismatch(output, expected, verifier.tolerance) is None:
+        tolerance = verifier.tolerance_of(log)
+        if first_mismatch(output, expected, tolerance) is None:
             self._passed({peer_id} | self._shadow_peers())
             return output
-        return await self._decide(peer_id, output, expected, hidden, start_pos, history)
+        return await self._decide(peer_id, output, expected, hidden, start_pos, history, log)
 
     async def close(self) -> None:
         shadow, self._shadow = self._shadow, None
@@ -217,6 +237,7 @@ class HopCheck:
         hidden: torch.Tensor,
         start_pos: int,
         history: list[torch.Tensor],
+        log: StepLog | None,
     ) -> torch.Tensor:
         verifier = self.verifier
         shadow_peers = self._shadow_peers()
@@ -227,19 +248,25 @@ class HopCheck:
             verifier.unresolved += 1
             await self.close()
             raise WrongOutputError(f"{where}: {peer_id} and its shadow disagree, undecided")
-        is_right = first_mismatch(output, verdict, verifier.tolerance) is None
-        is_shadow_right = first_mismatch(expected, verdict, verifier.tolerance) is None
+        tolerance = verifier.tolerance_of(log)
+        is_right = first_mismatch(output, verdict, tolerance) is None
+        is_shadow_right = first_mismatch(expected, verdict, tolerance) is None
         if is_right:
             self._passed({peer_id})
             if not is_shadow_right:
-                self._convict(shadow_peers, f"wrong output on {where} (as a shadow)")
+                evidence = self._shadow.evidence() if self._shadow is not None else None
+                self._convict(shadow_peers, f"wrong output on {where} (as a shadow)", evidence)
                 await self.close()
             return output
         if is_shadow_right:
             self._passed(shadow_peers)
         else:
             await self.close()
-        self._convict(frozenset({peer_id}), f"wrong output on {where}")
+        self._convict(
+            frozenset({peer_id}),
+            f"wrong output on {where}",
+            log.evidence() if log is not None else None,
+        )
         raise WrongOutputError(f"{peer_id} answered {where} wrong: a check found it")
 
     async def _third_opinion(
@@ -269,16 +296,20 @@ class HopCheck:
             with contextlib.suppress(Exception):
                 await third.close()
 
-    def _convict(self, peers: frozenset[str], reason: str) -> None:
+    def _convict(self, peers: frozenset[str], reason: str, evidence: Evidence | None) -> None:
         """Bans `peers` when the blame is theirs alone: one peer (a shadow of several
-        servers cannot say which of them was wrong)."""
+        servers cannot say which of them was wrong); accuses it where its signed steps
+        are the `evidence`."""
         if len(peers) != 1:
             return
         (peer,) = peers
-        self.verifier.wrong += 1
-        self.verifier.reputation.record_check(peer, passed=False)
-        standing = self.verifier.reputation.ban(peer, reason)
+        verifier = self.verifier
+        verifier.wrong += 1
+        verifier.reputation.record_check(peer, passed=False)
+        standing = verifier.reputation.ban(peer, reason)
         logger.warning("banned %s until %.0f: %s", peer, standing.banned_until_s, reason)
+        if evidence is not None and verifier.accuse is not None:
+            verifier.accuse(peer, evidence, reason)
 
 
 class LocalComputation:
@@ -312,6 +343,9 @@ class LocalComputation:
             self._cache.length = start_pos + hidden.shape[1]
         return output.to(device=hidden.device, dtype=hidden.dtype)
 
+    def evidence(self) -> Evidence | None:
+        return None  # this process's own computation: nobody to accuse
+
     async def close(self) -> None:
         self._cache = None
 
@@ -319,6 +353,8 @@ class LocalComputation:
 class _Session(Protocol):
     @property
     def route(self) -> list: ...
+
+    def logs(self) -> list[StepLog | None]: ...
 
     async def step(self, hidden: torch.Tensor, start_pos: int) -> torch.Tensor: ...
 
@@ -337,6 +373,10 @@ class SessionComputation:
 
     async def step(self, hidden: torch.Tensor, start_pos: int) -> torch.Tensor:
         return await self.session.step(hidden, start_pos)
+
+    def evidence(self) -> Evidence | None:
+        logs = self.session.logs()
+        return logs[0].evidence() if len(logs) == 1 and logs[0] is not None else None
 
     async def close(self) -> None:
         await self.session.close()

@@ -187,6 +187,11 @@ def _print_table(status: StatusReply) -> None:
             f"{status.checks_passed} passed, {status.checks_failed} failed, "
             f"{status.peers_banned} of {status.peers_checked} checked peers banned",
         ),
+        (
+            "accusations",
+            f"{status.accusations_filed} filed, {status.accusations_upheld} upheld, "
+            f"{status.accusations_refuted} refuted",
+        ),
         ("tokens served", status.tokens_served),
         ("uptime", _format_uptime(status.uptime_s)),
         ("peer id", status.peer_id),

@@ -139,6 +139,12 @@ class TrustStatus(Reply):
     peers_banned: int = 0
     checks_passed: int = 0
     checks_failed: int = 0
+    accusations_filed: int = 0
+    """Accusations this daemon published (its own proofs and endorsements)."""
+    accusations_upheld: int = 0
+    """Others' accusations this daemon recomputed and found true (the accused banned)."""
+    accusations_refuted: int = 0
+    """Others' accusations found false (the accuser banned)."""
 
 
 class PeerReport(Reply):

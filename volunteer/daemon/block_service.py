@@ -66,6 +66,7 @@ from volunteer.swarm.dht_records import (
     record_ttl_s,
 )
 from volunteer.swarm.records import ServerInfo, ServerState, SwarmSnapshot
+from volunteer.transport.commitment import PeerSigner
 from volunteer.transport.local_link import LocalListener, this_boot
 from volunteer.transport.protocol import (
     INFERENCE_HANDLE,
@@ -108,11 +109,14 @@ class BlockService:
         owner: bytes,
         announce_period_s: float = ANNOUNCE_PERIOD_S,
         rng: random.Random | None = None,
+        signer: PeerSigner | None = None,
     ) -> None:
         self.settings = settings
         self._paths = paths
         self._dht = dht
         self.owner = owner
+        self._signer = signer
+        """This peer's key, which commits to the steps the blocks serve (None: no)."""
         self._period_s = announce_period_s
         self._rng = rng or random.Random()
         self.model: ServedModel | None = None
@@ -171,6 +175,7 @@ class BlockService:
             decode_threads=decode_threads,
             caps=ServerCaps.from_settings(settings),
         )
+        self.handler.signer = self._signer
         if settings.faults:
             logger.warning("DRILL: the served blocks answer wrong on purpose (%s)", settings.faults)
             self.handler.drill = Drill(settings.faults)
@@ -330,11 +335,16 @@ class BlockService:
 
     async def describe_swarm(self) -> dict[str, Any]:
         """The model's records now, as `SwarmSnapshot.to_json` gives them."""
-        if self.model is None:  # a daemon serving nothing still describes its swarm
+        await self.served_model()
+        return (await self.read_snapshot()).to_json()
+
+    async def served_model(self) -> ServedModel:
+        """The model of the swarm, opened here if this daemon serves none of it."""
+        if self.model is None:
             self.model = await asyncio.to_thread(
                 open_model, self.settings.model, self._paths.models_dir
             )
-        return (await self.read_snapshot()).to_json()
+        return self.model
 
     async def _rtt_s(self, peer_id: str) -> float | None:
         if peer_id == peer_id_from_owner(self.owner):

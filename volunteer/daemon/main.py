@@ -116,6 +116,7 @@ def _services(settings: Settings, paths: Paths) -> list[Service]:
     )
     from volunteer.daemon.trust_service import TrustService
     from volunteer.swarm.dht_records import make_validator, owner_marker
+    from volunteer.transport.commitment import PeerSigner
 
     identity = load_or_create_identity(paths)
     if identity.warning:
@@ -127,12 +128,14 @@ def _services(settings: Settings, paths: Paths) -> list[Service]:
         record_validator=make_validator(identity.private_key),
         known_peers_path=paths.data_dir / "known_peers.json",
     )
+    owner = owner_marker(identity.private_key)
     blocks = BlockService(
         settings,
         paths,
         dht,
-        owner=owner_marker(identity.private_key),
+        owner=owner,
         announce_period_s=settings.announce_period_s,
+        signer=PeerSigner(identity.private_key),
     )
-    trust = TrustService(paths, blocks)
+    trust = TrustService(paths, blocks, dht=dht, owner=owner, settings=settings)
     return [dht, blocks, trust, ChatService(settings, paths, dht, blocks, trust)]

@@ -14,41 +14,86 @@ import time
 
 from volunteer.control.messages import PEERS, NoParams, PeerReport, PeersReply, TrustStatus
 from volunteer.control.server import ControlServer
+from volunteer.daemon.accusation_service import AccusationService
 from volunteer.daemon.block_service import BlockService
+from volunteer.daemon.dht_service import DHTService
 from volunteer.daemon.local_checks import open_reputation
+from volunteer.daemon.validator import Validator
 from volunteer.paths import Paths
 from volunteer.scheduler.verification import standing
+from volunteer.settings import Settings
+from volunteer.trust.evidence import Evidence
 from volunteer.trust.reputation import PeerStanding, Reputation, ReputationStoreError
 
 logger = logging.getLogger(__name__)
 
 
 class TrustService:
-    """Owns this daemon's `Reputation` from start to stop."""
+    """Owns this daemon's `Reputation` and its accusations from start to stop."""
 
-    def __init__(self, paths: Paths, blocks: BlockService) -> None:
+    def __init__(
+        self,
+        paths: Paths,
+        blocks: BlockService,
+        *,
+        dht: DHTService | None = None,
+        owner: bytes = b"",
+        settings: Settings | None = None,
+    ) -> None:
+        """Without `dht`, it keeps the record only: it files and judges no accusations,
+        and validates nothing."""
         self._paths = paths
         self._blocks = blocks
         self.reputation = Reputation()
         """In memory until `start` opens the file."""
+        self.accusations: AccusationService | None = None
+        self.validator: Validator | None = None
+        if dht is not None:
+            self.accusations = AccusationService(dht, blocks, lambda: self.reputation, owner=owner)
+            settings = settings or Settings()
+            self.validator = Validator(
+                dht,
+                blocks,
+                lambda: self.reputation,
+                self.accusations,
+                share=settings.validate_share,
+                faults=settings.faults,
+            )
 
     async def start(self) -> None:
         try:
             self.reputation = await asyncio.to_thread(open_reputation, self._paths)
         except ReputationStoreError as exc:
             logger.error("%s; this run keeps its record of checks in memory only", exc)
+        if self.accusations is not None:
+            await self.accusations.start()
+        if self.validator is not None:
+            self.validator.start()
 
     async def stop(self) -> None:
+        if self.validator is not None:
+            await self.validator.stop()
+        if self.accusations is not None:
+            await self.accusations.stop()
         self.reputation.close()
+
+    def accuse(self, peer_id: str, evidence: Evidence, reason: str) -> None:
+        """Publishes a proven wrong output (the checks' `Verifier.accuse`)."""
+        if self.accusations is not None:
+            self.accusations.accuse(peer_id, evidence, reason)
 
     def status(self) -> TrustStatus:
         now = time.time()
         peers = list(self.reputation)
+        accusations = self.accusations
         return TrustStatus(
             peers_checked=len(peers),
             peers_banned=sum(p.is_banned(now) for p in peers),
             checks_passed=sum(p.passed for p in peers),
             checks_failed=sum(p.failed for p in peers),
+            accusations_filed=accusations.filed if accusations else 0,
+            accusations_upheld=accusations.verified if accusations else 0,
+            accusations_refuted=accusations.refuted if accusations else 0,
         )
 
     def register_control(self, control: ControlServer) -> None:

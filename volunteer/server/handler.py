@@ -61,6 +61,7 @@ from volunteer.server.push import PushLinks, serve_push_stream
 from volunteer.server.sessions import Session, SessionTable
 from volunteer.server.slices import SliceBudget, sliced_backward, sliced_forward
 from volunteer.server.validation import ServerLimits, only_request
+from volunteer.transport.commitment import PeerSigner
 from volunteer.transport.protocol import (
     BACKWARD_HANDLE,
     FORWARD_HANDLE,
@@ -134,6 +135,7 @@ class BlockHandler(ServicerBase):
         """How much of a forward/backward call one compute job takes (`slices`)."""
         self.drill: Drill | None = None
         """Faults committed on purpose (`volunteer.server.drill`): drills only."""
+        self.signer: PeerSigner | None = None  # commits to sessions' steps (None: no)
         self.is_paused = False
         """Paused by its volunteer: new sessions and forward/backward calls are turned
         away as busy (clients go elsewhere); open sessions finish."""

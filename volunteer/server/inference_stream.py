@@ -30,6 +30,7 @@ from volunteer.server.caps import max_step_bytes
 from volunteer.server.push import PushedStep, StepInbox
 from volunteer.server.sessions import Session
 from volunteer.server.validation import first_request
+from volunteer.transport.commitment import SessionSigner
 from volunteer.transport.protocol import BadRequestError, PeerUnavailableError
 
 if TYPE_CHECKING:  # the handler serves these streams: a run-time import would be circular
@@ -96,10 +97,19 @@ async def inference_session(
         requests, idle_timeout_s=handler.limits.idle_timeout_s, push_secret=opened.push_secret
     )
     session.inbox = inbox
+    signer = None
+    if handler.signer is not None:
+        signer = handler.signer.open_session(
+            client=peer,
+            session_id=session.session_id,
+            start=session.start,
+            end=session.end,
+            dtype=str(handler.dtype).removeprefix("torch."),
+        )
     try:
         limits = handler.limits
         max_chunk = max(1, min(limits.max_chunk, limits.max_tokens // opened.batch_size))
-        yield _step_reply(session, max_chunk=max_chunk)
+        yield _step_reply(session, max_chunk=max_chunk, signer=signer)
         while (item := await inbox.next()) is not None:
             if isinstance(item, PushedStep):
                 meta, hidden = item.meta, item.hidden
@@ -124,7 +134,8 @@ async def inference_session(
             if isinstance(item, PushedStep):
                 handler.stats.pushed_steps += 1
             pushed = push is not None and _push(handler, *push, packed)
-            yield _step_reply(session, packed, pushed=pushed)
+            signed = signer.step(meta.start_pos, hidden, packed) if signer else (None, None)
+            yield _step_reply(session, packed, pushed=pushed, signed=signed)
     finally:
         # However the stream ends (close, error, timeout, cancellation), free the cache.
         session.inbox = None
@@ -198,11 +209,23 @@ def _step_reply(
     *,
     pushed: bool = False,
     max_chunk: int | None = None,
+    signer: SessionSigner | None = None,
+    signed: tuple[bytes | None, bytes | None] = (None, None),
 ) -> runtime_pb2.ExpertResponse:
+    """A step's reply (the open's acknowledgement: no output, and the session's
+    certificate from its `signer`); `signed` is the step's chain and signature."""
     length = session.cache.length if session.cache is not None else 0
+    certificate = signer.certificate if signer is not None else None
     # Our own values: constructed without validating them.
     meta = wire.StepReply.model_construct(
-        session_id=session.session_id, length=length, pushed=pushed, max_chunk=max_chunk
+        session_id=session.session_id,
+        length=length,
+        pushed=pushed,
+        max_chunk=max_chunk,
+        certificate=certificate.body if certificate else None,
+        certificate_signature=certificate.signature if certificate else None,
+        chain=signed[0],
+        signature=signed[1],
     )
     tensors = [] if output is None else [output]
     return runtime_pb2.ExpertResponse(tensors=tensors, metadata=wire.pack_metadata(meta))

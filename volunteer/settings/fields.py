@@ -268,6 +268,15 @@ class Settings:
     """How this daemon's chats check the servers' steps by recomputing them elsewhere:
     `off`, `sample` (a share that falls as a server's record of passed checks grows) or
     `all` (every step); `volunteer chat --verify` overrides it per chat."""
+    validate_share: float = setting(
+        default=0.02,
+        parse=s.share(0.5),
+        help="share of this machine's time spent checking other servers (0.02; 0: never)",
+        metavar="SHARE",
+    )
+    """The validator role (`volunteer.daemon.validator`): this daemon probes other
+    servers with short sessions and recomputes them itself, so that checks happen even
+    when few clients verify; it rests between rounds to spend at most this share."""
     faults: Faults = setting(  # noqa: RUF009  (Faults is frozen: immutable)
         default=NO_FAULTS,
         parse=s.parse_faults_setting,

@@ -164,6 +164,18 @@ def seconds(low: float, high: float, *, is_low_open: bool = False, low_means: st
     return parse
 
 
+def share(high: float) -> Parser:
+    """A parser of a share of something in `[0, high]`."""
+
+    def parse(source: Source) -> float:
+        value = _number(source)
+        if value is None or not 0.0 <= value <= high:
+            raise _fail(source, f"expected a share between 0 and {high:g}")
+        return value
+
+    return parse
+
+
 def parse_gib(source: Source) -> float | None:
     """GiB above 0 (at most a PiB); "" or "auto" (text) mean None."""
     if _is_text(source) and source.raw.strip().lower() in ("", "auto"):

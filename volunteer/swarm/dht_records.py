@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import logging
 import re
 from typing import Any
@@ -27,7 +26,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
-from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
@@ -40,11 +38,9 @@ from volunteer.swarm.records import (
     block_key,
     check_model_name,
 )
+from volunteer.transport.commitment import rsa_peer_id
 
 logger = logging.getLogger(__name__)
-
-_SHA2_256_MULTIHASH_PREFIX = b"\x12\x20"
-"""libp2p peer id of an RSA key: multihash(sha2-256 code 0x12, 32-byte digest)."""
 
 _OWNER_RE = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX, re.DOTALL)
 # Before Python 3.11 these three were different classes.
@@ -94,10 +90,7 @@ def peer_id_from_owner(subkey: object) -> str:
         encoding=serialization.Encoding.DER,
         format=serialization.PublicFormat.SubjectPublicKeyInfo,
     )
-    # Same derivation as libp2p (and hivemind's PeerID.from_identity) for RSA keys.
-    message = crypto_pb2.PublicKey(key_type=crypto_pb2.KeyType.RSA, data=der).SerializeToString()
-    digest = hashlib.sha256(message).digest()
-    return PeerID(_SHA2_256_MULTIHASH_PREFIX + digest).to_base58()
+    return rsa_peer_id(der)
 
 
 def record_ttl_s(period_s: float) -> float:

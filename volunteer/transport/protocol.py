@@ -228,6 +228,14 @@ class StepReply(_Schema):
     """In the open's acknowledgement: the most positions one step of this session may
     carry (within max_chunk and max_tokens over its batch), so that a client replaying
     a history after a failover sends it in as few steps as the server takes."""
+    certificate: bytes | None = Field(default=None, max_length=2048)
+    """In the open's acknowledgement: the session's certificate, signed by the server's
+    peer key in `certificate_signature` (`volunteer.transport.commitment`)."""
+    certificate_signature: bytes | None = Field(default=None, max_length=1024)
+    chain: bytes | None = Field(default=None, min_length=32, max_length=32)
+    """In a step's reply: the session's chain over every step so far."""
+    signature: bytes | None = Field(default=None, min_length=64, max_length=64)
+    """The session key's signature of `chain`."""
 
 
 class InfoReply(_Schema):

@@ -1,0 +1,288 @@
+"""A daemon's part in swarm-wide bans: it files its own accusations, serves their
+evidence, and judges every other peer's (`volunteer.trust.accusations`).
+
+Judging an accusation, as BTARD does: fetch the evidence from the accuser, check that
+the accused signed exactly those steps (`Evidence.checked_certificate`), and recompute
+them on blocks this daemon computes itself (`local_checks.local_blocks`):
+
+- the claimed output is wrong: the accused is banned here, and this daemon files the
+  same evidence as its own accusation (an endorsement others may count);
+- the claimed output is right, or the evidence does not hold: the accusation was
+  false, and the accuser is banned here instead (a false accusation costs the
+  accuser its standing);
+- this daemon cannot compute the blocks (too large to load just to check): it bans the
+  accused only once `QUORUM` accusers it deems reputable (`REPUTABLE_STANDING`, from
+  its own checks of them) have accused it with evidence that holds.
+
+Accusations are read every `POLL_S`; an accuser that does not hand over its evidence
+is asked again `FETCH_ATTEMPTS` times at most. Nothing here ever bans this daemon's own
+peer id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from volunteer.client.verification import LocalComputation
+from volunteer.daemon.block_service import BlockService
+from volunteer.daemon.dht_service import DHTService
+from volunteer.daemon.local_checks import local_blocks
+from volunteer.scheduler.verification import standing
+from volunteer.trust.accusations import Accusation, publish_on_node, read_on_node
+from volunteer.trust.evidence import Evidence, EvidenceError, is_wrong
+from volunteer.trust.evidence_exchange import (
+    EVIDENCE_HANDLE,
+    EvidenceFetchError,
+    EvidenceStore,
+    fetch_evidence,
+)
+from volunteer.trust.reputation import Reputation
+from volunteer.trust.tolerance import tolerance_for
+
+POLL_S = 5.0
+FETCH_TIMEOUT_S = 20.0
+FETCH_ATTEMPTS = 3
+MAX_PER_ROUND = 8
+"""Accusations judged per round, the best-standing accusers first: a flood of them
+(each key the DHT lets in holds 6) slows its own judging, not the honest ones'."""
+MAX_FETCHES = 4
+"""Evidence fetched at once (recomputed one at a time)."""
+MAX_REPLAY_POSITIONS = 1 << 16
+"""The most positions (batch x length) a replay allocates a cache for."""
+DHT_TIMEOUT_S = 10.0
+QUORUM = 2
+REPUTABLE_STANDING = 0.6
+"""Standing (`scheduler.verification.standing`) of an accuser whose word counts toward
+`QUORUM`: about five passed checks here and no failed one."""
+MAX_JUDGED = 4096
+
+logger = logging.getLogger(__name__)
+
+
+class CannotRecomputeError(Exception):
+    """This daemon cannot compute the accused blocks."""
+
+
+class AccusationService:
+    """Files, serves and judges accusations for a daemon (see the module)."""
+
+    def __init__(
+        self,
+        dht: DHTService,
+        blocks: BlockService,
+        reputation: Callable[[], Reputation],
+        *,
+        owner: bytes,
+        poll_s: float = POLL_S,
+    ) -> None:
+        self._dht = dht
+        self._blocks = blocks
+        self._reputation = reputation
+        self._owner = owner
+        self.poll_s = poll_s
+        self.store = EvidenceStore()
+        self._mine: list[Accusation] = []
+        self._judged: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
+        """(accuser, evidence) -> failed fetches so far; FETCH_ATTEMPTS once judged."""
+        self._accusers: dict[str, set[str]] = collections.defaultdict(set)
+        """Accused -> accusers whose evidence held, where this daemon could not recompute."""
+        self._tasks: set[asyncio.Task] = set()
+        self._judging: asyncio.Task | None = None
+        self._local = None
+        self._recomputing = asyncio.Lock()
+        """One recomputation at a time: they share this machine's cores with serving."""
+        self.filed = 0
+        self.verified = 0
+        self.refuted = 0
+
+    async def start(self) -> None:
+        await self._dht.p2p.add_binary_stream_handler(EVIDENCE_HANDLE, self.store.serve)
+        self._judging = asyncio.create_task(self._judge_forever(), name="judge-accusations")
+
+    async def stop(self) -> None:
+        tasks = [*self._tasks, *([self._judging] if self._judging else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self._dht.p2p.remove_binary_stream_handler(EVIDENCE_HANDLE)
+
+    def accuse(self, peer_id: str, evidence: Evidence, reason: str) -> None:
+        """Files an accusation of `peer_id` with its evidence (in the background)."""
+        task = asyncio.create_task(self._file(peer_id, evidence, reason), name="file-accusation")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _file(self, peer_id: str, evidence: Evidence | bytes, reason: str) -> None:
+        try:
+            raw = (
+                evidence
+                if isinstance(evidence, bytes)
+                else await asyncio.to_thread(evidence.to_bytes)
+            )
+            parsed = evidence if isinstance(evidence, Evidence) else Evidence.from_bytes(raw)
+            certificate = parsed.certificate.check()
+            name = self.store.add(raw)
+            self._mine = [each for each in self._mine if each.evidence != name][-5:]
+            self._mine.append(
+                Accusation(
+                    accused=peer_id,
+                    start=certificate.start,
+                    end=certificate.end,
+                    reason=reason,
+                    filed_s=time.time(),
+                    evidence=name,
+                )
+            )
+            model = await self._blocks.served_model()
+            node = self._dht.node
+            stored = await publish_on_node(
+                node, model.swarm_name, self._mine, owner=self._owner, timeout_s=DHT_TIMEOUT_S
+            )
+            self.filed += 1
+            logger.warning("accused %s (%s); published: %s", peer_id, reason, stored)
+        except Exception as exc:  # the ban stands here; only its spreading failed
+            logger.warning("could not file the accusation of %s: %s", peer_id, exc)
+
+    async def _judge_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                await self.judge_new()
+            except Exception as exc:  # a DHT hiccup or a model not there yet: next round
+                logger.info("judging accusations failed this round: %s", exc)
+
+    async def judge_new(self) -> None:
+        """Judges the accusations published since the last round (`MAX_PER_ROUND`)."""
+        model = await self._blocks.served_model()
+        found = await read_on_node(self._dht.node, model.swarm_name, timeout_s=DHT_TIMEOUT_S)
+        own, reputation = self._dht.peer_id, self._reputation()
+        new = [
+            (accuser, accusation)
+            for accuser, accusation in found or ()
+            if accuser != own
+            and self._judged.get((accuser, accusation.evidence), 0) < FETCH_ATTEMPTS
+        ]
+        new.sort(key=lambda item: -standing(reputation.of(item[0]).record))
+        fetching = asyncio.Semaphore(MAX_FETCHES)
+
+        async def judge(accuser: str, accusation: Accusation) -> None:
+            async with fetching:
+                await self._judge(accuser, accusation, (accuser, accusation.evidence))
+
+        judged = await asyncio.gather(
+            *(judge(*item) for item in new[:MAX_PER_ROUND]), return_exceptions=True
+        )
+        for failure in (each for each in judged if isinstance(each, Exception)):
+            logger.warning("judging an accusation failed: %r", failure)
+
+    async def _judge(self, accuser: str, accusation: Accusation, key: tuple[str, str]) -> None:
+        reputation = self._reputation()
+        accused = accusation.accused
+        if reputation.is_banned(accuser) or reputation.is_banned(accused):
+            self._mark(key, FETCH_ATTEMPTS)
+            return
+        try:
+            raw = await fetch_evidence(
+                self._dht.p2p, accuser, accusation.evidence, timeout_s=FETCH_TIMEOUT_S
+            )
+        except EvidenceFetchError as exc:
+            logger.info("%s", exc)
+            self._mark(key, self._judged.get(key, 0) + 1)
+            return
+        self._mark(key, FETCH_ATTEMPTS)
+        try:
+            evidence, dtype = await asyncio.to_thread(_checked, raw, accusation)
+            tolerance = tolerance_for(dtype, evidence.output.dtype)
+            wrong = await is_wrong(evidence, self._replay, tolerance)
+        except EvidenceError as exc:
+            self._refute(accuser, accused, f"evidence that does not hold ({exc})")
+            return
+        except CannotRecomputeError:
+            self._count_accuser(accuser, accusation)
+            return
+        if wrong:
+            if accused != self._dht.peer_id:  # a drill's own blocks: not banned, not endorsed
+                self._convict(accused, f"{accusation.reason} (proven by {accuser}, recomputed)")
+                await self._file(accused, raw, accusation.reason)
+        else:
+            self._refute(accuser, accused, "an output this peer recomputed right")
+
+    def _convict(self, accused: str, reason: str) -> None:
+        if accused == self._dht.peer_id:
+            return  # a drill that answers wrong on purpose does not ban itself
+        reputation = self._reputation()
+        reputation.record_check(accused, passed=False)
+        reputation.ban(accused, reason)
+        self.verified += 1
+        logger.warning("banned %s: %s", accused, reason)
+
+    def _refute(self, accuser: str, accused: str, what: str) -> None:
+        reputation = self._reputation()
+        reputation.record_check(accuser, passed=False)
+        reputation.ban(accuser, f"false accusation against {accused}: {what}")
+        self.refuted += 1
+        logger.warning("banned %s for a false accusation against %s: %s", accuser, accused, what)
+
+    def _count_accuser(self, accuser: str, accusation: Accusation) -> None:
+        reputation = self._reputation()
+        accusers = self._accusers[accusation.accused]
+        accusers.add(accuser)
+        reputable = [
+            peer
+            for peer in accusers
+            if not reputation.is_banned(peer)
+            and standing(reputation.of(peer).record) >= REPUTABLE_STANDING
+        ]
+        if len(reputable) >= QUORUM:
+            self._convict(accusation.accused, f"{accusation.reason} (accused by {len(reputable)})")
+
+    def _mark(self, key: tuple[str, str], attempts: int) -> None:
+        self._judged[key] = attempts
+        self._judged.move_to_end(key)
+        while len(self._judged) > MAX_JUDGED:
+            self._judged.popitem(last=False)
+
+    async def _replay(
+        self, start: int, end: int, steps: list[tuple[int, torch.Tensor]]
+    ) -> torch.Tensor:
+        if self._local is None:
+            self._local = local_blocks(await self._blocks.served_model(), self._blocks)
+        span = await asyncio.to_thread(self._local, start, end)
+        if span is None:
+            raise CannotRecomputeError(f"blocks {start}:{end} are too large to load here")
+        config = span.config
+        batch = steps[0][1].shape[0]
+        length = max(position + hidden.shape[1] for position, hidden in steps)
+        if (
+            length > config.max_position_embeddings
+            or batch * length > MAX_REPLAY_POSITIONS
+            or any(h.shape[0] != batch or h.shape[2] != config.hidden_size for _, h in steps)
+        ):
+            raise EvidenceError(f"steps no session of this model has (batch {batch}, {length})")
+        async with self._recomputing:
+            computation = LocalComputation(span, batch_size=batch, max_length=length)
+            try:
+                for position, hidden in steps:
+                    output = await computation.step(hidden, position)
+            finally:
+                await computation.close()
+        return output
+
+
+def _checked(raw: bytes, accusation: Accusation) -> tuple[Evidence, str]:
+    """The evidence, once it holds and is of the accused's session of these blocks, and
+    the dtype the accused computed in."""
+    evidence = Evidence.from_bytes(raw)
+    certificate = evidence.checked_certificate()
+    named = (certificate.server, certificate.start, certificate.end)
+    if named != (accusation.accused, accusation.start, accusation.end):
+        raise EvidenceError("the evidence is of another server or span than the accusation")
+    return evidence, certificate.dtype
