@@ -274,6 +274,16 @@ class Setup:
         return open_stepper
 
 
+def daemon_env(paths: Paths) -> dict[str, str]:
+    """The daemons' environment: our options only, not this shell's VOLUNTEER_* settings,
+    and no validator role (its probes of the servers would be part of what is measured)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VOLUNTEER_")}
+    env.pop(_CLIENT_MARK, None)
+    env["VOLUNTEER_CACHE_DIR"] = str(paths.cache_dir)
+    env["VOLUNTEER_VALIDATE_SHARE"] = "0"
+    return env
+
+
 def embedded_setup(tmp: Path, *, threads: int, local_links: str) -> Setup:
     """The embedded model's swarm set-up for a bench of daemons in `tmp` (the other
     benches' entry: no bare-process RSS measured)."""
@@ -281,9 +291,7 @@ def embedded_setup(tmp: Path, *, threads: int, local_links: str) -> Setup:
     folder = ModelStore(paths.models_dir).resolve(DEFAULT_MODEL)
     config = ModelConfig.from_hf_folder(folder)
     prompt = Tokenizer.from_folder(folder).encode_chat([{"role": "user", "content": PROMPT}])
-    # The daemons see only our options, not this shell's VOLUNTEER_* settings.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VOLUNTEER_")}
-    env["VOLUNTEER_CACHE_DIR"] = str(paths.cache_dir)
+    env = daemon_env(paths)
     return Setup(
         folder=folder,
         config=config,
@@ -449,10 +457,7 @@ def main() -> None:
     if args.local_part:
         _local_part(folder, prompt, args.repeats)
         return
-    # The daemons see only our options, not this shell's VOLUNTEER_* settings.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VOLUNTEER_")}
-    env.pop(_CLIENT_MARK)
-    env["VOLUNTEER_CACHE_DIR"] = str(paths.cache_dir)
+    env = daemon_env(paths)
 
     # Measured before and after the swarms, the medians taken over both: this machine's
     # speed drifts over minutes, and the ratios must not ride on that drift.

@@ -9,15 +9,19 @@ behind a bootstrap daemon; the client is this process, which can compute blocks 
    and `all`, `--tokens` greedy tokens `--repeats` times each, a fresh record of checks per
    mode; every run must give the same tokens as `off`. With no second replica, each check
    runs on this process's blocks (on the cores the daemons use). `sample` starts with
-   every server a newcomer (every step checked at first); `sample_warm` is the same client
-   again after `--warm-tokens` more tokens, its record grown, as a client that has used
-   the swarm a while.
+   every server a newcomer (every session shadowed at first); `sample_warm` is the same
+   client again after `--warm-tokens` more tokens, its record grown, as a client that has
+   used the swarm a while.
 2. Catching faults: a third daemon serves 15:30 with a drill fault; a client with a fresh
    record generates (verification `sample`) until it bans the drill, at most
    `--max-steps` of the drill's served steps; `perturb:0.05:0.05` runs `--seeds` times for
    the distribution. Shows the drill's steps served (as the routed server or as a
    shadow) and the tokens generated until the ban.
 3. False positives: every mismatch counted over the honest runs of 1 (expected: none).
+4. Commitments: what signing a step (server) and checking its signature and chain
+   (client) cost, in this process, for a one-position step and a 128-position prefill,
+   beside the time of a token at `off` (every run above already pays it: servers sign
+   always).
 
 Prints a table, then one JSON line.
 
@@ -93,6 +97,7 @@ def _bench(sg: Any, setup: Any, args: argparse.Namespace) -> dict[str, Any]:
                 return made
 
             figures.update(_speed(sg, setup, client, args))
+            figures.update(_commitment_cost(setup.config.hidden_size, figures["tps_off"]))
             for fault in (*FAULTS, *[SEEDED_FAULT] * args.seeds):
                 figures.setdefault("faults", []).append(
                     _until_banned(sg, setup, daemons, client, fault, args)
@@ -134,6 +139,32 @@ def _speed(sg: Any, setup: Any, client: Any, args: argparse.Namespace) -> dict[s
     figures["false_positives"] = false_positives
     for mode in ("sample", "sample_warm", "all"):
         figures[f"cost_{mode}"] = round(1 - figures[f"tps_{mode}"] / figures["tps_off"], 3)
+    return figures
+
+
+def _commitment_cost(hidden_size: int, tps_off: float) -> dict[str, Any]:
+    """Microseconds to sign a step and to check it, per step size, and their share of a
+    token's time at `off`."""
+    import torch
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from volunteer.transport.commitment import PeerSigner
+    from volunteer.transport.framing import pack_tensor
+    from volunteer.trust.step_log import StepLog
+
+    peer = PeerSigner(RSAPrivateKey())
+    figures: dict[str, Any] = {}
+    for positions in (1, 128):
+        signer = peer.open_session(client="c", session_id="s", start=0, end=1)
+        log = StepLog(signer.certificate, server=peer.peer_id, session_id="s", start=0, end=1)
+        hidden = torch.randn(1, positions, hidden_size)
+        output = pack_tensor(torch.randn(1, positions, hidden_size))
+        repeats, began = 200, time.perf_counter()
+        for step in range(repeats):
+            log.follow(step, hidden, output, *signer.step(step, hidden, output))
+        micros = (time.perf_counter() - began) / repeats * 1e6
+        figures[f"commit_us_{positions}"] = round(micros, 1)
+    figures["commit_share_of_token"] = round(figures["commit_us_1"] * 1e-6 * tps_off, 4)
     return figures
 
 
@@ -200,6 +231,11 @@ def _report(figures: dict[str, Any]) -> None:
             f"{figures[f'checks_{mode}']:7d} {figures[f'identical_{mode}']!s:>12s}"
         )
     print(f"false positives over the honest runs: {figures['false_positives']}")
+    print(
+        f"commitments (sign + check) per step: {figures['commit_us_1']:.0f} us (1 position), "
+        f"{figures['commit_us_128']:.0f} us (128); "
+        f"{figures['commit_share_of_token']:.2%} of a token at off"
+    )
     print(f"\n{'fault':20s} {'banned':>7s} {'drill steps':>12s} {'tokens':>7s} {'seconds':>8s}")
     for run in figures.get("faults", []):
         print(

@@ -13,6 +13,7 @@ client decides a mismatch on 15:30 with the blocks loaded from its own model fil
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,11 +125,15 @@ def test_the_other_daemons_ban_the_cheat_from_the_accusation_within_a_minute(
     boot_id = swarm.started["boot"]["peer_id"]
     banned_by_boot = _peers(swarm, "boot")[cheat]["banned_until_s"]
     reports = _wait_for_bans(swarm, cheat, ["first", "honest"], SWARM_BAN_S)
+    daemons = {swarm.started[name]["peer_id"] for name in ("boot", "first", "honest")}
     for judge, report in reports.items():
         # Bans last the same here: their ends are as far apart as the bans themselves.
         assert report.get("banned_until_s"), (judge, report)
         assert report["banned_until_s"] - banned_by_boot <= SWARM_BAN_S, (judge, report)
-        assert f"proven by {boot_id}" in report["ban_reason"], (judge, report)
+        # From the accusation (the client's, or a daemon's that endorsed it), checked here.
+        (accuser,) = re.findall(r"proven by (\w+), recomputed", report["ban_reason"])
+        assert accuser in daemons - {swarm.started[judge]["peer_id"]}, (judge, report)
+    assert any(f"proven by {boot_id}" in report["ban_reason"] for report in reports.values())
     status = swarm.homes.status(swarm.homes.home("first"))
     assert status["accusations_upheld"] >= 1 and status["accusations_refuted"] == 0
     assert swarm.homes.status(swarm.homes.home("boot"))["accusations_filed"] >= 1

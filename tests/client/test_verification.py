@@ -15,7 +15,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils.crypto import RSAPrivateKey
 from volunteer.models.model import BlockSpan
 from volunteer.scheduler.routing import Backoff, ServerCandidate
-from volunteer.scheduler.verification import Mode
+from volunteer.scheduler.verification import Mode, check_share
 
 from tests.client.decoding import assert_close, decode_cuts, local_outputs, route_session
 from tests.server import (
@@ -62,7 +62,13 @@ class Swarm:
         return self.servers[name][2].peer_id
 
     def session(
-        self, names: list[str], mode: Mode, *, local: bool = True
+        self,
+        names: list[str],
+        mode: Mode,
+        *,
+        local: bool = True,
+        reputation: Reputation | None = None,
+        rng: random.Random | None = None,
     ) -> tuple[SwarmInferenceSession, Verifier]:
         """A session over the named servers, checked as `mode` says; with `local`, the
         client computes blocks itself as the checks' last resort."""
@@ -81,7 +87,7 @@ class Swarm:
 
         verifier = Verifier(
             mode=mode,
-            reputation=Reputation(),
+            reputation=reputation or Reputation(),
             open_computation=computation_opener(
                 open_shadow,
                 local_span if local else None,
@@ -89,7 +95,7 @@ class Swarm:
                 batch_size=1,
                 max_length=MAX_LENGTH,
             ),
-            rng=random.Random(0),
+            rng=rng or random.Random(0),
         )
         session = route_session(
             self.client,
@@ -238,14 +244,37 @@ def test_a_stale_server_is_banned_as_fast(swarm: Swarm) -> None:
     assert verifier.reputation.is_banned(swarm.peer("stale"))
 
 
-def test_sampled_checks_catch_a_server_wrong_on_a_fifth_of_its_steps(swarm: Swarm) -> None:
+def test_sampled_checks_shadow_a_newcomer_and_catch_it_wrong_on_a_fifth_of_its_steps(
+    swarm: Swarm,
+) -> None:
     session, verifier = swarm.session(["front", "flaky", "honest"], "sample")
-    # Unchecked steps are not verified: only the steps once the cheat is out must be right.
-    outputs = swarm.decode(session, steps=40, right_from=30)
+    # A newcomer's hop is shadowed whole: the outputs are right from the first step on.
+    outputs = swarm.decode(session, steps=40)
     assert len(outputs) == 41
     assert verifier.reputation.is_banned(swarm.peer("flaky"))
     assert not verifier.reputation.is_banned(swarm.peer("honest"))
-    assert verifier.checked < 2 * 41  # a share of the steps, not all of them
+
+
+def test_sampled_checks_shadow_few_sessions_of_servers_with_a_long_record(swarm: Swarm) -> None:
+    reputation = Reputation()
+    for name in ("front", "honest"):
+        for _ in range(90):  # a long record: 1 hop in 10 is shadowed
+            reputation.record_check(swarm.peer(name), passed=True)
+    share = check_share(reputation.of(swarm.peer("front")).record, "sample")
+    sessions, rng = 20, random.Random(5)
+    # One draw per hop (2 per session), in order: how many hops the policy shadows.
+    draws = random.Random(5)
+    shadowed = sum(draws.random() < share for _ in range(2 * sessions))
+    checked = 0
+    for _ in range(sessions):
+        session, verifier = swarm.session(
+            ["front", "honest"], "sample", reputation=reputation, rng=rng
+        )
+        swarm.decode(session, steps=2)
+        checked += verifier.checked
+        assert verifier.checked in (0, 3, 6)  # a hop is shadowed whole, or not at all
+    assert 0 < shadowed < sessions  # few hops: the seed shows some, as the share says
+    assert checked == 3 * shadowed
 
 
 def _replay_here(swarm: Swarm):

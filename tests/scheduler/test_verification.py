@@ -18,6 +18,7 @@ from volunteer.scheduler.verification import (
     probe_order,
     standing,
     validator_rest_s,
+    validator_share,
 )
 
 
@@ -73,3 +74,10 @@ def test_a_validator_checks_the_least_checked_first() -> None:
     tied = {"a": CheckRecord(), "b": CheckRecord()}
     assert probe_order(tied, {"a": 0.9, "b": 0.1}) == ["b", "a"]
     assert probe_order(tied, {"a": 0.1, "b": 0.9}) == ["a", "b"]
+
+
+def test_a_daemon_serving_nothing_validates_more_within_bounds() -> None:
+    assert validator_share(0.02, is_serving=True) == 0.02
+    assert validator_share(0.02, is_serving=False) == pytest.approx(0.1)
+    assert validator_share(0.3, is_serving=False) == 0.5
+    assert validator_share(0.0, is_serving=False) == 0.0  # off stays off

@@ -17,6 +17,7 @@ from volunteer.server.handler import BlockHandler
 from volunteer.swarm.dht_records import encode_p2p_identity, make_validator, owner_marker
 from volunteer.swarm.dht_storage import bound_node_storage
 from volunteer.swarm.records import ServerInfo, ServerState
+from volunteer.transport.commitment import PeerSigner
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
@@ -51,6 +52,7 @@ async def start_peer(
     handler = await BlockHandler.create(
         p2p=p2p, span=sub_span(full, start, end), model_name=model, cache_tokens=256
     )
+    handler.signer = PeerSigner(key)
     return Peer(p2p, node, handler, owner_marker(key))
 
 

@@ -13,7 +13,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import hivemind
@@ -164,3 +164,26 @@ async def _fetch_in_dht(
 ) -> RawRecords | None:
     # Runs in hivemind's child process; returns plain data so checks and logs stay with us.
     return await fetch_raw(node, model, num_blocks, timeout_s=timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def two_nodes(
+    key_a: RSAPrivateKey, key_b: RSAPrivateKey
+) -> AsyncIterator[tuple[DHTNode, DHTNode]]:
+    """Two `DHTNode`s on the caller's loop (as the daemon runs its node), on 127.0.0.1,
+    each signing with its key, the second joined through the first; both shut down
+    after."""
+    loopback = ["/ip4/127.0.0.1/tcp/0"]
+    node_a = await DHTNode.create(record_validator=make_validator(key_a), host_maddrs=loopback)
+    node_b = None
+    try:
+        maddrs = [str(addr) for addr in await node_a.get_visible_maddrs()]
+        node_b = await DHTNode.create(
+            initial_peers=maddrs, record_validator=make_validator(key_b), host_maddrs=loopback
+        )
+        yield node_a, node_b
+    finally:
+        for node in (node_b, node_a):
+            if node is not None:
+                await node.shutdown()
+                await node.p2p.shutdown()

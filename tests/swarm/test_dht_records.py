@@ -18,7 +18,6 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import hivemind
 
-from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
@@ -29,12 +28,12 @@ from tests.swarm.dht_helpers import (
     owned_main_loop,
     read_snapshot,
     reannounce,
+    two_nodes,
 )
 from volunteer.daemon.identity import Identity, load_or_create_identity
 from volunteer.paths import Paths
 from volunteer.swarm.dht_records import (
     announce_on_node,
-    make_validator,
     owner_marker,
     peer_id_from_owner,
     read_snapshot_on_node,
@@ -214,13 +213,7 @@ def test_node_coroutines_on_the_callers_loop() -> None:
     key_a, key_b = RSAPrivateKey(), RSAPrivateKey()
 
     async def scenario() -> None:
-        node_a = await DHTNode.create(record_validator=make_validator(key_a), host_maddrs=LOOPBACK)
-        node_b = None
-        try:
-            maddrs = [str(addr) for addr in await node_a.get_visible_maddrs()]
-            node_b = await DHTNode.create(
-                initial_peers=maddrs, record_validator=make_validator(key_b), host_maddrs=LOOPBACK
-            )
+        async with two_nodes(key_a, key_b) as (node_a, node_b):
             info = info_for("node-model", 0, 2)
             owner = owner_marker(key_a)
             assert await announce_on_node(
@@ -246,11 +239,6 @@ def test_node_coroutines_on_the_callers_loop() -> None:
                     node_a, info, owner=owner, expiration_s=30, timeout_s=TIMEOUT_S,
                     blocks=range(1, 3),
                 )  # fmt: skip
-        finally:
-            for node in (node_b, node_a):
-                if node is not None:
-                    await node.shutdown()
-                    await node.p2p.shutdown()
 
     asyncio.run(scenario())
 

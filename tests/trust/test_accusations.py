@@ -8,12 +8,12 @@ import asyncio
 import time
 
 import pytest
-from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from pydantic import ValidationError
 
-from volunteer.swarm.dht_records import make_validator, owner_marker, peer_id_from_owner
+from tests.swarm.dht_helpers import two_nodes
+from volunteer.swarm.dht_records import owner_marker, peer_id_from_owner
 from volunteer.trust.accusations import (
     MAX_PER_ACCUSER,
     Accusation,
@@ -37,13 +37,7 @@ def test_accusations_are_published_per_accuser_and_read_with_their_accuser() -> 
     key_a, key_b = RSAPrivateKey(), RSAPrivateKey()
 
     async def scenario() -> None:
-        node_a = await DHTNode.create(record_validator=make_validator(key_a), host_maddrs=LOOPBACK)
-        node_b = None
-        try:
-            maddrs = [str(addr) for addr in await node_a.get_visible_maddrs()]
-            node_b = await DHTNode.create(
-                initial_peers=maddrs, record_validator=make_validator(key_b), host_maddrs=LOOPBACK
-            )
+        async with two_nodes(key_a, key_b) as (node_a, node_b):
             owner_a, owner_b = owner_marker(key_a), owner_marker(key_b)
             mine = [_accusation(f"Qm{index}") for index in range(MAX_PER_ACCUSER + 2)]
             assert await publish_on_node(node_a, "m", mine, owner=owner_a, timeout_s=TIMEOUT_S)
@@ -69,11 +63,6 @@ def test_accusations_are_published_per_accuser_and_read_with_their_accuser() -> 
             assert by_accuser == {a: expected_a, b: ["QmOther"]}
             assert await read_on_node(node_a, "m2", timeout_s=TIMEOUT_S) == []
             assert await read_on_node(node_a, "nothing-here", timeout_s=TIMEOUT_S) == []
-        finally:
-            for node in (node_b, node_a):
-                if node is not None:
-                    await node.shutdown()
-                    await node.p2p.shutdown()
 
     asyncio.run(scenario())
 

@@ -28,6 +28,7 @@ import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 
+from volunteer.client.call_checks import CheckedCalls
 from volunteer.client.inference import (
     InferenceStreamLike,
     OpenStream,
@@ -38,7 +39,7 @@ from volunteer.client.measurements import PeerMeasurements
 from volunteer.client.remote_span import RemoteSpan, ping
 from volunteer.client.server_view import ServerView, Work
 from volunteer.client.spread import SpreadCalls, TracedHop
-from volunteer.client.verification import Verifier, computation_opener
+from volunteer.client.verification import Verifier, WrongOutputError, computation_opener
 from volunteer.models.config import ModelConfig
 from volunteer.models.model import BlockSpan
 from volunteer.scheduler.routing import (
@@ -167,11 +168,22 @@ class SwarmClient:
             model=model, weights_hash=weights_hash, config=config, measurements=self.measurements
         )
         self._rng = rng or random.Random()
+        forward, backward = self.measurements.timed_forward(self._call_forward), self._call_backward
+        if verify != "off":  # checked after the timing: a check is not the server's time
+            own = frozenset({self.own_peer_id})
+            checked = CheckedCalls(
+                Verifier(verify, self.reputation, rng=self._rng, trusted=own),
+                forward,
+                backward,
+                local_span=self._local_span if local_blocks is not None else None,
+                plan=self.plan_spread,
+            )
+            forward, backward = checked.forward, checked.backward
         self._spread = SpreadCalls(
             plan=self.plan_spread,
-            forward=self.measurements.timed_forward(self._call_forward),
-            backward=self._call_backward,
-            retriable=RETRIABLE_ERRORS,
+            forward=forward,
+            backward=backward,
+            retriable=(*RETRIABLE_ERRORS, WrongOutputError),
             backoff=self.backoff,
             clock=clock,
         )
@@ -330,18 +342,12 @@ class SwarmClient:
             await shadow.open(start, end)
             return shadow
 
-        local_blocks = self.local_blocks
-
-        async def local_span(start: int, end: int) -> BlockSpan | None:
-            assert local_blocks is not None
-            return await asyncio.to_thread(local_blocks, start, end)
-
         return Verifier(
             mode=mode,
             reputation=self.reputation,
             open_computation=computation_opener(
                 open_shadow,
-                local_span if local_blocks is not None else None,
+                self._local_span if self.local_blocks is not None else None,
                 no_route=(SessionFailedError, *RETRIABLE_ERRORS),
                 batch_size=batch_size,
                 max_length=max_length,
@@ -350,6 +356,10 @@ class SwarmClient:
             trusted=frozenset({self.own_peer_id}),
             accuse=self.accuse,
         )
+
+    async def _local_span(self, start: int, end: int) -> BlockSpan | None:
+        assert self.local_blocks is not None
+        return await asyncio.to_thread(self.local_blocks, start, end)
 
     async def _reread(self) -> None:
         """Reads the swarm again now: a route is needed that the current view lacks."""

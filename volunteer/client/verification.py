@@ -1,11 +1,14 @@
 """Checking servers' inference steps by recomputing them elsewhere (issue 15).
 
-For each hop of a session, a share of its steps (`scheduler.verification`: every step
-of a newcomer or with `verify all`, fewer as its record grows) is also run on an
-independent computation of the same blocks: a shadow session on another replica, or the
-blocks computed in this process where no replica is left. The shadow is kept in step
-lazily: before a checked step it is sent the positions it has not seen yet, in as few
-steps as it takes, together with (concurrently to) the server's own step.
+A share of the hops of sessions (`scheduler.verification`: every one of a newcomer or
+with `verify all`, fewer as the server's record grows) is shadowed: each step of the hop
+is also run on an independent computation of the same blocks, a shadow session on
+another replica or the blocks computed in this process where no replica is left,
+concurrently with the server's own step. The draw is per hop, once: a shadow must see
+every position of the session to check any later step, so checking a share of a hop's
+steps would cost as much as checking them all, while a hop not drawn costs nothing. A
+shadow replaced mid-session (it failed, or was caught) is first sent the positions it
+has not seen, in as few steps as it takes.
 
 Outputs are compared per position within the tolerance (`trust.tolerance`). On a
 mismatch a third computation over the whole history decides: the side that disagrees
@@ -16,7 +19,7 @@ output. A wrong shadow is banned and replaced; with no third computation, or whe
 agrees with neither, nobody is banned and the server's output is not used.
 
 A checked step's output is not pushed on to the next hop (see `SwarmInferenceSession`):
-nothing unverified reaches the next server on the steps that are checked.
+nothing unverified reaches the next server on a shadowed hop.
 """
 
 from __future__ import annotations
@@ -91,13 +94,19 @@ def computation_opener(
     return open_computation
 
 
+async def no_computation(start: int, end: int, avoid: frozenset[str]) -> Computation | None:
+    """An `OpenComputation` with nothing to open: checks that recompute by other means
+    (`volunteer.client.call_checks`)."""
+    return None
+
+
 @dataclasses.dataclass
 class Verifier:
     """What the checks of a client's sessions share."""
 
     mode: Mode
     reputation: Reputation
-    open_computation: OpenComputation
+    open_computation: OpenComputation = no_computation
     rng: random.Random = dataclasses.field(default_factory=random.Random)
     tolerance: float = FLOAT32_TOLERANCE
     trusted: frozenset[str] = frozenset()
@@ -116,8 +125,8 @@ class Verifier:
     accusation (`volunteer.trust.accusations`); None: the ban stays this peer's own."""
 
     def wants_check(self, peer_id: str, *, is_committed: bool = True) -> bool:
-        """Whether to check this step of the server; one that does not commit to its
-        steps cannot be accused, only caught: it is checked at every step."""
+        """Whether to check the server's work now (a hop, a call); one that does not
+        commit to its steps cannot be accused, only caught: it is checked always."""
         if peer_id in self.trusted or self.mode == "off":
             return False
         record = self.reputation.of(peer_id).record
@@ -143,6 +152,8 @@ class HopCheck:
         self.start, self.end = start, end
         self._shadow: Computation | None = None
         self._shadow_length = 0
+        self._is_shadowed: bool | None = None
+        """Drawn at the hop's first step (see the module)."""
 
     async def step(
         self,
@@ -166,7 +177,9 @@ class HopCheck:
             Whatever `primary` raises.
         """
         verifier = self.verifier
-        if not verifier.wants_check(peer_id, is_committed=log is not None):
+        if self._is_shadowed is None:
+            self._is_shadowed = verifier.wants_check(peer_id, is_committed=log is not None)
+        if not self._is_shadowed:
             return await primary(False)
         shadowing = asyncio.ensure_future(self._shadow_step(peer_id, hidden, start_pos, history))
         try:

@@ -209,23 +209,27 @@ class AccusationService:
             self._count_accuser(accuser, accusation)
             return
         if wrong:
-            if accused != self._dht.peer_id:  # a drill's own blocks: not banned, not endorsed
-                self._convict(accused, f"{accusation.reason} (proven by {accuser}, recomputed)")
+            if self._convict(accused, f"{accusation.reason} (proven by {accuser}, recomputed)"):
                 await self._file(accused, raw, accusation.reason)
         else:
             self._refute(accuser, accused, "an output this peer recomputed right")
 
-    def _convict(self, accused: str, reason: str) -> None:
-        if accused == self._dht.peer_id:
-            return  # a drill that answers wrong on purpose does not ban itself
+    def _convict(self, accused: str, reason: str) -> bool:
+        """Bans the accused, unless it is this peer (a drill's own blocks) or already
+        banned (accusations judged side by side must not stack bans); whether it did."""
         reputation = self._reputation()
+        if accused == self._dht.peer_id or reputation.is_banned(accused):
+            return False
         reputation.record_check(accused, passed=False)
         reputation.ban(accused, reason)
         self.verified += 1
         logger.warning("banned %s: %s", accused, reason)
+        return True
 
     def _refute(self, accuser: str, accused: str, what: str) -> None:
         reputation = self._reputation()
+        if reputation.is_banned(accuser):
+            return  # one lie judged twice (side by side) costs one ban
         reputation.record_check(accuser, passed=False)
         reputation.ban(accuser, f"false accusation against {accused}: {what}")
         self.refuted += 1

@@ -10,7 +10,8 @@ by its shape. A step off by more than the dtype's tolerance bans the server here
 files an accusation with the session's signed steps as evidence; a probe that matches
 counts as a passed check. After a round of t seconds it rests
 `scheduler.verification.validator_rest_s` (the `validate_share` setting: at most that
-share of its time; 0 turns the role off).
+share of its time, up to 5x more while it serves no blocks
+(`scheduler.verification.validator_share`); 0 turns the role off).
 
 Drill `lie-accuse[:RATE]` (`volunteer.faults`): a RATE share of the probes that pass
 are accused all the same: false accusations, which the swarm must refute.
@@ -35,7 +36,7 @@ from volunteer.daemon.block_service import BlockService
 from volunteer.daemon.dht_service import DHTService
 from volunteer.daemon.local_checks import local_blocks
 from volunteer.faults import Faults
-from volunteer.scheduler.verification import probe_order, validator_rest_s
+from volunteer.scheduler.verification import probe_order, validator_rest_s, validator_share
 from volunteer.swarm.records import ServerState
 from volunteer.trust.reputation import Reputation
 from volunteer.trust.tolerance import first_mismatch, tolerance_for
@@ -84,10 +85,15 @@ class Validator:
             self._running.cancel()
             await asyncio.gather(self._running, return_exceptions=True)
 
+    def current_share(self) -> float:
+        """The share of time to spend now: more while this daemon serves nothing."""
+        return validator_share(self.share, is_serving=self._blocks.handler is not None)
+
     async def _run(self) -> None:
         round_s = FIRST_ROUND_S
         while True:
-            await asyncio.sleep(validator_rest_s(round_s, self.share, min_rest_s=MIN_REST_S))
+            share = self.current_share()
+            await asyncio.sleep(validator_rest_s(round_s, share, min_rest_s=MIN_REST_S))
             began = asyncio.get_running_loop().time()
             try:
                 await self.probe_next()

@@ -314,9 +314,11 @@ class BlockHandler(ServicerBase):
             self.compute, self.span, hidden, start, end, peer=peer, budget=self._budget()
         )
         self.stats.count(hidden)
-        if self.drill is not None:
-            output = self.drill.output((peer, "forward"), output)
-        return output
+        return self._drilled((peer, "forward"), output)
+
+    def _drilled(self, key: object, output: torch.Tensor) -> torch.Tensor:
+        """`output`, or what a drill answers instead (`volunteer.server.drill`)."""
+        return output if self.drill is None else self.drill.output(key, output)
 
     def _budget(self) -> SliceBudget:
         # The caps may change under a running server (tests do): follow them.
@@ -339,7 +341,7 @@ class BlockHandler(ServicerBase):
             self.compute, span, hidden, grad_outputs, start, end, peer=peer, budget=budget
         )
         self.stats.count(hidden)
-        return grad
+        return self._drilled((peer, "backward"), grad)
 
     async def open_session(self, meta: wire.OpenSessionRequest, *, peer: str) -> Session:
         """Checks and admits a session and allocates its cache (also for in-process use).
@@ -392,9 +394,7 @@ class BlockHandler(ServicerBase):
             decode=batch * seq == 1,
         )
         self.stats.count(hidden)
-        if self.drill is not None:
-            output = self.drill.output(session.key, output)
-        return output
+        return self._drilled(session.key, output)
 
     def hidden_tensors(
         self, request: runtime_pb2.ExpertRequest, *, count: int

@@ -131,7 +131,12 @@ def chain_start(certificate: SignedCertificate) -> bytes:
     return hashlib.sha256(_CHAIN_START + certificate.body).digest()
 
 
-def next_chain(chain: bytes, step: bytes) -> bytes:
+def next_chain(
+    chain: bytes, start_pos: int, hidden: runtime_pb2.Tensor | torch.Tensor, output_digest: bytes
+) -> bytes:
+    """The chain after one more step: at `start_pos`, on `hidden`, answering the output
+    whose `tensor_digest` is `output_digest`."""
+    step = step_digest(start_pos, tensor_digest(hidden), output_digest)
     return hashlib.sha256(chain + step).digest()
 
 
@@ -188,6 +193,5 @@ class SessionSigner:
         self, start_pos: int, hidden: torch.Tensor, output: runtime_pb2.Tensor
     ) -> tuple[bytes, bytes]:
         """Adds a step to the chain: the new chain and its signature."""
-        digest = step_digest(start_pos, tensor_digest(hidden), tensor_digest(output))
-        self.chain = next_chain(self.chain, digest)
+        self.chain = next_chain(self.chain, start_pos, hidden, tensor_digest(output))
         return self.chain, self._key.sign(_STEP_SIGNED + self.chain)

@@ -35,7 +35,6 @@ from volunteer.transport.commitment import (
     chain_start,
     check_step_signature,
     next_chain,
-    step_digest,
     tensor_digest,
 )
 from volunteer.transport.protocol import BadRequestError
@@ -84,8 +83,7 @@ class Evidence:
                 raise CommitmentError("the claimed output is not the last step's")
             chain = chain_start(self.certificate)
             for step in self.steps:
-                digest = step_digest(step.start_pos, tensor_digest(step.hidden), step.output_digest)
-                chain = next_chain(chain, digest)
+                chain = next_chain(chain, step.start_pos, step.hidden, step.output_digest)
             check_step_signature(certificate, chain, self.signature)
         except CommitmentError as exc:
             raise EvidenceError(f"the evidence does not hold: {exc}") from None

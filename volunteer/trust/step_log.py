@@ -24,7 +24,6 @@ from volunteer.transport.commitment import (
     chain_start,
     check_step_signature,
     next_chain,
-    step_digest,
     tensor_digest,
 )
 from volunteer.trust.evidence import Evidence, Step
@@ -70,9 +69,7 @@ class StepLog:
         if chain is None or signature is None:
             raise CommitmentError("the reply commits to nothing (no chain or signature)")
         output_digest = tensor_digest(output)
-        expected = next_chain(
-            self._chain, step_digest(start_pos, tensor_digest(hidden), output_digest)
-        )
+        expected = next_chain(self._chain, start_pos, hidden, output_digest)
         if chain != expected:
             raise CommitmentError("the reply's chain is not over the step as sent and answered")
         check_step_signature(self._checked, chain, signature)
