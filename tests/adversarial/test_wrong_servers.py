@@ -46,7 +46,6 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, smollm2_folder: Path) -> Ite
         smollm2_folder,
         new_tokens=NEW_TOKENS,
         chat_timeout_s=CHAT_TIMEOUT_S,
-        daemon_flags=("--validate-share", "0"),
     )
     try:
         swarm.start("boot", "--num-blocks", "0")

@@ -213,6 +213,15 @@ FORWARD_CASES: dict[str, tuple[runtime_pb2.ExpertRequest, str]] = {
         "only uncompressed tensors",
     ),
     "no tensors": (_request(_span()), "expected 1 tensor(s), got 0"),
+    # A server signs what it computes: NaN in would be NaN out, and evidence against it.
+    "NaN": (
+        _request(_span(), (framing.pack_tensor(torch.full((1, 2, 64), float("nan"))),)),
+        "hold NaN or infinite values",
+    ),
+    "inf": (
+        _request(_span(), (framing.pack_tensor(torch.full((1, 2, 64), float("inf"))),)),
+        "hold NaN or infinite values",
+    ),
     "garbage metadata": (_request(b"\xc1\x00garbage", (_tensor(),)), "not valid msgpack"),
     "not a map": (_request([1, 2], (_tensor(),)), "metadata must be a map"),
     "wrong field type": (_request({"start": "one", "end": 3}, (_tensor(),)), "start"),

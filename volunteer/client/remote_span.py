@@ -301,7 +301,7 @@ class InferenceStream:
                 reply = await self._receive(timeout_s, is_watched=True)
                 assert reply is not None  # only an expected end returns None
             output = check_output(only_tensor(reply, what=self._what()), hidden, what=self._what())
-            follow_log(self.log, reply, start_pos, hidden, what=self._what())
+            await follow_log(self.log, reply, start_pos, hidden, what=self._what())
             self.pushed = was_pushed(reply)
             return output
 

@@ -9,12 +9,14 @@ replica instead of ending the session or decoding nonsense.
 
 from __future__ import annotations
 
+import asyncio
+
 import torch
 from hivemind.proto import runtime_pb2
 
 import volunteer.transport.framing as framing
 import volunteer.transport.protocol as wire
-from volunteer.transport.commitment import CommitmentError, SignedCertificate
+from volunteer.transport.commitment import LARGE_STEP_ELEMENTS, CommitmentError, SignedCertificate
 from volunteer.transport.protocol import BadReplyError, RemoteError, RemoteSpanError
 from volunteer.trust.step_log import StepLog
 
@@ -126,15 +128,16 @@ def open_log(
         raise BadReplyError(f"{what}: {exc}") from None
 
 
-def follow_log(
-    log: StepLog,
+async def follow_log(
+    log: StepLog | None,
     reply: runtime_pb2.ExpertResponse,
     start_pos: int,
     hidden: torch.Tensor,
     *,
     what: str,
 ) -> None:
-    """Adds a step's reply to the session's log (if it has one).
+    """Adds a step's reply to the session's log (if it has one); a large step is hashed
+    off the event loop.
 
     Raises:
         BadReplyError: the reply's commitment is missing or not over this step.
@@ -143,6 +146,10 @@ def follow_log(
         return
     try:
         meta = wire.unpack_metadata(reply.metadata, wire.StepReply)
-        log.follow(start_pos, hidden, reply.tensors[0], meta.chain, meta.signature)
+        step = (start_pos, hidden, reply.tensors[0], meta.chain, meta.signature)
+        if hidden.numel() < LARGE_STEP_ELEMENTS:
+            log.follow(*step)
+        else:
+            await asyncio.to_thread(log.follow, *step)
     except (CommitmentError, wire.BadRequestError) as exc:
         raise BadReplyError(f"{what}: {exc}") from None

@@ -38,10 +38,10 @@ from volunteer.client.positions import between
 from volunteer.errors import VolunteerError
 from volunteer.models.model import BlockSpan
 from volunteer.scheduler.verification import Mode, is_checked_now
-from volunteer.trust.evidence import Evidence
+from volunteer.trust.evidence import Evidence, EvidenceError, UndecidableError
 from volunteer.trust.reputation import Reputation
 from volunteer.trust.step_log import StepLog
-from volunteer.trust.tolerance import FLOAT32_TOLERANCE, first_mismatch, tolerance_for
+from volunteer.trust.tolerance import FLOAT32_TOLERANCE, first_mismatch, relative_distances
 
 logger = logging.getLogger(__name__)
 
@@ -132,11 +132,6 @@ class Verifier:
         record = self.reputation.of(peer_id).record
         return not is_committed or is_checked_now(record, self.mode, self.rng.random())
 
-    def tolerance_of(self, log: StepLog | None) -> float:
-        """How far a server's outputs may be from a recomputation: wider for a server
-        that says (in its certificate) it computes in a half-precision dtype."""
-        return self.tolerance if log is None else max(self.tolerance, tolerance_for(log.dtype))
-
     def banned(self) -> frozenset[str]:
         return self.reputation.banned()
 
@@ -193,7 +188,7 @@ class HopCheck:
             verifier.unverifiable += 1
             return output
         verifier.checked += 1
-        tolerance = verifier.tolerance_of(log)
+        tolerance = verifier.tolerance
         if first_mismatch(output, expected, tolerance) is None:
             self._passed({peer_id} | self._shadow_peers())
             return output
@@ -261,25 +256,23 @@ class HopCheck:
             verifier.unresolved += 1
             await self.close()
             raise WrongOutputError(f"{where}: {peer_id} and its shadow disagree, undecided")
-        tolerance = verifier.tolerance_of(log)
+        tolerance = verifier.tolerance
         is_right = first_mismatch(output, verdict, tolerance) is None
         is_shadow_right = first_mismatch(expected, verdict, tolerance) is None
         if is_right:
             self._passed({peer_id})
             if not is_shadow_right:
                 evidence = self._shadow.evidence() if self._shadow is not None else None
-                self._convict(shadow_peers, f"wrong output on {where} (as a shadow)", evidence)
+                reason = f"wrong output on {where} (as a shadow)"
+                self._convict(shadow_peers, reason, (evidence, expected, verdict))
                 await self.close()
             return output
         if is_shadow_right:
             self._passed(shadow_peers)
         else:
             await self.close()
-        self._convict(
-            frozenset({peer_id}),
-            f"wrong output on {where}",
-            log.evidence() if log is not None else None,
-        )
+        evidence = log.evidence() if log is not None else None
+        self._convict(frozenset({peer_id}), f"wrong output on {where}", (evidence, output, verdict))
         raise WrongOutputError(f"{peer_id} answered {where} wrong: a check found it")
 
     async def _third_opinion(
@@ -309,10 +302,15 @@ class HopCheck:
             with contextlib.suppress(Exception):
                 await third.close()
 
-    def _convict(self, peers: frozenset[str], reason: str, evidence: Evidence | None) -> None:
+    def _convict(
+        self,
+        peers: frozenset[str],
+        reason: str,
+        proof: tuple[Evidence | None, torch.Tensor, torch.Tensor],
+    ) -> None:
         """Bans `peers` when the blame is theirs alone: one peer (a shadow of several
-        servers cannot say which of them was wrong); accuses it where its signed steps
-        are the `evidence`."""
+        servers cannot say which of them was wrong); accuses it where `proof` (its
+        signed steps, the output found wrong and the verdict) will convince others."""
         if len(peers) != 1:
             return
         (peer,) = peers
@@ -321,8 +319,33 @@ class HopCheck:
         verifier.reputation.record_check(peer, passed=False)
         standing = verifier.reputation.ban(peer, reason)
         logger.warning("banned %s until %.0f: %s", peer, standing.banned_until_s, reason)
-        if evidence is not None and verifier.accuse is not None:
-            verifier.accuse(peer, evidence, reason)
+        if verifier.accuse is not None and is_proof(*proof, verifier.tolerance):
+            assert proof[0] is not None  # checked by _is_proof
+            verifier.accuse(peer, proof[0], reason)
+
+
+ACCUSE_FACTOR = 10.0
+"""A wrong output is accused only this many times farther than the tolerance from the
+verdict: judges recompute with the same tolerance, and an accusation that some judges
+find within it would cost its honest accuser its standing there."""
+
+
+def is_proof(
+    evidence: Evidence | None, wrong: torch.Tensor, verdict: torch.Tensor, tolerance: float
+) -> bool:
+    """Whether `evidence` proves `wrong` to others: its claimed output is exactly the
+    output found wrong (a shadow may have split the step: then only its last part is
+    signed alone), and far enough from the verdict that no judge could find it right."""
+    if evidence is None:
+        return False
+    try:
+        claimed = evidence.claimed_output()
+    except (EvidenceError, UndecidableError):
+        return False
+    if claimed.shape != wrong.shape or not torch.equal(claimed, wrong):
+        logger.info("a wrong output was not signed as one step: banned here only")
+        return False
+    return bool(relative_distances(wrong, verdict).max() > ACCUSE_FACTOR * tolerance)
 
 
 class LocalComputation:

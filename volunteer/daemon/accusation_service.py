@@ -14,9 +14,13 @@ them on blocks this daemon computes itself (`local_checks.local_blocks`):
   accused only once `QUORUM` accusers it deems reputable (`REPUTABLE_STANDING`, from
   its own checks of them) have accused it with evidence that holds.
 
-Accusations are read every `POLL_S`; an accuser that does not hand over its evidence
-is asked again `FETCH_ATTEMPTS` times at most. Nothing here ever bans this daemon's own
-peer id.
+Accusations are read every `POLL_S`, judged one per accuser per round and each piece
+of evidence once (whoever else files it): a flood of keys slows its own judging, and
+one proof bans once. Evidence over this daemon's limits, older than
+`EVIDENCE_MAX_AGE_S`, or whose recomputation is not finite is not judged: nobody is
+banned for what this daemon cannot decide. An accuser that does not hand over its
+evidence is asked again `FETCH_ATTEMPTS` times at most. Nothing here ever bans this
+daemon's own peer id.
 """
 
 from __future__ import annotations
@@ -35,8 +39,20 @@ from volunteer.daemon.block_service import BlockService
 from volunteer.daemon.dht_service import DHTService
 from volunteer.daemon.local_checks import local_blocks
 from volunteer.scheduler.verification import standing
-from volunteer.trust.accusations import Accusation, publish_on_node, read_on_node
-from volunteer.trust.evidence import Evidence, EvidenceError, is_wrong
+from volunteer.trust.accusations import (
+    MAX_PER_ACCUSER,
+    Accusation,
+    publish_on_node,
+    read_on_node,
+)
+from volunteer.trust.evidence import (
+    MAX_EVIDENCE_BYTES,
+    Evidence,
+    EvidenceError,
+    EvidenceLimitError,
+    UndecidableError,
+    is_wrong,
+)
 from volunteer.trust.evidence_exchange import (
     EVIDENCE_HANDLE,
     EvidenceFetchError,
@@ -44,10 +60,10 @@ from volunteer.trust.evidence_exchange import (
     fetch_evidence,
 )
 from volunteer.trust.reputation import Reputation
-from volunteer.trust.tolerance import tolerance_for
+from volunteer.trust.tolerance import FLOAT32_TOLERANCE
 
 POLL_S = 5.0
-FETCH_TIMEOUT_S = 20.0
+FETCH_TIMEOUT_S = 30.0
 FETCH_ATTEMPTS = 3
 MAX_PER_ROUND = 8
 """Accusations judged per round, the best-standing accusers first: a flood of them
@@ -58,10 +74,20 @@ MAX_REPLAY_POSITIONS = 1 << 16
 """The most positions (batch x length) a replay allocates a cache for."""
 DHT_TIMEOUT_S = 10.0
 QUORUM = 2
-REPUTABLE_STANDING = 0.6
+REPUTABLE_STANDING = 0.75
 """Standing (`scheduler.verification.standing`) of an accuser whose word counts toward
-`QUORUM`: about five passed checks here and no failed one."""
+`QUORUM`: about twenty passed checks here and no failed one."""
+QUORUM_WINDOW_S = 3600.0
+"""How long an accuser's word counts toward a quorum."""
+EVIDENCE_MAX_AGE_S = 6 * 3600.0
+"""Evidence of a session opened longer ago is not judged: a fault is punished once,
+not replayed by new accusers for ever."""
+MAX_OWN = 3
+"""This daemon's own accusations kept published, before the endorsements (its record
+holds `trust.accusations.MAX_PER_ACCUSER`)."""
 MAX_JUDGED = 4096
+ENDORSED = "recomputed an accusation of this peer, and found it true"
+"""The reason of an endorsement: this daemon's own words, not the accuser's."""
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +115,12 @@ class AccusationService:
         self.poll_s = poll_s
         self.store = EvidenceStore()
         self._mine: list[Accusation] = []
-        self._judged: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
-        """(accuser, evidence) -> failed fetches so far; FETCH_ATTEMPTS once judged."""
-        self._accusers: dict[str, set[str]] = collections.defaultdict(set)
-        """Accused -> accusers whose evidence held, where this daemon could not recompute."""
+        self._endorsed: list[Accusation] = []
+        self._judged: collections.OrderedDict[str, int] = collections.OrderedDict()
+        """Evidence -> failed fetches so far; FETCH_ATTEMPTS once judged (by anyone's)."""
+        self._accusers: collections.OrderedDict[str, dict[str, float]] = collections.OrderedDict()
+        """Accused -> {accuser: when} whose evidence held, where this daemon could not
+        recompute (the latest MAX_JUDGED accused)."""
         self._tasks: set[asyncio.Task] = set()
         self._judging: asyncio.Task | None = None
         self._local = None
@@ -120,32 +148,37 @@ class AccusationService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _file(self, peer_id: str, evidence: Evidence | bytes, reason: str) -> None:
+    async def _file(
+        self, peer_id: str, evidence: Evidence, reason: str, *, raw: bytes | None = None
+    ) -> None:
+        """Publishes an accusation: this daemon's own, or (with the `raw` evidence it
+        fetched) an endorsement of one it recomputed."""
         try:
-            raw = (
-                evidence
-                if isinstance(evidence, bytes)
-                else await asyncio.to_thread(evidence.to_bytes)
-            )
-            parsed = evidence if isinstance(evidence, Evidence) else Evidence.from_bytes(raw)
-            certificate = parsed.certificate.check()
+            if raw is None:
+                raw = await asyncio.to_thread(evidence.to_bytes)
+            if len(raw) > MAX_EVIDENCE_BYTES:
+                logger.info("not accusing %s: its evidence is over what judges fetch", peer_id)
+                return
+            certificate = evidence.certificate.check()
             name = self.store.add(raw)
-            self._mine = [each for each in self._mine if each.evidence != name][-5:]
-            self._mine.append(
-                Accusation(
-                    accused=peer_id,
-                    start=certificate.start,
-                    end=certificate.end,
-                    reason=reason,
-                    filed_s=time.time(),
-                    evidence=name,
-                )
+            accusation = Accusation(
+                accused=peer_id,
+                start=certificate.start,
+                end=certificate.end,
+                reason=reason,
+                filed_s=time.time(),
+                evidence=name,
             )
+            if reason == ENDORSED:
+                self._endorsed = [*self._endorsed, accusation][-MAX_PER_ACCUSER:]
+            else:
+                self._mine = [*self._mine, accusation][-MAX_OWN:]
+            published = [*self._mine, *self._endorsed][-MAX_PER_ACCUSER:]
             model = await self._blocks.served_model()
-            node = self._dht.node
             stored = await publish_on_node(
-                node, model.swarm_name, self._mine, owner=self._owner, timeout_s=DHT_TIMEOUT_S
-            )
+                self._dht.node, model.swarm_name, published, owner=self._owner,
+                timeout_s=DHT_TIMEOUT_S,
+            )  # fmt: skip
             self.filed += 1
             logger.warning("accused %s (%s); published: %s", peer_id, reason, stored)
         except Exception as exc:  # the ban stands here; only its spreading failed
@@ -160,59 +193,57 @@ class AccusationService:
                 logger.info("judging accusations failed this round: %s", exc)
 
     async def judge_new(self) -> None:
-        """Judges the accusations published since the last round (`MAX_PER_ROUND`)."""
+        """Judges the accusations published since the last round: one per accuser (its
+        latest), `MAX_PER_ROUND` accusers, the best-standing first."""
         model = await self._blocks.served_model()
         found = await read_on_node(self._dht.node, model.swarm_name, timeout_s=DHT_TIMEOUT_S)
         own, reputation = self._dht.peer_id, self._reputation()
-        new = [
-            (accuser, accusation)
-            for accuser, accusation in found or ()
-            if accuser != own
-            and self._judged.get((accuser, accusation.evidence), 0) < FETCH_ATTEMPTS
-        ]
-        new.sort(key=lambda item: -standing(reputation.of(item[0]).record))
+        latest: dict[str, Accusation] = {}
+        for accuser, accusation in found or ():
+            if accuser != own and self._judged.get(accusation.evidence, 0) < FETCH_ATTEMPTS:
+                latest[accuser] = accusation  # each accuser's list is oldest first
+        order = sorted(latest, key=lambda peer: -standing(reputation.of(peer).record))
         fetching = asyncio.Semaphore(MAX_FETCHES)
 
-        async def judge(accuser: str, accusation: Accusation) -> None:
+        async def judge(accuser: str) -> None:
             async with fetching:
-                await self._judge(accuser, accusation, (accuser, accusation.evidence))
+                await self._judge(accuser, latest[accuser])
 
         judged = await asyncio.gather(
-            *(judge(*item) for item in new[:MAX_PER_ROUND]), return_exceptions=True
+            *(judge(accuser) for accuser in order[:MAX_PER_ROUND]), return_exceptions=True
         )
         for failure in (each for each in judged if isinstance(each, Exception)):
             logger.warning("judging an accusation failed: %r", failure)
 
-    async def _judge(self, accuser: str, accusation: Accusation, key: tuple[str, str]) -> None:
+    async def _judge(self, accuser: str, accusation: Accusation) -> None:
         reputation = self._reputation()
-        accused = accusation.accused
+        accused, name = accusation.accused, accusation.evidence
         if reputation.is_banned(accuser) or reputation.is_banned(accused):
-            self._mark(key, FETCH_ATTEMPTS)
+            self._mark(name, FETCH_ATTEMPTS)
             return
         try:
-            raw = await fetch_evidence(
-                self._dht.p2p, accuser, accusation.evidence, timeout_s=FETCH_TIMEOUT_S
-            )
+            raw = await fetch_evidence(self._dht.p2p, accuser, name, timeout_s=FETCH_TIMEOUT_S)
         except EvidenceFetchError as exc:
             logger.info("%s", exc)
-            self._mark(key, self._judged.get(key, 0) + 1)
+            self._mark(name, self._judged.get(name, 0) + 1)
             return
-        self._mark(key, FETCH_ATTEMPTS)
+        self._mark(name, FETCH_ATTEMPTS)
         try:
-            evidence, dtype = await asyncio.to_thread(_checked, raw, accusation)
-            tolerance = tolerance_for(dtype, evidence.output.dtype)
-            wrong = await is_wrong(evidence, self._replay, tolerance)
+            evidence = await asyncio.to_thread(_checked, raw, accusation)
+            wrong = await is_wrong(evidence, self._replay, FLOAT32_TOLERANCE)
         except EvidenceError as exc:
             self._refute(accuser, accused, f"evidence that does not hold ({exc})")
+            return
+        except (EvidenceLimitError, UndecidableError) as exc:
+            logger.info("not judging the accusation of %s by %s: %s", accused, accuser, exc)
             return
         except CannotRecomputeError:
             self._count_accuser(accuser, accusation)
             return
-        if wrong:
-            if self._convict(accused, f"{accusation.reason} (proven by {accuser}, recomputed)"):
-                await self._file(accused, raw, accusation.reason)
-        else:
+        if not wrong:
             self._refute(accuser, accused, "an output this peer recomputed right")
+        elif self._convict(accused, f"{accusation.reason} (proven by {accuser}, recomputed)"):
+            await self._file(accused, evidence, ENDORSED, raw=raw)
 
     def _convict(self, accused: str, reason: str) -> bool:
         """Bans the accused, unless it is this peer (a drill's own blocks) or already
@@ -236,21 +267,30 @@ class AccusationService:
         logger.warning("banned %s for a false accusation against %s: %s", accuser, accused, what)
 
     def _count_accuser(self, accuser: str, accusation: Accusation) -> None:
-        reputation = self._reputation()
-        accusers = self._accusers[accusation.accused]
-        accusers.add(accuser)
-        reputable = [
-            peer
-            for peer in accusers
-            if not reputation.is_banned(peer)
-            and standing(reputation.of(peer).record) >= REPUTABLE_STANDING
-        ]
-        if len(reputable) >= QUORUM:
-            self._convict(accusation.accused, f"{accusation.reason} (accused by {len(reputable)})")
+        """Counts a reputable accuser's word where this daemon cannot recompute; bans
+        at `QUORUM` of them within `QUORUM_WINDOW_S` (the accuser at hand one of them)."""
+        reputation, now = self._reputation(), time.time()
 
-    def _mark(self, key: tuple[str, str], attempts: int) -> None:
-        self._judged[key] = attempts
-        self._judged.move_to_end(key)
+        def is_reputable(peer: str) -> bool:
+            record = reputation.of(peer).record
+            return not reputation.is_banned(peer) and standing(record) >= REPUTABLE_STANDING
+
+        if not is_reputable(accuser):
+            return
+        accusers = self._accusers.setdefault(accusation.accused, {})
+        accusers[accuser] = now
+        self._accusers.move_to_end(accusation.accused)
+        while len(self._accusers) > MAX_JUDGED:
+            self._accusers.popitem(last=False)
+        recent = [p for p, when in accusers.items() if now - when < QUORUM_WINDOW_S]
+        if len([peer for peer in recent if is_reputable(peer)]) >= QUORUM:
+            reason = f"{accusation.reason} (accused by {len(recent)} reputable peers)"
+            if self._convict(accusation.accused, reason):
+                del self._accusers[accusation.accused]  # a next ban needs new accusations
+
+    def _mark(self, name: str, attempts: int) -> None:
+        self._judged[name] = attempts
+        self._judged.move_to_end(name)
         while len(self._judged) > MAX_JUDGED:
             self._judged.popitem(last=False)
 
@@ -259,7 +299,8 @@ class AccusationService:
     ) -> torch.Tensor:
         if self._local is None:
             self._local = local_blocks(await self._blocks.served_model(), self._blocks)
-        span = await asyncio.to_thread(self._local, start, end)
+        async with self._recomputing:  # one span loaded at a time, too
+            span = await asyncio.to_thread(self._local, start, end)
         if span is None:
             raise CannotRecomputeError(f"blocks {start}:{end} are too large to load here")
         config = span.config
@@ -270,7 +311,7 @@ class AccusationService:
             or batch * length > MAX_REPLAY_POSITIONS
             or any(h.shape[0] != batch or h.shape[2] != config.hidden_size for _, h in steps)
         ):
-            raise EvidenceError(f"steps no session of this model has (batch {batch}, {length})")
+            raise EvidenceLimitError(f"steps over this peer's limits (batch {batch}, {length})")
         async with self._recomputing:
             computation = LocalComputation(span, batch_size=batch, max_length=length)
             try:
@@ -281,12 +322,14 @@ class AccusationService:
         return output
 
 
-def _checked(raw: bytes, accusation: Accusation) -> tuple[Evidence, str]:
-    """The evidence, once it holds and is of the accused's session of these blocks, and
-    the dtype the accused computed in."""
+def _checked(raw: bytes, accusation: Accusation) -> Evidence:
+    """The evidence, once it holds and is of the accused's recent session of these
+    blocks."""
     evidence = Evidence.from_bytes(raw)
     certificate = evidence.checked_certificate()
     named = (certificate.server, certificate.start, certificate.end)
     if named != (accusation.accused, accusation.start, accusation.end):
         raise EvidenceError("the evidence is of another server or span than the accusation")
-    return evidence, certificate.dtype
+    if time.time() - certificate.issued_s > EVIDENCE_MAX_AGE_S:
+        raise EvidenceLimitError("the evidence is of a session too old to judge")
+    return evidence

@@ -30,7 +30,7 @@ from volunteer.server.caps import max_step_bytes
 from volunteer.server.push import PushedStep, StepInbox
 from volunteer.server.sessions import Session
 from volunteer.server.validation import first_request
-from volunteer.transport.commitment import SessionSigner
+from volunteer.transport.commitment import LARGE_STEP_ELEMENTS, SessionSigner
 from volunteer.transport.protocol import BadRequestError, PeerUnavailableError
 
 if TYPE_CHECKING:  # the handler serves these streams: a run-time import would be circular
@@ -134,7 +134,7 @@ async def inference_session(
             if isinstance(item, PushedStep):
                 handler.stats.pushed_steps += 1
             pushed = push is not None and _push(handler, *push, packed)
-            signed = signer.step(meta.start_pos, hidden, packed) if signer else (None, None)
+            signed = await _sign(signer, meta.start_pos, hidden, packed)
             yield _step_reply(session, packed, pushed=pushed, signed=signed)
     finally:
         # However the stream ends (close, error, timeout, cancellation), free the cache.
@@ -201,6 +201,17 @@ def _push(
         return False
     request = runtime_pb2.ExpertRequest(tensors=[output], metadata=metadata)
     return handler.push_links.send(target, request)
+
+
+async def _sign(
+    signer: SessionSigner | None, start_pos: int, hidden: torch.Tensor, output: runtime_pb2.Tensor
+) -> tuple[bytes | None, bytes | None]:
+    """The step's chain and signature (none without a signer)."""
+    if signer is None:
+        return None, None
+    if hidden.numel() < LARGE_STEP_ELEMENTS:
+        return signer.step(start_pos, hidden, output)
+    return await asyncio.to_thread(signer.step, start_pos, hidden, output)
 
 
 def _step_reply(

@@ -99,6 +99,10 @@ def check_limits(tensor: torch.Tensor, limits: ServerLimits, dtype: torch.dtype)
         raise BadRequestError(f"{batch * seq} positions exceed max_tokens {limits.max_tokens}")
     if tensor.dtype not in (torch.float32, dtype):
         raise BadRequestError(f"dtype {tensor.dtype} not accepted: send float32 or {dtype}")
+    # A server signs what it computed: NaN in would be NaN out, signed, and a recomputation
+    # of NaN never "agrees" with it, so whoever sent it could have the server accused.
+    if not torch.isfinite(tensor).all():
+        raise BadRequestError("hidden states hold NaN or infinite values")
 
 
 def check_backward(hidden: torch.Tensor, max_backward_tokens: int) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import time
 from typing import Any
 
 import msgpack
@@ -43,6 +44,8 @@ _STEP_SIGNED = b"volunteer-step-v1"
 MAX_CERTIFICATE_BYTES = 2048
 MAX_RSA_KEY_BYTES = 1024
 """A DER RSA public key: 2048 bits take 294 bytes, 4096 bits 550."""
+LARGE_STEP_ELEMENTS = 1 << 20
+"""A step whose tensors are hashed off the event loop (4 MiB of float32 and up)."""
 _SHA2_256_MULTIHASH_PREFIX = b"\x12\x20"
 """libp2p peer id of an RSA key: multihash(sha2-256 code 0x12, 32-byte digest)."""
 
@@ -66,7 +69,11 @@ class Certificate(BaseModel):
     server_key: bytes = Field(min_length=1, max_length=MAX_RSA_KEY_BYTES)
     """The server's RSA public key (DER): its peer id is this key's hash."""
     dtype: str = Field(default="float32", max_length=16)
-    """What the server computes in: a check of its steps allows that dtype's error."""
+    """What the server says it computes in: shown, never trusted (a check's tolerance
+    is the checker's own, or a cheat would claim half precision to hide its errors)."""
+    issued_s: float = 0.0
+    """When the server opened the session (wall clock): a client refuses a certificate
+    far from its own time, and a judge evidence too old (`volunteer.trust.evidence`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +189,7 @@ class SessionSigner:
                 server=peer.peer_id,
                 session_key=session_key,
                 server_key=peer.public_der,
+                issued_s=time.time(),
                 **certified,
             ).model_dump(),
             use_bin_type=True,

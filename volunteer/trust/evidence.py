@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from collections.abc import Awaitable, Callable
 
 import msgpack
@@ -49,7 +50,15 @@ _VERSION = 1
 
 
 class EvidenceError(VolunteerError):
-    """Evidence that is malformed, over the limits, or not signed by the accused."""
+    """Evidence that is malformed or not signed by the accused: its accuser's fault."""
+
+
+class EvidenceLimitError(VolunteerError):
+    """Evidence over this peer's limits (too large, too old): not judged here."""
+
+
+class UndecidableError(VolunteerError):
+    """The recomputation gives no finite output to compare with: nobody is judged."""
 
 
 @dataclasses.dataclass
@@ -95,10 +104,11 @@ class Evidence:
             output = framing.unpack_tensor(self.output, max_numel=last.numel(), name="output")
         except BadRequestError as exc:
             raise EvidenceError(f"the claimed output is malformed: {exc}") from None
-        if output.shape != last.shape:
-            raise EvidenceError(
-                f"the claimed output's shape {list(output.shape)} is not its input's"
-            )
+        if output.shape != last.shape or output.dtype != last.dtype:
+            raise EvidenceError("the claimed output is not of its input's shape and dtype")
+        if not torch.isfinite(output).all():
+            # A client fails such a reply over before any check: no honest accusation.
+            raise UndecidableError("the claimed output is not finite")
         return output
 
     def to_bytes(self) -> bytes:
@@ -121,17 +131,30 @@ class Evidence:
         """Parses evidence from a peer (checked for shape only: see `checked_certificate`).
 
         Raises:
-            EvidenceError: not evidence of this version, or over the limits.
+            EvidenceError: not evidence of this version.
+            EvidenceLimitError: over this peer's limits.
         """
         if len(raw) > MAX_EVIDENCE_BYTES:
-            raise EvidenceError(f"evidence of {len(raw)} bytes exceeds {MAX_EVIDENCE_BYTES}")
+            raise EvidenceLimitError(f"evidence of {len(raw)} bytes exceeds {MAX_EVIDENCE_BYTES}")
         try:
-            value = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+            value = msgpack.unpackb(
+                raw,
+                raw=False,
+                strict_map_key=True,
+                max_array_len=MAX_EVIDENCE_STEPS,
+                max_map_len=16,
+                max_str_len=64,
+                max_ext_len=0,
+                # Flat lists of scalars only: nested containers, each one byte on the wire,
+                # would build millions of objects from a few MiB.
+                list_hook=_flat,
+                object_hook=_flat_map,
+            )
             if not isinstance(value, dict) or value.get("v") != _VERSION:
                 raise EvidenceError("not evidence of a version this peer reads")
             starts, inputs, digests = value["starts"], value["inputs"], value["digests"]
-            if not len(starts) == len(inputs) == len(digests) <= MAX_EVIDENCE_STEPS:
-                raise EvidenceError("the evidence's step lists differ in length or are too long")
+            if not len(starts) == len(inputs) == len(digests):
+                raise EvidenceError("the evidence's step lists differ in length")
             steps = [
                 Step(_position(start), _tensor(raw_input), _digest(digest))
                 for start, raw_input, digest in zip(starts, inputs, digests, strict=True)
@@ -141,7 +164,7 @@ class Evidence:
                 _bytes(value["certificate"]), _bytes(value["certificate_signature"])
             )
             return cls(certificate, steps, output, _bytes(value["signature"]))
-        except EvidenceError:
+        except (EvidenceError, EvidenceLimitError):
             raise
         except Exception as exc:  # msgpack, protobuf and lookups raise many types on junk
             raise EvidenceError(f"malformed evidence ({type(exc).__name__})") from None
@@ -164,12 +187,15 @@ async def is_wrong(evidence: Evidence, replay: Replay, tolerance: float) -> bool
 
     Raises:
         EvidenceError: the claimed output is malformed.
+        UndecidableError: the claimed output or the recomputation is not finite.
         Whatever `replay` raises (no computation of these blocks).
     """
     certificate = evidence.certificate.check()
     claimed = evidence.claimed_output()
     steps = [(step.start_pos, step.hidden) for step in evidence.steps]
     expected = await replay(certificate.start, certificate.end, steps)
+    if not torch.isfinite(expected).all():
+        raise UndecidableError("the recomputation is not finite: the inputs overflow the blocks")
     return first_mismatch(claimed, expected.to(claimed.dtype), tolerance) is not None
 
 
@@ -194,10 +220,26 @@ def _digest(value: object) -> bytes:
 
 def _tensor(raw: object) -> torch.Tensor:
     proto = runtime_pb2.Tensor.FromString(_bytes(raw))
+    if math.prod(proto.size) > MAX_EVIDENCE_ELEMENTS:
+        raise EvidenceLimitError(f"a step's input of shape {list(proto.size)} is over the limit")
     try:
         tensor = framing.unpack_tensor(proto, max_numel=MAX_EVIDENCE_ELEMENTS, name="input")
     except BadRequestError as exc:
         raise EvidenceError(f"a step's input is malformed: {exc}") from None
     if tensor.dim() != 3 or min(tensor.shape) < 1:
         raise EvidenceError(f"a step's input must be [B, S, H], got {list(tensor.shape)}")
+    if not torch.isfinite(tensor).all():
+        raise EvidenceError("a step's input is not finite: no server takes such a step")
     return tensor.detach()
+
+
+def _flat(items: list) -> list:
+    if any(isinstance(item, (list, dict)) for item in items):
+        raise EvidenceError("nested lists are no part of evidence")
+    return items
+
+
+def _flat_map(value: dict) -> dict:
+    if any(isinstance(item, dict) for item in value.values()):
+        raise EvidenceError("nested maps are no part of evidence")
+    return value

@@ -30,6 +30,8 @@ CHUNK_BYTES = 1 << 20
 REQUEST_TIMEOUT_S = 5.0
 MAX_KEPT = 64
 MAX_KEPT_BYTES = 512 << 20
+SERVE_DEADLINE_S = 30.0
+"""The longest one evidence answer may take (64 MiB at about 2 MiB/s)."""
 MAX_SERVING = 4
 """Evidence streams served at once; more are closed unanswered (each is bounded by the
 fetcher's deadline)."""
@@ -79,11 +81,16 @@ class EvidenceStore:
                 if raw is None or self._serving.locked():
                     return  # unknown, or busy: the fetcher asks again in a later round
                 async with self._serving:
-                    for offset in range(0, len(raw), CHUNK_BYTES):
-                        writer.write(framing.frame_bytes(raw[offset : offset + CHUNK_BYTES]))
-                        await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S * 6)
+                    # One deadline for the whole answer: a slow reader cannot hold a slot.
+                    await asyncio.wait_for(_send(raw, writer), SERVE_DEADLINE_S)
             except Exception as exc:  # a peer that went away or sent junk: nothing to tell
                 logger.debug("an evidence request failed: %s", exc)
+
+
+async def _send(raw: bytes, writer: asyncio.StreamWriter) -> None:
+    for offset in range(0, len(raw), CHUNK_BYTES):
+        writer.write(framing.frame_bytes(raw[offset : offset + CHUNK_BYTES]))
+        await writer.drain()
 
 
 async def fetch_evidence(p2p: P2P, peer_id: str, name: str, *, timeout_s: float) -> bytes:

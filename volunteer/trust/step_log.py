@@ -14,6 +14,8 @@ session's length and rewinds.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from hivemind.proto import runtime_pb2
 
@@ -26,7 +28,13 @@ from volunteer.transport.commitment import (
     next_chain,
     tensor_digest,
 )
-from volunteer.trust.evidence import Evidence, Step
+from volunteer.trust.evidence import MAX_EVIDENCE_BYTES, MAX_EVIDENCE_STEPS, Evidence, Step
+
+CLOCK_SLACK_S = 600.0
+"""How far a certificate's date may be from this peer's clock (honest clocks drift)."""
+MAX_LOGGED_ELEMENTS = MAX_EVIDENCE_BYTES // 8
+"""Input elements a log keeps: its evidence (4 bytes an element, twice for framing)
+then stays within what a judge fetches."""
 
 
 class StepLog:
@@ -41,17 +49,17 @@ class StepLog:
         expected = (server, session_id, start, end)
         if (checked.server, checked.session_id, checked.start, checked.end) != expected:
             raise CommitmentError("the session certificate names another server, session or span")
+        if abs(checked.issued_s - time.time()) > CLOCK_SLACK_S:
+            raise CommitmentError("the session certificate is dated far from now")
         self.certificate = certificate
         self._checked: Certificate = checked
         self._chain = chain_start(certificate)
-        self.steps: list[Step] = []
+        self.steps: list[Step] | None = []
+        """None once past the evidence's limits: the chain is still followed, and the
+        session can no longer be proven wrong (only caught and banned here)."""
+        self._elements = 0
         self._last_output: runtime_pb2.Tensor | None = None
         self._last_signature = b""
-
-    @property
-    def dtype(self) -> str:
-        """What the server says it computes in."""
-        return self._checked.dtype
 
     def follow(
         self,
@@ -74,11 +82,17 @@ class StepLog:
             raise CommitmentError("the reply's chain is not over the step as sent and answered")
         check_step_signature(self._checked, chain, signature)
         self._chain = chain
-        self.steps.append(Step(start_pos, hidden, output_digest))
         self._last_output, self._last_signature = output, signature
+        if self.steps is None:
+            return
+        self._elements += hidden.numel()
+        if len(self.steps) >= MAX_EVIDENCE_STEPS or self._elements > MAX_LOGGED_ELEMENTS:
+            self.steps = None  # bounded memory; a longer session proves nothing
+            return
+        self.steps.append(Step(start_pos, hidden, output_digest))
 
     def evidence(self) -> Evidence | None:
         """The evidence of the last step (None before any)."""
-        if self._last_output is None:
+        if self._last_output is None or self.steps is None:
             return None
         return Evidence(self.certificate, list(self.steps), self._last_output, self._last_signature)
