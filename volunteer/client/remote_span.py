@@ -31,13 +31,12 @@ from volunteer.client.keepalive import Keepalive, get_alive
 from volunteer.client.replies import (
     OPEN_REPLY_BYTES,
     check_output,
-    follow_log,
     only_tensor,
     open_log,
     reply_bytes,
     server_error,
     step_limit,
-    was_pushed,
+    take_step_reply,
 )
 from volunteer.transport.local_link import open_preferring_local
 from volunteer.transport.p2p_streams import open_stream
@@ -301,8 +300,8 @@ class InferenceStream:
                 reply = await self._receive(timeout_s, is_watched=True)
                 assert reply is not None  # only an expected end returns None
             output = check_output(only_tensor(reply, what=self._what()), hidden, what=self._what())
-            await follow_log(self.log, reply, start_pos, hidden, what=self._what())
-            self.pushed = was_pushed(reply)
+            what = self._what()
+            self.pushed = await take_step_reply(self.log, reply, start_pos, hidden, what=what)
             return output
 
     async def close(self, timeout_s: float = 5.0) -> None:

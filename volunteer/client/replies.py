@@ -88,14 +88,6 @@ def step_limit(reply: runtime_pb2.ExpertResponse | None) -> int | None:
         return None
 
 
-def was_pushed(reply: runtime_pb2.ExpertResponse) -> bool:
-    """Whether the server says it pushed the step's output on to the next hop."""
-    try:
-        return wire.unpack_metadata(reply.metadata, wire.StepReply).pushed
-    except wire.BadRequestError:
-        return False  # a server that says nothing pushed nothing we should wait for
-
-
 def open_log(
     reply: runtime_pb2.ExpertResponse | None,
     opening: wire.OpenSessionRequest,
@@ -128,28 +120,35 @@ def open_log(
         raise BadReplyError(f"{what}: {exc}") from None
 
 
-async def follow_log(
+async def take_step_reply(
     log: StepLog | None,
     reply: runtime_pb2.ExpertResponse,
     start_pos: int,
     hidden: torch.Tensor,
     *,
     what: str,
-) -> None:
-    """Adds a step's reply to the session's log (if it has one); a large step is hashed
-    off the event loop.
+) -> bool:
+    """Reads a step's reply metadata once: adds the step to the session's log (if it
+    has one; a large step is hashed off the event loop), and says whether the server
+    pushed the output on to the next hop.
 
     Raises:
-        BadReplyError: the reply's commitment is missing or not over this step.
+        BadReplyError: the session has a log, and the reply's commitment is missing or
+            not over this step.
     """
-    if log is None:
-        return
     try:
         meta = wire.unpack_metadata(reply.metadata, wire.StepReply)
+    except wire.BadRequestError as exc:
+        if log is not None:
+            raise BadReplyError(f"{what}: {exc}") from None
+        return False  # a server that says nothing pushed nothing we should wait for
+    if log is not None:
         step = (start_pos, hidden, reply.tensors[0], meta.chain, meta.signature)
-        if hidden.numel() < LARGE_STEP_ELEMENTS:
-            log.follow(*step)
-        else:
-            await asyncio.to_thread(log.follow, *step)
-    except (CommitmentError, wire.BadRequestError) as exc:
-        raise BadReplyError(f"{what}: {exc}") from None
+        try:
+            if hidden.numel() < LARGE_STEP_ELEMENTS:
+                log.follow(*step)
+            else:
+                await asyncio.to_thread(log.follow, *step)
+        except CommitmentError as exc:
+            raise BadReplyError(f"{what}: {exc}") from None
+    return meta.pushed
