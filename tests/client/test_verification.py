@@ -28,7 +28,7 @@ from tests.server import (
 )
 from volunteer.client.inference import SessionFailedError, SwarmInferenceSession
 from volunteer.client.remote_span import RemoteSpan
-from volunteer.client.verification import LocalComputation, Verifier, computation_opener
+from volunteer.client.verification import Verifier, computation_opener, replay_steps
 from volunteer.faults import parse_faults
 from volunteer.server.drill import Drill
 from volunteer.server.handler import BlockHandler
@@ -281,10 +281,7 @@ def _replay_here(swarm: Swarm):
     """Recomputes evidence's steps on the blocks run in this process (the judge's own)."""
 
     async def replay(start: int, end: int, steps: list) -> torch.Tensor:
-        local = LocalComputation(sub_span(swarm.full, start, end), batch_size=1, max_length=64)
-        for position, hidden in steps:
-            output = await local.step(hidden, position)
-        return output
+        return await replay_steps(sub_span(swarm.full, start, end), steps)
 
     return replay
 

@@ -386,6 +386,21 @@ class LocalComputation:
         self._cache = None
 
 
+async def replay_steps(span: BlockSpan, steps: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """The last output of `steps` ((start_pos, hidden) [B, S, H], in order: rewinds
+    included) run through `span` on a fresh cache, as the server that took them ran
+    them; what a judge compares evidence with (`volunteer.trust.evidence.is_wrong`)."""
+    batch = steps[0][1].shape[0]
+    length = max(position + hidden.shape[1] for position, hidden in steps)
+    computation = LocalComputation(span, batch_size=batch, max_length=length)
+    try:
+        for position, hidden in steps:
+            output = await computation.step(hidden, position)
+    finally:
+        await computation.close()
+    return output
+
+
 class _Session(Protocol):
     @property
     def route(self) -> list: ...

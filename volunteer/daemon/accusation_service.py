@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 import torch
 
-from volunteer.client.verification import LocalComputation
+from volunteer.client.verification import replay_steps
 from volunteer.daemon.block_service import BlockService
 from volunteer.daemon.dht_service import DHTService
 from volunteer.daemon.local_checks import local_blocks
@@ -313,13 +313,7 @@ class AccusationService:
         ):
             raise EvidenceLimitError(f"steps over this peer's limits (batch {batch}, {length})")
         async with self._recomputing:
-            computation = LocalComputation(span, batch_size=batch, max_length=length)
-            try:
-                for position, hidden in steps:
-                    output = await computation.step(hidden, position)
-            finally:
-                await computation.close()
-        return output
+            return await replay_steps(span, steps)
 
 
 def _checked(raw: bytes, accusation: Accusation) -> Evidence:
