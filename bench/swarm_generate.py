@@ -291,7 +291,20 @@ def embedded_setup(tmp: Path, *, threads: int, local_links: str) -> Setup:
     folder = ModelStore(paths.models_dir).resolve(DEFAULT_MODEL)
     config = ModelConfig.from_hf_folder(folder)
     prompt = Tokenizer.from_folder(folder).encode_chat([{"role": "user", "content": PROMPT}])
-    env = daemon_env(paths)
+    return _setup(folder, config, prompt, daemon_env(paths), tmp, threads, local_links, 0)
+
+
+def _setup(
+    folder: Path,
+    config: ModelConfig,
+    prompt: list[int],
+    env: dict[str, str],
+    tmp: Path,
+    threads: int,
+    local_links: str,
+    bare_rss: int,
+) -> Setup:
+    """A `Setup` of the model in `folder`, its swarm name and ends derived."""
     return Setup(
         folder=folder,
         config=config,
@@ -302,7 +315,7 @@ def embedded_setup(tmp: Path, *, threads: int, local_links: str) -> Setup:
         tmp=tmp,
         threads=threads,
         local_links=local_links,
-        bare_rss=0,
+        bare_rss=bare_rss,
     )
 
 
@@ -476,17 +489,8 @@ def main() -> None:
     servers: list[tuple[int, dict[str, Any]]] = []
     launches: list[float] = []
     with tempfile.TemporaryDirectory(prefix="swarm-bench-") as tmp:
-        setup = Setup(
-            folder=folder,
-            config=config,
-            swarm_name=swarm_model_name(str(folder), folder),
-            prompt=prompt,
-            ends=load_ends(folder, config).eval(),
-            env=env,
-            tmp=Path(tmp),
-            threads=args.server_threads,
-            local_links=args.local_links,
-            bare_rss=bare_rss,
+        setup = _setup(
+            folder, config, prompt, env, Path(tmp), args.server_threads, args.local_links, bare_rss
         )
         for count, spans in SWARMS.items():
             _log(f"swarm of {count} server(s): {', '.join(spans)}")
