@@ -226,7 +226,8 @@ class Daemons:
 
     def _stop(self, name: str) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.cli(name, "stop", "--timeout", "10")
+            # At once: a bench's swarm is going away whole, nobody takes blocks over.
+            self.cli(name, "stop", "--now", "--timeout", "10")
 
 
 @dataclasses.dataclass

@@ -43,7 +43,27 @@ class RouteHop:
 
 
 class NoRouteError(Exception):
-    """No combination of usable servers covers the requested blocks."""
+    """No combination of usable servers covers the requested blocks.
+
+    Attributes:
+        gap: the first blocks `(start, end)` that no usable server holds.
+    """
+
+    def __init__(self, gap: tuple[int, int]) -> None:
+        super().__init__(f"no usable server holds blocks {gap[0]}:{gap[1]}")
+        self.gap = gap
+
+
+def first_gap(servers: Sequence[ServerCandidate], start: int, end: int) -> tuple[int, int]:
+    """The first run of blocks in [start, end) that none of `servers` holds
+    (`(end, end)` when they hold every block)."""
+    held = [False] * (end - start)
+    for server in servers:
+        for index in range(max(server.start, start), min(server.end, end)):
+            held[index - start] = True
+    first = next((i for i, is_held in enumerate(held) if not is_held), len(held))
+    last = next((i for i in range(first, len(held)) if held[i]), len(held))
+    return start + first, start + last
 
 
 DEFAULT_RTT_S = 0.05
@@ -126,7 +146,7 @@ def inference_route(
                     previous[stop] = (position, server)
                     heapq.heappush(queue, (*key, stop))
     if end not in previous and start != end:
-        raise NoRouteError(f"no usable servers cover blocks {start}:{end}")
+        raise NoRouteError(first_gap(usable, start, end))
     return _walk_back(previous, start, end)
 
 
@@ -167,7 +187,7 @@ def load_spread_route(
     while position < end:
         here = [c for c in usable if c.start <= position < c.end]
         if not here:
-            raise NoRouteError(f"no usable server holds block {position}")
+            raise NoRouteError(first_gap(usable, position, end))
         weights = [c.throughput / standing_factor(c.standing, best_standing) for c in here]
         server = rng.choices(here, weights=weights)[0]
         stop = min(server.end, end)

@@ -20,7 +20,7 @@ from volunteer.tui.chat_history import ChatHistory
 from volunteer.tui.messages import ChatDone, ChatPiece, ConversationOpened, HistoryListed
 from volunteer.tui.render import route_text
 
-from volunteer.control.messages import ChatStats, ChatText
+from volunteer.control.messages import ChatNotice, ChatStats, ChatText
 
 DEFAULT_MAX_TOKENS = 256
 PAINT_PERIOD_S = 0.1
@@ -115,6 +115,8 @@ class ChatView(Horizontal):
             for message in stream:
                 if isinstance(message, ChatText):
                     self.post_message(ChatPiece(message.text, reply_id))
+                elif isinstance(message, ChatNotice):  # e.g. waiting for a hole's repair
+                    self.app.call_from_thread(self.notify, message.notice, timeout=10)
                 else:
                     stats = message
                 if stop.is_set():

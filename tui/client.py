@@ -26,6 +26,7 @@ from volunteer.control.messages import (
     RESUME,
     STATUS,
     SWARM,
+    ChatNotice,
     ChatStats,
     ChatText,
     PeersReply,
@@ -62,9 +63,10 @@ class DaemonClient(Protocol):
         """The peers the daemon knows, with what its checks found of each."""
         ...
 
-    def chat(self, params: dict[str, Any]) -> Iterator[ChatText | ChatStats]:
+    def chat(self, params: dict[str, Any]) -> Iterator[ChatText | ChatNotice | ChatStats]:
         """The daemon's chat stream (params: a `ChatRequest`'s fields, which the daemon
-        checks and names the wrong one of): the reply's text pieces, then its stats."""
+        checks and names the wrong one of): the reply's text pieces (and notices), then
+        its stats."""
         ...
 
     def start(self) -> str:
@@ -115,7 +117,7 @@ class ControlDaemonClient:
     def peers(self) -> PeersReply:
         return ControlClient(self._paths).call(PEERS, timeout_s=SWARM_TIMEOUT_S)
 
-    def chat(self, params: dict[str, Any]) -> Iterator[ChatText | ChatStats]:
+    def chat(self, params: dict[str, Any]) -> Iterator[ChatText | ChatNotice | ChatStats]:
         client = ControlClient(self._paths)
         yield from client.call_stream(CHAT, params, timeout_s=TOKEN_WAIT_S)
 
@@ -136,7 +138,9 @@ class ControlDaemonClient:
         return f"daemon {result.outcome} (pid {result.pid})"
 
     def set_paused(self, is_paused: bool) -> str:
-        ControlClient(self._paths).call(PAUSE if is_paused else RESUME, timeout_s=20.0)
+        reply = ControlClient(self._paths).call(PAUSE if is_paused else RESUME, timeout_s=20.0)
+        if reply.handing_over:
+            return f"pausing once blocks {', '.join(reply.handing_over)} have another server"
         return "paused: new sessions go to other servers" if is_paused else "resumed serving"
 
     def restart(self) -> str:

@@ -200,5 +200,19 @@ def test_servers_with_other_weights_never_appear_in_a_route(
     assert sorted(r.args[0] for r in left_out) == sorted([_peer(world, 1), _peer(world, 2)])
     # Without ours, nothing serves these weights: no route, though both others cover all.
     world.announce(0, model, throughput=100.0, state=ServerState.OFFLINE)
+    client.repair_wait_s = 0.0  # nothing will fill this hole: fail at once
     with pytest.raises(SessionFailedError, match="no servers left"):
         world.run(_decode(client, steps=1))
+
+
+def test_a_leaving_server_carries_a_route_only_where_no_other_can(world: World) -> None:
+    model = "leaving"
+    world.announce(0, model, throughput=100.0)
+    world.announce(1, model, throughput=1e3, state=ServerState.LEAVING)
+    client = world.client(model)
+    route, _ = world.run(_decode(client, steps=1))
+    # Faster by its claim, but handing its blocks over: the other server carries the route.
+    assert route == [RouteHop(_peer(world, 0), 0, NUM_BLOCKS)]
+    world.announce(0, model, throughput=100.0, state=ServerState.OFFLINE)
+    route, _ = world.run(_decode(client, steps=1))
+    assert route == [RouteHop(_peer(world, 1), 0, NUM_BLOCKS)]

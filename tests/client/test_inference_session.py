@@ -99,16 +99,24 @@ class Swarm:
         joining: tuple[str, ...] = (),
         clock: Callable[[], float] = time.monotonic,
         step_timeout_s: float = STEP_TIMEOUT_S,
+        joins_after_s: float = 0.0,
+        repair_wait_s: float = 0.0,
+        notify: Callable[[str], None] | None = None,
     ) -> Client:
         """A session whose routes may use only the named servers (and `lies` about them);
-        the `joining` ones only once the session has read the swarm again."""
+        the `joining` ones only once the session has read the swarm again, at least
+        `joins_after_s` after its first read again."""
         candidates = [self.servers[name].candidate for name in names] + list(lies)
         opened: list[RouteHop] = []
         rereads: list[float] = []
 
         async def reread() -> None:
             rereads.append(time.monotonic())
-            candidates.extend(self.servers[name].candidate for name in joining)
+            if rereads[-1] - rereads[0] >= joins_after_s:
+                candidates.extend(self.servers[name].candidate for name in joining_left)
+                joining_left.clear()
+
+        joining_left = list(joining)
 
         def plan_route(start: int, end: int, avoid: frozenset[str]) -> list[RouteHop]:
             return inference_route(candidates, start, end, avoid=avoid)
@@ -134,6 +142,8 @@ class Swarm:
             clock=clock,
             step_timeout_s=step_timeout_s,
             reread=reread,
+            repair_wait_s=repair_wait_s,
+            notify=notify,
         )
         return Client(session=session, backoff=backoff, opened=opened, rereads=rereads)
 
@@ -462,6 +472,53 @@ def test_no_replica_left_fails_the_session_quickly(start_swarm: Callable[..., Sw
 
     swarm.loop.run(client.session.close())
     assert swarm.session_counts("c", expected=0) == [0]
+
+
+def test_a_session_waits_for_a_hole_to_be_filled_and_says_so(
+    start_swarm: Callable[..., Swarm],
+) -> None:
+    """The only server of 0:2 dies; another takes the blocks over a few seconds later
+    (as `volunteer.daemon.hole_watch` does): the session waits, says for which blocks,
+    and goes on with the same outputs."""
+    swarm = start_swarm(
+        a=ServerSpec(0, 2, throughput=100.0),
+        b=ServerSpec(0, 2, throughput=100.0),
+        c=ServerSpec(2, 4, throughput=100.0),
+    )
+    notices: list[str] = []
+    client = swarm.new_session(
+        "a", "c", joining=("b",), joins_after_s=2.0, repair_wait_s=30.0, notify=notices.append
+    )
+    session = client.session
+    hidden, cuts = hidden_states(BATCH, 8, seed=31), decode_cuts(PREFILL, 8)
+    swarm.loop.run(session.open(0, 4))
+    before = swarm.loop.run(_steps(session, hidden, cuts[:3]))
+    swarm.kill("a")
+    began = time.monotonic()
+    after = swarm.loop.run(_steps(session, hidden, cuts[3:], start=cuts[2]))
+
+    assert 2.0 <= time.monotonic() - began < 10.0
+    assert_close(before + after, local_outputs(swarm.full, hidden, cuts, MAX_LENGTH))
+    assert notices == [
+        "waiting for blocks 0:2 to be served: no server holds them now (up to 30 s more)"
+    ]
+    assert session.route == [swarm.servers["b"].hop(0, 2), swarm.servers["c"].hop(2, 4)]
+    swarm.loop.run(session.close())
+
+
+def test_a_hole_nobody_fills_fails_the_session_when_the_wait_runs_out(
+    start_swarm: Callable[..., Swarm],
+) -> None:
+    swarm = start_swarm(a=ServerSpec(0, 2, throughput=100.0), c=ServerSpec(2, 4, throughput=100.0))
+    notices: list[str] = []
+    client = swarm.new_session("a", "c", repair_wait_s=2.0, notify=notices.append)
+    swarm.kill("a")
+    began = time.monotonic()
+    with pytest.raises(SessionFailedError, match=r"no servers left for blocks 0:2 \(of"):
+        swarm.loop.run(client.session.open(0, 4))
+    assert 2.0 <= time.monotonic() - began < 8.0
+    assert len(notices) == 1 and "waiting for blocks 0:2" in notices[0]
+    assert len(client.rereads) >= 2  # read again while waiting, not only once
 
 
 def test_an_expired_session_is_replayed_on_the_same_server(swarm: Swarm) -> None:

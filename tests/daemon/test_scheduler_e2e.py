@@ -1,16 +1,21 @@
-"""Daemons that choose their own blocks, and one that moves when the swarm loses a span.
+"""Daemons that choose their own blocks, and move when the swarm loses a span.
 
-Real daemons on 127.0.0.1 with the real SmolLM2 (30 blocks): three servers asking for
-10 blocks each land on three different spans that cover the model; a fourth, checking
-every second whether to move, doubles one span; when a server of another span stops,
-the fourth moves there, and chat through the swarm works again.
+Real daemons on 127.0.0.1 with the real SmolLM2 (30 blocks), default settings: three
+servers asking for 10 blocks each land on three different spans that cover the model; a
+fourth doubles one span; when the only server of another span stops, it hands that span
+over to the fourth, which moves there, and chat through the swarm works again. Then five
+more join, every server of one span leaves at once, and exactly one of those that could
+fill the hole does (issue 16).
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -28,6 +33,10 @@ pytestmark = [
 SERVERS = ("a", "b", "c")
 NO_LOCAL_LINKS = "c"
 MOVE_TIMEOUT_S = 60.0
+HERD_SETTLE_S = 12.0
+"""Long enough for three more turns at a hole (`hole_watch.TURN_S` each)."""
+SERVERS_NOW: list[str] = []
+"""The servers still serving after the move test (filled by it)."""
 
 
 @pytest.fixture(scope="module")
@@ -87,29 +96,72 @@ def test_servers_choosing_their_own_blocks_land_on_different_spans(swarm: Swarm)
 
 
 def test_a_server_moves_to_the_blocks_a_stopped_server_left(swarm: Swarm) -> None:
-    swarm.start("mover", "--num-blocks", "10", "--rebalance-period", "1")
+    # Default settings: no periodic check for minutes; the hole triggers the move.
+    swarm.start("mover", "--num-blocks", "10")
     first = swarm.status("mover")
     doubled = tuple(first["blocks"])
     assert first["state"] == "serving" and first["moves"] == 0
-    # Stop a server whose span the mover does not share: its blocks are left bare.
+    # Stop a server whose span the mover does not share: its blocks would be left bare,
+    # so it hands them over first (one of the two servers of the doubled span takes
+    # them, whichever's turn comes first), then leaves.
     leaver = next(n for n in SERVERS if tuple(swarm.status(n)["blocks"]) != doubled)
     bare = tuple(swarm.status(leaver)["blocks"])
+    pair = [n for n in (*SERVERS, "mover") if tuple(swarm.status(n)["blocks"]) == doubled]
+    began = time.monotonic()
     stopped = swarm.homes.cli(swarm.homes.home(leaver), "stop")
     assert stopped.returncode == 0, stopped.stderr
-    deadline = time.monotonic() + MOVE_TIMEOUT_S
-    while time.monotonic() < deadline:
-        status = swarm.status("mover")
-        if tuple(status["blocks"]) == bare and status["state"] == "serving":
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail(f"the mover stayed on {doubled} (last check: {status['last_rebalance_check']})")
-    assert status["moves"] == 1
-    assert "moving" in status["last_rebalance_check"]
-    assert status["span_reason"].startswith(f"moved from {doubled[0]}:{doubled[1]}")
+    assert time.monotonic() - began < MOVE_TIMEOUT_S
+    statuses = {name: swarm.status(name) for name in pair}
+    movers = [name for name, status in statuses.items() if tuple(status["blocks"]) == bare]
+    assert len(movers) == 1, statuses
+    status = statuses[movers[0]]
+    assert status["state"] == "serving"
+    assert status["moves"] == status["hole_moves"] == 1
+    assert status["span_reason"].startswith(f"moved from {doubled[0]}:{doubled[1]}: filling")
     result = swarm.chat(PARIS_PROMPT)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
-    # It stays put once the swarm is whole again.
+    # Both stay put once the swarm is whole again.
     time.sleep(3)
-    assert swarm.status("mover")["moves"] == 1
+    assert sum(swarm.status(name)["moves"] for name in pair) == 1
+    SERVERS_NOW.extend(n for n in (*SERVERS, "mover") if n != leaver)
+
+
+def test_of_five_servers_with_room_that_see_one_hole_only_enough_move(swarm: Swarm) -> None:
+    """Herding: five more servers of 10 blocks join (each where the swarm is weakest),
+    then every server of one span leaves at once (`--now`: no hand-over). Each of the
+    servers that could fill that hole sees it, yet one moves: 10 blocks need one."""
+    names = [f"extra{i}" for i in range(5)]
+    for name in names:
+        swarm.start(name, "--num-blocks", "10")
+    servers = [*SERVERS_NOW, *names]
+    spans = {name: tuple(swarm.status(name)["blocks"]) for name in servers}
+    held = collections.Counter(spans.values())
+    hole = min(sorted(held, reverse=True), key=held.__getitem__)
+    leavers = [name for name in servers if spans[name] == hole]
+    stayers = [name for name in servers if spans[name] != hole]
+    # Those that can leave their span without leaving it bare: the ones that see a hole
+    # they could fill.
+    able = [name for name in stayers if held[spans[name]] >= 2]
+    assert len(able) >= 5, spans
+    before = {name: swarm.status(name)["hole_moves"] for name in stayers}
+
+    def stop_now(name: str) -> subprocess.CompletedProcess[str]:
+        return swarm.homes.cli(swarm.homes.home(name), "stop", "--now")
+
+    with ThreadPoolExecutor(len(leavers)) as pool:
+        results = list(pool.map(stop_now, leavers))
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+    deadline = time.monotonic() + MOVE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if any(tuple(swarm.status(name)["blocks"]) == hole for name in able):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"nobody filled {hole}: {[swarm.status(n) for n in able]}")
+    # Every later turn has come and gone: still only one mover.
+    time.sleep(HERD_SETTLE_S)
+    moves = {name: swarm.status(name)["hole_moves"] - before[name] for name in stayers}
+    assert sum(moves.values()) == 1, moves
+    after = collections.Counter(tuple(swarm.status(name)["blocks"]) for name in stayers)
+    assert set(after) == {(0, 10), (10, 20), (20, 30)}, after

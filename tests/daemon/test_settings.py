@@ -240,6 +240,8 @@ EXAMPLES: dict[str, tuple[Any, str]] = {
     "port": (31337, "31337"),
     "local_links": (False, "no"),
     "rebalance_period_s": (0.0, "0"),
+    "leave_grace_s": (0.0, "0"),
+    "repair_wait_s": (5.0, "5"),
     "announce_period_s": (10.0, "10"),
     "log_level": ("DEBUG", "debug"),
     "start_timeout_s": (30.0, "30"),

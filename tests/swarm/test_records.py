@@ -242,6 +242,20 @@ def test_a_moved_server_counts_by_its_serving_record() -> None:
     assert [(s.peer_id, s.start, s.end) for s in snap.server_spans()] == [("mover", 4, 6)]
 
 
+def test_a_server_moving_is_described_by_its_online_record() -> None:
+    # Loading 0:2 (JOINING there) while still serving 4:6: it is the server of 4:6 until
+    # the move is done, whichever block comes first.
+    joining = make_info(start=0, end=2, state=ServerState.JOINING, model="m")
+    entries = [(i, "mover", joining) for i in (0, 1)]
+    entries += [(i, "mover", make_info(start=4, end=6, model="m")) for i in (4, 5)]
+    snap = SwarmSnapshot.build("m", 6, entries)
+    assert snap.spans()["mover"].state is ServerState.ONLINE
+    assert (snap.spans()["mover"].start, snap.spans()["mover"].end) == (4, 6)
+    leaving = make_info(start=4, end=6, state=ServerState.LEAVING, model="m")
+    entries = [(i, "leaver", leaving) for i in (4, 5)] + [(0, "leaver", joining)]
+    assert SwarmSnapshot.build("m", 6, entries).spans()["leaver"].state is ServerState.LEAVING
+
+
 def test_without_drops_one_peers_records() -> None:
     snap = snapshot(4, {"a": (0, 2, 1.0, ServerState.ONLINE), "b": (1, 4, 2.0, ServerState.ONLINE)})
     alone = snap.without("b")

@@ -19,6 +19,7 @@ from volunteer.chat.conversation import Conversation, ReplyStats, user_sampling
 from volunteer.client.swarm_client import SwarmClient
 from volunteer.control.messages import (
     CHAT,
+    ChatNotice,
     ChatRequest,
     ChatStats,
     ChatStatus,
@@ -104,8 +105,9 @@ class ChatService:
         """Replies under way and replies given."""
         return ChatStatus(chats_active=len(self._stops), chats_answered=self.replies)
 
-    async def chat(self, request: ChatRequest) -> AsyncIterator[ChatText | ChatStats]:
-        """Streams the reply to `request` in pieces of text, then what it took."""
+    async def chat(self, request: ChatRequest) -> AsyncIterator[ChatText | ChatNotice | ChatStats]:
+        """Streams the reply to `request` in pieces of text (and notices of what it waits
+        for, if the swarm has a hole), then what it took."""
         if request.model not in (None, self._settings.model):
             raise SettingsError(
                 f"this daemon runs {self._settings.model}, not {request.model}; "
@@ -140,6 +142,7 @@ class ChatService:
                     should_stop=stop.is_set,
                     stats=stats,
                     verify=request.verify,
+                    notify=lambda notice: send("notice", notice),
                 ):
                     send("text", piece)
                 send("done", None)
@@ -157,7 +160,7 @@ class ChatService:
                     raise value
                 if kind == "done":
                     break
-                yield ChatText(text=value)
+                yield ChatText(text=value) if kind == "text" else ChatNotice(notice=value)
             await worker
             self.replies += 1
             # The last message: what the reply took (chat UIs show it under the answer).
@@ -205,6 +208,7 @@ class ChatService:
                     reputation=self._trust.reputation,
                     accuse=self._trust.accuse,
                     local_blocks=local_blocks(model, self._blocks),
+                    repair_wait_s=self._settings.repair_wait_s,
                 )
                 self._chat = await in_passing_thread(
                     SwarmChat.load,

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pydantic
 
 from volunteer.chat.conversation import Conversation
 from volunteer.control.client import ControlClient
 from volunteer.control.endpoint import DaemonNotRunningError
-from volunteer.control.messages import CHAT, ChatMessage, ChatRequest, ChatText, first_problem
+from volunteer.control.messages import (
+    CHAT,
+    ChatMessage,
+    ChatNotice,
+    ChatRequest,
+    ChatText,
+    first_problem,
+)
 from volunteer.errors import SettingsError, VolunteerError
 from volunteer.models.sampling import SamplingParams
 from volunteer.paths import Paths
@@ -22,11 +29,18 @@ class DaemonChat:
     """The `stream_reply` of local chat, answered by the daemon's `chat` method."""
 
     def __init__(
-        self, paths: Paths, *, model: str | None = None, verify: str | None = None
+        self,
+        paths: Paths,
+        *,
+        model: str | None = None,
+        verify: str | None = None,
+        notify: Callable[[str], None] | None = None,
     ) -> None:
         self._client = ControlClient(paths)
         self._model = model
         self._verify = verify
+        self._notify = notify
+        """Told the daemon's notices (the blocks a reply waits for); None: dropped."""
 
     def stream_reply(
         self, conversation: Conversation, *, max_new_tokens: int, sampling: SamplingParams
@@ -54,6 +68,8 @@ class DaemonChat:
             for message in self._client.call_stream(CHAT, request, timeout_s=TOKEN_WAIT_S):
                 if isinstance(message, ChatText):  # the last message: the reply's stats
                     yield message.text
+                elif isinstance(message, ChatNotice) and self._notify is not None:
+                    self._notify(message.notice)
         except DaemonNotRunningError:
             raise VolunteerError(
                 "no daemon is running here: start one with `volunteer start` (or "

@@ -25,9 +25,11 @@ from volunteer.models.sampling import SamplingParams
 from volunteer.models.tokenizer import Tokenizer
 
 OPEN_TIMEOUT_S = 120.0
-"""Longest wait to read the swarm and open a route (including failovers)."""
+"""Longest wait to read the swarm and open a route (including failovers), beyond the
+client's wait for holes to be repaired (`SwarmClient.repair_wait_s`)."""
 STEP_TIMEOUT_S = 120.0
-"""Longest wait for one token's step through the whole route, failovers included."""
+"""Longest wait for one token's step through the whole route, failovers included (and
+beyond the wait for a repair, as above)."""
 CLOSE_TIMEOUT_S = 10.0
 
 
@@ -56,6 +58,8 @@ class SwarmChat:
         self.config = config
         self.client = client
         self.loop = loop
+        self.notify: Callable[[str], None] | None = None
+        """Told what a reply waits for, where `stream_reply` is given no `notify`."""
 
     @classmethod
     def load(
@@ -80,9 +84,11 @@ class SwarmChat:
         should_stop: Callable[[], bool] = lambda: False,
         stats: ReplyStats | None = None,
         verify: Mode | None = None,
+        notify: Callable[[str], None] | None = None,
     ) -> Iterator[str]:
         """Streams the assistant's next reply as text pieces; it does not record it. The
-        servers' steps are checked as `verify` says (None: as the client's `verify`).
+        servers' steps are checked as `verify` says (None: as the client's `verify`);
+        `notify` is told what the reply waits for while the swarm repairs a hole.
 
         Raises:
             SessionFailedError: no route covers the model, or the swarm failed mid-reply
@@ -92,7 +98,8 @@ class SwarmChat:
 
         @contextlib.contextmanager
         def open_noting_route(prompt_len: int, max_new: int) -> Iterator[SwarmStepper]:
-            with self._open_stepper(prompt_len, max_new, verify) as stepper:
+            told = notify or self.notify
+            with self._open_stepper(prompt_len, max_new, verify, told) as stepper:
                 steppers.append(stepper)
                 yield stepper
 
@@ -113,15 +120,21 @@ class SwarmChat:
             stats.route = [(hop.peer_id, hop.start, hop.end) for hop in last]
 
     def _open_stepper(
-        self, prompt_len: int, max_new_tokens: int, verify: Mode | None
+        self,
+        prompt_len: int,
+        max_new_tokens: int,
+        verify: Mode | None,
+        notify: Callable[[str], None] | None,
     ) -> contextlib.AbstractContextManager[SwarmStepper]:
+        repair_s = self.client.repair_wait_s
         return open_swarm_stepper(
             self.client,
             self.loop,
             self.ends,
             max_length=prompt_len + max_new_tokens,
-            open_timeout_s=OPEN_TIMEOUT_S,
-            step_timeout_s=STEP_TIMEOUT_S,
+            open_timeout_s=OPEN_TIMEOUT_S + repair_s,
+            step_timeout_s=STEP_TIMEOUT_S + repair_s,
             close_timeout_s=CLOSE_TIMEOUT_S,
             verify=verify,
+            notify=notify,
         )

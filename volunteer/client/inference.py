@@ -28,11 +28,12 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Protocol
 
 import torch
 
 from volunteer.client.positions import keep_before, regroup
+from volunteer.client.repair import RepairWait
+from volunteer.client.stream_types import InferenceStreamLike, OpenStream, PlanRoute
 from volunteer.client.verification import HopCheck, Verifier, WrongOutputError
 from volunteer.errors import VolunteerError
 from volunteer.scheduler.routing import Backoff, NoRouteError, RouteHop
@@ -40,37 +41,6 @@ from volunteer.transport.protocol import BadRequestError, NextHop, SessionExpire
 from volunteer.trust.step_log import StepLog
 
 logger = logging.getLogger(__name__)
-
-
-class InferenceStreamLike(Protocol):
-    pushed: bool
-    """Whether the server pushed its last step's output on to the next hop."""
-    max_chunk: int | None
-    """The most positions one step may carry (None: the server did not say)."""
-
-    @property
-    def push_target(self) -> NextHop | None:
-        """How a previous server names this session to push to it (None: it cannot)."""
-
-    async def step(
-        self,
-        hidden: torch.Tensor,
-        start_pos: int,
-        *,
-        timeout_s: float,
-        step_id: int = 0,
-        push_to: list[NextHop] | None = None,
-        await_push_s: float = 0.0,
-    ) -> torch.Tensor: ...
-
-    async def close(self) -> None: ...
-
-
-OpenStream = Callable[[RouteHop, int], Awaitable[InferenceStreamLike]]
-"""Opens an inference stream on the hop's server for the hop's blocks, whose first
-numbered step is the given step id (servers take pushes only for a session's next step)."""
-PlanRoute = Callable[[int, int, frozenset[str]], list[RouteHop]]
-"""Chooses hops covering [start, end) while avoiding the given peers."""
 
 
 @dataclasses.dataclass
@@ -98,7 +68,7 @@ class _Hop:
         expected = max(self.step_s or 0.0, previous.step_s * blocks)
         return max(PUSH_GRACE_MIN_S, PUSH_GRACE_FACTOR * expected)
 
-    def record(self, chunks: list[torch.Tensor]) -> None:
+    def record(self, chunks: list[torch.Tensor]) -> None:  # sent to the hop: its history
         self.inputs.extend(chunks)
         self.length += sum(chunk.shape[1] for chunk in chunks)
 
@@ -141,15 +111,18 @@ class SwarmInferenceSession:
         max_failovers: int = 8,
         reread: Callable[[], Awaitable[None]] | None = None,
         verifier: Verifier | None = None,
+        repair_wait_s: float = 0.0,
+        notify: Callable[[str], None] | None = None,
     ) -> None:
         """
         Args:
-            reread: reads the swarm again for `plan_route`; awaited once when the view it
-                plans with has no route left (a replica may have joined since it was read).
+            reread, repair_wait_s, notify: when the view `plan_route` plans with has no
+                route left, a read of the swarm, and a wait for it to be repaired, told
+                to `notify` (`volunteer.client.repair`).
             verifier: checks a share of each hop's steps (None: none are checked).
         """
         self._verifier = verifier
-        self._reread = reread
+        self._repair = RepairWait(repair_wait_s, reread, notify)
         self._plan_route = plan_route
         self._open_stream = open_stream
         self._retriable = retriable
@@ -157,6 +130,10 @@ class SwarmInferenceSession:
         self._clock = clock
         self._step_timeout_s = step_timeout_s
         self._failovers_left = max_failovers
+        self._failed_peers: set[str] = set()
+        self._failures = [0, 0]
+        """Peers failed for the first time in this session, and again, since the last
+        failover was paid for (`_pay_failover`)."""
         self._hops: list[_Hop] = []
         self._steps = 0
         self._shape: tuple[int, int, torch.dtype] | None = None
@@ -322,15 +299,29 @@ class SwarmInferenceSession:
                 await hop.check.close()
         self._hops = []
 
+    def _record_failure(self, peer_id: str) -> None:
+        self._backoff.record_failure(peer_id, self._clock())
+        is_new = peer_id not in self._failed_peers
+        self._failed_peers.add(peer_id)
+        self._failures[0 if is_new else 1] += 1
+
+    def _pay_failover(self) -> bool:
+        """Spends the failovers for the failures since the last one (one each time at
+        least); False when none are left. A peer failing again is free: a dead peer's
+        records outlive it, and it fails each time its back-off ends (which doubles,
+        so it cannot loop fast) while the swarm repairs the hole it left."""
+        (new, again), self._failures = self._failures, [0, 0]
+        self._failovers_left -= new if (new or again) else 1
+        return self._failovers_left >= 0
+
     async def _replace(self, index: int, error: BaseException) -> None:
         failed = self._hops[index]
         if not isinstance(error, SessionExpiredError):
             # An expired session means the client idled, not that the server is bad:
             # the replay may go to the same server.
-            self._backoff.record_failure(failed.hop.peer_id, self._clock())
-        if self._failovers_left <= 0:
+            self._record_failure(failed.hop.peer_id)
+        if not self._pay_failover():
             raise SessionFailedError("too many server failures in one session; giving up")
-        self._failovers_left -= 1
         with contextlib.suppress(*self._retriable):
             await failed.stream.close()  # it is most likely gone already
         if failed.check is not None:
@@ -341,7 +332,6 @@ class SwarmInferenceSession:
 
     async def _open_hops(self, start: int, end: int, history: list[torch.Tensor]) -> list[_Hop]:
         """Opens streams over [start, end), replaying `history` through them in order."""
-        reread = self._reread
         while True:
             avoid = self._backoff.avoided(self._clock())
             if self._verifier is not None:
@@ -349,23 +339,24 @@ class SwarmInferenceSession:
             try:
                 route = self._plan_route(start, end, avoid)
             except NoRouteError as exc:
-                if reread is not None:
-                    await reread()
-                    reread = None
+                if await self._repair.again(exc.gap):
                     continue
+                gap = f"{exc.gap[0]}:{exc.gap[1]}"
                 raise SessionFailedError(
-                    f"no servers left for blocks {start}:{end} "
-                    f"(avoiding {len(avoid)} failed peer(s)): {exc}"
+                    f"no servers left for blocks {gap} (of the route over {start}:{end}; "
+                    f"avoiding {len(avoid)} failed peer(s))"
                 ) from exc
             try:
-                return await self._open_and_replay(route, history)
+                hops = await self._open_and_replay(route, history)
             except Exception as exc:
                 if not self._is_server_fault(exc):
                     raise
-                if self._failovers_left <= 0:
+                if not self._pay_failover():
                     raise SessionFailedError("too many server failures in one session") from exc
-                self._failovers_left -= 1
                 logger.warning("opening route %s failed: %s; trying another", route, exc)
+                continue
+            self._repair.found()
+            return hops
 
     async def _open_and_replay(
         self, route: list[RouteHop], history: list[torch.Tensor]
@@ -380,7 +371,7 @@ class SwarmInferenceSession:
                 # Whatever the failure (a bad request, a cancellation too), the sessions
                 # opened so far must not keep holding cache on their servers.
                 if self._blames_server(exc):
-                    self._backoff.record_failure(hop.hop.peer_id, self._clock())
+                    self._record_failure(hop.hop.peer_id)
                 await _close_all(hops)
                 raise
         return hops
@@ -408,7 +399,7 @@ class SwarmInferenceSession:
         if failed:
             for hop, error in failed:
                 if self._blames_server(error):
-                    self._backoff.record_failure(hop.peer_id, self._clock())
+                    self._record_failure(hop.peer_id)
             await _close_all(hops)
             # A bug is surfaced first; a refusal only after plain failures, so that it
             # spends the step's refusals only when nothing else went wrong.

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from volunteer.client.inference import InferenceStreamLike
+from volunteer.client.stream_types import InferenceStreamLike
 from volunteer.scheduler.routing import RouteHop
 
 EWMA_WEIGHT = 0.3

@@ -27,6 +27,9 @@ from volunteer.swarm.records import ServerInfo, ServerState, SwarmSnapshot
 
 logger = logging.getLogger(__name__)
 
+LEAVING_SLOWDOWN = 100.0
+"""A LEAVING server (handing its blocks over before it stops) counts this many times
+slower: routes take it only where no other server holds its blocks."""
 MAX_NOTED_PEERS = 1024
 """Peers left out for their weights that are remembered, so each is logged once."""
 
@@ -60,13 +63,13 @@ class ServerView:
         self._noted: set[str] = set()
 
     def routable(self, snapshot: SwarmSnapshot | None) -> dict[str, ServerInfo]:
-        """Peer id -> record of the online servers serving our weights."""
+        """Peer id -> record of the online (or leaving) servers serving our weights."""
         if snapshot is None:
             return {}
         online = {
             peer_id: info
             for peer_id, info in snapshot.spans().items()
-            if info.state == ServerState.ONLINE
+            if info.state in (ServerState.ONLINE, ServerState.LEAVING)
         }
         ours = self._weights_hash
         if ours is None:
@@ -113,11 +116,15 @@ class ServerView:
                 peer_id=peer_id,
                 start=info.start,
                 end=info.end,
-                throughput=speeds[peer_id],
+                throughput=speeds[peer_id] / _slowdown(info),
                 rtt_s=measure.rtt_s(peer_id),
             )
             for peer_id, info in servers.items()
         ]
+
+
+def _slowdown(info: ServerInfo) -> float:
+    return LEAVING_SLOWDOWN if info.state is ServerState.LEAVING else 1.0
 
 
 def _block_flops(config: ModelConfig) -> float:

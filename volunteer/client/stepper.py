@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -64,12 +64,14 @@ def open_swarm_stepper(
     step_timeout_s: float,
     close_timeout_s: float,
     verify: Mode | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> Iterator[SwarmStepper]:
     """A step function over a fresh session of `client` (living on `loop`) for up to
-    `max_length` positions, checked as `verify` says (None: as the client's); the
-    session is closed at exit, however the block ends."""
+    `max_length` positions, checked as `verify` says (None: as the client's); `notify` is
+    told what it waits for while the swarm repairs a hole. The session is closed at
+    exit, however the block ends."""
     session = run_on_loop(
-        client.open_session(max_length=max_length, verify=verify),
+        client.open_session(max_length=max_length, verify=verify, notify=notify),
         loop,
         timeout_s=open_timeout_s,
         what="opening a route through the swarm",

@@ -22,23 +22,19 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 import torch
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 
 from volunteer.client.call_checks import CheckedCalls
-from volunteer.client.inference import (
-    InferenceStreamLike,
-    OpenStream,
-    SessionFailedError,
-    SwarmInferenceSession,
-)
+from volunteer.client.inference import SessionFailedError, SwarmInferenceSession
 from volunteer.client.measurements import PeerMeasurements
 from volunteer.client.remote_span import RemoteSpan, ping
+from volunteer.client.repair import REPAIR_WAIT_S
 from volunteer.client.server_view import ServerView, Work
 from volunteer.client.spread import SpreadCalls, TracedHop
+from volunteer.client.stream_types import InferenceStreamLike, OpenStream, OwnBlocks
 from volunteer.client.verification import Verifier, WrongOutputError, computation_opener
 from volunteer.models.config import ModelConfig
 from volunteer.models.model import BlockSpan
@@ -86,21 +82,6 @@ LocalBlocks = Callable[[int, int], BlockSpan | None]
 """Blocks [start, end) this process can compute itself; None where it cannot."""
 
 
-class OwnBlocks(Protocol):
-    """This process's own block server (`volunteer.server.handler.BlockHandler`), called
-    in-process: libp2p cannot dial its own peer id."""
-
-    async def run_forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor: ...
-
-    async def run_backward(
-        self, hidden: torch.Tensor, grad_outputs: torch.Tensor, start: int, end: int
-    ) -> torch.Tensor: ...
-
-    async def open_local_stream(
-        self, *, start: int, end: int, max_length: int, batch_size: int
-    ) -> InferenceStreamLike: ...
-
-
 class SwarmClient:
     """Routes inference sessions for one model through the swarm.
 
@@ -120,6 +101,7 @@ class SwarmClient:
         config: the model's config, for the most a server could plausibly run it at
             (None: claims are bounded by probation only).
         trial_share: see TRIAL_SHARE.
+        repair_wait_s: how long a session waits for a hole in the swarm to be filled.
     """
 
     def __init__(
@@ -141,7 +123,9 @@ class SwarmClient:
         reputation: Reputation | None = None,
         local_blocks: LocalBlocks | None = None,
         accuse: Callable[[str, Evidence, str], None] | None = None,
+        repair_wait_s: float = REPAIR_WAIT_S,
     ) -> None:
+        self.repair_wait_s = repair_wait_s
         self.verify: Mode = verify
         """How sessions check servers' steps (`volunteer.client.verification`)."""
         self.reputation = reputation or Reputation()
@@ -294,10 +278,16 @@ class SwarmClient:
         return await self._spread.backward(trace, grad_outputs)
 
     async def open_session(
-        self, *, max_length: int, batch_size: int = 1, verify: Mode | None = None
+        self,
+        *,
+        max_length: int,
+        batch_size: int = 1,
+        verify: Mode | None = None,
+        notify: Callable[[str], None] | None = None,
     ) -> SwarmInferenceSession:
         """A fault-tolerant inference session over every block of the model, its steps
-        checked as `verify` says (None: as this client's `verify`).
+        checked as `verify` says (None: as this client's `verify`); `notify` is told
+        what it waits for while the swarm repairs a hole.
 
         Raises:
             SessionFailedError: no route covers the model now (or every one failed).
@@ -319,6 +309,8 @@ class SwarmClient:
             step_timeout_s=self.step_timeout_s,
             reread=self._reread,
             verifier=self._verifier(verify or self.verify, open_stream, max_length, batch_size),
+            repair_wait_s=self.repair_wait_s,
+            notify=notify,
         )
         await session.open(0, self.num_blocks)
         return session

@@ -132,11 +132,19 @@ def _open_chat(args: argparse.Namespace, paths: Paths) -> Iterator[Chat]:
                 verify=args.verify or "sample",
                 local_blocks=local_blocks(model),  # this process decides mismatches
             )
-            yield SwarmChat.load(model.folder, model.config, client=client, loop=connection.loop)
+            chat = SwarmChat.load(model.folder, model.config, client=client, loop=connection.loop)
+            chat.notify = _tell
+            yield chat
     else:
         from volunteer.chat.via_daemon import DaemonChat
 
-        yield DaemonChat(paths, model=args.model, verify=args.verify)
+        yield DaemonChat(paths, model=args.model, verify=args.verify, notify=_tell)
+
+
+def _tell(notice: str) -> None:
+    """Shows a notice on a reply under way (e.g. the blocks it waits for) on stderr,
+    apart from the reply's text."""
+    print(f"volunteer: {printable(notice, max_chars=200)}", file=sys.stderr, flush=True)
 
 
 def _answer(

@@ -35,9 +35,20 @@ def register(subparsers: Any) -> None:
     start.add_argument("--detached", action="store_true", help=argparse.SUPPRESS)
     start.set_defaults(handler=run_start)
 
-    stop = subparsers.add_parser("stop", help="stop the daemon; it leaves the swarm cleanly")
+    stop = subparsers.add_parser(
+        "stop",
+        help="stop the daemon; it leaves the swarm cleanly, first handing over blocks "
+        "that no other server holds (at most --leave-grace seconds)",
+    )
     stop.add_argument(
-        "--timeout", type=float, default=30.0, metavar="SECONDS", help="then kill it (30)"
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="then kill it (30, beyond the hand-over's grace)",
+    )
+    stop.add_argument(
+        "--now", action="store_true", help="leave at once, without handing blocks over"
     )
     stop.set_defaults(handler=run_stop)
 
@@ -85,7 +96,7 @@ def run_start(args: argparse.Namespace, paths: Paths) -> int:
 
 def run_stop(args: argparse.Namespace, paths: Paths) -> int:
     """Stops the daemon gracefully (it announces leaving the swarm first)."""
-    result = lifecycle.stop(paths, timeout_s=args.timeout)
+    result = lifecycle.stop(paths, timeout_s=args.timeout, now=args.now)
     if result.outcome == "not_running":
         print("volunteer: not running")
     else:
@@ -165,6 +176,13 @@ def _home_argv(args: argparse.Namespace) -> list[str]:
     return ["--home", str(Path(args.home).expanduser().resolve())] if args.home else []
 
 
+def _holes(status: StatusReply) -> str:
+    """The swarm's hole seen last, the ones this server filled, and its own hand-over."""
+    seen = f"blocks {status.swarm_hole} unserved" if status.swarm_hole else "none seen"
+    leaving = "; handing its blocks over before it leaves" if status.leaving else ""
+    return f"{seen}; {status.hole_moves} filled by moving here{leaving}"
+
+
 def _print_table(status: StatusReply) -> None:
     if status.state == "not_running":
         print("volunteer: not running")
@@ -177,6 +195,7 @@ def _print_table(status: StatusReply) -> None:
         ("blocks", f"{blocks[0]}:{blocks[1]}" if blocks else "-"),
         ("why these", status.span_reason),
         ("last rebalance", status.last_rebalance_check),
+        ("holes", _holes(status)),
         (
             "peers seen",
             f"{status.peers_seen}{' (partitioned: redialling)' * status.is_partitioned}",

@@ -32,7 +32,7 @@ import psutil
 
 from volunteer.control.client import ControlClient
 from volunteer.control.endpoint import ControlError, private_dir, socket_path, use_tcp
-from volunteer.control.messages import STATUS, STOP, StatusReply
+from volunteer.control.messages import STATUS, STOP, StatusReply, StopParams
 from volunteer.errors import VolunteerError
 from volunteer.machine.atomic import write_file_atomic
 from volunteer.paths import Paths
@@ -227,12 +227,14 @@ def start_background(
     return _wait_until_serving(paths, proc, timeout_s=timeout_s)
 
 
-def stop(paths: Paths, *, timeout_s: float = 30.0) -> StopResult:
+def stop(paths: Paths, *, timeout_s: float = 30.0, now: bool = False) -> StopResult:
     """Stops the instance's daemon: gracefully, then SIGTERM, then SIGKILL.
 
     Args:
         paths: the instance's folders.
-        timeout_s: how long the daemon has to leave the swarm before it is killed.
+        timeout_s: how long the daemon has to leave the swarm before it is killed, on
+            top of the grace it says it may take to hand its blocks over.
+        now: leave without handing blocks over (`volunteer.daemon.hand_over`).
     """
     pid = running_daemon(paths)
     if pid is None:
@@ -240,7 +242,8 @@ def stop(paths: Paths, *, timeout_s: float = 30.0) -> StopResult:
     process = psutil.Process(pid)
     outcome: Literal["stopped", "terminated", "killed"] = "stopped"
     try:
-        ControlClient(paths).call(STOP, timeout_s=5.0)
+        reply = ControlClient(paths).call(STOP, StopParams(now=now), timeout_s=5.0)
+        timeout_s += reply.grace_s
     except ControlError as exc:
         logger.info("graceful stop of pid %d failed (%s); sending SIGTERM", pid, exc)
         outcome = "terminated"

@@ -122,6 +122,13 @@ class ServingStatus(Reply):
     rebalancing: bool = False
     """Loading the blocks it moves to."""
     moves: int = 0
+    """Moves to other blocks, periodic and hole-filling together."""
+    hole_moves: int = 0
+    """Of `moves`, those that filled a hole (blocks no server held)."""
+    swarm_hole: str | None = None
+    """The first blocks ("start:end") no live server held at the last look (None: none)."""
+    leaving: bool = False
+    """Handing blocks no other server holds over before it stops or pauses."""
     last_rebalance_check: str | None = None
 
 
@@ -199,8 +206,16 @@ class ReloadReply(Reply):
     overridden: list[str] = []
 
 
+class StopParams(Params):
+    """`stop`: with `now`, no hand-over of blocks that no other server holds."""
+
+    now: bool = False
+
+
 class StopReply(Reply):
     stopping: bool = True
+    grace_s: float = 0.0
+    """The longest the daemon may hand its blocks over before it exits."""
 
 
 class PauseReply(Reply):
@@ -208,6 +223,9 @@ class PauseReply(Reply):
 
     paused: bool
     announced: bool
+    handing_over: list[str] = []
+    """Blocks ("start:end") no other server holds: served, announced LEAVING, until
+    another server takes them or the grace runs out; then the pause takes effect."""
 
 
 class SwarmServer(Reply):
@@ -248,6 +266,13 @@ class ChatText(Reply):
     text: str
 
 
+class ChatNotice(Reply):
+    """A word on a chat reply under way, e.g. the blocks it waits for while the swarm
+    repairs a hole; chat UIs show it beside the reply, not in it."""
+
+    notice: str
+
+
 class ChatStats(Reply):
     """The last message of a chat reply: what it took (chat UIs show it under it)."""
 
@@ -285,14 +310,14 @@ class Method(Generic[P, R]):
 
 
 STATUS = Method("status", NoParams, StatusReply)
-STOP = Method("stop", NoParams, StopReply)
+STOP = Method("stop", StopParams, StopReply)
 RELOAD = Method("reload_config", NoParams, ReloadReply)
 PAUSE = Method("pause", NoParams, PauseReply)
 RESUME = Method("resume", NoParams, PauseReply)
 SWARM = Method("swarm", SwarmParams, SwarmReply)
 PEERS = Method("peers", NoParams, PeersReply)
-CHAT: Method[ChatRequest, ChatText | ChatStats] = Method(
-    "chat", ChatRequest, ChatText | ChatStats, is_stream=True
+CHAT: Method[ChatRequest, ChatText | ChatNotice | ChatStats] = Method(
+    "chat", ChatRequest, ChatText | ChatNotice | ChatStats, is_stream=True
 )
 
 

@@ -8,8 +8,10 @@ every period with a TTL of a few periods, so a server that dies silently drops o
 the swarm on its own. Stop: announce OFFLINE first (clients stop routing here at once),
 then unregister the handlers.
 
-Rebalancing (unless the span was set with `--blocks`) is decided in
-`volunteer.daemon.rebalancer`; when it moves, `serve_moved` here swaps the span in,
+A stop (or pause) of the only server of some blocks hands them over first
+(`volunteer.daemon.hand_over`). Rebalancing (unless the span was set with `--blocks`)
+is decided in `volunteer.daemon.rebalancer`, at once where the swarm has a hole
+(`volunteer.daemon.hole_watch`); when it moves, `serve_moved` here swaps the span in,
 announces the new blocks ONLINE and the blocks it left OFFLINE; sessions already open
 finish on the old blocks, which are freed after them.
 
@@ -29,23 +31,18 @@ from typing import Any
 
 import psutil
 import torch
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2P
 
 from volunteer import __version__
-from volunteer.client.remote_span import ping
 from volunteer.control.messages import (
-    PAUSE,
-    RESUME,
-    SWARM,
-    NoParams,
-    PauseReply,
     ServingStatus,
-    SwarmParams,
-    SwarmReply,
 )
 from volunteer.control.server import ControlServer
 from volunteer.daemon.dht_service import DHTService
+from volunteer.daemon.hand_over import hand_over
+from volunteer.daemon.hole_watch import HoleWatch
 from volunteer.daemon.rebalancer import Rebalancer
+from volunteer.daemon.serving_control import ServingControl
 from volunteer.daemon.span_plan import DTYPE, SpanPlan, auto_cache_tokens, plan_span
 from volunteer.errors import VolunteerError
 from volunteer.machine.cpu_sharing import in_passing_thread
@@ -71,8 +68,6 @@ from volunteer.transport.local_link import LocalListener, this_boot
 from volunteer.transport.protocol import (
     INFERENCE_HANDLE,
     PUSH_HANDLE,
-    PeerUnavailableError,
-    RemoteError,
 )
 
 logger = logging.getLogger(__name__)
@@ -131,6 +126,24 @@ class BlockService:
         self._tasks: list[asyncio.Task[None]] = []
         self._decode_single_measured = False
         """One thread decoded as fast as all of them at start (so it keeps doing so)."""
+        self.hole_watch: HoleWatch | None = None
+        self.leave_now = asyncio.Event()
+        """Set when the volunteer wants it gone now: no hand-over grace."""
+        self.pausing: asyncio.Task[None] | None = None
+        """A pause waiting for the hand-over of its blocks (`serving_control`)."""
+
+    @property
+    def p2p(self) -> P2P:
+        return self._dht.p2p
+
+    @property
+    def stop_grace_s(self) -> float:
+        """The longest its stop may take beyond the usual: the hand-over's grace."""
+        return self.settings.leave_grace_s
+
+    def hurry(self) -> None:
+        """Cuts a hand-over short: the volunteer asked to leave now."""
+        self.leave_now.set()
 
     async def start(self) -> None:
         settings = self.settings
@@ -207,6 +220,8 @@ class BlockService:
         if settings.blocks is None and settings.rebalance_period_s > 0:
             self.rebalancer = Rebalancer(self, rng=self._rng)
             self._tasks.append(asyncio.create_task(self.rebalancer.run(), name="rebalance"))
+            self.hole_watch = HoleWatch(self, rng=self._rng)
+            self._tasks.append(asyncio.create_task(self.hole_watch.run(), name="holes"))
         logger.info(
             "serving blocks %d:%d of %s (%.1f tokens/s per block, decoding on %d of %d "
             "threads, %d cache tokens) %.2f s after start",
@@ -216,11 +231,18 @@ class BlockService:
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
+        if self.pausing is not None:
+            tasks.append(self.pausing)
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.handler is not None and not self.handler.is_paused:
+            try:
+                await hand_over(self, self.settings.leave_grace_s, self.leave_now)
+            except (TimeoutError, VolunteerError, OSError) as exc:
+                logger.warning("handing the blocks over failed: %s; leaving now", exc)
         if self.info is not None:
             offline = self.info.model_copy(update={"state": ServerState.OFFLINE})
             if await self.announce(offline):
@@ -258,7 +280,7 @@ class BlockService:
         handler = self.handler
         if handler is None:
             return ServingStatus()
-        rebalancer = self.rebalancer
+        rebalancer, watch = self.rebalancer, self.hole_watch
         last_check = rebalancer.last_check if rebalancer is not None else None
         return ServingStatus(
             blocks=(handler.span.start, handler.span.end),
@@ -276,6 +298,9 @@ class BlockService:
             is_paused=handler.is_paused,
             rebalancing=rebalancer is not None and rebalancer.is_moving,
             moves=rebalancer.moves if rebalancer is not None else 0,
+            hole_moves=watch.moves if watch is not None else 0,
+            swarm_hole=f"{watch.hole[0]}:{watch.hole[1]}" if watch and watch.hole else None,
+            leaving=self.info is not None and self.info.state is ServerState.LEAVING,
             last_rebalance_check=last_check.reason if last_check is not None else None,
         )
 
@@ -298,40 +323,7 @@ class BlockService:
 
     def register_control(self, control: ControlServer) -> None:
         """Adds the control methods `swarm`, `pause` and `resume`."""
-        control.register(SWARM, self._swarm)
-        control.register(PAUSE, self._pause)
-        control.register(RESUME, self._resume)
-
-    async def _pause(self, params: NoParams) -> PauseReply:
-        """Control method: stop taking new work (announced OFFLINE, so clients route
-        elsewhere); open sessions finish. The blocks stay loaded for a quick resume."""
-        return await self._set_paused(True)
-
-    async def _resume(self, params: NoParams) -> PauseReply:
-        return await self._set_paused(False)
-
-    async def _set_paused(self, is_paused: bool) -> PauseReply:
-        handler, info = self.handler, self.info
-        if handler is None or info is None:
-            raise VolunteerError("this daemon serves no blocks: nothing to pause or resume")
-        handler.is_paused = is_paused
-        state = ServerState.OFFLINE if is_paused else ServerState.ONLINE
-        self.info = info.model_copy(update={"state": state})
-        announced = await self.announce(self.info)
-        logger.info("%s by the volunteer", "paused" if is_paused else "resumed")
-        return PauseReply(paused=is_paused, announced=announced)
-
-    async def _swarm(self, params: SwarmParams) -> SwarmReply:
-        """Control method: who serves which block of this daemon's model, right now, and
-        (with `{"ping": true}`) each serving peer's round trip from here (`rtt_s`, None
-        when it did not answer)."""
-        described = await self.describe_swarm()
-        if params.is_ping:
-            servers = [s for s in described["servers"] if s["state"] != ServerState.OFFLINE]
-            rtts = await asyncio.gather(*(self._rtt_s(s["peer_id"]) for s in servers))
-            for server, rtt_s in zip(servers, rtts, strict=True):
-                server["rtt_s"] = rtt_s
-        return SwarmReply.model_validate(described)
+        ServingControl(self).register(control)
 
     async def describe_swarm(self) -> dict[str, Any]:
         """The model's records now, as `SwarmSnapshot.to_json` gives them."""
@@ -345,14 +337,6 @@ class BlockService:
                 open_model, self.settings.model, self._paths.models_dir
             )
         return self.model
-
-    async def _rtt_s(self, peer_id: str) -> float | None:
-        if peer_id == peer_id_from_owner(self.owner):
-            return 0.0
-        try:
-            return await ping(self._dht.p2p, PeerID.from_base58(peer_id), PING_TIMEOUT_S)
-        except (PeerUnavailableError, RemoteError, ValueError):
-            return None
 
     async def placement_snapshot(self) -> SwarmSnapshot:
         """The swarm as span choice and rebalancing count it: only the servers of the

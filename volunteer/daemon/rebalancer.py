@@ -24,6 +24,7 @@ from volunteer.models.errors import ModelError
 from volunteer.scheduler.block_selection import ServerSpan
 from volunteer.scheduler.rebalancing import MoveDecision, next_check_delay_s, should_move
 from volunteer.swarm.dht_records import peer_id_from_owner
+from volunteer.swarm.records import ServerState
 
 if TYPE_CHECKING:
     from volunteer.daemon.block_service import BlockService
@@ -68,6 +69,8 @@ class Rebalancer:
         handler, info, model = service.handler, service.info, service.model
         if handler is None or info is None or model is None or handler.is_paused:
             return None
+        if self.is_moving or info.state is not ServerState.ONLINE:
+            return None  # a hole move under way, or handing its blocks over
         snapshot = await service.placement_snapshot()
         me = peer_id_from_owner(service.owner)
         spans = [s for s in snapshot.server_spans() if s.peer_id != me]
@@ -76,28 +79,63 @@ class Rebalancer:
         decision = await asyncio.to_thread(
             should_move, [*spans, own], me, model.config.num_layers, self._rng
         )
-        if decision.should_move:
-            needed = (info.end - info.start) * block_footprint(model.config).weight_bytes
-            available = psutil.virtual_memory().available
-            if available < needed * MOVE_MEMORY_MARGIN:
-                decision = dataclasses.replace(
-                    decision,
-                    should_move=False,
-                    start=info.start,
-                    reason=f"staying: moving would help, but loading the new blocks first "
-                    f"needs {needed / 2**30:.2f} GiB and {available / 2**30:.2f} GiB is free",
-                )
+        if decision.should_move and (shortfall := self.memory_shortfall(info.end - info.start)):
+            decision = dataclasses.replace(
+                decision,
+                should_move=False,
+                start=info.start,
+                reason=f"staying: moving would help, but {shortfall}",
+            )
         self.last_check = decision
         logger.info("rebalance check: %s", decision.reason)
         if decision.should_move:
-            await self._move(decision, length=info.end - info.start)
+            await self.move_to(decision.start, decision.reason)
         return decision
 
-    async def _move(self, decision: MoveDecision, *, length: int) -> None:
+    def memory_shortfall(self, length: int) -> str | None:
+        """Why `length` blocks cannot be loaded beside the served ones now (None: they
+        can): a move loads the new blocks before it frees the old."""
+        model = self._service.model
+        assert model is not None
+        needed = length * block_footprint(model.config).weight_bytes
+        available = psutil.virtual_memory().available
+        if available >= needed * MOVE_MEMORY_MARGIN:
+            return None
+        return (
+            f"loading the new blocks first needs {needed / 2**30:.2f} GiB "
+            f"and {available / 2**30:.2f} GiB is free"
+        )
+
+    async def move_to(self, start: int, reason: str, *, is_announced: bool = False) -> bool:
+        """Loads the blocks from `start` (as many as served now) and serves them instead;
+        False when another move is under way (the periodic check and a hole move race).
+
+        Args:
+            is_announced: first say JOINING on the new blocks, so that servers taking
+                turns at a hole see it is being filled (`volunteer.daemon.hole_watch`);
+                if loading fails, they are announced OFFLINE again.
+        """
+        service, info = self._service, self._service.info
+        assert info is not None
+        if self.is_moving:
+            return False
+        end = start + info.end - info.start
+        fresh = [i for i in range(start, end) if not info.start <= i < info.end]
+        blocks = range(fresh[0], fresh[-1] + 1) if fresh else None
         self.is_moving = True
         try:
-            span = await self._service.load_span(decision.start, decision.start + length)
-            await self._service.serve_moved(span, decision.reason)
+            if is_announced and blocks is not None:
+                joining = {"state": ServerState.JOINING, "start": start, "end": end}
+                await service.announce(info.model_copy(update=joining), blocks=blocks)
+            try:
+                span = await service.load_span(start, end)
+            except BaseException:
+                if is_announced and blocks is not None:
+                    offline = {"state": ServerState.OFFLINE, "start": start, "end": end}
+                    await service.announce(info.model_copy(update=offline), blocks=blocks)
+                raise
+            await service.serve_moved(span, reason)
             self.moves += 1
         finally:
             self.is_moving = False
+        return True

@@ -35,6 +35,7 @@ from volunteer.control.messages import (
     ReloadReply,
     Reply,
     StatusReply,
+    StopParams,
     StopReply,
 )
 from volunteer.control.server import ControlServer
@@ -124,10 +125,22 @@ class _Daemon:
         )
         return StatusReply.assemble(own, [service.status() for service in self.services])
 
-    async def stop(self, params: NoParams) -> StopReply:
-        """Control method: a graceful stop (the services stop in reverse order)."""
+    async def stop(self, params: StopParams) -> StopReply:
+        """Control method: a graceful stop (the services stop in reverse order); with
+        `now`, or when a stop is under way already, without hand-over grace."""
+        self.request_stop(now=params.now)
+        grace_s = 0.0 if params.now else max(map(_grace_s, self.services), default=0.0)
+        return StopReply(grace_s=grace_s)
+
+    def request_stop(self, *, now: bool = False) -> None:
+        """Starts a graceful stop; a second request (or `now`) hurries it: services
+        that hand work over first (`hurry`) leave at once."""
+        if now or self.stop_requested.is_set():
+            for service in self.services:
+                hurry = getattr(service, "hurry", None)
+                if hurry is not None:
+                    hurry()
         self.stop_requested.set()
-        return StopReply()
 
 
 async def run_daemon(
@@ -171,7 +184,7 @@ async def run_daemon(
             register(control)
     try:
         await control.start()
-        with _signals_set(daemon.stop_requested):
+        with _signals_set(daemon.request_stop):
             return await _serve(daemon)
     finally:
         await control.close()
@@ -219,24 +232,31 @@ async def _start_all(services: Sequence[Service], started: list[Service]) -> Non
 async def _stop_all(started: list[Service]) -> None:
     for service in reversed(started):
         try:
-            await asyncio.wait_for(service.stop(), timeout=SERVICE_STOP_TIMEOUT_S)
+            timeout_s = SERVICE_STOP_TIMEOUT_S + _grace_s(service)
+            await asyncio.wait_for(service.stop(), timeout=timeout_s)
         except Exception:  # one service failing to stop must not keep the others up
             logger.exception("stopping %s failed", type(service).__name__)
 
 
+def _grace_s(service: Service) -> float:
+    """How much longer than others a service may take to stop (a hand-over's grace)."""
+    return float(getattr(service, "stop_grace_s", 0.0))
+
+
 @contextlib.contextmanager
-def _signals_set(event: asyncio.Event) -> Iterator[None]:
-    """SIGTERM and SIGINT set `event` (a graceful stop) while the block runs."""
+def _signals_set(request_stop: Callable[[], None]) -> Iterator[None]:
+    """SIGTERM and SIGINT call `request_stop` (a graceful stop; a second one hurries
+    it) while the block runs."""
     loop = asyncio.get_running_loop()
     names = [signal.SIGTERM, signal.SIGINT]
     installed = []
     for signum in names:
         try:
-            loop.add_signal_handler(signum, event.set)
+            loop.add_signal_handler(signum, request_stop)
             installed.append(signum)
         except (NotImplementedError, RuntimeError):
             # Windows: no loop signal handlers; signal.signal runs in the main thread.
-            signal.signal(signum, lambda *_: loop.call_soon_threadsafe(event.set))
+            signal.signal(signum, lambda *_: loop.call_soon_threadsafe(request_stop))
     try:
         yield
     finally:

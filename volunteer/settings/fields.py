@@ -151,6 +151,26 @@ class Settings:
     )
     """Mean seconds between "should this server move to other blocks?" checks (each
     interval randomised by ±50%); 0 never moves."""
+    leave_grace_s: float = setting(
+        default=90.0,
+        parse=s.seconds(0, 3600, low_means=" (leave at once)"),
+        help="longest a stopping server that alone holds some blocks keeps serving them "
+        "while another server takes them over (90; 0: leave at once)",
+        metavar="SECONDS",
+        flag_override="--leave-grace",
+    )
+    """The hand-over of a stop or pause (`volunteer.daemon.hand_over`): it ends as soon as
+    every served block has another live server. `volunteer stop --now` skips it."""
+    repair_wait_s: float = setting(
+        default=60.0,
+        parse=s.seconds(0, 3600, low_means=" (fail at once)"),
+        help="longest a chat waits for blocks no server holds to be served again (60; "
+        "0: fail at once)",
+        metavar="SECONDS",
+        flag_override="--repair-wait",
+    )
+    """While the swarm has a hole, servers fill it (`volunteer.daemon.hole_watch`); a
+    reply waits this long for that, saying which blocks it waits for."""
     announce_period_s: float = setting(
         default=30.0,
         parse=s.seconds(5, 3600),

@@ -45,11 +45,18 @@ class RecordError(VolunteerError):
 
 
 class ServerState(str, enum.Enum):
-    """Where a server is in its life: loading blocks, serving, or leaving."""
+    """Where a server is in its life: loading blocks, serving, handing its blocks over
+    before it leaves (clients use it only where no other server can), or gone."""
 
     JOINING = "joining"
     ONLINE = "online"
+    LEAVING = "leaving"
     OFFLINE = "offline"
+
+
+_STATE_RANK = {ServerState.ONLINE: 3, ServerState.LEAVING: 2, ServerState.JOINING: 1}
+"""Which of a peer's records describes it (`SwarmSnapshot.spans`): a server moving to
+new blocks is JOINING there while still ONLINE on its old ones."""
 
 
 _Rate = Annotated[float, pydantic.Field(ge=0.0, le=MAX_RATE, allow_inf_nan=False)]
@@ -126,11 +133,6 @@ class ServerInfo(pydantic.BaseModel):
         if self.start >= self.end:
             raise ValueError(f"span [{self.start}, {self.end}) is empty: start must be < end")
         return self
-
-    @property
-    def is_serving(self) -> bool:
-        """Whether clients may route through this server (joining servers soon will)."""
-        return self.state in (ServerState.ONLINE, ServerState.JOINING)
 
     def to_wire(self) -> dict[str, Any]:
         """This record as plain msgpack-able values (str, int, float, None)."""
@@ -256,13 +258,15 @@ class SwarmSnapshot:
         return self.blocks[index]
 
     def spans(self) -> dict[str, ServerInfo]:
-        """One record per peer, sorted by peer id: its serving record from its lowest
-        block, or, for a peer serving nothing, its record from its lowest block. (A
-        server that moved leaves OFFLINE records on the blocks it left.)"""
+        """One record per peer, sorted by peer id: the record from its lowest block in
+        the most serving state it has (online, leaving, joining, offline). (A server that
+        moved leaves OFFLINE records on the blocks it left, and one moving is JOINING on
+        the blocks it loads.)"""
         found: dict[str, ServerInfo] = {}
         for servers in self.blocks:
             for peer_id, info in servers.items():
-                if peer_id not in found or (info.is_serving and not found[peer_id].is_serving):
+                rank = _STATE_RANK.get(info.state, 0)
+                if peer_id not in found or rank > _STATE_RANK.get(found[peer_id].state, 0):
                     found[peer_id] = info
         return dict(sorted(found.items()))
 
