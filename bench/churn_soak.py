@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import random
@@ -463,6 +464,9 @@ def main() -> None:
     from volunteer.machine.cpu_sharing import sleeping_threads_env
 
     os.environ.update(sleeping_threads_env(os.environ))
+    # Each failover the chat client rides out is a warning: hundreds of them in a soak,
+    # which the table sums up. Errors still show.
+    logging.basicConfig(level=logging.ERROR)
     import swarm_generate as sg  # torch and the model: only past --help
 
     with tempfile.TemporaryDirectory(prefix="churn-soak-") as tmp:

@@ -5,7 +5,8 @@ servers asking for 10 blocks each land on three different spans that cover the m
 fourth doubles one span; when the only server of another span stops, it hands that span
 over to the fourth, which moves there, and chat through the swarm works again. Then five
 more join, every server of one span leaves at once, and exactly one of those that could
-fill the hole does (issue 16).
+fill the hole does; last, the only server of a span pauses, and hands it over first
+(issue 16).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pytest
 from tests.daemon.homes import Homes
 from tests.daemon.test_swarm_e2e import PARIS_PROMPT, Swarm
 from volunteer.control.endpoint import use_tcp
-from volunteer.control.messages import SWARM
+from volunteer.control.messages import PAUSE, RESUME, SWARM
 
 pytestmark = [
     pytest.mark.slow,
@@ -165,3 +166,24 @@ def test_of_five_servers_with_room_that_see_one_hole_only_enough_move(swarm: Swa
     assert sum(moves.values()) == 1, moves
     after = collections.Counter(tuple(swarm.status(name)["blocks"]) for name in stayers)
     assert set(after) == {(0, 10), (10, 20), (20, 30)}, after
+    SERVERS_NOW[:] = stayers
+
+
+def test_pausing_the_only_server_of_a_span_hands_it_over_first(swarm: Swarm) -> None:
+    spans = {name: tuple(swarm.status(name)["blocks"]) for name in SERVERS_NOW}
+    held = collections.Counter(spans.values())
+    alone = next(name for name in SERVERS_NOW if held[spans[name]] == 1)
+    span = spans[alone]
+    reply = swarm.control(alone).call(PAUSE, timeout_s=30)
+    # Not paused yet: serving (LEAVING) until another server holds its blocks.
+    assert reply.paused and reply.handing_over == [f"{span[0]}:{span[1]}"]
+    deadline = time.monotonic() + MOVE_TIMEOUT_S
+    while time.monotonic() < deadline and not swarm.status(alone)["is_paused"]:
+        time.sleep(0.5)
+    others = [swarm.status(name) for name in SERVERS_NOW if name != alone]
+    assert sum(tuple(status["blocks"]) == span for status in others) == 1, others
+    status = swarm.status(alone)
+    assert status["is_paused"] and not status["leaving"] and tuple(status["blocks"]) == span
+    # A resume serves at once: the blocks stayed loaded.
+    assert swarm.control(alone).call(RESUME, timeout_s=30).paused is False
+    assert not swarm.status(alone)["is_paused"]

@@ -79,6 +79,8 @@ ANNOUNCE_ATTEMPTS = 3
 PING_TIMEOUT_S = 5.0
 SPEED_BUDGET_S = 0.2
 """Time spent at start measuring the span's decode speed (the throughput announced)."""
+HAND_OVER_SLACK_S = 3.0
+"""What a hand-over's last look (its pings) may take beyond the grace."""
 DEVICE_CLASS = "cpu"
 """What the blocks compute on, as records state it (`ServerInfo.device_class`)."""
 
@@ -239,10 +241,16 @@ class BlockService:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self.handler is not None and not self.handler.is_paused:
+            grace_s = self.settings.leave_grace_s
             try:
-                await hand_over(self, self.settings.leave_grace_s, self.leave_now)
+                # Bounded: the runner gives this stop only SERVICE_STOP_TIMEOUT_S beyond
+                # the grace, and the OFFLINE announce below must fit in it.
+                await asyncio.wait_for(
+                    hand_over(self, grace_s, self.leave_now), grace_s + HAND_OVER_SLACK_S
+                )
             except (TimeoutError, VolunteerError, OSError) as exc:
-                logger.warning("handing the blocks over failed: %s; leaving now", exc)
+                why = str(exc) or "out of time"
+                logger.warning("handing the blocks over failed: %s; leaving now", why)
         if self.info is not None:
             offline = self.info.model_copy(update={"state": ServerState.OFFLINE})
             if await self.announce(offline):
