@@ -25,6 +25,15 @@ Span = tuple[int, int]
 """Blocks `[start, end)`."""
 
 
+def coverage(spans: Sequence[Span], total: int) -> list[int]:
+    """How many of `spans` hold each of `total` blocks."""
+    counts = [0] * total
+    for start, end in spans:
+        for index in range(start, end):
+            counts[index] += 1
+    return counts
+
+
 def holes(counts: Sequence[int]) -> list[Span]:
     """The runs of blocks that no server covers, in order."""
     runs: list[Span] = []

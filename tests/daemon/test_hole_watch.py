@@ -24,11 +24,15 @@ class Clock:
         return self.now
 
 
-def _watch(tmp_path: Path, clock: Clock) -> HoleWatch:
-    # A block service that is never started: coverage reads only the snapshot given.
+def _service(tmp_path: Path) -> BlockService:
+    # Never started: coverage reads only the snapshot given, and what pings found.
     settings = Settings()
     paths = Paths.resolve(home=tmp_path, env={})
-    service = BlockService(settings, paths, DHTService(settings), owner=b"me")
+    return BlockService(settings, paths, DHTService(settings), owner=b"me")
+
+
+def _watch(tmp_path: Path, clock: Clock, service: BlockService | None = None) -> HoleWatch:
+    service = service or _service(tmp_path)
     return HoleWatch(service, rng=random.Random(0), clock=clock)
 
 
@@ -81,9 +85,10 @@ def test_a_move_under_way_covers_its_blocks_for_a_while(tmp_path: Path) -> None:
 
 
 def test_a_server_found_dead_covers_nothing(tmp_path: Path) -> None:
-    watch = _watch(tmp_path, Clock())
+    service = _service(tmp_path)
+    watch = _watch(tmp_path, Clock(), service)
     snapshot = _snapshot({"a": [_info(0, 3)], "dead": [_info(3, 6)]})
     assert holes(watch.coverage(snapshot)[0]) == []
-    watch._dead["dead"] = 1000.0  # what two missed pings do (`HoleWatch._probe`)
+    service.liveness.dead["dead"] = 1000.0  # what two missed pings do (`Liveness`)
     counts, spans = watch.coverage(snapshot)
     assert holes(counts) == [(3, 6)] and "dead" not in spans

@@ -6,7 +6,7 @@ import itertools
 import random
 
 import pytest
-from volunteer.scheduler.holes import hole_move, holes, turn_order
+from volunteer.scheduler.holes import coverage, hole_move, holes, turn_order
 from volunteer.scheduler.routing import (
     NoRouteError,
     RouteHop,
@@ -16,14 +16,6 @@ from volunteer.scheduler.routing import (
 )
 
 
-def _counts(spans: list[tuple[int, int]], total: int) -> list[int]:
-    counts = [0] * total
-    for start, end in spans:
-        for index in range(start, end):
-            counts[index] += 1
-    return counts
-
-
 def test_holes_are_the_runs_of_uncovered_blocks() -> None:
     assert holes([1, 0, 0, 2, 0, 1, 0]) == [(1, 3), (4, 5), (6, 7)]
     assert holes([1, 1]) == []
@@ -31,43 +23,43 @@ def test_holes_are_the_runs_of_uncovered_blocks() -> None:
 
 
 def test_no_move_without_a_hole() -> None:
-    assert hole_move(_counts([(0, 5), (0, 5), (5, 10)], 10), (0, 5)) is None
+    assert hole_move(coverage([(0, 5), (0, 5), (5, 10)], 10), (0, 5)) is None
 
 
 def test_a_replica_moves_to_the_start_of_the_hole() -> None:
     # 0:5 twice, 5:10 gone: the replica fills it.
-    assert hole_move(_counts([(0, 5), (0, 5)], 10), (0, 5)) == 5
+    assert hole_move(coverage([(0, 5), (0, 5)], 10), (0, 5)) == 5
 
 
 def test_the_only_server_of_a_block_never_moves_away_from_it() -> None:
     # Moving would trade one hole for another: no gain, and the start of flapping.
-    assert hole_move(_counts([(0, 5)], 10), (0, 5)) is None
+    assert hole_move(coverage([(0, 5)], 10), (0, 5)) is None
     # 0:4 is held twice but 4:6 once: the server of 0:6 cannot go past 4 to reach 8:10.
-    counts = _counts([(0, 6), (0, 4)], 12)
+    counts = coverage([(0, 6), (0, 4)], 12)
     assert holes(counts) == [(6, 12)]
     assert hole_move(counts, (0, 6)) == 4  # keeps 4:6, covers 6:10
-    assert hole_move(_counts([(0, 6), (0, 6)], 6), (0, 6)) is None  # no hole at all
+    assert hole_move(coverage([(0, 6), (0, 6)], 6), (0, 6)) is None  # no hole at all
 
 
 def test_a_server_slides_over_keeping_the_blocks_only_it_holds() -> None:
     # 0:6 may go to 2:8: it keeps 4:6 (only it holds them), covers the hole 6:8, and
     # leaves 0:2 to the server of 0:4.
-    counts = _counts([(0, 6), (0, 4), (8, 10)], 10)
+    counts = coverage([(0, 6), (0, 4), (8, 10)], 10)
     assert hole_move(counts, (0, 6)) == 2
     # A window that would leave 4:6 bare is never taken, however much hole it covers.
-    counts = _counts([(0, 6), (0, 4), (8, 10)], 12)  # holes 6:8 and 10:12
+    counts = coverage([(0, 6), (0, 4), (8, 10)], 12)  # holes 6:8 and 10:12
     assert hole_move(counts, (0, 6)) == 2
 
 
 def test_windows_line_up_at_the_start_of_the_hole() -> None:
-    counts = _counts([(0, 10), (0, 10), (0, 10)], 30)
+    counts = coverage([(0, 10), (0, 10), (0, 10)], 30)
     assert hole_move(counts, (0, 10)) == 10
-    counts = _counts([(0, 10), (0, 10), (0, 10), (10, 20)], 30)
+    counts = coverage([(0, 10), (0, 10), (0, 10), (10, 20)], 30)
     assert hole_move(counts, (0, 10)) == 20
 
 
 def test_a_window_longer_than_what_is_left_ends_at_the_end() -> None:
-    counts = _counts([(0, 8), (0, 8)], 10)
+    counts = coverage([(0, 8), (0, 8)], 10)
     assert hole_move(counts, (0, 8)) == 2
 
 
@@ -99,15 +91,15 @@ def test_servers_taking_turns_move_exactly_as_many_as_the_hole_needs(seed: int) 
     order = turn_order(list(spans), (hole_start, hole_end))
     moved = []
     for peer in order:
-        target = hole_move(_counts(list(spans.values()), total), spans[peer])
+        target = hole_move(coverage(list(spans.values()), total), spans[peer])
         if target is not None:
             spans[peer] = (target, target + length)
             moved.append(peer)
-    after = _counts(list(spans.values()), total)
+    after = coverage(list(spans.values()), total)
     assert holes(after) == []
     assert len(moved) == needed, (moved, spans)
     for peer in moved:
-        others = _counts([span for name, span in spans.items() if name != peer], total)
+        others = coverage([span for name, span in spans.items() if name != peer], total)
         assert any(others[i] == 0 for i in range(*spans[peer])), (peer, spans)
     assert all(hole_move(after, span) is None for span in spans.values())
 

@@ -41,6 +41,7 @@ from volunteer.control.server import ControlServer
 from volunteer.daemon.dht_service import DHTService
 from volunteer.daemon.hand_over import hand_over
 from volunteer.daemon.hole_watch import HoleWatch
+from volunteer.daemon.liveness import Liveness
 from volunteer.daemon.rebalancer import Rebalancer
 from volunteer.daemon.serving_control import ServingControl
 from volunteer.daemon.span_plan import DTYPE, SpanPlan, auto_cache_tokens, plan_span
@@ -129,6 +130,8 @@ class BlockService:
         self._decode_single_measured = False
         """One thread decoded as fast as all of them at start (so it keeps doing so)."""
         self.hole_watch: HoleWatch | None = None
+        self.liveness = Liveness(lambda: self._dht.p2p)
+        """Which peers named by records answer pings (hole watch and hand-over)."""
         self.leave_now = asyncio.Event()
         """Set when the volunteer wants it gone now: no hand-over grace."""
         self.pausing: asyncio.Task[None] | None = None

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING
 
-from volunteer.daemon.hole_watch import answers_ping
-from volunteer.scheduler.holes import Span, hole_move, holes
+from volunteer.scheduler.holes import Span, coverage, hole_move, holes
 from volunteer.swarm.dht_records import peer_id_from_owner
 from volunteer.swarm.records import ServerState, SwarmSnapshot
 
@@ -66,62 +64,42 @@ async def needs_hand_over(service: BlockService) -> list[Span]:
     """The runs of the served blocks that no other live server holds, where some other
     server could take them (none: leaving at once loses nothing, or waiting would not
     help, e.g. in a swarm of one)."""
-    survey = await _survey(service)
-    if not survey.alone:
+    snapshot, alone = await _survey(service)
+    if not alone:
         return []
-    me = peer_id_from_owner(service.owner)
-    spans = {
-        peer_id: (record.start, record.end)
-        for peer_id, record in survey.snapshot.spans().items()
-        if peer_id != me and record.state is ServerState.ONLINE and peer_id not in survey.dead
-    }
-    counts = [0] * len(survey.snapshot.blocks)
-    for start, end in spans.values():
-        for index in range(start, end):
-            counts[index] += 1
-    for start, end in survey.alone:  # held only by peers that answer no ping
+    me, dead = peer_id_from_owner(service.owner), service.liveness.dead
+    spans = [
+        (record.start, record.end)
+        for peer_id, record in snapshot.spans().items()
+        if peer_id != me and record.state is ServerState.ONLINE and peer_id not in dead
+    ]
+    counts = coverage(spans, len(snapshot.blocks))
+    for start, end in alone:  # held only by peers that are gone
         counts[start:end] = [0] * (end - start)
-    if any(hole_move(counts, span) is not None for span in spans.values()):
-        return survey.alone
-    logger.info("no other server could take blocks %s: leaving at once", _spans(survey.alone))
+    if any(hole_move(counts, span) is not None for span in spans):
+        return alone
+    logger.info("no other server could take blocks %s: leaving at once", _spans(alone))
     return []
 
 
 async def unserved_without_me(service: BlockService) -> list[Span]:
     """The runs of the served blocks that no other live server holds: ONLINE records
-    of peers that answer a ping (a dead peer's records outlive it)."""
-    return (await _survey(service)).alone
+    of peers that are there (`volunteer.daemon.liveness`)."""
+    return (await _survey(service))[1]
 
 
-@dataclasses.dataclass(frozen=True)
-class _Survey:
-    snapshot: SwarmSnapshot
-    alone: list[Span]
-    """The runs of the served blocks no other live server holds."""
-    dead: frozenset[str]
-    """Peers pinged that did not answer."""
-
-
-async def _survey(service: BlockService) -> _Survey:
+async def _survey(service: BlockService) -> tuple[SwarmSnapshot, list[Span]]:
     info = service.info
     snapshot = await service.placement_snapshot()
     if info is None:
-        return _Survey(snapshot, [], frozenset())
-    me = peer_id_from_owner(service.owner)
-    answered: dict[str, bool] = {}
+        return snapshot, []
+    me, liveness = peer_id_from_owner(service.owner), service.liveness
+    liveness.forget_old()
     counts = []
     for servers in snapshot.blocks[info.start : info.end]:
         others = [p for p, r in servers.items() if p != me and r.state is ServerState.ONLINE]
-        # One live server is enough for a block: ping only until one answers.
-        for peer_id in others:
-            if peer_id not in answered:
-                answered[peer_id] = await answers_ping(service.p2p, peer_id)
-            if answered[peer_id]:
-                break
-        counts.append(sum(1 for peer_id in others if answered.get(peer_id)))
-    alone = [(info.start + start, info.start + end) for start, end in holes(counts)]
-    dead = frozenset(peer_id for peer_id, answer in answered.items() if not answer)
-    return _Survey(snapshot, alone, dead)
+        counts.append(int(await liveness.first_alive(others)))
+    return snapshot, [(info.start + start, info.start + end) for start, end in holes(counts)]
 
 
 def _spans(runs: list[Span]) -> str:

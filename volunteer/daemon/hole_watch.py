@@ -6,7 +6,7 @@ to it (JOINING: it is loading the block). LEAVING servers (handing their blocks 
 before they stop, `volunteer.daemon.hand_over`) and OFFLINE ones do not cover; a server
 that was SIGKILLed leaves ONLINE records behind until they expire, so each block needs an
 online server that answered a ping lately, and one that misses two in a row counts as
-dead (`_probe`).
+dead (`volunteer.daemon.liveness`).
 
 When there is a hole, the servers that could fill it take turns (the order and the move
 come from `volunteer.scheduler.holes`): each waits `TURN_S` per server before it, looks
@@ -14,8 +14,9 @@ again, and moves if the hole is still open, saying JOINING first so the next one
 being filled. Bounds, with the default settings:
 
 - a clean stop (LEAVING or OFFLINE announced) is seen within `HOLE_LOOK_S` (+10%);
-- a crash of the last live server of some blocks within that plus `ALIVE_FOR_S` and two
-  pings (`PROBE_TIMEOUT_S` each, `PROBE_RETRY_S` apart): within 16 s, mostly far less;
+- a crash of the last live server of some blocks within that plus `liveness.ALIVE_FOR_S`
+  and two pings (`PROBE_TIMEOUT_S` each, `PROBE_RETRY_S` apart): within 16 s, mostly far
+  less (a dead peer on loopback or a LAN refuses the connection at once);
 - then `TURN_S` per server ahead in the order (0 for the first), and the load.
 """
 
@@ -28,15 +29,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from hivemind.p2p import P2P, PeerID
-
-from volunteer.client.remote_span import ping
 from volunteer.errors import VolunteerError
 from volunteer.models.errors import ModelError
 from volunteer.scheduler.holes import Span, hole_move, holes, turn_order
 from volunteer.swarm.dht_records import peer_id_from_owner
 from volunteer.swarm.records import ServerState, SwarmSnapshot
-from volunteer.transport.protocol import PeerUnavailableError, RemoteError
 
 if TYPE_CHECKING:
     from volunteer.daemon.block_service import BlockService
@@ -49,14 +46,8 @@ TURN_S = 4.0
 """Time each server ahead in the turn order has to start filling a hole. Longer than a
 look (+10%), so that a server that saw the hole one look later than the one ahead of it
 still sees that one's JOINING records at its turn."""
-PROBE_TIMEOUT_S = 3.0
-PROBE_RETRY_S = 1.0
 MAX_PROBES = 8
 """Servers pinged at one look at most (a large swarm's blocks are checked over several)."""
-ALIVE_FOR_S = 6.0
-"""A server that answered a ping counts as alive this long without another."""
-DEAD_FOR_S = 30.0
-"""A server that missed its pings counts as dead this long before it is pinged again."""
 JOINING_TRUST_S = 60.0
 """How long a JOINING record counts as covering its blocks: a peer that says it is
 loading them and never comes online must not hold a hole open for long."""
@@ -81,11 +72,6 @@ class HoleWatch:
         self._service = service
         self._rng = rng
         self._clock = clock
-        self._dead: dict[str, float] = {}
-        """Peers whose ONLINE records outlive them (they missed two pings in a row), and
-        when that was found."""
-        self._answered: dict[str, float] = {}
-        """When each peer last answered a ping."""
         self._joining: dict[tuple[str, int, int], float] = {}
         """When each JOINING record (peer, start, end) was first seen."""
         self.hole: Span | None = None
@@ -160,11 +146,11 @@ class HoleWatch:
     def coverage(self, snapshot: SwarmSnapshot) -> tuple[list[int], dict[str, Span]]:
         """Live servers per block (see the module doc), and the span of each online
         server not counted dead."""
-        now = self._clock()
+        now, dead = self._clock(), self._service.liveness.dead
         spans = {
             peer_id: (info.start, info.end)
             for peer_id, info in snapshot.spans().items()
-            if info.state is ServerState.ONLINE and peer_id not in self._dead
+            if info.state is ServerState.ONLINE and peer_id not in dead
         }
         counts = [0] * len(snapshot.blocks)
         seen: dict[tuple[str, int, int], float] = {}
@@ -185,48 +171,13 @@ class HoleWatch:
         return counts, spans
 
     async def _probe(self, snapshot: SwarmSnapshot) -> None:
-        """Makes sure each block has an online server that answers: a dead one's ONLINE
-        records outlive it, and would hide its hole until they expire. A server that
-        answered in the last `ALIVE_FOR_S` counts as alive; otherwise a block's servers
-        are pinged in turn until one answers, and one that misses two pings in a row
-        counts as dead (for `DEAD_FOR_S`, then it may be pinged again: a restarted
-        server keeps its peer id)."""
+        """Makes sure each block has an online server that is there (`Liveness`): a dead
+        one's ONLINE records outlive it, and would hide its hole until they expire."""
         me = peer_id_from_owner(self._service.owner)
-        now = self._clock()
-        self._dead = {p: at for p, at in self._dead.items() if now - at < DEAD_FOR_S}
-        self._answered = {p: at for p, at in self._answered.items() if now - at < ALIVE_FOR_S}
-        pings = 0
+        liveness = self._service.liveness
+        liveness.forget_old()
+        budget = liveness.pings + MAX_PROBES
         for servers in snapshot.blocks:
             online = [p for p, i in servers.items() if i.state is ServerState.ONLINE]
-            alive = [p for p in online if p not in self._dead]
-            if me in alive or any(p in self._answered for p in alive):
-                continue
-            for peer_id in alive:  # until one answers
-                if pings >= MAX_PROBES:
-                    return  # the rest at the next look
-                pings += 1
-                if await self._answers(peer_id):
-                    self._answered[peer_id] = self._clock()
-                    break
-                logger.info("server %s answers no ping: counting its blocks as unserved", peer_id)
-                self._dead[peer_id] = self._clock()
-
-    async def _answers(self, peer_id: str) -> bool:
-        return await answers_ping(self._service.p2p, peer_id)
-
-
-async def answers_ping(p2p: P2P, peer_id: str) -> bool:
-    """Whether `peer_id` answers one of two pings (`PROBE_RETRY_S` apart)."""
-    for attempt in range(2):
-        if attempt:
-            await asyncio.sleep(PROBE_RETRY_S)
-        try:
-            await ping(p2p, PeerID.from_base58(peer_id), PROBE_TIMEOUT_S)
-            return True
-        except RemoteError:  # an error is an answer: it is there
-            return True
-        except (PeerUnavailableError, TimeoutError):
-            continue
-        except ValueError:  # not a peer id: nothing to ping
-            return True
-    return False
+            if me not in online:
+                await liveness.first_alive(online, max_pings=budget)
