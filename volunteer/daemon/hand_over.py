@@ -18,6 +18,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from volunteer.daemon.liveness import MAX_PINGS
 from volunteer.scheduler.holes import Span, coverage, hole_move, holes
 from volunteer.swarm.dht_records import peer_id_from_owner
 from volunteer.swarm.records import ServerState, SwarmSnapshot
@@ -95,10 +96,13 @@ async def _survey(service: BlockService) -> tuple[SwarmSnapshot, list[Span]]:
         return snapshot, []
     me, liveness = peer_id_from_owner(service.owner), service.liveness
     liveness.forget_old()
+    # Blocks left unknown once the pings are spent count as unserved: waiting for a
+    # hand-over is the safe side, and the grace bounds it.
+    budget = liveness.pings + MAX_PINGS
     counts = []
     for servers in snapshot.blocks[info.start : info.end]:
         others = [p for p, r in servers.items() if p != me and r.state is ServerState.ONLINE]
-        counts.append(int(await liveness.first_alive(others)))
+        counts.append(int(await liveness.first_alive(others, max_pings=budget)))
     return snapshot, [(info.start + start, info.start + end) for start, end in holes(counts)]
 
 

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from volunteer.daemon.liveness import MAX_PINGS
 from volunteer.errors import VolunteerError
 from volunteer.models.errors import ModelError
 from volunteer.scheduler.holes import Span, hole_move, holes, turn_order
@@ -46,8 +47,6 @@ TURN_S = 4.0
 """Time each server ahead in the turn order has to start filling a hole. Longer than a
 look (+10%), so that a server that saw the hole one look later than the one ahead of it
 still sees that one's JOINING records at its turn."""
-MAX_PROBES = 8
-"""Servers pinged at one look at most (a large swarm's blocks are checked over several)."""
 JOINING_TRUST_S = 60.0
 """How long a JOINING record counts as covering its blocks: a peer that says it is
 loading them and never comes online must not hold a hole open for long."""
@@ -176,7 +175,7 @@ class HoleWatch:
         me = peer_id_from_owner(self._service.owner)
         liveness = self._service.liveness
         liveness.forget_old()
-        budget = liveness.pings + MAX_PROBES
+        budget = liveness.pings + MAX_PINGS  # a large swarm is checked over several looks
         for servers in snapshot.blocks:
             online = [p for p, i in servers.items() if i.state is ServerState.ONLINE]
             if me not in online:

@@ -27,6 +27,9 @@ ALIVE_FOR_S = 6.0
 """A server that answered a ping counts as alive this long without another."""
 DEAD_FOR_S = 30.0
 """A server that missed its pings counts as dead this long before it is pinged again."""
+MAX_PINGS = 8
+"""Servers pinged in one round (a look, a survey) at most: records may name any number
+of peers that never answer, and each costs up to two timeouts."""
 
 
 class Liveness:
