@@ -129,14 +129,14 @@ def test_a_server_moves_to_the_blocks_a_stopped_server_left(swarm: Swarm) -> Non
 
 
 def test_of_five_servers_with_room_that_see_one_hole_only_enough_move(swarm: Swarm) -> None:
-    """Herding: five more servers of 10 blocks join (where the swarm is weakest),
+    """Herding: five more servers of 10 blocks join (each where the swarm is weakest),
     then every server of one span leaves at once (`--now`: no hand-over). Each of the
     servers that could fill that hole sees it, yet one moves: 10 blocks need one."""
     names = [f"extra{i}" for i in range(5)]
-    # At once (quicker): most see the same records and double the same span, which
-    # leaves only more servers with room; the layout is read back below.
-    with ThreadPoolExecutor(len(names)) as pool:
-        list(pool.map(lambda name: swarm.start(name, "--num-blocks", "10"), names))
+    # One after another: started at once, they measure their speed on shared cores and
+    # may land on unaligned spans, which the layout check below does not expect.
+    for name in names:
+        swarm.start(name, "--num-blocks", "10")
     servers = [*SERVERS_NOW, *names]
     spans = {name: tuple(swarm.status(name)["blocks"]) for name in servers}
     held = collections.Counter(spans.values())
