@@ -1,11 +1,12 @@
-"""`volunteer tui`: the volunteer's window on the daemon — dashboard, chat, swarm map, log.
+"""`volunteer tui`: the volunteer's window on the daemon — dashboard, chat, swarm map,
+leaderboard, log.
 
 The app gets its daemon client in the constructor (`volunteer.tui.client.DaemonClient`);
 all daemon I/O runs in thread workers and comes back as messages
 (`volunteer.tui.messages`), so the screen never waits on the daemon. It polls the status
-every second and the swarm every few seconds; when the daemon goes away it shows the
-empty state, and it picks the daemon up again by itself when one runs, saying so in the
-status line.
+every second, the swarm and the leaderboard every few seconds; when the daemon goes away
+it shows the empty state, and it picks the daemon up again by itself when one runs,
+saying so in the status line.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from volunteer.tui.chat_view import ChatView
 from volunteer.tui.client import DaemonClient
 from volunteer.tui.dashboard import Dashboard
 from volunteer.tui.gauges import GaugeReader, Gauges
+from volunteer.tui.leaderboard_view import LeaderboardView
 from volunteer.tui.log_panel import LogPanel, LogTail
 from volunteer.tui.messages import (
     ConfigLoaded,
     DaemonActionDone,
     GaugesUpdated,
+    LeaderboardUpdated,
     LogLines,
     StatusUpdated,
     SwarmUpdated,
@@ -57,6 +60,7 @@ def _unless_closing(handler: Handler) -> Handler:
 
 STATUS_PERIOD_S = 1.0
 SWARM_PERIOD_S = 5.0
+LEADERBOARD_PERIOD_S = 5.0
 LOG_PERIOD_S = 0.5
 
 
@@ -70,10 +74,12 @@ class VolunteerApp(App[None]):
         Binding("f2", "show_tab('chat')", "Chat", show=False, priority=True),
         Binding("f3", "show_tab('swarm')", "Swarm", show=False, priority=True),
         Binding("f4", "show_tab('settings')", "Settings", show=False, priority=True),
+        Binding("f5", "show_tab('leaderboard')", "Leaderboard", show=False, priority=True),
         Binding("1", "show_tab('dashboard')", "Dashboard", show=False),
         Binding("4", "show_tab('settings')", "Settings", show=False),
         Binding("2", "show_tab('chat')", "Chat", show=False),
         Binding("3", "show_tab('swarm')", "Swarm", show=False),
+        Binding("5", "show_tab('leaderboard')", "Leaderboard", show=False),
         Binding("s", "start_daemon", "Start"),
         Binding("x", "stop_daemon", "Stop"),
         Binding("p", "toggle_pause", "Pause/resume"),
@@ -116,6 +122,8 @@ class VolunteerApp(App[None]):
                 yield SwarmView(id="swarm-view")
             with TabPane(r"Settings \[F4]", id="settings"):
                 yield SettingsView(id="settings-view")
+            with TabPane(r"Leaderboard \[F5]", id="leaderboard"):
+                yield LeaderboardView(id="leaderboard-view")
         yield LogPanel(id="log", max_lines=2000, wrap=False, classes="hidden")
         yield Static("connecting to the daemon…", id="status-line", markup=False)
         yield Footer()
@@ -127,6 +135,7 @@ class VolunteerApp(App[None]):
             self.set_interval(STATUS_PERIOD_S, self.refresh_status)
             self.set_interval(STATUS_PERIOD_S, self.refresh_gauges)
             self.set_interval(SWARM_PERIOD_S, self.refresh_swarm)
+            self.set_interval(LEADERBOARD_PERIOD_S, self.refresh_leaderboard)
             self.set_interval(LOG_PERIOD_S, self.refresh_log)
 
     # Workers: daemon and machine I/O off the event loop, answers as messages.
@@ -155,6 +164,15 @@ class VolunteerApp(App[None]):
             self.post_message(SwarmUpdated(swarm, peers=peers))
         except Exception as exc:
             self.post_message(SwarmUpdated(None, error=str(exc) or type(exc).__name__))
+
+    @work(thread=True, exclusive=True, group="leaderboard")
+    def refresh_leaderboard(self) -> None:
+        if not self.daemon_seen:  # the status poll shows the view empty
+            return
+        try:
+            self.post_message(LeaderboardUpdated(self.client.leaderboard()))
+        except Exception as exc:  # an older daemon without a board, or one busy: shown
+            self.post_message(LeaderboardUpdated(None, error=str(exc) or type(exc).__name__))
 
     @work(thread=True, exclusive=True, group="gauges")
     def refresh_gauges(self) -> None:
@@ -191,6 +209,9 @@ class VolunteerApp(App[None]):
         self.query_one(Dashboard).show_status(status)
         if first_sight:
             self.refresh_swarm()
+            self.refresh_leaderboard()
+        elif not is_up:  # the daemon went, and its board with it
+            self.query_one(LeaderboardView).show_board(None, message.error)
 
     @_unless_closing
     def on_swarm_updated(self, message: SwarmUpdated) -> None:
@@ -198,6 +219,10 @@ class VolunteerApp(App[None]):
             dashboard = self.query_one(Dashboard)
             dashboard.total_blocks = message.swarm.num_blocks or None
         self.query_one(SwarmView).show_swarm(message.swarm, message.error, message.peers)
+
+    @_unless_closing
+    def on_leaderboard_updated(self, message: LeaderboardUpdated) -> None:
+        self.query_one(LeaderboardView).show_board(message.board, message.error)
 
     @_unless_closing
     def on_gauges_updated(self, message: GaugesUpdated) -> None:
@@ -220,6 +245,8 @@ class VolunteerApp(App[None]):
         elif event.pane.id == "settings":
             self.query_one("#setting-public_name").focus()
             self.load_config()
+        elif event.pane.id == "leaderboard":  # fresh at once, not at the next poll
+            self.refresh_leaderboard()
 
     @work(thread=True, exclusive=True, group="settings")
     def load_config(self) -> None:

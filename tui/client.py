@@ -20,6 +20,7 @@ from volunteer.control.client import ControlClient
 from volunteer.control.endpoint import ControlError, DaemonNotRunningError
 from volunteer.control.messages import (
     CHAT,
+    LEADERBOARD,
     PAUSE,
     PEERS,
     RELOAD,
@@ -29,6 +30,7 @@ from volunteer.control.messages import (
     ChatNotice,
     ChatStats,
     ChatText,
+    LeaderboardReply,
     PeersReply,
     StatusReply,
     SwarmParams,
@@ -41,6 +43,7 @@ from volunteer.settings import EDITABLE, Settings, read_config, save_config
 
 STATUS_TIMEOUT_S = 2.0
 SWARM_TIMEOUT_S = 20.0
+LEADERBOARD_TIMEOUT_S = 10.0
 TOKEN_WAIT_S = 300.0
 START_TIMEOUT_S = 180.0
 RELOAD_TIMEOUT_S = 30.0
@@ -61,6 +64,10 @@ class DaemonClient(Protocol):
 
     def peers(self) -> PeersReply:
         """The peers the daemon knows, with what its checks found of each."""
+        ...
+
+    def leaderboard(self) -> LeaderboardReply:
+        """The servers ranked by the credit the daemon audited, and its own credit per day."""
         ...
 
     def chat(self, params: dict[str, Any]) -> Iterator[ChatText | ChatNotice | ChatStats]:
@@ -116,6 +123,9 @@ class ControlDaemonClient:
 
     def peers(self) -> PeersReply:
         return ControlClient(self._paths).call(PEERS, timeout_s=SWARM_TIMEOUT_S)
+
+    def leaderboard(self) -> LeaderboardReply:
+        return ControlClient(self._paths).call(LEADERBOARD, timeout_s=LEADERBOARD_TIMEOUT_S)
 
     def chat(self, params: dict[str, Any]) -> Iterator[ChatText | ChatNotice | ChatStats]:
         client = ControlClient(self._paths)

@@ -6,7 +6,13 @@ from textual.message import Message
 from volunteer.tui.gauges import Gauges
 
 from volunteer.chat.store import ConversationSummary, StoredConversation
-from volunteer.control.messages import ChatStats, PeersReply, StatusReply, SwarmReply
+from volunteer.control.messages import (
+    ChatStats,
+    LeaderboardReply,
+    PeersReply,
+    StatusReply,
+    SwarmReply,
+)
 
 
 class StatusUpdated(Message):
@@ -29,6 +35,15 @@ class SwarmUpdated(Message):
         self.swarm = swarm
         self.error = error
         self.peers = peers
+
+
+class LeaderboardUpdated(Message):
+    """A leaderboard poll's answer: the board, or None (no daemon, or `error`)."""
+
+    def __init__(self, board: LeaderboardReply | None, error: str | None = None) -> None:
+        super().__init__()
+        self.board = board
+        self.error = error
 
 
 class GaugesUpdated(Message):

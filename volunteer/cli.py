@@ -10,12 +10,20 @@ import sys
 from collections.abc import Sequence
 
 from volunteer import __version__
-from volunteer.commands import chat, daemon_cmd, models_cmd, peers_cmd, profile_cmd, tui_cmd
+from volunteer.commands import (
+    chat,
+    daemon_cmd,
+    leaderboard_cmd,
+    models_cmd,
+    peers_cmd,
+    profile_cmd,
+    tui_cmd,
+)
 from volunteer.errors import VolunteerError
 from volunteer.models.errors import ModelError
 from volunteer.paths import Paths
 
-_COMMANDS = (models_cmd, chat, daemon_cmd, peers_cmd, profile_cmd, tui_cmd)
+_COMMANDS = (models_cmd, chat, daemon_cmd, peers_cmd, leaderboard_cmd, profile_cmd, tui_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.homes import DaemonSwarm, Homes
+from volunteer.control.client import ControlClient
 from volunteer.control.endpoint import use_tcp
+from volunteer.control.messages import LEADERBOARD
 from volunteer.paths import Paths
 from volunteer.trust.reputation import Reputation
 
@@ -36,6 +38,7 @@ CHAT_TIMEOUT_S = 240
 MAX_CHEAT_STEPS = 20
 SWARM_BAN_S = 60.0
 LIAR_BAN_S = 120.0
+CREDIT_BOUND_S = 90.0
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +139,34 @@ def test_the_other_daemons_ban_the_cheat_from_the_accusation_within_a_minute(
     status = swarm.homes.status(swarm.homes.home("first"))
     assert status["accusations_upheld"] >= 1 and status["accusations_refuted"] == 0
     assert swarm.homes.status(swarm.homes.home("boot"))["accusations_filed"] >= 1
+
+
+def test_the_cheat_earns_no_credit_and_forfeits_its_escrow_on_every_board(
+    swarm: DaemonSwarm,
+) -> None:
+    """Issue 17: the client receipts the cheat's work as found wrong (it earns nothing),
+    and every daemon that banned it shows its escrow forfeited; the honest replica that
+    did the work instead has credit, held in escrow as a newcomer's."""
+    cheat = swarm.started["cheat"]["peer_id"]
+    honest = swarm.started["honest"]["peer_id"]
+    deadline = time.monotonic() + CREDIT_BOUND_S
+    while True:
+        boards = {name: _board(swarm, name) for name in ("boot", "first", "honest")}
+        rows = [(board.get(cheat), board.get(honest)) for board in boards.values()]
+        if all(c and h and c.forfeited and h.total > 0 for c, h in rows):
+            break
+        assert time.monotonic() < deadline, boards
+        time.sleep(2.0)
+    for cheat_row, honest_row in rows:
+        assert cheat_row.total == 0.0 and cheat_row.recent_average == 0.0
+        assert not honest_row.forfeited and honest_row.held == honest_row.total
+    assert max(row.rank for row, _ in rows) == len(boards["boot"])  # the cheat ranks last
+
+
+def _board(swarm: DaemonSwarm, name: str) -> dict:
+    home = Paths.resolve(home=swarm.homes.home(name), env=swarm.homes.env)
+    reply = ControlClient(home).call(LEADERBOARD, timeout_s=10)
+    return {row.peer_id: row for row in reply.rows}
 
 
 def test_a_false_accuser_loses_its_standing_and_the_accused_keep_theirs(

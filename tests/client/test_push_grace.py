@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from volunteer.scheduler.routing import RouteHop
 
-from volunteer.client.inference import PUSH_GRACE_FACTOR, PUSH_GRACE_MIN_S, _Hop
+from volunteer.client.hops import PUSH_GRACE_FACTOR, PUSH_GRACE_MIN_S, Hop
 
 
-def _hop(start: int, end: int, step_s: float | None) -> _Hop:
-    hop = _Hop(RouteHop("peer", start, end), stream=None)  # type: ignore[arg-type]  # unused
+def _hop(start: int, end: int, step_s: float | None) -> Hop:
+    hop = Hop(RouteHop("peer", start, end), stream=None)  # type: ignore[arg-type]  # unused
     hop.step_s = step_s
     return hop
 

@@ -11,9 +11,11 @@ They run in file order on one module-scoped swarm.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -22,17 +24,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import psutil
 import pytest
 
 from tests.daemon.homes import ROOT, DaemonSwarm, Homes
+from tests.daemon.hostile_credit import HostileCreditPeer
 from volunteer.client.swarm_connection import SwarmConnection
 from volunteer.control.client import ControlClient
 from volunteer.control.endpoint import ControlError, use_tcp
-from volunteer.control.messages import CHAT, STATUS, ChatStats, ChatText
+from volunteer.control.messages import CHAT, LEADERBOARD, STATUS, ChatStats, ChatText
 from volunteer.paths import Paths
 from volunteer.swarm.dht_records import read_snapshot_on_node
 from volunteer.swarm.records import ServerInfo, ServerState
+from volunteer.trust.credit_tree import Leaf
+from volunteer.trust.receipts import SignedReceipt
 
 pytestmark = [
     pytest.mark.slow,
@@ -47,6 +53,10 @@ HAND_OVER_BOUND_S = 30.0
 """Issue 16: after a clean stop of a span's only server, chat works within this."""
 KILL_REPAIR_BOUND_S = 60.0
 """... and within this after a SIGKILL."""
+CREDIT_BOUND_S = 90.0
+"""Issue 17: receipts handed over, summaries published and audited within this."""
+LATE_BOARD_S = 60.0
+"""... and a daemon that joins late sees the same board within this."""
 IDLE_WINDOW_S = 5.0
 IDLE_CPU_SHARE = 0.1
 """Most CPU the idle daemons may take together, in cores (a spinning thread takes ~1)."""
@@ -111,6 +121,104 @@ def test_chat_through_the_swarm_answers_paris(swarm: Swarm) -> None:
     # second took the client's stream and the first server's push link there.
     assert swarm.status("first")["local_links"] >= 1
     assert swarm.status("second")["local_links"] >= 2
+
+
+def test_servers_hold_signed_receipts_and_every_board_agrees_on_credit(swarm: Swarm) -> None:
+    """Issue 17: after the chat above (the boot daemon its client), each server holds its
+    client's signed receipts for exactly the tokens it served, and every daemon's audited
+    board shows both servers with the same credit, in proportion to blocks x tokens."""
+    servers = {name: swarm.status(name)["peer_id"] for name in ("first", "second")}
+    deadline = time.monotonic() + CREDIT_BOUND_S
+    while True:
+        receipts = {name: _receipts(swarm, name) for name in servers}
+        boards = {name: _board(swarm, name) for name in ("boot", "first", "second")}
+        credit = [{p: board.get(p) for p in servers.values()} for board in boards.values()]
+        served = {name: swarm.status(name)["tokens_served"] for name in servers}
+        done = all(sum(r["tokens"] for r in receipts[n]) == served[n] > 0 for n in servers)
+        if done and all(c == credit[0] and None not in c.values() for c in credit):
+            break
+        assert time.monotonic() < deadline, (receipts, served, boards)
+        time.sleep(2)
+    boot = swarm.status("boot")["peer_id"]
+    for name, peer_id in servers.items():
+        assert {(r["client"], r["server"]) for r in receipts[name]} == {(boot, peer_id)}
+    work = {n: sum(r["blocks"] * r["tokens"] for r in receipts[n]) for n in servers}
+    first, second = (credit[0][servers[n]] for n in ("first", "second"))
+    assert first > 0 and second > 0
+    for name, peer_id in servers.items():  # its own count, from its receipts, agrees
+        status = swarm.status(name)
+        assert status["credit_total"] == pytest.approx(credit[0][peer_id], abs=1e-3)
+        assert status["receipts_kept"] == len(receipts[name]) and status["credit_rank"] >= 1
+    assert first / second == pytest.approx(work["first"] / work["second"], rel=1e-3)
+
+
+def test_forged_receipts_earn_nothing_and_an_unbacked_summary_is_dropped(swarm: Swarm) -> None:
+    """Issue 17, over the wire: a stranger's receipts for work never done, a copy of the
+    client's receipt and an edited one are refused and kept nowhere; a summary claiming
+    credit its receipts do not back is dropped by every auditor, which keeps the last
+    summary of it that held and bans it for the proven lie."""
+    first = swarm.status("first")["peer_id"]
+    kept = _receipts(swarm, "first")
+    real = _signed(swarm, "first")[0]
+    hostile = HostileCreditPeer(swarm.join, swarm.status("first")["swarm_model"])
+    try:
+        assert hostile.send_receipt(first, hostile.own_receipt(first, 10)).startswith("unearned")
+        assert hostile.send_receipt(first, real.to_bytes()).startswith("not its client's")
+        body = msgpack.unpackb(real.body)
+        edited = SignedReceipt(
+            msgpack.packb({**body, "tokens": 10**6}), real.signature, real.client_key
+        )
+        assert "signature does not match" in hostile.send_receipt(first, edited.to_bytes())
+        assert _receipts(swarm, "first") == kept
+        # An honest summary of nothing makes the boards (nothing to draw on) ...
+        hostile.publish([], receipts=0)
+        _wait_for_row(swarm, hostile.peer_id, lambda row: row is not None and row.total == 0)
+        # ... then one of a thousand credits backed by a receipt for another server.
+        hostile.shown_receipt = real.to_bytes()
+        hostile.publish([Leaf(bytes.fromhex(real.id), (10**6, 10**6, 5))] * 3, receipts=3)
+        rows = _wait_for_row(swarm, hostile.peer_id, lambda row: row is not None and row.dropped)
+        assert all(row.total == 0 and "for another server" in row.dropped for row in rows)
+        # A path from its own signed root to a receipt it cannot claim proves the lie.
+        assert all(row.forfeited and row.reputation < 0.5 for row in rows)
+        assert hostile.draws_answered > 0
+    finally:
+        hostile.close()
+
+
+def _wait_for_row(swarm: Swarm, peer_id: str, done: Any) -> list[Any]:
+    """The peer's row on every daemon's board, once `done` holds for each."""
+    deadline = time.monotonic() + CREDIT_BOUND_S
+    while True:
+        rows = [_rows(swarm, name).get(peer_id) for name in ("boot", "first", "second")]
+        if all(done(row) for row in rows):
+            return rows
+        assert time.monotonic() < deadline, rows
+        time.sleep(2)
+
+
+def _signed(swarm: Swarm, name: str) -> list[SignedReceipt]:
+    path = Paths.resolve(home=swarm.homes.home(name), env=swarm.homes.env).data_dir
+    with contextlib.closing(sqlite3.connect(path / "receipts.sqlite")) as db:
+        rows = db.execute("SELECT body, signature, client_key FROM receipts").fetchall()
+    return [SignedReceipt(*row) for row in rows]
+
+
+def _receipts(swarm: Swarm, name: str) -> list[dict[str, Any]]:
+    """The receipts in the daemon's SQLite file, each checked against its signature."""
+    found = []
+    for signed in _signed(swarm, name):
+        receipt = signed.check()
+        found.append({**receipt.model_dump(), "blocks": receipt.blocks})
+    return found
+
+
+def _board(swarm: Swarm, name: str) -> dict[str, float]:
+    return {peer: row.total for peer, row in _rows(swarm, name).items()}
+
+
+def _rows(swarm: Swarm, name: str) -> dict[str, Any]:
+    reply = swarm.control(name).call(LEADERBOARD, timeout_s=10)
+    return {row.peer_id: row for row in reply.rows}
 
 
 def test_greedy_swarm_output_equals_local_for_64_tokens(swarm: Swarm, local_story: str) -> None:
@@ -203,6 +311,30 @@ def test_a_new_server_takes_the_weakest_span(swarm: Swarm) -> None:
     swarm.start("replica", "--blocks", "15:30")
     swarm.start("auto", "--num-blocks", "15")
     assert swarm.status("auto")["blocks"] == [0, 15]
+
+
+def test_a_daemon_that_joined_late_sees_the_same_board_within_a_minute(swarm: Swarm) -> None:
+    """Issue 17: the daemon started last audits every summary and shows the board the
+    first daemons show, credit for credit."""
+    joined = time.monotonic()
+    names = ("boot", "first", "second", "replica", "auto")
+    daemons = {swarm.status(name)["peer_id"] for name in names}
+    while True:  # (a hostile peer of an earlier test has left: boot keeps its last row)
+        boards = [
+            {peer: total for peer, total in _board(swarm, name).items() if peer in daemons}
+            for name in ("boot", "auto")
+        ]
+        if boards[0] == boards[1] and set(boards[1]) == daemons:
+            break
+        assert time.monotonic() - joined < LATE_BOARD_S, boards
+        time.sleep(2)
+    servers = [swarm.status(name)["peer_id"] for name in ("first", "second")]
+    assert all(boards[1][peer] > 0 for peer in servers)
+    printed = swarm.homes.cli(swarm.homes.home("auto"), "leaderboard")
+    assert printed.returncode == 0, printed.stderr
+    own = [line for line in printed.stdout.splitlines() if "*" in line.split()[0]]
+    assert len(own) == 1 and swarm.status("auto")["peer_id"] in own[0]
+    assert all(peer in printed.stdout for peer in servers)
 
 
 def test_killing_the_serving_replica_mid_generation_changes_nothing(

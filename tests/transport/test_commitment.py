@@ -46,7 +46,7 @@ def test_a_certificate_naming_another_server_or_signed_by_another_key_is_refused
     body = msgpack.unpackb(_session().certificate.body)
     forged = {**body, "server": PeerSigner(OTHER_KEY).peer_id}
     packed = msgpack.packb(forged, use_bin_type=True)
-    with pytest.raises(CommitmentError, match="not its server's peer id"):
+    with pytest.raises(CommitmentError, match="not its signer's peer id"):
         SignedCertificate(packed, KEY.sign(packed)).check()
     other = _session(OTHER_KEY).certificate
     with pytest.raises(CommitmentError, match="signature does not match"):

@@ -15,6 +15,7 @@ from volunteer.control.messages import (
     PAUSED_NOTE,
     ChatStats,
     ChatText,
+    LeaderboardReply,
     PeersReply,
     RouteHop,
     StatusReply,
@@ -68,6 +69,27 @@ PEERS = PeersReply.model_validate(
     }
 )  # fmt: skip
 
+BOARD = LeaderboardReply.model_validate(
+    {
+        "rows": [
+            {"rank": 1, "peer_id": "QmAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA1",
+             "public_name": "alice", "recent_average": 12.5, "total": 340.25,
+             "blocks": [0, 15], "uptime_share": 0.97, "reputation": 0.83},
+            {"rank": 2, "peer_id": "QmSELFSELFSELFSELFSELFSELFSELFSELFSELF3",
+             "public_name": "ada", "recent_average": 4.0, "total": 20.5, "blocks": [15, 30],
+             "uptime_share": 0.5, "reputation": 0.5, "is_self": True},
+            {"rank": 3, "peer_id": "QmCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCC4",
+             "public_name": None, "recent_average": 3.0, "total": 3.0, "held": 3.0,
+             "blocks": [0, 30], "uptime_share": 0.1, "reputation": 0.5},
+            {"rank": 4, "peer_id": "QmBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB2",
+             "public_name": "[bold red]mallory[/]", "recent_average": 1.0, "total": 9.0,
+             "held": 9.0, "forfeited": True, "uptime_share": 0.3, "reputation": 0.1},
+        ],
+        "own_peer_id": "QmSELFSELFSELFSELFSELFSELFSELFSELFSELF3",
+        "history": [0.0, 0.0, 1.5, 3.0, 2.0, 6.0, 8.0],
+    }
+)  # fmt: skip
+
 FIXED_GAUGES = Gauges(
     cpu_percent=42.0,
     ram_used_bytes=6 * GIB,
@@ -103,6 +125,8 @@ class FakeDaemon:
         self.status_reply = SERVING
         self.swarm_reply = SWARM
         self.peers_reply = PEERS
+        self.board_reply: LeaderboardReply | Exception = BOARD
+        """The leaderboard; an exception to raise instead (a daemon that fails)."""
         self.answer = list(ANSWER)
         self.chat_requests: list[dict[str, Any]] = []
         self.started = self.stopped = 0
@@ -120,6 +144,11 @@ class FakeDaemon:
 
     def peers(self) -> PeersReply:
         return self.peers_reply
+
+    def leaderboard(self) -> LeaderboardReply:
+        if isinstance(self.board_reply, Exception):
+            raise self.board_reply
+        return self.board_reply
 
     def chat(self, params: dict[str, Any]) -> Iterator[ChatText | ChatStats]:
         self.chat_requests.append(params)

@@ -83,6 +83,29 @@ def test_dashboard_swarm_and_chat_against_a_real_daemon(daemon: Paths) -> None:
     asyncio.run(main())
 
 
+def test_the_leaderboard_against_a_real_daemon(daemon: Paths) -> None:
+    """The tab shows the daemon's board as it answers (it may not have audited anyone yet:
+    then it says so), and its own credit history."""
+
+    async def main() -> None:
+        app = VolunteerApp(ControlDaemonClient(daemon))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("f5")
+
+            def own() -> str:
+                return str(app.query_one("#board-own", Static).render())
+
+            await _until(pilot, lambda: "waiting" not in own(), "the daemon's board")
+            assert "no leaderboard to show" not in own(), own()
+            table = app.query_one("#board", DataTable)
+            if table.row_count:  # a board: its own row, if on it, is marked
+                assert "you:" in own() or "not on the board yet" in own()
+            else:
+                assert "no audited servers yet" in own() or "not on the board yet" in own()
+
+    asyncio.run(main())
+
+
 def test_settings_against_a_real_daemon(daemon: Paths) -> None:
     """The daemon takes on a new public name at once (its record says it), keeps the
     cache size for a restart, and the --threads flag it started with wins over the file."""

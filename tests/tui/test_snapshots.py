@@ -45,6 +45,10 @@ def test_swarm(snap_compare: Any) -> None:
     assert snap_compare(_app(), terminal_size=SIZE, run_before=_load, press=["3"])
 
 
+def test_leaderboard(snap_compare: Any) -> None:
+    assert snap_compare(_app(), terminal_size=SIZE, run_before=_load, press=["5"])
+
+
 def test_chat_after_an_answer(snap_compare: Any) -> None:
     async def ask(pilot: Pilot[Any]) -> None:
         await _load(pilot)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from volunteer.chat.conversation import Conversation, ReplyStats, user_sampling
+from volunteer.client.receipt_sender import ReceiptSender
 from volunteer.client.swarm_client import SwarmClient
 from volunteer.control.messages import (
     CHAT,
@@ -66,8 +67,12 @@ class ChatService:
         dht: DHTService,
         blocks: BlockService,
         trust: TrustService,
+        *,
+        receipts: Callable[[], ReceiptSender] | None = None,
     ) -> None:
+        """`receipts` makes the sender of the chats' receipts (None: no receipts)."""
         self._trust = trust
+        self._receipts = receipts
         self._settings = settings
         self._paths = paths
         self._dht = dht
@@ -209,6 +214,7 @@ class ChatService:
                     accuse=self._trust.accuse,
                     local_blocks=local_blocks(model, self._blocks),
                     repair_wait_s=self._settings.repair_wait_s,
+                    receipts=self._receipts() if self._receipts is not None else None,
                 )
                 self._chat = await in_passing_thread(
                     SwarmChat.load,

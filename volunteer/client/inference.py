@@ -24,68 +24,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 from collections.abc import Awaitable, Callable
 
 import torch
 
-from volunteer.client.positions import keep_before, regroup
+from volunteer.client.hops import Hop
+from volunteer.client.positions import regroup
+from volunteer.client.receipt_sender import HopWork
 from volunteer.client.repair import RepairWait
 from volunteer.client.stream_types import InferenceStreamLike, OpenStream, PlanRoute
-from volunteer.client.verification import HopCheck, Verifier, WrongOutputError
+from volunteer.client.verification import Verifier, WrongOutputError
 from volunteer.errors import VolunteerError
 from volunteer.scheduler.routing import Backoff, NoRouteError, RouteHop
 from volunteer.transport.protocol import BadRequestError, NextHop, SessionExpiredError
 from volunteer.trust.step_log import StepLog
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class _Hop:
-    hop: RouteHop
-    stream: InferenceStreamLike
-    inputs: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    """Every hidden-state chunk sent to this hop, in order: the replay history."""
-    length: int = 0
-    """Positions in `inputs`."""
-    step_s: float | None = None
-    """How long this hop's last step took to answer (None: no step yet)."""
-    check: HopCheck | None = None
-    """This hop's checks (`volunteer.client.verification`); None: unchecked."""
-
-    def push_grace_s(self, previous: _Hop) -> float:
-        """How long to wait for the answer to a step pushed here (by `previous`, which
-        has just answered it) before sending the step after all.
-
-        The step costs this hop about what it cost the previous hop, per block: a fresh
-        hop (or a bigger step than its last) is judged by that, not by its last step.
-        """
-        assert previous.step_s is not None  # it has just answered this step
-        blocks = (self.hop.end - self.hop.start) / (previous.hop.end - previous.hop.start)
-        expected = max(self.step_s or 0.0, previous.step_s * blocks)
-        return max(PUSH_GRACE_MIN_S, PUSH_GRACE_FACTOR * expected)
-
-    def record(self, chunks: list[torch.Tensor]) -> None:  # sent to the hop: its history
-        self.inputs.extend(chunks)
-        self.length += sum(chunk.shape[1] for chunk in chunks)
-
-    def rewind(self, position: int) -> None:
-        """Forgets the positions from `position` on (the servers overwrite them; so must
-        the history, or a later replay would rebuild the positions the caller rewound)."""
-        # Only a rewind walks the history: a plain next step must not cost O(length).
-        if position < self.length:
-            self.inputs = keep_before(self.inputs, position)
-            self.length = position
-
-
-PUSH_GRACE_MIN_S = 0.05
-PUSH_GRACE_FACTOR = 3.0
-"""A hop's answer to a pushed step is awaited this many times the step's expected time
-(see `_Hop.push_grace_s`; at least PUSH_GRACE_MIN_S) before the client sends the step
-itself: a lost push costs that much time once, never the output."""
 
 
 MAX_REFUSALS = 2
@@ -113,15 +69,18 @@ class SwarmInferenceSession:
         verifier: Verifier | None = None,
         repair_wait_s: float = 0.0,
         notify: Callable[[str], None] | None = None,
+        on_hop_end: Callable[[HopWork], None] | None = None,
     ) -> None:
         """
         Args:
+            on_hop_end: told what each hop's server did once the hop ends (its receipt).
             reread, repair_wait_s, notify: when the view `plan_route` plans with has no
                 route left, a read of the swarm, and a wait for it to be repaired, told
                 to `notify` (`volunteer.client.repair`).
             verifier: checks a share of each hop's steps (None: none are checked).
         """
         self._verifier = verifier
+        self._on_hop_end = on_hop_end
         self._repair = RepairWait(repair_wait_s, reread, notify)
         self._plan_route = plan_route
         self._open_stream = open_stream
@@ -134,7 +93,7 @@ class SwarmInferenceSession:
         self._failures = [0, 0]
         """Peers failed for the first time in this session, and again, since the last
         failover was paid for (`_pay_failover`)."""
-        self._hops: list[_Hop] = []
+        self._hops: list[Hop] = []
         self._steps = 0
         self._shape: tuple[int, int, torch.dtype] | None = None
         """Batch, hidden size and dtype of the first step: every step must keep them."""
@@ -290,6 +249,7 @@ class SwarmInferenceSession:
 
     async def close(self) -> None:
         """Closes every stream; errors while closing are logged, not raised."""
+        self._ended(self._hops)
         for hop in self._hops:
             try:
                 await hop.stream.close()
@@ -298,6 +258,23 @@ class SwarmInferenceSession:
             if hop.check is not None:
                 await hop.check.close()
         self._hops = []
+
+    def _ended(self, hops: list[Hop]) -> None:
+        for hop in hops if self._on_hop_end is not None else []:
+            session_id, check = getattr(hop.stream, "session_id", None), hop.check
+            if hop.tokens and isinstance(session_id, str):
+                checks = (check.passed, check.failed) if check is not None else (0, 0)
+                route = hop.hop
+                work = HopWork(
+                    route.peer_id,
+                    route.start,
+                    route.end,
+                    session_id,
+                    hop.tokens,
+                    hop.opened_s,
+                    *checks,
+                )
+                self._on_hop_end(work)  # type: ignore[misc]  # not None, by the loop
 
     def _record_failure(self, peer_id: str) -> None:
         self._backoff.record_failure(peer_id, self._clock())
@@ -316,6 +293,7 @@ class SwarmInferenceSession:
 
     async def _replace(self, index: int, error: BaseException) -> None:
         failed = self._hops[index]
+        self._ended([failed])
         if not isinstance(error, SessionExpiredError):
             # An expired session means the client idled, not that the server is bad:
             # the replay may go to the same server.
@@ -330,7 +308,7 @@ class SwarmInferenceSession:
         self._hops[index : index + 1] = replacement
         self.route_history.append(self.route)
 
-    async def _open_hops(self, start: int, end: int, history: list[torch.Tensor]) -> list[_Hop]:
+    async def _open_hops(self, start: int, end: int, history: list[torch.Tensor]) -> list[Hop]:
         """Opens streams over [start, end), replaying `history` through them in order."""
         while True:
             avoid = self._backoff.avoided(self._clock())
@@ -360,7 +338,7 @@ class SwarmInferenceSession:
 
     async def _open_and_replay(
         self, route: list[RouteHop], history: list[torch.Tensor]
-    ) -> list[_Hop]:
+    ) -> list[Hop]:
         # Each hop's outputs are the next hop's history.
         hops = await self._open_all(route)
         chunks = history
@@ -372,11 +350,12 @@ class SwarmInferenceSession:
                 # opened so far must not keep holding cache on their servers.
                 if self._blames_server(exc):
                     self._record_failure(hop.hop.peer_id)
+                self._ended(hops)
                 await _close_all(hops)
                 raise
         return hops
 
-    async def _open_all(self, route: list[RouteHop]) -> list[_Hop]:
+    async def _open_all(self, route: list[RouteHop]) -> list[Hop]:
         """Opens a stream on every hop at once (a route's set-up costs one round trip,
         not one per hop); if any fails, closes the others and raises its error."""
         # Opened before the first step, or by a failover in step N, which the new hops
@@ -392,9 +371,9 @@ class SwarmInferenceSession:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await _close_all([_Hop(hop, task.result()) for hop, task in opening if _opened(task)])
+            await _close_all([Hop(hop, task.result()) for hop, task in opening if _opened(task)])
             raise
-        hops = [_Hop(hop, task.result()) for hop, task in opening if _opened(task)]
+        hops = [Hop(hop, task.result()) for hop, task in opening if _opened(task)]
         failed = [(hop, task.exception()) for hop, task in opening if not _opened(task)]
         if failed:
             for hop, error in failed:
@@ -409,7 +388,7 @@ class SwarmInferenceSession:
             raise (bugs or plain or errors)[0]  # type: ignore[misc]  # exceptions, by _opened()
         return hops
 
-    async def _replay(self, hop: _Hop, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+    async def _replay(self, hop: Hop, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
         """Sends `chunks` (positions 0, 1, ... in order) through a fresh hop, in as few
         steps as its server takes; the outputs of those steps, in order.
 
@@ -431,7 +410,7 @@ def _opened(task: asyncio.Future[InferenceStreamLike]) -> bool:
     return task.done() and not task.cancelled() and task.exception() is None
 
 
-async def _close_all(hops: list[_Hop]) -> None:
+async def _close_all(hops: list[Hop]) -> None:
     for hop in hops:
         try:
             await hop.stream.close()

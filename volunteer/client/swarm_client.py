@@ -30,6 +30,7 @@ from hivemind.p2p import P2P, PeerID
 from volunteer.client.call_checks import CheckedCalls
 from volunteer.client.inference import SessionFailedError, SwarmInferenceSession
 from volunteer.client.measurements import PeerMeasurements
+from volunteer.client.receipt_sender import ReceiptSender
 from volunteer.client.remote_span import RemoteSpan, ping
 from volunteer.client.repair import REPAIR_WAIT_S
 from volunteer.client.server_view import ServerView, Work
@@ -64,14 +65,12 @@ PINGS = 2
 SNAPSHOT_MAX_AGE_S = 5.0
 """A session opened within this long of the last DHT read reuses it."""
 SNAPSHOT_STALE_MAX_S = 60.0
-"""A session opened later than SNAPSHOT_MAX_AGE_S but within this long still routes with
-the last read, while a new one is read in the background: a DHT read waits on several
-peers, all of it added to the first token, whereas a server that left since is only a
-failover away. Petals' client likewise refreshes its view every minute."""
+"""A session opened later than SNAPSHOT_MAX_AGE_S but within this long routes with the
+last read while a new one is read in the background: a DHT read (several peers) would
+delay the first token, whereas a server gone since is one failover away."""
 REVALIDATE_DELAY_S = 2.0
-"""How long after a stale view was used the background read starts: the read makes every
-daemon of the swarm validate records, which on shared cores slows the very prefill that
-asked for it; a few seconds later that first token is out."""
+"""How long after a stale view was used the background read starts: a read makes daemons
+validate records, which on shared cores slows the prefill that asked for it."""
 TRIAL_SHARE = 0.1
 """Share of inference routes planned with newcomers judged by their claims (capped by
 what their hardware could do) rather than on probation: how an unmeasured server gets
@@ -102,6 +101,7 @@ class SwarmClient:
             (None: claims are bounded by probation only).
         trial_share: see TRIAL_SHARE.
         repair_wait_s: how long a session waits for a hole in the swarm to be filled.
+        receipts: signs and hands over receipts of the servers' work (None: none).
     """
 
     def __init__(
@@ -124,8 +124,10 @@ class SwarmClient:
         local_blocks: LocalBlocks | None = None,
         accuse: Callable[[str, Evidence, str], None] | None = None,
         repair_wait_s: float = REPAIR_WAIT_S,
+        receipts: ReceiptSender | None = None,
     ) -> None:
         self.repair_wait_s = repair_wait_s
+        self.receipts = receipts
         self.verify: Mode = verify
         """How sessions check servers' steps (`volunteer.client.verification`)."""
         self.reputation = reputation or Reputation()
@@ -201,7 +203,9 @@ class SwarmClient:
         return self._snapshot
 
     async def close(self) -> None:
-        """Stops a background read of the swarm (idempotent)."""
+        """Stops a background read of the swarm; sends the last receipts (idempotent)."""
+        if self.receipts is not None:
+            await self.receipts.close()
         if self._refreshing is not None:
             self._refreshing.cancel()
             await asyncio.gather(self._refreshing, return_exceptions=True)
@@ -311,6 +315,7 @@ class SwarmClient:
             verifier=self._verifier(verify or self.verify, open_stream, max_length, batch_size),
             repair_wait_s=self.repair_wait_s,
             notify=notify,
+            on_hop_end=self.receipts.hop_done if self.receipts is not None else None,
         )
         await session.open(0, self.num_blocks)
         return session
@@ -330,6 +335,7 @@ class SwarmClient:
                 clock=self._clock,
                 step_timeout_s=self.step_timeout_s,
                 max_failovers=SHADOW_FAILOVERS,
+                on_hop_end=self.receipts.hop_done if self.receipts is not None else None,
             )
             await shadow.open(start, end)
             return shadow
@@ -381,7 +387,10 @@ class SwarmClient:
     async def _call_forward(self, hop: RouteHop, hidden: torch.Tensor) -> torch.Tensor:
         if hop.peer_id == self.own_peer_id:
             return await self._own_handler().run_forward(hidden, hop.start, hop.end)
-        return await self._remote(hop).forward(hidden, timeout_s=self.step_timeout_s)
+        output = await self._remote(hop).forward(hidden, timeout_s=self.step_timeout_s)
+        if self.receipts is not None:
+            self.receipts.call_done(hop, "forward", hidden)
+        return output
 
     async def _call_backward(
         self, hop: RouteHop, hidden: torch.Tensor, grad_outputs: torch.Tensor
@@ -389,7 +398,10 @@ class SwarmClient:
         if hop.peer_id == self.own_peer_id:
             handler = self._own_handler()
             return await handler.run_backward(hidden, grad_outputs, hop.start, hop.end)
-        return await self._remote(hop).backward(hidden, grad_outputs, timeout_s=self.step_timeout_s)
+        grad = await self._remote(hop).backward(hidden, grad_outputs, timeout_s=self.step_timeout_s)
+        if self.receipts is not None:
+            self.receipts.call_done(hop, "backward", hidden)
+        return grad
 
     def _own_handler(self) -> OwnBlocks:
         handler = self._local_handler()

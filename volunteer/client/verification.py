@@ -149,6 +149,8 @@ class HopCheck:
         self._shadow_length = 0
         self._is_shadowed: bool | None = None
         """Drawn at the hop's first step (see the module)."""
+        self.passed = self.failed = 0
+        """The hop's server's steps checked and found right, and found wrong."""
 
     async def step(
         self,
@@ -190,6 +192,7 @@ class HopCheck:
         verifier.checked += 1
         tolerance = verifier.tolerance
         if first_mismatch(output, expected, tolerance) is None:
+            self.passed += 1
             self._passed({peer_id} | self._shadow_peers())
             return output
         return await self._decide(peer_id, output, expected, hidden, start_pos, history, log)
@@ -260,6 +263,7 @@ class HopCheck:
         is_right = first_mismatch(output, verdict, tolerance) is None
         is_shadow_right = first_mismatch(expected, verdict, tolerance) is None
         if is_right:
+            self.passed += 1
             self._passed({peer_id})
             if not is_shadow_right:
                 evidence = self._shadow.evidence() if self._shadow is not None else None
@@ -272,6 +276,7 @@ class HopCheck:
         else:
             await self.close()
         evidence = log.evidence() if log is not None else None
+        self.failed += 1
         self._convict(frozenset({peer_id}), f"wrong output on {where}", (evidence, output, verdict))
         raise WrongOutputError(f"{peer_id} answered {where} wrong: a check found it")
 

@@ -183,6 +183,18 @@ def _holes(status: StatusReply) -> str:
     return f"{seen}; {status.hole_moves} filled by moving here{leaving}"
 
 
+def _credit(status: StatusReply) -> str:
+    """This daemon's credit by its receipts, and its rank on the board it audited."""
+    if status.credit_total is None:
+        return "-"
+    rank = f"rank {status.credit_rank} of {status.board_size}" if status.credit_rank else "unranked"
+    held = f", {status.credit_held:.2f} held in escrow" if status.credit_held else ""
+    return (
+        f"{status.credit_total:.2f} total, {status.credit_recent:.2f}/day recent{held}; "
+        f"{rank}; {status.receipts_kept} receipts"
+    )
+
+
 def _print_table(status: StatusReply) -> None:
     if status.state == "not_running":
         print("volunteer: not running")
@@ -212,6 +224,7 @@ def _print_table(status: StatusReply) -> None:
             f"{status.accusations_refuted} refuted",
         ),
         ("tokens served", status.tokens_served),
+        ("credit", _credit(status)),
         ("uptime", _format_uptime(status.uptime_s)),
         ("peer id", status.peer_id),
     ]

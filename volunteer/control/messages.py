@@ -154,6 +154,52 @@ class TrustStatus(Reply):
     """Others' accusations found false (the accuser banned)."""
 
 
+class CreditStatus(Reply):
+    """The credit service's part of `status`: this daemon's credit as its own receipts
+    count it, and its rank on the board it audited."""
+
+    credit_total: float | None = None
+    credit_recent: float | None = None
+    """Recent average credit (credits per day, one-week half-life)."""
+    credit_held: float | None = None
+    """Of the total, what escrow holds until this identity has a record of checks."""
+    credit_rank: int | None = None
+    """Its rank on this daemon's board (None: not on it yet)."""
+    receipts_kept: int = 0
+    board_size: int = 0
+
+
+class BoardRow(Reply):
+    """One server on the leaderboard, as this daemon audited it."""
+
+    rank: int
+    peer_id: str
+    public_name: str | None = None
+    recent_average: float
+    total: float
+    held: float = 0.0
+    forfeited: bool = False
+    """Banned here while its credit was held: the held credit is lost."""
+    blocks: tuple[int, int] | None = None
+    block_tokens: int = 0
+    uptime_share: float = 0.0
+    reputation: float = 0.5
+    """Its standing in this daemon's own checks (`volunteer peers`)."""
+    audited_s: float = 0.0
+    is_self: bool = False
+    dropped: str | None = None
+    """Why its latest summary failed this daemon's audit (the row shows the one before)."""
+
+
+class LeaderboardReply(Reply):
+    """`leaderboard`: every server whose summary passed this daemon's audit, by rank."""
+
+    rows: list[BoardRow] = []
+    own_peer_id: str | None = None
+    history: list[float] = []
+    """This daemon's credit per day, oldest first (the last is today)."""
+
+
 class PeerReport(Reply):
     """One peer as this daemon knows it: its record (if serving) and its checks."""
 
@@ -177,7 +223,7 @@ class PeersReply(Reply):
     peers: list[PeerReport] = []
 
 
-class StatusReply(ServingStatus, DHTStatus, ChatStatus, TrustStatus, DaemonStatus):
+class StatusReply(ServingStatus, DHTStatus, ChatStatus, TrustStatus, CreditStatus, DaemonStatus):
     """`status`: every service's part, flat."""
 
     @classmethod
@@ -316,6 +362,7 @@ PAUSE = Method("pause", NoParams, PauseReply)
 RESUME = Method("resume", NoParams, PauseReply)
 SWARM = Method("swarm", SwarmParams, SwarmReply)
 PEERS = Method("peers", NoParams, PeersReply)
+LEADERBOARD = Method("leaderboard", NoParams, LeaderboardReply)
 CHAT: Method[ChatRequest, ChatText | ChatNotice | ChatStats] = Method(
     "chat", ChatRequest, ChatText | ChatNotice | ChatStats, is_stream=True
 )

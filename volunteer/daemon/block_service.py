@@ -56,6 +56,7 @@ from volunteer.paths import Paths
 from volunteer.server.caps import ServerCaps
 from volunteer.server.drill import Drill
 from volunteer.server.handler import BlockHandler
+from volunteer.server.work_log import ServeStats
 from volunteer.settings import Settings
 from volunteer.swarm.dht_records import (
     announce_on_node,
@@ -119,6 +120,8 @@ class BlockService:
         self._rng = rng or random.Random()
         self.model: ServedModel | None = None
         self.handler: BlockHandler | None = None
+        self.stats = ServeStats()
+        """What every handler of this run served (one stats kept across moves)."""
         self.plan: SpanPlan | None = None
         self.rebalancer: Rebalancer | None = None
         self.info: ServerInfo | None = None
@@ -194,6 +197,7 @@ class BlockService:
             caps=ServerCaps.from_settings(settings),
         )
         self.handler.signer = self._signer
+        self.handler.stats = self.stats
         if settings.faults:
             logger.warning("DRILL: the served blocks answer wrong on purpose (%s)", settings.faults)
             self.handler.drill = Drill(settings.faults)

@@ -108,6 +108,7 @@ def _services(settings: Settings, paths: Paths) -> list[Service]:
     OFFLINE while the DHT is still up), under this peer's identity."""
     from volunteer.chat.service import ChatService
     from volunteer.daemon.block_service import BlockService
+    from volunteer.daemon.credit_service import CreditService
     from volunteer.daemon.dht_service import DHTService
     from volunteer.daemon.identity import (
         load_or_create_identity,
@@ -129,13 +130,16 @@ def _services(settings: Settings, paths: Paths) -> list[Service]:
         known_peers_path=paths.data_dir / "known_peers.json",
     )
     owner = owner_marker(identity.private_key)
+    signer = PeerSigner(identity.private_key)
     blocks = BlockService(
         settings,
         paths,
         dht,
         owner=owner,
         announce_period_s=settings.announce_period_s,
-        signer=PeerSigner(identity.private_key),
+        signer=signer,
     )
     trust = TrustService(paths, blocks, dht=dht, owner=owner, settings=settings)
-    return [dht, blocks, trust, ChatService(settings, paths, dht, blocks, trust)]
+    credit = CreditService(settings, paths, dht, blocks, trust, signer=signer, owner=owner)
+    chat = ChatService(settings, paths, dht, blocks, trust, receipts=credit.receipt_sender)
+    return [dht, blocks, trust, credit, chat]

@@ -31,7 +31,6 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import time
 import typing
@@ -61,6 +60,7 @@ from volunteer.server.push import PushLinks, serve_push_stream
 from volunteer.server.sessions import Session, SessionTable
 from volunteer.server.slices import SliceBudget, sliced_backward, sliced_forward
 from volunteer.server.validation import ServerLimits, only_request
+from volunteer.server.work_log import ServeStats
 from volunteer.transport.commitment import PeerSigner
 from volunteer.transport.protocol import (
     BACKWARD_HANDLE,
@@ -76,22 +76,6 @@ from volunteer.transport.protocol import (
 # typing.AsyncIterator; collections.abc.AsyncIterator[...] lacks it and would silently
 # register a stream handler as unary.
 AsyncIterator = typing.AsyncIterator
-
-
-@dataclasses.dataclass
-class ServeStats:
-    """What this server has done since it started (for `volunteer status` and the TUI)."""
-
-    requests: int = 0
-    """Requests answered: forward and backward calls, and inference steps."""
-    tokens: int = 0
-    """Positions run through the span (batch * sequence, summed over requests)."""
-    pushed_steps: int = 0
-    """Inference steps run from a push of the previous server, before the client sent them."""
-
-    def count(self, hidden: torch.Tensor) -> None:
-        self.requests += 1
-        self.tokens += hidden.shape[0] * hidden.shape[1]
 
 
 class BlockHandler(ServicerBase):
@@ -313,7 +297,7 @@ class BlockHandler(ServicerBase):
         output = await sliced_forward(
             self.compute, self.span, hidden, start, end, peer=peer, budget=self._budget()
         )
-        self.stats.count(hidden)
+        self.stats.count(hidden, peer, "forward")
         return self._drilled((peer, "forward"), output)
 
     def _drilled(self, key: object, output: torch.Tensor) -> torch.Tensor:
@@ -340,7 +324,7 @@ class BlockHandler(ServicerBase):
         grad = await sliced_backward(
             self.compute, span, hidden, grad_outputs, start, end, peer=peer, budget=budget
         )
-        self.stats.count(hidden)
+        self.stats.count(hidden, peer, "backward")
         return self._drilled((peer, "backward"), grad)
 
     async def open_session(self, meta: wire.OpenSessionRequest, *, peer: str) -> Session:
@@ -393,7 +377,7 @@ class BlockHandler(ServicerBase):
             peer=session.peer,
             decode=batch * seq == 1,
         )
-        self.stats.count(hidden)
+        self.stats.count(hidden, session.peer, "inference", session.session_id)
         return self._drilled(session.key, output)
 
     def hidden_tensors(

@@ -23,6 +23,7 @@ bytes), whichever way it travelled.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import time
 from typing import Any
@@ -94,20 +95,53 @@ class SignedCertificate:
         try:
             value = msgpack.unpackb(self.body, raw=False, strict_map_key=True)
             certificate = Certificate.model_validate(value)
-            public = serialization.load_der_public_key(certificate.server_key)
         except (ValueError, TypeError, msgpack.UnpackException, ValidationError) as exc:
             raise CommitmentError(f"malformed session certificate ({type(exc).__name__})") from None
-        except UnsupportedAlgorithm:
-            raise CommitmentError("the session certificate's key is of no known kind") from None
-        if not isinstance(public, rsa.RSAPublicKey) or public.key_size < 2048:
-            raise CommitmentError("the session certificate's key is not an RSA-2048+ key")
-        if rsa_peer_id(certificate.server_key) != certificate.server:
-            raise CommitmentError("the session certificate's key is not its server's peer id")
-        if not RSAPublicKey(public).verify(self.body, self.signature):
-            raise CommitmentError("the session certificate's signature does not match")
+        check_peer_signature(
+            certificate.server_key,
+            certificate.server,
+            self.body,
+            self.signature,
+            "session certificate",
+        )
         return certificate
 
 
+def check_peer_signature(
+    der_public_key: bytes, peer_id: str, body: bytes, signature: bytes, what: str
+) -> None:
+    """Raises CommitmentError unless `der_public_key` is an RSA-2048+ key whose peer id is
+    `peer_id` and `signature` is its signature of `body` (`what` names the signed thing
+    in the error)."""
+    public = _rsa_key(der_public_key, what)
+    if rsa_peer_id(der_public_key) != peer_id:
+        raise CommitmentError(f"the {what}'s key is not its signer's peer id")
+    if not public.verify(body, signature):
+        raise CommitmentError(f"the {what}'s signature does not match")
+
+
+@functools.lru_cache(maxsize=4096)
+def _loaded_key(der_public_key: bytes) -> RSAPublicKey | None:
+    # Loading a key costs more than a hash: a client signs many receipts with one.
+    try:
+        public = serialization.load_der_public_key(der_public_key)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+    if not isinstance(public, rsa.RSAPublicKey) or public.key_size < 2048:
+        return None
+    return RSAPublicKey(public)
+
+
+def _rsa_key(der_public_key: bytes, what: str) -> RSAPublicKey:
+    if len(der_public_key) > MAX_RSA_KEY_BYTES:
+        raise CommitmentError(f"the {what}'s key is too large")
+    public = _loaded_key(der_public_key)
+    if public is None:
+        raise CommitmentError(f"the {what}'s key is not an RSA-2048+ key")
+    return public
+
+
+@functools.lru_cache(maxsize=4096)
 def rsa_peer_id(der_public_key: bytes) -> str:
     """The base58 libp2p peer id of an RSA public key in DER (SubjectPublicKeyInfo): the
     derivation of libp2p (and hivemind's `PeerID.from_identity`) for RSA keys."""

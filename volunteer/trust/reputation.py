@@ -9,7 +9,6 @@ forgets neither a cheat nor a server's earned record.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from volunteer.errors import VolunteerError
 from volunteer.scheduler.verification import CheckRecord, ban_s
+from volunteer.trust.sqlite_file import open_private_db
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS peers (peer_id TEXT PRIMARY KEY, passed INTEGER NOT NULL,"
@@ -122,17 +122,4 @@ class Reputation:
 
 
 def _open(path: Path) -> sqlite3.Connection:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
-        os.chmod(path, 0o600)
-        # Opened on a worker thread, used on the event loop: one user at a time.
-        db = sqlite3.connect(path, timeout=5.0, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        # Written on the event loop at each check: no fsync per write (a power cut may
-        # lose the last checks, never the file).
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute(_SCHEMA)
-        return db
-    except (OSError, sqlite3.Error) as exc:
-        raise ReputationStoreError(f"cannot open the reputation file {path}: {exc}") from exc
+    return open_private_db(path, _SCHEMA, ReputationStoreError, "reputation file")
