@@ -17,6 +17,7 @@ Not acted on yet: feeds `volunteer.scheduler.offload`, which `volunteer profile`
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 COMPRESSED_RATIO = (4 + 2 * 16 / 64) / 16
 """4-bit group-wise compression of 16-bit values (groups of 64, an fp16 scale and
@@ -46,6 +47,19 @@ class TransformerShape:
         attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_hidden
         mlp = (3 if self.is_gated_mlp else 2) * self.hidden * self.ffn_hidden
         return attention + mlp
+
+    @classmethod
+    def of(cls, config: Any, **options: Any) -> TransformerShape:
+        """The shape of a model config (`volunteer.models.config.ModelConfig`: read by its
+        attributes, this layer imports no model code)."""
+        return cls(
+            num_layers=config.num_layers,
+            hidden=config.hidden_size,
+            ffn_hidden=config.intermediate_size,
+            num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads,
+            **options,
+        )
 
     @classmethod
     def opt(cls, *, num_layers: int, hidden: int, num_heads: int) -> TransformerShape:

@@ -37,9 +37,20 @@ def test_rows_rank_released_credit_first_and_a_ban_forfeits_escrow(tmp_path: Pat
     assert by_peer["cheat"].forfeited and by_peer["cheat"].total == 0.0
     assert by_peer["old"].public_name == "[b]x[/b]" and by_peer["cheat"].uptime_share == 0.5
     board.failed("old", "a drawn receipt is for another server", b"z" * 32)
+    board.failed("liar", "credit without receipts", b"y" * 32)  # none of its summaries held
     board.close()
     again = board_rows(Board(tmp_path / "board.sqlite"), reputation, own="new", now_s=time.time())
-    assert [r.model_dump(exclude={"dropped"}) for r in again] == [
-        r.model_dump(exclude={"dropped"}) for r in rows
+    liar = again.pop(2)
+    assert (liar.peer_id, liar.total, liar.dropped) == ("liar", 0.0, "credit without receipts")
+    assert [r.model_dump(exclude={"dropped", "rank"}) for r in again] == [
+        r.model_dump(exclude={"dropped", "rank"}) for r in rows
     ]
     assert {r.peer_id: r.dropped for r in again}["old"] == "a drawn receipt is for another server"
+
+
+def test_audit_rounds_come_further_apart_for_a_large_or_a_quiet_board() -> None:
+    from volunteer.daemon.credit_service import READ_PER_ROUND, audit_period_s
+
+    assert audit_period_s(10.0, 3, 0) == 10.0
+    assert audit_period_s(10.0, 4 * READ_PER_ROUND, 0) == 40.0  # each read checks them all
+    assert audit_period_s(10.0, 3, 1) == audit_period_s(10.0, 3, 9) == 20.0  # quiet: at most 2x

@@ -21,7 +21,7 @@ from volunteer.trust.credit_audit import (
     first_look,
 )
 from volunteer.trust.credit_exchange import pack_proofs, unpack_proofs
-from volunteer.trust.credit_summary import Summary
+from volunteer.trust.credit_summary import Summary, summary_of
 from volunteer.trust.credit_tree import CREDIT, Leaf, SumTree, check_proof, weight
 from volunteer.trust.intake import take_receipt
 from volunteer.trust.ledger import Built, Ledger, proof_at
@@ -51,12 +51,7 @@ def _ledger(receipts: int = 6) -> Ledger:
 
 
 def _summary(ledger: Ledger, built: Built, **changes: object) -> Summary:
-    sample = [ledger.signed(w.receipt_id) for w in ledger.works()[-1:]]
-    fields: dict[str, object] = dict(
-        model=MODEL, as_of_s=built.as_of_s, receipts=len(ledger), root=built.tree.root,
-        sums=built.tree.sums, clients=built.checks.clients, sample=[s.to_bytes() for s in sample],
-    )  # fmt: skip
-    return Summary.model_validate({**fields, **changes})
+    return Summary.model_validate({**summary_of(ledger, built).model_dump(), **changes})
 
 
 def _answer(ledger: Ledger, built: Built, weights: tuple, draws: list[int]) -> list:
@@ -150,3 +145,18 @@ def test_malformed_proofs_are_refused_not_crashed_on(junk: bytes) -> None:
 
     with pytest.raises(ExchangeError):
         unpack_proofs(junk)
+
+
+def test_credit_from_a_client_banned_here_drops_the_summary_but_proves_nothing() -> None:
+    ledger = _ledger()
+    built = ledger.build(time.time(), is_banned=lambda peer: False)
+    summary = _summary(ledger, built)
+    banned = {CLIENTS[0].peer_id, CLIENTS[1].peer_id}.__contains__
+    look = first_look(SERVER.peer_id, summary, model=MODEL, now_s=time.time(), is_banned=banned)
+    assert look is not None and "banned here" in look.reason and not look.is_proof
+    draws = draw_points(summary, random.Random(0))
+    proven = _answer(ledger, built, draw_weights(summary.sums), draws)
+    found = check_proven(
+        SERVER.peer_id, summary, draws, proven, params_per_block=PARAMS, is_banned=banned
+    )
+    assert found is not None and "banned here" in found.reason and not found.is_proof

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-from volunteer.control.client import ControlClient
-from volunteer.control.endpoint import DaemonNotRunningError
+from volunteer.commands.daemon_call import ask_daemon, print_json
 from volunteer.control.messages import LEADERBOARD, BoardRow
-from volunteer.errors import VolunteerError
 from volunteer.paths import Paths
 from volunteer.transport.protocol import printable
 
@@ -34,14 +31,9 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, paths: Paths) -> int:
-    try:
-        reply = ControlClient(paths).call(LEADERBOARD, timeout_s=LEADERBOARD_TIMEOUT_S)
-    except DaemonNotRunningError:
-        raise VolunteerError(
-            "no daemon is running here: start one with `volunteer start`"
-        ) from None
+    reply = ask_daemon(paths, LEADERBOARD, LEADERBOARD_TIMEOUT_S)
     if args.json:
-        print(json.dumps(reply.model_dump(mode="json")))
+        print_json(reply)
         return 0
     if not reply.rows:
         print("no audited servers yet: summaries are audited every few seconds after start")
@@ -65,4 +57,6 @@ def line(row: BoardRow) -> str:
         text += "  escrow forfeited (banned)"
     elif row.held:
         text += f"  {row.held:.2f} held in escrow"
+    if row.dropped:  # an auditor's own words, about a peer's summary
+        text += f"  (latest summary dropped: {printable(row.dropped, max_chars=100)})"
     return text

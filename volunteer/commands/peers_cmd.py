@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
-from volunteer.control.client import ControlClient
-from volunteer.control.endpoint import DaemonNotRunningError
+from volunteer.commands.daemon_call import ask_daemon, print_json
 from volunteer.control.messages import PEERS, PeerReport
-from volunteer.errors import VolunteerError
 from volunteer.paths import Paths
 from volunteer.transport.protocol import printable
 
@@ -29,14 +26,9 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, paths: Paths) -> int:
-    try:
-        reply = ControlClient(paths).call(PEERS, timeout_s=PEERS_TIMEOUT_S)
-    except DaemonNotRunningError:
-        raise VolunteerError(
-            "no daemon is running here: start one with `volunteer start`"
-        ) from None
+    reply = ask_daemon(paths, PEERS, PEERS_TIMEOUT_S)
     if args.json:
-        print(json.dumps(reply.model_dump(mode="json")))
+        print_json(reply)
         return 0
     if not reply.peers:
         print("no peers known yet")

@@ -140,14 +140,7 @@ def _offload(
             None,
             f"weights, cache and activations 100% in RAM, run on the CPU: no usable GPU ({why})",
         )
-    shape = TransformerShape(
-        num_layers=config.num_layers,
-        hidden=config.hidden_size,
-        ffn_hidden=config.intermediate_size,
-        num_heads=config.num_heads,
-        num_kv_heads=config.num_kv_heads,
-        bytes_per_value=GPU_BYTES_PER_VALUE,
-    )
+    shape = TransformerShape.of(config, bytes_per_value=GPU_BYTES_PER_VALUE)
     try:
         policy = search_policy(shape, SERVING_LOAD, spec)
     except NoPolicyError as exc:

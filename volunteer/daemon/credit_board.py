@@ -19,17 +19,12 @@ from volunteer.trust.credit_tree import CREDIT, PASSED, RECENT
 from volunteer.trust.ledger import Built
 from volunteer.trust.reputation import Reputation
 
+NOTHING = Standing(0.0, 0.0, 0.0)
+
 
 def params_per_block(config: ModelConfig) -> int:
     """The weights of one transformer block, the credit formula's model size."""
-    shape = TransformerShape(
-        num_layers=config.num_layers,
-        hidden=config.hidden_size,
-        ffn_hidden=config.intermediate_size,
-        num_heads=config.num_heads,
-        num_kv_heads=config.num_kv_heads,
-    )
-    return shape.params_per_layer
+    return TransformerShape.of(config).params_per_layer
 
 
 def credit_standing(built: Built) -> Standing:
@@ -47,27 +42,29 @@ def summary_standing(summary: Summary, *, banned: bool, now_s: float) -> Standin
 
 
 def board_rows(board: Board, reputation: Reputation, *, own: str, now_s: float) -> list[BoardRow]:
-    """Every audited server, ranked by recent average credit out of escrow, then by total
-    (a forfeited escrow last)."""
+    """Every audited server (and, with nothing, each whose summaries all failed), ranked by
+    recent average credit out of escrow, then by total (a forfeited escrow last)."""
     found = []
     for entry in board:
         summary = entry.summary
-        if summary is None:
-            continue
+        if summary is None and not entry.failure:
+            continue  # seen, not audited yet
         record = reputation.of(entry.peer_id)
         banned = record.bans > 0 or record.is_banned(now_s)
-        credit = summary_standing(summary, banned=banned, now_s=now_s)
+        # A server whose every summary failed is listed with nothing, and why.
+        credit = summary_standing(summary, banned=banned, now_s=now_s) if summary else NOTHING
+        blocks = (summary.start, summary.end) if summary else (0, 0)
         found.append(
             BoardRow(
                 rank=0,
                 peer_id=entry.peer_id,
-                public_name=summary.public_name or None,
+                public_name=(summary.public_name if summary else "") or None,
                 recent_average=round(credit.recent_average, 6),
                 total=round(credit.total, 6),
                 held=round(credit.held, 6),
-                forfeited=credit.forfeited,
-                blocks=(summary.start, summary.end) if summary.end > summary.start else None,
-                block_tokens=summary.block_tokens,
+                forfeited=credit.forfeited or (summary is None and banned),
+                blocks=blocks if blocks[1] > blocks[0] else None,
+                block_tokens=summary.block_tokens if summary else 0,
                 uptime_share=round(entry.uptime_share, 4),
                 reputation=round(standing(record.record), 3),
                 audited_s=entry.audited_s,

@@ -9,11 +9,13 @@ everyone's into the leaderboard it shows.
   `PUBLISH_S` anyway, the daemon counts its receipts, builds their sum tree and
   publishes the summary with its latest receipts (`volunteer.trust.credit_summary`);
   it answers auditors' draws on the trees it published (`PROOF_HANDLE`).
-- **Audits.** Every `AUDIT_S` it reads every summary of the model and audits the ones
-  it has not seen (`volunteer.trust.credit_audit`, at most `MAX_AUDITS` a round);
+- **Audits.** Every `AUDIT_S` (longer for a board past `READ_PER_ROUND`) it reads every
+  summary of the model and audits the ones it has not seen (`volunteer.trust.
+  credit_audit`, at most `MAX_AUDITS` a round, `AUDITS_AT_ONCE` servers asked at once);
   those that hold up make the board (`volunteer.trust.board`), ranked by recent
   average credit once out of escrow (`volunteer.scheduler.credit`), its own checks'
-  bans forfeiting a held escrow.
+  bans forfeiting a held escrow. A summary its server's own signed words prove false
+  also counts as a failed check of that server here, and bans it.
 
 Files that cannot be opened (a full disk, another program's file) are logged and
 replaced by records in memory for the run: the daemon keeps serving.
@@ -59,7 +61,7 @@ from volunteer.trust.credit_exchange import (
     serve,
     unpack_draws,
 )
-from volunteer.trust.credit_summary import SAMPLE_SIZE, Summary, publish_on_node, read_on_node
+from volunteer.trust.credit_summary import Summary, publish_on_node, read_on_node, summary_of
 from volunteer.trust.credit_tree import weight
 from volunteer.trust.intake import take_receipt
 from volunteer.trust.ledger import Built, Ledger, LedgerError, proof_at
@@ -67,9 +69,12 @@ from volunteer.trust.receipts import MAX_RECEIPT_BYTES
 
 PUBLISH_S = 300.0
 MIN_PUBLISH_S = 10.0
-AUDIT_S = 15.0
+AUDIT_S = 10.0
 READ_PER_ROUND = 500
 """Summaries read per `AUDIT_S`: a larger board is read that much less often."""
+QUIET_DOUBLINGS = 1
+"""A round that finds no new summary doubles the wait, up to twice `AUDIT_S` (so a new
+summary is audited within a publish and two rounds, about half a minute)."""
 MAX_AUDITS = 512
 """Summaries audited per round (the rest wait for the next: a flood of keys slows its
 own audits)."""
@@ -81,6 +86,13 @@ KEPT_TREES = 3
 HISTORY_DAYS = 30
 
 logger = logging.getLogger(__name__)
+
+
+def audit_period_s(audit_s: float, summaries: int, quiet_rounds: int) -> float:
+    """The wait before the next round: `audit_s`, longer for a board past
+    `READ_PER_ROUND` summaries (every read checks each one's signature), and doubled for
+    each quiet round before (a swarm whose credit does not change is read less often)."""
+    return audit_s * max(1.0, summaries / READ_PER_ROUND) * 2 ** min(quiet_rounds, QUIET_DOUBLINGS)
 
 
 class CreditService:
@@ -112,6 +124,8 @@ class CreditService:
         self._tasks: list[asyncio.Task[None]] = []
         self._started_s = clock()
         self._read_last = 0
+        self._quiet = 0
+        """Rounds in a row that found no new summary."""
         self.published_bytes = self.publishes = 0
         self.refused: collections.Counter[str] = collections.Counter()
 
@@ -281,24 +295,13 @@ class CreditService:
         self._trees[built.tree.root] = built
         while len(self._trees) > KEPT_TREES:
             self._trees.popitem(last=False)
-        latest = sorted(ledger.works(), key=lambda w: w.closed_s)[-SAMPLE_SIZE:]
-        sample = [ledger.signed(w.receipt_id) for w in latest]
         info = self._blocks.info
-        start, end = (info.start, info.end) if info is not None else (0, 0)
-        return Summary(
-            model=self.model,
+        return summary_of(
+            ledger,
+            built,
             public_name=self._settings.public_name or "",
-            as_of_s=built.as_of_s,
-            receipts=len(ledger),
-            root=built.tree.root,
-            sums=built.tree.sums,
-            failed=built.checks.failed,
-            clients=built.checks.clients,
-            block_tokens=built.block_tokens,
-            start=start,
-            end=end,
+            blocks=(info.start, info.end) if info is not None else (0, 0),
             online_since_s=self._started_s,
-            sample=[each.to_bytes() for each in sample if each is not None],
         )
 
     async def _audit_forever(self) -> None:
@@ -307,8 +310,7 @@ class CreditService:
                 await self.audit_round()
             except Exception as exc:  # the next round tries again
                 logger.warning("auditing credit summaries failed: %s", exc)
-            # Each read checks every summary's signature: a large swarm is read less often.
-            await asyncio.sleep(self.audit_s * max(1.0, self._read_last / READ_PER_ROUND))
+            await asyncio.sleep(audit_period_s(self.audit_s, self._read_last, self._quiet))
 
     async def audit_round(self) -> None:
         """Reads every summary and audits those not audited yet."""
@@ -319,6 +321,10 @@ class CreditService:
             return
         self._read_last = len(found)
         self.board.look(set(found))
+        # Rounds with nothing new to audit come further apart (`audit_period_s`).
+        self._quiet = (
+            0 if any(not self._is_audited(p, s) for p, s in found.items()) else (self._quiet + 1)
+        )
         now = self._clock()
         waiting = [(p, s) for p, s in found.items() if not self._is_audited(p, s)]
         self._rng.shuffle(waiting)
@@ -331,7 +337,7 @@ class CreditService:
         if peer == self.peer_id:
             self.board.audited(peer, summary, now)  # our own: we counted it
             return
-        finding = first_look(peer, summary, model=self.model, now_s=now)
+        finding = first_look(peer, summary, model=self.model, now_s=now, is_banned=self._is_banned)
         if finding is None:
             try:
                 async with slots:
@@ -341,6 +347,7 @@ class CreditService:
                         summary,
                         params_per_block=self.params_per_block,
                         rng=self._rng,
+                        is_banned=self._is_banned,
                     )
             except ExchangeError as exc:
                 logger.info("could not audit %s now: %s", peer, exc)

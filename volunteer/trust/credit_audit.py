@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Callable
 
 from hivemind.p2p import P2P
 
@@ -65,8 +66,16 @@ class Finding:
     dropped."""
 
 
-def first_look(peer: str, summary: Summary, *, model: str, now_s: float) -> Finding | None:
-    """What is wrong with the summary on its face (None: nothing)."""
+def first_look(
+    peer: str,
+    summary: Summary,
+    *,
+    model: str,
+    now_s: float,
+    is_banned: Callable[[str], bool] = lambda peer: False,
+) -> Finding | None:
+    """What is wrong with the summary on its face, its shown receipts' signatures and
+    their clients' standing here included (None: nothing)."""
     credit, recent, _ = summary.sums
     if summary.model != model:
         return Finding("a summary of another model", is_proof=False)
@@ -86,6 +95,9 @@ def first_look(peer: str, summary: Summary, *, model: str, now_s: float) -> Find
         foreign = _foreign(peer, summary, receipt, "a shown receipt")
         if foreign is not None:
             return foreign
+        if is_banned(receipt.client):
+            # Bans are each peer's own: the server may not know of this one.
+            return Finding("a shown receipt is from a client banned here", is_proof=False)
     return None
 
 
@@ -114,8 +126,10 @@ def check_proven(
     proven: list[Proven],
     *,
     params_per_block: int,
+    is_banned: Callable[[str], bool] = lambda peer: False,
 ) -> Finding | None:
-    """What is wrong with the server's answer to `draws` (None: it holds)."""
+    """What is wrong with the server's answer to `draws` (None: it holds); credit from a
+    client banned here drops the summary (not proof: the server may not know)."""
     if len(proven) != len(draws):
         return Finding(f"answered {len(proven)} of {len(draws)} draws", is_proof=False)
     weights = draw_weights(summary.sums)
@@ -140,6 +154,8 @@ def check_proven(
         problem = _overpaid(peer, summary, receipt, leaf.sums, params_per_block)
         if problem is not None:
             return Finding(f"a drawn receipt is {problem}")
+        if leaf.sums[CREDIT] > 0 and is_banned(receipt.client):
+            return Finding("credit from a client banned here", is_proof=False)
     return None
 
 
@@ -150,6 +166,7 @@ async def audit(
     *,
     params_per_block: int,
     rng: random.Random,
+    is_banned: Callable[[str], bool] = lambda peer: False,
     timeout_s: float = PROOF_TIMEOUT_S,
 ) -> Finding | None:
     """Draws points on the summary and checks the server's proofs; what is wrong (None:
@@ -161,8 +178,9 @@ async def audit(
     answer = await ask(
         p2p, peer, PROOF_HANDLE, body, max_answer_bytes=MAX_PROOF_ANSWER_BYTES, timeout_s=timeout_s
     )
+    proven = unpack_proofs(answer)
     return check_proven(
-        peer, summary, draws, unpack_proofs(answer), params_per_block=params_per_block
+        peer, summary, draws, proven, params_per_block=params_per_block, is_banned=is_banned
     )
 
 

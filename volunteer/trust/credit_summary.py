@@ -24,6 +24,7 @@ from volunteer.swarm.dht_records import peer_id_from_owner
 from volunteer.swarm.records import RecordError, check_model_name
 from volunteer.transport.protocol import printable
 from volunteer.trust.credit_tree import SUMS
+from volunteer.trust.ledger import Built, Ledger
 from volunteer.trust.receipts import MAX_RECEIPT_BYTES
 
 SAMPLE_SIZE = 1
@@ -120,39 +121,58 @@ async def publish_on_node(
 
 
 async def read_on_node(node: DHTNode, model: str, *, timeout_s: float) -> dict[str, Summary] | None:
-    """Every live summary of `model`'s servers, by peer id, from all shards at once;
-    malformed ones, ones of another model and ones under the wrong shard are dropped
-    (None: no shard answered in time)."""
-    shards = await asyncio.gather(
-        *(_read_shard(node, model, shard, timeout_s) for shard in range(SHARDS))
-    )
-    if all(found is None for found in shards):
-        return None
-    read: dict[str, Summary] = {}
-    for found in shards:
-        read.update(found or {})
-    return read
-
-
-async def _read_shard(
-    node: DHTNode, model: str, shard: int, timeout_s: float
-) -> dict[str, Summary] | None:
+    """Every live summary of `model`'s servers, by peer id, from all shards in one
+    look-up; malformed ones, ones of another model and ones under the wrong shard are
+    dropped (None: the DHT did not answer in time)."""
+    keys = [shard_key(model, shard) for shard in range(SHARDS)]
     try:
-        found = await asyncio.wait_for(node.get(shard_key(model, shard), latest=True), timeout_s)
+        # As `get(latest=True)`: wait for every holder, not the first answer.
+        found = await asyncio.wait_for(
+            node.get_many(keys, sufficient_expiration_time=float("inf")), timeout=timeout_s
+        )
     except _TIMEOUTS:
         return None
-    if found is None or not isinstance(found.value, dict):
-        return {}
     now = get_dht_time()
     read = {}
-    for subkey, item in found.value.items():
-        if item.expiration_time <= now:
+    for key, shard in found.items():
+        if shard is None or not isinstance(shard.value, dict):
             continue
-        try:
-            peer_id = peer_id_from_owner(subkey)
-            summary = Summary.model_validate(item.value)
-            if summary.model == model and credit_key(model, peer_id) == shard_key(model, shard):
-                read[peer_id] = summary
-        except (RecordError, ValueError, ValidationError) as exc:
-            logger.debug("dropped a credit summary under %r: %s", subkey, exc)
+        for subkey, item in shard.value.items():
+            if item.expiration_time <= now:
+                continue
+            try:
+                peer_id = peer_id_from_owner(subkey)
+                summary = Summary.model_validate(item.value)
+                if summary.model == model and credit_key(model, peer_id) == key:
+                    read[peer_id] = summary
+            except (RecordError, ValueError, ValidationError) as exc:
+                logger.debug("dropped a credit summary under %r: %s", subkey, exc)
     return read
+
+
+def summary_of(
+    ledger: Ledger,
+    built: Built,
+    *,
+    public_name: str = "",
+    blocks: tuple[int, int] = (0, 0),
+    online_since_s: float = 0.0,
+) -> Summary:
+    """The summary of `ledger`'s receipts as counted in `built`, showing the latest."""
+    latest = sorted(ledger.works(), key=lambda w: w.closed_s)[-SAMPLE_SIZE:]
+    sample = [ledger.signed(w.receipt_id) for w in latest]
+    return Summary(
+        model=ledger.model,
+        public_name=public_name,
+        as_of_s=built.as_of_s,
+        receipts=len(ledger),
+        root=built.tree.root,
+        sums=built.tree.sums,
+        failed=built.checks.failed,
+        clients=built.checks.clients,
+        block_tokens=built.block_tokens,
+        start=blocks[0],
+        end=blocks[1],
+        online_since_s=online_since_s,
+        sample=[each.to_bytes() for each in sample if each is not None],
+    )
