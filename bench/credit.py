@@ -14,7 +14,7 @@
    and the board's SQLite file are timed apart. Target: the board audited as the issue
    defines it (each summary and the receipt it shows: signature, the client's standing)
    under 1 s; the proofs and the reads are reported beside it.
-3. DHT bytes per daemon per hour: the summary record as `published_bytes` counts it and
+3. DHT bytes per daemon per hour: the summary record as msgpack, the summary alone and
    as stored (owner subkey and signature added), times publishes per hour, idle (every
    `PUBLISH_S`) and busy (every `MIN_PUBLISH_S`), and times hivemind's replicas; and
    what a daemon reads auditing `--swarm` servers (all summaries each audit round, while
@@ -381,7 +381,7 @@ def _dht_bytes(figures: dict[str, Any], summary: Any, identity: Any, swarm: int)
     )
     from volunteer.swarm.dht_validator import MAX_RECORD_BYTES
 
-    counted = len(msgpack.packb(summary.model_dump()))  # as `published_bytes` counts it
+    counted = len(msgpack.packb(summary.model_dump()))  # as msgpack, the summary alone
     record = _dht_record(identity, summary)
     value = record.value
     stored = len(record.key) + len(record.subkey) + len(value) + 8  # + the expiration

@@ -68,9 +68,9 @@ class ChatService:
         blocks: BlockService,
         trust: TrustService,
         *,
-        receipts: Callable[[], ReceiptSender] | None = None,
+        receipts: Callable[[str], ReceiptSender] | None = None,
     ) -> None:
-        """`receipts` makes the sender of the chats' receipts (None: no receipts)."""
+        """`receipts` makes the sender of the chats' receipts for a model (None: none)."""
         self._trust = trust
         self._receipts = receipts
         self._settings = settings
@@ -214,7 +214,7 @@ class ChatService:
                     accuse=self._trust.accuse,
                     local_blocks=local_blocks(model, self._blocks),
                     repair_wait_s=self._settings.repair_wait_s,
-                    receipts=self._receipts() if self._receipts is not None else None,
+                    receipts=self._receipts(model.swarm_name) if self._receipts else None,
                 )
                 self._chat = await in_passing_thread(
                     SwarmChat.load,

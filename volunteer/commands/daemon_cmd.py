@@ -191,7 +191,7 @@ def _credit(status: StatusReply) -> str:
     held = f", {status.credit_held:.2f} held in escrow" if status.credit_held else ""
     return (
         f"{status.credit_total:.2f} total, {status.credit_recent:.2f}/day recent{held}; "
-        f"{rank}; {status.receipts_kept} receipts"
+        f"{rank}; {status.receipts_kept} receipts ({status.receipts_refused} refused)"
     )
 
 

@@ -166,6 +166,8 @@ class CreditStatus(Reply):
     credit_rank: int | None = None
     """Its rank on this daemon's board (None: not on it yet)."""
     receipts_kept: int = 0
+    receipts_refused: int = 0
+    """Receipts refused since start (forged, replayed, for work not done here...)."""
     board_size: int = 0
 
 

@@ -26,12 +26,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import random
 import time
 from collections.abc import Callable
-
-import msgpack
 
 from volunteer.client.receipt_sender import ReceiptSender
 from volunteer.control.messages import (
@@ -84,6 +83,7 @@ DHT_TIMEOUT_S = 10.0
 KEPT_TREES = 3
 """Published trees kept to answer draws on (an auditor may draw on the one before)."""
 HISTORY_DAYS = 30
+OPEN_RETRY_S = 60.0
 
 logger = logging.getLogger(__name__)
 
@@ -126,48 +126,23 @@ class CreditService:
         self._read_last = 0
         self._quiet = 0
         """Rounds in a row that found no new summary."""
-        self.published_bytes = self.publishes = 0
-        self.refused: collections.Counter[str] = collections.Counter()
+        self.refused = 0
+        """Receipts refused since start."""
 
     @property
     def peer_id(self) -> str:
         return self._signer.peer_id
 
-    def receipt_sender(self) -> ReceiptSender:
-        """A sender of this daemon's receipts, as a client (for its chats)."""
-        reputation = lambda: self._trust.reputation  # noqa: E731  # opened at start
+    def receipt_sender(self, model: str) -> ReceiptSender:
+        """A sender of this daemon's receipts as a client of `model` (for its chats)."""
         return ReceiptSender(
             self._dht.p2p,
             self._signer,
-            self.model,
-            is_banned=lambda peer: reputation().is_banned(peer),
+            model,
+            is_banned=lambda peer: self._trust.reputation.is_banned(peer),
         )
 
     async def start(self) -> None:
-        served = self._blocks.model
-        if served is None:
-            served = await asyncio.to_thread(
-                open_model, self._settings.model, self._paths.models_dir
-            )
-        self.model, self.params_per_block = served.swarm_name, params_per_block(served.config)
-        data = self._paths.data_dir
-        try:
-            self.ledger = await asyncio.to_thread(
-                Ledger,
-                data / "receipts.sqlite",
-                server=self.peer_id,
-                model=self.model,
-                params_per_block=self.params_per_block,
-            )
-        except LedgerError as exc:
-            logger.error("%s; this run keeps its receipts in memory only", exc)
-            self.ledger = Ledger(
-                None, server=self.peer_id, model=self.model, params_per_block=self.params_per_block
-            )
-        try:
-            self.board = await asyncio.to_thread(Board, data / "board.sqlite")
-        except BoardStoreError as exc:
-            logger.error("%s; this run keeps its board in memory only", exc)
         p2p = self._dht.p2p
         await p2p.add_binary_stream_handler(
             RECEIPT_HANDLE, serve(self._receive, max_request_bytes=MAX_RECEIPT_BYTES)
@@ -175,11 +150,45 @@ class CreditService:
         await p2p.add_binary_stream_handler(
             PROOF_HANDLE, serve(self._prove, max_request_bytes=64 + MAX_DRAWS * 24)
         )
+        # A daemon serving no blocks may have to fetch the model's files for its config:
+        # its start does not wait for that (receipts are refused until then).
+        self._tasks = [asyncio.create_task(self._run(), name="credit")]
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._open()
+                break
+            except Exception as exc:  # a model that cannot be read now: tried again later
+                logger.warning("credit: the model's config cannot be read (%s); retrying", exc)
+                await asyncio.sleep(OPEN_RETRY_S)
         self._changed.set()  # the first summary goes out at once
-        self._tasks = [
-            asyncio.create_task(self._publish_forever(), name="credit-publish"),
-            asyncio.create_task(self._audit_forever(), name="credit-audit"),
-        ]
+        await asyncio.gather(self._publish_forever(), self._audit_forever())
+
+    async def _open(self) -> None:
+        served = self._blocks.model
+        if served is None:
+            served = await asyncio.to_thread(
+                open_model, self._settings.model, self._paths.models_dir
+            )
+        self.params_per_block = params_per_block(served.config)
+        data = self._paths.data_dir
+        try:
+            self.board = await asyncio.to_thread(Board, data / "board.sqlite")
+        except BoardStoreError as exc:
+            logger.error("%s; this run keeps its board in memory only", exc)
+        opened = functools.partial(
+            Ledger,
+            server=self.peer_id,
+            model=served.swarm_name,
+            params_per_block=self.params_per_block,
+        )
+        try:
+            self.ledger = await asyncio.to_thread(opened, data / "receipts.sqlite")
+        except LedgerError as exc:
+            logger.error("%s; this run keeps its receipts in memory only", exc)
+            self.ledger = opened(None)
+        self.model = served.swarm_name
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -220,6 +229,7 @@ class CreditService:
             credit_held=round(own.held, 3),
             credit_rank=rank,
             receipts_kept=len(ledger),
+            receipts_refused=self.refused,
             board_size=len(rows),
         )
 
@@ -233,7 +243,7 @@ class CreditService:
         """`RECEIPT_HANDLE`: keeps a receipt; the reason it was refused ("" : kept)."""
         reason = self._take(peer, body)
         if reason:
-            self.refused[reason.split(":")[0]] += 1
+            self.refused += 1
             logger.debug("refused a receipt from %s: %s", peer, reason)
         return reason.encode()
 
@@ -282,9 +292,8 @@ class CreditService:
         stored = await publish_on_node(
             self._dht.node, summary, owner=self._owner, timeout_s=DHT_TIMEOUT_S
         )
-        if stored:
-            self.publishes += 1
-            self.published_bytes += len(msgpack.packb(summary.model_dump()))
+        if not stored:
+            logger.info("the credit summary was not stored; the next round tries again")
 
     def summary(self) -> Summary | None:
         """This daemon's summary as of now (its tree kept for auditors' draws)."""
