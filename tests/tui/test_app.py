@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from textual.widgets import DataTable, Input, ListView, Static, TabbedContent
@@ -15,27 +14,10 @@ from volunteer.tui.log_panel import LogPanel
 from volunteer.tui.messages import DaemonActionDone, StatusUpdated
 
 from tests.tui.fakes import FIXED_GAUGES, SERVING, SWARM, FakeDaemon
+from tests.tui.pilot import SIZE, WAIT_S, run, settle
 from tests.tui.waiting import until
 from volunteer.chat.store import ChatStore
 from volunteer.paths import Paths
-
-SIZE = (120, 40)
-WAIT_S = 10.0
-"""Bounds a hang only: the scripted daemon answers at once."""
-
-
-def run(scenario: Callable[[VolunteerApp, object], Awaitable[None]], daemon: FakeDaemon) -> None:
-    async def main() -> None:
-        app = VolunteerApp(daemon, gauges=lambda: FIXED_GAUGES, poll=False)
-        async with app.run_test(size=SIZE) as pilot:
-            await scenario(app, pilot)
-
-    asyncio.run(main())
-
-
-async def settle(app: VolunteerApp, pilot: object) -> None:
-    await app.workers.wait_for_complete()
-    await pilot.pause()  # type: ignore[attr-defined]
 
 
 async def show_the_swarm_tab(app: VolunteerApp, pilot: object) -> None:

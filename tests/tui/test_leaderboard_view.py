@@ -3,42 +3,17 @@ escrow notes, peers' names as plain text, live refresh and a daemon that fails."
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-
 import pytest
 from rich.text import Text
 from textual.widgets import DataTable, Input, Sparkline, Static, TabbedContent
 from volunteer.tui import app as app_module
 from volunteer.tui.app import VolunteerApp
 
-from tests.tui.fakes import BOARD, FIXED_GAUGES, FakeDaemon
+from tests.tui.fakes import BOARD, FakeDaemon
+from tests.tui.pilot import WAIT_S, run, settle
 from tests.tui.waiting import until
 from volunteer.control.endpoint import ControlError
 from volunteer.control.messages import LeaderboardReply
-
-SIZE = (120, 40)
-WAIT_S = 10.0
-"""Bounds a hang only: the scripted daemon answers at once."""
-
-
-def run(
-    scenario: Callable[[VolunteerApp, object], Awaitable[None]],
-    daemon: FakeDaemon,
-    *,
-    poll: bool = False,
-) -> None:
-    async def main() -> None:
-        app = VolunteerApp(daemon, gauges=lambda: FIXED_GAUGES, poll=poll)
-        async with app.run_test(size=SIZE) as pilot:
-            await scenario(app, pilot)
-
-    asyncio.run(main())
-
-
-async def settle(app: VolunteerApp, pilot: object) -> None:
-    await app.workers.wait_for_complete()
-    await pilot.pause()  # type: ignore[attr-defined]
 
 
 async def show_the_board(app: VolunteerApp, pilot: object) -> None:
