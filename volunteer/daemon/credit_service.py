@@ -162,7 +162,10 @@ class CreditService:
             except Exception as exc:  # a model that cannot be read now: tried again later
                 logger.warning("credit: the model's config cannot be read (%s); retrying", exc)
                 await asyncio.sleep(OPEN_RETRY_S)
-        self._changed.set()  # the first summary goes out at once
+        try:  # its own summary first: the first audit round then finds it
+            await self._publish()
+        except Exception as exc:  # the publish loop tries again
+            logger.warning("publishing the credit summary failed: %s", exc)
         await asyncio.gather(self._publish_forever(), self._audit_forever())
 
     async def _open(self) -> None:
