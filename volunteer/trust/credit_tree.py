@@ -66,11 +66,21 @@ def _encode(sums: tuple[int, ...]) -> bytes:
 
 
 def leaf_digest(leaf: Leaf) -> bytes:
-    return hashlib.sha256(_LEAF + leaf.receipt_id + _encode(leaf.sums)).digest()
+    return _leaf_hash(leaf.receipt_id, _encode(leaf.sums))
 
 
 def node_digest(left: bytes, right: bytes, sums: tuple[int, ...]) -> bytes:
-    return hashlib.sha256(_NODE + left + right + _encode(sums)).digest()
+    return _node_hash(left, right, _encode(sums))
+
+
+# The hashes over sums already packed: the tree and `check_proof` (which packs each
+# peer-sent amount itself, to check it) hash alike through these.
+def _leaf_hash(receipt_id: bytes, packed: bytes) -> bytes:
+    return hashlib.sha256(_LEAF + receipt_id + packed).digest()
+
+
+def _node_hash(left: bytes, right: bytes, packed: bytes) -> bytes:
+    return hashlib.sha256(_NODE + left + right + packed).digest()
 
 
 def _add(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
@@ -155,12 +165,12 @@ def check_proof(
         raise ProofError("the proof is deeper than any tree")
     if len(leaf.receipt_id) != 32:
         raise ProofError("a malformed leaf")
-    pack, sha256 = _SUMS_BYTES.pack, hashlib.sha256
+    pack = _SUMS_BYTES.pack
     c0, c1, c2 = coefficients
     try:
         # Packing checks each amount (an unsigned 64-bit integer) before any arithmetic:
         # a peer's "sums" may be anything msgpack carries.
-        digest = sha256(_LEAF + leaf.receipt_id + pack(*leaf.sums)).digest()
+        digest = _leaf_hash(leaf.receipt_id, pack(*leaf.sums))
         t0, t1, t2 = leaf.sums
         own = c0 * t0 + c1 * t1 + c2 * t2
         before = 0
@@ -171,9 +181,9 @@ def check_proof(
             total = pack(t0, t1, t2)
             if sibling.is_left:
                 before += c0 * s0 + c1 * s1 + c2 * s2
-                digest = sha256(_NODE + sibling.digest + digest + total).digest()
+                digest = _node_hash(sibling.digest, digest, total)
             else:
-                digest = sha256(_NODE + digest + sibling.digest + total).digest()
+                digest = _node_hash(digest, sibling.digest, total)
     except (struct.error, ValueError, TypeError):
         raise ProofError("a malformed leaf or sibling") from None
     if digest != root or (t0, t1, t2) != tuple(sums):
