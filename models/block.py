@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from volunteer.models.adapters import BlockLora, lora_linear
 from volunteer.models.config import ModelConfig
 from volunteer.models.rope import apply_rotary
 
@@ -82,13 +83,23 @@ def block_forward(
     *,
     start_pos: int,
     layer_cache: tuple[torch.Tensor, torch.Tensor] | None,
+    lora: BlockLora | None = None,
 ) -> torch.Tensor:
-    """Pre-norm decoder block on hidden states x [B, S, H]."""
+    """Pre-norm decoder block on hidden states x [B, S, H] (with a request's LoRA pairs
+    next to its projections, if given: `volunteer.models.adapters`)."""
     h = rms_norm(x, w.attn_norm, shape.eps)
-    x = x + attention(h, w, shape, cos, sin, start_pos=start_pos, layer_cache=layer_cache)
+    x = x + attention(
+        h, w, shape, cos, sin, start_pos=start_pos, layer_cache=layer_cache, lora=lora
+    )
     h = rms_norm(x, w.mlp_norm, shape.eps)
-    gate, up = F.linear(h, w.gate_up, w.gate_up_bias).split(shape.intermediate_size, dim=-1)
-    return x + F.linear(F.silu(gate) * up, w.down, w.down_bias)
+    if lora is None:
+        gate_up = F.linear(h, w.gate_up, w.gate_up_bias)
+    else:
+        gate_up = lora_linear(h, w.gate_up, w.gate_up_bias, lora.gate_up, lora.scale)
+    gate, up = gate_up.split(shape.intermediate_size, dim=-1)
+    if lora is None:
+        return x + F.linear(F.silu(gate) * up, w.down, w.down_bias)
+    return x + lora_linear(F.silu(gate) * up, w.down, w.down_bias, lora.down, lora.scale)
 
 
 def attention(
@@ -100,12 +111,17 @@ def attention(
     *,
     start_pos: int,
     layer_cache: tuple[torch.Tensor, torch.Tensor] | None,
+    lora: BlockLora | None = None,
 ) -> torch.Tensor:
     """Grouped-query self-attention of x [B, S, H] with RoPE and an optional KV cache."""
     batch, seq, _ = x.shape
     heads, kv_heads = shape.num_heads, shape.num_kv_heads
+    if lora is None:
+        qkv = F.linear(x, w.qkv, w.qkv_bias)
+    else:
+        qkv = lora_linear(x, w.qkv, w.qkv_bias, lora.qkv, lora.scale)
     # [B, S, (heads + 2 * kv_heads) * D] -> [B, S, heads + 2 * kv_heads, D]
-    qkv = F.linear(x, w.qkv, w.qkv_bias).view(batch, seq, -1, shape.head_dim)
+    qkv = qkv.view(batch, seq, -1, shape.head_dim)
     # q and k rotate together: one set of elementwise ops instead of two. (narrow rather
     # than slicing syntax: it is one dispatch, and this runs for every block and token.)
     qk = apply_rotary(qkv.narrow(2, 0, heads + kv_heads), cos, sin)
@@ -126,7 +142,9 @@ def attention(
     )
     # [B, heads, S, D] -> [B, S, heads * D]
     out = out.transpose(1, 2).reshape(batch, seq, heads * shape.head_dim)
-    return F.linear(out, w.o, w.o_bias)
+    if lora is None:
+        return F.linear(out, w.o, w.o_bias)
+    return lora_linear(out, w.o, w.o_bias, lora.o, lora.scale)
 
 
 def _attention_mask(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from volunteer.models.adapters import SpanAdapter
 from volunteer.models.block import BlockWeights, RMSNorm, TransformerBlock, block_forward
 from volunteer.models.config import ModelConfig
 from volunteer.models.kv_cache import KVCache
@@ -45,29 +46,45 @@ class BlockSpan(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(
-        self, hidden: torch.Tensor, *, start_pos: int = 0, cache: KVCache | None = None
+        self,
+        hidden: torch.Tensor,
+        *,
+        start_pos: int = 0,
+        cache: KVCache | None = None,
+        first: int = 0,
+        last: int | None = None,
+        adapter: SpanAdapter | None = None,
     ) -> torch.Tensor:
-        """Runs hidden states [B, S, H] through every block of the span.
+        """Runs hidden states [B, S, H] through the span's blocks [first, last) (counted
+        from the span's start; default: all of them).
 
-        With a cache, the new keys/values are written at [start_pos, start_pos + S) and
-        attention sees every earlier cached position; the caller advances `cache.length`.
+        With a cache (whose layer 0 is block `first`), the new keys/values are written at
+        [start_pos, start_pos + S) and attention sees every earlier cached position; the
+        caller advances `cache.length`. An adapter (covering exactly [first, last)) adds
+        its deep prompts and LoRA pairs for this call only.
         """
+        last = self.num_blocks if last is None else last
         seq = hidden.shape[1]
         cos, sin = self.rotary.slice(start_pos, seq)
         if self._block_weights is None:
             self._block_weights = [block.weights() for block in self.blocks]
         shape = self.blocks[0].shape
-        for index, weights in enumerate(self._block_weights):
-            layer_cache = cache.layer(index) if cache is not None else None
+        for index in range(first, last):
+            layer_cache = cache.layer(index - first) if cache is not None else None
+            lora = None
+            if adapter is not None:
+                hidden = adapter.add_prompt(hidden, index - first, start_pos)
+                lora = adapter.block_lora(index - first)
             # The functional forward, not block(...): see models.block on why.
             hidden = block_forward(
                 hidden,
-                weights,
+                self._block_weights[index],
                 shape,
                 cos,
                 sin,
                 start_pos=start_pos,
                 layer_cache=layer_cache,
+                lora=lora,
             )
         return hidden
 

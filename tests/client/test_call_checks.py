@@ -80,11 +80,11 @@ def _checked(world: World, *, local: bool, plan=None) -> CheckedCalls:
         peer_id = PeerID.from_base58(hop.peer_id)
         return RemoteSpan(p2p=client, peer_id=peer_id, start=hop.start, end=hop.end)
 
-    async def forward(hop: RouteHop, hidden: torch.Tensor) -> torch.Tensor:
-        return await remote(hop).forward(hidden, timeout_s=30)
+    async def forward(hop: RouteHop, hidden: torch.Tensor, adapter=None) -> torch.Tensor:
+        return await remote(hop).forward(hidden, timeout_s=30, adapter=adapter)
 
-    async def backward(hop: RouteHop, hidden: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        return await remote(hop).backward(hidden, grad, timeout_s=30)
+    async def backward(hop: RouteHop, hidden: torch.Tensor, grad: torch.Tensor, adapter=None):
+        return await remote(hop).backward(hidden, grad, timeout_s=30, adapter=adapter)
 
     async def local_span(start: int, end: int):
         return sub_span(world.full, start, end)
@@ -109,10 +109,11 @@ def test_a_wrong_forward_or_backward_bans_its_server_and_a_right_one_passes(
 
     async def run() -> tuple[torch.Tensor, torch.Tensor]:
         with pytest.raises(WrongOutputError, match="forward of blocks 0:4 wrong"):
-            await checked.forward(cheat, hidden)
+            await checked.forward(cheat, hidden, None)
         with pytest.raises(WrongOutputError, match="backward of blocks 0:4 wrong"):
-            await checked.backward(cheat, hidden, grad)
-        return await checked.forward(honest, hidden), await checked.backward(honest, hidden, grad)
+            await checked.backward(cheat, hidden, grad, None)
+        grads = await checked.backward(honest, hidden, grad, None)
+        return await checked.forward(honest, hidden, None), grads.inputs
 
     output, grad_inputs = world.loop.run(run(), timeout_s=60)
     torch.testing.assert_close(output, outputs, atol=ATOL, rtol=0)
@@ -132,7 +133,7 @@ def test_without_an_arbiter_a_disagreement_sets_the_output_aside_and_bans_nobody
     cheat = RouteHop(world.peers["cheat"].peer_id, 0, 4)
     checked = _checked(world, local=False, plan=lambda start, end, avoid: [honest])
     with pytest.raises(WrongOutputError, match="disagree"):
-        world.loop.run(checked.forward(cheat, hidden_states(1, 3)), timeout_s=60)
+        world.loop.run(checked.forward(cheat, hidden_states(1, 3), None), timeout_s=60)
     assert not checked.verifier.reputation.banned()
     assert checked.verifier.unresolved == 1
 
@@ -157,7 +158,7 @@ def test_the_swarm_clients_checked_calls_give_the_true_result(world: World) -> N
         results = []
         for _ in range(4):  # the spread draws both servers; the cheat's call is retried
             output, trace = await client.forward(hidden)
-            results.append((output, await client.backward(trace, grad)))
+            results.append((output, (await client.backward(trace, grad)).inputs))
         return results
 
     for output, grad_inputs in world.loop.run(run(), timeout_s=120):

@@ -98,7 +98,7 @@ def _forward_backward(
 ) -> tuple[torch.Tensor, list[TracedHop], torch.Tensor]:
     async def both():
         output, trace = await world.client.forward(hidden)
-        return output, trace, await world.client.backward(trace, grad_outputs)
+        return output, trace, (await world.client.backward(trace, grad_outputs)).inputs
 
     return world.loop.run(both(), timeout_s=60)
 
@@ -144,7 +144,7 @@ def test_a_server_leaving_before_the_backward_is_routed_around(world: World) -> 
     victim.handler.compute.shutdown()  # its DHT records still say ONLINE
     served = victim.handler.stats.requests
 
-    grad = world.loop.run(world.client.backward(trace, grad_outputs), timeout_s=60)
+    grad, _ = world.loop.run(world.client.backward(trace, grad_outputs), timeout_s=60)
     assert (grad - expected_grad).abs().max() <= ATOL
     assert victim.peer_id in world.client.backoff.avoided(time.monotonic())
     # Later calls keep off it while it is backed off, and it did no work.

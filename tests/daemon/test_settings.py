@@ -253,6 +253,7 @@ EXAMPLES: dict[str, tuple[Any, str]] = {
     "forward_slice_s": (0.05, "0.05"),
     "first_message_s": (30.0, "30"),
     "max_backward_tokens": (1024, "1024"),
+    "max_adapter_mib": (8, "8"),
     "max_session_s": (600.0, "600"),
     "max_push_streams_per_peer": (2, "2"),
     "verify": ("all", "ALL"),

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import pytest
 import torch
+from volunteer.models.adapters import LORA_TARGETS, AdapterLayout, SpanAdapter
 from volunteer.models.config import ModelConfig
 
 from tests.server import (
@@ -134,13 +135,57 @@ def test_a_sliced_backward_matches_the_whole_backward(target_s: float) -> None:
     span = random_span(tiny_config(num_layers=4))
     hidden, grad_outputs = hidden_states(1, 6, seed=5), hidden_states(1, 6, seed=6)
     budget = SliceBudget(target_s)
-    sliced = _run(
+    sliced, adapter_grads = _run(
         lambda compute: sliced_backward(
             compute, span, hidden, grad_outputs, 1, 4, peer="p", budget=budget
         )
     )
     whole = whole_backward(span, hidden, grad_outputs, 1, 4)
     torch.testing.assert_close(sliced, whole, atol=ATOL, rtol=1e-4)
+    assert adapter_grads == ()
+
+
+ADAPTERS = {
+    "deep prompts": AdapterLayout(prompt_len=2),
+    "lora": AdapterLayout(rank=3, targets=LORA_TARGETS, scale=2.0),
+    "both, two targets": AdapterLayout(prompt_len=3, rank=2, targets=("o", "down")),
+}
+
+
+@pytest.mark.parametrize("layout", ADAPTERS.values(), ids=ADAPTERS.keys())
+@pytest.mark.parametrize("target_s", [0.0, 10.0])
+def test_an_adapted_call_matches_autograd_through_the_whole_adapted_span(
+    layout: AdapterLayout, target_s: float
+) -> None:
+    config = tiny_config(num_layers=4)
+    span = random_span(config)
+    hidden, grad_outputs = hidden_states(2, 6, seed=5), hidden_states(2, 6, seed=6)
+    generator = torch.Generator().manual_seed(7)
+    tensors = [torch.randn(shape, generator=generator) * 0.1 for shape in layout.shapes(config, 3)]
+    adapter = SpanAdapter.of(layout, tensors, config)
+    budget = SliceBudget(target_s)  # 0: one job per block, each applying its part
+    output = _run(
+        lambda compute: sliced_forward(
+            compute, span, hidden, 1, 4, peer="p", budget=budget, adapter=adapter
+        )
+    )
+    grad, adapter_grads = _run(
+        lambda compute: sliced_backward(
+            compute, span, hidden, grad_outputs, 1, 4, peer="p", budget=budget, adapter=adapter
+        )
+    )
+    leaves = [t.detach().requires_grad_(True) for t in tensors]
+    inputs = hidden.detach().requires_grad_(True)
+    with torch.enable_grad():
+        expected = span(inputs, first=1, last=4, adapter=SpanAdapter(layout, tuple(leaves)))
+        expected_grads = torch.autograd.grad(expected, [inputs, *leaves], grad_outputs)
+    torch.testing.assert_close(output, expected.detach(), atol=ATOL, rtol=0)
+    torch.testing.assert_close(grad, expected_grads[0], atol=ATOL, rtol=1e-4)
+    assert len(adapter_grads) == len(tensors)
+    for actual, reference in zip(adapter_grads, expected_grads[1:], strict=True):
+        torch.testing.assert_close(actual, reference, atol=ATOL, rtol=1e-4)
+    # The adapter changes the output: a server that ignored it would not pass.
+    assert not torch.allclose(output, whole_forward(span, hidden, 1, 4), atol=1e-3)
 
 
 def test_another_peers_job_waits_for_one_slice_not_the_whole_call() -> None:
@@ -195,7 +240,7 @@ def test_a_bfloat16_span_takes_float32_and_answers_in_float32() -> None:
         expected = span(hidden.to(torch.bfloat16)).float()
     assert actual.dtype == torch.float32
     assert torch.equal(actual, expected)
-    grad = _run(
+    grad, _ = _run(
         lambda compute: sliced_backward(
             compute, span, hidden, torch.ones_like(hidden), 0, 2, peer="p", budget=budget
         )

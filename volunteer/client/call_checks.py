@@ -18,11 +18,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import torch
 
+from volunteer.client.span_calls import Grads
 from volunteer.client.spread import Backward, Forward
 from volunteer.client.verification import Verifier, WrongOutputError
+from volunteer.models.adapters import SpanAdapter
 from volunteer.models.model import BlockSpan
 from volunteer.scheduler.routing import NoRouteError, RouteHop
 from volunteer.trust.tolerance import first_mismatch
@@ -31,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 LocalSpan = Callable[[int, int], Awaitable[BlockSpan | None]]
 """Blocks [start, end) computed in this process (None: it cannot)."""
+Result = TypeVar("Result")
 PlanOther = Callable[[int, int, frozenset[str]], list[RouteHop]]
 
 
@@ -52,33 +56,49 @@ class CheckedCalls:
         self._local_span = local_span
         self._plan = plan
 
-    async def forward(self, hop: RouteHop, hidden: torch.Tensor) -> torch.Tensor:
-        output = await self._forward(hop, hidden)
+    async def forward(
+        self, hop: RouteHop, hidden: torch.Tensor, adapter: SpanAdapter | None
+    ) -> torch.Tensor:
+        output = await self._forward(hop, hidden, adapter)
         if not self.verifier.wants_check(hop.peer_id):
             return output
         span = await self._span(hop)
         if span is not None:
-            expected = await asyncio.to_thread(_local_forward, span, hidden)
+            expected = await asyncio.to_thread(_local_forward, span, hidden, adapter)
         else:
-            expected = await self._elsewhere(hop, lambda other: self._forward(other, hidden))
+            expected = await self._elsewhere(
+                hop, lambda other: self._forward(other, hidden, adapter)
+            )
         return self._judge(hop, "forward", output, expected, is_arbiter=span is not None)
 
     async def backward(
-        self, hop: RouteHop, hidden: torch.Tensor, grad_outputs: torch.Tensor
-    ) -> torch.Tensor:
-        grad = await self._backward(hop, hidden, grad_outputs)
+        self,
+        hop: RouteHop,
+        hidden: torch.Tensor,
+        grad_outputs: torch.Tensor,
+        adapter: SpanAdapter | None,
+    ) -> Grads:
+        grads = await self._backward(hop, hidden, grad_outputs, adapter)
         if not self.verifier.wants_check(hop.peer_id):
-            return grad
+            return grads
         span = await self._span(hop)
         if span is not None:
-            expected = await asyncio.to_thread(_local_backward, span, hidden, grad_outputs)
+            expected = await asyncio.to_thread(_local_backward, span, hidden, grad_outputs, adapter)
         else:
 
-            async def other_backward(other: RouteHop) -> torch.Tensor:
-                return await self._backward(other, hidden, grad_outputs)
+            async def other_backward(other: RouteHop) -> Grads:
+                return await self._backward(other, hidden, grad_outputs, adapter)
 
             expected = await self._elsewhere(hop, other_backward)
-        return self._judge(hop, "backward", grad, expected, is_arbiter=span is not None)
+        # Each block's adapter gradients count as one more position of the comparison.
+        self._judge(
+            hop,
+            "backward",
+            _comparable(grads),
+            None if expected is None else _comparable(expected),
+            is_arbiter=span is not None,
+        )
+        return grads
 
     async def _span(self, hop: RouteHop) -> BlockSpan | None:
         if self._local_span is None:
@@ -90,8 +110,8 @@ class CheckedCalls:
             return None
 
     async def _elsewhere(
-        self, hop: RouteHop, call: Callable[[RouteHop], Awaitable[torch.Tensor]]
-    ) -> torch.Tensor | None:
+        self, hop: RouteHop, call: Callable[[RouteHop], Awaitable[Result]]
+    ) -> Result | None:
         """The call on another server of exactly these blocks (None: none, or it failed)."""
         avoid = frozenset({hop.peer_id}) | self.verifier.banned()
         try:
@@ -134,19 +154,44 @@ class CheckedCalls:
         raise WrongOutputError(f"{hop.peer_id} answered the {where} wrong: a check found it")
 
 
-def _local_forward(span: BlockSpan, hidden: torch.Tensor) -> torch.Tensor:
+def _local_forward(
+    span: BlockSpan, hidden: torch.Tensor, adapter: SpanAdapter | None
+) -> torch.Tensor:
     weight = next(span.parameters())
+    if adapter is not None:
+        adapter = adapter.to(device=weight.device, dtype=weight.dtype)
     with torch.inference_mode():
-        output = span(hidden.to(device=weight.device, dtype=weight.dtype))
+        output = span(hidden.to(device=weight.device, dtype=weight.dtype), adapter=adapter)
     return output.to(device=hidden.device, dtype=hidden.dtype)
 
 
 def _local_backward(
-    span: BlockSpan, hidden: torch.Tensor, grad_outputs: torch.Tensor
-) -> torch.Tensor:
+    span: BlockSpan, hidden: torch.Tensor, grad_outputs: torch.Tensor, adapter: SpanAdapter | None
+) -> Grads:
     weight = next(span.parameters())
     inputs = hidden.detach().to(device=weight.device, dtype=weight.dtype).requires_grad_(True)
+    leaves: tuple[torch.Tensor, ...] = ()
+    if adapter is not None:
+        moved = adapter.to(device=weight.device, dtype=weight.dtype)
+        leaves = tuple(t.detach().requires_grad_(True) for t in moved.tensors)
+        adapter = SpanAdapter(adapter.layout, leaves)
     with torch.enable_grad():
-        outputs = span(inputs)
-        (grad,) = torch.autograd.grad(outputs, inputs, grad_outputs.to(outputs))
-    return grad.to(device=hidden.device, dtype=hidden.dtype)
+        outputs = span(inputs, adapter=adapter)
+        grads = torch.autograd.grad(
+            outputs, (inputs, *leaves), grad_outputs.to(outputs), allow_unused=True
+        )
+    adapter_grads = tuple(
+        torch.zeros_like(leaf) if grad is None else grad.float()
+        for leaf, grad in zip(leaves, grads[1:], strict=True)
+    )
+    return Grads(grads[0].to(device=hidden.device, dtype=hidden.dtype), adapter_grads)
+
+
+def _comparable(grads: Grads) -> torch.Tensor:
+    """The gradients as one [1, positions, width] tensor for `first_mismatch`: the inputs'
+    positions, then one row per block of each adapter gradient (zero-padded to a width)."""
+    rows = [grads.inputs.reshape(-1, grads.inputs.shape[-1]).float()]
+    rows += [grad.reshape(grad.shape[0], -1).float() for grad in grads.adapter]
+    width = max(row.shape[1] for row in rows)
+    padded = [torch.nn.functional.pad(row, (0, width - row.shape[1])) for row in rows]
+    return torch.cat(padded, dim=0).unsqueeze(0)

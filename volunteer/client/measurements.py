@@ -21,15 +21,23 @@ cannot grow it without limit.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import torch
+from hivemind.p2p import P2P, PeerID
 
+from volunteer.client.remote_span import ping
 from volunteer.client.stream_types import InferenceStreamLike
+from volunteer.models.adapters import SpanAdapter
 from volunteer.scheduler.routing import RouteHop
+from volunteer.transport.protocol import BusyError, PeerUnavailableError, SessionExpiredError
+
+logger = logging.getLogger(__name__)
 
 EWMA_WEIGHT = 0.3
 """Weight of a new sample: a few steps of a session are enough to follow a change."""
@@ -37,10 +45,14 @@ MAX_PEERS = 4096
 """Peers remembered; the least recently measured is forgotten first."""
 MIN_COMPUTE_SHARE = 0.5
 """The least share of a call's time counted as the server's compute."""
+PING_S = 3.0
+"""How long a ping may take."""
+PINGS = 2
+"""Pings to a server first seen: its round trip is the least of them."""
 MIN_BLOCK_S = 1e-6
 """Floor of a per-block time (a call timed at 0 s by a coarse clock)."""
 
-Forward = Callable[[RouteHop, torch.Tensor], Awaitable[torch.Tensor]]
+Forward = Callable[[RouteHop, torch.Tensor, SpanAdapter | None], Awaitable[torch.Tensor]]
 
 
 @dataclasses.dataclass
@@ -114,15 +126,50 @@ class PeerMeasurements:
     def timed_forward(self, forward: Forward) -> Forward:
         """`forward` (a call to one hop's server), timed into these measurements."""
 
-        async def timed(hop: RouteHop, hidden: torch.Tensor) -> torch.Tensor:
+        async def timed(
+            hop: RouteHop, hidden: torch.Tensor, adapter: SpanAdapter | None
+        ) -> torch.Tensor:
             began = self._clock()
-            output = await forward(hop, hidden)
+            output = await forward(hop, hidden, adapter)
             tokens = hidden.shape[0] * hidden.shape[1]
             seconds = self._clock() - began
             self.record_forward(hop.peer_id, blocks=_blocks(hop), tokens=tokens, seconds=seconds)
             return output
 
         return timed
+
+    async def measure_rtts(
+        self,
+        p2p: P2P,
+        peers: Iterable[str],
+        *,
+        own_peer_id: str,
+        on_failure: Callable[[str], None],
+    ) -> None:
+        """Pings the peers whose round trip is not measured yet, all at once; a peer that
+        does not answer is handed to `on_failure`."""
+        await asyncio.gather(
+            *(
+                self._ping(p2p, peer_id, own_peer_id, on_failure)
+                for peer_id in peers
+                if self.rtt_s(peer_id) is None
+            )
+        )
+
+    async def _ping(
+        self, p2p: P2P, peer_id: str, own_peer_id: str, on_failure: Callable[[str], None]
+    ) -> None:
+        if peer_id == own_peer_id:
+            self.record_rtt(peer_id, 0.0)
+            return
+        try:
+            # The first ping to a peer also sets up the connection: only the later ones
+            # time the path alone (`record_rtt` keeps the least).
+            for _ in range(PINGS):
+                self.record_rtt(peer_id, await ping(p2p, PeerID.from_base58(peer_id), PING_S))
+        except (PeerUnavailableError, BusyError, SessionExpiredError) as exc:
+            logger.info("server %s did not answer a ping: %s", peer_id, exc)
+            on_failure(peer_id)
 
     def _less_rtt(self, peer_id: str, seconds: float) -> float:
         rtt_s = self.rtt_s(peer_id) or 0.0

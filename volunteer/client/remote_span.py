@@ -26,7 +26,7 @@ from hivemind.proto.p2pd_pb2 import RPCError
 
 import volunteer.transport.framing as framing
 import volunteer.transport.protocol as wire
-from volunteer.client.calls import CONNECTION_ERRORS, call_once, within
+from volunteer.client.calls import CONNECTION_ERRORS, within
 from volunteer.client.keepalive import Keepalive, get_alive
 from volunteer.client.replies import (
     OPEN_REPLY_BYTES,
@@ -38,11 +38,11 @@ from volunteer.client.replies import (
     step_limit,
     take_step_reply,
 )
+from volunteer.client.span_calls import Grads, SpanCalls
+from volunteer.models.adapters import SpanAdapter
 from volunteer.transport.local_link import open_preferring_local
 from volunteer.transport.p2p_streams import open_stream
 from volunteer.transport.protocol import (
-    BACKWARD_HANDLE,
-    FORWARD_HANDLE,
     INFERENCE_HANDLE,
     INFO_HANDLE,
     BadReplyError,
@@ -96,17 +96,32 @@ class RemoteSpan:
         wire.check_version(reply.metadata, peer=repr(self))
         return wire.unpack_metadata(reply.metadata, wire.InfoReply)
 
-    async def forward(self, hidden: torch.Tensor, timeout_s: float = 60.0) -> torch.Tensor:
-        """Hidden states [B, S, H] through the span (no cache); same dtype back."""
-        reply = await self._single(FORWARD_HANDLE, [hidden], timeout_s)
-        return check_output(only_tensor(reply, what=repr(self)), hidden, what=repr(self))
+    async def forward(
+        self,
+        hidden: torch.Tensor,
+        timeout_s: float = 60.0,
+        *,
+        adapter: SpanAdapter | None = None,
+    ) -> torch.Tensor:
+        """Hidden states [B, S, H] through the span (no cache), with a fine-tuning
+        client's adapter for this call if given; same dtype back."""
+        return await self._calls().forward(hidden, timeout_s=timeout_s, adapter=adapter)
 
     async def backward(
-        self, hidden: torch.Tensor, grad_outputs: torch.Tensor, timeout_s: float = 60.0
-    ) -> torch.Tensor:
-        """The gradient of the span's inputs, given its inputs and its outputs' gradient."""
-        reply = await self._single(BACKWARD_HANDLE, [hidden, grad_outputs], timeout_s)
-        return check_output(only_tensor(reply, what=repr(self)), hidden, what=repr(self))
+        self,
+        hidden: torch.Tensor,
+        grad_outputs: torch.Tensor,
+        timeout_s: float = 60.0,
+        *,
+        adapter: SpanAdapter | None = None,
+    ) -> Grads:
+        """The gradients of the span's inputs (and of the adapter's tensors, if given),
+        given its inputs and its outputs' gradient."""
+        calls = self._calls()
+        return await calls.backward(hidden, grad_outputs, timeout_s=timeout_s, adapter=adapter)
+
+    def _calls(self) -> SpanCalls:
+        return SpanCalls(self.p2p, self.peer_id, self.start, self.end, repr(self))
 
     async def open_inference(
         self,
@@ -147,26 +162,6 @@ class RemoteSpan:
         )
         await stream.open(opening, timeout_s=timeout_s)
         return stream
-
-    async def _single(
-        self, handle: str, tensors: list[torch.Tensor], timeout_s: float
-    ) -> runtime_pb2.ExpertResponse:
-        meta = wire.SpanRequest(start=self.start, end=self.end)
-        request = runtime_pb2.ExpertRequest(
-            tensors=[framing.pack_tensor(t) for t in tensors], metadata=wire.pack_metadata(meta)
-        )
-        # One message over a stream: big tensors avoid the unary size limit; the reply
-        # (hidden states of the first tensor's shape) is read within that bound.
-        call = call_once(
-            self.p2p,
-            self.peer_id,
-            handle,
-            request,
-            max_reply_bytes=reply_bytes(tensors[0]),
-            timeout_s=timeout_s,
-            what=repr(self),
-        )
-        return await within(call, timeout_s=timeout_s, what=repr(self))
 
 
 async def ping(p2p: P2P, peer_id: PeerID, timeout_s: float) -> float:

@@ -10,6 +10,10 @@ all a backward needs, since a server recomputes its blocks' forward from the inp
 When a server of the trace is gone by the time of the backward, its blocks are run
 forward again elsewhere from the kept inputs, and the backward goes through that new
 trace instead. Only peer and network errors are retried; a bad request is raised.
+
+A fine-tuning client's adapter (`volunteer.models.adapters`) for the call's blocks goes
+with it, each hop carrying its blocks' part; the backward puts the hops' adapter
+gradients back together into the gradients of the whole adapter.
 """
 
 from __future__ import annotations
@@ -21,14 +25,18 @@ from collections.abc import Awaitable, Callable
 import torch
 
 from volunteer.client.inference import SessionFailedError
+from volunteer.client.span_calls import Grads
+from volunteer.models.adapters import SpanAdapter
 from volunteer.scheduler.routing import Backoff, NoRouteError, RouteHop
 
 logger = logging.getLogger(__name__)
 
-Forward = Callable[[RouteHop, torch.Tensor], Awaitable[torch.Tensor]]
-"""Runs hidden states through the hop's blocks on the hop's server."""
-Backward = Callable[[RouteHop, torch.Tensor, torch.Tensor], Awaitable[torch.Tensor]]
-"""(hop, inputs, grad of outputs) -> grad of inputs, on the hop's server."""
+Forward = Callable[[RouteHop, torch.Tensor, SpanAdapter | None], Awaitable[torch.Tensor]]
+"""Runs hidden states through the hop's blocks on the hop's server (with the adapter of
+exactly those blocks, if any)."""
+Backward = Callable[[RouteHop, torch.Tensor, torch.Tensor, SpanAdapter | None], Awaitable[Grads]]
+"""(hop, inputs, grad of outputs, adapter) -> grads of inputs and adapter, on the hop's
+server."""
 PlanSpread = Callable[[int, int, frozenset[str]], list[RouteHop]]
 """A load-spread route over [start, end) avoiding the given peers."""
 
@@ -39,6 +47,8 @@ class TracedHop:
 
     hop: RouteHop
     inputs: torch.Tensor
+    adapter: SpanAdapter | None = None
+    """The hop's part of the call's adapter."""
 
 
 class SpreadCalls:
@@ -73,9 +83,10 @@ class SpreadCalls:
         self._max_failures = max_failures
 
     async def forward(
-        self, hidden: torch.Tensor, start: int, end: int
+        self, hidden: torch.Tensor, start: int, end: int, adapter: SpanAdapter | None = None
     ) -> tuple[torch.Tensor, list[TracedHop]]:
-        """Hidden [B, S, H] through blocks [start, end); the output and the trace.
+        """Hidden [B, S, H] through blocks [start, end) (with `adapter`, covering exactly
+        those blocks, if any); the output and the trace.
 
         Raises:
             SessionFailedError: no server left for some block, or too many failures.
@@ -86,35 +97,41 @@ class SpreadCalls:
         position = start
         while position < end:
             hop = self._next_hop(position, end)
+            part = None
+            if adapter is not None:
+                part = adapter.narrow(hop.start - start, hop.end - hop.start)
             try:
-                output = await self._forward(hop, hidden)
+                output = await self._forward(hop, hidden, part)
             except self._retriable as exc:
                 failures = self._failed(hop, exc, failures)
                 continue
             self._backoff.record_success(hop.peer_id)
-            trace.append(TracedHop(hop, hidden))
+            trace.append(TracedHop(hop, hidden, part))
             hidden, position = output, hop.end
         return hidden, trace
 
-    async def backward(self, trace: list[TracedHop], grad_outputs: torch.Tensor) -> torch.Tensor:
-        """The gradient of the trace's first inputs, given that of its last outputs.
+    async def backward(self, trace: list[TracedHop], grad_outputs: torch.Tensor) -> Grads:
+        """The gradient of the trace's first inputs, given that of its last outputs (and
+        those of the whole adapter the forward carried, if any).
 
         Raises:
             SessionFailedError, or a non-retriable server error, as for `forward`.
         """
         grad = grad_outputs
+        parts: list[tuple[TracedHop, tuple[torch.Tensor, ...]]] = []
         for traced in reversed(trace):
-            grad = await self._backward_hop(traced, grad)
-        return grad
+            grad, adapter_grads = await self._backward_hop(traced, grad)
+            parts.append((traced, adapter_grads))
+        return Grads(grad, _joined(parts))
 
-    async def _backward_hop(self, traced: TracedHop, grad: torch.Tensor) -> torch.Tensor:
+    async def _backward_hop(self, traced: TracedHop, grad: torch.Tensor) -> Grads:
         hop = traced.hop
         try:
-            result = await self._backward(hop, traced.inputs, grad)
+            result = await self._backward(hop, traced.inputs, grad, traced.adapter)
         except self._retriable as exc:
             self._failed(hop, exc, failures=0)
             # Its blocks again, on servers that are still there, then back through them.
-            _, retrace = await self.forward(traced.inputs, hop.start, hop.end)
+            _, retrace = await self.forward(traced.inputs, hop.start, hop.end, traced.adapter)
             return await self.backward(retrace, grad)
         self._backoff.record_success(hop.peer_id)
         return result
@@ -135,3 +152,12 @@ class SpreadCalls:
         if failures + 1 > self._max_failures:
             raise SessionFailedError(f"{failures + 1} server failures in one call; giving up")
         return failures + 1
+
+
+def _joined(parts: list[tuple[TracedHop, tuple[torch.Tensor, ...]]]) -> tuple[torch.Tensor, ...]:
+    """The hops' adapter gradients (the hops of one trace: contiguous blocks), stacked
+    over the blocks of the whole trace."""
+    if not parts or not parts[0][1]:
+        return ()
+    ordered = [grads for _, grads in sorted(parts, key=lambda part: part[0].hop.start)]
+    return tuple(torch.cat(column, dim=0) for column in zip(*ordered, strict=True))

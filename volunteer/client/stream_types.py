@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from volunteer.models.adapters import SpanAdapter
 from volunteer.scheduler.routing import RouteHop
 from volunteer.transport.protocol import NextHop
 
@@ -51,11 +52,18 @@ class OwnBlocks(Protocol):
     """This process's own block server (`volunteer.server.handler.BlockHandler`), called
     in-process: libp2p cannot dial its own peer id."""
 
-    async def run_forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor: ...
+    async def run_forward(
+        self, hidden: torch.Tensor, start: int, end: int, adapter: SpanAdapter | None = None
+    ) -> torch.Tensor: ...
 
     async def run_backward(
-        self, hidden: torch.Tensor, grad_outputs: torch.Tensor, start: int, end: int
-    ) -> torch.Tensor: ...
+        self,
+        hidden: torch.Tensor,
+        grad_outputs: torch.Tensor,
+        start: int,
+        end: int,
+        adapter: SpanAdapter | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]: ...
 
     async def open_local_stream(
         self, *, start: int, end: int, max_length: int, batch_size: int

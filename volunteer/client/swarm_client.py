@@ -31,12 +31,14 @@ from volunteer.client.call_checks import CheckedCalls
 from volunteer.client.inference import SessionFailedError, SwarmInferenceSession
 from volunteer.client.measurements import PeerMeasurements
 from volunteer.client.receipt_sender import ReceiptSender
-from volunteer.client.remote_span import RemoteSpan, ping
+from volunteer.client.remote_span import RemoteSpan
 from volunteer.client.repair import REPAIR_WAIT_S
 from volunteer.client.server_view import ServerView, Work
+from volunteer.client.span_calls import Grads
 from volunteer.client.spread import SpreadCalls, TracedHop
 from volunteer.client.stream_types import InferenceStreamLike, OpenStream, OwnBlocks
 from volunteer.client.verification import Verifier, WrongOutputError, computation_opener
+from volunteer.models.adapters import SpanAdapter
 from volunteer.models.config import ModelConfig
 from volunteer.models.model import BlockSpan
 from volunteer.scheduler.routing import (
@@ -59,9 +61,6 @@ logger = logging.getLogger(__name__)
 RETRIABLE_ERRORS = (PeerUnavailableError, BusyError, SessionExpiredError)
 """Peer and network trouble: another server may do. A bad request is a bug: raised."""
 SNAPSHOT_TIMEOUT_S = 10.0
-PING_TIMEOUT_S = 3.0
-PINGS = 2
-"""Pings to a server first seen: its round trip is the least of them."""
 SNAPSHOT_MAX_AGE_S = 5.0
 """A session opened within this long of the last DHT read reuses it."""
 SNAPSHOT_STALE_MAX_S = 60.0
@@ -186,7 +185,10 @@ class SwarmClient:
                 self.node, self.model, self.num_blocks, timeout_s=SNAPSHOT_TIMEOUT_S
             )
             self._snapshot_at = self._clock()
-            await self._measure_rtts()
+            routable = self._view.routable(self._snapshot)
+            await self.measurements.measure_rtts(
+                self.p2p, routable, own_peer_id=self.own_peer_id, on_failure=self._unreachable
+            )
         return self._snapshot
 
     async def current(self) -> SwarmSnapshot:
@@ -262,19 +264,26 @@ class SwarmClient:
         return [dataclasses.replace(each, standing=found[each.peer_id]) for each in candidates]
 
     async def forward(
-        self, hidden: torch.Tensor, *, start: int = 0, end: int | None = None
+        self,
+        hidden: torch.Tensor,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        adapter: SpanAdapter | None = None,
     ) -> tuple[torch.Tensor, list[TracedHop]]:
         """Hidden [B, S, H] through blocks [start, end) (default: all), no cache, the
-        servers drawn by throughput; returns the output and the trace for `backward`.
+        servers drawn by throughput, with a fine-tuning `adapter` for exactly those
+        blocks if given; returns the output and the trace for `backward`.
 
         Raises:
             SessionFailedError: no server left for some block, or too many failures.
         """
         await self.current()
-        return await self._spread.forward(hidden, start, self.num_blocks if end is None else end)
+        end = self.num_blocks if end is None else end
+        return await self._spread.forward(hidden, start, end, adapter)
 
-    async def backward(self, trace: list[TracedHop], grad_outputs: torch.Tensor) -> torch.Tensor:
-        """The gradient of a `forward`'s inputs given that of its output.
+    async def backward(self, trace: list[TracedHop], grad_outputs: torch.Tensor) -> Grads:
+        """The gradients of a `forward`'s inputs (and adapter) given that of its output.
 
         Raises:
             SessionFailedError: as for `forward`.
@@ -384,24 +393,36 @@ class SwarmClient:
             next_step_id=next_step_id,
         )
 
-    async def _call_forward(self, hop: RouteHop, hidden: torch.Tensor) -> torch.Tensor:
+    async def _call_forward(
+        self, hop: RouteHop, hidden: torch.Tensor, adapter: SpanAdapter | None
+    ) -> torch.Tensor:
         if hop.peer_id == self.own_peer_id:
-            return await self._own_handler().run_forward(hidden, hop.start, hop.end)
-        output = await self._remote(hop).forward(hidden, timeout_s=self.step_timeout_s)
+            return await self._own_handler().run_forward(hidden, hop.start, hop.end, adapter)
+        remote, timeout_s = self._remote(hop), self.step_timeout_s
+        output = await remote.forward(hidden, timeout_s=timeout_s, adapter=adapter)
         if self.receipts is not None:
             self.receipts.call_done(hop, "forward", hidden)
         return output
 
     async def _call_backward(
-        self, hop: RouteHop, hidden: torch.Tensor, grad_outputs: torch.Tensor
-    ) -> torch.Tensor:
+        self,
+        hop: RouteHop,
+        hidden: torch.Tensor,
+        grad_outputs: torch.Tensor,
+        adapter: SpanAdapter | None,
+    ) -> Grads:
         if hop.peer_id == self.own_peer_id:
             handler = self._own_handler()
-            return await handler.run_backward(hidden, grad_outputs, hop.start, hop.end)
-        grad = await self._remote(hop).backward(hidden, grad_outputs, timeout_s=self.step_timeout_s)
+            own = await handler.run_backward(hidden, grad_outputs, hop.start, hop.end, adapter)
+            return Grads(*own)
+        remote, timeout_s = self._remote(hop), self.step_timeout_s
+        grad = await remote.backward(hidden, grad_outputs, timeout_s=timeout_s, adapter=adapter)
         if self.receipts is not None:
             self.receipts.call_done(hop, "backward", hidden)
         return grad
+
+    def _unreachable(self, peer_id: str) -> None:
+        self.backoff.record_failure(peer_id, self._clock())
 
     def _own_handler(self) -> OwnBlocks:
         handler = self._local_handler()
@@ -426,25 +447,3 @@ class SwarmClient:
             return None
         info = snapshot.blocks[hop.start].get(hop.peer_id)
         return None if info is None else dialable(info.local_socket, info.boot_id)
-
-    async def _measure_rtts(self) -> None:
-        measured = self.measurements.rtt_s
-        peers = [
-            peer_id for peer_id in self._view.routable(self._snapshot) if measured(peer_id) is None
-        ]
-        if peers:
-            await asyncio.gather(*(self._ping(peer_id) for peer_id in peers))
-
-    async def _ping(self, peer_id: str) -> None:
-        if peer_id == self.own_peer_id:
-            self.measurements.record_rtt(peer_id, 0.0)
-            return
-        try:
-            # The first ping to a peer also sets up the connection: only the later ones
-            # time the path alone (`record_rtt` keeps the least).
-            for _ in range(PINGS):
-                rtt_s = await ping(self.p2p, PeerID.from_base58(peer_id), PING_TIMEOUT_S)
-                self.measurements.record_rtt(peer_id, rtt_s)
-        except RETRIABLE_ERRORS as exc:
-            logger.info("server %s did not answer a ping: %s", peer_id, exc)
-            self.backoff.record_failure(peer_id, self._clock())

@@ -41,11 +41,15 @@ async def serve_call(
     caps, hidden_size = handler.caps, handler.span.config.hidden_size
     if is_backward:
         positions = min(caps.max_backward_tokens, handler.limits.max_tokens)
-        max_bytes = caps.message_bytes(hidden_size=hidden_size, tensors=2, positions=positions)
+        max_bytes = caps.message_bytes(
+            hidden_size=hidden_size, tensors=2, positions=positions, adapter=True
+        )
         answer = handler.rpc_backward
     else:
         positions = handler.limits.max_tokens
-        max_bytes = caps.message_bytes(hidden_size=hidden_size, tensors=1, positions=positions)
+        max_bytes = caps.message_bytes(
+            hidden_size=hidden_size, tensors=1, positions=positions, adapter=True
+        )
         answer = handler.rpc_forward
 
     async def replies() -> AsyncIterator[runtime_pb2.ExpertResponse]:

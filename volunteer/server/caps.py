@@ -46,6 +46,7 @@ class ServerCaps:
     max_queued_jobs: int
     max_calls_per_peer: int
     max_backward_tokens: int
+    max_adapter_bytes: int
     max_session_s: float
     max_push_streams_per_peer: int
     forward_slice_s: float
@@ -60,16 +61,22 @@ class ServerCaps:
             max_queued_jobs=settings.max_queued_jobs,
             max_calls_per_peer=settings.max_calls_per_peer,
             max_backward_tokens=settings.max_backward_tokens,
+            max_adapter_bytes=settings.max_adapter_mib * MIB,
             max_session_s=settings.max_session_s,
             max_push_streams_per_peer=settings.max_push_streams_per_peer,
             forward_slice_s=settings.forward_slice_s,
             first_message_s=settings.first_message_s,
         )
 
-    def message_bytes(self, *, hidden_size: int, tensors: int, positions: int) -> int:
+    def message_bytes(
+        self, *, hidden_size: int, tensors: int, positions: int, adapter: bool = False
+    ) -> int:
         """The largest message a valid request can be (`tensors` float32 hidden states
-        of `positions` rows, and the metadata), within `max_message_bytes`."""
+        of `positions` rows, an adapter if it may carry one, and the metadata), within
+        `max_message_bytes`."""
         valid = tensors * positions * hidden_size * 4 + wire.MAX_METADATA_BYTES
+        if adapter:
+            valid += self.max_adapter_bytes
         return min(valid, self.max_message_bytes)
 
     def first_message_within(self, max_bytes: int) -> float:

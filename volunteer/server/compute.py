@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from volunteer.models.adapters import SpanAdapter
 from volunteer.models.kv_cache import KVCache
 from volunteer.models.model import BlockSpan
 from volunteer.server.anticipation import Anticipation
@@ -331,17 +332,12 @@ def run_blocks(
     end: int,
     start_pos: int,
     cache: KVCache | None,
+    adapter: SpanAdapter | None = None,
 ) -> torch.Tensor:
-    """Blocks [start, end) of the span; the whole span takes its own fast path."""
-    if (start, end) == (span.start, span.end):
-        return span(hidden, start_pos=start_pos, cache=cache)
-    cos, sin = span.rotary.slice(start_pos, hidden.shape[1])
-    first = start - span.start
-    for index in range(first, end - span.start):
-        layer_cache = cache.layer(index - first) if cache is not None else None
-        block = span.blocks[index]
-        hidden = block(hidden, cos, sin, start_pos=start_pos, layer_cache=layer_cache)
-    return hidden
+    """Blocks [start, end) of the span (model block numbers), with a request's adapter
+    for exactly those blocks, if any."""
+    first, last = start - span.start, end - span.start
+    return span(hidden, start_pos=start_pos, cache=cache, first=first, last=last, adapter=adapter)
 
 
 def to_span(span: BlockSpan, tensor: torch.Tensor) -> torch.Tensor:

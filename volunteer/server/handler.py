@@ -40,7 +40,6 @@ from hivemind.p2p import P2P, P2PContext, ServicerBase
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 
-import volunteer.transport.framing as framing
 import volunteer.transport.protocol as wire
 from volunteer.models.model import BlockSpan
 from volunteer.server import validation
@@ -54,12 +53,13 @@ from volunteer.server.compute import (
 )
 from volunteer.server.drill import Drill
 from volunteer.server.inference_stream import serve_inference_stream
-from volunteer.server.local_stream import LOCAL_PEER, LocalInferenceStream
+from volunteer.server.local_stream import LocalInferenceStream
 from volunteer.server.penalty_box import PenaltyBox
 from volunteer.server.push import PushLinks, serve_push_stream
 from volunteer.server.sessions import Session, SessionTable
-from volunteer.server.slices import SliceBudget, sliced_backward, sliced_forward
-from volunteer.server.validation import ServerLimits, only_request
+from volunteer.server.slices import SliceBudget
+from volunteer.server.training_calls import TrainingCalls
+from volunteer.server.validation import ServerLimits
 from volunteer.server.work_log import ServeStats
 from volunteer.transport.commitment import PeerSigner
 from volunteer.transport.protocol import (
@@ -78,7 +78,7 @@ from volunteer.transport.protocol import (
 AsyncIterator = typing.AsyncIterator
 
 
-class BlockHandler(ServicerBase):
+class BlockHandler(TrainingCalls, ServicerBase):
     """Serves blocks [span.start, span.end) of one model to the swarm."""
 
     def __init__(
@@ -242,90 +242,13 @@ class BlockHandler(ServicerBase):
         )
         return runtime_pb2.ExpertResponse(metadata=wire.pack_metadata(reply))
 
-    async def rpc_forward(
-        self,
-        requests: AsyncIterator[runtime_pb2.ExpertRequest],
-        context: P2PContext | None = None,
-        *,
-        peer: str,
-    ) -> runtime_pb2.ExpertResponse:
-        """Hidden states [B, S, H] through blocks [start, end), no cache (served as a
-        plain stream: `volunteer.server.calls`, which names the peer)."""
-        request = await only_request(requests, timeout_s=self.limits.idle_timeout_s)
-        meta = wire.unpack_metadata(request.metadata, wire.SpanRequest)
-        validation.check_span(self.span, meta)
-        (hidden,) = self.hidden_tensors(request, count=1)
-        output = await self._forward(hidden, meta.start, meta.end, peer)
-        return runtime_pb2.ExpertResponse(tensors=[framing.pack_tensor(output)])
-
-    async def rpc_backward(
-        self,
-        requests: AsyncIterator[runtime_pb2.ExpertRequest],
-        context: P2PContext | None = None,
-        *,
-        peer: str,
-    ) -> runtime_pb2.ExpertResponse:
-        """Given inputs [B, S, H] and the grad of the outputs, the grad of the inputs."""
-        request = await only_request(requests, timeout_s=self.limits.idle_timeout_s)
-        meta = wire.unpack_metadata(request.metadata, wire.SpanRequest)
-        validation.check_span(self.span, meta)
-        hidden, grad_outputs = self.hidden_tensors(request, count=2)
-        grad = await self._backward(hidden, grad_outputs, meta.start, meta.end, peer)
-        return runtime_pb2.ExpertResponse(tensors=[framing.pack_tensor(grad)])
-
-    async def run_forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """`rpc_forward` for a tensor that came in-process (this peer's own client)."""
-        validation.check_span(self.span, wire.SpanRequest(start=start, end=end))
-        self.check_hidden(hidden)
-        return await self._forward(hidden, start, end, LOCAL_PEER)
-
-    async def run_backward(
-        self, hidden: torch.Tensor, grad_outputs: torch.Tensor, start: int, end: int
-    ) -> torch.Tensor:
-        """`rpc_backward` for tensors that came in-process (this peer's own client)."""
-        validation.check_span(self.span, wire.SpanRequest(start=start, end=end))
-        self.check_hidden(hidden)
-        self.check_hidden(grad_outputs)
-        return await self._backward(hidden, grad_outputs, start, end, LOCAL_PEER)
-
     def _check_not_paused(self) -> None:
         if self.is_paused:
             raise BusyError("this server is paused by its volunteer; try another")
 
-    async def _forward(self, hidden: torch.Tensor, start: int, end: int, peer: str) -> torch.Tensor:
-        self._check_not_paused()
-        output = await sliced_forward(
-            self.compute, self.span, hidden, start, end, peer=peer, budget=self._budget()
-        )
-        self.stats.count(hidden, peer, "forward")
-        return self._drilled((peer, "forward"), output)
-
     def _drilled(self, key: object, output: torch.Tensor) -> torch.Tensor:
         """`output`, or what a drill answers instead (`volunteer.server.drill`)."""
         return output if self.drill is None else self.drill.output(key, output)
-
-    def _budget(self) -> SliceBudget:
-        # The caps may change under a running server (tests do): follow them.
-        if self.slice_budget.target_s != self.caps.forward_slice_s:
-            self.slice_budget = SliceBudget(self.caps.forward_slice_s)
-        return self.slice_budget
-
-    async def _backward(
-        self, hidden: torch.Tensor, grad_outputs: torch.Tensor, start: int, end: int, peer: str
-    ) -> torch.Tensor:
-        self._check_not_paused()
-        if hidden.shape != grad_outputs.shape:
-            raise BadRequestError(
-                f"grad_outputs shape {list(grad_outputs.shape)} != "
-                f"hidden shape {list(hidden.shape)}"
-            )
-        validation.check_backward(hidden, self.caps.max_backward_tokens)
-        span, budget = self.span, self._budget()
-        grad = await sliced_backward(
-            self.compute, span, hidden, grad_outputs, start, end, peer=peer, budget=budget
-        )
-        self.stats.count(hidden, peer, "backward")
-        return self._drilled((peer, "backward"), grad)
 
     async def open_session(self, meta: wire.OpenSessionRequest, *, peer: str) -> Session:
         """Checks and admits a session and allocates its cache (also for in-process use).
@@ -381,7 +304,7 @@ class BlockHandler(ServicerBase):
         return self._drilled(session.key, output)
 
     def hidden_tensors(
-        self, request: runtime_pb2.ExpertRequest, *, count: int
+        self, request: runtime_pb2.ExpertRequest, *, count: int, adapter_tensors: int = 0
     ) -> list[torch.Tensor]:
         """The request's tensors, each checked as hidden states within the limits."""
         return validation.hidden_tensors(
@@ -390,6 +313,7 @@ class BlockHandler(ServicerBase):
             hidden_size=self.span.config.hidden_size,
             limits=self.limits,
             dtype=self.dtype,
+            adapter_tensors=adapter_tensors,
         )
 
     def check_hidden(self, hidden: torch.Tensor) -> None:

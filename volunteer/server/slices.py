@@ -18,6 +18,9 @@ A slice's size is counted in block-positions: rows (batch * positions) times blo
   (activation checkpointing per group). Positions cannot be split here: a position's
   gradient depends on every later one. A slice is at least one block over all the call's
   positions, which `max_backward_tokens` bounds.
+- A call with an adapter (`volunteer.models.adapters`: a fine-tuning client's deep
+  prompts and LoRA) is cut into groups of blocks only, each applying its part of the
+  adapter; its backward also returns the adapter's gradients, group by group.
 
 The slices' state lives in `SlicedForward` / `SlicedBackward`; they are touched only by
 their jobs, one at a time, on the compute thread.
@@ -30,6 +33,7 @@ import time
 
 import torch
 
+from volunteer.models.adapters import SpanAdapter
 from volunteer.models.kv_cache import KVCache
 from volunteer.models.model import BlockSpan
 from volunteer.server.compute import PRIORITY_TRAINING, PriorityCompute, run_blocks, to_span
@@ -51,13 +55,19 @@ class Slice:
     last: int
 
 
-def forward_plan(batch: int, seq: int, start: int, end: int, units: int) -> list[Slice]:
+def forward_plan(
+    batch: int, seq: int, start: int, end: int, units: int, *, split_positions: bool = True
+) -> list[Slice]:
     """The slices of a forward of [batch, seq] through blocks [start, end), each at most
-    `units` block-positions where one block and one position allow it."""
+    `units` block-positions where one block (and, if `split_positions`, one position)
+    allow it."""
     units = max(units, 1)
     rows = batch * seq
     if rows * (end - start) <= units:
         return [Slice(start, end, 0, seq)]
+    if not split_positions:
+        step = max(units // rows, 1)
+        return [Slice(b, min(b + step, end), 0, seq) for b in range(start, end, step)]
     if rows <= units:
         step = units // rows
         return [Slice(b, min(b + step, end), 0, seq) for b in range(start, end, step)]
@@ -112,11 +122,17 @@ class SlicedForward:
     """One forward call's hidden states between its slices."""
 
     def __init__(
-        self, span: BlockSpan, hidden: torch.Tensor, end: int, budget: SliceBudget | None = None
+        self,
+        span: BlockSpan,
+        hidden: torch.Tensor,
+        end: int,
+        budget: SliceBudget | None = None,
+        adapter: CallAdapter | None = None,
     ) -> None:
         self.span = span
         self.request = hidden
         self.end = end
+        self.adapter = adapter
         """The call's last block + 1: its slice that ends there and at the last position
         is the last."""
         self.budget = budget
@@ -136,7 +152,10 @@ class SlicedForward:
         batch, seq, _ = self._hidden.shape
         with torch.inference_mode():
             if (piece.first, piece.last) == (0, seq):
-                self._hidden = run_blocks(self.span, self._hidden, piece.start, piece.end, 0, None)
+                adapter = None if self.adapter is None else self.adapter.part(self.span, piece)
+                self._hidden = run_blocks(
+                    self.span, self._hidden, piece.start, piece.end, 0, None, adapter
+                )
             else:
                 self._run_positions(piece, seq)
         if self.budget is not None:
@@ -168,6 +187,30 @@ class SlicedForward:
             self._hidden, self._next = self._next, None
 
 
+@dataclasses.dataclass
+class CallAdapter:
+    """A call's adapter (for its blocks from `start` on), and its gradients once a
+    backward has them."""
+
+    adapter: SpanAdapter
+    start: int
+    """The model block of the adapter's first block."""
+    grads: list[torch.Tensor] | None = None
+
+    def part(self, span: BlockSpan, piece: Slice, *, trainable: bool = False) -> SpanAdapter:
+        """The adapter of the piece's blocks, on the span's device and dtype (leaf tensors
+        that take gradients if `trainable`)."""
+        part = self.adapter.narrow(piece.start - self.start, piece.end - piece.start)
+        moved = tuple(to_span(span, t).detach().requires_grad_(trainable) for t in part.tensors)
+        return SpanAdapter(part.layout, moved)
+
+    def keep_grads(self, piece: Slice, grads: tuple[torch.Tensor, ...]) -> None:
+        if self.grads is None:
+            self.grads = [torch.zeros_like(t) for t in self.adapter.tensors]
+        for total, grad in zip(self.grads, grads, strict=True):
+            total.narrow(0, piece.start - self.start, piece.end - piece.start).copy_(grad)
+
+
 class SlicedBackward:
     """One backward call: the inputs of its block groups, then the gradient group by
     group from the last."""
@@ -179,11 +222,13 @@ class SlicedBackward:
         grad_outputs: torch.Tensor,
         groups: list[Slice],
         budget: SliceBudget | None = None,
+        adapter: CallAdapter | None = None,
     ) -> None:
         self.span = span
         self.request = hidden
         self.groups = groups
         self.budget = budget
+        self.adapter = adapter
         # Moved to the span's device and dtype by the jobs, on the compute thread.
         self._inputs = [hidden.detach()]
         self._grad = grad_outputs
@@ -191,22 +236,36 @@ class SlicedBackward:
     def forward_group(self, index: int) -> None:
         """The input of group index + 1 (groups in order; the last one's is not needed)."""
         group = self.groups[index]
+        adapter = None if self.adapter is None else self.adapter.part(self.span, group)
         # no_grad rather than inference_mode: these inputs are later saved for autograd.
         with torch.no_grad():
             inputs = self._inputs[index] = to_span(self.span, self._inputs[index])
-            output = run_blocks(self.span, inputs, group.start, group.end, 0, None)
+            output = run_blocks(self.span, inputs, group.start, group.end, 0, None, adapter)
         self._inputs.append(output)
 
     def backward_group(self, index: int) -> torch.Tensor | None:
         """The gradient of group index's input (groups from the last); the first group
-        returns the call's answer, in the request's dtype and on its device."""
+        returns the call's answer, in the request's dtype and on its device (and leaves
+        the adapter's gradients in `adapter.grads`)."""
         began = time.perf_counter()
         group = self.groups[index]
+        adapter = None
+        if self.adapter is not None:
+            adapter = self.adapter.part(self.span, group, trainable=True)
         with torch.enable_grad():
             inputs = to_span(self.span, self._inputs[index]).requires_grad_(True)
-            outputs = run_blocks(self.span, inputs, group.start, group.end, 0, None)
+            outputs = run_blocks(self.span, inputs, group.start, group.end, 0, None, adapter)
             grad_outputs = to_span(self.span, self._grad)
-            (self._grad,) = torch.autograd.grad(outputs, inputs, grad_outputs)
+            wrt = (inputs, *(adapter.tensors if adapter is not None else ()))
+            grads = torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True)
+        self._grad = grads[0]
+        if self.adapter is not None and adapter is not None:
+            # A deep prompt longer than the call's positions leaves its tail unused: zero.
+            filled = tuple(
+                torch.zeros_like(t) if g is None else g
+                for t, g in zip(adapter.tensors, grads[1:], strict=True)
+            )
+            self.adapter.keep_grads(group, filled)
         del self._inputs[index:]  # no longer needed: freed group by group
         if self.budget is not None:
             batch, seq, _ = inputs.shape
@@ -214,6 +273,11 @@ class SlicedBackward:
             self.budget.record(units, time.perf_counter() - began)
         if index:
             return None
+        if self.adapter is not None and self.adapter.grads is not None:
+            self.adapter.grads = [
+                g.detach().to(device=self.request.device, dtype=torch.float32)
+                for g in self.adapter.grads
+            ]
         return self._grad.detach().to(device=self.request.device, dtype=self.request.dtype)
 
 
@@ -226,11 +290,14 @@ async def sliced_forward(
     *,
     peer: str,
     budget: SliceBudget,
+    adapter: SpanAdapter | None = None,
 ) -> torch.Tensor:
     """A forward call's output, computed slice by slice on `compute` for `peer`."""
     units = budget.units(decode_s=compute.decode_s, blocks=span.num_blocks)
-    plan = forward_plan(hidden.shape[0], hidden.shape[1], start, end, units)
-    forward = SlicedForward(span, hidden, end, budget)
+    batch, seq = hidden.shape[0], hidden.shape[1]
+    plan = forward_plan(batch, seq, start, end, units, split_positions=adapter is None)
+    call_adapter = None if adapter is None else CallAdapter(adapter, start)
+    forward = SlicedForward(span, hidden, end, budget, call_adapter)
     output = None
     for piece in plan:
         output = await compute.run(PRIORITY_TRAINING, forward.run, piece, peer=peer)
@@ -248,15 +315,19 @@ async def sliced_backward(
     *,
     peer: str,
     budget: SliceBudget,
-) -> torch.Tensor:
-    """A backward call's gradient, computed group by group on `compute` for `peer`."""
+    adapter: SpanAdapter | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """A backward call's gradients, computed group by group on `compute` for `peer`: of
+    its inputs, and of its adapter's tensors (float32; none without an adapter)."""
     units = budget.units(decode_s=compute.decode_s, blocks=span.num_blocks)
     groups = backward_groups(hidden.shape[0], hidden.shape[1], start, end, units)
-    backward = SlicedBackward(span, hidden, grad_outputs, groups, budget)
+    call_adapter = None if adapter is None else CallAdapter(adapter, start)
+    backward = SlicedBackward(span, hidden, grad_outputs, groups, budget, call_adapter)
     for index in range(len(groups) - 1):
         await compute.run(PRIORITY_TRAINING, backward.forward_group, index, peer=peer)
     grad = None
     for index in reversed(range(len(groups))):
         grad = await compute.run(PRIORITY_TRAINING, backward.backward_group, index, peer=peer)
     assert grad is not None  # the first group answers
-    return grad
+    adapter_grads = () if call_adapter is None else tuple(call_adapter.grads or ())
+    return grad, adapter_grads

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -17,9 +18,13 @@ from hivemind.proto import runtime_pb2
 
 import volunteer.transport.framing as framing
 import volunteer.transport.protocol as wire
+from volunteer.models.adapters import AdapterLayout, SpanAdapter
+from volunteer.models.config import ModelConfig
 from volunteer.models.model import BlockSpan
 from volunteer.server.sessions import Session
 from volunteer.transport.protocol import BadRequestError, SessionExpiredError
+
+MIB = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +68,15 @@ def hidden_tensors(
     hidden_size: int,
     limits: ServerLimits,
     dtype: torch.dtype,
+    adapter_tensors: int = 0,
 ) -> list[torch.Tensor]:
-    """The request's tensors, each read and checked as hidden states within the limits."""
-    if len(request.tensors) != count:
-        raise BadRequestError(f"expected {count} tensor(s), got {len(request.tensors)}")
+    """The request's first `count` tensors, each read and checked as hidden states within
+    the limits (`adapter_tensors` more follow them: see `call_adapter`)."""
+    if len(request.tensors) != count + adapter_tensors:
+        expected = count + adapter_tensors
+        raise BadRequestError(f"expected {expected} tensor(s), got {len(request.tensors)}")
     tensors = []
-    for index, proto in enumerate(request.tensors):
+    for index, proto in enumerate(request.tensors[:count]):
         tensor = framing.unpack_hidden(
             proto, hidden_size=hidden_size, max_positions=limits.max_tokens, name=f"tensor {index}"
         )
@@ -191,3 +199,49 @@ async def next_request(
         return None
     except asyncio.TimeoutError:
         raise SessionExpiredError(f"no message for {timeout_s:g} s; stream closed") from None
+
+
+def adapter_layout(meta: wire.SpanRequest) -> AdapterLayout | None:
+    """The layout of the call's adapter, or None when it carries none."""
+    spec = meta.adapter
+    if spec is None or (not spec.prompt_len and not spec.rank):
+        return None
+    try:
+        return AdapterLayout(spec.prompt_len, spec.rank, tuple(spec.targets), spec.scale)
+    except ValueError as exc:
+        raise BadRequestError(f"adapter: {exc}") from None
+
+
+def call_adapter(
+    request: runtime_pb2.ExpertRequest,
+    meta: wire.SpanRequest,
+    layout: AdapterLayout,
+    *,
+    config: ModelConfig,
+    skip: int,
+    max_bytes: int,
+) -> SpanAdapter:
+    """The call's adapter tensors, which follow its `skip` hidden-state tensors: their
+    size is checked against `max_bytes` (as float32) before any is read, then each one's
+    shape against the layout's for the call's blocks.
+
+    Raises:
+        BadRequestError: an adapter over the cap, or tensors that are not the layout's.
+    """
+    shapes = layout.shapes(config, meta.end - meta.start)
+    size = sum(math.prod(shape) for shape in shapes) * 4
+    if size > max_bytes:
+        raise BadRequestError(
+            f"an adapter of {size / MIB:.1f} MiB for blocks [{meta.start}, {meta.end}) exceeds "
+            f"this server's cap of {max_bytes / MIB:.1f} MiB (max_adapter_mib)"
+        )
+    tensors = []
+    for number, (proto, shape) in enumerate(zip(request.tensors[skip:], shapes, strict=True)):
+        name = f"adapter tensor {number}"
+        tensor = framing.unpack_tensor(proto, max_numel=math.prod(shape), name=name)
+        if tuple(tensor.shape) != shape:
+            raise BadRequestError(f"{name} is {list(tensor.shape)}, not {list(shape)}")
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise BadRequestError(f"{name} holds NaN or infinite values, or is not floating")
+        tensors.append(tensor.float())
+    return SpanAdapter(layout, tuple(tensors))

@@ -261,6 +261,16 @@ class Settings:
     reserves autograd activations for exactly this many positions per served block, and
     the one compute thread runs one backward at a time, so they take at most
     this * blocks * the activation bytes per position."""
+    max_adapter_mib: int = setting(
+        default=32,
+        parse=s.whole_number(1, 4096),
+        help="largest fine-tuning adapter one forward/backward call may carry, in MiB (32)",
+        metavar="MIB",
+    )
+    """A fine-tuning client sends its deep prompts and LoRA weights for the call's blocks
+    with each call (float32); larger ones are refused ("bad request:") before they are
+    read. A backward holds the adapter, its gradients and their autograd state: about
+    three times this per call, one call computing at a time."""
     max_session_s: float = setting(
         default=3600.0,
         parse=s.seconds(10, 7 * 86400),

@@ -39,6 +39,8 @@ PROTOCOL_VERSION = 1
 MAX_METADATA_BYTES = 32 << 10
 """Metadata is a handful of small fields (a step's route at most `MAX_PUSH_HOPS` of
 them); anything larger is refused unparsed."""
+MAX_ADAPTER_PROMPT_LEN = 1024
+MAX_LORA_RANK = 256
 MAX_SESSION_ID_CHARS = 128
 MAX_PEER_ID_CHARS = 128
 MAX_PUSH_HOPS = 64
@@ -149,11 +151,23 @@ class _Schema(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+class AdapterSpec(_Schema):
+    """What a forward/backward call's adapter tensors are (`volunteer.models.adapters`):
+    they follow the call's hidden states (and output gradient), stacked over its blocks."""
+
+    prompt_len: int = Field(default=0, ge=0, le=MAX_ADAPTER_PROMPT_LEN)
+    rank: int = Field(default=0, ge=0, le=MAX_LORA_RANK)
+    targets: tuple[str, ...] = Field(default=(), max_length=8)
+    scale: float = Field(default=1.0, allow_inf_nan=False)
+
+
 class SpanRequest(_Schema):
-    """Metadata of forward and backward: the blocks [start, end) to run."""
+    """Metadata of forward and backward: the blocks [start, end) to run, and the
+    fine-tuning client's adapter for this call only, if any."""
 
     start: int = Field(ge=0)
     end: int = Field(ge=1)
+    adapter: AdapterSpec | None = None
 
 
 class OpenSessionRequest(SpanRequest):
@@ -236,6 +250,13 @@ class StepReply(_Schema):
     """In a step's reply: the session's chain over every step so far."""
     signature: bytes | None = Field(default=None, min_length=64, max_length=64)
     """The session key's signature of `chain`."""
+
+
+class CallReply(_Schema):
+    """Metadata of a forward/backward reply: a server that applied the call's adapter says
+    so (one that ignored the field, as an older one would, must not pass for it)."""
+
+    adapted: bool = False
 
 
 class InfoReply(_Schema):
