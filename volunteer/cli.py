@@ -11,8 +11,10 @@ from collections.abc import Sequence
 
 from volunteer import __version__
 from volunteer.commands import (
+    adapters_cmd,
     chat,
     daemon_cmd,
+    finetune_cmd,
     leaderboard_cmd,
     models_cmd,
     peers_cmd,
@@ -23,7 +25,17 @@ from volunteer.errors import VolunteerError
 from volunteer.models.errors import ModelError
 from volunteer.paths import Paths
 
-_COMMANDS = (models_cmd, chat, daemon_cmd, peers_cmd, leaderboard_cmd, profile_cmd, tui_cmd)
+_COMMANDS = (
+    models_cmd,
+    chat,
+    daemon_cmd,
+    finetune_cmd,
+    peers_cmd,
+    leaderboard_cmd,
+    adapters_cmd,
+    profile_cmd,
+    tui_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,6 +52,11 @@ def register(subparsers: Any) -> None:
         "--model",
         help=f"model name (default: the daemon's; {DEFAULT_MODEL} with --local or --swarm)",
     )
+    parser.add_argument(
+        "--adapter",
+        metavar="NAME",
+        help="answer with a fine-tuned adapter (`volunteer adapters list`)",
+    )
     parser.add_argument("--system", help="system prompt (default: the model's own)")
     parser.add_argument("--max-new-tokens", type=int, default=512, metavar="N")
     parser.add_argument(
@@ -104,7 +109,10 @@ def run(args: argparse.Namespace, paths: Paths) -> int:
 def _open_chat(args: argparse.Namespace, paths: Paths) -> Iterator[Chat]:
     """The model in this process (--local), a swarm joined from here (--swarm), or the
     daemon's client (the default)."""
-    if args.local:
+    if args.adapter and (args.local or args.swarm):
+        with _adapted_chat(args, paths) as chat:
+            yield chat
+    elif args.local:
         from volunteer.chat.local import LocalChat
         from volunteer.model_cache.store import ModelStore  # (tqdm and hashing: not for `tui`)
 
@@ -138,7 +146,25 @@ def _open_chat(args: argparse.Namespace, paths: Paths) -> Iterator[Chat]:
     else:
         from volunteer.chat.via_daemon import DaemonChat
 
-        yield DaemonChat(paths, model=args.model, verify=args.verify, notify=_tell)
+        yield DaemonChat(
+            paths, model=args.model, verify=args.verify, notify=_tell, adapter=args.adapter
+        )
+
+
+@contextlib.contextmanager
+def _adapted_chat(args: argparse.Namespace, paths: Paths) -> Iterator[Chat]:
+    """A chat with a stored adapter, the model here (--local) or in a swarm (--swarm)."""
+    from volunteer.commands.finetune_model import open_here
+    from volunteer.finetune.adapted_chat import load_adapter, local_chat, swarm_chat
+    from volunteer.finetune.store import AdapterStore
+
+    with open_here(args.model or DEFAULT_MODEL, paths, swarm=args.swarm) as (model, blocks):
+        store = AdapterStore.of(paths)
+        loaded = load_adapter(store, args.adapter, config=model.config, model=model.name)
+        if args.local:
+            yield local_chat(model.ends, blocks.span, model.tokenizer, loaded)
+        else:
+            yield swarm_chat(model.ends, blocks, model.tokenizer, model.config, loaded)
 
 
 def _tell(notice: str) -> None:
