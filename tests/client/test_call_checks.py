@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from hivemind.p2p import PeerID
+from volunteer.models.adapters import AdapterLayout, SpanAdapter
 from volunteer.scheduler.routing import RouteHop
 
 from tests.client.test_swarm_client import MODEL
@@ -18,6 +19,7 @@ from tests.server import LoopThread, hidden_states, random_span, sub_span, tiny_
 from tests.swarm.block_peers import Peer, server_info, start_peer, stop_peers
 from volunteer.client.call_checks import CheckedCalls
 from volunteer.client.remote_span import RemoteSpan
+from volunteer.client.span_calls import Grads
 from volunteer.client.swarm_client import SwarmClient
 from volunteer.client.verification import Verifier, WrongOutputError
 from volunteer.faults import parse_faults
@@ -166,3 +168,66 @@ def test_the_swarm_clients_checked_calls_give_the_true_result(world: World) -> N
         torch.testing.assert_close(grad_inputs, expected_grad, atol=ATOL, rtol=0)
     assert client.reputation.is_banned(world.peers["cheat"].peer_id)
     assert not client.reputation.is_banned(world.peers["honest"].peer_id)
+
+
+def _lora(seed: int) -> SpanAdapter:
+    config = tiny_config()
+    layout = AdapterLayout(rank=2, targets=("qkv", "down"), scale=2.0)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(s, generator=generator) * 0.1 for s in layout.shapes(config, 4)]
+    return SpanAdapter.of(layout, tensors, config)
+
+
+def test_an_adapted_backward_is_checked_on_its_adapter_gradients_too(world: World) -> None:
+    """A server that answers the input gradient right but the adapter's wrong is caught
+    (and one that answers both right passes, with the autograd reference's values)."""
+    honest = RouteHop(world.peers["honest"].peer_id, 0, 4)
+    client = world.peers["client"].p2p
+    adapter = _lora(4)
+
+    def checked_calls(*, forge: bool) -> CheckedCalls:
+        async def backward(hop, hidden, grad, adapter=None):
+            peer_id = PeerID.from_base58(hop.peer_id)
+            remote = RemoteSpan(p2p=client, peer_id=peer_id, start=hop.start, end=hop.end)
+            grads = await remote.backward(hidden, grad, timeout_s=30, adapter=adapter)
+            if not forge:
+                return grads
+            return Grads(grads.inputs, (grads.adapter[0] * 1.5, *grads.adapter[1:]))
+
+        async def forward(hop, hidden, adapter=None):
+            raise AssertionError("not called")
+
+        return CheckedCalls(
+            Verifier("all", Reputation()),
+            forward,
+            backward,
+            local_span=lambda start, end: _span_of(world, start, end),
+            plan=lambda start, end, avoid: [],
+        )
+
+    hidden, grad = hidden_states(1, 5, seed=2), hidden_states(1, 5, seed=3)
+    forged = checked_calls(forge=True)
+    with pytest.raises(WrongOutputError, match="backward of blocks 0:4 wrong"):
+        world.loop.run(forged.backward(honest, hidden, grad, adapter), timeout_s=60)
+    right = checked_calls(forge=False)
+    grads = world.loop.run(right.backward(honest, hidden, grad, adapter), timeout_s=60)
+    assert right.verifier.reputation.of(honest.peer_id).passed == 1
+    leaves = [t.clone().requires_grad_(True) for t in adapter.tensors]
+    inputs = hidden.clone().requires_grad_(True)
+    with torch.enable_grad():
+        outputs = world.full(inputs, adapter=SpanAdapter(adapter.layout, tuple(leaves)))
+        expected = torch.autograd.grad(outputs, [inputs, *leaves], grad)
+    torch.testing.assert_close(grads.inputs, expected[0], atol=ATOL, rtol=1e-4)
+    for actual, reference in zip(grads.adapter, expected[1:], strict=True):
+        torch.testing.assert_close(actual, reference, atol=ATOL, rtol=1e-4)
+
+
+async def _span_of(world: World, start: int, end: int):
+    return sub_span(world.full, start, end)
+
+
+def test_a_drilled_server_is_caught_on_an_adapted_forward(world: World) -> None:
+    checked = _checked(world, local=True)
+    cheat = RouteHop(world.peers["cheat"].peer_id, 0, 4)
+    with pytest.raises(WrongOutputError, match="forward of blocks 0:4 wrong"):
+        world.loop.run(checked.forward(cheat, hidden_states(1, 4), _lora(5)), timeout_s=60)

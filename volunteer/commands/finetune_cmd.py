@@ -44,7 +44,9 @@ def register(subparsers: Any) -> None:
         "adapters on every block's projections (default)",
     )
     parser.add_argument("--steps", type=int, default=100, metavar="N")
-    parser.add_argument("--lr", type=float, metavar="LR", help="default: 1e-2 prompts, 1e-3 lora")
+    parser.add_argument(
+        "--lr", type=float, metavar="LR", help="default: 3e-2 ptune, 1e-2 deep_ptune, 1e-3 lora"
+    )
     parser.add_argument("--batch-size", type=int, default=8, metavar="B")
     parser.add_argument("--rank", type=int, default=8, metavar="R", help="LoRA rank (8)")
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (16)")
@@ -136,6 +138,9 @@ class ProgressBar:
         self.first_step: int | None = None
 
     def show(self, progress: Any) -> None:
+        if progress.loss is None:  # the base model's held-out loss, before any step
+            self.out.write(f"\rheld-out loss before training: {progress.heldout[-1][1]:.4f}\n")
+            return
         if self.first_step is None:
             self.first_step = progress.step - 1
         done = progress.step / max(progress.steps, 1)

@@ -31,7 +31,7 @@ from volunteer.models.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LR = {"ptune": 1e-2, "deep_ptune": 1e-2, "lora": 1e-3}
+DEFAULT_LR = {"ptune": 3e-2, "deep_ptune": 1e-2, "lora": 1e-3}
 """Learning rates that suit each method (soft prompts want larger steps than LoRA)."""
 MAX_STEPS = 1_000_000
 
@@ -146,6 +146,10 @@ class Trainer:
         self._resume()
         pad_id = self.tokenizer.eos_token_id or 0
         progress = self.progress
+        if heldout and not progress.heldout:
+            # Where the base model starts: what the run's held-out losses are measured by.
+            progress.heldout.append((0, self.heldout_loss(heldout, pad_id)))
+            self.on_progress(progress)
         while progress.step < self.settings.steps:
             if self.should_stop():
                 self._checkpoint()

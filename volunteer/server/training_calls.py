@@ -171,7 +171,11 @@ class TrainingCalls:
             adapter=adapter,
         )
         self.stats.count(hidden, peer, "backward")
-        return self._drilled((peer, "backward"), grad), adapter_grads
+        drilled = tuple(
+            self._drilled((peer, "backward", index), each)
+            for index, each in enumerate(adapter_grads)
+        )
+        return self._drilled((peer, "backward"), grad), drilled
 
 
 def _call_reply(tensors: list[torch.Tensor], *, adapted: bool) -> runtime_pb2.ExpertResponse:

@@ -232,8 +232,8 @@ def call_adapter(
     size = sum(math.prod(shape) for shape in shapes) * 4
     if size > max_bytes:
         raise BadRequestError(
-            f"an adapter of {size / MIB:.1f} MiB for blocks [{meta.start}, {meta.end}) exceeds "
-            f"this server's cap of {max_bytes / MIB:.1f} MiB (max_adapter_mib)"
+            f"an adapter of {_size(size)} for blocks [{meta.start}, {meta.end}) exceeds "
+            f"this server's cap of {_size(max_bytes)} (max_adapter_mib)"
         )
     tensors = []
     for number, (proto, shape) in enumerate(zip(request.tensors[skip:], shapes, strict=True)):
@@ -245,3 +245,7 @@ def call_adapter(
             raise BadRequestError(f"{name} holds NaN or infinite values, or is not floating")
         tensors.append(tensor.float())
     return SpanAdapter(layout, tuple(tensors))
+
+
+def _size(count: int) -> str:
+    return f"{count / MIB:.3g} MiB" if count >= MIB else f"{count / 1024:.3g} KiB"
