@@ -1,12 +1,12 @@
 """`volunteer tui`: the volunteer's window on the daemon — dashboard, chat, swarm map,
-leaderboard, log.
+settings, leaderboard, fine-tuning, log.
 
 The app gets its daemon client in the constructor (`volunteer.tui.client.DaemonClient`);
 all daemon I/O runs in thread workers and comes back as messages
 (`volunteer.tui.messages`), so the screen never waits on the daemon. It polls the status
-every second, the swarm and the leaderboard every few seconds; when the daemon goes away
-it shows the empty state, and it picks the daemon up again by itself when one runs,
-saying so in the status line.
+and the fine-tuning job every second, the swarm and the leaderboard every few seconds;
+when the daemon goes away it shows the empty state, and it picks the daemon up again by
+itself when one runs, saying so in the status line.
 """
 
 from __future__ import annotations
@@ -25,12 +25,16 @@ from volunteer.tui.chat_history import ChatHistory
 from volunteer.tui.chat_view import ChatView
 from volunteer.tui.client import DaemonClient
 from volunteer.tui.dashboard import Dashboard
+from volunteer.tui.finetune_view import FinetuneView
 from volunteer.tui.gauges import GaugeReader, Gauges
 from volunteer.tui.leaderboard_view import LeaderboardView
 from volunteer.tui.log_panel import LogPanel, LogTail
 from volunteer.tui.messages import (
+    AdaptersListed,
+    ChatWithAdapter,
     ConfigLoaded,
     DaemonActionDone,
+    FinetuneUpdated,
     GaugesUpdated,
     LeaderboardUpdated,
     LogLines,
@@ -61,6 +65,7 @@ def _unless_closing(handler: Handler) -> Handler:
 STATUS_PERIOD_S = 1.0
 SWARM_PERIOD_S = 5.0
 LEADERBOARD_PERIOD_S = 5.0
+FINETUNE_PERIOD_S = 1.0
 LOG_PERIOD_S = 0.5
 
 
@@ -75,11 +80,15 @@ class VolunteerApp(App[None]):
         Binding("f3", "show_tab('swarm')", "Swarm", show=False, priority=True),
         Binding("f4", "show_tab('settings')", "Settings", show=False, priority=True),
         Binding("f5", "show_tab('leaderboard')", "Leaderboard", show=False, priority=True),
+        Binding("f6", "show_tab('finetune')", "Finetune", show=False, priority=True),
         Binding("1", "show_tab('dashboard')", "Dashboard", show=False),
         Binding("4", "show_tab('settings')", "Settings", show=False),
         Binding("2", "show_tab('chat')", "Chat", show=False),
         Binding("3", "show_tab('swarm')", "Swarm", show=False),
         Binding("5", "show_tab('leaderboard')", "Leaderboard", show=False),
+        Binding("6", "show_tab('finetune')", "Finetune", show=False),
+        # The finetune tab's own `c` needs the focus in it; this one works there without.
+        Binding("c", "chat_with_adapter", "Chat with it", show=False),
         Binding("s", "start_daemon", "Start"),
         Binding("x", "stop_daemon", "Stop"),
         Binding("p", "toggle_pause", "Pause/resume"),
@@ -124,6 +133,8 @@ class VolunteerApp(App[None]):
                 yield SettingsView(id="settings-view")
             with TabPane(r"Leaderboard \[F5]", id="leaderboard"):
                 yield LeaderboardView(id="leaderboard-view")
+            with TabPane(r"Finetune \[F6]", id="finetune"):
+                yield FinetuneView(id="finetune-view")
         yield LogPanel(id="log", max_lines=2000, wrap=False, classes="hidden")
         yield Static("connecting to the daemon…", id="status-line", markup=False)
         yield Footer()
@@ -136,6 +147,7 @@ class VolunteerApp(App[None]):
             self.set_interval(STATUS_PERIOD_S, self.refresh_gauges)
             self.set_interval(SWARM_PERIOD_S, self.refresh_swarm)
             self.set_interval(LEADERBOARD_PERIOD_S, self.refresh_leaderboard)
+            self.set_interval(FINETUNE_PERIOD_S, self.refresh_finetune)
             self.set_interval(LOG_PERIOD_S, self.refresh_log)
 
     # Workers: daemon and machine I/O off the event loop, answers as messages.
@@ -174,6 +186,24 @@ class VolunteerApp(App[None]):
         except Exception as exc:  # an older daemon without a board, or one busy: shown
             self.post_message(LeaderboardUpdated(None, error=str(exc) or type(exc).__name__))
 
+    @work(thread=True, exclusive=True, group="finetune")
+    def refresh_finetune(self) -> None:
+        if not self.daemon_seen:
+            return
+        try:
+            self.post_message(FinetuneUpdated(self.client.finetune_status()))
+        except Exception as exc:  # an older daemon without fine-tuning, or one busy: shown
+            self.post_message(FinetuneUpdated(None, error=str(exc) or type(exc).__name__))
+
+    @work(thread=True, exclusive=True, group="adapters")
+    def refresh_adapters(self) -> None:
+        if not self.daemon_seen:
+            return
+        try:
+            self.post_message(AdaptersListed(self.client.adapters()))
+        except Exception as exc:  # the chat goes on with the base model
+            self.post_message(AdaptersListed(None, error=str(exc) or type(exc).__name__))
+
     @work(thread=True, exclusive=True, group="gauges")
     def refresh_gauges(self) -> None:
         self.post_message(GaugesUpdated(self._read_gauges()))
@@ -210,8 +240,11 @@ class VolunteerApp(App[None]):
         if first_sight:
             self.refresh_swarm()
             self.refresh_leaderboard()
-        elif not is_up:  # the daemon went, and its board with it
+            self.refresh_finetune()
+            self.refresh_adapters()
+        elif not is_up:  # the daemon went, and its board and job with it
             self.query_one(LeaderboardView).show_board(None, message.error)
+            self.query_one(FinetuneView).show_job(None, message.error or "no daemon is running")
 
     @_unless_closing
     def on_swarm_updated(self, message: SwarmUpdated) -> None:
@@ -223,6 +256,24 @@ class VolunteerApp(App[None]):
     @_unless_closing
     def on_leaderboard_updated(self, message: LeaderboardUpdated) -> None:
         self.query_one(LeaderboardView).show_board(message.board, message.error)
+
+    @_unless_closing
+    def on_finetune_updated(self, message: FinetuneUpdated) -> None:
+        view = self.query_one(FinetuneView)
+        was = view.job
+        view.show_job(message.job, message.error)
+        job = message.job
+        if job is not None and job.state == "done" and (was is None or was.state != "done"):
+            self.refresh_adapters()  # the new adapter, for the chat's choice
+
+    @_unless_closing
+    def on_adapters_listed(self, message: AdaptersListed) -> None:
+        if message.reply is not None:
+            self.query_one(ChatView).show_adapters(message.reply.adapters)
+
+    def on_chat_with_adapter(self, message: ChatWithAdapter) -> None:
+        self.query_one(ChatView).select_adapter(message.adapter)
+        self.action_show_tab("chat")
 
     @_unless_closing
     def on_gauges_updated(self, message: GaugesUpdated) -> None:
@@ -240,13 +291,17 @@ class VolunteerApp(App[None]):
     # Actions (key bindings).
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
-        if event.pane.id == "chat":  # ready to type
+        if event.pane.id == "chat":  # ready to type, with the adapters there are now
             self.query_one("#prompt").focus()
+            self.refresh_adapters()
         elif event.pane.id == "settings":
             self.query_one("#setting-public_name").focus()
             self.load_config()
         elif event.pane.id == "leaderboard":  # fresh at once, not at the next poll
             self.refresh_leaderboard()
+        elif event.pane.id == "finetune":
+            self.query_one(FinetuneView).focus_first()
+            self.refresh_finetune()
 
     @work(thread=True, exclusive=True, group="settings")
     def load_config(self) -> None:
@@ -268,6 +323,10 @@ class VolunteerApp(App[None]):
         # A focused widget in the pane we leave would pull its pane back to the front.
         self.set_focus(None)
         self.query_one(TabbedContent).active = tab
+
+    def action_chat_with_adapter(self) -> None:
+        if self.query_one(TabbedContent).active == "finetune":
+            self.query_one(FinetuneView).action_chat_with_adapter()
 
     def action_toggle_log(self) -> None:
         panel = self.query_one("#log", LogPanel)

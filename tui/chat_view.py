@@ -1,6 +1,6 @@
 """Chat with the swarm's model through the daemon: streaming answers rendered as
-Markdown, a stop key, a new-conversation key, sampling settings in a side panel, and
-each answer's route and speed.
+Markdown, a stop key, a new-conversation key, sampling settings and a fine-tuned adapter
+to answer with in a side panel, and each answer's route and speed.
 
 While a reply streams it is shown as plain text, redrawn at most PAINT_PERIOD_S apart;
 when it ends it is rendered as Markdown. (Re-parsing Markdown for every token kept the
@@ -15,12 +15,12 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import Input, Label, ListItem, ListView, Markdown, Static
+from textual.widgets import Input, Label, ListItem, ListView, Markdown, Select, Static
 from volunteer.tui.chat_history import ChatHistory
 from volunteer.tui.messages import ChatDone, ChatPiece, ConversationOpened, HistoryListed
 from volunteer.tui.render import route_text
 
-from volunteer.control.messages import ChatNotice, ChatStats, ChatText
+from volunteer.control.messages import AdapterRow, ChatNotice, ChatStats, ChatText
 
 DEFAULT_MAX_TOKENS = 256
 PAINT_PERIOD_S = 0.1
@@ -43,6 +43,7 @@ class ChatView(Horizontal):
         self._answer: Static | None = None
         self._is_dirty = False
         self._stats: Static | None = None
+        self._adapters: set[str] = set()
         self._reply_id = 0
         """Which reply the pieces arriving now belong to: a reply cut off by a new
         conversation may still send a few, which are dropped."""
@@ -60,6 +61,8 @@ class ChatView(Horizontal):
             yield Input("1.0", id="top-p", type="number")
             yield Label("Max new tokens")
             yield Input(str(DEFAULT_MAX_TOKENS), id="max-tokens", type="integer")
+            yield Label("Adapter")
+            yield Select([], prompt="none: the base model", id="adapter")
             yield Static(id="chat-note", markup=False)
             yield Label("Saved chats (Enter opens)")
             yield ListView(id="history")
@@ -74,11 +77,35 @@ class ChatView(Horizontal):
             except ValueError:
                 return default
 
-        return {
+        settings = {
             "temperature": number("temperature", float, 0.0),
             "top_p": number("top-p", float, 1.0),
             "max_new_tokens": number("max-tokens", int, DEFAULT_MAX_TOKENS),
         }
+        adapter = self.query_one("#adapter", Select)
+        if not adapter.is_blank():
+            settings["adapter"] = adapter.value
+        return settings
+
+    def show_adapters(self, rows: list[AdapterRow]) -> None:
+        """The adapters to choose from (damaged ones left out); the choice stays while
+        its adapter does."""
+        self._list_adapters({row.name for row in rows if not row.is_broken})
+
+    def select_adapter(self, name: str) -> None:
+        """Selects adapter `name` (listed at once, before the daemon's list says so)."""
+        self._list_adapters(self._adapters | {name})
+        self.query_one("#adapter", Select).value = name
+
+    def _list_adapters(self, names: set[str]) -> None:
+        if names == self._adapters:  # listed every time the tab shows: the choice stays
+            return
+        select = self.query_one("#adapter", Select)
+        chosen = None if select.is_blank() else select.value
+        self._adapters = names
+        select.set_options((name, name) for name in sorted(names))
+        if chosen in names:
+            select.value = chosen
 
     @on(Input.Submitted, "#prompt")
     async def submit(self, event: Input.Submitted) -> None:
@@ -201,6 +228,11 @@ class ChatView(Horizontal):
         if "max_new_tokens" in conversation.settings:
             value = str(conversation.settings["max_new_tokens"])
             self.query_one("#max-tokens", Input).value = value
+        adapter = conversation.settings.get("adapter")
+        if isinstance(adapter, str) and adapter:
+            self.select_adapter(adapter)
+        else:
+            self.query_one("#adapter", Select).clear()
         self.query_one("#chat-note", Static).update(f"reopened: {conversation.title}")
         log.scroll_end(animate=False)
 

@@ -19,7 +19,11 @@ from volunteer.control import lifecycle
 from volunteer.control.client import ControlClient
 from volunteer.control.endpoint import ControlError, DaemonNotRunningError
 from volunteer.control.messages import (
+    ADAPTERS,
     CHAT,
+    FINETUNE_START,
+    FINETUNE_STATUS,
+    FINETUNE_STOP,
     LEADERBOARD,
     PAUSE,
     PEERS,
@@ -27,9 +31,11 @@ from volunteer.control.messages import (
     RESUME,
     STATUS,
     SWARM,
+    AdaptersReply,
     ChatNotice,
     ChatStats,
     ChatText,
+    FinetuneJob,
     LeaderboardReply,
     PeersReply,
     StatusReply,
@@ -45,6 +51,8 @@ STATUS_TIMEOUT_S = 2.0
 SWARM_TIMEOUT_S = 20.0
 LEADERBOARD_TIMEOUT_S = 10.0
 TOKEN_WAIT_S = 300.0
+"""The first reply loads the model's ends; one with an adapter loads it too."""
+FINETUNE_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 180.0
 RELOAD_TIMEOUT_S = 30.0
 """A reload re-announces the public name in the DHT (10 s per try at most)."""
@@ -74,6 +82,23 @@ class DaemonClient(Protocol):
         """The daemon's chat stream (params: a `ChatRequest`'s fields, which the daemon
         checks and names the wrong one of): the reply's text pieces (and notices), then
         its stats."""
+        ...
+
+    def finetune_start(self, params: dict[str, Any]) -> FinetuneJob:
+        """Starts a fine-tuning job in the daemon (params: a `FinetuneRequest`'s fields,
+        which the daemon checks); raises naming what is wrong, or the job that runs."""
+        ...
+
+    def finetune_status(self) -> FinetuneJob:
+        """The daemon's current or last fine-tuning job, with its loss and speed series."""
+        ...
+
+    def finetune_stop(self) -> FinetuneJob:
+        """Asks the running job to stop after its step (it saves a checkpoint)."""
+        ...
+
+    def adapters(self) -> AdaptersReply:
+        """The adapters the daemon keeps (what chat may answer with)."""
         ...
 
     def start(self) -> str:
@@ -130,6 +155,19 @@ class ControlDaemonClient:
     def chat(self, params: dict[str, Any]) -> Iterator[ChatText | ChatNotice | ChatStats]:
         client = ControlClient(self._paths)
         yield from client.call_stream(CHAT, params, timeout_s=TOKEN_WAIT_S)
+
+    def finetune_start(self, params: dict[str, Any]) -> FinetuneJob:
+        client = ControlClient(self._paths)
+        return client.call(FINETUNE_START, params, timeout_s=FINETUNE_TIMEOUT_S)
+
+    def finetune_status(self) -> FinetuneJob:
+        return ControlClient(self._paths).call(FINETUNE_STATUS, timeout_s=STATUS_TIMEOUT_S)
+
+    def finetune_stop(self) -> FinetuneJob:
+        return ControlClient(self._paths).call(FINETUNE_STOP, timeout_s=FINETUNE_TIMEOUT_S)
+
+    def adapters(self) -> AdaptersReply:
+        return ControlClient(self._paths).call(ADAPTERS, timeout_s=LEADERBOARD_TIMEOUT_S)
 
     def start(self) -> str:
         # The CLI, so the daemon gets exactly the settings `volunteer start` would give it.

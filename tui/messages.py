@@ -7,7 +7,9 @@ from volunteer.tui.gauges import Gauges
 
 from volunteer.chat.store import ConversationSummary, StoredConversation
 from volunteer.control.messages import (
+    AdaptersReply,
     ChatStats,
+    FinetuneJob,
     LeaderboardReply,
     PeersReply,
     StatusReply,
@@ -44,6 +46,41 @@ class LeaderboardUpdated(Message):
         super().__init__()
         self.board = board
         self.error = error
+
+
+class FinetuneUpdated(Message):
+    """The daemon's fine-tuning job as a poll, a start or a stop found it; or None with
+    `error` (no daemon, or the daemon refused a start: shown, the last job kept)."""
+
+    def __init__(self, job: FinetuneJob | None, error: str | None = None) -> None:
+        super().__init__()
+        self.job = job
+        self.error = error
+
+
+class FinetuneRefused(Message):
+    """The daemon refused a start or stop from the finetune tab: what it said."""
+
+    def __init__(self, error: str) -> None:
+        super().__init__()
+        self.error = error
+
+
+class AdaptersListed(Message):
+    """The daemon's adapters (None: it did not say, `error` why)."""
+
+    def __init__(self, reply: AdaptersReply | None, error: str | None = None) -> None:
+        super().__init__()
+        self.reply = reply
+        self.error = error
+
+
+class ChatWithAdapter(Message):
+    """The finetune tab asks for the chat tab, with this adapter selected."""
+
+    def __init__(self, adapter: str) -> None:
+        super().__init__()
+        self.adapter = adapter
 
 
 class GaugesUpdated(Message):

@@ -14,7 +14,9 @@ from volunteer.models.config import ModelConfig
 from volunteer.models.tokenizer import Tokenizer
 
 from volunteer import cli
+from volunteer.finetune import trainer as trainer_module
 from volunteer.finetune.blocks import LocalBlocks
+from volunteer.finetune.data import batches
 from volunteer.finetune.params import MethodSettings
 from volunteer.finetune.store import AdapterStore
 from volunteer.finetune.trainer import Stopped, Trainer, TrainSettings
@@ -128,3 +130,32 @@ def test_an_adapter_of_another_model_is_refused(
     error = capsys.readouterr().err
     assert "elsewhere" in error and "some-other-model" in error
     assert config.num_layers
+
+
+def test_a_batch_larger_than_a_call_runs_as_calls_with_the_same_gradient(
+    smollm2_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = _trainer(smollm2_folder, AdapterStore(tmp_path), name="split", stop_at=None)
+    train, _ = trainer.load_data()
+    batch = next(batches(train, 4, pad_id=0, seed=0, epoch=0))
+    with torch.no_grad():  # away from LoRA's zero start: every gradient path live
+        for param in trainer.params.parameters():
+            param.add_(0.01)
+
+    def gradients() -> tuple[float, dict[str, torch.Tensor]]:
+        trainer.params.zero_grad()
+        loss, _ = trainer._batch_loss(batch, learn=True)
+        return loss, {name: p.grad.clone() for name, p in trainer.params.named_parameters()}
+
+    whole_loss, whole = gradients()
+    monkeypatch.setattr(trainer_module, "MAX_CALL_POSITIONS", batch.input_ids.shape[1])
+    calls = []
+    blocks = trainer.blocks
+    trainer.blocks = lambda hidden, adapter: (
+        calls.append(hidden.shape[0]) or blocks(hidden, adapter)
+    )
+    split_loss, split = gradients()
+    assert calls == [1, 1, 1, 1]
+    assert split_loss == pytest.approx(whole_loss, rel=1e-5)
+    for name, grad in whole.items():
+        torch.testing.assert_close(split[name], grad, atol=1e-6, rtol=1e-4)

@@ -4,7 +4,9 @@ The control method `chat` (streaming) takes a conversation and sampling options 
 streams the reply's text. The daemon runs the client: the model's ends and tokenizer are
 loaded on the first chat, each reply runs in a worker thread (torch work stays off the
 event loop), and the swarm session runs on the daemon's loop next to the DHT. A client
-that hangs up stops its reply after the current token.
+that hangs up stops its reply after the current token. A request that names an adapter
+is answered by what the daemon's `AdaptedChats` makes of the swarm chat (the fine-tuning
+layer, which this one does not import).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from volunteer.chat.conversation import Conversation, ReplyStats, user_sampling
 from volunteer.client.receipt_sender import ReceiptSender
@@ -47,6 +49,15 @@ MAX_CONCURRENT_CHATS = 4
 """Replies generated at once; more wait for a worker."""
 
 
+class AdaptedChats(Protocol):
+    """Makes the chat that answers with a stored adapter, on the daemon's swarm chat."""
+
+    async def chat_for(self, name: str, base: SwarmChat) -> Any:
+        """A chat with `base`'s `stream_reply` that runs adapter `name` (its errors are
+        the caller's: a missing or incompatible adapter)."""
+        ...
+
+
 def _sampling(request: ChatRequest) -> SamplingParams:
     return user_sampling(
         temperature=request.temperature,
@@ -69,10 +80,13 @@ class ChatService:
         trust: TrustService,
         *,
         receipts: Callable[[str], ReceiptSender] | None = None,
+        adapters: AdaptedChats | None = None,
     ) -> None:
-        """`receipts` makes the sender of the chats' receipts for a model (None: none)."""
+        """`receipts` makes the sender of the chats' receipts for a model (None: none);
+        `adapters` answers requests that name an adapter (None: they are refused)."""
         self._trust = trust
         self._receipts = receipts
+        self._adapters = adapters
         self._settings = settings
         self._paths = paths
         self._dht = dht
@@ -119,9 +133,13 @@ class ChatService:
                 f"chat with that model through `--swarm MULTIADDR`"
             )
         sampling = _sampling(request)
-        chat = await self._load()
+        chat: Any = await self._load()
         if not self._is_running:
             raise SettingsError("the daemon is stopping")
+        if request.adapter is not None:
+            if self._adapters is None:
+                raise SettingsError("this daemon does not chat with adapters")
+            chat = await self._adapters.chat_for(request.adapter, chat)
         conversation = Conversation(messages=[m.model_dump() for m in request.messages])
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -189,6 +207,11 @@ class ChatService:
                 send("error", SettingsError("the daemon is stopping"))
                 return
             await in_passing_thread(answer)
+
+    async def swarm_chat(self) -> SwarmChat:
+        """The daemon's swarm chat (its client, loop, model ends and tokenizer), loaded on
+        first use: what fine-tuning in the daemon runs on too."""
+        return await self._load()
 
     async def _load(self) -> SwarmChat:
         # The tokenizer and chat templates (jinja2) load with the first chat, not with

@@ -35,10 +35,13 @@ class DaemonChat:
         model: str | None = None,
         verify: str | None = None,
         notify: Callable[[str], None] | None = None,
+        adapter: str | None = None,
     ) -> None:
+        """`adapter`: answer with this adapter of the daemon's (None: the base model)."""
         self._client = ControlClient(paths)
         self._model = model
         self._verify = verify
+        self._adapter = adapter
         self._notify = notify
         """Told the daemon's notices (the blocks a reply waits for); None: dropped."""
 
@@ -61,6 +64,7 @@ class DaemonChat:
                 seed=sampling.seed,
                 model=self._model,
                 verify=self._verify,
+                adapter=self._adapter,
             )
         except pydantic.ValidationError as exc:
             raise SettingsError(f"bad chat request: {first_problem(exc)}") from None

@@ -16,6 +16,7 @@ import pydantic
 
 MAX_MESSAGES = 1000
 MAX_NEW_TOKENS = 32768
+MAX_SERIES_POINTS = 512  # a fine-tuning job's series are thinned to at most this many
 PAUSED_NOTE = "paused by you: not taking new sessions"
 
 DaemonState = Literal[
@@ -24,6 +25,10 @@ DaemonState = Literal[
 ]  # fmt: skip
 """`starting` and `not_running` are the CLI's words for a daemon that does not answer
 yet (its pid file exists) or at all; the daemon itself says the others."""
+FinetuneState = Literal["idle", "running", "stopping", "done", "stopped", "failed"]
+AdapterName = Annotated[str, pydantic.Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+"""As `volunteer.finetune.adapter_info.valid_name` allows (no name climbs out of the store)."""
+Series = Annotated[list[tuple[int, float]], pydantic.Field(max_length=2 * MAX_SERIES_POINTS)]
 
 
 class Reply(pydantic.BaseModel):
@@ -72,6 +77,69 @@ class ChatRequest(Params):
     """Must be the daemon's model when given (it is the only one it holds)."""
     verify: Literal["off", "sample", "all"] | None = None
     """How the servers' steps are checked (None: as the daemon's `verify` setting)."""
+    adapter: AdapterName | None = None
+    """Answer with this fine-tuned adapter of the daemon's (None: the base model)."""
+
+
+class FinetuneRequest(Params):
+    """`finetune_start`: a run's settings, as `volunteer finetune`'s flags (unknown fields
+    are refused; the daemon checks the rest as the CLI does)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    data: str = pydantic.Field(min_length=1, max_length=4096)
+    """The JSONL file, as an absolute path on the daemon's machine."""
+    name: AdapterName
+    method: Literal["ptune", "deep_ptune", "lora"] = "lora"
+    steps: int = pydantic.Field(default=100, ge=1, le=1_000_000)
+    lr: float | None = pydantic.Field(default=None, gt=0, le=10)
+    batch_size: int = pydantic.Field(default=8, ge=1, le=4096)
+    rank: int = pydantic.Field(default=8, ge=1, le=256)
+    alpha: float = pydantic.Field(default=16.0, gt=0, le=1e6)
+    prompt_len: int = pydantic.Field(default=16, ge=1, le=256)
+    heldout_every: int = pydantic.Field(default=10, ge=1, le=1_000_000)
+    seed: int = pydantic.Field(default=0, ge=0, le=2**63 - 1)
+    model: str | None = None
+    """Must be the daemon's model when given (it trains the model it holds)."""
+
+
+class FinetuneStatusParams(Params):
+    name: AdapterName | None = None  # None: the current or last job; another name: idle
+
+
+class FinetuneJob(Reply):
+    """`finetune_start`, `finetune_status` and `finetune_stop`: the daemon's current or
+    last fine-tuning job (one runs at a time). Series are (step, value), thinned."""
+
+    name: str | None = None
+    state: FinetuneState = "idle"
+    method: str | None = None
+    data: str | None = None
+    step: int = 0
+    steps: int = 0
+    loss: float | None = None
+    heldout_loss: float | None = None
+    tokens_per_s: float = 0.0
+    losses: Series = []
+    heldout: Series = []
+    speeds: Series = []
+    error: str | None = None  # why it failed
+    adapter: str | None = None  # the adapter it saved, once done
+
+
+class AdapterRow(Reply):
+    name: str
+    method: str | None = None
+    steps: int = 0
+    heldout_loss: float | None = None
+    is_broken: bool = False
+    reason: str | None = None  # what is wrong with a broken one
+
+
+class AdaptersReply(Reply):
+    """`adapters`: the daemon's stored adapters, by name."""
+
+    adapters: list[AdapterRow] = []
 
 
 class DaemonStatus(Reply):
@@ -365,6 +433,10 @@ RESUME = Method("resume", NoParams, PauseReply)
 SWARM = Method("swarm", SwarmParams, SwarmReply)
 PEERS = Method("peers", NoParams, PeersReply)
 LEADERBOARD = Method("leaderboard", NoParams, LeaderboardReply)
+FINETUNE_START = Method("finetune_start", FinetuneRequest, FinetuneJob)
+FINETUNE_STATUS = Method("finetune_status", FinetuneStatusParams, FinetuneJob)
+FINETUNE_STOP = Method("finetune_stop", NoParams, FinetuneJob)
+ADAPTERS = Method("adapters", NoParams, AdaptersReply)
 CHAT: Method[ChatRequest, ChatText | ChatNotice | ChatStats] = Method(
     "chat", ChatRequest, ChatText | ChatNotice | ChatStats, is_stream=True
 )

@@ -105,11 +105,13 @@ def raise_file_limit() -> None:
 
 def _services(settings: Settings, paths: Paths) -> list[Service]:
     """The daemon's services in start order (stopped in reverse: the blocks announce
-    OFFLINE while the DHT is still up), under this peer's identity."""
+    OFFLINE while the DHT is still up, a fine-tuning job saves its checkpoint while the
+    swarm client it trains through is still up), under this peer's identity."""
     from volunteer.chat.service import ChatService
     from volunteer.daemon.block_service import BlockService
     from volunteer.daemon.credit_service import CreditService
     from volunteer.daemon.dht_service import DHTService
+    from volunteer.daemon.finetune_service import AdapterChats, FinetuneService
     from volunteer.daemon.identity import (
         load_or_create_identity,
         runtime_identity_path,
@@ -141,5 +143,14 @@ def _services(settings: Settings, paths: Paths) -> list[Service]:
     )
     trust = TrustService(paths, blocks, dht=dht, owner=owner, settings=settings)
     credit = CreditService(settings, paths, dht, blocks, trust, signer=signer, owner=owner)
-    chat = ChatService(settings, paths, dht, blocks, trust, receipts=credit.receipt_sender)
-    return [dht, blocks, trust, credit, chat]
+    chat = ChatService(
+        settings,
+        paths,
+        dht,
+        blocks,
+        trust,
+        receipts=credit.receipt_sender,
+        adapters=AdapterChats(paths),
+    )
+    finetune = FinetuneService(settings, paths, chat)
+    return [dht, blocks, trust, credit, chat, finetune]

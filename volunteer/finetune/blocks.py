@@ -85,11 +85,14 @@ class _ThroughSwarm(torch.autograd.Function):
             adapter = SpanAdapter(layout, tuple(t.detach() for t in tensors))
         output, trace = blocks.forward(hidden.detach(), adapter)
         ctx.blocks, ctx.trace, ctx.count = blocks, trace, len(tensors)
-        return output
+        # A hop on this process's own server answers an inference-mode tensor, on which
+        # autograd records nothing: a plain copy joins the graph.
+        return output.clone() if output.is_inference() else output
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad, adapter_grads = ctx.blocks.backward(ctx.trace, grad_output.contiguous())
+        grad = grad.clone() if grad.is_inference() else grad
         ctx.trace = None  # the kept inputs: freed as soon as they are used
         if ctx.count and len(adapter_grads) != ctx.count:
             raise RuntimeError("the swarm answered the wrong number of adapter gradients")

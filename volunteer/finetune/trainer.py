@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_LR = {"ptune": 3e-2, "deep_ptune": 1e-2, "lora": 1e-3}
 """Learning rates that suit each method (soft prompts want larger steps than LoRA)."""
 MAX_STEPS = 1_000_000
+MAX_CALL_POSITIONS = 512
+"""Positions (rows times prompt and tokens) per forward/backward call: servers refuse a
+backward of more than their `max_backward_tokens`, 512 by default. A larger batch runs
+as several calls whose gradients add up to the batch's."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,23 +182,42 @@ class Trainer:
         with torch.no_grad():
             size = self.settings.batch_size
             for batch in batches(examples, size, pad_id=pad_id, seed=0, epoch=0):
-                loss, tokens = self._loss(batch)
-                total += float(loss) * tokens
+                loss, tokens = self._batch_loss(batch, learn=False)
+                total += loss * tokens
                 count += tokens
         return total / max(count, 1)
 
     def _step(self, batch: Batch) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        loss, _ = self._loss(batch)
-        loss.backward()
+        loss, _ = self._batch_loss(batch, learn=True)
         self.optimizer.step()
-        return float(loss.detach())
+        return loss
 
-    def _loss(self, batch: Batch) -> tuple[torch.Tensor, int]:
-        adapter = self.params.span_adapter()
-        return causal_loss(
-            self.ends, self.params.prompt, adapter, self.blocks, batch.input_ids, batch.targets
-        )
+    def _batch_loss(self, batch: Batch, *, learn: bool) -> tuple[float, int]:
+        """The batch's mean loss per target token, run as calls of at most
+        `MAX_CALL_POSITIONS` positions each; with `learn`, their gradients, weighted by
+        their share of the targets, add up to the whole batch's."""
+        prefix = self.settings.method.prefix_len
+        rows = max(1, MAX_CALL_POSITIONS // (batch.input_ids.shape[1] + prefix))
+        total = int(batch.targets[:, 1:].sum())
+        summed = 0.0
+        for first in range(0, batch.input_ids.shape[0], rows):
+            input_ids = batch.input_ids[first : first + rows]
+            targets = batch.targets[first : first + rows]
+            if not targets[:, 1:].any():
+                continue
+            loss, count = causal_loss(
+                self.ends,
+                self.params.prompt,
+                self.params.span_adapter(),
+                self.blocks,
+                input_ids,
+                targets,
+            )
+            if learn:
+                (loss * (count / total)).backward()
+            summed += float(loss.detach()) * count
+        return summed / max(total, 1), total
 
     def _info(self) -> AdapterInfo:
         method = self.settings.method
