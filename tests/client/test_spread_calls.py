@@ -15,11 +15,9 @@ import torch
 
 from tests.client.test_swarm_client import MODEL
 from tests.server import LoopThread, hidden_states, random_span, tiny_config
-from tests.swarm.block_peers import LOOPBACK, Peer, start_peer, stop_peers
+from tests.swarm.block_peers import LOOPBACK, Peer, start_announced, stop_peers
 from volunteer.client.spread import TracedHop
 from volunteer.client.swarm_client import SwarmClient
-from volunteer.swarm.dht_records import announce_on_node
-from volunteer.swarm.records import ServerInfo, ServerState
 from volunteer.transport.protocol import BadRequestError
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
@@ -37,37 +35,13 @@ class World:
     client: SwarmClient
 
 
-async def _start(full: torch.nn.Module) -> dict[str, Peer]:
-    peers: dict[str, Peer] = {}
-    maddrs: list[str] = []
-    for name, (start, end) in SPANS.items():
-        peers[name] = await start_peer(full, start, end, maddrs, model=MODEL)
-        if not maddrs:
-            maddrs = [str(a) for a in await peers[name].p2p.get_visible_maddrs()]
-    for peer in peers.values():
-        info = ServerInfo(
-            state=ServerState.ONLINE,
-            start=peer.handler.span.start,
-            end=peer.handler.span.end,
-            throughput=100.0,
-            dtype="float32",
-            cache_tokens_left=256,
-            version="0.1.0",
-            model=MODEL,
-        )
-        assert await announce_on_node(
-            peer.node, info, owner=peer.owner, expiration_s=60, timeout_s=10
-        )
-    return peers
-
-
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     assert LOOPBACK == ["/ip4/127.0.0.1/tcp/0"]
     loop = LoopThread()
     full = random_span(tiny_config())
     try:
-        peers = loop.run(_start(full), timeout_s=60)
+        peers = loop.run(start_announced(full, SPANS, model=MODEL), timeout_s=60)
         own = peers["c"]
         client = SwarmClient(
             p2p=own.p2p,

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +121,19 @@ class DaemonSwarm:
             text=True,
             timeout=self.chat_timeout_s,
         )
+
+
+@contextlib.contextmanager
+def one_daemon(root: Path, model: Path) -> Iterator[tuple[Homes, Path]]:
+    """A daemon of a new swarm of its own serving `model` (one torch thread), in a home
+    under `root`; killed at exit."""
+    homes = Homes(root)
+    home = homes.home("one")
+    home.mkdir()
+    try:
+        flags = ("--model", str(model), "--threads", "1", "--new-swarm")
+        started = homes.cli(home, "start", *flags)
+        assert started.returncode == 0, started.stderr
+        yield homes, home
+    finally:
+        homes.reap()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon.homes import ROOT, Homes
+from tests.daemon.homes import ROOT, Homes, one_daemon
 from volunteer.control.client import ControlClient
 from volunteer.control.endpoint import ControlError, use_tcp
 from volunteer.control.messages import (
@@ -70,16 +70,8 @@ class Daemon:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, smollm2_folder: Path) -> Iterator[Daemon]:
-    homes = Homes(tmp_path_factory.mktemp("finetune"))
-    home = homes.home("one")
-    home.mkdir()
-    try:
-        flags = ("--model", str(smollm2_folder), "--threads", "1", "--new-swarm")
-        started = homes.cli(home, "start", *flags)
-        assert started.returncode == 0, started.stderr
+    with one_daemon(tmp_path_factory.mktemp("finetune"), smollm2_folder) as (homes, home):
         yield Daemon(homes, home)
-    finally:
-        homes.reap()
 
 
 @pytest.mark.slow

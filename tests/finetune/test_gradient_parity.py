@@ -19,12 +19,11 @@ from volunteer.models.config import ModelConfig
 from volunteer.models.model import BlockSpan, ModelEnds
 
 from tests.server import LoopThread, random_span, tiny_config
-from tests.swarm.block_peers import LOOPBACK, Peer, start_peer, stop_peers
+from tests.swarm.block_peers import LOOPBACK, Peer, start_announced, stop_peers
 from volunteer.client.swarm_client import SwarmClient
 from volunteer.finetune.blocks import LocalBlocks, SwarmBlocks, causal_loss
 from volunteer.finetune.params import AdapterParams, MethodSettings
-from volunteer.swarm.dht_records import announce_on_node, make_validator
-from volunteer.swarm.records import ServerInfo, ServerState
+from volunteer.swarm.dht_records import make_validator
 from volunteer.transport.protocol import BadRequestError
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
@@ -48,31 +47,6 @@ class Swarm:
     client: SwarmClient
 
 
-async def start_swarm(full: BlockSpan, spans: dict[str, tuple[int, int]]) -> dict[str, Peer]:
-    """Servers of `full`'s blocks on 127.0.0.1, one per span, announced as online."""
-    peers: dict[str, Peer] = {}
-    maddrs: list[str] = []
-    for name, (start, end) in spans.items():
-        peers[name] = await start_peer(full, start, end, maddrs, model=MODEL)
-        if not maddrs:
-            maddrs = [str(a) for a in await peers[name].p2p.get_visible_maddrs()]
-    for peer in peers.values():
-        info = ServerInfo(
-            state=ServerState.ONLINE,
-            start=peer.handler.span.start,
-            end=peer.handler.span.end,
-            throughput=100.0,
-            dtype="float32",
-            cache_tokens_left=256,
-            version="0.1.0",
-            model=MODEL,
-        )
-        assert await announce_on_node(
-            peer.node, info, owner=peer.owner, expiration_s=60, timeout_s=10
-        )
-    return peers
-
-
 async def client_peer(known: Peer) -> tuple[P2P, DHTNode]:
     """A peer of the client's own, serving nothing."""
     maddrs = [str(a) for a in await known.p2p.get_visible_maddrs()]
@@ -89,7 +63,7 @@ def swarm() -> Iterator[Swarm]:
     torch.manual_seed(1)
     ends = ModelEnds(config).eval().requires_grad_(False)
     try:
-        peers = loop.run(start_swarm(full, SPANS), timeout_s=60)
+        peers = loop.run(start_announced(full, SPANS, model=MODEL), timeout_s=60)
         p2p, node = loop.run(client_peer(peers["first"]), timeout_s=60)
         client = SwarmClient(
             p2p=p2p,

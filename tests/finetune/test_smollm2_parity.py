@@ -19,10 +19,9 @@ from tests.finetune.test_gradient_parity import (
     client_peer,
     grads_of,
     moved_params,
-    start_swarm,
 )
 from tests.server import LoopThread
-from tests.swarm.block_peers import stop_peers
+from tests.swarm.block_peers import start_announced, stop_peers
 from volunteer.client.swarm_client import SwarmClient
 from volunteer.finetune.blocks import LocalBlocks, SwarmBlocks
 from volunteer.finetune.data import batches, load_examples
@@ -44,7 +43,10 @@ def test_swarm_gradients_equal_local_ones_on_smollm2(smollm2_folder: Path) -> No
     batch = next(batches(examples, 2, pad_id=tokenizer.eos_token_id, seed=0, epoch=0))
     loop = LoopThread()
     try:
-        peers = loop.run(start_swarm(full, {"a": (0, 15), "b": (15, 30)}), timeout_s=120)
+        peers = loop.run(
+            start_announced(full, {"a": (0, 15), "b": (15, 30)}, model="tiny-finetune"),
+            timeout_s=120,
+        )
         p2p, node = loop.run(client_peer(peers["a"]), timeout_s=60)
         client = SwarmClient(
             p2p=p2p, node=node, model="tiny-finetune", num_blocks=30, rng=random.Random(0)

@@ -14,7 +14,12 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from tests.server import sub_span
 from volunteer.server.handler import BlockHandler
-from volunteer.swarm.dht_records import encode_p2p_identity, make_validator, owner_marker
+from volunteer.swarm.dht_records import (
+    announce_on_node,
+    encode_p2p_identity,
+    make_validator,
+    owner_marker,
+)
 from volunteer.swarm.dht_storage import bound_node_storage
 from volunteer.swarm.records import ServerInfo, ServerState
 from volunteer.transport.commitment import PeerSigner
@@ -86,3 +91,30 @@ async def stop_peers(peers: list[Peer]) -> None:
         await peer.handler.shutdown()
         await peer.node.shutdown()
         await peer.p2p.shutdown()
+
+
+async def start_announced(
+    full: torch.nn.Module, spans: dict[str, tuple[int, int]], *, model: str
+) -> dict[str, Peer]:
+    """Servers of `full`'s blocks on 127.0.0.1, one per span, announced as online."""
+    peers: dict[str, Peer] = {}
+    maddrs: list[str] = []
+    for name, (start, end) in spans.items():
+        peers[name] = await start_peer(full, start, end, maddrs, model=model)
+        if not maddrs:
+            maddrs = [str(a) for a in await peers[name].p2p.get_visible_maddrs()]
+    for peer in peers.values():
+        info = ServerInfo(
+            state=ServerState.ONLINE,
+            start=peer.handler.span.start,
+            end=peer.handler.span.end,
+            throughput=100.0,
+            dtype="float32",
+            cache_tokens_left=256,
+            version="0.1.0",
+            model=model,
+        )
+        assert await announce_on_node(
+            peer.node, info, owner=peer.owner, expiration_s=60, timeout_s=10
+        )
+    return peers

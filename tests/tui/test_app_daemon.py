@@ -13,7 +13,7 @@ from volunteer.tui.app import VolunteerApp
 from volunteer.tui.chat_view import ChatView
 from volunteer.tui.client import ControlDaemonClient
 
-from tests.daemon.homes import Homes
+from tests.daemon.homes import one_daemon
 from tests.tui.waiting import until
 from volunteer.control.endpoint import use_tcp
 from volunteer.paths import Paths
@@ -28,16 +28,8 @@ WAIT_S = 120.0
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, smollm2_folder: Path) -> Iterator[Paths]:
-    homes = Homes(tmp_path_factory.mktemp("tui"))
-    home = homes.home("one")
-    home.mkdir()
-    try:
-        flags = ("--model", str(smollm2_folder), "--threads", "1", "--new-swarm")
-        started = homes.cli(home, "start", *flags)
-        assert started.returncode == 0, started.stderr
+    with one_daemon(tmp_path_factory.mktemp("tui"), smollm2_folder) as (homes, home):
         yield Paths.resolve(home=home, env=homes.env)
-    finally:
-        homes.reap()
 
 
 async def _until(pilot: object, check: Callable[[], object], what: str) -> None:

@@ -17,7 +17,7 @@ from volunteer.tui.app import VolunteerApp
 from volunteer.tui.chat_view import ChatView
 from volunteer.tui.client import ControlDaemonClient
 
-from tests.daemon.homes import ROOT, Homes
+from tests.daemon.homes import ROOT, one_daemon
 from tests.tui.fakes import FIXED_GAUGES, FakeDaemon
 from tests.tui.pilot import WAIT_S, run, settle
 from tests.tui.waiting import until
@@ -217,16 +217,8 @@ def test_the_finetune_tab_snapshot(snap_compare: Any) -> None:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, smollm2_folder: Path) -> Iterator[Paths]:
-    homes = Homes(tmp_path_factory.mktemp("tui-finetune"))
-    home = homes.home("one")
-    home.mkdir()
-    try:
-        flags = ("--model", str(smollm2_folder), "--threads", "1", "--new-swarm")
-        started = homes.cli(home, "start", *flags)
-        assert started.returncode == 0, started.stderr
+    with one_daemon(tmp_path_factory.mktemp("tui-finetune"), smollm2_folder) as (homes, home):
         yield Paths.resolve(home=home, env=homes.env)
-    finally:
-        homes.reap()
 
 
 @pytest.mark.slow

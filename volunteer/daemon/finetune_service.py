@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import math
 import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -52,7 +50,7 @@ from volunteer.finetune.blocks import SwarmBlocks
 from volunteer.finetune.params import MethodSettings
 from volunteer.finetune.store import AdapterStore
 from volunteer.finetune.trainer import Progress, Stopped, Trainer, TrainSettings
-from volunteer.machine.cpu_sharing import in_passing_thread
+from volunteer.machine.cpu_sharing import in_passing_thread, on_thread_of_its_own
 from volunteer.models.errors import ModelError
 from volunteer.paths import Paths
 from volunteer.settings import Settings
@@ -70,7 +68,6 @@ MAX_ADAPTER_ROWS = 1000
 MAX_REASON_CHARS = 300
 MAX_CACHED_ADAPTERS = 8
 SERIES = ("losses", "heldout", "speeds")
-Result = TypeVar("Result")
 
 
 class _Series:
@@ -266,7 +263,7 @@ class FinetuneService:
     async def _run(self, job: _Job, settings: TrainSettings) -> None:
         try:
             base = await self._chat.swarm_chat()
-            info = await _on_own_thread(self._train, job, settings, base)
+            info = await on_thread_of_its_own(self._train, job, settings, base)
         except Stopped:
             job.end("stopped")
         except asyncio.CancelledError:
@@ -364,26 +361,3 @@ def _row(row: Any) -> AdapterRow:
 
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
-
-
-async def _on_own_thread(fn: Callable[..., Result], *args: Any) -> Result:
-    """fn(*args) on a daemon thread of its own, awaited. Unlike `in_passing_thread` it is
-    not joined when the waiter is cancelled: a daemon that stops waits `STOP_WAIT_S` for a
-    job's step at most, not for a swarm call's whole timeout."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[Result] = loop.create_future()
-
-    def settle(outcome: Callable[[], None]) -> None:
-        if not done.done():  # the waiter may have been cancelled
-            outcome()
-
-    def run() -> None:
-        try:
-            outcome = functools.partial(done.set_result, fn(*args))
-        except BaseException as exc:  # handed to the waiting coroutine, which raises it
-            outcome = functools.partial(done.set_exception, exc)
-        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
-            loop.call_soon_threadsafe(settle, outcome)
-
-    threading.Thread(target=run, name="volunteer-finetune", daemon=True).start()
-    return await done

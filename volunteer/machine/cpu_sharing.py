@@ -12,6 +12,8 @@ the whole model (`chat --local`) keeps the default: there, spinning saves wake-u
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import sys
 import threading
@@ -60,6 +62,18 @@ async def in_passing_thread(fn: Callable[..., Result], *args: Any, **kwargs: Any
     manages past the cores, after which every later prefill on the compute thread wakes
     sleeping workers op after op, and is slower for it.
     """
+    call = functools.partial(fn, *args, **kwargs)
+    return await _on_thread(call, name=fn.__name__, join=True)
+
+
+async def on_thread_of_its_own(fn: Callable[..., Result], *args: Any) -> Result:
+    """fn(*args) on a thread started for it, as `in_passing_thread`, but not waited for
+    once its waiter is cancelled: for long work (a fine-tuning job) whose stop should not
+    wait out a swarm call's whole timeout; the thread ends on its own."""
+    return await _on_thread(functools.partial(fn, *args), name=fn.__name__, join=False)
+
+
+async def _on_thread(call: Callable[[], Result], *, name: str, join: bool) -> Result:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[Result] = loop.create_future()
 
@@ -69,17 +83,20 @@ async def in_passing_thread(fn: Callable[..., Result], *args: Any, **kwargs: Any
 
     def run() -> None:
         try:
-            result = fn(*args, **kwargs)
+            result = call()
         except BaseException as exc:  # handed to the waiting coroutine, which raises it
             error = exc
-            loop.call_soon_threadsafe(settle, lambda: done.set_exception(error))
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+                loop.call_soon_threadsafe(settle, lambda: done.set_exception(error))
         else:
-            loop.call_soon_threadsafe(settle, lambda: done.set_result(result))
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, lambda: done.set_result(result))
 
-    thread = threading.Thread(target=run, name=f"volunteer-{fn.__name__}", daemon=True)
+    thread = threading.Thread(target=run, name=f"volunteer-{name}", daemon=True)
     thread.start()
     try:
         return await done
     finally:
-        # Its OpenMP team goes when the thread does: wait for that (joining runs no torch).
-        await asyncio.to_thread(thread.join)
+        if join:
+            # Its OpenMP team goes when the thread does: wait for that (joining runs no torch).
+            await asyncio.to_thread(thread.join)
