@@ -12,13 +12,15 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from volunteer.scheduler.routing import Backoff, NoRouteError, RouteHop
 
 from tests.client.test_swarm_client import MODEL
 from tests.server import LoopThread, hidden_states, random_span, tiny_config
 from tests.swarm.block_peers import LOOPBACK, Peer, start_announced, stop_peers
-from volunteer.client.spread import TracedHop
+from volunteer.client.inference import SessionFailedError
+from volunteer.client.spread import SpreadCalls, TracedHop
 from volunteer.client.swarm_client import SwarmClient
-from volunteer.transport.protocol import BadRequestError
+from volunteer.transport.protocol import BadRequestError, PeerUnavailableError
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated:DeprecationWarning")
 
@@ -127,3 +129,46 @@ def test_a_server_leaving_before_the_backward_is_routed_around(world: World) -> 
         assert victim.peer_id not in {t.hop.peer_id for t in trace}
         assert (output - expected_output).abs().max() <= ATOL
     assert victim.handler.stats.requests == served
+
+
+def test_a_glitch_of_the_only_server_of_a_span_is_tried_again(world: World) -> None:
+    """When every server of some blocks failed a moment ago, the call tries them again
+    (a reply cut short is likelier than a death), within its failures allowed; a server
+    that keeps failing still ends the call, after `max_failures`."""
+    full = world.full
+    only = RouteHop("only", 0, 4)
+    glitches = [1]
+
+    def plan(start: int, end: int, avoid: frozenset[str]) -> list[RouteHop]:
+        if "only" in avoid:
+            raise NoRouteError("the only server is backed off")
+        return [RouteHop("only", start, end)]
+
+    async def forward(hop: RouteHop, hidden: torch.Tensor, adapter) -> torch.Tensor:
+        if glitches[0]:
+            glitches[0] -= 1
+            raise PeerUnavailableError("reply cut short")
+        with torch.no_grad():
+            return full(hidden)
+
+    async def backward(hop, hidden, grad, adapter):
+        raise AssertionError("not called")
+
+    def spread(max_failures: int) -> SpreadCalls:
+        return SpreadCalls(
+            plan=plan,
+            forward=forward,
+            backward=backward,
+            retriable=(PeerUnavailableError,),
+            backoff=Backoff(),
+            clock=time.monotonic,
+            max_failures=max_failures,
+        )
+
+    hidden = hidden_states(1, 3)
+    output, trace = world.loop.run(spread(2).forward(hidden, 0, 4), timeout_s=30)
+    assert [t.hop for t in trace] == [only]
+    torch.testing.assert_close(output, _local(world, hidden, hidden)[0], atol=ATOL, rtol=0)
+    glitches[0] = 5
+    with pytest.raises(SessionFailedError, match="3 server failures"):
+        world.loop.run(spread(2).forward(hidden, 0, 4), timeout_s=30)

@@ -18,6 +18,8 @@ gradients back together into the gradients of the whole adapter.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
@@ -30,6 +32,11 @@ from volunteer.models.adapters import SpanAdapter
 from volunteer.scheduler.routing import Backoff, NoRouteError, RouteHop
 
 logger = logging.getLogger(__name__)
+
+RETRY_PAUSE_S = 0.1
+"""The pause before trying again a server that just failed (doubling with each failure
+of the call)."""
+MAX_RETRY_PAUSE_S = 2.0
 
 Forward = Callable[[RouteHop, torch.Tensor, SpanAdapter | None], Awaitable[torch.Tensor]]
 """Runs hidden states through the hop's blocks on the hop's server (with the adapter of
@@ -61,6 +68,7 @@ class SpreadCalls:
         backoff: failed peers are avoided for a while (shared with the client).
         clock: monotonic seconds, for the back-off.
         max_failures: failed hops allowed per call before giving up.
+        banned: the peers never to route to (our checks found them wrong).
     """
 
     def __init__(
@@ -73,7 +81,9 @@ class SpreadCalls:
         backoff: Backoff,
         clock: Callable[[], float],
         max_failures: int = 8,
+        banned: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
+        self._banned = banned
         self._plan = plan
         self._forward = forward
         self._backward = backward
@@ -96,7 +106,9 @@ class SpreadCalls:
         failures = 0
         position = start
         while position < end:
-            hop = self._next_hop(position, end)
+            hop, is_again = self._next_hop(position, end)
+            if is_again:
+                await asyncio.sleep(min(RETRY_PAUSE_S * 2**failures, MAX_RETRY_PAUSE_S))
             part = None
             if adapter is not None:
                 part = adapter.narrow(hop.start - start, hop.end - hop.start)
@@ -117,33 +129,46 @@ class SpreadCalls:
         Raises:
             SessionFailedError, or a non-retriable server error, as for `forward`.
         """
+        return await self._backward_trace(trace, grad_outputs, failures=0)
+
+    async def _backward_trace(
+        self, trace: list[TracedHop], grad_outputs: torch.Tensor, *, failures: int
+    ) -> Grads:
         grad = grad_outputs
         parts: list[tuple[TracedHop, tuple[torch.Tensor, ...]]] = []
         for traced in reversed(trace):
-            grad, adapter_grads = await self._backward_hop(traced, grad)
+            grad, adapter_grads = await self._backward_hop(traced, grad, failures)
             parts.append((traced, adapter_grads))
         return Grads(grad, _joined(parts))
 
-    async def _backward_hop(self, traced: TracedHop, grad: torch.Tensor) -> Grads:
+    async def _backward_hop(self, traced: TracedHop, grad: torch.Tensor, failures: int) -> Grads:
         hop = traced.hop
         try:
             result = await self._backward(hop, traced.inputs, grad, traced.adapter)
         except self._retriable as exc:
-            self._failed(hop, exc, failures=0)
+            failures = self._failed(hop, exc, failures)
             # Its blocks again, on servers that are still there, then back through them.
             _, retrace = await self.forward(traced.inputs, hop.start, hop.end, traced.adapter)
-            return await self.backward(retrace, grad)
+            return await self._backward_trace(retrace, grad, failures=failures)
         self._backoff.record_success(hop.peer_id)
         return result
 
-    def _next_hop(self, position: int, end: int) -> RouteHop:
-        avoid = self._backoff.avoided(self._clock())
+    def _next_hop(self, position: int, end: int) -> tuple[RouteHop, bool]:
+        """The next hop, and whether it goes to a server that failed a moment ago: when
+        every server left for the blocks did, a glitch (a reply cut short, a busy moment)
+        is likelier than a death, so they are tried again, after a pause, within the
+        call's failures allowed."""
+        banned = self._banned()
+        avoid = self._backoff.avoided(self._clock()) | banned
         try:
-            return self._plan(position, end, avoid)[0]
+            return self._plan(position, end, avoid)[0], False
         except NoRouteError as exc:
+            with contextlib.suppress(NoRouteError):
+                if avoid != banned:
+                    return self._plan(position, end, banned)[0], True
             raise SessionFailedError(
                 f"no servers left for blocks {position}:{end} "
-                f"(avoiding {len(avoid)} failed peer(s)): {exc}"
+                f"(avoiding {len(avoid)} failed or banned peer(s)): {exc}"
             ) from exc
 
     def _failed(self, hop: RouteHop, error: BaseException, failures: int) -> int:

@@ -171,6 +171,7 @@ class SwarmClient:
             retriable=(*RETRIABLE_ERRORS, WrongOutputError),
             backoff=self.backoff,
             clock=clock,
+            banned=self.reputation.banned,
         )
 
     @property
