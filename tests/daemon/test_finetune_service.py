@@ -25,6 +25,7 @@ from volunteer.control.messages import (
     CHAT,
     FINETUNE_START,
     FINETUNE_STATUS,
+    FINETUNE_STOP,
     MAX_SERIES_POINTS,
     STATUS,
     FinetuneJob,
@@ -143,6 +144,10 @@ def test_ctrl_c_stops_the_job_with_a_checkpoint_and_one_job_runs_at_a_time(
         _, stderr = watcher.communicate(timeout=WAIT_S)
     finally:
         watcher.kill()
+        watcher.communicate()
+        # Whatever happened above, no job of this test outlives it.
+        daemon.control.call(FINETUNE_STOP, timeout_s=30)
+        daemon.until(lambda: daemon.job("long").state not in ("running", "stopping"), "a stop")
     assert watcher.returncode == 130, stderr
     job = daemon.job("long")
     assert job.state == "stopped"

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace, paths: Paths) -> int:
 
     stop = threading.Event()
     bar = ProgressBar(sys.stderr)
-    with _model_blocks(args, paths) as (model, blocks), _stop_on_ctrl_c(stop):
+    with _model_blocks(args, paths) as (model, blocks), stop_on_ctrl_c(stop):
         trainer = Trainer(
             settings,
             ends=model.ends,
@@ -165,7 +165,7 @@ class ProgressBar:
 
 
 @contextlib.contextmanager
-def _stop_on_ctrl_c(stop: threading.Event) -> Iterator[None]:
+def stop_on_ctrl_c(stop: threading.Event) -> Iterator[None]:
     """The first Ctrl-C asks the run to stop at the next step (and save); a second one
     interrupts at once."""
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pydantic
 
-from volunteer.commands.finetune_cmd import ProgressBar
+from volunteer.commands.finetune_cmd import ProgressBar, stop_on_ctrl_c
 from volunteer.control.client import ControlClient
 from volunteer.control.endpoint import DaemonNotRunningError
 from volunteer.control.messages import (
@@ -104,27 +105,31 @@ def _watch(client: ControlClient, job: FinetuneJob, name: str) -> int:
     bar = ProgressBar(sys.stderr)
     params = FinetuneStatusParams(name=name)
     shown: tuple[int, bool] | None = None
+    stop = threading.Event()
     is_stop_sent = False
-    while True:
-        try:
-            # A step's figures, or the held-out loss before training (no loss yet).
-            if (job.step, job.loss is None) != shown and (job.loss is not None or job.heldout):
-                bar.show(job)
-                shown = (job.step, job.loss is None)
-            if job.state not in ACTIVE:
-                break
-            time.sleep(POLL_S)
-            job = client.call(FINETUNE_STATUS, params, timeout_s=CALL_TIMEOUT_S)
-        except KeyboardInterrupt:
-            bar.end()
-            if is_stop_sent:
-                print("volunteer: leaving; the daemon still stops the job", file=sys.stderr)
-                return 130
-            is_stop_sent = True
-            print(
-                "volunteer: stopping after this step (Ctrl-C again to leave now)", file=sys.stderr
-            )
-            job = client.call(FINETUNE_STOP, timeout_s=CALL_TIMEOUT_S)
+    # Our own Ctrl-C handler, not KeyboardInterrupt: one raised inside a control call's
+    # event loop can be swallowed with the call's cancellation, and the stop never sent.
+    try:
+        with stop_on_ctrl_c(stop):
+            while True:
+                # A step's figures, or the held-out loss before training (no loss yet).
+                is_new = (job.step, job.loss is None) != shown
+                if is_new and (job.loss is not None or job.heldout):
+                    bar.show(job)
+                    shown = (job.step, job.loss is None)
+                if job.state not in ACTIVE:
+                    break
+                if stop.is_set() and not is_stop_sent:
+                    bar.end()
+                    job = client.call(FINETUNE_STOP, timeout_s=CALL_TIMEOUT_S)
+                    is_stop_sent = True
+                    continue
+                time.sleep(POLL_S)
+                job = client.call(FINETUNE_STATUS, params, timeout_s=CALL_TIMEOUT_S)
+    except KeyboardInterrupt:  # the second Ctrl-C
+        bar.end()
+        print("volunteer: leaving; the daemon still stops the job", file=sys.stderr)
+        return 130
     bar.end()
     return _outcome(job)
 
