@@ -41,20 +41,17 @@ async def serve_call(
     caps, hidden_size = handler.caps, handler.span.config.hidden_size
     if is_backward:
         positions = min(caps.max_backward_tokens, handler.limits.max_tokens)
-        max_bytes = caps.message_bytes(
-            hidden_size=hidden_size, tensors=2, positions=positions, adapter=True
-        )
-        answer = handler.rpc_backward
+        tensors, answer = 2, handler.rpc_backward
     else:
-        positions = handler.limits.max_tokens
-        max_bytes = caps.message_bytes(
-            hidden_size=hidden_size, tensors=1, positions=positions, adapter=True
-        )
-        answer = handler.rpc_forward
+        positions, tensors, answer = handler.limits.max_tokens, 1, handler.rpc_forward
+    shape = {"hidden_size": hidden_size, "tensors": tensors, "positions": positions}
+    max_bytes = caps.message_bytes(**shape, adapter=True)
+    # The slow-uplink allowance follows the hidden states alone: a fine-tuning client's
+    # adapter does not buy a silent stream a longer hold on its slot.
+    within = caps.first_message_within(caps.message_bytes(**shape))
 
     async def replies() -> AsyncIterator[runtime_pb2.ExpertResponse]:
         messages = client_messages(reader, max_bytes=max_bytes)
-        within = caps.first_message_within(max_bytes)
         yield await answer(opened_within(messages, timeout_s=within), peer=peer)
 
     async def serve() -> None:
