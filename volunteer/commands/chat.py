@@ -109,6 +109,10 @@ def run(args: argparse.Namespace, paths: Paths) -> int:
 def _open_chat(args: argparse.Namespace, paths: Paths) -> Iterator[Chat]:
     """The model in this process (--local), a swarm joined from here (--swarm), or the
     daemon's client (the default)."""
+    if args.swarm:
+        from volunteer.machine.cpu_sharing import sleep_idle_threads
+
+        sleep_idle_threads()  # the blocks run on other processes, likely on these cores
     if args.adapter and (args.local or args.swarm):
         with _adapted_chat(args, paths) as chat:
             yield chat
@@ -118,9 +122,6 @@ def _open_chat(args: argparse.Namespace, paths: Paths) -> Iterator[Chat]:
 
         yield LocalChat.load(ModelStore(paths.models_dir).resolve(args.model or DEFAULT_MODEL))
     elif args.swarm:
-        from volunteer.machine.cpu_sharing import sleep_idle_threads
-
-        sleep_idle_threads()  # the blocks run on other processes, likely on these cores
         from volunteer.machine.lean_imports import import_hivemind
 
         import_hivemind()

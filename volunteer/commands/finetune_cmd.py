@@ -91,6 +91,10 @@ def settings_of(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace, paths: Paths) -> int:
+    if args.swarm:
+        from volunteer.machine.cpu_sharing import sleep_idle_threads
+
+        sleep_idle_threads()  # the blocks run on other processes, likely on these cores
     settings = settings_of(args)
     if not args.local and not args.swarm:
         from volunteer.commands.finetune_daemon import run_via_daemon
