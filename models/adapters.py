@@ -65,10 +65,6 @@ class AdapterLayout:
         if not math.isfinite(self.scale):
             raise ValueError("LoRA scale must be finite")
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.prompt_len and not self.rank
-
     def shapes(self, config: ModelConfig, num_blocks: int) -> list[tuple[int, ...]]:
         """The shapes of `SpanAdapter.tensors()` for `num_blocks` blocks, in their order."""
         shapes: list[tuple[int, ...]] = []
@@ -157,9 +153,6 @@ class SpanAdapter:
     def to(self, *, device: torch.device, dtype: torch.dtype) -> SpanAdapter:
         moved = tuple(t.to(device=device, dtype=dtype) for t in self.tensors)
         return SpanAdapter(self.layout, moved)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors)
 
 
 def lora_linear(

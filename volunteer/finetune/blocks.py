@@ -46,7 +46,6 @@ class SwarmBlocks:
     def __init__(self, client: SwarmClient, loop: asyncio.AbstractEventLoop) -> None:
         self.client = client
         self.loop = loop
-        self.calls = 0
 
     def __call__(self, hidden: torch.Tensor, adapter: SpanAdapter | None) -> torch.Tensor:
         layout = None if adapter is None else adapter.layout
@@ -56,14 +55,12 @@ class SwarmBlocks:
     def forward(
         self, hidden: torch.Tensor, adapter: SpanAdapter | None
     ) -> tuple[torch.Tensor, list[TracedHop]]:
-        self.calls += 1
         call = self.client.forward(hidden, adapter=adapter)
         return run_on_loop(call, self.loop, timeout_s=CALL_TIMEOUT_S, what="a forward")
 
     def backward(
         self, trace: list[TracedHop], grad_outputs: torch.Tensor
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        self.calls += 1
         call = self.client.backward(trace, grad_outputs)
         grads = run_on_loop(call, self.loop, timeout_s=CALL_TIMEOUT_S, what="a backward")
         return grads.inputs, grads.adapter
