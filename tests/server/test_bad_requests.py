@@ -46,6 +46,8 @@ LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 START, END = 1, 3
 CACHE_TOKENS = 64
 IDLE_TIMEOUT_S = 5.0
+LINGER_S = 2.0
+"""How long a refused stream its peer holds open lingers (short, for the tests)."""
 """Long enough that no test's open session idles out between its calls on a loaded
 machine; the expiry test waits it out once."""
 
@@ -100,6 +102,7 @@ def served() -> Iterator[Server]:
     full = random_span(tiny_config())
     try:
         p2p, handler, client = loop.run(_start(sub_span(full, START, END)))
+        handler.refusals.linger_s = LINGER_S
         server = Server(loop, sub_span(full, START, END), p2p, handler, client)
         yield server
         loop.run(_stop(server))
@@ -292,7 +295,8 @@ RAW_INFERENCE_CASES: dict[str, tuple[bytes, str]] = {
 @pytest.mark.parametrize("case", sorted(RAW_INFERENCE_CASES))
 def test_garbage_on_the_inference_stream_is_refused(served: Server, case: str) -> None:
     """Bytes that are not hivemind's framing of a request get an error frame naming the
-    reason, then the stream ends; the server serves on."""
+    reason, then the stream ends (once its linger is over: this peer holds its side
+    open, with garbage unread); the server serves on."""
     garbage, reason = RAW_INFERENCE_CASES[case]
 
     async def send_garbage() -> tuple[bytes, bytes]:
@@ -304,7 +308,7 @@ def test_garbage_on_the_inference_stream_is_refused(served: Server, case: str) -
             assert marker == P2P.MESSAGE_MARKER  # the session opened
             marker, body = await asyncio.wait_for(framing.read_frame(reader, max_bytes=1 << 20), 10)
             with pytest.raises(asyncio.IncompleteReadError):  # the server ended the stream
-                await asyncio.wait_for(reader.readexactly(1), 10)
+                await asyncio.wait_for(reader.readexactly(1), LINGER_S + 10)
             return marker, body
         finally:
             writer.close()

@@ -55,6 +55,13 @@ async def serve_call(
         yield await answer(opened_within(messages, timeout_s=within), peer=peer)
 
     async def serve() -> None:
-        await write_replies(replies(), writer, peer=peer, timeout_s=handler.limits.idle_timeout_s)
+        await write_replies(
+            replies(),
+            reader,
+            writer,
+            peer=peer,
+            timeout_s=handler.limits.idle_timeout_s,
+            refusals=handler.refusals,
+        )
 
     await serve_in_slot(handler.call_slots, handler.refusals, peer, reader, writer, serve)

@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # the handler holds the caps: a run-time import would be circ
 
 REFUSAL_LINGER_S = 30.0
 """How long a refused stream waits for its peer to take the reason and end its side."""
+ERROR_WRITE_TIMEOUT_S = 1.0
+"""How long a stream past its linger budget waits to hand its peer the reason."""
 MAX_LINGERING = 1024
 """Refused streams waiting at once for their peers (each an idle socket and a task)."""
 MAX_HELD_UNREAD = 32
@@ -180,7 +182,7 @@ class Refusals:
         with contextlib.closing(writer), contextlib.suppress(Exception):
             writer.write(framing.encode_frame(RPCError(message=str(exc))))
             if self.lingering >= self.max_lingering:
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), ERROR_WRITE_TIMEOUT_S)
                 return
             self.lingering += 1
             try:
@@ -198,7 +200,7 @@ class Refusals:
         with contextlib.closing(writer), contextlib.suppress(Exception):
             writer.write(framing.encode_frame(RPCError(message=str(exc))))
             if self.held_unread >= self.max_held_unread:
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), ERROR_WRITE_TIMEOUT_S)
                 return
             writer.transport.pause_reading()
             self.held_unread += 1

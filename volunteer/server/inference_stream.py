@@ -22,11 +22,10 @@ import torch
 from google.protobuf.message import DecodeError
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
-from hivemind.proto.p2pd_pb2 import RPCError
 
 import volunteer.transport.framing as framing
 import volunteer.transport.protocol as wire
-from volunteer.server.caps import max_step_bytes
+from volunteer.server.caps import Refusals, max_step_bytes
 from volunteer.server.push import PushedStep, StepInbox
 from volunteer.server.sessions import Session
 from volunteer.server.validation import first_request
@@ -37,9 +36,6 @@ if TYPE_CHECKING:  # the handler serves these streams: a run-time import would b
     from volunteer.server.handler import BlockHandler
 
 logger = logging.getLogger(__name__)
-
-ERROR_WRITE_TIMEOUT_S = 1.0
-"""How long a failed stream waits to hand its client the reason before it closes."""
 
 
 async def serve_inference_stream(
@@ -55,18 +51,33 @@ async def serve_inference_stream(
     """
     messages = client_messages(reader, max_bytes=max_step_bytes(handler))
     replies = inference_session(handler, messages, peer=peer)
-    await write_replies(replies, writer, peer=peer, timeout_s=handler.limits.idle_timeout_s)
+    await write_replies(
+        replies,
+        reader,
+        writer,
+        peer=peer,
+        timeout_s=handler.limits.idle_timeout_s,
+        refusals=handler.refusals,
+    )
 
 
 async def write_replies(
     replies: AsyncIterator[runtime_pb2.ExpertResponse],
+    reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     *,
     peer: str,
     timeout_s: float,
+    refusals: Refusals,
 ) -> None:
     """Writes each reply of a stream, then closes it; an error ends it with an error
-    frame naming the reason (a peer that does not read for timeout_s is left)."""
+    frame naming the reason (a peer that does not read for timeout_s is left).
+
+    The error is sent as a refusal (see `Refusals`): the peer may have written more
+    than was read (a frame refused from its header, steps sent ahead), and closing
+    on unread bytes resets the stream, which can drop the reason on its way.
+    """
+    failure: Exception | None = None
     with contextlib.closing(writer):
         try:
             async for reply in replies:
@@ -77,11 +88,12 @@ async def write_replies(
         except Exception as exc:
             level = logging.DEBUG if isinstance(exc, wire.RemoteSpanError) else logging.WARNING
             logger.log(level, "stream of %s failed: %s", peer, exc)
-            with contextlib.suppress(Exception):
-                writer.write(framing.encode_frame(RPCError(message=str(exc))))
-                await asyncio.wait_for(writer.drain(), ERROR_WRITE_TIMEOUT_S)
+            failure = exc
         finally:
+            # First: a session's inbox task reads the stream until it is closed here.
             await replies.aclose()  # type: ignore[attr-defined]  # an async generator
+        if failure is not None:
+            await refusals.refuse(reader, writer, failure)
 
 
 async def inference_session(
