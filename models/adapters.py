@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 from volunteer.models.config import ModelConfig
+from volunteer.models.quant import CompressedWeight, linear
 
 LORA_TARGETS = ("qkv", "o", "gate_up", "down")
 """The projections LoRA can adapt, in the order their tensors travel."""
@@ -157,13 +158,13 @@ class SpanAdapter:
 
 def lora_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | CompressedWeight,
     bias: torch.Tensor | None,
     pair: tuple[torch.Tensor, torch.Tensor] | None,
     scale: float,
 ) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, plus `scale * B A x` when the projection is adapted."""
-    out = torch.nn.functional.linear(x, weight, bias)
+    """`linear(x, weight, bias)`, plus `scale * B A x` when the projection is adapted."""
+    out = linear(x, weight, bias)
     if pair is None:
         return out
     a, b = pair

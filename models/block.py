@@ -22,21 +22,23 @@ import torch.nn.functional as F
 from torch import nn
 from volunteer.models.adapters import BlockLora, lora_linear
 from volunteer.models.config import ModelConfig
+from volunteer.models.quant import CompressedWeight, linear
 from volunteer.models.rope import apply_rotary
 
 
 class BlockWeights(NamedTuple):
-    """The tensors of one block, gathered for the functional forward."""
+    """The tensors of one block, gathered for the functional forward (the projections
+    possibly compressed: `volunteer.models.quant`)."""
 
     attn_norm: torch.Tensor
-    qkv: torch.Tensor
+    qkv: torch.Tensor | CompressedWeight
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor
+    o: torch.Tensor | CompressedWeight
     o_bias: torch.Tensor | None
     mlp_norm: torch.Tensor
-    gate_up: torch.Tensor
+    gate_up: torch.Tensor | CompressedWeight
     gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
+    down: torch.Tensor | CompressedWeight
     down_bias: torch.Tensor | None
 
 
@@ -93,12 +95,12 @@ def block_forward(
     )
     h = rms_norm(x, w.mlp_norm, shape.eps)
     if lora is None:
-        gate_up = F.linear(h, w.gate_up, w.gate_up_bias)
+        gate_up = linear(h, w.gate_up, w.gate_up_bias)
     else:
         gate_up = lora_linear(h, w.gate_up, w.gate_up_bias, lora.gate_up, lora.scale)
     gate, up = gate_up.split(shape.intermediate_size, dim=-1)
     if lora is None:
-        return x + F.linear(F.silu(gate) * up, w.down, w.down_bias)
+        return x + linear(F.silu(gate) * up, w.down, w.down_bias)
     return x + lora_linear(F.silu(gate) * up, w.down, w.down_bias, lora.down, lora.scale)
 
 
@@ -117,7 +119,7 @@ def attention(
     batch, seq, _ = x.shape
     heads, kv_heads = shape.num_heads, shape.num_kv_heads
     if lora is None:
-        qkv = F.linear(x, w.qkv, w.qkv_bias)
+        qkv = linear(x, w.qkv, w.qkv_bias)
     else:
         qkv = lora_linear(x, w.qkv, w.qkv_bias, lora.qkv, lora.scale)
     # [B, S, (heads + 2 * kv_heads) * D] -> [B, S, heads + 2 * kv_heads, D]
@@ -143,7 +145,7 @@ def attention(
     # [B, heads, S, D] -> [B, S, heads * D]
     out = out.transpose(1, 2).reshape(batch, seq, heads * shape.head_dim)
     if lora is None:
-        return F.linear(out, w.o, w.o_bias)
+        return linear(out, w.o, w.o_bias)
     return lora_linear(out, w.o, w.o_bias, lora.o, lora.scale)
 
 

@@ -17,6 +17,7 @@ from volunteer.models.config import ModelConfig
 from volunteer.models.errors import CheckpointError
 from volunteer.models.model import BlockSpan, CausalLM, ModelEnds
 from volunteer.models.rope import RotaryTable
+from volunteer.models.weight_format import WeightFormat, compress_block, compress_head
 
 # Our parameter names (inside one block) -> the HF tensors, concatenated along dim 0,
 # that make them up. The one place checkpoint names are translated.
@@ -111,19 +112,26 @@ def load_span(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    fmt: WeightFormat | None = None,
 ) -> BlockSpan:
-    """Loads blocks [start, end) from a Hugging Face folder, and nothing else."""
+    """Loads blocks [start, end) from a Hugging Face folder, and nothing else; in `fmt`
+    if given (which then sets the dtype), each block compressed as soon as it is read,
+    so that memory peaks at one block in float32 beside the compressed ones."""
     files = _indexed(folder)
+    if fmt is not None:
+        dtype = fmt.activation_dtype
     with torch.device("meta"):
         span = BlockSpan(config, start, end)
-    state = {}
     for offset, index in enumerate(range(start, end)):
         names = {
             ours: tuple(block_prefix(index) + n for n in hf) for ours, hf in BLOCK_TENSORS.items()
         }
         block = span.blocks[offset]
-        state.update(_read_module(files, block, names, f"blocks.{offset}.", dtype, device))
-    span.load_state_dict(state, assign=True, strict=True)
+        state = _read_module(files, block, names, "", dtype, device)
+        block.load_state_dict(state, assign=True, strict=True)
+        if fmt is not None:
+            compress_block(block, fmt)
+    span.forget_weights()
     # Built in float32, then cast: q/k/v must share the weights' dtype in attention.
     span.rotary = RotaryTable(config).to(device=device, dtype=dtype)
     return span
@@ -148,14 +156,23 @@ def load_ends(
 
 
 def load_causal_lm(
-    folder: Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    folder: Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    fmt: WeightFormat | None = None,
 ) -> CausalLM:
-    """Loads a whole model (every block and both ends) for local use."""
+    """Loads a whole model (every block and both ends) for local use; in `fmt` if given,
+    the LM head included (it is read once per token, like a block)."""
     config = ModelConfig.from_hf_folder(folder)
+    if fmt is not None:
+        dtype = fmt.activation_dtype
     # Indexed once: both halves read from the same open shard files.
     files = SafetensorsFolder.open(folder)
     ends = load_ends(files, config, dtype=dtype, device=device)
-    span = load_span(files, config, 0, config.num_layers, dtype=dtype, device=device)
+    if fmt is not None:
+        compress_head(ends, fmt)
+    span = load_span(files, config, 0, config.num_layers, dtype=dtype, device=device, fmt=fmt)
     return CausalLM(ends, span).eval()
 
 

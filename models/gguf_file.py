@@ -102,6 +102,13 @@ class GGUFFile:
         """Drops the memory-mapped views, so the OS can unmap the file (needed on Windows)."""
         self._data = {}
 
+    def raw_tensor(self, name: str) -> np.ndarray:
+        """The tensor's undecoded bytes, memory-mapped and read-only (valid until `close()`)."""
+        raw = self._data.get(name)
+        if raw is None:
+            raise RuntimeError(f"{self.path} was closed or has no tensor {name!r}")
+        return raw
+
     def read_tensor(self, name: str) -> np.ndarray:
         """Dequantizes one tensor to a fresh, writable float32 array in torch order.
 

@@ -181,7 +181,7 @@ def _expected_templates(config: ModelConfig) -> list[str]:
     return templates
 
 
-def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor the file must hold for this config, with its torch-order shape."""
     dims = {
         "vocab": config.vocab_size,
@@ -201,7 +201,7 @@ def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def _plan(gguf_file: GGUFFile, config: ModelConfig) -> list[_Step]:
     """Checks names, shapes and types of every tensor; lists the conversions in file order."""
-    expected = _expected_shapes(config)
+    expected = expected_shapes(config)
     present = set(gguf_file.tensors) - {ROPE_FREQS}
     _require_same_names(gguf_file.path, config, expected, present)
     steps = []
@@ -218,7 +218,7 @@ def _plan(gguf_file: GGUFFile, config: ModelConfig) -> list[_Step]:
                 f"{gguf_file.path}: tensor {name!r} is stored as {info.ggml_type.name}, "
                 f"which we cannot dequantize (supported: {', '.join(supported_type_names())})"
             )
-        steps.append(_step(name, info.shape, config))
+        steps.append(plan_tensor(name, info.shape, config))
     return steps
 
 
@@ -244,7 +244,7 @@ def _some(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _step(name: str, shape: tuple[int, ...], config: ModelConfig) -> _Step:
+def plan_tensor(name: str, shape: tuple[int, ...], config: ModelConfig) -> _Step:
     template, index = _template(name)
     heads_field = _PERMUTED_ROWS.get(template) if config.arch == "llama" else None
     return _Step(

@@ -6,12 +6,15 @@ embedding, final norm, LM head); `CausalLM` joins the two for local, whole-model
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from volunteer.models.adapters import SpanAdapter
 from volunteer.models.block import BlockWeights, RMSNorm, TransformerBlock, block_forward
 from volunteer.models.config import ModelConfig
 from volunteer.models.kv_cache import KVCache
+from volunteer.models.quant import linear
 from volunteer.models.rope import RotaryTable
 
 
@@ -66,10 +69,9 @@ class BlockSpan(nn.Module):
         last = self.num_blocks if last is None else last
         seq = hidden.shape[1]
         cos, sin = self.rotary.slice(start_pos, seq)
-        if self._block_weights is None:
-            self._block_weights = [block.weights() for block in self.blocks]
+        weights = self.weights_for(first, last)
         shape = self.blocks[0].shape
-        for index in range(first, last):
+        for index, block_weights in zip(range(first, last), weights, strict=True):
             layer_cache = cache.layer(index - first) if cache is not None else None
             lora = None
             if adapter is not None:
@@ -78,7 +80,7 @@ class BlockSpan(nn.Module):
             # The functional forward, not block(...): see models.block on why.
             hidden = block_forward(
                 hidden,
-                self._block_weights[index],
+                block_weights,
                 shape,
                 cos,
                 sin,
@@ -88,11 +90,18 @@ class BlockSpan(nn.Module):
             )
         return hidden
 
+    def weights_for(self, first: int, last: int) -> Iterable[BlockWeights]:
+        """The tensors of blocks [first, last), in order (a span whose weights live on
+        disk overrides this to stream them in: `volunteer.models.offload`)."""
+        if self._block_weights is None:
+            self._block_weights = [block.weights() for block in self.blocks]
+        return self._block_weights[first:last]
+
     def allocate_cache(
         self, *, batch_size: int, max_length: int, dtype: torch.dtype | None = None
     ) -> KVCache:
         """A cache sized for this span, on the span's device and dtype."""
-        weight = self.blocks[0].attn.o_proj.weight
+        weight = self.blocks[0].attn_norm.weight  # (projections may be compressed)
         return KVCache.allocate(
             self.config,
             num_blocks=self.num_blocks,
@@ -121,7 +130,7 @@ class ModelEnds(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, S, H] -> logits [B, S, vocab]."""
-        return self.lm_head(self.norm(hidden))
+        return linear(self.norm(hidden), self.lm_head.weight, self.lm_head.bias)
 
 
 class CausalLM(nn.Module):
