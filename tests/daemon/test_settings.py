@@ -257,6 +257,7 @@ EXAMPLES: dict[str, tuple[Any, str]] = {
     "max_session_s": (600.0, "600"),
     "max_push_streams_per_peer": (2, "2"),
     "verify": ("all", "ALL"),
+    "dtype": ("q4g64", "Q4G64"),
     "validate_share": (0.25, "0.25"),
     "faults": (parse_faults("stale:0.5,perturb:0.1:0.05"), "stale:0.5, perturb:0.1:0.05"),
 }

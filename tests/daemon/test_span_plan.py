@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from volunteer.models.weight_format import WeightFormat
 
 from tests.server import tiny_config
 from tests.swarm.test_records import make_info
@@ -45,6 +46,17 @@ def test_the_footprint_counts_weights_and_cache_per_token() -> None:
     assert footprint.cache_bytes_per_token == 2 * 2 * 16 * 4
     # Saved for backward: 2 norm inputs, q, k, v, attention output, 4 MLP tensors.
     assert footprint.activation_bytes_per_token == (2 * 64 + 64 + 2 * 32 + 64 + 4 * 160) * 4
+
+
+def test_compressed_weights_count_at_their_compressed_size() -> None:
+    """A q4 block is its 4-bit codes (rows padded to 16, inputs to the group of 32) and a
+    bfloat16 step and offset per group; the norms stay float32: what capacity planning
+    counts per block."""
+    q4 = block_footprint(CONFIG, WeightFormat.parse("q4"))
+    projections = [(128, 64), (64, 64), (320, 64), (64, 160)]  # [out, in] as held
+    expected = sum(out * -(-k // 32) * 32 // 2 + out * -(-k // 32) * 4 for out, k in projections)
+    assert q4.weight_bytes == expected + 2 * 64 * 4
+    assert q4.weight_bytes < 0.25 * block_footprint(CONFIG).weight_bytes
 
 
 def test_an_empty_swarm_is_joined_at_block_zero_with_all_that_fits() -> None:

@@ -69,15 +69,17 @@ def server_info(
     throughput: float,
     weights: str | None,
     state: ServerState = ServerState.ONLINE,
+    dtype: str = "fp32",
 ) -> ServerInfo:
-    """A record of blocks [start, end) of `model`, as a CPU server of float32 blocks with
-    256 cache tokens left announces it (or as one that claims to be such a server)."""
+    """A record of blocks [start, end) of `model`, as a CPU server of blocks held in
+    `dtype` with 256 cache tokens left announces it (or as one that claims to be such a
+    server)."""
     return ServerInfo(
         state=state,
         start=start,
         end=end,
         throughput=throughput,
-        dtype="float32",
+        dtype=dtype,
         cache_tokens_left=256,
         version="0.1.0",
         model=model,

@@ -341,3 +341,8 @@ def test_placement_counts_only_servers_of_the_same_weights() -> None:
     assert ours.weakest_span(2) == (2, 4)
     assert [s.peer_id for s in ours.server_spans()] == ["ours"]
     assert list(snap.with_weights(THEIRS).spans()) == ["theirs"]
+    # The same weights held in another form count neither (a placement of q4 servers
+    # looks at q4 servers).
+    form = next(iter(snap.spans().values())).dtype
+    assert list(snap.with_weights(OURS, form).spans()) == ["ours"]
+    assert list(snap.with_weights(OURS, "q4g64").spans()) == []

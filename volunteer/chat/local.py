@@ -14,6 +14,7 @@ from volunteer.models.generation import LocalStepper
 from volunteer.models.model import CausalLM
 from volunteer.models.sampling import SamplingParams
 from volunteer.models.tokenizer import Tokenizer
+from volunteer.models.weight_format import WeightFormat
 
 __all__ = ["Conversation", "LocalChat"]
 
@@ -26,9 +27,17 @@ class LocalChat:
         self.tokenizer = tokenizer
 
     @classmethod
-    def load(cls, folder: Path, *, dtype: torch.dtype = torch.float32) -> LocalChat:
-        """Loads the model and tokenizer of a Hugging Face-format folder."""
-        return cls(load_causal_lm(folder, dtype=dtype), Tokenizer.from_folder(folder))
+    def load(
+        cls,
+        folder: Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        fmt: WeightFormat | None = None,
+    ) -> LocalChat:
+        """Loads the model and tokenizer of a Hugging Face-format folder (its weights in
+        `fmt` if given, which then sets the dtype)."""
+        model = load_causal_lm(folder, dtype=dtype, fmt=fmt)
+        return cls(model, Tokenizer.from_folder(folder))
 
     def stream_reply(
         self,

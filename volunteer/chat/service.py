@@ -223,6 +223,7 @@ class ChatService:
                 model = self._blocks.model or await asyncio.to_thread(
                     open_model, self._settings.model, self._paths.models_dir
                 )
+                fmt = await asyncio.to_thread(lambda: self._blocks.fmt)
                 client = SwarmClient(
                     p2p=self._dht.p2p,
                     node=self._dht.node,
@@ -231,11 +232,12 @@ class ChatService:
                     local_handler=lambda: self._blocks.handler,
                     # Only servers of the same weights as the model's ends run here.
                     weights_hash=await asyncio.to_thread(weights_hash, model.folder),
+                    weights_format=fmt.label,
                     config=model.config,
                     verify=self._settings.verify,  # type: ignore[arg-type]  # checked
                     reputation=self._trust.reputation,
                     accuse=self._trust.accuse,
-                    local_blocks=local_blocks(model, self._blocks),
+                    local_blocks=local_blocks(model, fmt, self._blocks),
                     repair_wait_s=self._settings.repair_wait_s,
                     receipts=self._receipts(model.swarm_name) if self._receipts else None,
                 )
@@ -245,5 +247,6 @@ class ChatService:
                     model.config,
                     client=client,
                     loop=asyncio.get_running_loop(),
+                    fmt=fmt,
                 )
             return self._chat

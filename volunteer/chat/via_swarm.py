@@ -23,6 +23,7 @@ from volunteer.models.config import ModelConfig
 from volunteer.models.model import ModelEnds
 from volunteer.models.sampling import SamplingParams
 from volunteer.models.tokenizer import Tokenizer
+from volunteer.models.weight_format import WeightFormat, compress_head
 
 OPEN_TIMEOUT_S = 120.0
 """Longest wait to read the swarm and open a route (including failovers), beyond the
@@ -69,9 +70,13 @@ class SwarmChat:
         *,
         client: SwarmClient,
         loop: asyncio.AbstractEventLoop,
+        fmt: WeightFormat | None = None,
     ) -> SwarmChat:
-        """Loads the ends and tokenizer of a Hugging Face-format folder (float32)."""
+        """Loads the ends and tokenizer of a Hugging Face-format folder (float32; the
+        LM head in `fmt` if given, as local chat holds it, so both pick the same tokens)."""
         ends = load_ends(folder, config, dtype=torch.float32)
+        if fmt is not None:
+            compress_head(ends, fmt)
         tokenizer = Tokenizer.from_folder(folder)
         return cls(ends=ends, tokenizer=tokenizer, config=config, client=client, loop=loop)
 

@@ -44,6 +44,9 @@ class ServerView:
         model: the model's name in the swarm (for log lines).
         weights_hash: the client's own weights' hash; None routes through any server of
             the model's name (tools and tests that run no model ends).
+        weights_format: the form servers must hold the weights in (`ServerInfo.dtype`,
+            a `WeightFormat` label): the client's checks recompute in that form. None:
+            any (where every server holds one form, as in tests of tiny swarms).
         config: the model's config, for the plausible bound (None: no bound).
         measurements: what the client measured of each server.
     """
@@ -55,9 +58,11 @@ class ServerView:
         weights_hash: str | None,
         config: ModelConfig | None,
         measurements: PeerMeasurements,
+        weights_format: str | None = None,
     ) -> None:
         self._model = model
         self._weights_hash = weights_hash
+        self.weights_format = weights_format
         self._block_flops = None if config is None else _block_flops(config)
         self._measurements = measurements
         self._noted: set[str] = set()
@@ -71,12 +76,12 @@ class ServerView:
             for peer_id, info in snapshot.spans().items()
             if info.state in (ServerState.ONLINE, ServerState.LEAVING)
         }
-        ours = self._weights_hash
-        if ours is None:
+        ours, form = self._weights_hash, self.weights_format
+        if ours is None and form is None:
             return online
         kept = {}
         for peer_id, info in online.items():
-            if info.weights_sha256 == ours:
+            if ours in (None, info.weights_sha256) and form in (None, info.dtype):
                 kept[peer_id] = info
             elif peer_id not in self._noted:
                 if len(self._noted) >= MAX_NOTED_PEERS:
@@ -84,8 +89,9 @@ class ServerView:
                 self._noted.add(peer_id)
                 logger.info(
                     "not routing through %s: it serves other weights under the name %s "
-                    "(%s, ours %s)",
-                    peer_id, self._model, (info.weights_sha256 or "no hash")[:12], ours[:12],
+                    "(%s in %s, ours %s in %s)",
+                    peer_id, self._model, (info.weights_sha256 or "no hash")[:12], info.dtype,
+                    (ours or "any")[:12], form or "any form",
                 )  # fmt: skip
         return kept
 

@@ -93,9 +93,9 @@ class SwarmClient:
         clock: monotonic seconds (for back-off and timing servers).
         rng: draws the servers of forward/backward calls, and which inference routes try
             newcomers (seed it to reproduce a run).
-        weights_hash: `volunteer.model_cache.weights_hash` of the client's own model files:
-            only servers announcing it are routed through. None (tools and tests that run
-            no model ends) routes through any server of the model's name.
+        weights_hash, weights_format: the client's own weights (`weights_hash` of its
+            model files) and their form: only servers announcing both are routed
+            through (None: any; see `ServerView`).
         config: the model's config, for the most a server could plausibly run it at
             (None: claims are bounded by probation only).
         trial_share: see TRIAL_SHARE.
@@ -116,6 +116,7 @@ class SwarmClient:
         rng: random.Random | None = None,
         revalidate_delay_s: float = REVALIDATE_DELAY_S,
         weights_hash: str | None = None,
+        weights_format: str | None = None,
         config: ModelConfig | None = None,
         trial_share: float = TRIAL_SHARE,
         verify: Mode = "off",
@@ -152,6 +153,7 @@ class SwarmClient:
         self._view = ServerView(
             model=model, weights_hash=weights_hash, config=config, measurements=self.measurements
         )
+        self._view.weights_format = weights_format
         self._rng = rng or random.Random()
         forward, backward = self.measurements.timed_forward(self._call_forward), self._call_backward
         if verify != "off":  # checked after the timing: a check is not the server's time
@@ -382,10 +384,7 @@ class SwarmClient:
     ) -> InferenceStreamLike:
         if hop.peer_id == self.own_peer_id:
             return await self._own_handler().open_local_stream(
-                start=hop.start,
-                end=hop.end,
-                max_length=max_length,
-                batch_size=batch_size,
+                start=hop.start, end=hop.end, max_length=max_length, batch_size=batch_size
             )
         return await self._remote(hop).open_inference(
             max_length=max_length,

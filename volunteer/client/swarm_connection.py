@@ -58,12 +58,13 @@ class SwarmConnection:
         model: str,
         num_blocks: int,
         weights_hash: str | None = None,
+        weights_format: str | None = None,
         config: ModelConfig | None = None,
         verify: Mode = "off",
         local_blocks: LocalBlocks | None = None,
     ) -> SwarmClient:
         """A `SwarmClient` for `model` over this connection (use it on `loop`); see it for
-        `weights_hash`, `config`, `verify` and `local_blocks`."""
+        `weights_hash`, `weights_format`, `config`, `verify` and `local_blocks`."""
         assert self.p2p is not None and self.node is not None, "use inside `with`"
         client = SwarmClient(
             p2p=self.p2p,
@@ -71,6 +72,7 @@ class SwarmConnection:
             model=model,
             num_blocks=num_blocks,
             weights_hash=weights_hash,
+            weights_format=weights_format,
             config=config,
             verify=verify,
             local_blocks=local_blocks,

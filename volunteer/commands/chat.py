@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
@@ -11,11 +12,13 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 from volunteer.errors import SettingsError
 from volunteer.model_cache.smollm2 import DEFAULT_MODEL
 from volunteer.paths import Paths
+from volunteer.settings.spec import WEIGHT_FORMATS
 from volunteer.transport.protocol import printable
 
 if TYPE_CHECKING:
     from volunteer.chat.conversation import Conversation
     from volunteer.models.sampling import SamplingParams
+    from volunteer.models.weight_format import WeightFormat
 
 
 class Chat(Protocol):
@@ -77,7 +80,22 @@ def register(subparsers: Any) -> None:
         help="check the servers' steps by recomputing them elsewhere: off, sample (a share, "
         "more for newcomers) or all (every step); default: the daemon's setting, or sample",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=WEIGHT_FORMATS,
+        help="form of the weights with --local, and of the servers' with --swarm: auto (the "
+        "fastest here), fp32, bf16, int8 or q4; default: the `dtype` setting",
+    )
     parser.set_defaults(handler=run)
+
+
+def _weight_format(args: argparse.Namespace, paths: Paths) -> WeightFormat:
+    """--dtype, else the `dtype` setting (config file, VOLUNTEER_DTYPE), resolved."""
+    from volunteer.machine.weight_choice import resolve_format
+    from volunteer.settings import Settings
+
+    flags = {"dtype": args.dtype}
+    return resolve_format(Settings.build(paths=paths, env=os.environ, flags=flags).dtype)
 
 
 def run(args: argparse.Namespace, paths: Paths) -> int:
@@ -88,6 +106,8 @@ def run(args: argparse.Namespace, paths: Paths) -> int:
         raise SettingsError("--local and --swarm exclude each other; give one of them")
     if args.local and args.verify:
         raise SettingsError("--verify checks swarm servers; --local runs every block here")
+    if args.dtype and not (args.local or args.swarm):
+        raise SettingsError("--dtype goes with --local or --swarm; the daemon has its own")
     if args.max_new_tokens <= 0:
         raise SettingsError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     sampling = user_sampling(
@@ -120,7 +140,8 @@ def _open_chat(args: argparse.Namespace, paths: Paths) -> Iterator[Chat]:
         from volunteer.chat.local import LocalChat
         from volunteer.model_cache.store import ModelStore  # (tqdm and hashing: not for `tui`)
 
-        yield LocalChat.load(ModelStore(paths.models_dir).resolve(args.model or DEFAULT_MODEL))
+        folder = ModelStore(paths.models_dir).resolve(args.model or DEFAULT_MODEL)
+        yield LocalChat.load(folder, fmt=_weight_format(args, paths))
     elif args.swarm:
         from volunteer.machine.lean_imports import import_hivemind
 
@@ -132,16 +153,20 @@ def _open_chat(args: argparse.Namespace, paths: Paths) -> Iterator[Chat]:
         from volunteer.model_cache.weights_hash import weights_hash
 
         model = open_model(args.model or DEFAULT_MODEL, paths.models_dir)
+        fmt = _weight_format(args, paths)
         with SwarmConnection(args.swarm) as connection:
             client = connection.client(
                 model=model.swarm_name,
                 num_blocks=model.config.num_layers,
                 weights_hash=weights_hash(model.folder),  # only servers of the same weights
+                weights_format=fmt.label,  # held as this process checks them
                 config=model.config,
                 verify=args.verify or "sample",
-                local_blocks=local_blocks(model),  # this process decides mismatches
+                local_blocks=local_blocks(model, fmt),  # this process decides mismatches
             )
-            chat = SwarmChat.load(model.folder, model.config, client=client, loop=connection.loop)
+            chat = SwarmChat.load(
+                model.folder, model.config, client=client, loop=connection.loop, fmt=fmt
+            )
             chat.notify = _tell
             yield chat
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -49,15 +50,21 @@ def open_here(
     import_hivemind()
     from volunteer.client.swarm_connection import SwarmConnection
     from volunteer.daemon.local_checks import local_blocks
+    from volunteer.machine.weight_choice import resolve_format
     from volunteer.model_cache.weights_hash import weights_hash
+    from volunteer.settings import Settings
 
+    # Through servers holding the weights as the `dtype` setting says (as a daemon here
+    # would serve them), checked in that form.
+    fmt = resolve_format(Settings.build(paths=paths, env=os.environ, flags={}).dtype)
     with SwarmConnection(swarm) as connection:
         client = connection.client(
             model=model.swarm_name,
             num_blocks=config.num_layers,
             weights_hash=weights_hash(model.folder),
+            weights_format=fmt.label,
             config=config,
             verify="sample",
-            local_blocks=local_blocks(model),  # this process decides mismatches
+            local_blocks=local_blocks(model, fmt),  # this process decides mismatches
         )
         yield here, SwarmBlocks(client, connection.loop)

@@ -33,7 +33,6 @@ def run_profile(args: argparse.Namespace, paths: Paths) -> int:
     import os
 
     from volunteer.commands.profile_report import decide, report_json, report_lines
-    from volunteer.daemon.span_plan import DTYPE
     from volunteer.machine.hardware import collect_hardware
     from volunteer.machine.microbench import load_or_run
     from volunteer.model_cache.served_model import open_model
@@ -46,7 +45,7 @@ def run_profile(args: argparse.Namespace, paths: Paths) -> int:
     hardware = collect_hardware(paths.cache_dir)
     model = open_model(settings.model, paths.models_dir)
     # One block of the served model is enough to time it (speed is per block).
-    block = load_span(model.folder, model.config, 0, 1, dtype=DTYPE)
+    block = load_span(model.folder, model.config, 0, 1)
     cache_file = paths.cache_dir / "profile" / "microbench.json"
     # Block speed depends on the model as well as the hardware.
     fingerprint = f"{hardware.fingerprint()}-{model.swarm_name}"

@@ -17,6 +17,7 @@ from typing import Any
 from volunteer.daemon.span_plan import GIB, NotEnoughMemoryError, memory_budget, plan_span
 from volunteer.machine.hardware import HardwareProfile
 from volunteer.machine.microbench import MicroBenchmarks
+from volunteer.machine.weight_choice import fastest_format, resolve_format
 from volunteer.models.config import ModelConfig
 from volunteer.scheduler.offload import NoPolicyError, OffloadPolicy, search_policy
 from volunteer.scheduler.offload_cost import DeviceSpec, TransformerShape, Workload
@@ -39,6 +40,9 @@ reads fluently at about 10 tokens/s."""
 class Decision:
     blocks: tuple[int, int] | None
     blocks_reason: str
+    weights: str
+    """The form the weights are held in (a `WeightFormat` label)."""
+    weights_reason: str
     offload: OffloadPolicy | None
     offload_reason: str
     role: str
@@ -63,6 +67,12 @@ def decide(
         swarm_source: where `snapshot` came from, for the report.
     """
     swarm = snapshot or SwarmSnapshot.build(model_name, config.num_layers, [])
+    if settings.dtype == "auto":
+        choice = fastest_format()
+        fmt, weights_reason = choice.fmt, choice.reason
+    else:
+        fmt = resolve_format(settings.dtype)
+        weights_reason = f"{fmt.label}, as set (--dtype)"
     blocks: tuple[int, int] | None = None
     if settings.num_blocks == 0:
         blocks_reason = "no blocks: --num-blocks 0 (a bootstrap peer and chat client only)"
@@ -74,6 +84,7 @@ def decide(
                 model_name=model_name,
                 available_bytes=hardware.ram_available_bytes,
                 snapshot=swarm,
+                fmt=fmt,
             )
             blocks, blocks_reason = (plan.start, plan.end), plan.reason
         except NotEnoughMemoryError as exc:
@@ -92,6 +103,8 @@ def decide(
     return Decision(
         blocks=blocks,
         blocks_reason=blocks_reason,
+        weights=fmt.label,
+        weights_reason=weights_reason,
         offload=offload,
         offload_reason=offload_reason,
         role=role.kind.value,
@@ -166,6 +179,8 @@ def report_json(
         "decision": {
             "blocks": list(decision.blocks) if decision.blocks else None,
             "blocks_reason": decision.blocks_reason,
+            "weights": decision.weights,
+            "weights_reason": decision.weights_reason,
             "offload": dataclasses.asdict(offload) if offload else None,
             "offload_reason": decision.offload_reason,
             "role": decision.role,
@@ -221,6 +236,7 @@ def report_lines(
         "",
         f"swarm        {decision.swarm_source}",
         f"blocks       {decision.blocks_reason}",
+        f"weights      {decision.weights_reason}",
         f"placement    {decision.offload_reason}",
         f"role         {decision.role}: {decision.role_reason}",
     ]

@@ -298,7 +298,9 @@ class AccusationService:
         self, start: int, end: int, steps: list[tuple[int, torch.Tensor]]
     ) -> torch.Tensor:
         if self._local is None:
-            self._local = local_blocks(await self._blocks.served_model(), self._blocks)
+            model = await self._blocks.served_model()
+            fmt = await asyncio.to_thread(lambda: self._blocks.fmt)
+            self._local = local_blocks(model, fmt, self._blocks)
         async with self._recomputing:  # one span loaded at a time, too
             span = await asyncio.to_thread(self._local, start, end)
         if span is None:

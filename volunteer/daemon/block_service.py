@@ -24,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
-import torch
 from hivemind.p2p import P2P
 
 from volunteer import __version__
@@ -44,14 +45,16 @@ from volunteer.daemon.hole_watch import HoleWatch
 from volunteer.daemon.liveness import Liveness
 from volunteer.daemon.rebalancer import Rebalancer
 from volunteer.daemon.serving_control import ServingControl
-from volunteer.daemon.span_plan import DTYPE, SpanPlan, auto_cache_tokens, plan_span
+from volunteer.daemon.span_loading import close_span, load_served_span, offload_folder
+from volunteer.daemon.span_plan import SpanPlan, auto_cache_tokens, plan_span
 from volunteer.errors import VolunteerError
 from volunteer.machine.cpu_sharing import in_passing_thread
 from volunteer.machine.microbench import choose_decode_threads
+from volunteer.machine.weight_choice import resolve_format
 from volunteer.model_cache.served_model import ServedModel, open_model
 from volunteer.model_cache.weights_hash import weights_hash
-from volunteer.models.checkpoint import load_span
 from volunteer.models.model import BlockSpan
+from volunteer.models.weight_format import WeightFormat
 from volunteer.paths import Paths
 from volunteer.server.caps import ServerCaps
 from volunteer.server.drill import Drill
@@ -153,6 +156,13 @@ class BlockService:
         """Cuts a hand-over short: the volunteer asked to leave now."""
         self.leave_now.set()
 
+    @functools.cached_property
+    def fmt(self) -> WeightFormat:
+        """The form the weights are held in (the `dtype` setting): by the served blocks,
+        and by the servers this daemon's chats route through. Resolving `auto` times
+        the forms once (a second or so): reach it off the event loop first."""
+        return resolve_format(self.settings.dtype)
+
     async def start(self) -> None:
         settings = self.settings
         if settings.num_blocks == 0:
@@ -163,6 +173,7 @@ class BlockService:
             open_model, settings.model, self._paths.models_dir
         )
         self.weights_hash = await asyncio.to_thread(weights_hash, model.folder)
+        fmt = await asyncio.to_thread(lambda: self.fmt)
         available = psutil.virtual_memory().available
         # Our own records from before a restart must not count as another server.
         snapshot = None
@@ -175,16 +186,23 @@ class BlockService:
             model_name=model.swarm_name,
             available_bytes=available,
             snapshot=snapshot,
+            fmt=fmt,
         )
         start, end = plan.start, plan.end
-        logger.info("serving %s: %s", model.swarm_name, plan.reason)
-        span = await self.load_span(start, end)
+        logger.info("serving %s in %s: %s", model.swarm_name, fmt.label, plan.reason)
+        offload_to = None
+        if end - start > plan.capacity.num_blocks:  # set by --blocks, larger than the RAM
+            me = peer_id_from_owner(self.owner)
+            offload_to = await asyncio.to_thread(offload_folder, self._paths.cache_dir, me)
+            reason = f"{plan.reason}; their weights stream from disk, within the RAM limit"
+            self.plan = plan = dataclasses.replace(plan, reason=reason)
+        span = await self.load_span(start, end, offload_to=offload_to)
         decode_threads, throughput = await in_passing_thread(
             choose_decode_threads, span, settings.thread_count, SPEED_BUDGET_S
         )
         self._decode_single_measured = decode_threads == 1 < settings.thread_count
         cache_tokens = settings.cache_tokens or auto_cache_tokens(
-            model.config, settings, end - start, available
+            model.config, settings, end - start, available, fmt
         )
         self.handler = await BlockHandler.create(
             p2p=self._dht.p2p,
@@ -207,7 +225,7 @@ class BlockService:
             start=start,
             end=end,
             throughput=throughput,
-            dtype=str(DTYPE).removeprefix("torch."),
+            dtype=fmt.label,
             cache_tokens_left=cache_tokens,
             version=__version__,
             public_name=settings.public_name,
@@ -269,6 +287,7 @@ class BlockService:
         if self.handler is not None:
             handler, self.handler = self.handler, None
             await handler.shutdown()
+            close_span(handler.span)
 
     async def _listen_locally(self, handler: BlockHandler) -> str | None:
         """Serves the handler's streams on a Unix socket for processes of this machine
@@ -357,7 +376,7 @@ class BlockService:
         """The swarm as span choice and rebalancing count it: only the servers of the
         same weights, since others cannot share a route with ours."""
         assert self.weights_hash is not None
-        return (await self.read_snapshot()).with_weights(self.weights_hash)
+        return (await self.read_snapshot()).with_weights(self.weights_hash, self.fmt.label)
 
     async def read_snapshot(self) -> SwarmSnapshot:
         assert self.model is not None
@@ -366,11 +385,14 @@ class BlockService:
             self._dht.node, self.model.swarm_name, config.num_layers, timeout_s=DHT_TIMEOUT_S
         )
 
-    async def load_span(self, start: int, end: int) -> BlockSpan:
-        """Loads blocks `[start, end)` of the served model, off the event loop."""
+    async def load_span(self, start: int, end: int, *, offload_to: Path | None = None) -> BlockSpan:
+        """Loads blocks `[start, end)` of the served model, off the event loop (see
+        `load_served_span` for `offload_to`)."""
         assert self.model is not None
-        threads = self.settings.thread_count
-        return await in_passing_thread(_load_span, self.model, start, end, threads)
+        model, threads, fmt = self.model, self.settings.thread_count, self.fmt
+        return await in_passing_thread(
+            load_served_span, model, start, end, threads=threads, fmt=fmt, offload_to=offload_to
+        )
 
     async def serve_moved(self, span: BlockSpan, reason: str) -> None:
         """Serves `span` instead of the blocks served now (open sessions finish on those)
@@ -410,9 +432,3 @@ class BlockService:
             info = info.model_copy(update={"cache_tokens_left": handler.sessions.cache_tokens_left})
             if not await self.announce(info):
                 logger.warning("re-announce failed; retrying in %g s", self._period_s)
-
-
-def _load_span(model: ServedModel, start: int, end: int, threads: int) -> BlockSpan:
-    # On a passing thread of its own, which takes the daemon's thread count itself.
-    torch.set_num_threads(threads)
-    return load_span(model.folder, model.config, start, end, dtype=DTYPE)

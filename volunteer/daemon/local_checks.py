@@ -17,6 +17,7 @@ from volunteer.daemon.span_plan import block_footprint
 from volunteer.model_cache.served_model import ServedModel
 from volunteer.models.checkpoint import load_span
 from volunteer.models.model import BlockSpan
+from volunteer.models.weight_format import WeightFormat
 from volunteer.paths import Paths
 from volunteer.trust.reputation import Reputation
 
@@ -31,12 +32,12 @@ def open_reputation(paths: Paths) -> Reputation:
 
 
 def local_blocks(
-    model: ServedModel, blocks: BlockService | None = None
+    model: ServedModel, fmt: WeightFormat, blocks: BlockService | None = None
 ) -> Callable[[int, int], BlockSpan | None]:
-    """Blocks [start, end) computed here: the span `blocks` serves when it is exactly
-    those, else loaded from the model's files (the last one kept) within
-    `LOCAL_CHECK_MAX_BYTES`; None when too large. Blocks the caller: call it from a
-    worker thread."""
+    """Blocks [start, end) computed here in `fmt` (the form of the servers checked): the
+    span `blocks` serves when it is exactly those, else loaded from the model's files
+    (the last one kept) within `LOCAL_CHECK_MAX_BYTES`; None when too large. Blocks the
+    caller: call it from a worker thread."""
     loaded: dict[tuple[int, int], BlockSpan] = {}
     lock = threading.Lock()
 
@@ -44,13 +45,14 @@ def local_blocks(
         handler = blocks.handler if blocks is not None else None
         if handler is not None and (handler.span.start, handler.span.end) == (start, end):
             return handler.span
-        weights = block_footprint(model.config).weight_bytes * (end - start)
+        weights = block_footprint(model.config, fmt).weight_bytes * (end - start)
         if weights > LOCAL_CHECK_MAX_BYTES:
             return None
         with lock:
             if (start, end) not in loaded:
                 loaded.clear()  # one span at a time
-                loaded[(start, end)] = load_span(model.folder, model.config, start, end).eval()
+                span = load_span(model.folder, model.config, start, end, fmt=fmt)
+                loaded[(start, end)] = span.eval()
             return loaded[(start, end)]
 
     return get

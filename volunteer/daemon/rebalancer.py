@@ -97,7 +97,7 @@ class Rebalancer:
         can): a move loads the new blocks before it frees the old."""
         model = self._service.model
         assert model is not None
-        needed = length * block_footprint(model.config).weight_bytes
+        needed = length * block_footprint(model.config, self._service.fmt).weight_bytes
         available = psutil.virtual_memory().available
         if available >= needed * MOVE_MEMORY_MARGIN:
             return None

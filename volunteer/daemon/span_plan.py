@@ -15,12 +15,12 @@ import torch
 from volunteer.errors import SettingsError, VolunteerError
 from volunteer.models.config import ModelConfig
 from volunteer.models.model import BlockSpan
+from volunteer.models.weight_format import WeightFormat
 from volunteer.scheduler.capacity import BlockFootprint, Capacity, MemoryBudget, block_capacity
 from volunteer.settings import Settings
 from volunteer.swarm.records import SwarmSnapshot
 
-DTYPE = torch.float32
-"""CPU inference in float32: the numerics local chat uses, so greedy output matches."""
+FP32 = WeightFormat("fp32")
 MEMORY_FRACTION = 0.8
 """Share of the memory available at start that the blocks and caches may take."""
 MEMORY_RESERVE_BYTES = 512 << 20
@@ -44,12 +44,13 @@ class SpanPlan:
     capacity: Capacity
 
 
-def block_footprint(config: ModelConfig, dtype: torch.dtype = DTYPE) -> BlockFootprint:
-    """One block's weights, its cache per position, and what autograd keeps per position
-    of a backward request, in `dtype`."""
+def block_footprint(config: ModelConfig, fmt: WeightFormat = FP32) -> BlockFootprint:
+    """One block's weights (held in `fmt`), its cache per position, and what autograd
+    keeps per position of a backward request."""
     with torch.device("meta"):
         block = BlockSpan(config, 0, 1)
-    weights = sum(p.numel() for p in block.parameters()) * dtype.itemsize
+    weights = fmt.block_bytes(block.blocks[0])
+    dtype = fmt.activation_dtype
     kv_hidden = config.num_kv_heads * config.head_dim
     per_token = 2 * kv_hidden * dtype.itemsize
     # Saved for backward, per position: the inputs of both norms, q, k and v, the
@@ -73,22 +74,27 @@ def memory_budget(settings: Settings, available_bytes: int) -> MemoryBudget:
     )
 
 
-def plan_capacity(config: ModelConfig, settings: Settings, available_bytes: int) -> Capacity:
-    """How many blocks fit, each with room for one full-context session (or the cache
-    tokens the volunteer set) and one backward request's activations.
+def plan_capacity(
+    config: ModelConfig, settings: Settings, available_bytes: int, fmt: WeightFormat = FP32
+) -> Capacity:
+    """How many blocks fit (their weights held in `fmt`), each with room for one
+    full-context session (or the cache tokens the volunteer set) and one backward
+    request's activations.
 
     Raises:
         NotEnoughMemoryError: not one block fits.
     """
-    capacity = _capacity(config, settings, available_bytes)
+    capacity = _capacity(config, settings, available_bytes, fmt)
     if capacity.num_blocks == 0:
         raise NotEnoughMemoryError(capacity.reason)
     return capacity
 
 
-def _capacity(config: ModelConfig, settings: Settings, available_bytes: int) -> Capacity:
+def _capacity(
+    config: ModelConfig, settings: Settings, available_bytes: int, fmt: WeightFormat
+) -> Capacity:
     return block_capacity(
-        block_footprint(config),
+        block_footprint(config, fmt),
         memory_budget(settings, available_bytes),
         cache_tokens=settings.cache_tokens or config.max_position_embeddings,
         # The server refuses longer backward calls and runs one at a time: the cap and
@@ -105,6 +111,7 @@ def plan_span(
     model_name: str,
     available_bytes: int,
     snapshot: SwarmSnapshot | None,
+    fmt: WeightFormat = FP32,
 ) -> SpanPlan:
     """The blocks to serve: `--blocks` as given, else as many as asked for (`--num-blocks`)
     and fit, where the swarm (`snapshot`, needed then) is weakest. Ties go to the lowest
@@ -124,14 +131,14 @@ def plan_span(
                 f"--blocks {start}:{end} is outside {model_name}, which has {total} blocks "
                 f"(0:{total})"
             )
-        capacity = _capacity(config, settings, available_bytes)
+        capacity = _capacity(config, settings, available_bytes, fmt)
         reason = f"blocks {start}:{end} as set (--blocks)"
         if end - start > capacity.num_blocks:
             reason += f"; more than the scheduler would take here: {capacity.reason}"
         return SpanPlan(start, end, reason, capacity)
     if snapshot is None:
         raise ValueError("choosing blocks needs the swarm's snapshot")
-    capacity = plan_capacity(config, settings, available_bytes)
+    capacity = plan_capacity(config, settings, available_bytes, fmt)
     wanted = settings.num_blocks or total
     count = min(wanted, capacity.num_blocks)
     start, end = snapshot.weakest_span(count)
@@ -153,11 +160,16 @@ def plan_span(
 
 
 def auto_cache_tokens(
-    config: ModelConfig, settings: Settings, num_blocks: int, available_bytes: int
+    config: ModelConfig,
+    settings: Settings,
+    num_blocks: int,
+    available_bytes: int,
+    fmt: WeightFormat = FP32,
 ) -> int:
     """The cache budget when the volunteer set none: a share of the memory the blocks
-    leave (within the limit), capped, and at least one full-context session."""
-    footprint = block_footprint(config)
+    (held in `fmt`) leave (within the limit), capped, and at least one full-context
+    session."""
+    footprint = block_footprint(config, fmt)
     left = memory_budget(settings, available_bytes).usable_bytes
     left -= num_blocks * (
         footprint.weight_bytes + settings.max_backward_tokens * footprint.activation_bytes_per_token

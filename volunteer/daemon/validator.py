@@ -141,7 +141,8 @@ class Validator:
         compute those blocks."""
         model = await self._blocks.served_model()
         if self._local is None:
-            self._local = local_blocks(model, self._blocks)
+            fmt = await asyncio.to_thread(lambda: self._blocks.fmt)
+            self._local = local_blocks(model, fmt, self._blocks)
         span = await asyncio.to_thread(self._local, start, end)
         if span is None:
             return False

@@ -67,6 +67,18 @@ class Settings:
         screen=OnScreen("Most RAM for blocks and caches (GiB)", "what is free"),
     )
     """The most RAM the served blocks and their caches may take; None: what is free."""
+    dtype: str = setting(
+        default="auto",
+        parse=s.parse_weight_format,
+        help="form of the served weights: auto (the fastest here), fp32, bf16, int8 or q4 "
+        "(q4g64, q4g128: larger 4-bit groups)",
+        metavar="FORM",
+        label="Weights",
+    )
+    """How the served blocks (and local chat's model) hold their weights. `auto` takes the
+    fastest of fp32, bf16 and q4 on this machine (measured once per process; `volunteer
+    profile` shows it): each keeps the held-out perplexity within 5% of float32. Clients
+    route through servers of one form only, their own."""
     max_gpu_gib: float | None = setting(
         default=None,
         parse=s.parse_gib,

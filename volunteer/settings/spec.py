@@ -256,6 +256,18 @@ def parse_verify(source: Source) -> str:
     return text
 
 
+WEIGHT_FORMATS = ("auto", "fp32", "bf16", "int8", "q4", "q4g32", "q4g64", "q4g128")
+"""What `dtype` takes: `volunteer.models.weight_format` reads all but `auto`."""
+
+
+def parse_weight_format(source: Source) -> str:
+    """One of `WEIGHT_FORMATS`, any case."""
+    text = parse_text(source).lower()
+    if text not in WEIGHT_FORMATS:
+        raise _fail(source, f"expected one of {', '.join(WEIGHT_FORMATS)}")
+    return text
+
+
 def parse_log_level(source: Source) -> str:
     """One of `LOG_LEVELS`, any case."""
     text = parse_text(source).upper()

@@ -239,13 +239,17 @@ class SwarmSnapshot:
         )
         return dataclasses.replace(self, blocks=blocks)
 
-    def with_weights(self, weights_sha256: str) -> SwarmSnapshot:
-        """The same swarm with only the records of servers serving these weights: peers
-        with other weights under the model's name (or that do not say) cannot share a
-        route or a placement with ours."""
+    def with_weights(self, weights_sha256: str, dtype: str | None = None) -> SwarmSnapshot:
+        """The same swarm with only the records of servers serving these weights (in this
+        form, if given: `ServerInfo.dtype`): peers with other weights under the model's
+        name (or that do not say) cannot share a route or a placement with ours."""
         blocks = tuple(
             types.MappingProxyType(
-                {p: i for p, i in servers.items() if i.weights_sha256 == weights_sha256}
+                {
+                    p: i
+                    for p, i in servers.items()
+                    if i.weights_sha256 == weights_sha256 and dtype in (None, i.dtype)
+                }
             )
             for servers in self.blocks
         )
