@@ -1,4 +1,4 @@
-"""Swarm generation speed: SmolLM2-135M fp32 through daemons on loopback vs this process.
+"""Swarm generation speed: SmolLM2-135M through daemons on loopback vs this process.
 
 Greedy from one chat prompt with the end token disabled, for 64 and 256 new tokens
 (median of 3 runs each): the whole model in one process, then the blocks served by real
@@ -6,6 +6,14 @@ Greedy from one chat prompt with the end token disabled, for 64 and 256 new toke
 3 servers (0:10, 10:20, 20:30), each swarm fresh behind its own bootstrap daemon that
 serves nothing. The client embeds tokens and computes logits either way, so the swarm
 output must equal the local output token for token.
+
+`--dtype` (fp32 by default) is the form of the served weights: the daemons start with
+`--dtype FORM`, the client routes through servers of that form only (`weights_format`) and
+holds its LM head as `volunteer chat --swarm --dtype FORM` does (8 bits for int8 and q4),
+and the local reference holds the model as the swarm splits it: the ends as the client
+holds them (float32), the blocks in the form, the hidden states cast to the blocks' dtype
+and back as a server casts them (which differs from `load_causal_lm(fmt=bf16)` only in
+bf16, whose local model keeps its ends in bfloat16 too).
 
 The local reference runs in a child process with libgomp's default OpenMP wait policy
 (its fastest setting alone), once before the swarms and once after, and its medians are
@@ -28,6 +36,7 @@ machine do; `--local-links no` sends everything through the p2p daemons, as betw
 machines (`local_links_N` counts each server's local links).
 
     python bench/swarm_generate.py [--repeats 3] [--server-threads 2] [--local-links no]
+                                   [--dtype fp32|bf16|int8|q4]
 """
 
 from __future__ import annotations
@@ -51,12 +60,15 @@ from typing import Any
 
 import psutil
 import torch
-from volunteer.models.checkpoint import load_causal_lm, load_ends
+from volunteer.models.checkpoint import load_ends, load_span
 from volunteer.models.config import ModelConfig
 from volunteer.models.generation import LocalStepper, StepFn, generate_tokens
-from volunteer.models.model import ModelEnds
+from volunteer.models.kv_cache import KVCache
+from volunteer.models.model import CausalLM, ModelEnds
+from volunteer.models.quant import QuantError
 from volunteer.models.sampling import Sampler, SamplingParams
 from volunteer.models.tokenizer import Tokenizer
+from volunteer.models.weight_format import WeightFormat, compress_head
 
 from volunteer.client.stepper import SwarmStepper, open_swarm_stepper
 from volunteer.client.swarm_connection import SwarmConnection
@@ -80,6 +92,7 @@ OPEN_TIMEOUT_S = 60.0
 STEP_TIMEOUT_S = 120.0
 CLOSE_TIMEOUT_S = 10.0
 MIB = 1024 * 1024
+FP32 = WeightFormat("fp32")
 
 OpenStepper = Callable[[int, int], contextlib.AbstractContextManager[StepFn]]
 """(prompt_len, max_new_tokens) -> a context manager giving a step function."""
@@ -146,6 +159,33 @@ def _local_stepper(model: Any, prompt_len: int, n: int) -> Iterator[StepFn]:
     yield LocalStepper.for_generation(model, prompt_len=prompt_len, max_new_tokens=n)
 
 
+class SplitModel(CausalLM):
+    """The whole model in this process, held as a swarm client and its servers hold it:
+    the blocks' input cast to their dtype and their output back, as a server casts a
+    request's hidden states (no-ops unless the blocks are in bfloat16)."""
+
+    @classmethod
+    def load(cls, folder: Path, config: ModelConfig, fmt: WeightFormat) -> SplitModel:
+        ends = load_ends(folder, config).eval()
+        compress_head(ends, fmt)  # as `SwarmChat.load` holds it
+        return cls(ends, load_span(folder, config, 0, config.num_layers, fmt=fmt)).eval()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        start_pos: int = 0,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        hidden = self.ends.embed(input_ids)
+        dtype = next(self.span.parameters()).dtype
+        out = self.span(hidden.to(dtype), start_pos=start_pos, cache=cache).to(hidden.dtype)
+        if last_only:
+            out = out[:, -1:]
+        return self.ends.logits(out)
+
+
 class Daemons:
     """The daemons of one swarm, `python -m volunteer --home DIR ...` each.
 
@@ -154,13 +194,21 @@ class Daemons:
     """
 
     def __init__(
-        self, root: Path, folder: Path, env: dict[str, str], threads: int, local_links: str
+        self,
+        root: Path,
+        folder: Path,
+        env: dict[str, str],
+        threads: int,
+        local_links: str,
+        dtype: str = "fp32",
     ) -> None:
         self.root = root
         self.folder = folder
         self.env = env
         self.threads = threads
         self.local_links = local_links
+        self.dtype = dtype
+        """The form the servers hold their weights in (`--dtype`)."""
         self.join = ""
         self.pids: dict[str, int] = {}
         self.blocks: dict[str, str] = {}
@@ -179,7 +227,7 @@ class Daemons:
     def start(self, name: str, *flags: str) -> None:
         where = ["--join", self.join] if self.join else ["--new-swarm"]
         model = ["--model", str(self.folder), "--threads", str(self.threads)]
-        model += ["--local-links", self.local_links]
+        model += ["--local-links", self.local_links, "--dtype", self.dtype]
         began = time.perf_counter()
         result = self.cli(name, "start", *model, *where, *flags)
         self.launch_s[name] = time.perf_counter() - began
@@ -244,21 +292,28 @@ class Setup:
     """"yes": the daemons and this client, on one machine, talk over Unix sockets."""
     bare_rss: int
     """Bytes resident in a bare Python process that imported torch."""
+    fmt: WeightFormat = FP32
+    """The form the servers hold their weights in; the client routes through no other."""
 
     def rss_ratio(self, rss_mib: float, blocks: str) -> float | None:
-        """RSS beyond a bare torch process, per byte of the weights the server holds."""
+        """RSS beyond a bare torch process, per byte of the weights the server holds (in
+        its form)."""
         if blocks == "-":
             return None
         start, end = (int(part) for part in blocks.split(":"))
-        weights = (end - start) * block_footprint(self.config).weight_bytes
+        weights = (end - start) * block_footprint(self.config, self.fmt).weight_bytes
         return (rss_mib * MIB - self.bare_rss) / weights
 
     def daemons(self, label: str) -> Daemons:
         root = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=self.tmp))
-        return Daemons(root, self.folder, self.env, self.threads, self.local_links)
+        return Daemons(root, self.folder, self.env, self.threads, self.local_links, self.fmt.label)
 
     def open_stepper(self, connection: SwarmConnection) -> OpenStepper:
-        client = connection.client(model=self.swarm_name, num_blocks=self.config.num_layers)
+        client = connection.client(
+            model=self.swarm_name,
+            num_blocks=self.config.num_layers,
+            weights_format=self.fmt.label,
+        )
         loop = connection.loop
 
         def open_stepper(prompt_len: int, n: int) -> contextlib.AbstractContextManager[StepFn]:
@@ -285,14 +340,15 @@ def daemon_env(paths: Paths) -> dict[str, str]:
     return env
 
 
-def embedded_setup(tmp: Path, *, threads: int, local_links: str) -> Setup:
+def embedded_setup(tmp: Path, *, threads: int, local_links: str, fmt: WeightFormat = FP32) -> Setup:
     """The embedded model's swarm set-up for a bench of daemons in `tmp` (the other
-    benches' entry: no bare-process RSS measured)."""
+    benches' entry: no bare-process RSS measured), its servers' weights in `fmt`."""
     paths = Paths.from_environ()
     folder = ModelStore(paths.models_dir).resolve(DEFAULT_MODEL)
     config = ModelConfig.from_hf_folder(folder)
     prompt = Tokenizer.from_folder(folder).encode_chat([{"role": "user", "content": PROMPT}])
-    return _setup(folder, config, prompt, daemon_env(paths), tmp, threads, local_links, 0)
+    env = daemon_env(paths)
+    return _setup(folder, config, prompt, env, tmp, threads, local_links, 0, fmt=fmt)
 
 
 def _setup(
@@ -304,19 +360,25 @@ def _setup(
     threads: int,
     local_links: str,
     bare_rss: int,
+    *,
+    fmt: WeightFormat = FP32,
 ) -> Setup:
-    """A `Setup` of the model in `folder`, its swarm name and ends derived."""
+    """A `Setup` of the model in `folder`, its swarm name and ends derived (the LM head
+    held as `volunteer chat --swarm` holds it for servers in `fmt`)."""
+    ends = load_ends(folder, config).eval()
+    compress_head(ends, fmt)
     return Setup(
         folder=folder,
         config=config,
         swarm_name=swarm_model_name(str(folder), folder),
         prompt=prompt,
-        ends=load_ends(folder, config).eval(),
+        ends=ends,
         env=env,
         tmp=tmp,
         threads=threads,
         local_links=local_links,
         bare_rss=bare_rss,
+        fmt=fmt,
     )
 
 
@@ -411,20 +473,21 @@ def _ttft(runs: dict[int, list[Run]]) -> float:
     return statistics.median(run.ttft_s for n in LENGTHS for run in runs[n])
 
 
-def _local_part(folder: Path, prompt: list[int], repeats: int) -> None:
-    """`--local-part`: the whole model in this process; prints the runs as JSON."""
-    model = load_causal_lm(folder)
+def _local_part(folder: Path, prompt: list[int], repeats: int, fmt: WeightFormat) -> None:
+    """`--local-part`: the whole model in this process, split as the swarm splits it;
+    prints the runs as JSON."""
+    model = SplitModel.load(folder, ModelConfig.from_hf_folder(folder), fmt)
     runs = _measure(functools.partial(_local_stepper, model), prompt, repeats)
     print(json.dumps({n: [dataclasses.asdict(run) for run in runs[n]] for n in LENGTHS}))
 
 
-def _local_in_child(repeats: int, threads: int) -> dict[int, list[Run]]:
+def _local_in_child(repeats: int, threads: int, fmt: WeightFormat) -> dict[int, list[Run]]:
     """The local reference, run in a fresh process with libgomp's default (spinning)
     OpenMP workers: the fastest setting for one process alone on the machine."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env.pop(_CLIENT_MARK, None)
     command = [sys.executable, __file__, "--local-part", "--repeats", str(repeats)]
-    command += ["--threads", str(threads)]
+    command += ["--threads", str(threads), "--dtype", fmt.label]
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     raw = json.loads(result.stdout.splitlines()[-1])
     return {int(n): [Run(**run) for run in runs] for n, runs in raw.items()}
@@ -442,6 +505,13 @@ def _as_swarm_client() -> None:
 _CLIENT_MARK = "SWARM_BENCH_CLIENT"
 
 
+def _weight_format(label: str) -> WeightFormat:
+    try:
+        return WeightFormat.parse(label)
+    except QuantError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -454,6 +524,13 @@ def main() -> None:
         choices=("yes", "no"),
         default="yes",
         help="daemons serve this machine's processes on Unix sockets (yes; no: all via p2p)",
+    )
+    parser.add_argument(
+        "--dtype",
+        type=_weight_format,
+        default=FP32,
+        metavar="FORM",
+        help="form of the served weights: fp32 (default), bf16, int8, q4 (q4g64, q4g128)",
     )
     parser.add_argument("--local-part", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -469,17 +546,18 @@ def main() -> None:
     tokenizer = Tokenizer.from_folder(folder)
     prompt = tokenizer.encode_chat([{"role": "user", "content": PROMPT}])
     if args.local_part:
-        _local_part(folder, prompt, args.repeats)
+        _local_part(folder, prompt, args.repeats, args.dtype)
         return
     env = daemon_env(paths)
 
     # Measured before and after the swarms, the medians taken over both: this machine's
     # speed drifts over minutes, and the ratios must not ride on that drift.
-    _log(f"local generation, {len(prompt)} prompt tokens")
-    local = _local_in_child(args.repeats, torch.get_num_threads())
+    _log(f"local generation in {args.dtype.label}, {len(prompt)} prompt tokens")
+    local = _local_in_child(args.repeats, torch.get_num_threads(), args.dtype)
     local_tokens = {n: local[n][-1].tokens for n in LENGTHS}
 
     figures: dict[str, Any] = {
+        "dtype": args.dtype.label,
         "local_links": args.local_links,
         "threads": torch.get_num_threads(),
         "server_threads": args.server_threads,
@@ -491,7 +569,15 @@ def main() -> None:
     launches: list[float] = []
     with tempfile.TemporaryDirectory(prefix="swarm-bench-") as tmp:
         setup = _setup(
-            folder, config, prompt, env, Path(tmp), args.server_threads, args.local_links, bare_rss
+            folder,
+            config,
+            prompt,
+            env,
+            Path(tmp),
+            args.server_threads,
+            args.local_links,
+            bare_rss,
+            fmt=args.dtype,
         )
         for count, spans in SWARMS.items():
             _log(f"swarm of {count} server(s): {', '.join(spans)}")
@@ -520,7 +606,7 @@ def main() -> None:
     figures["bare_torch_rss_mib"] = round(bare_rss / MIB, 1)
     figures["rss_ratio"] = figures["rss_ratio_1"][0]  # the target's case: 30 blocks
     _log("local generation again")
-    local_after = _local_in_child(args.repeats, torch.get_num_threads())
+    local_after = _local_in_child(args.repeats, torch.get_num_threads(), args.dtype)
     figures["local_identical_before_after"] = all(
         run.tokens == local_tokens[n] for n in LENGTHS for run in local_after[n]
     )
@@ -542,7 +628,7 @@ def main() -> None:
 
     local_tps = {n: _tps(local[n], n) for n in LENGTHS}
     header = f"{'tok/s 64':>9s} {'tok/s 256':>10s} {'ratio 64':>9s} {'ratio 256':>10s}"
-    print(f"{'':18s} {header} {'TTFT s':>7s}  identical to local")
+    print(f"{'weights ' + args.dtype.label:18s} {header} {'TTFT s':>7s}  identical to local")
     for label, runs, identical in rows:
         tps = {n: _tps(runs[n], n) for n in LENGTHS}
         print(

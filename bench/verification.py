@@ -1,9 +1,10 @@
 """What checking servers' steps costs and catches (issue 15's `bench/verification.py`).
 
 The swarm is as in `bench/swarm_generate.py` (whose helpers this imports): real `python -m
-volunteer` daemons on 127.0.0.1 serving the embedded SmolLM2-135M, blocks 0:15 and 15:30,
-behind a bootstrap daemon; the client is this process, which can compute blocks itself
-(it loads them from the model's files) to check or to decide.
+volunteer` daemons on 127.0.0.1 serving the embedded SmolLM2-135M in float32 (`--dtype
+fp32`), blocks 0:15 and 15:30, behind a bootstrap daemon; the client is this process,
+which can compute blocks itself (it loads them from the model's files, in float32 too) to
+check or to decide.
 
 1. Speed: tokens/s of the 2-server swarm with verification `off`, `sample` (the default)
    and `all`, `--tokens` greedy tokens `--repeats` times each, a fresh record of checks per
@@ -64,9 +65,14 @@ def main() -> None:
 
     os.environ.update(sleeping_threads_env(os.environ))
     import swarm_generate as sg  # torch and the model: only past --help
+    from volunteer.models.weight_format import WeightFormat
 
     with tempfile.TemporaryDirectory(prefix="verification-bench-") as tmp:
-        setup = sg.embedded_setup(Path(tmp), threads=args.server_threads, local_links="no")
+        # The daemons start with `--dtype fp32`; the client routes through servers of that
+        # form and recomputes their steps in it.
+        setup = sg.embedded_setup(
+            Path(tmp), threads=args.server_threads, local_links="no", fmt=WeightFormat("fp32")
+        )
         figures = _bench(sg, setup, args)
     _report(figures)
 
@@ -89,8 +95,9 @@ def _bench(sg: Any, setup: Any, args: argparse.Namespace) -> dict[str, Any]:
                 made = connection.client(
                     model=setup.swarm_name,
                     num_blocks=setup.config.num_layers,
+                    weights_format=setup.fmt.label,
                     verify=mode,
-                    local_blocks=local_blocks(model),
+                    local_blocks=local_blocks(model, setup.fmt),
                 )
                 made.reputation = Reputation()  # a fresh record: every server a newcomer
                 made.loop = connection.loop  # where its sessions live, for the steppers

@@ -60,6 +60,8 @@ def test_servers_announce_their_weights_in_4_bits(swarm: DaemonSwarm) -> None:
     servers = snapshot.spans()
     assert sorted((i.start, i.end) for i in servers.values()) == [(0, 15), (15, 30)]
     assert {info.dtype for info in servers.values()} == {"q4g32"}
+    # And each says so in its status.
+    assert all("weights in q4g32" in swarm.started[n]["span_reason"] for n in ("boot", "second"))
 
 
 def test_checked_greedy_chat_through_q4_servers_equals_local_q4(

@@ -72,9 +72,10 @@ class SwarmChat:
         loop: asyncio.AbstractEventLoop,
         fmt: WeightFormat | None = None,
     ) -> SwarmChat:
-        """Loads the ends and tokenizer of a Hugging Face-format folder (float32; the
-        LM head in `fmt` if given, as local chat holds it, so both pick the same tokens)."""
-        ends = load_ends(folder, config, dtype=torch.float32)
+        """Loads the ends and tokenizer of a Hugging Face-format folder (float32, or as
+        local chat holds them in `fmt` if given, so that both pick the same tokens)."""
+        dtype = torch.float32 if fmt is None else fmt.activation_dtype
+        ends = load_ends(folder, config, dtype=dtype)
         if fmt is not None:
             compress_head(ends, fmt)
         tokenizer = Tokenizer.from_folder(folder)

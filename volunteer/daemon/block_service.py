@@ -188,8 +188,11 @@ class BlockService:
             snapshot=snapshot,
             fmt=fmt,
         )
+        self.plan = plan = dataclasses.replace(
+            plan, reason=f"{plan.reason}; weights in {fmt.label}"
+        )
         start, end = plan.start, plan.end
-        logger.info("serving %s in %s: %s", model.swarm_name, fmt.label, plan.reason)
+        logger.info("serving %s: %s", model.swarm_name, plan.reason)
         offload_to = None
         if end - start > plan.capacity.num_blocks:  # set by --blocks, larger than the RAM
             me = peer_id_from_owner(self.owner)

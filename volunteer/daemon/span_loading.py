@@ -53,7 +53,9 @@ def load_served_span(
     the event loop, on a thread that may set torch's thread count."""
     torch.set_num_threads(threads)
     if offload_to is None:
-        return load_span(model.folder, model.config, start, end, fmt=fmt)
+        span = load_span(model.folder, model.config, start, end, fmt=fmt)
+        _give_back_freed_heap()  # compressing leaves the float copies' chunks behind
+        return span
     config = model.config
     files = SafetensorsFolder.open(model.folder)
 

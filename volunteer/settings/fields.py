@@ -71,7 +71,7 @@ class Settings:
         default="auto",
         parse=s.parse_weight_format,
         help="form of the served weights: auto (the fastest here), fp32, bf16, int8 or q4 "
-        "(q4g64, q4g128: larger 4-bit groups)",
+        "(q4g64, q4g128: larger 4-bit groups, a little smaller, much less accurate)",
         metavar="FORM",
         label="Weights",
     )
