@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from volunteer.models.adapters import BlockLora, lora_linear
 from volunteer.models.config import ModelConfig
+from volunteer.models.kv_cache import LayerCache
 from volunteer.models.quant import CompressedWeight, linear
 from volunteer.models.rope import apply_rotary
 
@@ -84,7 +85,7 @@ def block_forward(
     sin: torch.Tensor,
     *,
     start_pos: int,
-    layer_cache: tuple[torch.Tensor, torch.Tensor] | None,
+    layer_cache: LayerCache | None,
     lora: BlockLora | None = None,
 ) -> torch.Tensor:
     """Pre-norm decoder block on hidden states x [B, S, H] (with a request's LoRA pairs
@@ -112,7 +113,7 @@ def attention(
     sin: torch.Tensor,
     *,
     start_pos: int,
-    layer_cache: tuple[torch.Tensor, torch.Tensor] | None,
+    layer_cache: LayerCache | None,
     lora: BlockLora | None = None,
 ) -> torch.Tensor:
     """Grouped-query self-attention of x [B, S, H] with RoPE and an optional KV cache."""
@@ -133,11 +134,15 @@ def attention(
     v = qkv.narrow(2, heads + kv_heads, kv_heads).transpose(1, 2)
     past = 0
     if layer_cache is not None:
-        key_buf, value_buf = layer_cache
         past = start_pos
-        key_buf.narrow(2, past, seq).copy_(k)
-        value_buf.narrow(2, past, seq).copy_(v)
-        k, v = key_buf.narrow(2, 0, past + seq), value_buf.narrow(2, 0, past + seq)
+        if isinstance(layer_cache, tuple):
+            key_buf, value_buf = layer_cache
+            key_buf.narrow(2, past, seq).copy_(k)
+            value_buf.narrow(2, past, seq).copy_(v)
+            k, v = key_buf.narrow(2, 0, past + seq), value_buf.narrow(2, 0, past + seq)
+        else:  # held compressed: `volunteer.models.kv_quant`
+            layer_cache.write(past, k, v)
+            k, v = layer_cache.read(past + seq)
     mask, is_causal = _attention_mask(seq, past, shape.sliding_window, x.device)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True
@@ -240,7 +245,7 @@ class TransformerBlock(nn.Module):
         sin: torch.Tensor,
         *,
         start_pos: int,
-        layer_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        layer_cache: LayerCache | None = None,
     ) -> torch.Tensor:
         return block_forward(
             x, self.weights(), self.shape, cos, sin, start_pos=start_pos, layer_cache=layer_cache

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 from volunteer.models.errors import ContextLengthError
-from volunteer.models.kv_cache import KVCache
+from volunteer.models.kv_cache import KVCache, KVFormat
 from volunteer.models.model import CausalLM
 from volunteer.models.sampling import Sampler
 
@@ -63,9 +63,15 @@ class LocalStepper:
 
     @classmethod
     def for_generation(
-        cls, model: CausalLM, *, prompt_len: int, max_new_tokens: int
+        cls,
+        model: CausalLM,
+        *,
+        prompt_len: int,
+        max_new_tokens: int,
+        kv_format: KVFormat = "float",
     ) -> LocalStepper:
-        """A stepper whose cache holds the prompt and every new token (within the context)."""
+        """A stepper whose cache (held as `kv_format` says) holds the prompt and every new
+        token (within the context)."""
         limit = model.span.rotary.max_positions
         if prompt_len >= limit:
             raise ContextLengthError(
@@ -73,7 +79,8 @@ class LocalStepper:
                 f"shorten it (or start a new conversation)"
             )
         length = min(prompt_len + max_new_tokens, limit)
-        return cls(model, model.span.allocate_cache(batch_size=1, max_length=length))
+        cache = model.span.allocate_cache(batch_size=1, max_length=length, kv_format=kv_format)
+        return cls(model, cache)
 
     def __call__(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
         self.cache.check_room(start_pos, input_ids.shape[1])

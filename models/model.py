@@ -13,7 +13,7 @@ from torch import nn
 from volunteer.models.adapters import SpanAdapter
 from volunteer.models.block import BlockWeights, RMSNorm, TransformerBlock, block_forward
 from volunteer.models.config import ModelConfig
-from volunteer.models.kv_cache import KVCache
+from volunteer.models.kv_cache import KVCache, KVFormat
 from volunteer.models.quant import linear
 from volunteer.models.rope import RotaryTable
 
@@ -98,7 +98,12 @@ class BlockSpan(nn.Module):
         return self._block_weights[first:last]
 
     def allocate_cache(
-        self, *, batch_size: int, max_length: int, dtype: torch.dtype | None = None
+        self,
+        *,
+        batch_size: int,
+        max_length: int,
+        dtype: torch.dtype | None = None,
+        kv_format: KVFormat = "float",
     ) -> KVCache:
         """A cache sized for this span, on the span's device and dtype."""
         weight = self.blocks[0].attn_norm.weight  # (projections may be compressed)
@@ -109,6 +114,7 @@ class BlockSpan(nn.Module):
             max_length=max_length,
             dtype=dtype or weight.dtype,
             device=weight.device,
+            kv_format=kv_format,
         )
 
 

@@ -50,6 +50,20 @@ def test_first_chat_fetches_the_default_then_chats_interactively(tmp_path: Path)
     assert "Paris" in session.stdout and "Berlin" in session.stdout
     assert "Downloading" not in session.stderr
 
+    # 4-bit weights and a 4-bit attention cache still know it.
+    args = ("--local", "--dtype", "q4", "--kv-cache", "q4", "--max-new-tokens", "24")
+    small = _chat(tmp_path, *args, question)
+    assert small.returncode == 0, small.stderr
+    assert "Paris" in small.stdout
+
+
+def test_a_4_bit_cache_is_for_local_chat_only(tmp_path: Path) -> None:
+    """Servers keep float caches (a client's checks recompute their steps with one)."""
+    result = _chat(tmp_path, "--kv-cache", "q4", "hi")
+    assert result.returncode == 1
+    assert "--kv-cache goes with --local" in result.stderr
+    assert not (tmp_path / "cache").exists()
+
 
 def test_bad_sampling_options_get_one_clear_line(tmp_path: Path) -> None:
     result = _chat(tmp_path, "--local", "--top-p", "1.5", "hi")

@@ -321,8 +321,12 @@ with tempfile.TemporaryDirectory() as folder:
             span(torch.randn(1, seq, 1024), start_pos=cache.length, cache=cache)
             cache.length += seq
     span.close()
-unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+if sys.platform == "linux":
+    # ru_maxrss keeps the parent's peak across fork and exec; VmHWM is this image's own.
+    with open("/proc/self/status") as status:
+        peak = int(status.read().split("VmHWM:")[1].split()[0]) * 1024
+else:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
 print(block_bytes, baseline, built, peak)
 """
 

@@ -11,6 +11,7 @@ import torch
 from volunteer.chat.conversation import Conversation, stream_reply
 from volunteer.models.checkpoint import load_causal_lm
 from volunteer.models.generation import LocalStepper
+from volunteer.models.kv_cache import KVFormat
 from volunteer.models.model import CausalLM
 from volunteer.models.sampling import SamplingParams
 from volunteer.models.tokenizer import Tokenizer
@@ -22,9 +23,13 @@ __all__ = ["Conversation", "LocalChat"]
 class LocalChat:
     """A tokenizer and a whole model in this process, answering conversations."""
 
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self, model: CausalLM, tokenizer: Tokenizer, *, kv_format: KVFormat = "float"
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.kv_format: KVFormat = kv_format
+        """How the attention cache holds keys and values ("q4": FlexGen's 4 bits)."""
 
     @classmethod
     def load(
@@ -51,7 +56,10 @@ class LocalChat:
         def open_stepper(prompt_len: int, new_tokens: int) -> contextlib.nullcontext[LocalStepper]:
             return contextlib.nullcontext(
                 LocalStepper.for_generation(
-                    self.model, prompt_len=prompt_len, max_new_tokens=new_tokens
+                    self.model,
+                    prompt_len=prompt_len,
+                    max_new_tokens=new_tokens,
+                    kv_format=self.kv_format,
                 )
             )
 

@@ -86,6 +86,13 @@ def register(subparsers: Any) -> None:
         help="form of the weights with --local, and of the servers' with --swarm: auto (the "
         "fastest here), fp32, bf16, int8 or q4; default: the `dtype` setting",
     )
+    parser.add_argument(
+        "--kv-cache",
+        choices=("float", "q4"),
+        default="float",
+        help="with --local: hold the attention cache in 4 bits (q4, about 1/6 of float32's "
+        "memory, a little less accurate and slower here) or as floats (the default)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -108,6 +115,9 @@ def run(args: argparse.Namespace, paths: Paths) -> int:
         raise SettingsError("--verify checks swarm servers; --local runs every block here")
     if args.dtype and not (args.local or args.swarm):
         raise SettingsError("--dtype goes with --local or --swarm; the daemon has its own")
+    if args.kv_cache != "float" and not args.local:
+        # Servers keep float caches: a client's checks recompute their steps with one.
+        raise SettingsError("--kv-cache goes with --local (servers keep float caches)")
     if args.max_new_tokens <= 0:
         raise SettingsError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     sampling = user_sampling(
@@ -141,7 +151,9 @@ def _open_chat(args: argparse.Namespace, paths: Paths) -> Iterator[Chat]:
         from volunteer.model_cache.store import ModelStore  # (tqdm and hashing: not for `tui`)
 
         folder = ModelStore(paths.models_dir).resolve(args.model or DEFAULT_MODEL)
-        yield LocalChat.load(folder, fmt=_weight_format(args, paths))
+        chat = LocalChat.load(folder, fmt=_weight_format(args, paths))
+        chat.kv_format = args.kv_cache
+        yield chat
     elif args.swarm:
         from volunteer.machine.lean_imports import import_hivemind
 
