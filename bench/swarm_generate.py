@@ -60,11 +60,10 @@ from typing import Any
 
 import psutil
 import torch
-from volunteer.models.checkpoint import load_ends, load_span
+from volunteer.models.checkpoint import load_causal_lm, load_ends
 from volunteer.models.config import ModelConfig
 from volunteer.models.generation import LocalStepper, StepFn, generate_tokens
-from volunteer.models.kv_cache import KVCache
-from volunteer.models.model import CausalLM, ModelEnds
+from volunteer.models.model import ModelEnds
 from volunteer.models.quant import QuantError
 from volunteer.models.sampling import Sampler, SamplingParams
 from volunteer.models.tokenizer import Tokenizer
@@ -157,33 +156,6 @@ def _measure(open_stepper: OpenStepper, prompt: list[int], repeats: int) -> dict
 @contextlib.contextmanager
 def _local_stepper(model: Any, prompt_len: int, n: int) -> Iterator[StepFn]:
     yield LocalStepper.for_generation(model, prompt_len=prompt_len, max_new_tokens=n)
-
-
-class SplitModel(CausalLM):
-    """The whole model in this process, held as a swarm client and its servers hold it:
-    the blocks' input cast to their dtype and their output back, as a server casts a
-    request's hidden states (no-ops unless the blocks are in bfloat16)."""
-
-    @classmethod
-    def load(cls, folder: Path, config: ModelConfig, fmt: WeightFormat) -> SplitModel:
-        ends = load_ends(folder, config).eval()
-        compress_head(ends, fmt)  # as `SwarmChat.load` holds it
-        return cls(ends, load_span(folder, config, 0, config.num_layers, fmt=fmt)).eval()
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        *,
-        start_pos: int = 0,
-        cache: KVCache | None = None,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        hidden = self.ends.embed(input_ids)
-        dtype = next(self.span.parameters()).dtype
-        out = self.span(hidden.to(dtype), start_pos=start_pos, cache=cache).to(hidden.dtype)
-        if last_only:
-            out = out[:, -1:]
-        return self.ends.logits(out)
 
 
 class Daemons:
@@ -365,7 +337,7 @@ def _setup(
 ) -> Setup:
     """A `Setup` of the model in `folder`, its swarm name and ends derived (the LM head
     held as `volunteer chat --swarm` holds it for servers in `fmt`)."""
-    ends = load_ends(folder, config).eval()
+    ends = load_ends(folder, config, dtype=fmt.activation_dtype).eval()
     compress_head(ends, fmt)
     return Setup(
         folder=folder,
@@ -476,7 +448,8 @@ def _ttft(runs: dict[int, list[Run]]) -> float:
 def _local_part(folder: Path, prompt: list[int], repeats: int, fmt: WeightFormat) -> None:
     """`--local-part`: the whole model in this process, split as the swarm splits it;
     prints the runs as JSON."""
-    model = SplitModel.load(folder, ModelConfig.from_hf_folder(folder), fmt)
+    # As a swarm client and its servers hold it (`SwarmChat.load` holds the ends so).
+    model = load_causal_lm(folder, fmt=fmt)
     runs = _measure(functools.partial(_local_stepper, model), prompt, repeats)
     print(json.dumps({n: [dataclasses.asdict(run) for run in runs[n]] for n in LENGTHS}))
 
