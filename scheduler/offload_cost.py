@@ -154,3 +154,19 @@ class LayerSizes:
             gpu_work_bytes=gbs * s * (4 * shape.hidden + shape.ffn_hidden) * value
             + gbs * shape.num_heads * s * s * value,
         )
+
+
+def disk_tier_step_s(weight_bytes: int, read_bytes_s: float, compute_s: float) -> float:
+    """One decode step of a span whose weights stream from disk into RAM (the tier a
+    CPU-only machine runs, `volunteer.models.offload`): every step reads all the
+    weights, the next block while this one computes, so the slower of reading and
+    computing sets the pace (FlexGen's overlapped schedule, one tier deep)."""
+    return max(weight_bytes / read_bytes_s, compute_s)
+
+
+def calibrated_read_bytes_s(weight_bytes: int, measured_step_s: float) -> float:
+    """The read bandwidth a measured step of the disk tier shows: what the cost model
+    should use for this disk next time (reads slower than the disk's bench, from the
+    allocator say, show up here). No step is shorter than its reads, so this is the
+    rate itself where the step was read-bound, and a lower bound where it was not."""
+    return weight_bytes / measured_step_s
