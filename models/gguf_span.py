@@ -17,16 +17,9 @@ from volunteer.models.int8_weight import Int8Weight
 from volunteer.models.model import BlockSpan
 from volunteer.models.q4_weight import Q4Weight
 from volunteer.models.rope import RotaryTable
-from volunteer.models.weight_format import WeightFormat, set_projection
+from volunteer.models.weight_format import PROJECTIONS, WeightFormat, set_projection
 
-_PROJECTION_NAMES = frozenset(
-    {
-        "attn.qkv_proj.weight",
-        "attn.o_proj.weight",
-        "mlp.gate_up_proj.weight",
-        "mlp.down_proj.weight",
-    }
-)
+_PROJECTION_NAMES = frozenset(f"{outer}.{inner}.weight" for outer, inner in PROJECTIONS)
 
 
 def load_span_gguf(

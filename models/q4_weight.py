@@ -257,7 +257,9 @@ class Q4Weight:
         """Whether the device's kernel computes what dequantizing does (the non-CPU
         layouts are not ours to test on every machine): checked once, on load."""
         k = self.shape[1]
-        x = torch.randn(4, k, device=self.device, dtype=torch.bfloat16)
+        # Its own generator: a load must not move the caller's random stream.
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(4, k, generator=generator).to(self.device, torch.bfloat16)
         self._use_kernel = True
         got = self.linear(x, None).float()
         want = F.linear(x.float(), self.dequantize(torch.float32))

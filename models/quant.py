@@ -87,13 +87,6 @@ class _FrozenLinear(torch.autograd.Function):
         return grad_x, None, grad_bias
 
 
-def weight_bytes(weight: torch.Tensor | CompressedWeight) -> int:
-    """Bytes the weight takes in memory, compressed or not."""
-    if isinstance(weight, torch.Tensor):
-        return weight.numel() * weight.element_size()
-    return weight.nbytes
-
-
 def check_group_size(group_size: int) -> int:
     if group_size not in Q4_GROUP_SIZES:
         sizes = ", ".join(map(str, Q4_GROUP_SIZES))

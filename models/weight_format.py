@@ -21,7 +21,6 @@ from volunteer.models.quant import (
     QuantError,
     check_group_size,
     round_up,
-    weight_bytes,
 )
 
 WEIGHT_DTYPES = ("fp32", "bf16", "int8", "q4")
@@ -141,13 +140,3 @@ def set_projection(block: nn.Module, name: str, weight: CompressedWeight) -> Non
         )
     del layer.weight
     layer.weight = weight
-
-
-def block_weight_bytes(block: nn.Module) -> int:
-    """Bytes a block's weights take as held (compressed projections at their size)."""
-    total = sum(p.numel() * p.element_size() for p in block.parameters())
-    for outer, inner in PROJECTIONS:
-        weight = getattr(getattr(block, outer), inner).weight
-        if not isinstance(weight, torch.Tensor):
-            total += weight_bytes(weight)
-    return total
