@@ -98,9 +98,11 @@ def test_forward_and_backward_equal_the_local_blocks_and_spread_the_load(world: 
 
 def test_a_bad_request_is_raised_and_not_retried(world: World) -> None:
     wrong_width = torch.zeros(1, 2, 7)
+    # (A transport glitch in an earlier test may have left a peer in back-off.)
+    avoided = world.client.backoff.avoided(0.0)
     with pytest.raises(BadRequestError, match="hidden"):
         world.loop.run(world.client.forward(wrong_width), timeout_s=30)
-    assert world.client.backoff.avoided(0.0) == frozenset()
+    assert world.client.backoff.avoided(0.0) == avoided
 
 
 def test_a_server_leaving_before_the_backward_is_routed_around(world: World) -> None:
