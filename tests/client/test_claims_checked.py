@@ -193,6 +193,16 @@ def test_a_measured_slow_server_loses_to_a_measured_fast_one_whatever_it_claims(
         assert client.plan_inference(0, NUM_BLOCKS, frozenset()) == [RouteHop(fast, 0, NUM_BLOCKS)]
 
 
+def _assert_routes_only_through(world: World, client: SwarmClient, peer_id: str) -> None:
+    """Sessions, candidates and spread calls all take `peer_id`, trial routes included."""
+    for _ in range(3):
+        route, _ = world.run(_decode(client, steps=1))
+        assert route == [RouteHop(peer_id, 0, NUM_BLOCKS)]
+    assert [c.peer_id for c in client.candidates()] == [peer_id]
+    for _ in range(20):
+        assert client.plan_spread(0, NUM_BLOCKS, frozenset()) == [RouteHop(peer_id, 0, NUM_BLOCKS)]
+
+
 def test_servers_with_other_weights_never_appear_in_a_route(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -203,12 +213,7 @@ def test_servers_with_other_weights_never_appear_in_a_route(
     client = world.client(model, trial_share=1.0)
     ours = _peer(world, 0)
     with caplog.at_level(logging.INFO, logger="volunteer.client.server_view"):
-        for _ in range(3):
-            route, _ = world.run(_decode(client, steps=1))
-            assert route == [RouteHop(ours, 0, NUM_BLOCKS)]
-        assert [c.peer_id for c in client.candidates()] == [ours]
-        for _ in range(20):
-            assert client.plan_spread(0, NUM_BLOCKS, frozenset()) == [RouteHop(ours, 0, NUM_BLOCKS)]
+        _assert_routes_only_through(world, client, ours)
     left_out = [r for r in caplog.records if "other weights" in r.getMessage()]
     assert sorted(r.args[0] for r in left_out) == sorted([_peer(world, 1), _peer(world, 2)])
     # Without ours, nothing serves these weights: no route, though both others cover all.
@@ -230,12 +235,7 @@ def test_servers_holding_the_weights_in_another_form_never_appear_in_a_route(
     world.announce(2, model, throughput=1e6, dtype="q4g64")
     client = world.client(model, trial_share=1.0, weights_format="q4g32")
     ours = _peer(world, 0)
-    for _ in range(3):
-        route, _ = world.run(_decode(client, steps=1))
-        assert route == [RouteHop(ours, 0, NUM_BLOCKS)]
-    assert [c.peer_id for c in client.candidates()] == [ours]
-    for _ in range(20):
-        assert client.plan_spread(0, NUM_BLOCKS, frozenset()) == [RouteHop(ours, 0, NUM_BLOCKS)]
+    _assert_routes_only_through(world, client, ours)
     # A float32 client takes the float32 server only.
     fp32 = world.client(model, trial_share=1.0, weights_format="fp32")
     assert world.run(_decode(fp32, steps=1))[0] == [RouteHop(_peer(world, 1), 0, NUM_BLOCKS)]
