@@ -192,21 +192,24 @@ class Q4Weight:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         n, k = self.shape
-        if not self._use_kernel or x.device != self.device:
+        if not self._use_kernel or x.device != self._device:
             return F.linear(x, self.dequantize(x.dtype), bias)
-        padded_k = self._padded[1]
-        flat = x.reshape(-1, k).to(torch.bfloat16)
+        # Each op here runs four times per block and token: skip those that do nothing.
+        flat = x.reshape(-1, k)
+        if flat.dtype != torch.bfloat16:
+            flat = flat.to(torch.bfloat16)
+        padded_n, padded_k = self._padded
         if padded_k != k:
             flat = F.pad(flat, (0, padded_k - k))
-        if x.device.type == "cpu":
-            out = torch._weight_int4pack_mm_for_cpu(
-                flat, self._packed, self.group_size, self._kernel_scale_zero
-            )
-        else:
-            out = torch._weight_int4pack_mm(
-                flat, self._packed, self.group_size, self._kernel_scale_zero
-            )
-        out = out[:, :n].to(x.dtype).reshape(*x.shape[:-1], n)
+        matmul = (
+            torch._weight_int4pack_mm_for_cpu
+            if self._device.type == "cpu"
+            else torch._weight_int4pack_mm
+        )
+        out = matmul(flat, self._packed, self.group_size, self._kernel_scale_zero)
+        if padded_n != n:
+            out = out[:, :n]
+        out = out.to(x.dtype).reshape(*x.shape[:-1], n)
         return out if bias is None else out + bias
 
     def to(self, device: torch.device | str) -> Q4Weight:
