@@ -11,7 +11,9 @@ the small query and new keys/values cross), as FlexGen does.
 Every time here is linear in the placement fractions, which is what lets
 `volunteer.scheduler.offload` search them with a linear program.
 
-Not acted on yet: feeds `volunteer.scheduler.offload`, which `volunteer profile` reports.
+The GPU tiers feed `volunteer.scheduler.offload`, whose policy `volunteer profile`
+reports; the disk tier (`disk_tier_step_s`) is what a daemon streaming a span from disk
+checks itself against, and calibrates from (`volunteer.daemon.offload_check`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from volunteer.models.config import ModelConfig
 from tests.server import tiny_config
 from tests.swarm.test_records import make_info
 from volunteer.commands.profile_report import decide, device_spec, report_json, report_lines
+from volunteer.machine.calibration import DiskReadEstimate
 from volunteer.machine.hardware import GpuInfo, HardwareProfile, collect_hardware
 from volunteer.machine.microbench import MicroBenchmarks, run_microbenchmarks
 from volunteer.settings import Settings
@@ -135,6 +136,22 @@ def test_the_gpu_memory_limit_caps_what_the_policy_plans_for(here) -> None:
     assert limited.offload is not None
     assert limited.offload.weights.gpu < 0.5 or limited.offload.compress_weights
     assert "6 GiB of GPU memory allowed" in limited.offload_reason
+
+
+def test_a_calibrated_disk_is_what_the_offloading_model_plans_with(here) -> None:
+    hardware, bench = _with_gpu(*here, free_gib=6)
+    slow = DiskReadEstimate(2e8, "calibrated while serving")
+    spec = device_spec(hardware, bench, Settings(), slow)
+    assert spec is not None and spec.dtoc_bytes_s == 2e8
+    decision = decide(
+        hardware=hardware, bench=bench, settings=Settings(), config=LLAMA_7B,
+        model_name="llama", snapshot=None, swarm_source="none", disk_read=slow,
+    )  # fmt: skip
+    assert "disk plan    200 MB/s (calibrated while serving)" in report_lines(
+        hardware, bench, decision
+    )
+    planned = report_json(hardware, bench, decision)["decision"]["disk_read_plan"]
+    assert planned == {"bytes_s": 2e8, "origin": "calibrated while serving"}
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """A daemon told to serve more blocks than its RAM limit holds streams them from disk: a
 real daemon serving all 30 blocks of SmolLM2 in float32 (424 MiB of weights) under
 `--max-ram-gib 0.25` answers exactly as `volunteer chat --local` does, and its resident
-memory beyond a bare daemon's stays under the limit.
+memory beyond a bare daemon's stays under the limit. Its first steps are set against the
+cost model's prediction, and calibrate the disk's read rate.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 
 from tests.daemon.homes import DaemonSwarm, Homes
 from volunteer.control.endpoint import use_tcp
+from volunteer.machine.calibration import load_calibration
 
 pytestmark = [
     pytest.mark.slow,
@@ -51,6 +53,11 @@ def test_a_span_larger_than_the_ram_limit_streams_from_disk_and_answers_the_same
     status = swarm.homes.status(swarm.homes.home("server"))
     assert status["blocks"] == [0, 30]
     assert "stream from disk" in status["span_reason"]
+    # Its first steps were timed against the cost model, and their reads calibrate it.
+    assert "the cost model predicted" in status["span_reason"]
+    assert "measured" in status["span_reason"]
+    kept = load_calibration(swarm.homes.root / "cache")
+    assert kept is not None and kept.source == "blocks 0:30 in fp32"
     # The boot daemon serves nothing and has run no chat yet: what a daemon takes bare.
     bare = _rss(swarm, "boot")
     local = swarm.chat("--local", "--model", str(swarm.model), PROMPT)

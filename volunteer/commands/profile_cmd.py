@@ -33,6 +33,7 @@ def run_profile(args: argparse.Namespace, paths: Paths) -> int:
     import os
 
     from volunteer.commands.profile_report import decide, report_json, report_lines
+    from volunteer.machine.calibration import disk_read_estimate
     from volunteer.machine.hardware import collect_hardware
     from volunteer.machine.microbench import load_or_run
     from volunteer.model_cache.served_model import open_model
@@ -63,6 +64,7 @@ def run_profile(args: argparse.Namespace, paths: Paths) -> int:
         model_name=model.swarm_name,
         snapshot=snapshot,
         swarm_source=source,
+        disk_read=disk_read_estimate(paths.cache_dir, bench.disk_read_bytes_per_s),
     )
     if args.json:
         print(json.dumps(report_json(hardware, bench, decision, rtts), indent=2))

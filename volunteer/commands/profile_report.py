@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from volunteer.daemon.span_plan import GIB, NotEnoughMemoryError, memory_budget, plan_span
+from volunteer.machine.calibration import DEFAULT_DISK_READ_BYTES_S, DiskReadEstimate
 from volunteer.machine.hardware import HardwareProfile
 from volunteer.machine.microbench import MicroBenchmarks
 from volunteer.machine.weight_choice import fastest_format, resolve_format
@@ -48,6 +49,8 @@ class Decision:
     role: str
     role_reason: str
     swarm_source: str
+    disk_read: DiskReadEstimate | None = None
+    """The disk read rate the cost model planned with (None: the bench's figure)."""
 
 
 def decide(
@@ -59,12 +62,15 @@ def decide(
     model_name: str,
     snapshot: SwarmSnapshot | None,
     swarm_source: str,
+    disk_read: DiskReadEstimate | None = None,
 ) -> Decision:
     """What the daemon would do on this machine now, in plain words.
 
     Args:
         snapshot: the swarm as a running daemon sees it; None for an empty one.
         swarm_source: where `snapshot` came from, for the report.
+        disk_read: the read rate to plan with where a daemon calibrated it
+            (`volunteer.machine.calibration`); otherwise the bench's.
     """
     swarm = snapshot or SwarmSnapshot.build(model_name, config.num_layers, [])
     if settings.dtype == "auto":
@@ -89,7 +95,7 @@ def decide(
             blocks, blocks_reason = (plan.start, plan.end), plan.reason
         except NotEnoughMemoryError as exc:
             blocks_reason = f"no blocks: {exc}"
-    offload, offload_reason = _offload(hardware, bench, settings, config)
+    offload, offload_reason = _offload(hardware, bench, settings, config, disk_read)
     per_block = swarm.block_throughput()
     role = choose_role(
         RoleInputs(
@@ -110,11 +116,15 @@ def decide(
         role=role.kind.value,
         role_reason=role.reason,
         swarm_source=swarm_source,
+        disk_read=disk_read,
     )
 
 
 def device_spec(
-    hardware: HardwareProfile, bench: MicroBenchmarks, settings: Settings
+    hardware: HardwareProfile,
+    bench: MicroBenchmarks,
+    settings: Settings,
+    disk_read: DiskReadEstimate | None = None,
 ) -> DeviceSpec | None:
     """The offloading cost model's view of this machine; None without a usable GPU."""
     gpus = [g for g in hardware.accelerators.gpus if g.memory_free_bytes]
@@ -122,7 +132,10 @@ def device_spec(
     if not hardware.accelerators.has_cuda or not gpus or not flops:
         return None
     cpu_bandwidth = bench.memory_bandwidth_bytes_per_s.get("cpu", 10e9) / 2  # reads only
-    disk_read = bench.disk_read_bytes_per_s or 0.5e9
+    if disk_read is None:
+        disk_read = DiskReadEstimate(
+            bench.disk_read_bytes_per_s or DEFAULT_DISK_READ_BYTES_S, "the profile's disk bench"
+        )
     gpu_bytes = int(gpus[0].memory_free_bytes or 0)
     if settings.max_gpu_gib is not None:
         gpu_bytes = min(gpu_bytes, int(settings.max_gpu_gib * GIB))
@@ -132,8 +145,8 @@ def device_spec(
         disk_bytes=int(hardware.disk.free_bytes or 0),
         ctog_bytes_s=PCIE_BYTES_S,
         gtoc_bytes_s=PCIE_BYTES_S,
-        dtoc_bytes_s=disk_read,
-        ctod_bytes_s=disk_read / 2,
+        dtoc_bytes_s=disk_read.bytes_s,
+        ctod_bytes_s=disk_read.bytes_s / 2,
         gpu_flops_prefill=flops,
         gpu_flops_decode=flops / 5,  # one token per sequence: small, memory-bound products
         gpu_attention_flops=flops / 2,
@@ -144,9 +157,13 @@ def device_spec(
 
 
 def _offload(
-    hardware: HardwareProfile, bench: MicroBenchmarks, settings: Settings, config: ModelConfig
+    hardware: HardwareProfile,
+    bench: MicroBenchmarks,
+    settings: Settings,
+    config: ModelConfig,
+    disk_read: DiskReadEstimate | None,
 ) -> tuple[OffloadPolicy | None, str]:
-    spec = device_spec(hardware, bench, settings)
+    spec = device_spec(hardware, bench, settings, disk_read)
     if spec is None:
         why = hardware.accelerators.nvml_status
         return (
@@ -170,7 +187,7 @@ def report_json(
     decision: Decision,
     peer_rtts: Mapping[str, float | None] | None = None,
 ) -> dict[str, Any]:
-    offload = decision.offload
+    offload, disk_read = decision.offload, decision.disk_read
     return {
         "hardware": hardware.to_json(),
         "benchmarks": bench.to_json(),
@@ -183,6 +200,7 @@ def report_json(
             "weights_reason": decision.weights_reason,
             "offload": dataclasses.asdict(offload) if offload else None,
             "offload_reason": decision.offload_reason,
+            "disk_read_plan": dataclasses.asdict(disk_read) if disk_read else None,
             "role": decision.role,
             "role_reason": decision.role_reason,
             "swarm_source": decision.swarm_source,
@@ -226,6 +244,9 @@ def report_lines(
         if disk_read
         else f"disk read    not measured ({bench.disk_note})"
     )
+    planned = decision.disk_read
+    if planned is not None and planned.bytes_s != disk_read:
+        lines.append(f"disk plan    {planned.bytes_s / 1e6:.0f} MB/s ({planned.origin})")
     if bench.block_throughput:
         lines.append(
             f"block speed  {bench.block_throughput:.1f} tokens/s per block (one-token decode), "

@@ -35,14 +35,13 @@ import psutil
 from hivemind.p2p import P2P
 
 from volunteer import __version__
-from volunteer.control.messages import (
-    ServingStatus,
-)
+from volunteer.control.messages import ServingStatus
 from volunteer.control.server import ControlServer
 from volunteer.daemon.dht_service import DHTService
 from volunteer.daemon.hand_over import hand_over
 from volunteer.daemon.hole_watch import HoleWatch
 from volunteer.daemon.liveness import Liveness
+from volunteer.daemon.offload_check import check_offloaded_span, keep_lifetime_calibration
 from volunteer.daemon.rebalancer import Rebalancer
 from volunteer.daemon.serving_control import ServingControl
 from volunteer.daemon.span_loading import close_span, load_served_span, offload_folder
@@ -54,6 +53,7 @@ from volunteer.machine.weight_choice import resolve_format
 from volunteer.model_cache.served_model import ServedModel, open_model
 from volunteer.model_cache.weights_hash import weights_hash
 from volunteer.models.model import BlockSpan
+from volunteer.models.offload import OffloadedSpan
 from volunteer.models.weight_format import WeightFormat
 from volunteer.paths import Paths
 from volunteer.server.caps import ServerCaps
@@ -70,10 +70,7 @@ from volunteer.swarm.dht_records import (
 from volunteer.swarm.records import ServerInfo, ServerState, SwarmSnapshot
 from volunteer.transport.commitment import PeerSigner
 from volunteer.transport.local_link import LocalListener, this_boot
-from volunteer.transport.protocol import (
-    INFERENCE_HANDLE,
-    PUSH_HANDLE,
-)
+from volunteer.transport.protocol import INFERENCE_HANDLE, PUSH_HANDLE
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +201,15 @@ class BlockService:
             choose_decode_threads, span, settings.thread_count, SPEED_BUDGET_S
         )
         self._decode_single_measured = decode_threads == 1 < settings.thread_count
+        if isinstance(span, OffloadedSpan):
+            check = await in_passing_thread(
+                check_offloaded_span, span, decode_threads, self._paths.cache_dir,
+                f"blocks {start}:{end} in {fmt.label}",
+            )  # fmt: skip
+            if check is not None:
+                self.plan = plan = dataclasses.replace(
+                    plan, reason=f"{plan.reason}; {check.describe()}"
+                )
         cache_tokens = settings.cache_tokens or auto_cache_tokens(
             model.config, settings, end - start, available, fmt
         )
@@ -290,6 +296,7 @@ class BlockService:
         if self.handler is not None:
             handler, self.handler = self.handler, None
             await handler.shutdown()
+            keep_lifetime_calibration(handler.span, self._paths.cache_dir)
             close_span(handler.span)
 
     async def _listen_locally(self, handler: BlockHandler) -> str | None:
