@@ -112,12 +112,13 @@ def block_forward(
     )
     h = rms_norm(x, w.mlp_norm, shape.eps)
     if lora is None:
-        gate_up = linear(h, w.gate_up, w.gate_up_bias)
-    else:
-        gate_up = lora_linear(h, w.gate_up, w.gate_up_bias, lora.gate_up, lora.scale)
+        # Compressed weights may answer in their kernels' dtype: the SwiGLU product goes
+        # into the next kernel in it, and the residual add takes either.
+        gate_up = linear(h, w.gate_up, w.gate_up_bias, exact_dtype=False)
+        gate, up = gate_up.split(shape.intermediate_size, dim=-1)
+        return x + linear(F.silu(gate) * up, w.down, w.down_bias, exact_dtype=False)
+    gate_up = lora_linear(h, w.gate_up, w.gate_up_bias, lora.gate_up, lora.scale)
     gate, up = gate_up.split(shape.intermediate_size, dim=-1)
-    if lora is None:
-        return x + linear(F.silu(gate) * up, w.down, w.down_bias)
     return x + lora_linear(F.silu(gate) * up, w.down, w.down_bias, lora.down, lora.scale)
 
 
@@ -166,7 +167,7 @@ def attention(
     # [B, heads, S, D] -> [B, S, heads * D]
     out = out.transpose(1, 2).reshape(batch, seq, heads * shape.head_dim)
     if lora is None:
-        return linear(out, w.o, w.o_bias)
+        return linear(out, w.o, w.o_bias, exact_dtype=False)  # into the residual add
     return lora_linear(out, w.o, w.o_bias, lora.o, lora.scale)
 
 

@@ -54,11 +54,19 @@ class Int8Weight:
         groups = self.codes.view(n, -1, self.group_size).to(dtype)
         return (groups * self.scale[..., None].to(dtype)).view(n, k)
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(
+        self, x: torch.Tensor, bias: torch.Tensor | None, *, exact_dtype: bool = True
+    ) -> torch.Tensor:
+        """x @ W.T (+ bias), in x's dtype (unless `exact_dtype`: in bfloat16 for a float32
+        x, where the kernel runs in it)."""
         if self._kernel_scale is None or x.device.type != "cpu":
             return F.linear(x, self.dequantize(x.dtype), bias)
         n, k = self.shape
-        flat = x.reshape(-1, k).to(torch.bfloat16)
+        flat = x.reshape(-1, k)
+        if flat.dtype != torch.bfloat16:
+            flat = flat.to(torch.bfloat16)
         out = torch._weight_int8pack_mm(flat, self.codes, self._kernel_scale)
-        out = out.to(x.dtype).reshape(*x.shape[:-1], n)
+        if exact_dtype or x.dtype != torch.float32:  # bfloat16 promotes only to float32
+            out = out.to(x.dtype)
+        out = out.reshape(*x.shape[:-1], n)
         return out if bias is None else out + bias

@@ -43,6 +43,8 @@ class KVCache:
         self.keys = keys
         self.values = values
         self.length = 0
+        # Made once: every block of every step asks for its views.
+        self._layers = list(zip(keys.unbind(0), values.unbind(0), strict=True))
 
     @classmethod
     def allocate(
@@ -118,7 +120,7 @@ class KVCache:
 
     def layer(self, index: int) -> LayerCache:
         """Key and value buffers of one block, [B, kv_heads, T, D] each (views)."""
-        return self.keys[index], self.values[index]
+        return self._layers[index]
 
     def check_room(self, start_pos: int, new_tokens: int) -> None:
         """Raises ContextLengthError unless positions [start_pos, start_pos + new_tokens)

@@ -74,7 +74,9 @@ class OnDiskWeight:
     def nbytes(self) -> int:
         return 0  # none of it in memory
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(
+        self, x: torch.Tensor, bias: torch.Tensor | None, *, exact_dtype: bool = True
+    ) -> torch.Tensor:
         raise RuntimeError(f"this weight is on disk ({self.path}): run the OffloadedSpan")
 
 

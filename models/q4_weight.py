@@ -190,7 +190,11 @@ class Q4Weight:
         values = (codes - Q4_CENTER) * scale[..., None] + zero[..., None]
         return values.flatten(1)[:n, :k].to(dtype)
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(
+        self, x: torch.Tensor, bias: torch.Tensor | None, *, exact_dtype: bool = True
+    ) -> torch.Tensor:
+        """x @ W.T (+ bias), in x's dtype (unless `exact_dtype`: in bfloat16 for a float32
+        x, where the kernel runs in it)."""
         n, k = self.shape
         if not self._use_kernel or x.device != self._device:
             return F.linear(x, self.dequantize(x.dtype), bias)
@@ -209,7 +213,9 @@ class Q4Weight:
         out = matmul(flat, self._packed, self.group_size, self._kernel_scale_zero)
         if padded_n != n:
             out = out[:, :n]
-        out = out.to(x.dtype).reshape(*x.shape[:-1], n)
+        if exact_dtype or x.dtype != torch.float32:  # bfloat16 promotes only to float32
+            out = out.to(x.dtype)
+        out = out.reshape(*x.shape[:-1], n)
         return out if bias is None else out + bias
 
     def to(self, device: torch.device | str) -> Q4Weight:

@@ -43,21 +43,33 @@ class CompressedWeight(Protocol):
     @property
     def nbytes(self) -> int: ...
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+    def linear(
+        self, x: torch.Tensor, bias: torch.Tensor | None, *, exact_dtype: bool = True
+    ) -> torch.Tensor: ...
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor: ...
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor | CompressedWeight, bias: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor | CompressedWeight,
+    bias: torch.Tensor | None,
+    *,
+    exact_dtype: bool = True,
 ) -> torch.Tensor:
     """`F.linear` for a plain tensor; the compressed weight's own matmul otherwise (with
-    the input's gradient, for a backward through frozen compressed blocks)."""
+    the input's gradient, for a backward through frozen compressed blocks).
+
+    With `exact_dtype=False` a compressed weight may answer in its kernel's dtype rather
+    than x's, for a caller whose next op takes either (a residual add promotes for free,
+    another compressed matmul wants the kernel's dtype anyway): a cast fewer per call, of
+    the few hundred a decode step makes.
+    """
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _FrozenLinear.apply(x, weight, bias)
-    return weight.linear(x, bias)
+    return weight.linear(x, bias, exact_dtype=exact_dtype)
 
 
 class _FrozenLinear(torch.autograd.Function):

@@ -403,6 +403,22 @@ def test_linear_without_grad_is_the_weights_own(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_an_inexact_dtype_answer_is_the_exact_one_before_its_cast(kind: str) -> None:
+    """`exact_dtype=False` skips only the cast back from a kernel's bfloat16, for a
+    float32 input; other inputs get their own dtype, since bfloat16 would promote them
+    to float32 in the op that follows."""
+    weight = _compressed(kind)
+    x = torch.randn(3, 96, generator=_gen(15))
+    exact = linear(x, weight, None)
+    inexact = linear(x, weight, None, exact_dtype=False)
+    assert exact.dtype == torch.float32
+    assert inexact.dtype in (torch.float32, torch.bfloat16)  # bfloat16 where a kernel ran
+    assert torch.equal(inexact.float(), exact)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert linear(x.to(dtype), weight, None, exact_dtype=False).dtype == dtype
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("batch", [(4,), (2, 3)])
 def test_linear_backward_goes_through_the_dequantized_weight(
     kind: str, batch: tuple[int, ...]
