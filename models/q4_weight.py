@@ -17,6 +17,10 @@ from volunteer.models.quant import (
 
 logger = logging.getLogger(__name__)
 
+_KERNEL_VERDICTS: dict[tuple[str, int, tuple[int, int]], bool] = {}
+"""Whether a device's int4 kernel agreed with dequantizing, by (device, group size,
+padded shape): see `Q4Weight._kernel_verdict`."""
+
 Q4_ROW_MULTIPLE = 16
 """The CPU int4 kernel wants the output rows in multiples of this; others are padded."""
 Q4_CENTER = 8
@@ -259,8 +263,17 @@ class Q4Weight:
         # Elsewhere the plain codes stay (`codes` reads them), and the kernel is checked.
         pairs = codes.to(torch.uint8)
         self._codes = pairs[:, 0::2] | (pairs[:, 1::2] << 4)
-        self._use_kernel = self._kernel_agrees()
+        self._use_kernel = self._kernel_verdict()
         return True
+
+    def _kernel_verdict(self) -> bool:
+        """`_kernel_agrees`, once per device, group size and shape: a span streamed from
+        disk rebuilds its weights on every forward, and the kernel does not change."""
+        key = (str(self.device), self.group_size, self._padded)
+        verdict = _KERNEL_VERDICTS.get(key)
+        if verdict is None:
+            verdict = _KERNEL_VERDICTS[key] = self._kernel_agrees()
+        return verdict
 
     def _kernel_agrees(self) -> bool:
         """Whether the device's kernel computes what dequantizing does (the non-CPU

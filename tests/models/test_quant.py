@@ -19,6 +19,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from volunteer.models import q4_weight
 from volunteer.models.int8_weight import Int8Weight
 from volunteer.models.q4_weight import Q4_CENTER, Q4Weight
 from volunteer.models.quant import (
@@ -255,6 +256,26 @@ def test_q4_from_codes_refuses_codes_or_scales_too_small() -> None:
 
 
 # --- Q4Weight: size and device -----------------------------------------------------------
+
+
+def test_a_kernel_check_is_made_once_per_device_group_size_and_shape() -> None:
+    """Where the kernel is checked (off the CPU), a weight rebuilt on every forward of a
+    streamed span must not check it again: the verdict is kept by device, group size and
+    shape. Driven on the CPU here, whose kernel the loads do not check."""
+    first = Q4Weight.quantize(torch.randn(48, 64, generator=_gen(21)), 32)
+    key = ("cpu", 32, (48, 64))
+    q4_weight._KERNEL_VERDICTS.pop(key, None)
+    try:
+        assert first._kernel_verdict() is True  # checked: the CPU kernel agrees
+        assert q4_weight._KERNEL_VERDICTS[key] is True
+        q4_weight._KERNEL_VERDICTS[key] = False  # a kept verdict is what others get
+        second = Q4Weight.quantize(torch.randn(48, 64, generator=_gen(22)), 32)
+        assert second._kernel_verdict() is False
+        other_shape = Q4Weight.quantize(torch.randn(32, 64, generator=_gen(23)), 32)
+        assert other_shape._kernel_verdict() is True
+    finally:
+        for each in (key, ("cpu", 32, (32, 64))):
+            q4_weight._KERNEL_VERDICTS.pop(each, None)
 
 
 def test_q4_nbytes_is_a_fraction_of_float32() -> None:
