@@ -18,7 +18,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"volunteer.models": "models", "volunteer.scheduler": "scheduler", "volunteer.tui": "tui"}
+FOLDERS = {
+    "volunteer.installers": "installers",
+    "volunteer.models": "models",
+    "volunteer.scheduler": "scheduler",
+    "volunteer.tui": "tui",
+}
 """Packages installed under `volunteer.` from the layout's top-level folders (pyproject)."""
 
 OURS = (
@@ -28,6 +33,7 @@ OURS = (
     "volunteer.control",
     "volunteer.daemon",
     "volunteer.finetune",
+    "volunteer.installers",
     "volunteer.machine",
     "volunteer.model_cache",
     "volunteer.models",
@@ -58,6 +64,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "volunteer.model_cache.smollm2",
     ),
     "volunteer.control": (*CORE, "volunteer.machine.atomic", "volunteer.model_cache.smollm2"),
+    "volunteer.installers": (*CORE, "volunteer.machine.atomic"),
     "volunteer.machine": (*CORE, "volunteer.models"),
     "volunteer.transport": (*CORE,),
     "volunteer.swarm": (*CORE, "volunteer.scheduler", "volunteer.transport", "volunteer.machine"),
@@ -110,6 +117,7 @@ THIRD_PARTY_FORBIDDEN: dict[str, set[str]] = {
     "volunteer.models": {"hivemind", "textual", "transformers"},
     "volunteer.tui": {"torch", "hivemind", "transformers"},
     "volunteer.control": {"torch", "hivemind", "textual", "transformers"},
+    "volunteer.installers": {"torch", "hivemind", "textual", "transformers"},
     "volunteer.daemon": {"textual", "transformers"},
 }
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-PRODUCT_FOLDERS = ("volunteer", "models", "scheduler", "tui")
+PRODUCT_FOLDERS = ("volunteer", "installers", "models", "scheduler", "tui")
 MAX_ROOT_MODULES = 6
 MAX_PRODUCT_LINES = 450
 

@@ -19,6 +19,7 @@ from volunteer.commands import (
     models_cmd,
     peers_cmd,
     profile_cmd,
+    service_cmd,
     tui_cmd,
 )
 from volunteer.errors import VolunteerError
@@ -34,6 +35,7 @@ _COMMANDS = (
     leaderboard_cmd,
     adapters_cmd,
     profile_cmd,
+    service_cmd,
     tui_cmd,
 )
 
