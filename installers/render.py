@@ -22,6 +22,8 @@ SYSTEM_HOME = "/var/lib/volunteer"
 """The system service's home (systemd's StateDirectory): its config, data and identity."""
 SYSTEM_CACHE = "/var/cache/volunteer"
 """The system service's model cache (systemd's CacheDirectory)."""
+TYPE_EXEC_SINCE = 240
+"""The systemd version that added Type=exec."""
 RESTART_STEPS_SINCE = 254
 """The systemd version that added RestartSteps/RestartMaxDelaySec (growing back-off)."""
 
@@ -43,11 +45,16 @@ class ServiceSpec:
     """Where launchd sends the output (systemd sends it to the journal)."""
     systemd_version: int | None = None
     """The installed systemd's, to use no key it would not know."""
+    user_id: str | None = None
+    """Windows: DOMAIN\\user whose logon starts the task (a task for any user's logon
+    needs an administrator)."""
 
     def __post_init__(self) -> None:
         values = [*self.argv, *(k for k, _ in self.environment), *(v for _, v in self.environment)]
         if self.log_file is not None:
             values.append(str(self.log_file))
+        if self.user_id is not None:
+            values.append(self.user_id)
         for value in values:
             if any(ord(c) < 32 or ord(c) == 127 for c in value):
                 raise ServiceError(
@@ -61,8 +68,11 @@ class ServiceSpec:
 def systemd_unit(spec: ServiceSpec) -> str:
     """The systemd unit: user or system (with its dedicated user) as `spec` says."""
     backoff = ""
-    if spec.systemd_version is not None and spec.systemd_version >= RESTART_STEPS_SINCE:
+    version = spec.systemd_version
+    if version is not None and version >= RESTART_STEPS_SINCE:
         backoff = "RestartSteps=5\nRestartMaxDelaySec=10min"
+    # exec: a start fails if the command cannot run at all (simple before systemd 240).
+    kind = "simple" if version is not None and version < TYPE_EXEC_SINCE else "exec"
     environment = "\n".join(
         f"Environment={_systemd_quote(f'{key}={value}', is_command=False)}"
         for key, value in spec.environment
@@ -73,6 +83,7 @@ def systemd_unit(spec: ServiceSpec) -> str:
         exec_start=" ".join(_systemd_quote(arg) for arg in spec.argv),
         environment=environment,
         restart_backoff=backoff,
+        service_type=kind,
         user=SYSTEM_USER,
     )
 
@@ -103,17 +114,16 @@ def launchd_plist(spec: ServiceSpec) -> str:
 
 def windows_task(spec: ServiceSpec) -> str:
     """A Task Scheduler task: at its owner's logon, or at boot as the local service
-    account. (Its environment goes on the command line: tasks have no variables of
-    their own.)"""
+    account. (A task has no environment of its own: settings go in the config file.)"""
     if spec.is_system:
         trigger = "    <BootTrigger>\n      <Enabled>true</Enabled>\n    </BootTrigger>"
         principal = "      <UserId>S-1-5-19</UserId>\n      <RunLevel>LeastPrivilege</RunLevel>"
     else:
-        trigger = "    <LogonTrigger>\n      <Enabled>true</Enabled>\n    </LogonTrigger>"
-        principal = (
-            "      <LogonType>InteractiveToken</LogonType>\n"
-            "      <RunLevel>LeastPrivilege</RunLevel>"
-        )
+        user = f"\n      <UserId>{escape(spec.user_id)}</UserId>" if spec.user_id else ""
+        trigger = f"    <LogonTrigger>\n      <Enabled>true</Enabled>{user}\n    </LogonTrigger>"
+        principal = f"      <UserId>{escape(spec.user_id)}</UserId>\n" if spec.user_id else ""
+        principal += "      <LogonType>InteractiveToken</LogonType>\n"
+        principal += "      <RunLevel>LeastPrivilege</RunLevel>"
     if spec.environment:
         names = ", ".join(key for key, _ in spec.environment)
         raise ServiceError(

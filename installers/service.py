@@ -169,7 +169,10 @@ class ServiceManager:
         return {target.files[0]: windows_task(spec).encode("utf-16")}
 
     def install(self, spec: ServiceSpec) -> list[str]:
-        """Writes, enables and starts the service; says what it did."""
+        """Writes, enables and starts the service (restarts it where a file changed under
+        a running one); says what it did."""
+        if spec.log_file is not None and self.target.root is None:
+            Path(spec.log_file).parent.mkdir(parents=True, exist_ok=True)  # launchd won't
         said = []
         for path, content in self.contents(spec).items():
             if path.is_file() and path.read_bytes() == content:
@@ -178,7 +181,8 @@ class ServiceManager:
             write_file_atomic(path, content)
             path.chmod(0o644)
             said.append(f"wrote {path}")
-        return said + self._enable()
+        changed = any(line.startswith("wrote") for line in said)
+        return said + self._enable(restart=changed)
 
     def uninstall(self) -> list[str]:
         """Stops, disables and removes the service; says what it did."""
@@ -229,7 +233,7 @@ class ServiceManager:
             f"Get-Content -Tail {lines}{wait} '{quoted}'",
         ]
 
-    def _enable(self) -> list[str]:
+    def _enable(self, *, restart: bool) -> list[str]:
         target = self.target
         if target.root is not None:
             return self._enable_offline()
@@ -237,8 +241,11 @@ class ServiceManager:
         if target.platform == "linux":
             if target.is_system:
                 self._tool(["systemd-sysusers", str(target.files[1])], must=True)
-            self._tool(self._systemctl("daemon-reload"), must=not target.is_system)
+            # A user unit may have no user systemd to reload (no login session): below.
+            self._tool(self._systemctl("daemon-reload"), must=target.is_system)
             if self._tool(self._systemctl("enable", "--now", UNIT)):
+                if restart:  # `enable --now` leaves a running service on its old files
+                    self._tool(self._systemctl("try-restart", UNIT))
                 return [f"enabled and started {UNIT}"]
             if target.is_system:
                 raise ServiceError(f"systemctl could not enable {UNIT} (run as root?)")

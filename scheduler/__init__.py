@@ -8,7 +8,9 @@ Acted on today:
     - `rebalancing.should_move`, `next_check_delay_s`: when a serving daemon moves;
     - `routing`: the client's inference and forward/backward routes, and its backoff;
     - `claims`: the speed routing counts for a server, measured or claimed (probation);
-    - `verification`: how often a server's work is checked, and how long a ban lasts.
+    - `verification`: how often a server's work is checked, and how long a ban lasts;
+    - `owner_rules`: when the machine's owner wants it back (battery, schedule, user
+      activity, other programs' CPU), applied by `volunteer.daemon.rule_watch`.
 
 Reported, not yet acted on:
     - `offload`, `offload_cost`: the FlexGen offloading policy; `volunteer profile` shows

@@ -65,7 +65,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     ),
     "volunteer.control": (*CORE, "volunteer.machine.atomic", "volunteer.model_cache.smollm2"),
     "volunteer.installers": (*CORE, "volunteer.machine.atomic"),
-    "volunteer.machine": (*CORE, "volunteer.models"),
+    "volunteer.machine": (*CORE, "volunteer.models", "volunteer.scheduler"),
     "volunteer.transport": (*CORE,),
     "volunteer.swarm": (*CORE, "volunteer.scheduler", "volunteer.transport", "volunteer.machine"),
     "volunteer.model_cache": (*CORE, "volunteer.models", "volunteer.machine", "volunteer.swarm"),

@@ -34,8 +34,10 @@ class SettingsView(Vertical):
         for name, screen in FIELDS:
             yield Label(screen.title)
             yield Input(placeholder=screen.placeholder, id=f"setting-{name}")
+        # Of this screen's settings, those a running daemon takes on at once.
+        live = [name for name in APPLIED_LIVE if name in dict(FIELDS)]
         yield Static(
-            f"ctrl+s saves. The {' and '.join(map(setting_label, APPLIED_LIVE))} apply at "
+            f"ctrl+s saves. The {' and '.join(map(setting_label, live))} apply at "
             "once; the rest when the daemon restarts (ctrl+r).",
             id="settings-note",
             markup=False,

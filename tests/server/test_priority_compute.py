@@ -203,3 +203,55 @@ def test_forward_work_still_runs_while_a_chat_never_pauses() -> None:
     order = _chat_and_work(anticipation, 0.1, steps=30, work_after=3)
     # Held 0.3 s at most (three steps or so), not until the chat's 30 steps are over.
     assert order.index("work") < order.index("step 15")
+
+
+def _busy(seconds: float) -> float:
+    """Work of `seconds` on the compute thread (the CPU kept busy, as a job would)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return seconds
+
+
+def test_a_cpu_cap_rests_in_proportion_to_the_work() -> None:
+    """max_cpu_percent's duty cycle: one thread under a cap of a quarter core is followed
+    by three times its job's length of rest, during which the next job waits and no
+    decode step runs inline."""
+
+    async def main(cap: float | None) -> float:
+        compute = PriorityCompute(threads=1, decode_threads=1, cpu_cap=cap)
+        try:
+            began = time.perf_counter()
+            jobs = [
+                compute.run(PRIORITY_INFERENCE, _busy, 0.05, peer=PEER, decode=True)
+                for _ in range(4)
+            ]
+            await asyncio.gather(*jobs)
+            # The rest follows the last job too: the next job waits for it.
+            await compute.run(PRIORITY_INFERENCE, _busy, 0.0, peer=PEER, decode=True)
+            return time.perf_counter() - began
+        finally:
+            compute.shutdown()
+
+    assert asyncio.run(main(0.25)) >= 4 * 0.05 / 0.25 * 0.95  # work and three times its rest
+    assert asyncio.run(main(1.0)) < 4 * 0.05 / 0.25 * 0.95  # one thread within a 1-core cap
+    assert asyncio.run(main(None)) < 4 * 0.05 / 0.25 * 0.95
+
+
+def test_a_throttled_decode_step_never_runs_on_the_event_loop() -> None:
+    async def main() -> tuple[str, str]:
+        compute = PriorityCompute(threads=1, decode_threads=1, cpu_cap=0.5)
+        try:
+            name = lambda: threading.current_thread().name  # noqa: E731
+            await compute.run(PRIORITY_INFERENCE, name, peer=PEER, decode=True)  # timed
+            second = await compute.run(PRIORITY_INFERENCE, name, peer=PEER, decode=True)
+            compute.cpu_cap = None  # the volunteer lifts the limit: steps inline again
+            await asyncio.sleep(0.05)
+            third = await compute.run(PRIORITY_INFERENCE, name, peer=PEER, decode=True)
+            return second, third
+        finally:
+            compute.shutdown()
+
+    second, third = asyncio.run(main())
+    assert second.startswith("volunteer-compute")
+    assert third == threading.main_thread().name

@@ -207,6 +207,7 @@ def _print_table(status: StatusReply) -> None:
         ("blocks", f"{blocks[0]}:{blocks[1]}" if blocks else "-"),
         ("why these", status.span_reason),
         ("last rebalance", status.last_rebalance_check),
+        ("owner's rules", status.owner_rules),
         ("holes", _holes(status)),
         (
             "peers seen",

@@ -64,6 +64,11 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace, paths: Paths) -> int:
     platform = args.platform or this_platform()
+    if args.system and platform != "linux":
+        raise ServiceError(
+            "--system is for Linux (a systemd unit and its own user) for now: on "
+            f"{platform}, install it for your user (without --system)"
+        )
     target = Target(
         platform=platform,
         is_system=args.system,
@@ -99,7 +104,7 @@ def run(args: argparse.Namespace, paths: Paths) -> int:
 def service_spec(home: str | None, platform: str, *, is_system: bool) -> ServiceSpec:
     """What the service runs: this Python on the installing command's home (if it named
     one; the dedicated user's own for `--system`), in the installing shell's folders."""
-    argv = [sys.executable, "-m", "volunteer"]
+    argv = [_python(platform), "-m", "volunteer"]
     if is_system:
         argv += ["--home", SYSTEM_HOME]
     elif home:
@@ -115,11 +120,29 @@ def service_spec(home: str | None, platform: str, *, is_system: bool) -> Service
         log_file = _launchd_log(Paths.resolve(home=home, env=os.environ))
     return ServiceSpec(
         argv=tuple(argv),
+        user_id=_windows_user() if platform == "windows" else None,
         environment=environment,
         is_system=is_system,
         log_file=log_file,
         systemd_version=systemd_version() if platform == "linux" else None,
     )
+
+
+def _python(platform: str) -> str:
+    """This Python; on Windows its windowless twin, so that no console opens at logon
+    (closing it would end the daemon)."""
+    if platform == "windows":
+        windowless = Path(sys.executable).with_name("pythonw.exe")
+        if windowless.exists():
+            return str(windowless)
+    return sys.executable
+
+
+def _windows_user() -> str | None:
+    """DOMAIN\\user of the installing user: whose logon starts the task."""
+    user = os.environ.get("USERNAME")
+    domain = os.environ.get("USERDOMAIN")
+    return f"{domain}\\{user}" if user and domain else user
 
 
 def _launchd_log(paths: Paths) -> Path:

@@ -14,33 +14,26 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import pydantic
 
+from volunteer.control.reply import Params as Params
+from volunteer.control.reply import Reply as Reply
+from volunteer.control.status_messages import PAUSED_NOTE as PAUSED_NOTE
+from volunteer.control.status_messages import ChatStatus as ChatStatus
+from volunteer.control.status_messages import CreditStatus as CreditStatus
+from volunteer.control.status_messages import DaemonState as DaemonState
+from volunteer.control.status_messages import DaemonStatus as DaemonStatus
+from volunteer.control.status_messages import DHTStatus as DHTStatus
+from volunteer.control.status_messages import ServingStatus as ServingStatus
+from volunteer.control.status_messages import StatusReply as StatusReply
+from volunteer.control.status_messages import TrustStatus as TrustStatus
+
 MAX_MESSAGES = 1000
 MAX_NEW_TOKENS = 32768
 MAX_SERIES_POINTS = 512  # a fine-tuning job's series are thinned to at most this many
-PAUSED_NOTE = "paused by you: not taking new sessions"
 
-DaemonState = Literal[
-    "not_running", "starting", "joining", "serving", "paused", "rebalancing", "stopping",
-    "failed",
-]  # fmt: skip
-"""`starting` and `not_running` are the CLI's words for a daemon that does not answer
-yet (its pid file exists) or at all; the daemon itself says the others."""
 FinetuneState = Literal["idle", "running", "stopping", "done", "stopped", "failed"]
 AdapterName = Annotated[str, pydantic.Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 """As `volunteer.finetune.adapter_info.valid_name` allows (no name climbs out of the store)."""
 Series = Annotated[list[tuple[int, float]], pydantic.Field(max_length=2 * MAX_SERIES_POINTS)]
-
-
-class Reply(pydantic.BaseModel):
-    """A reply from the daemon: unknown fields are ignored, nothing is changed after."""
-
-    model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
-
-
-class Params(pydantic.BaseModel):
-    """A request's params."""
-
-    model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
 
 
 class NoParams(Params):
@@ -142,103 +135,6 @@ class AdaptersReply(Reply):
     adapters: list[AdapterRow] = []
 
 
-class DaemonStatus(Reply):
-    """The daemon's own part of `status`."""
-
-    state: DaemonState
-    error: str | None = None
-    pid: int | None = None
-    version: str | None = None
-    uptime_s: float | None = None
-    model: str | None = None
-    public_name: str | None = None
-    restart_needed: list[str] = []
-    """Settings changed in config.toml that only a restart applies."""
-    faults: str | None = None
-    """Drill faults this daemon commits on purpose (`volunteer.faults`); None: none."""
-
-
-class DHTStatus(Reply):
-    """The DHT service's part of `status`."""
-
-    peer_id: str | None = None
-    multiaddrs: list[str] = []
-    peers_seen: int = 0
-    """Other peers in the routing table."""
-    new_swarm: bool = False
-    is_partitioned: bool = False
-    """The daemon had peers and has none now: it is dialling the known ones again."""
-
-
-class ServingStatus(Reply):
-    """The block service's part of `status` (the defaults: serving no blocks)."""
-
-    blocks: tuple[int, int] | None = None
-    swarm_model: str | None = None
-    requests_served: int = 0
-    tokens_served: int = 0
-    open_sessions: int = 0
-    local_links: int | None = None
-    """Streams taken on the local socket; None: no local socket."""
-    cache_tokens_total: int | None = None
-    cache_tokens_left: int | None = None
-    throughput: float | None = None
-    threads: int | None = None
-    decode_threads: int | None = None
-    span_reason: str | None = None
-    is_paused: bool = False
-    rebalancing: bool = False
-    """Loading the blocks it moves to."""
-    moves: int = 0
-    """Moves to other blocks, periodic and hole-filling together."""
-    hole_moves: int = 0
-    """Of `moves`, those that filled a hole (blocks no server held)."""
-    swarm_hole: str | None = None
-    """The first blocks ("start:end") no live server held at the last look (None: none)."""
-    leaving: bool = False
-    """Handing blocks no other server holds over before it stops or pauses."""
-    last_rebalance_check: str | None = None
-
-
-class ChatStatus(Reply):
-    """The chat service's part of `status`."""
-
-    chats_active: int = 0
-    chats_answered: int = 0
-
-
-class TrustStatus(Reply):
-    """The trust service's part of `status`: what this daemon's checks found."""
-
-    peers_checked: int = 0
-    peers_banned: int = 0
-    checks_passed: int = 0
-    checks_failed: int = 0
-    accusations_filed: int = 0
-    """Accusations this daemon published (its own proofs and endorsements)."""
-    accusations_upheld: int = 0
-    """Others' accusations this daemon recomputed and found true (the accused banned)."""
-    accusations_refuted: int = 0
-    """Others' accusations found false (the accuser banned)."""
-
-
-class CreditStatus(Reply):
-    """The credit service's part of `status`: this daemon's credit as its own receipts
-    count it, and its rank on the board it audited."""
-
-    credit_total: float | None = None
-    credit_recent: float | None = None
-    """Recent average credit (credits per day, one-week half-life)."""
-    credit_held: float | None = None
-    """Of the total, what escrow holds until this identity has a record of checks."""
-    credit_rank: int | None = None
-    """Its rank on this daemon's board (None: not on it yet)."""
-    receipts_kept: int = 0
-    receipts_refused: int = 0
-    """Receipts refused since start (forged, replayed, for work not done here...)."""
-    board_size: int = 0
-
-
 class BoardRow(Reply):
     """One server on the leaderboard, as this daemon audited it."""
 
@@ -291,26 +187,6 @@ class PeersReply(Reply):
     """`peers`: every peer in the model's records or in this daemon's checks."""
 
     peers: list[PeerReport] = []
-
-
-class StatusReply(ServingStatus, DHTStatus, ChatStatus, TrustStatus, CreditStatus, DaemonStatus):
-    """`status`: every service's part, flat."""
-
-    @classmethod
-    def assemble(cls, own: DaemonStatus, parts: list[Reply]) -> StatusReply:
-        """The daemon's part and its services' parts in one reply; while it serves, a
-        pause or a move is its state."""
-        values: dict[str, Any] = dict(own)
-        for part in parts:
-            values.update(part)
-        status = cls.model_validate(values)
-        if status.state != "serving":
-            return status
-        if status.is_paused:
-            return status.model_copy(update={"state": "paused", "error": PAUSED_NOTE})
-        if status.rebalancing:
-            return status.model_copy(update={"state": "rebalancing"})
-        return status
 
 
 class ReloadReply(Reply):

@@ -49,6 +49,7 @@ from volunteer.daemon.span_plan import SpanPlan, auto_cache_tokens, plan_span
 from volunteer.errors import VolunteerError
 from volunteer.machine.cpu_sharing import in_passing_thread
 from volunteer.machine.microbench import choose_decode_threads
+from volunteer.machine.owner_sensors import OwnerSensors
 from volunteer.machine.weight_choice import resolve_format
 from volunteer.model_cache.served_model import ServedModel, open_model
 from volunteer.model_cache.weights_hash import weights_hash
@@ -88,16 +89,9 @@ DEVICE_CLASS = "cpu"
 
 
 class BlockService:
-    """Serves a span of the model's blocks to the swarm (see the module docstring).
-
-    Args:
-        settings: model, blocks / num_blocks, cache_tokens and public_name are used.
-        paths: where models are cached.
-        dht: the running DHT service (started before this one).
-        owner: `owner_marker` of this peer's key, the subkey of its records.
-        announce_period_s: seconds between re-announces.
-        rng: randomises tie-breaks and check intervals (seeded by the caller in tests).
-    """
+    """Serves a span of the model's blocks to the swarm (see the module docstring), with
+    the running `dht`; `owner` is `owner_marker` of this peer's key (its records' subkey),
+    `rng` randomises tie-breaks and check intervals (seeded by the caller in tests)."""
 
     def __init__(
         self,
@@ -133,6 +127,8 @@ class BlockService:
         self._decode_single_measured = False
         """One thread decoded as fast as all of them at start (so it keeps doing so)."""
         self.hole_watch: HoleWatch | None = None
+        sensors = OwnerSensors(Path(settings.owner_sensors) if settings.owner_sensors else None)
+        self.control = ServingControl(self, sensors)
         self.liveness = Liveness(lambda: self._dht.p2p)
         """Which peers named by records answer pings (hole watch and hand-over)."""
         self.leave_now = asyncio.Event()
@@ -221,6 +217,7 @@ class BlockService:
             throughput=throughput,
             threads=settings.thread_count,
             decode_threads=decode_threads,
+            cpu_cap=settings.cpu_cap_cores,
             caps=ServerCaps.from_settings(settings),
         )
         self.handler.signer = self._signer
@@ -253,6 +250,7 @@ class BlockService:
         else:
             raise VolunteerError("could not announce the served blocks in the DHT")
         self._tasks.append(asyncio.create_task(self._announce_forever(), name="announce"))
+        self._tasks.append(asyncio.create_task(self.control.rules.run(), name="owner rules"))
         if settings.blocks is None and settings.rebalance_period_s > 0:
             self.rebalancer = Rebalancer(self, rng=self._rng)
             self._tasks.append(asyncio.create_task(self.rebalancer.run(), name="rebalance"))
@@ -340,6 +338,8 @@ class BlockService:
             decode_threads=handler.compute.decode_threads,
             span_reason=self.plan.reason if self.plan is not None else None,
             is_paused=handler.is_paused,
+            pause_reason=self.control.paused_by,
+            owner_rules=self.control.rules.describe(),
             rebalancing=rebalancer is not None and rebalancer.is_moving,
             moves=rebalancer.moves if rebalancer is not None else 0,
             hole_moves=watch.moves if watch is not None else 0,
@@ -352,6 +352,8 @@ class BlockService:
         """Takes on the settings a running server can change (`APPLIED_LIVE`): a new public
         name is announced at once, a thread count applies from the next computation."""
         before, self.settings = self.settings, settings
+        if self.handler is not None:
+            self.handler.compute.cpu_cap = settings.cpu_cap_cores  # max_cpu_percent, at once
         if settings.thread_count != before.thread_count:
             if self.handler is not None:
                 compute = self.handler.compute
@@ -367,7 +369,7 @@ class BlockService:
 
     def register_control(self, control: ControlServer) -> None:
         """Adds the control methods `swarm`, `pause` and `resume`."""
-        ServingControl(self).register(control)
+        self.control.register(control)
 
     async def describe_swarm(self) -> dict[str, Any]:
         """The model's records now, as `SwarmSnapshot.to_json` gives them."""

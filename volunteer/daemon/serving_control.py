@@ -1,4 +1,5 @@
-"""The block server's control methods: `swarm`, `pause` and `resume`.
+"""The block server's control methods: `swarm`, `pause` and `resume`; and pausing by the
+owner's rules (`volunteer.daemon.rule_watch`).
 
 A pause takes the server out of routes (OFFLINE) while its blocks stay loaded for a quick
 resume. When it is the only server of some of its blocks, the pause waits for the
@@ -27,7 +28,10 @@ from volunteer.control.messages import (
 )
 from volunteer.control.server import ControlServer
 from volunteer.daemon.hand_over import hand_over, needs_hand_over
+from volunteer.daemon.rule_watch import BY_YOU, RuleWatch
 from volunteer.errors import VolunteerError
+from volunteer.machine.owner_sensors import OwnerSensors
+from volunteer.settings import Settings
 from volunteer.swarm.dht_records import peer_id_from_owner
 from volunteer.swarm.records import ServerState
 from volunteer.transport.protocol import PeerUnavailableError, RemoteError
@@ -43,23 +47,54 @@ PING_TIMEOUT_S = 5.0
 class ServingControl:
     """The control methods of `service` (see the module doc)."""
 
-    def __init__(self, service: BlockService) -> None:
+    def __init__(self, service: BlockService, sensors: OwnerSensors) -> None:
         self._service = service
+        self.paused_by: str | None = None
+        """Who paused the server: "you", or the owner's rule that did (None: serving)."""
+        self.rules = RuleWatch(self, sensors)
+        self._switching = asyncio.Lock()
+        """One pause or resume at a time: a rule's and the volunteer's may cross, and each
+        waits on the network (the hand-over's first look)."""
 
     def register(self, control: ControlServer) -> None:
         control.register(SWARM, self._swarm)
         control.register(PAUSE, self._pause)
         control.register(RESUME, self._resume)
 
+    @property
+    def settings(self) -> Settings:
+        return self._service.settings
+
+    @property
+    def is_serving(self) -> bool:
+        return self._service.handler is not None and self._service.info is not None
+
+    @property
+    def is_paused(self) -> bool:
+        handler = self._service.handler
+        return handler is not None and handler.is_paused
+
+    @property
+    def is_pausing(self) -> bool:
+        """Handing blocks over before a pause takes effect."""
+        pausing = self._service.pausing
+        return pausing is not None and not pausing.done()
+
     async def _pause(self, params: NoParams) -> PauseReply:
         """Control method: stop taking new work (announced OFFLINE, so clients route
         elsewhere, after a hand-over where needed); open sessions finish."""
-        return await self._set_paused(True)
+        return await self.set_paused(True, by=BY_YOU)
 
     async def _resume(self, params: NoParams) -> PauseReply:
-        return await self._set_paused(False)
+        self.rules.override()  # the volunteer's word beats a rule that holds now
+        return await self.set_paused(False, by=None)
 
-    async def _set_paused(self, is_paused: bool) -> PauseReply:
+    async def set_paused(self, is_paused: bool, *, by: str | None) -> PauseReply:
+        """Pauses (`by` whom or which rule) or resumes the server."""
+        async with self._switching:
+            return await self._switch(is_paused, by)
+
+    async def _switch(self, is_paused: bool, by: str | None) -> PauseReply:
         service = self._service
         if service.handler is None or service.info is None:
             raise VolunteerError("this daemon serves no blocks: nothing to pause or resume")
@@ -68,6 +103,7 @@ class ServingControl:
             pausing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pausing
+        self.paused_by = by if is_paused else None
         if is_paused and not service.handler.is_paused and service.settings.leave_grace_s > 0:
             alone = await needs_hand_over(service)
             if alone:
@@ -78,7 +114,10 @@ class ServingControl:
 
     async def _pause_after_hand_over(self) -> None:
         service = self._service
-        await hand_over(service, service.settings.leave_grace_s, service.leave_now)
+        try:
+            await hand_over(service, service.settings.leave_grace_s, service.leave_now)
+        except (VolunteerError, OSError) as exc:  # the pause still happens: only later
+            logger.warning("handing the blocks over failed (%s): pausing now", exc)
         await self._apply(True)
 
     async def _apply(self, is_paused: bool) -> PauseReply:
@@ -89,7 +128,8 @@ class ServingControl:
         state = ServerState.OFFLINE if is_paused else ServerState.ONLINE
         service.info = info.model_copy(update={"state": state})
         announced = await service.announce(service.info)
-        logger.info("%s by the volunteer", "paused" if is_paused else "resumed")
+        by = "the volunteer" if self.paused_by in (None, BY_YOU) else "the owner's rules"
+        logger.info("%s by %s", "paused" if is_paused else "resumed", by)
         return PauseReply(paused=is_paused, announced=announced)
 
     async def _swarm(self, params: SwarmParams) -> SwarmReply:

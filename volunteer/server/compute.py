@@ -123,6 +123,7 @@ class PriorityCompute:
         inline_max_s: float = INLINE_MAX_S,
         tally: ServiceTally | None = None,
         anticipation: Anticipation | None = None,
+        cpu_cap: float | None = None,
     ) -> None:
         """
         Args:
@@ -135,10 +136,19 @@ class PriorityCompute:
             tally: where each peer's use is counted (default: a fresh one).
             anticipation: the inference steps' pace (default: a fresh one; one with
                 `max_window_s=0` never holds forward/backward work back).
+            cpu_cap: the most cores the compute thread may keep busy on average (None:
+                no cap): after a job on more threads than that, it rests long enough to
+                bring the job's average down to the cap (BOINC's CPU throttling, by the
+                volunteer's `max_cpu_percent`).
         """
         self.threads = threads
         self.decode_threads = decode_threads
         self.inline_max_s = inline_max_s
+        self.cpu_cap = cpu_cap
+        self._last_cost = (0.0, 1)
+        """(seconds, threads) of the last job, for its rest."""
+        self._resting = threading.Event()
+        """Set on shutdown: a rest under way ends at once."""
         self.decode_s: float | None = None
         """How long the last decode step took (None: none ran yet)."""
         self.jobs_run = 0
@@ -202,6 +212,7 @@ class PriorityCompute:
                 return fn(*args)
             finally:
                 took = time.perf_counter() - began
+                self._last_cost = (took, threads or torch.get_num_threads())
                 if decode:
                     self.decode_s = took
                 with self._lock:
@@ -229,7 +240,8 @@ class PriorityCompute:
         """Whether a decode step may run on the caller's thread now: it runs on one
         thread, the compute thread has nothing running or queued, and the last decode
         step was short enough."""
-        if (self.decode_threads or self.threads) != 1:
+        if (self.decode_threads or self.threads) != 1 or self._rest_s(1.0, 1) > 0:
+            # (A throttled step must rest after it, which the event loop cannot do.)
             # A second thread's OpenMP team would make libgomp put idle workers to sleep
             # sooner in both (see volunteer.machine.cpu_sharing.in_passing_thread).
             return False
@@ -277,13 +289,23 @@ class PriorityCompute:
                 job.future.set_result(job.run())
             except BaseException as exc:  # handed to the awaiting request, which re-raises
                 job.future.set_exception(exc)
+            # After the reply is on its way; still "running", so no decode step inlines.
+            self._resting.wait(self._rest_s(*self._last_cost))
         finally:
             with self._lock:
                 self._is_running = False
 
+    def _rest_s(self, took: float, threads: int) -> float:
+        """The rest after a job of `took` seconds on `threads` threads under the cap."""
+        cap = self.cpu_cap
+        if cap is None or threads <= cap:
+            return 0.0
+        return took * (threads / cap - 1)
+
     def shutdown(self) -> None:
         """Cancels queued jobs; a running job finishes in the background."""
         self._is_shut_down = True
+        self._resting.set()
         with self._lock:
             pending, self._queue = self._queue, []
             self._queued.notify_all()

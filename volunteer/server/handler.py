@@ -142,6 +142,7 @@ class BlockHandler(TrainingCalls, ServicerBase):
         throughput: float = 0.0,
         threads: int | None = None,
         decode_threads: int | None = None,
+        cpu_cap: float | None = None,
         caps: ServerCaps = DEFAULT_CAPS,
     ) -> BlockHandler:
         """Builds a handler for `span` and registers its RPCs on `p2p`.
@@ -158,6 +159,7 @@ class BlockHandler(TrainingCalls, ServicerBase):
             throughput: tokens/s this server expects to sustain, reported by `rpc_info`.
             threads, decode_threads: torch threads of the compute thread, for all work
                 and for one-position inference steps (see `PriorityCompute`).
+            cpu_cap: the most cores the compute thread may keep busy (`max_cpu_percent`).
             caps: what peers may hold (see `ServerCaps`).
         """
         limits = ServerLimits(
@@ -172,7 +174,9 @@ class BlockHandler(TrainingCalls, ServicerBase):
             model_name=model_name,
             limits=limits,
             sessions=SessionTable(cache_tokens=cache_tokens),
-            compute=PriorityCompute(threads=threads, decode_threads=decode_threads),
+            compute=PriorityCompute(
+                threads=threads, decode_threads=decode_threads, cpu_cap=cpu_cap
+            ),
             throughput=throughput,
             caps=caps,
         )

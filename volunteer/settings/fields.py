@@ -9,6 +9,7 @@ one field here, and then reading `settings.<name>` where it is used.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -19,15 +20,17 @@ from volunteer.machine.atomic import write_file_atomic
 from volunteer.model_cache.smollm2 import DEFAULT_MODEL
 from volunteer.paths import Paths
 from volunteer.settings import spec as s
+from volunteer.settings.caps import PeerCaps
 from volunteer.settings.layers import layered_values, to_toml
 from volunteer.settings.spec import OnScreen, SettingSpec, Source, setting, specs_of
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Settings:
+class Settings(PeerCaps):
     """Everything `volunteer start` can be told, validated.
 
-    Fields on the settings screen come first, in the order it shows them.
+    Fields on the settings screen come first, in the order it shows them (the bounds on
+    what peers may take, `PeerCaps`, have none).
     """
 
     public_name: str | None = setting(
@@ -195,112 +198,6 @@ class Settings:
     """How often the served blocks' records are announced again; they expire a few periods
     later (`volunteer.swarm.dht_records.record_ttl_s`). At least 5 s: a record must outlive
     the wait for the next announce, the period plus the DHT's timeout."""
-    max_message_mib: int = setting(
-        default=64,
-        parse=s.whole_number(1, 4096),
-        help="largest message a peer may send a served block, in MiB (64)",
-        metavar="MIB",
-    )
-    """The most bytes one forward/backward/inference/push message may declare; a larger
-    one is refused ("bad request:") before its body is read. The server reads at most
-    min(this, what a valid request of its limits can be) per message, one message per open
-    stream: read buffers <= (2 * max_sessions + max_queued_jobs) * that."""
-    max_sessions: int = setting(
-        default=64,
-        parse=s.whole_number(1, 100_000),
-        help="most inference sessions served at once, all peers together (64)",
-        metavar="N",
-    )
-    """Inference streams open at once, counted from the stream's first byte (so a stream
-    that never opens its session holds a slot too); more are answered "busy:". Also the
-    most push streams in total. Bounds the server's streams (file descriptors) for
-    sessions to this, and their read buffers to this * the message bound; the caches are
-    bounded apart, by the attention cache budget."""
-    max_sessions_per_peer: int = setting(
-        default=8,
-        parse=s.whole_number(1, 100_000),
-        help="most inference sessions one peer may hold at once (8)",
-        metavar="N",
-    )
-    """One peer's share of `max_sessions`: past it that peer is answered "busy:" while
-    others still get sessions."""
-    max_queued_jobs: int = setting(
-        default=16,
-        parse=s.whole_number(1, 100_000),
-        help="most forward/backward calls served or queued at once (16)",
-        metavar="N",
-    )
-    """forward/backward calls held at once, from the stream's first byte until the reply;
-    more are answered "busy:". Their inputs and outputs held: <= this * 3 * the message
-    bound (a backward carries two tensors, and its reply one). Inference steps are not
-    counted here: each session runs one step at a time."""
-    max_calls_per_peer: int = setting(
-        default=4,
-        parse=s.whole_number(1, 100_000),
-        help="most forward/backward calls one peer may have served or queued (4)",
-        metavar="N",
-    )
-    """One peer's share of `max_queued_jobs`: past it that peer is answered "busy:" while
-    others still get calls in."""
-    forward_slice_s: float = setting(
-        default=0.01,
-        parse=s.seconds(0, 10, low_means=" (the smallest pieces)"),
-        help="longest piece of a forward/backward call between inference steps (0.01 s)",
-        metavar="SECONDS",
-        flag_override="--forward-slice",
-    )
-    """A forward/backward call is computed as pieces each timed to take about this long
-    (at least one block over one position; a backward, one block over all its positions),
-    and an inference step waits for at most one piece: a long call cannot hold up the
-    tokens of the people chatting. 0: the smallest pieces."""
-    first_message_s: float = setting(
-        default=10.0,
-        parse=s.seconds(1, 600),
-        help="how long a new stream may take to send its request, in seconds (10)",
-        metavar="SECONDS",
-        flag_override="--first-message-timeout",
-    )
-    """An inference, forward/backward or push stream whose first message has not come
-    by then is closed with a "bad request:" error, freeing its slot (a forward/backward
-    call or a push is allowed one more second per MiB its message may be)."""
-    max_backward_tokens: int = setting(
-        default=512,
-        parse=s.whole_number(1, 1 << 20),
-        help="most positions (batch * sequence) of one backward call (512)",
-        metavar="N",
-    )
-    """A backward call of more positions is refused ("bad request:"). The memory plan
-    reserves autograd activations for exactly this many positions per served block, and
-    the one compute thread runs one backward at a time, so they take at most
-    this * blocks * the activation bytes per position."""
-    max_adapter_mib: int = setting(
-        default=32,
-        parse=s.whole_number(1, 4096),
-        help="largest fine-tuning adapter one forward/backward call may carry, in MiB (32)",
-        metavar="MIB",
-    )
-    """A fine-tuning client sends its deep prompts and LoRA weights for the call's blocks
-    with each call (float32); larger ones are refused ("bad request:") before they are
-    read. A backward holds the adapter, its gradients and their autograd state: about
-    three times this per call, one call computing at a time."""
-    max_session_s: float = setting(
-        default=3600.0,
-        parse=s.seconds(10, 7 * 86400),
-        help="longest an inference session may live, in seconds (3600)",
-        metavar="SECONDS",
-        flag_override="--max-session",
-    )
-    """A session older than this ends with an "expired:" error at its next message (a
-    silent one ends at its idle timeout already), and its client replays into a new one:
-    nobody holds a share of the cache for longer than this plus the idle timeout."""
-    max_push_streams_per_peer: int = setting(
-        default=4,
-        parse=s.whole_number(1, 1000),
-        help="most push streams another server may keep open to this one (4)",
-        metavar="N",
-    )
-    """A server keeps one push link per next peer; a few more cover a link being
-    replaced. More are answered "busy:"; all peers together hold at most `max_sessions`."""
     verify: str = setting(
         default="sample",
         parse=s.parse_verify,
@@ -329,6 +226,15 @@ class Settings:
     """Faults this daemon commits on purpose (`volunteer.faults`), for tests and drills of
     the swarm's checks: its servers' outputs go wrong, it files false accusations. Said
     loudly in its log and status; never for real service."""
+    owner_sensors: str | None = setting(
+        default=None,
+        parse=s.parse_optional_path,
+        help="TESTS AND DRILLS ONLY: read the owner's rules' battery, idle time, CPU load "
+        "and clock from this JSON file",
+        metavar="FILE",
+    )
+    """Keys the file holds stand in for what `volunteer.machine.owner_sensors` measures,
+    read again at every look: a test changes the machine by rewriting it."""
     log_level: str = setting(
         default="INFO",
         parse=s.parse_log_level,
@@ -345,10 +251,75 @@ class Settings:
     )
     """How long `volunteer start` waits for the daemon to serve before giving up."""
 
+    max_cpu_percent: float = setting(
+        default=100.0,
+        parse=s.percent(low=5),
+        help="most of the machine's CPU the daemon may use, in %% of all cores (100)",
+        metavar="PERCENT",
+        is_live=True,
+    )
+    """As BOINC does: fewer threads (a share of the cores), then a duty cycle (the compute
+    thread rests in proportion to its work) for what is left: 50 on 8 cores is 4 threads
+    working all the time; 30 on 2 cores is 1 thread working 60% of the time."""
+    run_on_battery: bool = setting(
+        default=False,
+        parse=s.parse_bool,
+        help="keep working while the machine runs on battery (default: no, pause)",
+        metavar="YES|NO",
+        is_live=True,
+    )
+    """Where no battery is found, the machine counts as plugged in."""
+    pause_while_user_active: bool = setting(
+        default=False,
+        parse=s.parse_bool,
+        help="pause while someone uses the machine (input in the last --user-idle-minutes)",
+        metavar="YES|NO",
+        is_live=True,
+    )
+    """Needs a source of user activity (logind's idle hint, X11, macOS, Windows); where
+    there is none, `status` says so and this rule does nothing: it never guesses."""
+    user_idle_minutes: float = setting(
+        default=3.0,
+        parse=s.seconds(0.5, 24 * 60, unit="minutes"),
+        help="minutes without input after which the user counts as away (3)",
+        metavar="MINUTES",
+        is_live=True,
+    )
+    pause_when_other_cpu_percent: float | None = setting(
+        default=None,
+        parse=s.percent_or_off,
+        help="pause while other programs use more than this %% of the CPU (default: off)",
+        metavar="PERCENT",
+        is_live=True,
+    )
+    """Of all the machine's CPUs together; the daemon's own use (its children too) is not
+    counted."""
+    schedule: str = setting(
+        default="",
+        parse=s.parse_schedule_setting,
+        help='work only in these daily windows, e.g. "22:00-07:00" (default: any time)',
+        metavar="WINDOWS",
+        is_live=True,
+    )
+    """Comma-separated HH:MM-HH:MM windows of local time; a window may cross midnight."""
+
     @property
     def thread_count(self) -> int:
-        """torch threads to compute with: as set, else every core."""
-        return self.threads or os.cpu_count() or 1
+        """torch threads to compute with: as set, else every core; under `max_cpu_percent`,
+        no more than its share of the cores can keep busy."""
+        cores = os.cpu_count() or 1
+        cap = self.cpu_cap_cores
+        if cap is None:
+            return self.threads or cores
+        return min(self.threads or cores, max(1, math.ceil(cap - 1e-9)))
+
+    @property
+    def cpu_cap_cores(self) -> float | None:
+        """`max_cpu_percent` as cores the compute may keep busy on average (None: no cap);
+        the compute thread rests where its threads would go beyond (a duty cycle)."""
+        if self.max_cpu_percent >= 100:
+            return None
+        return (os.cpu_count() or 1) * self.max_cpu_percent / 100
 
     @property
     def is_new_swarm(self) -> bool:

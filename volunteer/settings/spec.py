@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from volunteer.errors import SettingsError
 from volunteer.faults import NO_FAULTS, Faults, parse_faults
+from volunteer.scheduler.owner_rules import RuleError, parse_schedule
 
 ENV_PREFIX = "VOLUNTEER_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -151,14 +152,22 @@ def whole_number(minimum: int, maximum: int | None = None, *, is_auto_ok: bool =
     return parse
 
 
-def seconds(low: float, high: float, *, is_low_open: bool = False, low_means: str = "") -> Parser:
-    """A parser of seconds in `[low, high]` (`(low, high]` with `is_low_open`); `low_means`
-    says in the error what the lowest value does, e.g. " (never)"."""
+def seconds(
+    low: float,
+    high: float,
+    *,
+    is_low_open: bool = False,
+    low_means: str = "",
+    unit: str = "seconds",
+) -> Parser:
+    """A parser of seconds (or another `unit`) in `[low, high]` (`(low, high]` with
+    `is_low_open`); `low_means` says in the error what the lowest value does, e.g.
+    " (never)"."""
 
     def parse(source: Source) -> float:
         value = _number(source)
         if value is None or value > high or value < low or (is_low_open and value == low):
-            raise _fail(source, f"expected seconds between {low:g}{low_means} and {high:g}")
+            raise _fail(source, f"expected {unit} between {low:g}{low_means} and {high:g}")
         return value
 
     return parse
@@ -286,6 +295,44 @@ def _number(source: Source) -> float | None:
     except ValueError:
         return None
     return value if value == value else None  # NaN is no number here
+
+
+def parse_optional_path(source: Source) -> str | None:
+    """A file's path; "" (text) means None."""
+    if not isinstance(source.raw, str):
+        raise _fail(source, "expected a file's path")
+    return source.raw.strip() or None
+
+
+def percent(*, low: float = 0.0) -> Parser:
+    """A parser of a percentage above `low` (at least it, where `low` > 0) and at most 100."""
+
+    def parse(source: Source) -> float:
+        value = _number(source)
+        if value is None or not (low < value if low == 0 else low <= value) or value > 100:
+            above = "above 0" if low == 0 else f"at least {low:g}"
+            raise _fail(source, f"expected a percentage {above} and at most 100")
+        return value
+
+    return parse
+
+
+def percent_or_off(source: Source) -> float | None:
+    """A percentage in (0, 100]; "off" or "" (text) mean None: the rule is off."""
+    if _is_text(source) and source.raw.strip().lower() in ("", "off"):
+        return None
+    return percent()(source)
+
+
+def parse_schedule_setting(source: Source) -> str:
+    """Daily windows such as "22:00-07:00" or "12:00-13:30, 22:00-07:00"; "" for always."""
+    if not isinstance(source.raw, str):
+        raise _fail(source, "expected daily windows such as 22:00-07:00")
+    try:
+        windows = parse_schedule(source.raw)
+    except RuleError as exc:
+        raise _fail(source, str(exc)) from None
+    return ", ".join(map(str, windows))
 
 
 def parse_faults_setting(source: Source) -> Faults:
