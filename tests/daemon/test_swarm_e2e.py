@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -402,7 +403,10 @@ def test_stopping_the_only_server_of_a_span_mid_chat_hands_it_over(
     assert stopped["seconds"] < HAND_OVER_BOUND_S
     auto = swarm.status("auto")
     assert auto["blocks"] == [15, 30] and auto["hole_moves"] == 1
-    assert auto["span_reason"].startswith("moved from 0:15: filling a hole: blocks 15:30")
+    # The hole as C saw it: B's per-block records go OFFLINE one by one, so C may look
+    # when only the first of them had (15:19, say); it moves to all of 15:30 either way.
+    hole = re.match(r"moved from 0:15: filling a hole: blocks 15:(\d+)", auto["span_reason"])
+    assert hole is not None and 15 < int(hole.group(1)) <= 30, auto["span_reason"]
     paths = Paths.resolve(home=swarm.homes.home(survivor), env=swarm.homes.env)
     log = paths.daemon_log.read_text()
     assert "leaving: blocks 15:30 have no other server" in log

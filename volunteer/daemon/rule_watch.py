@@ -1,9 +1,9 @@
 """Applies the owner's rules (`volunteer.scheduler.owner_rules`) to a serving daemon.
 
 Every RULE_PERIOD_S it reads the machine (`volunteer.machine.owner_sensors`), asks the
-rules, and pauses or resumes through the same path as `volunteer pause` (OFFLINE in the
-swarm once any blocks only it held are handed over; open sessions finish), saying which
-rule did it. A pause by the volunteer is theirs: the rules never end it. A resume by the
+rules, and pauses or resumes through the same path as the volunteer's pause (the
+control API's `pause`: OFFLINE in the swarm once any blocks only it held are handed over;
+open sessions finish), saying which rule did it. A pause by the volunteer is theirs: the rules never end it. A resume by the
 volunteer while a rule holds wins until that rule lets go.
 """
 
