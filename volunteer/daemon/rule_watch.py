@@ -3,8 +3,9 @@
 Every RULE_PERIOD_S it reads the machine (`volunteer.machine.owner_sensors`), asks the
 rules, and pauses or resumes through the same path as the volunteer's pause (the
 control API's `pause`: OFFLINE in the swarm once any blocks only it held are handed over;
-open sessions finish), saying which rule did it. A pause by the volunteer is theirs: the rules never end it. A resume by the
-volunteer while a rule holds wins until that rule lets go.
+open sessions finish), saying which rule did it. A pause by the volunteer is theirs: the
+rules never end it. A resume by the volunteer while a rule holds wins until that rule
+lets go.
 """
 
 from __future__ import annotations
