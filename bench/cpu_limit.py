@@ -14,7 +14,6 @@ status' `tokens_served`), against the reference's.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -36,13 +35,9 @@ def _log(message: str) -> None:
 def _tree_cpu_s(pid: int) -> float:
     import psutil
 
-    process = psutil.Process(pid)
-    total = 0.0
-    for each in [process, *process.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            times = each.cpu_times()
-            total += times.user + times.system
-    return total
+    from volunteer.machine.owner_sensors import tree_cpu_s
+
+    return tree_cpu_s(psutil.Process(pid))
 
 
 def _client_loop(daemons, stop: threading.Event) -> None:  # type: ignore[no-untyped-def]

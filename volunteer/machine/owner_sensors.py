@@ -100,7 +100,7 @@ class OwnerSensors:
         """Since the last read; None at the first."""
         now = time.monotonic()
         busy = _machine_busy_s()
-        ours = _tree_cpu_s(self._process)
+        ours = tree_cpu_s(self._process)
         last, self._last_cpu = self._last_cpu, (now, busy, ours)
         if last is None or busy is None:
             return None
@@ -196,7 +196,7 @@ def _machine_busy_s() -> float | None:
     return sum(times) - idle - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
 
 
-def _tree_cpu_s(process: psutil.Process) -> float:
+def tree_cpu_s(process: psutil.Process) -> float:
     """CPU seconds of the process, its live children, and those it has reaped."""
     total = 0.0
     with contextlib.suppress(psutil.Error):
