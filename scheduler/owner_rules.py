@@ -75,6 +75,25 @@ class OwnerRules:
     """Pause while the rest of the machine uses more than this share of all its CPUs."""
     schedule: tuple[Window, ...] = ()
     """Work only inside these daily windows; none: at any time."""
+    max_ram_percent_in_use: float | None = None
+    """The most of the machine's RAM the daemon may hold while the user is active."""
+    max_ram_percent_idle: float | None = None
+    """... while the user is away."""
+
+    def ram_cap_percent(self, active: bool | None) -> float | None:
+        """The RAM cap that applies (None: none): while the user is away, the idle one;
+        while active, or while nobody knows (then the stricter: not a guess), the in-use
+        one, or the idle one where that is off."""
+        in_use, idle = self.max_ram_percent_in_use, self.max_ram_percent_idle
+        if active is False:
+            return idle
+        return idle if in_use is None else in_use
+
+    @property
+    def needs_activity(self) -> bool:
+        """Whether a rule depends on whether the user is active."""
+        in_use = self.max_ram_percent_in_use
+        return self.pause_while_user_active or in_use not in (None, self.max_ram_percent_idle)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +107,8 @@ class Readings:
     """Seconds since the user's last input."""
     other_cpu_percent: float | None
     """CPU use of everything but the daemon, as a share of all the machine's CPUs."""
+    own_ram_percent: float | None = None
+    """RAM the daemon holds (its children too), as a share of the machine's."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +117,7 @@ class Verdict:
     reason: str
     """Why it pauses; or, when it may work, what the rules could not see (for `status`)."""
     rule: str | None = None
-    """Which rule pauses it ("schedule", "battery", "user_active", "other_cpu")."""
+    """Which rule pauses it ("schedule", "battery", "user_active", "other_cpu", "ram")."""
 
 
 def is_user_active(rules: OwnerRules, readings: Readings) -> bool | None:
@@ -129,6 +150,15 @@ def decide(rules: OwnerRules, readings: Readings) -> Verdict:
         return Verdict(
             True, f"other programs use {other:.0f}% of the CPU (over {limit:g}%)", "other_cpu"
         )
+    ram, cap = readings.own_ram_percent, rules.ram_cap_percent(active)
+    if cap is not None and ram is not None and ram > cap:
+        state = {True: "in use", False: "idle", None: "maybe in use (unknown)"}[active]
+        return Verdict(
+            True,
+            f"the daemon holds {ram:.0f}% of the RAM, over the {cap:g}% allowed while the "
+            f"machine is {state}; its sessions' caches go as they end",
+            "ram",
+        )
     return Verdict(False, _unknowns(rules, readings))
 
 
@@ -137,6 +167,8 @@ def _unknowns(rules: OwnerRules, readings: Readings) -> str:
     blind = []
     if rules.pause_while_user_active and readings.idle_s is None:
         blind.append("user activity unknown here: pause_while_user_active cannot act")
+    if rules.needs_activity and not rules.pause_while_user_active and readings.idle_s is None:
+        blind.append("user activity unknown here: the in-use RAM cap applies")
     if rules.pause_when_other_cpu_percent is not None and readings.other_cpu_percent is None:
         blind.append("other programs' CPU use unknown")
     return "; ".join(blind) or "no rule pauses it"

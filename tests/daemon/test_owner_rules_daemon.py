@@ -2,9 +2,9 @@
 `status` saying which rule) and lets it resume; a session open at the pause finishes; a
 real CPU-burning program pauses it; the volunteer's own pause is never ended by a rule.
 
-The readings come from the `owner_sensors` stand-in file (battery, clock, idle time and
-other programs' CPU are machine state a test cannot set), except in the burner test,
-where the daemon measures the CPU itself.
+The readings come from the `owner_sensors` stand-in file (battery, clock, idle time,
+other programs' CPU and the daemon's share of the RAM are machine state a test cannot
+set), except in the burner test, where the daemon measures the CPU itself.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def swarm(
     rules = ["--owner-sensors", str(sensors), "--schedule", "22:00-07:00"]
     rules += ["--pause-while-user-active", "yes"]
     rules += ["--pause-when-other-cpu-percent", str(OTHER_CPU_LIMIT)]
+    rules += ["--max-ram-percent-in-use", "60", "--max-ram-percent-idle", "90"]
     try:
         swarm.start("boot", "--num-blocks", "0")
         # The only server of its blocks: each pause first waits (briefly) for a hand-over.
@@ -110,8 +111,13 @@ def _is_serving(swarm: Swarm) -> bool:
         ({"now": "2026-12-07T12:00:00"}, "outside the schedule (22:00-07:00)"),
         ({"idle_s": 5.0}, "the user is active (input 0.1 min ago, under 3)"),
         ({"other_cpu_percent": 75.0}, "other programs use 75% of the CPU (over 30%)"),
+        (
+            {"own_ram_percent": 95.0},
+            "the daemon holds 95% of the RAM, over the 90% allowed while the machine is "
+            "idle; its sessions' caches go as they end",
+        ),
     ],
-    ids=["battery", "schedule", "user-active", "other-cpu"],
+    ids=["battery", "schedule", "user-active", "other-cpu", "ram"],
 )
 def test_each_rule_pauses_and_resumes_and_says_why(
     swarm: Swarm, sensors: Path, readings: dict[str, Any], reason: str

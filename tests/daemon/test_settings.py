@@ -269,6 +269,9 @@ EXAMPLES: dict[str, tuple[Any, str]] = {
     "pause_when_other_cpu_percent": (25.0, "25"),
     "schedule": ("22:00-07:00, 12:00-13:30", "22:00-07:00,12:00-13:30"),
     "owner_sensors": ("/tmp/sensors.json", "/tmp/sensors.json"),
+    "max_ram_percent_in_use": (50.0, "50"),
+    "max_ram_percent_idle": (90.0, "90"),
+    "max_upload_mbps": (8.5, "8.5"),
 }
 """Per setting: a value other than its default, and that value as env or flag text."""
 
@@ -289,24 +292,29 @@ def test_every_setting_is_read_from_its_flag_env_name_and_config_key(
 
 def test_the_settings_screen_shows_the_declared_editable_settings() -> None:
     assert [name for name, _ in settings_view.FIELDS] == list(EDITABLE)
-    assert EDITABLE == (
+    rules = (
+        "max_cpu_percent",
+        "run_on_battery",
+        "pause_while_user_active",
+        "user_idle_minutes",
+        "pause_when_other_cpu_percent",
+        "max_ram_percent_in_use",
+        "max_ram_percent_idle",
+        "schedule",
+        "max_upload_mbps",
+    )
+    assert tuple(EDITABLE) == (
         "public_name",
         "model",
         "threads",
         "max_ram_gib",
         "max_gpu_gib",
         "cache_tokens",
+        *rules,
     )
-    assert APPLIED_LIVE == (
-        "public_name",
-        "threads",
-        "max_cpu_percent",
-        "run_on_battery",
-        "pause_while_user_active",
-        "user_idle_minutes",
-        "pause_when_other_cpu_percent",
-        "schedule",
-    )
+    assert tuple(APPLIED_LIVE) == ("public_name", "threads", *rules)
+    headings = [screen.heading for _, screen in settings_view.FIELDS if screen.heading]
+    assert headings == ["When the owner needs the machine"]
     assert [render.setting_label(name) for name in APPLIED_LIVE[:2]] == [
         "public name",
         "CPU threads",
@@ -326,6 +334,9 @@ def test_the_settings_screen_shows_the_declared_editable_settings() -> None:
         ({"VOLUNTEER_PAUSE_WHEN_OTHER_CPU_PERCENT": "150"}, "at most 100"),
         ({"VOLUNTEER_USER_IDLE_MINUTES": "0"}, "expected minutes between 0.5"),
         ({"VOLUNTEER_RUN_ON_BATTERY": "sometimes"}, "expected true or false"),
+        ({"VOLUNTEER_MAX_RAM_PERCENT_IDLE": "0"}, "percentage above 0"),
+        ({"VOLUNTEER_MAX_UPLOAD_MBPS": "0.01"}, "megabits per second between 0.1"),
+        ({"VOLUNTEER_MAX_UPLOAD_MBPS": "fast"}, "megabits per second"),
     ],
 )
 def test_server_caps_are_checked(paths: Paths, env: dict[str, str], fragment: str) -> None:

@@ -1,6 +1,6 @@
 """What the owner's rules read: the stand-in file of tests and drills, and a real measure of
 the CPU other programs use (a CPU-burning process that is not ours), which the daemon's
-own work never counts in."""
+own work never counts in, and the RAM the daemon holds, its children's included."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from volunteer.scheduler.owner_rules import OwnerRules
 
 from volunteer.machine.owner_sensors import OwnerSensors, user_idle_s
 
@@ -114,3 +115,36 @@ def test_without_a_graphical_session_user_activity_is_unknown_not_guessed() -> N
     if seconds is not None:
         pytest.skip(f"this machine has a source of user activity: {source}")
     assert source.startswith("unknown")
+
+
+HOLD_MIB = 300
+CHILD_HOLDING = (
+    "import sys\n"
+    f"held = bytearray({HOLD_MIB} << 20)\n"  # zeroed pages are touched: resident
+    "for i in range(0, len(held), 4096):\n"
+    "    held[i] = 1\n"
+    "print('ready', flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+def test_the_ram_a_child_of_the_daemon_holds_counts_as_the_daemons() -> None:
+    sensors = OwnerSensors()
+    capped = OwnerRules(max_ram_percent_in_use=50)
+    before = sensors.read(capped).own_ram_percent
+    assert before is not None and before > 0
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD_HOLDING],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        holding = sensors.read(capped).own_ram_percent
+    finally:
+        child.communicate("", timeout=30)
+    assert holding is not None
+    held_percent = 100 * (HOLD_MIB << 20) / psutil.virtual_memory().total
+    assert holding >= before + 0.9 * held_percent, (before, holding, held_percent)
+    assert sensors.read(OwnerRules()).own_ram_percent is None  # no cap: not read

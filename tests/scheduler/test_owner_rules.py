@@ -1,6 +1,6 @@
 """The owner's rules, decided from readings given in full: the schedule's windows (across
-midnight too), battery, user activity, other programs' CPU; what could not be measured
-never pauses, and is said."""
+midnight too), battery, user activity, other programs' CPU, the daemon's RAM; what could
+not be measured never pauses, and is said."""
 
 from __future__ import annotations
 
@@ -92,6 +92,44 @@ def test_other_programs_cpu_over_the_limit_pauses() -> None:
     unknown = decide(rules, _readings(other_cpu_percent=None))
     assert not unknown.pause and "CPU use unknown" in unknown.reason
     assert not decide(OwnerRules(), _readings(other_cpu_percent=100.0)).pause  # rule off
+
+
+@pytest.mark.parametrize(
+    ("in_use", "idle", "idle_s", "cap"),
+    [
+        (50, 90, 10.0, 50),  # in use: the in-use cap
+        (50, 90, 3600.0, 90),  # away: the idle cap
+        (50, 90, None, 50),  # unknown: the stricter, not a guess
+        (None, 90, 10.0, 90),  # no in-use cap: the idle one holds in use too
+        (50, None, 3600.0, None),  # no idle cap: none while away
+        (None, None, 10.0, None),
+    ],
+)
+def test_the_ram_cap_follows_whether_the_machine_is_in_use(
+    in_use: float | None, idle: float | None, idle_s: float | None, cap: float | None
+) -> None:
+    rules = OwnerRules(max_ram_percent_in_use=in_use, max_ram_percent_idle=idle)
+    for held, pauses in (
+        (45.0, False),
+        (70.0, cap is not None and cap < 70),
+        (95.0, cap is not None),
+    ):
+        verdict = decide(rules, _readings(idle_s=idle_s, own_ram_percent=held))
+        assert verdict.pause is pauses, (held, verdict)
+        if pauses:
+            assert verdict.rule == "ram"
+            assert f"holds {held:.0f}% of the RAM, over the {cap:g}% allowed" in verdict.reason
+    assert not decide(rules, _readings(idle_s=idle_s, own_ram_percent=None)).pause
+
+
+def test_ram_caps_that_differ_need_user_activity_and_say_when_it_is_unknown() -> None:
+    assert OwnerRules(max_ram_percent_in_use=50, max_ram_percent_idle=90).needs_activity
+    assert OwnerRules(max_ram_percent_in_use=50).needs_activity  # none while away
+    assert not OwnerRules(max_ram_percent_idle=50).needs_activity  # one cap at all times
+    assert not OwnerRules(max_ram_percent_in_use=60, max_ram_percent_idle=60).needs_activity
+    rules = OwnerRules(max_ram_percent_in_use=50, max_ram_percent_idle=90)
+    verdict = decide(rules, _readings(idle_s=None, own_ram_percent=10.0))
+    assert "the in-use RAM cap applies" in verdict.reason
 
 
 def test_the_first_rule_that_holds_is_the_reason() -> None:

@@ -14,10 +14,14 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import psutil
+
+from volunteer.daemon.ram_room import RamRoom, room_within_cap
 from volunteer.daemon.span_plan import GIB, NotEnoughMemoryError, memory_budget, plan_span
 from volunteer.machine.calibration import DEFAULT_DISK_READ_BYTES_S, DiskReadEstimate
 from volunteer.machine.hardware import HardwareProfile
 from volunteer.machine.microbench import MicroBenchmarks
+from volunteer.machine.owner_sensors import tree_rss_bytes
 from volunteer.machine.weight_choice import fastest_format, resolve_format
 from volunteer.models.config import ModelConfig
 from volunteer.scheduler.offload import NoPolicyError, OffloadPolicy, search_policy
@@ -80,6 +84,7 @@ def decide(
         fmt = resolve_format(settings.dtype)
         weights_reason = f"{fmt.label}, as set (--dtype)"
     blocks: tuple[int, int] | None = None
+    room = _ram_room(hardware, settings)
     if settings.num_blocks == 0:
         blocks_reason = "no blocks: --num-blocks 0 (a bootstrap peer and chat client only)"
     else:
@@ -88,11 +93,13 @@ def decide(
                 config,
                 settings,
                 model_name=model_name,
-                available_bytes=hardware.ram_available_bytes,
+                available_bytes=room.available_bytes,
                 snapshot=swarm,
                 fmt=fmt,
             )
             blocks, blocks_reason = (plan.start, plan.end), plan.reason
+            if room.note:
+                blocks_reason += f"; {room.note}"
         except NotEnoughMemoryError as exc:
             blocks_reason = f"no blocks: {exc}"
     offload, offload_reason = _offload(hardware, bench, settings, config, disk_read)
@@ -120,6 +127,16 @@ def decide(
     )
 
 
+def _ram_room(hardware: HardwareProfile, settings: Settings) -> RamRoom:
+    """The free RAM within the owner's cap, this process standing in for the daemon."""
+    return room_within_cap(
+        settings,
+        free_bytes=hardware.ram_available_bytes,
+        total_bytes=hardware.ram_total_bytes,
+        held_bytes=tree_rss_bytes(psutil.Process()),
+    )
+
+
 def device_spec(
     hardware: HardwareProfile,
     bench: MicroBenchmarks,
@@ -139,9 +156,10 @@ def device_spec(
     gpu_bytes = int(gpus[0].memory_free_bytes or 0)
     if settings.max_gpu_gib is not None:
         gpu_bytes = min(gpu_bytes, int(settings.max_gpu_gib * GIB))
+    ram_bytes = _ram_room(hardware, settings).available_bytes
     return DeviceSpec(
         gpu_bytes=gpu_bytes,
-        cpu_bytes=memory_budget(settings, hardware.ram_available_bytes).usable_bytes,
+        cpu_bytes=memory_budget(settings, ram_bytes).usable_bytes,
         disk_bytes=int(hardware.disk.free_bytes or 0),
         ctog_bytes_s=PCIE_BYTES_S,
         gtoc_bytes_s=PCIE_BYTES_S,

@@ -16,8 +16,7 @@ import logging
 import random
 from typing import TYPE_CHECKING
 
-import psutil
-
+from volunteer.daemon.ram_room import ram_room
 from volunteer.daemon.span_plan import block_footprint
 from volunteer.errors import VolunteerError
 from volunteer.models.errors import ModelError
@@ -98,12 +97,13 @@ class Rebalancer:
         model = self._service.model
         assert model is not None
         needed = length * block_footprint(model.config, self._service.fmt).weight_bytes
-        available = psutil.virtual_memory().available
-        if available >= needed * MOVE_MEMORY_MARGIN:
+        room = ram_room(self._service.settings)
+        if room.available_bytes >= needed * MOVE_MEMORY_MARGIN:
             return None
         return (
             f"loading the new blocks first needs {needed / 2**30:.2f} GiB "
-            f"and {available / 2**30:.2f} GiB is free"
+            f"and {room.available_bytes / 2**30:.2f} GiB is free"
+            + (f" ({room.note})" if room.note else "")
         )
 
     async def move_to(self, start: int, reason: str, *, is_announced: bool = False) -> bool:

@@ -38,6 +38,8 @@ def rules_of(settings: Settings) -> OwnerRules:
         user_idle_minutes=settings.user_idle_minutes,
         pause_when_other_cpu_percent=settings.pause_when_other_cpu_percent,
         schedule=parse_schedule(settings.schedule),
+        max_ram_percent_in_use=settings.max_ram_percent_in_use,
+        max_ram_percent_idle=settings.max_ram_percent_idle,
     )
 
 

@@ -1,5 +1,5 @@
 """What the owner's rules look at (`volunteer.scheduler.owner_rules`): the battery, the
-user's last input, and the CPU the rest of the machine uses.
+user's last input, the CPU the rest of the machine uses, and the RAM the daemon holds.
 
 Each reading is what this platform offers, or None with the reason, never a guess:
 - battery: psutil (no battery found: None, and the machine counts as plugged in);
@@ -8,12 +8,14 @@ Each reading is what this platform offers, or None with the reason, never a gues
   Windows' last input (`GetLastInputInfo`). A console or SSH session, or a desktop that
   does not keep logind's hint, is "unknown";
 - other programs' CPU: the machine's busy time less that of this process and its
-  children, between two readings.
+  children, between two readings;
+- the daemon's RAM: the resident memory of this process and its children, of the total.
 
 For tests and drills, a JSON file (the `owner_sensors` setting) may stand in for any of
 them: {"now": "2026-01-01T23:30:00", "on_battery": true, "idle_s": 12.0,
-"other_cpu_percent": 80}; the keys it holds replace those readings, the others are
-measured. It is read again at every reading, so a test changes the machine by rewriting it.
+"other_cpu_percent": 80, "own_ram_percent": 60}; the keys it holds replace those
+readings, the others are measured. It is read again at every reading, so a test changes
+the machine by rewriting it.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class OwnerSensors:
         """What `rules` look at now (everything without rules); what no rule asks for is
         left unread, None. Blocks for at most a few seconds: call it off the event loop."""
         given = self._stand_in()
-        wants_idle = rules is None or rules.pause_while_user_active
+        wants_idle = rules is None or rules.needs_activity
+        wants_ram = rules is None or rules.ram_cap_percent(None) is not None
         wants_cpu = rules is None or rules.pause_when_other_cpu_percent is not None
         wants_battery = rules is None or not rules.run_on_battery
         if "idle_s" in given:
@@ -64,7 +67,7 @@ class OwnerSensors:
         elif wants_idle:
             idle_s, self.idle_source = user_idle_s()
         else:
-            idle_s, self.idle_source = None, "not read (pause_while_user_active is off)"
+            idle_s, self.idle_source = None, "not read (no rule asks for it)"
         if "other_cpu_percent" in given:
             other_cpu = given["other_cpu_percent"]
         else:
@@ -80,6 +83,11 @@ class OwnerSensors:
             ),
             idle_s=idle_s,
             other_cpu_percent=other_cpu,
+            own_ram_percent=(
+                given["own_ram_percent"]
+                if "own_ram_percent" in given
+                else (self._own_ram_percent() if wants_ram else None)
+            ),
         )
 
     def _stand_in(self) -> dict[str, Any]:
@@ -109,6 +117,13 @@ class OwnerSensors:
             return None
         others = (busy - last[1]) - (ours - last[2])
         return max(0.0, min(100.0, 100.0 * others / elapsed))
+
+    def _own_ram_percent(self) -> float | None:
+        try:
+            total = psutil.virtual_memory().total
+        except (OSError, RuntimeError):
+            return None
+        return 100.0 * tree_rss_bytes(self._process) / total if total else None
 
 
 def on_battery() -> bool | None:
@@ -206,6 +221,16 @@ def tree_cpu_s(process: psutil.Process) -> float:
         with contextlib.suppress(psutil.Error):
             times = each.cpu_times()
             total += times.user + times.system
+    return total
+
+
+def tree_rss_bytes(process: psutil.Process) -> int:
+    """Resident memory of the process and its live children (pages they share are counted
+    once for each: an upper bound, on the safe side of a cap)."""
+    total = 0
+    for each in [process, *_children(process)]:
+        with contextlib.suppress(psutil.Error):
+            total += each.memory_info().rss
     return total
 
 

@@ -22,15 +22,17 @@ from volunteer.paths import Paths
 from volunteer.settings import spec as s
 from volunteer.settings.caps import PeerCaps
 from volunteer.settings.layers import layered_values, to_toml
+from volunteer.settings.owner import OwnerRuleSettings
 from volunteer.settings.spec import OnScreen, SettingSpec, Source, setting, specs_of
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Settings(PeerCaps):
+class Settings(OwnerRuleSettings, PeerCaps):
     """Everything `volunteer start` can be told, validated.
 
-    Fields on the settings screen come first, in the order it shows them (the bounds on
-    what peers may take, `PeerCaps`, have none).
+    The settings screen shows its fields in declaration order: this class's own, then
+    the owner's rules (`OwnerRuleSettings`); the bounds on what peers may take
+    (`PeerCaps`) are not on it.
     """
 
     public_name: str | None = setting(
@@ -251,58 +253,6 @@ class Settings(PeerCaps):
     )
     """How long `volunteer start` waits for the daemon to serve before giving up."""
 
-    max_cpu_percent: float = setting(
-        default=100.0,
-        parse=s.percent(low=5),
-        help="most of the machine's CPU the daemon may use, in %% of all cores (100)",
-        metavar="PERCENT",
-        is_live=True,
-    )
-    """As BOINC does: fewer threads (a share of the cores), then a duty cycle (the compute
-    thread rests in proportion to its work) for what is left: 50 on 8 cores is 4 threads
-    working all the time; 30 on 2 cores is 1 thread working 60% of the time."""
-    run_on_battery: bool = setting(
-        default=False,
-        parse=s.parse_bool,
-        help="keep working while the machine runs on battery (default: no, pause)",
-        metavar="YES|NO",
-        is_live=True,
-    )
-    """Where no battery is found, the machine counts as plugged in."""
-    pause_while_user_active: bool = setting(
-        default=False,
-        parse=s.parse_bool,
-        help="pause while someone uses the machine (input in the last --user-idle-minutes)",
-        metavar="YES|NO",
-        is_live=True,
-    )
-    """Needs a source of user activity (logind's idle hint, X11, macOS, Windows); where
-    there is none, `status` says so and this rule does nothing: it never guesses."""
-    user_idle_minutes: float = setting(
-        default=3.0,
-        parse=s.seconds(0.5, 24 * 60, unit="minutes"),
-        help="minutes without input after which the user counts as away (3)",
-        metavar="MINUTES",
-        is_live=True,
-    )
-    pause_when_other_cpu_percent: float | None = setting(
-        default=None,
-        parse=s.percent_or_off,
-        help="pause while other programs use more than this %% of the CPU (default: off)",
-        metavar="PERCENT",
-        is_live=True,
-    )
-    """Of all the machine's CPUs together; the daemon's own use (its children too) is not
-    counted."""
-    schedule: str = setting(
-        default="",
-        parse=s.parse_schedule_setting,
-        help='work only in these daily windows, e.g. "22:00-07:00" (default: any time)',
-        metavar="WINDOWS",
-        is_live=True,
-    )
-    """Comma-separated HH:MM-HH:MM windows of local time; a window may cross midnight."""
-
     @property
     def thread_count(self) -> int:
         """torch threads to compute with: as set, else every core; under `max_cpu_percent`,
@@ -312,14 +262,6 @@ class Settings(PeerCaps):
         if cap is None:
             return self.threads or cores
         return min(self.threads or cores, max(1, math.ceil(cap - 1e-9)))
-
-    @property
-    def cpu_cap_cores(self) -> float | None:
-        """`max_cpu_percent` as cores the compute may keep busy on average (None: no cap);
-        the compute thread rests where its threads would go beyond (a duty cycle)."""
-        if self.max_cpu_percent >= 100:
-            return None
-        return (os.cpu_count() or 1) * self.max_cpu_percent / 100
 
     @property
     def is_new_swarm(self) -> bool:

@@ -48,6 +48,8 @@ class OnScreen:
     """The label above its input."""
     placeholder: str
     """Shown while it is left at its default."""
+    heading: str | None = None
+    """Starts a group of settings on the screen under this heading."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -113,10 +115,15 @@ def setting(*, default: Any, **declaration: Any) -> Any:
 
 
 def specs_of(cls: type) -> tuple[SettingSpec, ...]:
-    """The declarations of a dataclass's `setting(...)` fields, in field order."""
+    """The declarations of a dataclass's `setting(...)` fields: its own fields first, in
+    their order, then its bases' (so the settings screen shows the class's own first)."""
+    inherited = {
+        name for base in cls.__mro__[1:] for name in getattr(base, "__dataclass_fields__", ())
+    }
+    fields = sorted(dataclasses.fields(cls), key=lambda field: field.name in inherited)
     return tuple(
         dataclasses.replace(field.metadata[_SPEC_KEY], name=field.name)
-        for field in dataclasses.fields(cls)
+        for field in fields
         if _SPEC_KEY in field.metadata
     )
 
@@ -322,6 +329,16 @@ def percent_or_off(source: Source) -> float | None:
     if _is_text(source) and source.raw.strip().lower() in ("", "off"):
         return None
     return percent()(source)
+
+
+def mbps_or_off(source: Source) -> float | None:
+    """A rate in megabits per second, from 0.1 to 100000; "off" or "" (text) mean None."""
+    if _is_text(source) and source.raw.strip().lower() in ("", "off"):
+        return None
+    value = _number(source)
+    if value is None or not 0.1 <= value <= 100_000:
+        raise _fail(source, "expected megabits per second between 0.1 and 100000, or off")
+    return value
 
 
 def parse_schedule_setting(source: Source) -> str:
