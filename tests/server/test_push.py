@@ -104,6 +104,28 @@ def test_a_pushed_step_is_answered_without_the_client_sending_it(pair: Pair) -> 
         pair.loop.run(stream.close())
 
 
+def test_replies_and_pushes_through_p2p_pay_the_owners_upload_cap(pair: Pair) -> None:
+    upload = pair.first.upload
+    first, second = pair.open(pair.first, 0, 2), pair.open(pair.second, 2, 4)
+    sent_before = upload.sent_bytes
+    hidden = hidden_states(1, 2, seed=5)
+    step_id = step_until_pushed(pair.loop, first, second, hidden)
+    # A reply per step, and the push of the last: each holds 2 x 64 float32 numbers.
+    assert upload.sent_bytes - sent_before >= (step_id + 1) * hidden.numel() * 4
+    # Owed half a second under a cap (as after a burst): the next reply waits for it.
+    upload.set_rate(0.1)
+    waited_before = upload.waited_s
+    upload.free_at = time.monotonic() + 0.5
+    try:
+        output = pair.loop.run(first.step(hidden, 0, TIMEOUT_S, step_id=step_id + 1))
+    finally:
+        upload.set_rate(None)
+    assert upload.waited_s - waited_before >= 0.4
+    assert torch.allclose(output, pair.local(hidden, 0, 2), atol=ATOL)
+    for stream in (first, second):
+        pair.loop.run(stream.close())
+
+
 def _step_frame(session_id: str, hidden: torch.Tensor, step_id: int) -> bytes:
     meta = wire.StepRequest(session_id=session_id, start_pos=0, step_id=step_id)
     request = runtime_pb2.ExpertRequest(

@@ -140,6 +140,7 @@ def test_pushes_go_over_the_next_servers_local_socket(pair: Pair) -> None:
     second = pair.open(pair.second, 2, 4, pair.second.socket)
     assert second.push_target.local_socket == pair.second.socket
     links_before = pair.second.listener.links_served
+    uploaded_before = pair.first.handler.upload.sent_bytes
     hidden = hidden_states(1, 2, seed=3)
     step_until_pushed(pair.loop, first, second, hidden)
     # The push link is the second server's newest local link: no p2p stream was needed.
@@ -149,6 +150,8 @@ def test_pushes_go_over_the_next_servers_local_socket(pair: Pair) -> None:
     waiting = second.step(torch.zeros(1, 2, 64), 0, WAIT_S, await_push_s=WAIT_S)
     answer = pair.loop.run(waiting, timeout_s=3 * WAIT_S)
     assert torch.allclose(answer, pair.local(hidden, 0, 4), atol=ATOL)
+    # Replies and pushes within this machine are no upload: the owner's cap is not paid.
+    assert pair.first.handler.upload.sent_bytes == uploaded_before
     for stream in (first, second):
         pair.loop.run(stream.close())
 

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 from hivemind.p2p import P2P
 
 from volunteer import __version__
@@ -42,6 +41,7 @@ from volunteer.daemon.hand_over import hand_over
 from volunteer.daemon.hole_watch import HoleWatch
 from volunteer.daemon.liveness import Liveness
 from volunteer.daemon.offload_check import check_offloaded_span, keep_lifetime_calibration
+from volunteer.daemon.ram_room import ram_room
 from volunteer.daemon.rebalancer import Rebalancer
 from volunteer.daemon.serving_control import ServingControl
 from volunteer.daemon.span_loading import close_span, load_served_span, offload_folder
@@ -167,7 +167,8 @@ class BlockService:
         )
         self.weights_hash = await asyncio.to_thread(weights_hash, model.folder)
         fmt = await asyncio.to_thread(lambda: self.fmt)
-        available = psutil.virtual_memory().available
+        room = await asyncio.to_thread(ram_room, settings)
+        available = room.available_bytes
         # Our own records from before a restart must not count as another server.
         snapshot = None
         if settings.blocks is None:
@@ -181,9 +182,8 @@ class BlockService:
             snapshot=snapshot,
             fmt=fmt,
         )
-        self.plan = plan = dataclasses.replace(
-            plan, reason=f"{plan.reason}; weights in {fmt.label}"
-        )
+        reason = f"{plan.reason}; weights in {fmt.label}" + (f"; {room.note}" if room.note else "")
+        self.plan = plan = dataclasses.replace(plan, reason=reason)
         start, end = plan.start, plan.end
         logger.info("serving %s: %s", model.swarm_name, plan.reason)
         offload_to = None
@@ -218,6 +218,7 @@ class BlockService:
             threads=settings.thread_count,
             decode_threads=decode_threads,
             cpu_cap=settings.cpu_cap_cores,
+            upload_mbps=settings.max_upload_mbps,
             caps=ServerCaps.from_settings(settings),
         )
         self.handler.signer = self._signer
@@ -354,6 +355,7 @@ class BlockService:
         before, self.settings = self.settings, settings
         if self.handler is not None:
             self.handler.compute.cpu_cap = settings.cpu_cap_cores  # max_cpu_percent, at once
+            self.handler.upload.set_rate(settings.max_upload_mbps)
         if settings.thread_count != before.thread_count:
             if self.handler is not None:
                 compute = self.handler.compute

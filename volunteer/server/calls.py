@@ -62,6 +62,7 @@ async def serve_call(
             peer=peer,
             timeout_s=handler.limits.idle_timeout_s,
             refusals=handler.refusals,
+            upload=handler.upload,  # these calls come through p2p only
         )
 
     await serve_in_slot(handler.call_slots, handler.refusals, peer, reader, writer, serve)

@@ -71,6 +71,7 @@ from volunteer.transport.protocol import (
     BadRequestError,
     BusyError,
 )
+from volunteer.transport.upload_limit import UploadLimit
 
 # hivemind's ServicerBase tells stream RPCs from unary ones by the `_name` of
 # typing.AsyncIterator; collections.abc.AsyncIterator[...] lacks it and would silently
@@ -113,6 +114,8 @@ class BlockHandler(TrainingCalls, ServicerBase):
         )
         self.refusals = Refusals(max_drop_bytes=caps.max_message_bytes)
         """Streams refused by any cap, lingering until their peers end them."""
+        self.upload = UploadLimit()
+        """The owner's upload cap over the replies and pushes sent through p2p."""
         self.push_penalties = PenaltyBox()
         """Peers whose pushes failed: refused new push streams for a growing while."""
         self.slice_budget = SliceBudget(caps.forward_slice_s)
@@ -143,6 +146,7 @@ class BlockHandler(TrainingCalls, ServicerBase):
         threads: int | None = None,
         decode_threads: int | None = None,
         cpu_cap: float | None = None,
+        upload_mbps: float | None = None,
         caps: ServerCaps = DEFAULT_CAPS,
     ) -> BlockHandler:
         """Builds a handler for `span` and registers its RPCs on `p2p`.
@@ -160,6 +164,7 @@ class BlockHandler(TrainingCalls, ServicerBase):
             threads, decode_threads: torch threads of the compute thread, for all work
                 and for one-position inference steps (see `PriorityCompute`).
             cpu_cap: the most cores the compute thread may keep busy (`max_cpu_percent`).
+            upload_mbps: the most it may send through p2p (`max_upload_mbps`).
             caps: what peers may hold (see `ServerCaps`).
         """
         limits = ServerLimits(
@@ -189,7 +194,10 @@ class BlockHandler(TrainingCalls, ServicerBase):
         await p2p.add_binary_stream_handler(INFERENCE_HANDLE, handler._serve_inference)
         await p2p.add_binary_stream_handler(PUSH_HANDLE, handler._serve_pushes)
         handler._p2p = p2p
-        handler.push_links = PushLinks(p2p, PUSH_HANDLE, own_peer_id=p2p.peer_id.to_base58())
+        handler.upload.set_rate(upload_mbps)
+        handler.push_links = PushLinks(
+            p2p, PUSH_HANDLE, own_peer_id=p2p.peer_id.to_base58(), upload=handler.upload
+        )
         return handler
 
     async def shutdown(self, timeout_s: float = 5.0) -> None:
@@ -327,11 +335,16 @@ class BlockHandler(TrainingCalls, ServicerBase):
         )
 
     async def serve_inference_stream(
-        self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        peer: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        upload: UploadLimit | None = None,
     ) -> None:
         """An inference stream from `peer` (over p2p or a local link), until it ends;
-        refused as busy past the session caps."""
-        serve = functools.partial(serve_inference_stream, self, peer, reader, writer)
+        refused as busy past the session caps. Its replies pay `upload` (p2p's)."""
+        serve = functools.partial(serve_inference_stream, self, peer, reader, writer, upload=upload)
         await serve_in_slot(self.session_slots, self.refusals, peer, reader, writer, serve)
 
     async def serve_push_stream(
@@ -350,7 +363,8 @@ class BlockHandler(TrainingCalls, ServicerBase):
     async def _serve_inference(
         self, stream_info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        await self.serve_inference_stream(str(stream_info.peer_id), reader, writer)
+        peer = str(stream_info.peer_id)
+        await self.serve_inference_stream(peer, reader, writer, upload=self.upload)
 
     async def _serve_pushes(
         self, stream_info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

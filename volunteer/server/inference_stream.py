@@ -31,6 +31,7 @@ from volunteer.server.sessions import Session
 from volunteer.server.validation import first_request
 from volunteer.transport.commitment import LARGE_STEP_ELEMENTS, SessionSigner
 from volunteer.transport.protocol import BadRequestError, PeerUnavailableError
+from volunteer.transport.upload_limit import UploadLimit
 
 if TYPE_CHECKING:  # the handler serves these streams: a run-time import would be circular
     from volunteer.server.handler import BlockHandler
@@ -39,7 +40,12 @@ logger = logging.getLogger(__name__)
 
 
 async def serve_inference_stream(
-    handler: BlockHandler, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    handler: BlockHandler,
+    peer: str,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    upload: UploadLimit | None = None,
 ) -> None:
     """An inference stream from `peer` (over p2p, or a local link: see
     `volunteer.transport.local_link`), until it ends.
@@ -58,6 +64,7 @@ async def serve_inference_stream(
         peer=peer,
         timeout_s=handler.limits.idle_timeout_s,
         refusals=handler.refusals,
+        upload=upload,
     )
 
 
@@ -69,9 +76,11 @@ async def write_replies(
     peer: str,
     timeout_s: float,
     refusals: Refusals,
+    upload: UploadLimit | None = None,
 ) -> None:
     """Writes each reply of a stream, then closes it; an error ends it with an error
-    frame naming the reason (a peer that does not read for timeout_s is left).
+    frame naming the reason (a peer that does not read for timeout_s is left). Each
+    reply first waits for room under `upload` (the owner's cap; None: a local link).
 
     The error is sent as a refusal (see `Refusals`): the peer may have written more
     than was read (a frame refused from its header, steps sent ahead), and closing
@@ -81,7 +90,10 @@ async def write_replies(
     with contextlib.closing(writer):
         try:
             async for reply in replies:
-                writer.write(framing.encode_frame(reply))
+                frame = framing.encode_frame(reply)
+                if upload is not None:
+                    await upload.spend(len(frame))
+                writer.write(frame)
                 await framing.drain_if_full(writer, timeout_s)
         except (OSError, asyncio.TimeoutError):
             return  # the client went away or stopped reading: nobody to tell

@@ -59,6 +59,7 @@ from volunteer.transport.protocol import (
     SessionExpiredError,
 )
 from volunteer.transport.queue_wait import get_within
+from volunteer.transport.upload_limit import UploadLimit
 
 if TYPE_CHECKING:  # the handler serves these links: a run-time import would be circular
     from volunteer.server.handler import BlockHandler
@@ -82,13 +83,18 @@ enough for the end of its message, not for a flood to go on at our expense."""
 class _Link:
     writer: asyncio.StreamWriter
     watcher: asyncio.Task[None]
+    is_p2p: bool
+    """Through p2p (an upload), not a local link."""
 
 
 class PushLinks:
     """Outgoing push streams of one server, one per peer."""
 
-    def __init__(self, p2p: P2P, handle: str, *, own_peer_id: str) -> None:
+    def __init__(
+        self, p2p: P2P, handle: str, *, own_peer_id: str, upload: UploadLimit | None = None
+    ) -> None:
         self._p2p = p2p
+        self._upload = upload
         self._handle = handle
         self._own_peer_id = own_peer_id
         self._links: dict[str, _Link] = {}
@@ -107,7 +113,12 @@ class PushLinks:
         if link.writer.is_closing() or transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
             self._drop(peer_id)
             return False
-        link.writer.write(framing.encode_frame(message))
+        frame = framing.encode_frame(message)
+        if link.is_p2p and self._upload is not None:
+            # Charged, not waited for (a push never holds up its step): the replies
+            # that follow wait for it.
+            self._upload.charge(len(frame))
+        link.writer.write(frame)
         return True
 
     async def close(self) -> None:
@@ -140,7 +151,7 @@ class PushLinks:
 
     async def _open(self, peer_id: str, peer: PeerID, local_socket: str | None) -> None:
         try:
-            reader, writer = await self._connect(peer_id, peer, local_socket)
+            reader, writer, is_p2p = await self._connect(peer_id, peer, local_socket)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # any failure only means this peer gets no pushes for now
@@ -148,19 +159,24 @@ class PushLinks:
             self._failed(peer_id)
             return
         watcher = asyncio.create_task(self._watch(peer_id, reader), name="push-link-watch")
-        self._links[peer_id] = _Link(writer, watcher)
+        self._links[peer_id] = _Link(writer, watcher, is_p2p)
 
     async def _connect(
         self, peer_id: str, peer: PeerID, local_socket: str | None
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A link on the peer's local socket where the client named one, else through p2p."""
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        """A link on the peer's local socket where the client named one, else through
+        p2p; and whether it went through p2p."""
+        via_p2p = False
 
         async def through_p2p() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            nonlocal via_p2p
+            via_p2p = True
             connecting = open_stream(self._p2p, peer, self._handle)
             _, reader, writer = await asyncio.wait_for(connecting, OPEN_TIMEOUT_S)
             return reader, writer
 
-        return await open_preferring_local(local_socket, peer_id, self._handle, through_p2p)
+        opened = await open_preferring_local(local_socket, peer_id, self._handle, through_p2p)
+        return *opened, via_p2p
 
     async def _watch(self, peer_id: str, reader: asyncio.StreamReader) -> None:
         """Drops the link when its peer ends it (the peer never writes on it)."""
