@@ -43,9 +43,8 @@ from volunteer.control.messages import (
     SwarmReply,
 )
 from volunteer.control.replies import describe_reload
-from volunteer.model_cache.smollm2 import DEFAULT_MODEL
 from volunteer.paths import Paths
-from volunteer.settings import EDITABLE, Settings, read_config, save_config
+from volunteer.settings import SPECS, Settings, read_config, save_config
 
 STATUS_TIMEOUT_S = 2.0
 SWARM_TIMEOUT_S = 20.0
@@ -215,8 +214,14 @@ class ControlDaemonClient:
 def config_as_text(settings: Settings) -> dict[str, str]:
     """The editable settings as form text: "" where the default applies."""
     texts = {}
-    for name in EDITABLE:
-        value = getattr(settings, name)
-        is_default = value is None or (name == "model" and value == DEFAULT_MODEL)
-        texts[name] = "" if is_default else f"{value:g}" if isinstance(value, float) else str(value)
+    for spec in SPECS:
+        if not spec.is_editable:
+            continue
+        value = getattr(settings, spec.name)
+        if value == spec.default or value is None:
+            texts[spec.name] = ""
+        elif isinstance(value, bool):
+            texts[spec.name] = "yes" if value else "no"
+        else:
+            texts[spec.name] = f"{value:g}" if isinstance(value, float) else str(value)
     return texts

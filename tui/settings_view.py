@@ -10,7 +10,7 @@ from typing import ClassVar
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Vertical
+from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
 from textual.widgets import Input, Label, Static
 from volunteer.tui.messages import DaemonActionDone
@@ -24,7 +24,7 @@ FIELDS: tuple[tuple[str, OnScreen], ...] = tuple(
 """(setting, how the screen shows it) for each editable setting, in declaration order."""
 
 
-class SettingsView(Vertical):
+class SettingsView(VerticalScroll):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+s", "save", "Save settings"),
         Binding("ctrl+r", "restart", "Restart daemon"),
@@ -32,16 +32,12 @@ class SettingsView(Vertical):
 
     def compose(self) -> ComposeResult:
         for name, screen in FIELDS:
-            yield Label(screen.title)
-            yield Input(placeholder=screen.placeholder, id=f"setting-{name}")
-        # Of this screen's settings, those a running daemon takes on at once.
-        live = [name for name in APPLIED_LIVE if name in dict(FIELDS)]
-        yield Static(
-            f"ctrl+s saves. The {' and '.join(map(setting_label, live))} apply at "
-            "once; the rest when the daemon restarts (ctrl+r).",
-            id="settings-note",
-            markup=False,
-        )
+            if screen.heading:
+                yield Static(screen.heading, classes="settings-heading", markup=False)
+            with Horizontal(classes="setting-row"):
+                yield Label(screen.title, classes="setting-title", markup=False)
+                yield Input(placeholder=screen.placeholder, id=f"setting-{name}")
+        yield Static(_note(), id="settings-note", markup=False)
 
     def show_config(self, values: dict[str, str]) -> None:
         for name, _ in FIELDS:
@@ -79,6 +75,23 @@ class SettingsView(Vertical):
             said = f"restart failed: {exc}"
         self.post_message(SettingsSaved(said))
         self.app.post_message(DaemonActionDone(said))  # the app polls the daemon again
+
+
+def _note() -> str:
+    """What saving does: which settings a running daemon takes on at once (a group whose
+    settings all do is named by its heading)."""
+    live: list[str] = []
+    groups = {screen.heading: [] for _, screen in FIELDS if screen.heading}
+    heading = None
+    for name, screen in FIELDS:
+        heading = screen.heading or heading
+        if heading is None:
+            live += [setting_label(name)] if name in APPLIED_LIVE else []
+        else:
+            groups[heading].append(name)
+    live += [f"those under {h!r}" for h, names in groups.items() if set(names) <= set(APPLIED_LIVE)]
+    said = ", ".join(live[:-1]) + (" and " if len(live) > 1 else "") + live[-1] if live else "none"
+    return f"ctrl+s saves. The {said} apply at once; the rest when the daemon restarts (ctrl+r)."
 
 
 class SettingsSaved(Message):

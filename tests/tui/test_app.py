@@ -10,6 +10,7 @@ from textual.widgets import DataTable, Input, ListView, Static, TabbedContent
 from volunteer.tui.app import VolunteerApp
 from volunteer.tui.chat_history import ChatHistory
 from volunteer.tui.chat_view import ChatView
+from volunteer.tui.client import config_as_text
 from volunteer.tui.log_panel import LogPanel
 from volunteer.tui.messages import DaemonActionDone, StatusUpdated
 
@@ -18,6 +19,7 @@ from tests.tui.pilot import SIZE, WAIT_S, run, settle
 from tests.tui.waiting import until
 from volunteer.chat.store import ChatStore
 from volunteer.paths import Paths
+from volunteer.settings import read_config
 
 
 async def show_the_swarm_tab(app: VolunteerApp, pilot: object) -> None:
@@ -284,10 +286,14 @@ def test_settings_are_checked_saved_to_the_file_and_applied_by_a_restart(tmp_pat
         app.query_one("#setting-public_name", Input).value = "ada"
         app.query_one("#setting-max_ram_gib", Input).value = "6.5"
         app.query_one("#setting-max_gpu_gib", Input).value = "3"
+        app.query_one("#setting-run_on_battery", Input).value = "yes"  # an owner's rule
+        app.query_one("#setting-schedule", Input).value = "22:00-7:00"
         await pilot.press("ctrl+s")  # type: ignore[attr-defined]
         await settle(app, pilot)
         assert "saved to config.toml" in text_of(app, "#settings-note")
         saved = paths.config_file.read_text(encoding="utf-8")
+        assert "run_on_battery = true" in saved and 'schedule = "22:00-07:00"' in saved
+        assert config_as_text(read_config(paths))["run_on_battery"] == "yes"  # as typed back
         assert "threads = 2" in saved and 'public_name = "ada"' in saved
         assert "max_ram_gib = 6.5" in saved and "max_gpu_gib = 3.0" in saved
         assert "port = 31337" in saved  # others kept
