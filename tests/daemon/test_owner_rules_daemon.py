@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -85,6 +86,7 @@ def swarm(
     rules += ["--pause-while-user-active", "yes"]
     rules += ["--pause-when-other-cpu-percent", str(OTHER_CPU_LIMIT)]
     rules += ["--max-ram-percent-in-use", "60", "--max-ram-percent-idle", "90"]
+    rules += ["--max-upload-mbps", "500"]  # far above a chat's needs: a count, no wait
     try:
         swarm.start("boot", "--num-blocks", "0")
         # The only server of its blocks: each pause first waits (briefly) for a hand-over.
@@ -150,6 +152,9 @@ def test_a_session_open_at_the_pause_finishes(swarm: Swarm, sensors: Path) -> No
         out, err = chat.communicate(timeout=240)
     assert chat.returncode == 0, err
     assert out == reference.stdout  # all of it, from the paused server
+    # `status` says what the cap let through (the chat came over a local link, no upload).
+    rules_row = swarm.status()["owner_rules"]
+    assert re.search(r"upload capped at 500 Mbit/s: \d+\.\d MB sent through p2p", rules_row)
     _set(sensors)
     _wait("serving again", lambda: _is_serving(swarm))
 

@@ -340,7 +340,7 @@ class BlockService:
             span_reason=self.plan.reason if self.plan is not None else None,
             is_paused=handler.is_paused,
             pause_reason=self.control.paused_by,
-            owner_rules=self.control.rules.describe(),
+            owner_rules=self.control.describe_rules(),
             rebalancing=rebalancer is not None and rebalancer.is_moving,
             moves=rebalancer.moves if rebalancer is not None else 0,
             hole_moves=watch.moves if watch is not None else 0,

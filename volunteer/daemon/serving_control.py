@@ -80,6 +80,19 @@ class ServingControl:
         pausing = self._service.pausing
         return pausing is not None and not pausing.done()
 
+    def describe_rules(self) -> str | None:
+        """`status`' row for the owner's rules: what they say now and, under an upload
+        cap, what it let through and held back."""
+        said, handler = self.rules.describe(), self._service.handler
+        mbps = self.settings.max_upload_mbps
+        if said is None or handler is None or mbps is None:
+            return said
+        upload = handler.upload
+        return (
+            f"{said}; upload capped at {mbps:g} Mbit/s: {upload.sent_bytes / 1e6:.1f} MB "
+            f"sent through p2p, replies held back {upload.waited_s:.0f} s in all"
+        )
+
     async def _pause(self, params: NoParams) -> PauseReply:
         """Control method: stop taking new work (announced OFFLINE, so clients route
         elsewhere, after a hand-over where needed); open sessions finish."""
