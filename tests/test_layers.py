@@ -27,6 +27,7 @@ FOLDERS = {
 """Packages installed under `volunteer.` from the layout's top-level folders (pyproject)."""
 
 OURS = (
+    "volunteer.api",
     "volunteer.chat",
     "volunteer.client",
     "volunteer.commands",
@@ -85,6 +86,14 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "volunteer.swarm",
         "volunteer.trust",
         "volunteer.machine",
+    ),
+    "volunteer.api": (
+        *CORE,
+        "volunteer.chat",
+        "volunteer.control",
+        "volunteer.client",
+        "volunteer.models",
+        "volunteer.daemon",
     ),
     "volunteer.chat": (
         *CORE,

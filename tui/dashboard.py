@@ -74,9 +74,10 @@ class Dashboard(Vertical):
         if status.span_reason:
             bar.append(f"\n{status.span_reason}", style="dim")
         self.query_one("#blocks", Static).update(bar)
+        api = f"   API {status.api_url} ({status.api_requests:,})" if status.api_url else ""
         self.query_one("#counters", Static).update(
             f"requests {status.requests_served:,}   tokens {status.tokens_served:,}   "
-            f"sessions {status.open_sessions}   chats {status.chats_answered}"
+            f"sessions {status.open_sessions}   chats {status.chats_answered}{api}"
         )
         self._sample_rate(status.tokens_served, now_s or time.monotonic())
 

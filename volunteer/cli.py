@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from volunteer import __version__
 from volunteer.commands import (
     adapters_cmd,
+    api_token_cmd,
     chat,
     daemon_cmd,
     finetune_cmd,
@@ -34,6 +35,7 @@ _COMMANDS = (
     peers_cmd,
     leaderboard_cmd,
     adapters_cmd,
+    api_token_cmd,
     profile_cmd,
     service_cmd,
     tui_cmd,

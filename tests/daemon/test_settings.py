@@ -146,7 +146,7 @@ def test_bad_env_names_the_variable(paths: Paths, env: dict[str, str], fragment:
 @pytest.mark.parametrize(
     ("toml", "fragment"),
     [
-        ("prot = 80\n", "unknown key 'prot'; known keys: announce_period_s, blocks, cache_tokens"),
+        ("prot = 80\n", "unknown key 'prot'; known keys: announce_period_s, api, api_max_requests"),
         ('port = "80"\n', "key 'port': expected a whole number"),
         ("new_swarm = 1\n", "key 'new_swarm': expected true or false"),
         ("port = true\n", "key 'port': expected a whole number"),
@@ -272,6 +272,10 @@ EXAMPLES: dict[str, tuple[Any, str]] = {
     "max_ram_percent_in_use": (50.0, "50"),
     "max_ram_percent_idle": (90.0, "90"),
     "max_upload_mbps": (8.5, "8.5"),
+    "api": ("127.0.0.1:8000", "8000"),
+    "api_max_requests": (16, "16"),
+    "api_queue_timeout_s": (5.0, "5"),
+    "api_open_on_loopback": (True, "yes"),
 }
 """Per setting: a value other than its default, and that value as env or flag text."""
 
@@ -323,6 +327,21 @@ def test_the_settings_screen_shows_the_declared_editable_settings() -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("8000", "127.0.0.1:8000"),
+        ("0.0.0.0:8080", "0.0.0.0:8080"),
+        ("[::1]:8000", "[::1]:8000"),
+        ("off", None),
+    ],
+)
+def test_the_api_address_is_read_as_host_and_port(
+    paths: Paths, text: str, address: str | None
+) -> None:
+    assert build(paths, env={"VOLUNTEER_API": text}).api == address
+
+
+@pytest.mark.parametrize(
     ("env", "fragment"),
     [
         ({"VOLUNTEER_MAX_SESSIONS": "0"}, "must be at least 1"),
@@ -337,6 +356,8 @@ def test_the_settings_screen_shows_the_declared_editable_settings() -> None:
         ({"VOLUNTEER_MAX_RAM_PERCENT_IDLE": "0"}, "percentage above 0"),
         ({"VOLUNTEER_MAX_UPLOAD_MBPS": "0.01"}, "megabits per second between 0.1"),
         ({"VOLUNTEER_MAX_UPLOAD_MBPS": "fast"}, "megabits per second"),
+        ({"VOLUNTEER_API": "localhost:8000"}, r"expected \[HOST:\]PORT"),
+        ({"VOLUNTEER_API": "70000"}, "a port between 1 and 65535"),
     ],
 )
 def test_server_caps_are_checked(paths: Paths, env: dict[str, str], fragment: str) -> None:

@@ -30,6 +30,16 @@ class Conversation:
 
     system_prompt: str | None = None
     messages: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    raw_prompt: str | None = None
+    """A prompt to continue as it is, with no chat template (a completion): the
+    messages are then ignored."""
+
+    def prompt_ids(self, tokenizer: Tokenizer) -> list[int]:
+        """The prompt's tokens: the raw prompt's, else the messages' through the model's
+        chat template."""
+        if self.raw_prompt is not None:
+            return tokenizer.encode(self.raw_prompt, add_special_tokens=True)
+        return tokenizer.encode_chat(self.for_template())
 
     def for_template(self) -> list[dict[str, str]]:
         """Messages as a chat template expects them, the system prompt first."""
@@ -43,6 +53,11 @@ class ReplyStats:
 
     tokens: int = 0
     """New tokens generated (the stop token not counted)."""
+    prompt_tokens: int = 0
+    """Tokens of the prompt the reply continued."""
+    max_tokens: int = 0
+    """The most it could have generated (the asked-for number, less what the context
+    could not hold): a reply of this many tokens was cut short."""
     route: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
     """(peer id, start, end) of each server the blocks ran on; empty when local."""
 
@@ -90,13 +105,15 @@ def stream_reply(
     Raises:
         ContextLengthError: the prompt alone fills the context.
     """
-    prompt = tokenizer.encode_chat(conversation.for_template())
+    prompt = conversation.prompt_ids(tokenizer)
     if len(prompt) >= context_length:
         raise ContextLengthError(
             f"the prompt has {len(prompt)} tokens but the model's context is {context_length}; "
             f"shorten it (or start a new conversation)"
         )
     max_new_tokens = min(max_new_tokens, context_length - len(prompt))
+    if stats is not None:
+        stats.prompt_tokens, stats.max_tokens = len(prompt), max_new_tokens
     decoder = tokenizer.stream_decoder()
     with open_stepper(len(prompt), max_new_tokens) as step:
         for token_id in generate_tokens(

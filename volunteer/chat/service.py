@@ -49,6 +49,22 @@ MAX_CONCURRENT_CHATS = 4
 """Replies generated at once; more wait for a worker."""
 
 
+class StopWatch:
+    """Whether a reply's text, seen piece by piece, has come to one of `stops`."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.tail = ""
+        self.seen = False
+        self._keep = max((len(stop) for stop in stops), default=1) - 1
+
+    def hit(self, piece: str) -> bool:
+        text = self.tail + piece
+        self.seen = self.seen or any(stop in text for stop in self.stops)
+        self.tail = text[len(text) - self._keep :] if self._keep else ""
+        return self.seen
+
+
 class AdaptedChats(Protocol):
     """Makes the chat that answers with a stored adapter, on the daemon's swarm chat."""
 
@@ -141,11 +157,14 @@ class ChatService:
                 raise SettingsError("this daemon does not chat with adapters")
             chat = await self._adapters.chat_for(request.adapter, chat)
         conversation = Conversation(messages=[m.model_dump() for m in request.messages])
+        if request.raw:
+            conversation.raw_prompt = request.messages[-1].content
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         stop = threading.Event()
 
         stats = ReplyStats()
+        stops = StopWatch(request.stop)
         began = time.monotonic()
         threads = self._settings.thread_count
 
@@ -168,6 +187,8 @@ class ChatService:
                     notify=lambda notice: send("notice", notice),
                 ):
                     send("text", piece)
+                    if request.stop and stops.hit(piece):
+                        break  # ends the reply: its session closes
                 send("done", None)
             except BaseException as exc:  # handed to the awaiting control call
                 send("error", exc)
@@ -191,6 +212,8 @@ class ChatService:
                 tokens=stats.tokens,
                 seconds=round(time.monotonic() - began, 3),
                 route=[RouteHop(peer_id=p, start=s, end=e) for p, s, e in stats.route],
+                prompt_tokens=stats.prompt_tokens,
+                finish="length" if stats.tokens >= stats.max_tokens and not stops.seen else "stop",
             )
         finally:
             stop.set()  # a caller that went away stops the reply after this token

@@ -195,6 +195,15 @@ def _credit(status: StatusReply) -> str:
     )
 
 
+def _api(status: StatusReply) -> str:
+    if status.api_url is None:
+        return "off (--api [HOST:]PORT serves it)"
+    return (
+        f"{status.api_url}: {status.api_requests} requests, {status.api_active} generating "
+        "(key: `volunteer api-token`)"
+    )
+
+
 def _print_table(status: StatusReply) -> None:
     if status.state == "not_running":
         print("volunteer: not running")
@@ -208,6 +217,7 @@ def _print_table(status: StatusReply) -> None:
         ("why these", status.span_reason),
         ("last rebalance", status.last_rebalance_check),
         ("owner's rules", status.owner_rules),
+        ("OpenAI API", _api(status)),
         ("holes", _holes(status)),
         (
             "peers seen",

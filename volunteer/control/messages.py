@@ -17,6 +17,7 @@ import pydantic
 from volunteer.control.reply import Params as Params
 from volunteer.control.reply import Reply as Reply
 from volunteer.control.status_messages import PAUSED_NOTE as PAUSED_NOTE
+from volunteer.control.status_messages import ApiStatus as ApiStatus
 from volunteer.control.status_messages import ChatStatus as ChatStatus
 from volunteer.control.status_messages import CreditStatus as CreditStatus
 from volunteer.control.status_messages import DaemonState as DaemonState
@@ -47,6 +48,11 @@ class SwarmParams(Params):
     model_config = pydantic.ConfigDict(populate_by_name=True)
 
 
+StopText = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=256)]
+"""A text that ends a reply (OpenAI's `stop`)."""
+MAX_STOPS = 4
+
+
 class ChatMessage(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
@@ -72,6 +78,10 @@ class ChatRequest(Params):
     """How the servers' steps are checked (None: as the daemon's `verify` setting)."""
     adapter: AdapterName | None = None
     """Answer with this fine-tuned adapter of the daemon's (None: the base model)."""
+    raw: bool = False
+    """Continue the last message's text as it is, with no chat template (a completion)."""
+    stop: Annotated[list[StopText], pydantic.Field(max_length=MAX_STOPS)] = []
+    """The reply ends once its text holds one of these (the text keeps it: callers cut)."""
 
 
 class FinetuneRequest(Params):
@@ -272,6 +282,9 @@ class ChatStats(Reply):
     tokens: int
     seconds: float
     route: list[RouteHop] = []
+    prompt_tokens: int = 0
+    finish: Literal["stop", "length"] = "stop"
+    """"length": it ended at the most tokens it could have (asked for, or the context's)."""
 
 
 P = TypeVar("P", bound=Params)

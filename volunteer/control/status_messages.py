@@ -86,6 +86,16 @@ class ChatStatus(Reply):
     chats_answered: int = 0
 
 
+class ApiStatus(Reply):
+    """The OpenAI API's part of `status`."""
+
+    api_url: str | None = None
+    """Its base URL; None: not served (`--api`)."""
+    api_requests: int = 0
+    """Generations it has started."""
+    api_active: int = 0
+
+
 class TrustStatus(Reply):
     """The trust service's part of `status`: what this daemon's checks found."""
 
@@ -118,7 +128,9 @@ class CreditStatus(Reply):
     board_size: int = 0
 
 
-class StatusReply(ServingStatus, DHTStatus, ChatStatus, TrustStatus, CreditStatus, DaemonStatus):
+class StatusReply(
+    ServingStatus, DHTStatus, ChatStatus, ApiStatus, TrustStatus, CreditStatus, DaemonStatus
+):
     """`status`: every service's part, flat."""
 
     @classmethod

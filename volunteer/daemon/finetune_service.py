@@ -296,6 +296,12 @@ class FinetuneService:
         return trainer.run()
 
 
+def adapter_names(paths: Paths, model: str) -> list[str]:
+    """The stored adapters trained for `model` (the `model` setting), by name."""
+    stored = AdapterStore.of(paths).list()
+    return sorted(a.name for a in stored if isinstance(a, AdapterInfo) and a.model == model)
+
+
 class AdapterChats:
     """Chats with stored adapters on the daemon's swarm chat (`ChatService`'s
     `AdaptedChats`). An adapter is loaded once, and again when its files change."""

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -107,11 +108,12 @@ def _services(settings: Settings, paths: Paths) -> list[Service]:
     """The daemon's services in start order (stopped in reverse: the blocks announce
     OFFLINE while the DHT is still up, a fine-tuning job saves its checkpoint while the
     swarm client it trains through is still up), under this peer's identity."""
+    from volunteer.api.service import ApiService
     from volunteer.chat.service import ChatService
     from volunteer.daemon.block_service import BlockService
     from volunteer.daemon.credit_service import CreditService
     from volunteer.daemon.dht_service import DHTService
-    from volunteer.daemon.finetune_service import AdapterChats, FinetuneService
+    from volunteer.daemon.finetune_service import AdapterChats, FinetuneService, adapter_names
     from volunteer.daemon.identity import (
         load_or_create_identity,
         runtime_identity_path,
@@ -153,4 +155,6 @@ def _services(settings: Settings, paths: Paths) -> list[Service]:
         adapters=AdapterChats(paths),
     )
     finetune = FinetuneService(settings, paths, chat)
-    return [dht, blocks, trust, credit, chat, finetune]
+    adapters = functools.partial(adapter_names, paths, settings.model)
+    api = ApiService(settings, paths, chat, blocks, adapters=adapters)
+    return [dht, blocks, trust, credit, chat, finetune, api]

@@ -256,6 +256,32 @@ def parse_host(source: Source) -> str:
     return text
 
 
+def parse_api_address(source: Source) -> str | None:
+    """`[HOST:]PORT` (an IPv6 host in brackets: `[::1]:8000`), HOST an IP address,
+    127.0.0.1 when left out; "" or "off" mean None (no API). Kept as "HOST:PORT"."""
+    text = str(source.raw).strip() if isinstance(source.raw, (str, int)) else None
+    if text is None or isinstance(source.raw, bool):
+        raise _fail(source, "expected [HOST:]PORT such as 8000 or 127.0.0.1:8000")
+    if text.lower() in ("", "off"):
+        return None
+    host, _, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]") or "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        raise _fail(source, "expected [HOST:]PORT such as 8000 or 127.0.0.1:8000") from None
+    if not 1 <= number <= 65535:
+        raise _fail(source, "expected a port between 1 and 65535")
+    return f"[{host}]:{number}" if ":" in host else f"{host}:{number}"
+
+
+def split_api_address(address: str) -> tuple[str, int]:
+    """A checked `HOST:PORT` (see `parse_api_address`) as host and port."""
+    host, _, port = address.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
 def parse_public_name(source: Source) -> str:
     """At most 64 printable characters."""
     text = parse_text(source)
