@@ -48,9 +48,13 @@ def test_the_dashboard_shows_the_daemon_and_the_machine() -> None:
         blocks = text_of(app, "#blocks")
         assert "blocks 0:15 of 30" in blocks and "weakest span" in blocks
         assert "tokens 3,400" in text_of(app, "#counters")
+        assert "API" not in text_of(app, "#counters")  # not served
         assert "none in the last 3 minutes" in text_of(app, "#spark-label")
         app.query_one("#dash").show_status(SERVING.model_copy(update={"tokens_served": 3900}))
         assert "now " in text_of(app, "#spark-label")  # 500 tokens since the last poll
+        api = {"api_url": "http://127.0.0.1:8000/v1", "api_requests": 1234}
+        app.query_one("#dash").show_status(SERVING.model_copy(update=api))
+        assert "API http://127.0.0.1:8000/v1 (1,234)" in text_of(app, "#counters")
         gauges = text_of(app, "#gauges")
         assert "42%" in gauges and "6.0 of 16.0 GiB" in gauges and "NVML not available" in gauges
         assert text_of(app, "#status-line") == "connected to the daemon"
