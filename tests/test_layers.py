@@ -93,6 +93,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "volunteer.control",
         "volunteer.client",
         "volunteer.models",
+        "volunteer.model_cache",
         "volunteer.daemon",
     ),
     "volunteer.chat": (

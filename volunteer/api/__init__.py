@@ -7,6 +7,6 @@
 - `service`: the daemon service that runs it.
 
 Requests run through the daemon's `ChatService`, as `volunteer chat` does. Imports the
-core, `volunteer.chat`, `volunteer.control`, `volunteer.client`, `volunteer.models` and
-`volunteer.daemon`.
+core, `volunteer.chat`, `volunteer.control`, `volunteer.client`, `volunteer.models`,
+`volunteer.model_cache` and `volunteer.daemon`.
 """
