@@ -9,14 +9,14 @@ import http.client
 import json
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-from tests.daemon.homes import Homes
+from tests.daemon.homes import Homes, wait_for
 from volunteer.control.client import ControlClient
 from volunteer.control.endpoint import use_tcp
 from volunteer.control.messages import PAUSE, RESUME
@@ -82,15 +82,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, smollm2_folder: Path) -> It
         yield Daemon(homes, home, port)
     finally:
         homes.reap()
-
-
-def _wait(what: str, check: Callable[[], bool], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    pytest.fail(f"not within {timeout_s:.0f} s: {what}")
 
 
 def test_the_model_is_listed_and_greedy_chat_equals_volunteer_chat(daemon: Daemon) -> None:
@@ -214,7 +205,7 @@ def test_a_full_daemon_answers_429_with_retry_after(daemon: Daemon) -> None:
         holding.close()
     assert status == 429 and answer["error"]["type"] == "rate_limit_error"
     assert headers["Retry-After"] == str(QUEUE_TIMEOUT_S)
-    _wait("the slot free again", lambda: daemon.status()["api_active"] == 0)
+    wait_for("the slot free again", lambda: daemon.status()["api_active"] == 0)
 
 
 def _endless(daemon: Daemon, *, stream: bool) -> bytes:
@@ -237,7 +228,7 @@ def test_a_client_gone_mid_stream_frees_its_session(daemon: Daemon) -> None:
     gone = time.monotonic()
     connection.sock.close()  # type: ignore[union-attr]
     connection.close()
-    _wait(
+    wait_for(
         "the session freed and the reply ended",
         lambda: daemon.status()["open_sessions"] == 0 and daemon.status()["chats_active"] == 0,
         timeout_s=10,
@@ -248,7 +239,7 @@ def test_a_client_gone_mid_stream_frees_its_session(daemon: Daemon) -> None:
 def test_no_route_is_a_503(daemon: Daemon) -> None:
     control = ControlClient(Paths.resolve(home=daemon.home, env=daemon.homes.env))
     assert control.call(PAUSE, timeout_s=30).paused
-    _wait("the server out of the swarm", lambda: daemon.status()["state"] == "paused")
+    wait_for("the server out of the swarm", lambda: daemon.status()["state"] == "paused")
     try:
         with pytest.raises(openai.InternalServerError) as failed:
             daemon.client.chat.completions.create(
@@ -268,9 +259,9 @@ def test_a_client_gone_before_a_whole_answer_frees_its_session(daemon: Daemon) -
     ).encode()
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=60) as sock:
         sock.sendall(head + body)
-        _wait("the answer under way", lambda: daemon.status()["open_sessions"] == 1)
+        wait_for("the answer under way", lambda: daemon.status()["open_sessions"] == 1)
     gone = time.monotonic()  # hung up before any byte of the answer
-    _wait(
+    wait_for(
         "the session freed and the reply ended",
         lambda: daemon.status()["open_sessions"] == 0 and daemon.status()["chats_active"] == 0,
         timeout_s=10,

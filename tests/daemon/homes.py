@@ -12,15 +12,29 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from volunteer.control.lifecycle import pid_file
 from volunteer.paths import Paths
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI_TIMEOUT_S = 90
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Polls `check` (a daemon's status, say) until it holds; fails the test naming `what`
+    after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"not within {timeout_s:.0f} s: {what}")
 
 
 class Homes:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon.homes import ROOT, DaemonSwarm, Homes
+from tests.daemon.homes import ROOT, DaemonSwarm, Homes, wait_for
 from tests.machine.test_owner_sensors import ONE_CORE, _burner
 from volunteer.control.client import ControlClient
 from volunteer.control.endpoint import use_tcp
@@ -60,15 +60,6 @@ class Swarm(DaemonSwarm):
         return states[0] if states else None
 
 
-def _wait(what: str, check: Callable[[], bool], timeout_s: float = RULE_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    pytest.fail(f"not within {timeout_s:.0f} s: {what}")
-
-
 @pytest.fixture(scope="module")
 def sensors(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sensors") / "sensors.json"
@@ -94,6 +85,10 @@ def swarm(
         yield swarm
     finally:
         homes.reap()
+
+
+def _wait(what: str, check: Callable[[], bool], timeout_s: float = RULE_TIMEOUT_S) -> None:
+    wait_for(what, check, timeout_s)
 
 
 def _set(sensors: Path, **readings: Any) -> None:

@@ -286,9 +286,9 @@ async def _stream(
         await send("[DONE]")
     except errors.ApiError as exc:  # after the head went out: said in the stream
         await send(exc.body())
-    except (ConnectionError, asyncio.CancelledError):
+    except ConnectionError:  # the caller's `aclose` ends the reply
         logger.info("an API client went away mid-stream: its reply ends")
-        raise
+        return response
     await response.write_eof()
     return response
 
