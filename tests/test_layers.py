@@ -227,3 +227,10 @@ def test_layers_load_no_forbidden_third_party_package(package: str) -> None:
 def test_the_check_sees_a_real_import() -> None:
     # The probe must notice torch when a module really imports it.
     assert "torch" in _loaded_after_import(["volunteer.models.block"])
+
+
+def test_the_cli_loads_neither_torch_nor_hivemind() -> None:
+    """`volunteer start` sets OpenMP's wait policy before torch loads (its p2pd inherits
+    it), and light commands stay light: the CLI's modules import neither at the top."""
+    loaded = _loaded_after_import(["volunteer.cli"])
+    assert not loaded & {"torch", "hivemind"}, sorted(loaded & {"torch", "hivemind"})

@@ -158,4 +158,7 @@ def test_a_batch_larger_than_a_call_runs_as_calls_with_the_same_gradient(
     assert calls == [1, 1, 1, 1]
     assert split_loss == pytest.approx(whole_loss, rel=1e-5)
     for name, grad in whole.items():
-        torch.testing.assert_close(split[name], grad, atol=1e-6, rtol=1e-4)
+        # Sums in another order (a call per row, other matmul shapes): float32 rounding
+        # of about 1e-4 of the largest gradient on some CPUs; a lost row is far more.
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(split[name], grad, atol=1e-3 * scale, rtol=1e-4)

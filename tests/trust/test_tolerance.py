@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 from volunteer.models.model import BlockSpan
+from volunteer.models.weight_format import WeightFormat, compress_block
 
 from tests.server import hidden_states, random_span, tiny_config
 from volunteer.faults import parse_faults
@@ -19,6 +20,7 @@ from volunteer.trust.tolerance import (
     first_mismatch,
     relative_distances,
     tolerance_for,
+    tolerance_for_format,
 )
 
 
@@ -73,3 +75,21 @@ def test_half_precision_on_either_side_widens_the_tolerance() -> None:
     assert tolerance_for(torch.float32, "float32") == FLOAT32_TOLERANCE
     assert tolerance_for(torch.float32, torch.bfloat16) == HALF_TOLERANCE
     assert tolerance_for("float16") == HALF_TOLERANCE
+
+
+@pytest.mark.parametrize("label", ["fp32", "int8", "bf16", "q4g32", "q4g64"])
+def test_each_weight_form_is_checked_within_what_its_honest_servers_differ_by(
+    label: str,
+) -> None:
+    """A prefill against single steps of the same blocks held in each form: within the
+    tolerance its checks use (4-bit kernels multiply in bfloat16 on some CPUs)."""
+    fmt = WeightFormat.parse(label)
+    span = random_span(tiny_config(), seed=3)
+    for block in span.blocks:
+        compress_block(block, fmt)
+    hidden = hidden_states(1, 24, seed=3).to(fmt.activation_dtype)
+    reference = _steps(span, hidden, threads=1, chunk=24)
+    for threads, chunk in ((2, 1), (1, 5)):
+        other = _steps(span, hidden, threads=threads, chunk=chunk)
+        assert first_mismatch(other, reference, tolerance_for_format(fmt.label)) is None
+    assert tolerance_for_format(None) == FLOAT32_TOLERANCE

@@ -55,6 +55,7 @@ from volunteer.transport.local_link import dialable
 from volunteer.transport.protocol import BusyError, PeerUnavailableError, SessionExpiredError
 from volunteer.trust.evidence import Evidence
 from volunteer.trust.reputation import Reputation
+from volunteer.trust.tolerance import tolerance_for_format
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,13 @@ class SwarmClient:
         if verify != "off":  # checked after the timing: a check is not the server's time
             own = frozenset({self.own_peer_id})
             checked = CheckedCalls(
-                Verifier(verify, self.reputation, rng=self._rng, trusted=own),
+                Verifier(
+                    verify,
+                    self.reputation,
+                    rng=self._rng,
+                    tolerance=tolerance_for_format(weights_format),
+                    trusted=own,
+                ),
                 forward,
                 backward,
                 local_span=self._local_span if local_blocks is not None else None,
@@ -363,6 +370,7 @@ class SwarmClient:
                 max_length=max_length,
             ),
             rng=self._rng,
+            tolerance=tolerance_for_format(self._view.weights_format),
             trusted=frozenset({self.own_peer_id}),
             accuse=self.accuse,
         )

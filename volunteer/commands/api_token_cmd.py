@@ -7,7 +7,6 @@ import argparse
 import sys
 from typing import Any
 
-from volunteer.daemon.api_token import load_or_create_api_token
 from volunteer.paths import Paths
 
 
@@ -23,6 +22,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, paths: Paths) -> int:
+    # Here, not at the top: the identity module loads hivemind (and torch), which the
+    # CLI must not load before the daemon has set up its threads.
+    from volunteer.daemon.api_token import load_or_create_api_token
+
     token = load_or_create_api_token(paths)
     print(token.value)
     if token.stored_in != "keyring":

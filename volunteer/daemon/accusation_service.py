@@ -60,7 +60,7 @@ from volunteer.trust.evidence_exchange import (
     fetch_evidence,
 )
 from volunteer.trust.reputation import Reputation
-from volunteer.trust.tolerance import FLOAT32_TOLERANCE
+from volunteer.trust.tolerance import tolerance_for_format
 
 POLL_S = 5.0
 FETCH_TIMEOUT_S = 30.0
@@ -230,7 +230,8 @@ class AccusationService:
         self._mark(name, FETCH_ATTEMPTS)
         try:
             evidence = await asyncio.to_thread(_checked, raw, accusation)
-            wrong = await is_wrong(evidence, self._replay, FLOAT32_TOLERANCE)
+            fmt = await asyncio.to_thread(lambda: self._blocks.fmt)  # the swarm's, ours
+            wrong = await is_wrong(evidence, self._replay, tolerance_for_format(fmt.label))
         except EvidenceError as exc:
             self._refute(accuser, accused, f"evidence that does not hold ({exc})")
             return

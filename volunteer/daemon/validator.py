@@ -42,7 +42,7 @@ from volunteer.faults import Faults
 from volunteer.scheduler.verification import probe_order, validator_rest_s, validator_share
 from volunteer.swarm.records import ServerState
 from volunteer.trust.reputation import Reputation
-from volunteer.trust.tolerance import FLOAT32_TOLERANCE, first_mismatch
+from volunteer.trust.tolerance import first_mismatch, tolerance_for_format
 
 PROBE_PREFILL = (2, 12)
 PROBE_STEPS = (2, 6)
@@ -161,7 +161,7 @@ class Validator:
                 chunk = hidden[:, begin:stop]
                 output = await stream.step(chunk, begin, timeout_s=PROBE_TIMEOUT_S)
                 expected = await local.step(chunk, begin)
-                if first_mismatch(output, expected, FLOAT32_TOLERANCE) is not None:
+                if first_mismatch(output, expected, self._tolerance()) is not None:
                     reason = f"wrong output on blocks {start}:{end} at {begin}"
                     self._wrong(peer, stream, reason, output, expected)
                     return True
@@ -178,6 +178,11 @@ class Validator:
             self._accusations.accuse(peer, evidence, lie)
         return True
 
+    def _tolerance(self) -> float:
+        """For the swarm's weight form (this daemon's: clients route through servers of
+        their own form only); `probe` resolved it before any comparison."""
+        return tolerance_for_format(self._blocks.fmt.label)
+
     def _wrong(
         self,
         peer: str,
@@ -191,6 +196,6 @@ class Validator:
         reputation.ban(peer, f"{reason} (a validator's probe)")
         logger.warning("banned %s: %s (a validator's probe)", peer, reason)
         evidence = stream.log.evidence() if stream.log is not None else None
-        if is_proof(evidence, output, expected, FLOAT32_TOLERANCE):
+        if is_proof(evidence, output, expected, self._tolerance()):
             assert evidence is not None  # checked by is_proof
             self._accusations.accuse(peer, evidence, reason)
