@@ -2,7 +2,6 @@
 
 - `schema`: the requests it accepts, checked and bounded, and the answers' JSON.
 - `errors`: OpenAI-shaped errors with their HTTP statuses.
-- `stops`: `stop` sequences over streamed text.
 - `app`: the aiohttp application: auth, the concurrency gate, the routes.
 - `service`: the daemon service that runs it.
 

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from volunteer.api import errors
 from volunteer.api.schema import Answer, ChatCompletionRequest, CompletionRequest
-from volunteer.api.stops import StopScanner
+from volunteer.chat.stops import StopScanner
 from volunteer.client.inference import SessionFailedError
 from volunteer.control.messages import ChatMessage, ChatRequest, ChatStats, ChatText
 from volunteer.errors import SettingsError, VolunteerError

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from volunteer.chat.conversation import Conversation, ReplyStats, user_sampling
+from volunteer.chat.stops import StopScanner
 from volunteer.client.receipt_sender import ReceiptSender
 from volunteer.client.swarm_client import SwarmClient
 from volunteer.control.messages import (
@@ -47,22 +48,6 @@ if TYPE_CHECKING:
 
 MAX_CONCURRENT_CHATS = 4
 """Replies generated at once; more wait for a worker."""
-
-
-class StopWatch:
-    """Whether a reply's text, seen piece by piece, has come to one of `stops`."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = stops
-        self.tail = ""
-        self.seen = False
-        self._keep = max((len(stop) for stop in stops), default=1) - 1
-
-    def hit(self, piece: str) -> bool:
-        text = self.tail + piece
-        self.seen = self.seen or any(stop in text for stop in self.stops)
-        self.tail = text[len(text) - self._keep :] if self._keep else ""
-        return self.seen
 
 
 class AdaptedChats(Protocol):
@@ -164,7 +149,7 @@ class ChatService:
         stop = threading.Event()
 
         stats = ReplyStats()
-        stops = StopWatch(request.stop)
+        stop_texts = StopScanner(request.stop)  # callers cut the text; this ends the reply
         began = time.monotonic()
         threads = self._settings.thread_count
 
@@ -187,7 +172,8 @@ class ChatService:
                     notify=lambda notice: send("notice", notice),
                 ):
                     send("text", piece)
-                    if request.stop and stops.hit(piece):
+                    stop_texts.push(piece)
+                    if stop_texts.is_stopped:
                         break  # ends the reply: its session closes
                 send("done", None)
             except BaseException as exc:  # handed to the awaiting control call
@@ -213,7 +199,9 @@ class ChatService:
                 seconds=round(time.monotonic() - began, 3),
                 route=[RouteHop(peer_id=p, start=s, end=e) for p, s, e in stats.route],
                 prompt_tokens=stats.prompt_tokens,
-                finish="length" if stats.tokens >= stats.max_tokens and not stops.seen else "stop",
+                finish="length"
+                if stats.tokens >= stats.max_tokens and not stop_texts.is_stopped
+                else "stop",
             )
         finally:
             stop.set()  # a caller that went away stops the reply after this token

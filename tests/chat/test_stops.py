@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from volunteer.api.stops import StopScanner
-from volunteer.chat.service import StopWatch
+from volunteer.chat.stops import StopScanner
 
 
 def _run(stops: list[str], pieces: list[str]) -> tuple[list[str], bool]:
@@ -39,8 +38,10 @@ def test_the_earliest_stop_wins(stops: list[str], text: str) -> None:
     assert "".join(out) == text
 
 
-def test_the_chat_worker_sees_a_stop_across_pieces() -> None:
-    watch = StopWatch([", 5", "THE END"])
-    assert [watch.hit(piece) for piece in ["1, 2, 3, 4", ",", " 5"]] == [False, False, True]
-    assert StopWatch(["x"]).hit("axb")
-    assert not StopWatch([]).hit("anything")
+def test_a_stop_is_seen_across_pieces_whatever_their_sizes() -> None:
+    scanner = StopScanner([", 5", "THE END"])
+    for piece in ["1, 2, 3, 4", ",", " 5"]:
+        scanner.push(piece)
+    assert scanner.is_stopped
+    assert _run(["x"], ["axb"])[1]
+    assert not _run([], ["anything"])[1]
