@@ -158,15 +158,9 @@ class SwarmClient:
         self._rng = rng or random.Random()
         forward, backward = self.measurements.timed_forward(self._call_forward), self._call_backward
         if verify != "off":  # checked after the timing: a check is not the server's time
-            own = frozenset({self.own_peer_id})
+            own, tolerance = frozenset({self.own_peer_id}), tolerance_for_format(weights_format)
             checked = CheckedCalls(
-                Verifier(
-                    verify,
-                    self.reputation,
-                    rng=self._rng,
-                    tolerance=tolerance_for_format(weights_format),
-                    trusted=own,
-                ),
+                Verifier(verify, self.reputation, rng=self._rng, tolerance=tolerance, trusted=own),
                 forward,
                 backward,
                 local_span=self._local_span if local_blocks is not None else None,
@@ -448,8 +442,7 @@ class SwarmClient:
         )
 
     def _local_socket(self, hop: RouteHop) -> str | None:
-        """The hop's server's Unix socket, when it runs on this machine (see
-        `volunteer.transport.local_link`)."""
+        """The hop's server's Unix socket, if it runs on this machine (`transport.local_link`)."""
         snapshot = self._snapshot
         if snapshot is None or not 0 <= hop.start < len(snapshot.blocks):
             return None
