@@ -5,8 +5,10 @@ answers the same greedy prompt in turns: through the control API's `chat` stream
 `volunteer chat` uses) and through the OpenAI API with the official `openai` client,
 streaming. For each: time to first token and tokens/s of the generation after it (the
 median of `--rounds`); the API's speed as a share of chat's (target: >= 0.95): its
-tokens/s over chat's, and chat's time to first token over its. Then `--streams`
-concurrent API streams: their total tokens/s against one stream's.
+tokens/s over chat's, and chat's time to first token over its. The time to first token
+is also taken over plain HTTP (no client library): the daemon's part without the
+`openai` client's own parsing. Then `--streams` concurrent API streams: their total
+tokens/s against one stream's.
 
     python bench/api.py [--model NAME] [--tokens 96] [--rounds 3] [--streams 4]
 """
@@ -14,6 +16,7 @@ concurrent API streams: their total tokens/s against one stream's.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import socket
@@ -85,6 +88,35 @@ def _via_api(client, model: str, tokens: int) -> tuple[float, float, int]:
     return first - began, (made - 1) / (end - first), made
 
 
+def _via_http(port: int, token: str, model: str, tokens: int) -> float:
+    """TTFT through the API with no client library (plain HTTP, SSE read by line): the
+    daemon's part alone, without the `openai` client's own parsing."""
+    body = json.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "temperature": 0,
+            "max_tokens": tokens,
+            "stream": True,
+        }
+    ).encode()
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    began, first = time.monotonic(), None
+    try:
+        connection.request("POST", "/v1/chat/completions", body=body, headers=headers)
+        response = connection.getresponse()
+        while line := response.readline():
+            event = line.removeprefix(b"data: ").strip()
+            if first is None and event.startswith(b"{"):
+                delta = json.loads(event)["choices"][0]["delta"]
+                first = time.monotonic() if delta.get("content") else None
+    finally:
+        connection.close()
+    assert first is not None
+    return first - began
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -113,16 +145,18 @@ def main() -> None:
             )
             model = client.models.list().data[0].id
             _via_api(client, model, 8)  # warm: the chat's ends and tokenizer load
-            chat_runs, api_runs = [], []
+            chat_runs, api_runs, http_ttfts = [], [], []
             for round_index in range(args.rounds):
                 chat_runs.append(_via_chat(home, args.tokens))
                 ttft, rate, _ = _via_api(client, model, args.tokens)
                 api_runs.append((ttft, rate))
+                http_ttfts.append(_via_http(port, token, model, args.tokens))
                 _log(f"round {round_index + 1}: chat {chat_runs[-1]}, api {api_runs[-1]}")
             chat_ttft = statistics.median(run[0] for run in chat_runs)
             chat_rate = statistics.median(run[1] for run in chat_runs)
             api_ttft = statistics.median(run[0] for run in api_runs)
             api_rate = statistics.median(run[1] for run in api_runs)
+            http_ttft = statistics.median(http_ttfts)
 
             results: list[tuple[float, float, int]] = []
 
@@ -145,6 +179,8 @@ def main() -> None:
         "api_tokens_s": round(api_rate, 2),
         "api_over_chat_tokens_s": round(api_rate / chat_rate, 3),
         "chat_over_api_ttft": round(chat_ttft / api_ttft, 3),
+        "http_ttft_s": round(http_ttft, 3),
+        "chat_over_http_ttft": round(chat_ttft / http_ttft, 3),
         "concurrent_streams": args.streams,
         "concurrent_total_tokens_s": round(together, 2),
         "concurrent_over_one": round(together / api_rate, 2),
@@ -154,6 +190,10 @@ def main() -> None:
     ttft_ratio = chat_ttft / api_ttft
     print(f"{'time to first token s':>22} {chat_ttft:>8.3f} {api_ttft:>8.3f} {ttft_ratio:>9.3f}")
     print(f"{'tokens/s':>22} {chat_rate:>8.2f} {api_rate:>8.2f} {api_rate / chat_rate:>9.3f}")
+    print(
+        f"time to first token over plain HTTP (no client library): {http_ttft:.3f} s, "
+        f"speed {chat_ttft / http_ttft:.3f} of chat's"
+    )
     print(
         f"{args.streams} concurrent API streams: {together:.2f} tokens/s in all "
         f"({together / api_rate:.2f}x one stream)"
