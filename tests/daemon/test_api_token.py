@@ -13,8 +13,8 @@ import pytest
 
 from tests.daemon.homes import Homes
 from tests.daemon.test_identity import file_keyring, make_paths
-from volunteer.daemon.api_token import ApiTokenError, keyring_username, load_or_create_api_token
-from volunteer.daemon.identity import KEYRING_SERVICE
+from volunteer.daemon.api_token import ApiTokenError, load_or_create_api_token
+from volunteer.daemon.identity import KEYRING_SERVICE, keyring_username
 
 
 def test_the_token_is_made_once_and_kept_in_the_keyring(tmp_path: Path) -> None:
@@ -22,7 +22,9 @@ def test_the_token_is_made_once_and_kept_in_the_keyring(tmp_path: Path) -> None:
     first = load_or_create_api_token(paths, keyring_backend=file_keyring(tmp_path / "kr.cfg"))
     assert first.stored_in == "keyring" and first.value.startswith("vol-")
     backend = file_keyring(tmp_path / "kr.cfg")
-    assert backend.get_password(KEYRING_SERVICE, keyring_username(paths)) == first.value
+    assert (
+        backend.get_password(KEYRING_SERVICE, keyring_username(paths, "api-token")) == first.value
+    )
     again = load_or_create_api_token(paths, keyring_backend=file_keyring(tmp_path / "kr.cfg"))
     assert again.value == first.value
     other = load_or_create_api_token(make_paths(tmp_path / "other"), keyring_backend=backend)

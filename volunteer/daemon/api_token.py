@@ -5,7 +5,6 @@ mode 0600, said so), and shown by `volunteer api-token`."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import secrets
 import stat
@@ -14,7 +13,12 @@ import keyring.backend
 import keyring.backends.fail
 import keyring.errors
 
-from volunteer.daemon.identity import KEYRING_SERVICE, system_keyring, write_private_file
+from volunteer.daemon.identity import (
+    KEYRING_SERVICE,
+    keyring_username,
+    system_keyring,
+    write_private_file,
+)
 from volunteer.errors import VolunteerError
 from volunteer.paths import Paths
 
@@ -36,11 +40,6 @@ class ApiToken:
     """"keyring", or the path of the 0600 file."""
 
 
-def keyring_username(paths: Paths) -> str:
-    digest = hashlib.sha256(str(paths.data_dir).encode()).hexdigest()
-    return f"api-token-{digest[:16]}"
-
-
 def load_or_create_api_token(
     paths: Paths, *, keyring_backend: keyring.backend.KeyringBackend | None = None
 ) -> ApiToken:
@@ -52,7 +51,7 @@ def load_or_create_api_token(
     backend = keyring_backend if keyring_backend is not None else system_keyring()
     if isinstance(backend, keyring.backends.fail.Keyring):
         backend = None
-    username = keyring_username(paths)
+    username = keyring_username(paths, "api-token")
     if backend is not None:
         try:
             stored = backend.get_password(KEYRING_SERVICE, username)

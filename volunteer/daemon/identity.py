@@ -74,10 +74,11 @@ class Identity:
         return encode_p2p_identity(self.private_key)
 
 
-def keyring_username(paths: Paths) -> str:
-    """The keyring entry of one volunteer instance, derived from its data folder."""
+def keyring_username(paths: Paths, kind: str = "peer-identity") -> str:
+    """The keyring entry of one volunteer instance's secret `kind`, derived from its data
+    folder (the API token's is "api-token")."""
     digest = hashlib.sha256(str(paths.data_dir).encode()).hexdigest()
-    return f"peer-identity-{digest[:16]}"
+    return f"{kind}-{digest[:16]}"
 
 
 def fallback_path(paths: Paths) -> Path:
