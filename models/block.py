@@ -112,14 +112,19 @@ def block_forward(
     )
     h = rms_norm(x, w.mlp_norm, shape.eps)
     if lora is None:
-        # Compressed weights may answer in their kernels' dtype: the SwiGLU product goes
-        # into the next kernel in it, and the residual add takes either.
-        gate_up = linear(h, w.gate_up, w.gate_up_bias, exact_dtype=False)
-        gate, up = gate_up.split(shape.intermediate_size, dim=-1)
-        return x + linear(F.silu(gate) * up, w.down, w.down_bias, exact_dtype=False)
+        return x + mlp(h, w, shape)
     gate_up = lora_linear(h, w.gate_up, w.gate_up_bias, lora.gate_up, lora.scale)
     gate, up = gate_up.split(shape.intermediate_size, dim=-1)
     return x + lora_linear(F.silu(gate) * up, w.down, w.down_bias, lora.down, lora.scale)
+
+
+def mlp(h: torch.Tensor, w: BlockWeights, shape: BlockShape) -> torch.Tensor:
+    """The SwiGLU feed-forward of normed h [..., H], without its residual."""
+    # Compressed weights may answer in their kernels' dtype: the SwiGLU product goes
+    # into the next kernel in it, and the residual add takes either.
+    gate_up = linear(h, w.gate_up, w.gate_up_bias, exact_dtype=False)
+    gate, up = gate_up.split(shape.intermediate_size, dim=-1)
+    return linear(F.silu(gate) * up, w.down, w.down_bias, exact_dtype=False)
 
 
 def attention(
@@ -135,20 +140,50 @@ def attention(
 ) -> torch.Tensor:
     """Grouped-query self-attention of x [B, S, H] with RoPE and an optional KV cache."""
     batch, seq, _ = x.shape
-    heads, kv_heads = shape.num_heads, shape.num_kv_heads
     if lora is None:
         qkv = linear(x, w.qkv, w.qkv_bias)
     else:
         qkv = lora_linear(x, w.qkv, w.qkv_bias, lora.qkv, lora.scale)
     # [B, S, (heads + 2 * kv_heads) * D] -> [B, S, heads + 2 * kv_heads, D]
-    qkv = qkv.view(batch, seq, -1, shape.head_dim)
+    q, k, v = rotated_qkv(qkv.view(batch, seq, -1, shape.head_dim), shape, cos, sin)
+    out = attend(q, k, v, shape, start_pos=start_pos, layer_cache=layer_cache)
+    if lora is None:
+        return linear(out, w.o, w.o_bias, exact_dtype=False)  # into the residual add
+    return lora_linear(out, w.o, w.o_bias, lora.o, lora.scale)
+
+
+def rotated_qkv(
+    qkv: torch.Tensor, shape: BlockShape, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused projection's output [..., heads + 2 * kv_heads, D] as q, k (rotated by
+    cos / sin) and v, each [..., heads or kv_heads, D]."""
+    heads, kv_heads = shape.num_heads, shape.num_kv_heads
+    dim = qkv.dim() - 2
     # q and k rotate together: one set of elementwise ops instead of two. (narrow rather
     # than slicing syntax: it is one dispatch, and this runs for every block and token.)
-    qk = apply_rotary(qkv.narrow(2, 0, heads + kv_heads), cos, sin)
+    qk = apply_rotary(qkv.narrow(dim, 0, heads + kv_heads), cos, sin)
+    return (
+        qk.narrow(dim, 0, heads),
+        qk.narrow(dim, heads, kv_heads),
+        qkv.narrow(dim, heads + kv_heads, kv_heads),
+    )
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    shape: BlockShape,
+    *,
+    start_pos: int,
+    layer_cache: LayerCache | None,
+) -> torch.Tensor:
+    """Attention of rotated q [B, S, heads, D] over k, v [B, S, kv_heads, D] and the
+    cached positions before start_pos (where the new keys/values are written), as
+    [B, S, heads * D] before the output projection."""
+    batch, seq = q.shape[0], q.shape[1]
     # [B, S, heads, D] -> [B, heads, S, D]
-    q = qk.narrow(2, 0, heads).transpose(1, 2)
-    k = qk.narrow(2, heads, kv_heads).transpose(1, 2)
-    v = qkv.narrow(2, heads + kv_heads, kv_heads).transpose(1, 2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     past = 0
     if layer_cache is not None:
         past = start_pos
@@ -160,15 +195,12 @@ def attention(
         else:  # held compressed: `volunteer.models.kv_quant`
             layer_cache.write(past, k, v)
             k, v = layer_cache.read(past + seq)
-    mask, is_causal = _attention_mask(seq, past, shape.sliding_window, x.device)
+    mask, is_causal = _attention_mask(seq, past, shape.sliding_window, q.device)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True
     )
     # [B, heads, S, D] -> [B, S, heads * D]
-    out = out.transpose(1, 2).reshape(batch, seq, heads * shape.head_dim)
-    if lora is None:
-        return linear(out, w.o, w.o_bias, exact_dtype=False)  # into the residual add
-    return lora_linear(out, w.o, w.o_bias, lora.o, lora.scale)
+    return out.transpose(1, 2).reshape(batch, seq, shape.num_heads * shape.head_dim)
 
 
 def _attention_mask(

@@ -178,7 +178,9 @@ REPLIES = {
 
 
 async def _start_hostile(server: Server, mode: list[str]) -> P2P:
-    maddrs = await server.p2p.get_visible_maddrs()
+    # The hostile dials the attacker itself: the attacker then reaches it over that
+    # connection, not by a routing lookup through the server that may not have settled.
+    maddrs = await server.p2p.get_visible_maddrs() + await server.attacker.get_visible_maddrs()
     hostile = await P2P.create(host_maddrs=LOOPBACK, initial_peers=maddrs)
 
     async def backward(_: object, reader, writer) -> None:

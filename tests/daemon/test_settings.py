@@ -274,6 +274,10 @@ EXAMPLES: dict[str, tuple[Any, str]] = {
     "max_upload_mbps": (8.5, "8.5"),
     "api": ("127.0.0.1:8000", "8000"),
     "api_max_requests": (16, "16"),
+    "batch_max_sessions": (1, "1"),
+    "batch_max_mib": (64, "64"),
+    "prefill_chunk_tokens": (0, "0"),
+    "max_chats": (2, "2"),
     "api_queue_timeout_s": (5.0, "5"),
     "api_open_on_loopback": (True, "yes"),
 }

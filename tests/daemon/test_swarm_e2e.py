@@ -48,6 +48,8 @@ pytestmark = [
 
 PARIS_PROMPT = "What is the capital of France?"
 STORY_PROMPT = "Write a short story about a robot who learns to paint."
+HAIKU_PROMPT = "Write a haiku about the sea."
+COLOURS_PROMPT = "Name three colours and say what each makes you think of."
 NEW_TOKENS = "64"
 CHAT_TIMEOUT_S = 180
 HAND_OVER_BOUND_S = 30.0
@@ -252,6 +254,30 @@ def test_two_clients_at_once_get_their_answers_alone(swarm: Swarm, local_story: 
     assert results["daemon"].stdout == local_story
     assert results["direct"].stdout == local_story
     assert "Paris" in results["paris"].stdout
+
+
+def test_four_chats_at_once_are_batched_and_each_equals_its_chat_alone(swarm: Swarm) -> None:
+    """Issue 22: the servers run the four sessions' steps in batches, and batching
+    changes no greedy token."""
+    prompts = [STORY_PROMPT, PARIS_PROMPT, HAIKU_PROMPT, COLOURS_PROMPT]
+    alone = [swarm.chat(prompt) for prompt in prompts]
+    assert all(r.returncode == 0 for r in alone), [r.stderr for r in alone]
+    batched_before = sum(swarm.status(name)["steps_batched"] for name in ("first", "second"))
+    together: dict[int, subprocess.CompletedProcess[str]] = {}
+    threads = [
+        threading.Thread(target=lambda i=index, p=prompt: together.__setitem__(i, swarm.chat(p)))
+        for index, prompt in enumerate(prompts)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(CHAT_TIMEOUT_S)
+    assert all(r.returncode == 0 for r in together.values()), [r.stderr for r in together.values()]
+    for index, reply in enumerate(alone):
+        assert together[index].stdout == reply.stdout, prompts[index]
+    statuses = [swarm.status(name) for name in ("first", "second")]
+    assert sum(status["steps_batched"] for status in statuses) > batched_before
+    assert max(status["largest_batch"] for status in statuses) >= 2
 
 
 def test_idle_servers_use_no_cpu(swarm: Swarm) -> None:

@@ -46,9 +46,6 @@ from volunteer.settings import Settings
 if TYPE_CHECKING:
     from volunteer.chat.via_swarm import SwarmChat
 
-MAX_CONCURRENT_CHATS = 4
-"""Replies generated at once; more wait for a worker."""
-
 
 class AdaptedChats(Protocol):
     """Makes the chat that answers with a stored adapter, on the daemon's swarm chat."""
@@ -94,7 +91,7 @@ class ChatService:
         self._blocks = blocks
         self._chat: SwarmChat | None = None
         self._loading = asyncio.Lock()
-        self._slots = asyncio.Semaphore(MAX_CONCURRENT_CHATS)
+        self._slots = asyncio.Semaphore(settings.max_chats)
         self._is_running = False
         self._stops: set[threading.Event] = set()
         self._workers: set[asyncio.Future[None]] = set()
@@ -210,7 +207,7 @@ class ChatService:
     async def _answer_in_a_slot(
         self, answer: Callable[[], None], send: Callable[[str, Any], None]
     ) -> None:
-        """Runs `answer` once one of MAX_CONCURRENT_CHATS slots is free, on a thread of
+        """Runs `answer` once one of the `max_chats` slots is free, on a thread of
         its own: a reply's OpenMP workers end with it, so they never slow the compute
         thread's prefills (see volunteer.machine.cpu_sharing.in_passing_thread)."""
         async with self._slots:

@@ -235,6 +235,7 @@ def _print_table(status: StatusReply) -> None:
             f"{status.accusations_refuted} refuted",
         ),
         ("tokens served", status.tokens_served),
+        ("steps batched", f"{status.steps_batched} (largest batch {status.largest_batch})"),
         ("credit", _credit(status)),
         ("uptime", _format_uptime(status.uptime_s)),
         ("peer id", status.peer_id),

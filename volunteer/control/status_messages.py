@@ -52,6 +52,10 @@ class ServingStatus(Reply):
     swarm_model: str | None = None
     requests_served: int = 0
     tokens_served: int = 0
+    steps_batched: int = 0
+    """Inference steps that ran in a batch with other sessions' steps."""
+    largest_batch: int = 0
+    """The most sessions' steps one batch held."""
     open_sessions: int = 0
     local_links: int | None = None
     """Streams taken on the local socket; None: no local socket."""

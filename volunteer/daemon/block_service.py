@@ -330,6 +330,8 @@ class BlockService:
             swarm_model=handler.model_name,
             requests_served=handler.stats.requests,
             tokens_served=handler.stats.tokens,
+            steps_batched=handler.batcher.batched_steps,
+            largest_batch=handler.batcher.largest,
             open_sessions=len(handler.sessions),
             local_links=self._local.links_served if self._local is not None else None,
             cache_tokens_total=handler.sessions.cache_tokens_total,

@@ -39,6 +39,16 @@ MIB = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
+class BatchCaps:
+    """How much one batch may hold (`volunteer.server.step_batch`; 1 session: no batching)."""
+
+    max_sessions: int
+    max_bytes: int
+    prefill_chunk: int
+    """Positions of a prefill per batch (0: a prefill runs whole)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class ServerCaps:
     """The caps of one block server (see each setting's docstring)."""
 
@@ -53,6 +63,7 @@ class ServerCaps:
     max_push_streams_per_peer: int
     forward_slice_s: float
     first_message_s: float
+    batch: BatchCaps
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServerCaps:
@@ -68,6 +79,11 @@ class ServerCaps:
             max_push_streams_per_peer=settings.max_push_streams_per_peer,
             forward_slice_s=settings.forward_slice_s,
             first_message_s=settings.first_message_s,
+            batch=BatchCaps(
+                max_sessions=settings.batch_max_sessions,
+                max_bytes=settings.batch_max_mib * MIB,
+                prefill_chunk=settings.prefill_chunk_tokens,
+            ),
         )
 
     def message_bytes(

@@ -14,7 +14,7 @@ import dataclasses
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -183,6 +183,7 @@ class PriorityCompute:
         *args: Any,
         peer: str,
         decode: bool = False,
+        charge: Callable[[], Sequence[str]] | None = None,
     ) -> Result:
         """Runs fn(*args) on the compute thread for `peer`, who is charged its time;
         lower priority numbers run first.
@@ -190,6 +191,8 @@ class PriorityCompute:
         Args:
             peer: who asked (a peer id; `LOCAL_PEER` for this process's own client).
             decode: the job is a one-position step (it runs on `decode_threads`).
+            charge: who the job's time is shared among instead of `peer`, asked on the
+                compute thread right after fn ran (a batch of several peers' steps).
 
         Raises:
             BusyError: the server is shutting down.
@@ -215,8 +218,10 @@ class PriorityCompute:
                 self._last_cost = (took, threads or torch.get_num_threads())
                 if decode:
                     self.decode_s = took
+                payers = charge() if charge is not None else (peer,)
                 with self._lock:
-                    self._tally.charge(peer, took)
+                    for payer in payers:
+                        self._tally.charge(payer, took / len(payers))
                     self.jobs_run += 1
                     if is_inference:
                         self.anticipation.inference_ended()
@@ -333,20 +338,6 @@ def allocate_cache(span: BlockSpan, session: Session) -> KVCache:
     )
 
 
-def inference_step(session: Session, hidden: torch.Tensor, start_pos: int) -> torch.Tensor:
-    """One step of a session: new positions [start_pos, start_pos + S) through its cache,
-    on the blocks it was opened on."""
-    cache, span = session.cache, session.span
-    assert cache is not None and span is not None  # set when the session was admitted
-    with torch.inference_mode():
-        output = run_blocks(
-            span, to_span(span, hidden), session.start, session.end, start_pos, cache
-        )
-    # A start_pos below the old length rewinds: later positions are overwritten.
-    cache.length = start_pos + hidden.shape[1]
-    return _like(output, hidden)
-
-
 def run_blocks(
     span: BlockSpan,
     hidden: torch.Tensor,
@@ -368,7 +359,8 @@ def to_span(span: BlockSpan, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(device=weight.device, dtype=weight.dtype)
 
 
-def _like(result: torch.Tensor, request: torch.Tensor) -> torch.Tensor:
+def to_request(result: torch.Tensor, request: torch.Tensor) -> torch.Tensor:
+    """A result on the request's device and in its dtype."""
     # Back to the request's device (the CPU, for the wire) and dtype, still on the compute
     # thread: a GPU->CPU copy waits for the GPU, which the event loop must not.
     return result.detach().to(device=request.device, dtype=request.dtype)

@@ -26,6 +26,8 @@ Decisions:
 - What a stranger may hold (sessions, calls, push streams, message bytes, backward
   positions, session lifetime) is capped per peer and in total (`volunteer.server.caps`);
   compute goes to the peer that used least lately, and long calls run in short slices.
+- Steps of different sessions that wait at once run as one batch, and long prompts in
+  chunks between them (`volunteer.server.step_batch`).
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ from volunteer.server.compute import (
     PRIORITY_INFERENCE,
     PriorityCompute,
     allocate_cache,
-    inference_step,
 )
 from volunteer.server.drill import Drill
 from volunteer.server.inference_stream import serve_inference_stream
@@ -58,6 +59,7 @@ from volunteer.server.penalty_box import PenaltyBox
 from volunteer.server.push import PushLinks, serve_push_stream
 from volunteer.server.sessions import Session, SessionTable
 from volunteer.server.slices import SliceBudget
+from volunteer.server.step_batch import StepBatcher
 from volunteer.server.training_calls import TrainingCalls
 from volunteer.server.validation import ServerLimits
 from volunteer.server.work_log import ServeStats
@@ -120,6 +122,8 @@ class BlockHandler(TrainingCalls, ServicerBase):
         """Peers whose pushes failed: refused new push streams for a growing while."""
         self.slice_budget = SliceBudget(caps.forward_slice_s)
         """How much of a forward/backward call one compute job takes (`slices`)."""
+        self.batcher = StepBatcher(compute, lambda: self.caps.batch)
+        """Runs the sessions' steps, batched (`volunteer.server.step_batch`)."""
         self.drill: Drill | None = None
         """Faults committed on purpose (`volunteer.server.drill`): drills only."""
         self.signer: PeerSigner | None = None  # commits to sessions' steps (None: no)
@@ -302,16 +306,7 @@ class BlockHandler(TrainingCalls, ServicerBase):
         `check_hidden`).
         """
         validation.check_step(session, hidden, start_pos)
-        batch, seq, _ = hidden.shape
-        output = await self.compute.run(
-            PRIORITY_INFERENCE,
-            inference_step,
-            session,
-            hidden,
-            start_pos,
-            peer=session.peer,
-            decode=batch * seq == 1,
-        )
+        output = await self.batcher.step(session, hidden, start_pos)
         self.stats.count(hidden, session.peer, "inference", session.session_id)
         return self._drilled(session.key, output)
 

@@ -21,6 +21,7 @@ from volunteer.model_cache.smollm2 import DEFAULT_MODEL
 from volunteer.paths import Paths
 from volunteer.settings import spec as s
 from volunteer.settings.api import ApiSettings
+from volunteer.settings.batching import BatchSettings
 from volunteer.settings.caps import PeerCaps
 from volunteer.settings.layers import layered_values, to_toml
 from volunteer.settings.owner import OwnerRuleSettings
@@ -28,12 +29,13 @@ from volunteer.settings.spec import OnScreen, SettingSpec, Source, setting, spec
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Settings(ApiSettings, OwnerRuleSettings, PeerCaps):
+class Settings(ApiSettings, BatchSettings, OwnerRuleSettings, PeerCaps):
     """Everything `volunteer start` can be told, validated.
 
     The settings screen shows its fields in declaration order: this class's own, then
     the owner's rules (`OwnerRuleSettings`); the bounds on what peers may take
-    (`PeerCaps`) and the API's settings (`ApiSettings`) are not on it.
+    (`PeerCaps`), batching (`BatchSettings`) and the API's settings (`ApiSettings`) are
+    not on it.
     """
 
     public_name: str | None = setting(

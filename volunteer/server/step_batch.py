@@ -1,0 +1,264 @@
+"""Continuous batching: inference steps of different sessions that wait at the same time
+run as one batch through the span (`volunteer.models.batched_step`).
+
+Each step is queued as an entry, and as a job of its session's peer on the compute
+thread (`PriorityCompute`, so the peers' fair order still decides whose job runs next).
+Whichever of those jobs runs first takes every waiting entry it may, up to the caps,
+and runs them together; the jobs of the entries it took are then cancelled unrun. A step
+that arrives while a batch runs is in the next one: nobody waits for a batch to fill.
+
+- Caps: at most `batch_max_sessions` entries, and at most `batch_max_bytes` of working
+  memory by `step_bytes`; the first entry always runs (its size was checked on arrival).
+- Fairness: an entry left out of a batch is ahead of every entry that has been left out
+  less often, then the peer that used least compute lately, then the oldest; so nothing
+  starves, and a batch's time is shared among the peers in it.
+- A batch holds one prompt (a step of several positions) at most, and any number of
+  decode steps. A prompt longer than `prefill_chunk` positions goes as chunks of that
+  many, one per batch, so it delays the decodes beside it by one chunk at most; and
+  prompts that come together run one after another, each server starting the next while
+  the one before goes on along its route (batching prompts saves little: a prompt's
+  matrices are large already), so the first user's first token does not wait for
+  everyone's prompt.
+- Only entries on the same blocks run together (a session keeps the blocks it opened on
+  after a move).
+- A session that goes away while its entry waits is taken out of the queue; one whose
+  entry is in a running batch is computed and dropped, the others untouched. A batch that
+  fails is run again one entry at a time, so an error is its own session's only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+import threading
+from collections.abc import Callable
+
+import torch
+
+from volunteer.models.batched_step import StepPart, span_step_batch
+from volunteer.models.model import BlockSpan
+from volunteer.server.caps import BatchCaps
+from volunteer.server.compute import PRIORITY_INFERENCE, PriorityCompute, to_request, to_span
+from volunteer.server.sessions import Session
+
+RECENT_BATCHES = 64
+"""Batch sizes remembered (`StepBatcher.recent`)."""
+FLOAT_BYTES = 4
+"""Activations are counted as float32, the widest a block computes in."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Entry:
+    session: Session
+    hidden: torch.Tensor
+    start_pos: int
+    order: int
+    wake: asyncio.Future[None]
+    skipped: int = 0
+    output: torch.Tensor | None = None
+    error: BaseException | None = None
+    is_done: bool = False
+
+    @property
+    def blocks(self) -> tuple[int, int, int]:
+        return (id(self.session.span), self.session.start, self.session.end)
+
+
+def step_bytes(span: BlockSpan, batch: int, seq: int, start_pos: int) -> int:
+    """Working memory of one session's step in a batch: each row's activations through
+    a block (residual, norm, q/k/v, attention output, gate/up and their product) and its
+    attention scores over every earlier position."""
+    config = span.config
+    qkv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+    per_row = 4 * config.hidden_size + qkv + 3 * config.intermediate_size
+    scores = config.num_heads * seq * (start_pos + seq)
+    return FLOAT_BYTES * batch * (seq * per_row + scores)
+
+
+class StepBatcher:
+    """Runs inference steps in batches on a server's compute thread (module doc)."""
+
+    def __init__(self, compute: PriorityCompute, caps: Callable[[], BatchCaps]) -> None:
+        """`caps` is asked at each step and batch (the handler's current settings)."""
+        self._compute = compute
+        self._caps = caps
+        self._lock = threading.Lock()
+        """Guards `_waiting` and the entries' results (set on the compute thread)."""
+        self._waiting: list[_Entry] = []
+        self._order = itertools.count()
+        self.batches = 0
+        """Batches run so far."""
+        self.batched_steps = 0
+        """Steps run in a batch of two or more so far."""
+        self.largest = 0
+        """The most sessions one batch held so far."""
+        self.recent: collections.deque[int] = collections.deque(maxlen=RECENT_BATCHES)
+        """How many steps each of the last batches held, oldest first."""
+
+    @property
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    async def step(self, session: Session, hidden: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """The session's step (new positions [start_pos, start_pos + S)) through its
+        blocks and cache, batched with the steps that wait beside it; the cache's length
+        is start_pos + S after it."""
+        chunk = self._caps().prefill_chunk
+        seq = hidden.shape[1]
+        if not chunk or seq <= chunk:
+            return await self._run(session, hidden, start_pos)
+        outputs = []
+        for begin in range(0, seq, chunk):
+            piece = hidden.narrow(1, begin, min(chunk, seq - begin))
+            outputs.append(await self._run(session, piece, start_pos + begin))
+        return torch.cat(outputs, dim=1)
+
+    async def _run(self, session: Session, hidden: torch.Tensor, start_pos: int) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        entry = _Entry(session, hidden, start_pos, next(self._order), loop.create_future())
+        with self._lock:
+            self._waiting.append(entry)
+        try:
+            while not self._is_done(entry):
+                await self._run_a_batch_or_see_it_done(entry)
+        finally:
+            with self._lock:
+                if entry in self._waiting:  # cancelled while waiting: leaves the queue
+                    self._waiting.remove(entry)
+        if entry.error is not None:
+            raise entry.error
+        assert entry.output is not None
+        return entry.output
+
+    def _is_done(self, entry: _Entry) -> bool:
+        with self._lock:
+            return entry.is_done
+
+    async def _run_a_batch_or_see_it_done(self, entry: _Entry) -> None:
+        """Queues a batch job for the entry's peer and waits until the entry was run,
+        by that job or by another's; the job is cancelled if it has not started then."""
+        batch, seq, _ = entry.hidden.shape
+        payers: list[str] = []
+        job = asyncio.ensure_future(
+            self._compute.run(
+                PRIORITY_INFERENCE,
+                self._run_waiting,
+                entry.wake.get_loop(),
+                payers,
+                peer=entry.session.peer,
+                decode=batch * seq == 1,
+                charge=lambda: payers,
+            )
+        )
+        try:
+            await asyncio.wait({job, entry.wake}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not job.done():
+                job.cancel()
+                await asyncio.wait({job})  # (raises nothing of the job's; a cancel of ours)
+        if not job.cancelled() and job.exception() is not None:
+            raise job.exception()  # type: ignore[misc]  # the compute thread's (shutdown)
+
+    # On the compute thread from here.
+
+    def _run_waiting(self, loop: asyncio.AbstractEventLoop, payers: list[str]) -> None:
+        """Takes the most urgent waiting entries the caps allow and runs them together."""
+        taken = self._take()
+        if not taken:
+            return
+        payers.extend(entry.session.peer for entry in taken)
+        results: list[torch.Tensor | BaseException]
+        try:
+            results = list(self._compute_batch(taken))
+        except Exception as exc:
+            # Set on the entries, never raised: the job that ran them may be another's.
+            results = [exc]
+        if len(taken) > 1 and isinstance(results[0], Exception):
+            results = []  # one entry's fault must be its own: each runs alone
+            for entry in taken:
+                try:
+                    results.extend(self._compute_batch([entry]))
+                except Exception as exc:
+                    results.append(exc)
+        with self._lock:
+            for entry, result in zip(taken, results, strict=True):
+                if isinstance(result, BaseException):
+                    entry.error = result
+                else:
+                    entry.output = result
+                entry.is_done = True
+            self.batches += 1
+            self.largest = max(self.largest, len(taken))
+            self.recent.append(len(taken))
+            if len(taken) > 1:
+                self.batched_steps += len(taken)
+        for entry in taken:
+            loop.call_soon_threadsafe(_wake, entry.wake)
+
+    def _take(self) -> list[_Entry]:
+        caps = self._caps()
+        used = {}
+        with self._lock:
+            if not self._waiting:
+                return []
+            for entry in self._waiting:
+                used.setdefault(entry.session.peer, self._compute.used_by(entry.session.peer))
+            ranked = sorted(
+                self._waiting, key=lambda e: (-e.skipped, used[e.session.peer], e.order)
+            )
+            blocks = ranked[0].blocks
+            taken: list[_Entry] = []
+            room = caps.max_bytes
+            has_prompt = False
+            for entry in ranked:
+                if len(taken) >= caps.max_sessions or entry.blocks != blocks:
+                    continue
+                span = entry.session.span
+                assert span is not None
+                seq = entry.hidden.shape[1]
+                size = step_bytes(span, entry.hidden.shape[0], seq, entry.start_pos)
+                if taken and (size > room or (seq > 1 and has_prompt)):
+                    continue
+                room -= size
+                has_prompt = has_prompt or seq > 1
+                taken.append(entry)
+            for entry in self._waiting:
+                if entry not in taken:
+                    entry.skipped += 1
+            self._waiting = [entry for entry in self._waiting if entry not in taken]
+        return taken
+
+    def _compute_batch(self, taken: list[_Entry]) -> list[torch.Tensor]:
+        session = taken[0].session
+        span = session.span
+        assert span is not None
+        parts = []
+        for entry in taken:
+            cache = entry.session.cache
+            assert cache is not None  # set when the session was admitted
+            parts.append(StepPart(to_span(span, entry.hidden), entry.start_pos, cache))
+        first, last = session.start - span.start, session.end - span.start
+        with torch.inference_mode():
+            if len(parts) == 1:  # the span's own forward (which a span may override)
+                (part,) = parts
+                start_pos, cache = part.start_pos, part.cache
+                outputs = [
+                    span(part.hidden, start_pos=start_pos, cache=cache, first=first, last=last)
+                ]
+            else:
+                outputs = span_step_batch(span, parts, first=first, last=last)
+        results = []
+        for entry, output in zip(taken, outputs, strict=True):
+            # A start_pos below the old length rewinds: later positions are overwritten.
+            assert entry.session.cache is not None
+            entry.session.cache.length = entry.start_pos + entry.hidden.shape[1]
+            results.append(to_request(output, entry.hidden))
+        return results
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
