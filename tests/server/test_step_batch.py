@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -18,7 +19,7 @@ from tests.server import random_span, tiny_config
 from volunteer.server.caps import BatchCaps
 from volunteer.server.compute import PRIORITY_INFERENCE, PriorityCompute
 from volunteer.server.sessions import Session
-from volunteer.server.step_batch import StepBatcher, step_bytes
+from volunteer.server.step_batch import MAX_GATHER_S, StepBatcher, step_bytes
 
 TOLERANCE = 1e-5
 """float32, relative to the output's scale (see tests/models/test_batched_step.py)."""
@@ -256,3 +257,44 @@ def test_prompts_that_come_together_take_turns_and_decodes_join_the_first() -> N
         assert _close(output, _alone(span, [(text, 0)]))
     for output, history, step in zip(outputs[3:], histories, decode_steps, strict=True):
         assert _close(output, _alone(span, [*history, step]))
+
+
+class SlowSpan(BlockSpan):
+    """Blocks whose every batch takes SLOW_S more, so that the last batch's time gives
+    an idle server a gathering window of `MAX_GATHER_S`."""
+
+    def weights_for(self, first: int, last: int):  # type: ignore[no-untyped-def]
+        time.sleep(SLOW_S)
+        return super().weights_for(first, last)
+
+
+SLOW_S = 0.1
+
+
+def test_an_idle_server_waits_a_moment_for_the_last_batchs_sessions_to_come_back() -> None:
+    full = random_span(tiny_config())
+    span = SlowSpan(full.config, 0, full.config.num_layers)
+    span.load_state_dict(full.state_dict())
+    span.eval()
+    compute = PriorityCompute()
+    batcher = StepBatcher(compute, lambda: CAPS)
+    bench = Bench(span, compute, batcher, [CAPS])
+    sessions = [_session(span, f"s{index}", peer=f"peer-{index}") for index in range(3)]
+    _warm(bench, sessions, [2, 3, 4])
+    asyncio.run(
+        _held(bench, lambda: [batcher.step(s, _hidden(1, 1, 1), s.cache.length) for s in sessions])
+    )
+    assert batcher.recent[-1] == 3
+
+    async def spread() -> None:
+        # Back from the rest of their routes a few ms apart, to an idle server.
+        tasks = []
+        for session in sessions:
+            tasks.append(asyncio.ensure_future(batcher.step(session, _hidden(1, 1, 2), 3)))
+            await asyncio.sleep(MAX_GATHER_S / 5)
+        await asyncio.gather(*tasks)
+
+    for session in sessions:
+        session.cache.length = 3
+    asyncio.run(spread())
+    assert batcher.recent[-1] == 3  # one batch again, not the first alone

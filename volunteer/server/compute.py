@@ -171,6 +171,12 @@ class PriorityCompute:
         with self._lock:
             return len(self._queue)
 
+    @property
+    def is_idle(self) -> bool:
+        """Nothing running and nothing queued."""
+        with self._lock:
+            return not self._is_running and not self._queue
+
     def used_by(self, peer: str) -> float:
         """The peer's recent compute seconds, as the queue weighs them."""
         with self._lock:
@@ -216,9 +222,9 @@ class PriorityCompute:
             finally:
                 took = time.perf_counter() - began
                 self._last_cost = (took, threads or torch.get_num_threads())
-                if decode:
-                    self.decode_s = took
                 payers = charge() if charge is not None else (peer,)
+                if decode and payers:  # (a batch job that found its step run has none)
+                    self.decode_s = took
                 with self._lock:
                     for payer in payers:
                         self._tally.charge(payer, took / len(payers))
@@ -234,12 +240,21 @@ class PriorityCompute:
                 if torch.get_num_threads() != restore:
                     torch.set_num_threads(restore)
 
+        queued = _Job(priority, next(self._order), peer, job, job_future)
         with self._lock:
-            self._queue.append(_Job(priority, next(self._order), peer, job, job_future))
+            self._queue.append(queued)
             self._queued.notify()
         self._pool.submit(self._run_most_urgent)
-        # Cancelling the awaiting request cancels a job that has not started yet.
-        return await asyncio.wrap_future(job_future)
+        try:
+            return await asyncio.wrap_future(job_future)
+        except asyncio.CancelledError:
+            # Cancelling the awaiting request cancels a job that has not started yet,
+            # and takes it out of the queue: a queue of dead jobs would keep the next
+            # decode step off the event loop.
+            with self._lock:
+                if queued in self._queue:
+                    self._queue.remove(queued)
+            raise
 
     def _may_inline(self) -> bool:
         """Whether a decode step may run on the caller's thread now: it runs on one
@@ -252,8 +267,7 @@ class PriorityCompute:
             return False
         if self.decode_s is None or self.decode_s > self.inline_max_s:
             return False  # the first step goes to the compute thread and is timed there
-        with self._lock:
-            return not self._is_running and not self._queue
+        return self.is_idle
 
     def _take_most_urgent(self) -> _Job | None:
         """Removes and returns the most urgent job (the caller holds the lock)."""

@@ -5,7 +5,9 @@ Each step is queued as an entry, and as a job of its session's peer on the compu
 thread (`PriorityCompute`, so the peers' fair order still decides whose job runs next).
 Whichever of those jobs runs first takes every waiting entry it may, up to the caps,
 and runs them together; the jobs of the entries it took are then cancelled unrun. A step
-that arrives while a batch runs is in the next one: nobody waits for a batch to fill.
+that arrives while a batch runs is in the next one. An idle server's first step waits a
+moment (a share of the last batch's time) for the rest of the last batches' sessions,
+which come back spread out by the rest of their routes: nobody waits a step's time.
 
 - Caps: at most `batch_max_sessions` entries, and at most `batch_max_bytes` of working
   memory by `step_bytes`; the first entry always runs (its size was checked on arrival).
@@ -33,6 +35,7 @@ import collections
 import dataclasses
 import itertools
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -43,6 +46,14 @@ from volunteer.server.caps import BatchCaps
 from volunteer.server.compute import PRIORITY_INFERENCE, PriorityCompute, to_request, to_span
 from volunteer.server.sessions import Session
 
+GATHER_SHARE = 0.5
+"""An idle server waits for the sessions of its last batches to come back at most this
+share of the last batch's time: a step never waits a whole step's time for others."""
+MAX_GATHER_S = 0.02
+"""... and never longer than this."""
+GATHER_BATCHES = 2
+"""The sessions of this many last batches are waited for (sessions that alternate
+between two batches are brought back into one)."""
 RECENT_BATCHES = 64
 """Batch sizes remembered (`StepBatcher.recent`)."""
 FLOAT_BYTES = 4
@@ -96,6 +107,14 @@ class StepBatcher:
         """The most sessions one batch held so far."""
         self.recent: collections.deque[int] = collections.deque(maxlen=RECENT_BATCHES)
         """How many steps each of the last batches held, oldest first."""
+        self._gather_s = 0.0
+        """How long an idle server's first step waits for others (`_gather`)."""
+        self._lately: collections.deque[set[tuple[str, str]]] = collections.deque(
+            maxlen=GATHER_BATCHES
+        )
+        """The sessions of each of the last batches (`_gather` waits for them)."""
+        self._watchers: list[asyncio.Future[None]] = []
+        """Steps waiting in `_gather`, told of each arrival (event loop only)."""
 
     @property
     def waiting(self) -> int:
@@ -121,7 +140,12 @@ class StepBatcher:
         entry = _Entry(session, hidden, start_pos, next(self._order), loop.create_future())
         with self._lock:
             self._waiting.append(entry)
+        for watcher in self._watchers:
+            if not watcher.done():
+                watcher.set_result(None)
+        self._watchers.clear()
         try:
+            await self._gather()
             while not self._is_done(entry):
                 await self._run_a_batch_or_see_it_done(entry)
         finally:
@@ -132,6 +156,30 @@ class StepBatcher:
             raise entry.error
         assert entry.output is not None
         return entry.output
+
+    async def _gather(self) -> None:
+        """On an idle server, waits a moment for the sessions of the last batches to
+        come back, so that they run together: steps that left one batch at once come
+        back spread by the rest of their routes, and the first back would otherwise
+        start a batch alone (and sessions split in two batches would stay split).
+        Bounded by `GATHER_SHARE` of the last batch's time; a busy server gathers
+        anyway while it computes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._gather_s
+        while self._compute.is_idle:
+            with self._lock:
+                expected = len(set().union(*self._lately))
+                if len(self._waiting) >= expected:
+                    return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            watcher = loop.create_future()
+            self._watchers.append(watcher)
+            try:
+                await asyncio.wait_for(watcher, remaining)
+            except TimeoutError:
+                return
 
     def _is_done(self, entry: _Entry) -> bool:
         with self._lock:
@@ -171,6 +219,7 @@ class StepBatcher:
             return
         payers.extend(entry.session.peer for entry in taken)
         results: list[torch.Tensor | BaseException]
+        began = time.perf_counter()
         try:
             results = list(self._compute_batch(taken))
         except Exception as exc:
@@ -193,6 +242,9 @@ class StepBatcher:
             self.batches += 1
             self.largest = max(self.largest, len(taken))
             self.recent.append(len(taken))
+            self._lately.append({entry.session.key for entry in taken})
+            took = time.perf_counter() - began
+            self._gather_s = min(GATHER_SHARE * took, MAX_GATHER_S) if len(taken) > 1 else 0.0
             if len(taken) > 1:
                 self.batched_steps += len(taken)
         for entry in taken:
