@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from volunteer.api.app import Api, Gate
 from volunteer.api.errors import ApiError
-from volunteer.control.messages import ChatRequest
+from volunteer.control.messages import ChatRequest, ChatText
 
 TOKEN = "vol-" + "t" * 40
 
@@ -128,3 +129,50 @@ def test_the_gate_queues_then_refuses_with_retry_after() -> None:
 async def _enter(gate: Gate) -> None:
     async with gate.turn():
         pass
+
+
+class EndlessChat:
+    """Chat whose replies never end, in large pieces; it notes each reply it closed."""
+
+    def __init__(self) -> None:
+        self.closed = 0
+
+    async def chat(self, request: ChatRequest) -> AsyncIterator[Any]:
+        try:
+            while True:
+                yield ChatText(text="x" * 65536)
+                await asyncio.sleep(0)
+        finally:
+            self.closed += 1
+
+
+def test_a_streaming_client_that_reads_nothing_is_let_go_and_frees_its_slot() -> None:
+    chat = EndlessChat()
+    api = Api(
+        chat,
+        model="smollm2",
+        adapters=list,
+        token=TOKEN,
+        gate=Gate(1, 30.0),
+        write_timeout_s=0.5,
+    )
+    body = json.dumps(
+        {"model": "smollm2", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+
+    async def check(client: TestClient) -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        writer.write(head.encode() + body)
+        await writer.drain()  # and then reads nothing
+        deadline = asyncio.get_running_loop().time() + 30
+        while not chat.closed and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        assert chat.closed == 1  # its reply (and swarm session) ended
+        assert api.gate.active == 0  # and its slot is free for the next client
+        writer.close()
+
+    _with_client(api, check)

@@ -35,6 +35,9 @@ MAX_BODY_BYTES = 4 << 20
 QUEUE_PER_SLOT = 8
 """Requests that may wait per generation slot; past that, a 429 at once."""
 LOOPBACK = ("127.0.0.1", "::1")
+WRITE_TIMEOUT_S = 30.0
+"""A streaming client that takes none of its events for this long is let go: its
+connection is dropped, and its generation slot and swarm session are freed."""
 
 
 class Chat(Protocol):
@@ -87,9 +90,11 @@ class Api:
         token: str,
         gate: Gate,
         open_on_loopback: bool = False,
+        write_timeout_s: float = WRITE_TIMEOUT_S,
     ) -> None:
         """`open_on_loopback`: requests from this machine need no token (the owner's
         setting); one that sends a token must send the right one."""
+        self.write_timeout_s = write_timeout_s
         self.chat = chat
         self.model = model
         self.alias = alias
@@ -183,7 +188,8 @@ class Api:
             try:
                 first = await _next(replies)  # errors before any byte: a proper status
                 if asked.stream:
-                    return await _stream(request, answer, replies, first, asked, echo)
+                    sse = _Events(request, self.write_timeout_s)
+                    return await _stream(sse, answer, replies, first, asked, echo)
                 return await _whole(answer, replies, first, asked, echo)
             finally:
                 await replies.aclose()  # ends the reply (and its session) if still running
@@ -257,18 +263,35 @@ async def _whole(answer: Answer, replies: Any, first: Any, asked: Any, echo: str
     return web.json_response(answer.whole("".join(pieces), finish, prompt, tokens))
 
 
-async def _stream(
-    request: web.Request, answer: Answer, replies: Any, first: Any, asked: Any, echo: str
-) -> web.StreamResponse:
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    )
-    await response.prepare(request)
+class _Events:
+    """A server-sent event stream whose every write has a deadline."""
 
-    async def send(event: dict[str, Any] | str) -> None:
+    def __init__(self, request: web.Request, timeout_s: float) -> None:
+        self.request = request
+        self.timeout_s = timeout_s
+        self.response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+
+    async def send(self, event: dict[str, Any] | str) -> None:
+        """Raises ConnectionError when the client is gone or took nothing for the
+        deadline (its connection is then dropped)."""
         data = event if isinstance(event, str) else json.dumps(event)
-        await response.write(f"data: {data}\n\n".encode())
+        try:
+            await asyncio.wait_for(
+                self.response.write(f"data: {data}\n\n".encode()), self.timeout_s
+            )
+        except TimeoutError:
+            if self.request.transport is not None:
+                self.request.transport.abort()
+            raise ConnectionError(f"the client took no event for {self.timeout_s:g} s") from None
 
+
+async def _stream(
+    events: _Events, answer: Answer, replies: Any, first: Any, asked: Any, echo: str
+) -> web.StreamResponse:
+    response, send = events.response, events.send
+    await response.prepare(events.request)
     scanner, stats = StopScanner(asked.stops), None
     try:
         await send(answer.chunk("" if answer.is_chat else echo, first=True))
@@ -286,8 +309,8 @@ async def _stream(
         await send("[DONE]")
     except errors.ApiError as exc:  # after the head went out: said in the stream
         await send(exc.body())
-    except ConnectionError:  # the caller's `aclose` ends the reply
-        logger.info("an API client went away mid-stream: its reply ends")
+    except ConnectionError as exc:  # the caller's `aclose` ends the reply
+        logger.info("an API client went away mid-stream (%s): its reply ends", exc)
         return response
     await response.write_eof()
     return response
