@@ -6,8 +6,9 @@ thread (`PriorityCompute`, so the peers' fair order still decides whose job runs
 Whichever of those jobs runs first takes every waiting entry it may, up to the caps,
 and runs them together; the jobs of the entries it took are then cancelled unrun. A step
 that arrives while a batch runs is in the next one. An idle server's first step waits a
-moment (a share of the last batch's time) for the rest of the last batches' sessions,
-which come back spread out by the rest of their routes: nobody waits a step's time.
+moment (a share of the last batch's time, a few ms at most) for the rest of the last
+batches' sessions, which come back a little apart, while such waits pay: nobody waits a
+step's time.
 
 - Caps: at most `batch_max_sessions` entries, and at most `batch_max_bytes` of working
   memory by `step_bytes`; the first entry always runs (its size was checked on arrival).
@@ -46,14 +47,21 @@ from volunteer.server.caps import BatchCaps
 from volunteer.server.compute import PRIORITY_INFERENCE, PriorityCompute, to_request, to_span
 from volunteer.server.sessions import Session
 
-GATHER_SHARE = 0.5
+GATHER_SHARE = 0.25
 """An idle server waits for the sessions of its last batches to come back at most this
-share of the last batch's time: a step never waits a whole step's time for others."""
-MAX_GATHER_S = 0.02
-"""... and never longer than this."""
-GATHER_BATCHES = 2
-"""The sessions of this many last batches are waited for (sessions that alternate
-between two batches are brought back into one)."""
+share of the last batch's time: a step never waits long for others."""
+MAX_GATHER_S = 0.005
+"""... and never longer than this: the steps it waits for come in a burst (pushed by the
+previous server's batch, or sent by a client's threads), within a millisecond or two."""
+GATHER_BATCHES = 8
+"""The sessions of this many last batches are the ones waited for."""
+WORTH_WEIGHT = 0.2
+"""The weight of the newest wait in the moving share of waits that brought a step."""
+MIN_WORTH = 0.25
+"""Below this share, waiting has stopped paying (sessions that take turns along a route
+rather than come together): a server then waits only once in `PROBE_EVERY` times, to
+see whether it pays again."""
+PROBE_EVERY = 8
 RECENT_BATCHES = 64
 """Batch sizes remembered (`StepBatcher.recent`)."""
 FLOAT_BYTES = 4
@@ -109,6 +117,9 @@ class StepBatcher:
         """How many steps each of the last batches held, oldest first."""
         self._gather_s = 0.0
         """How long an idle server's first step waits for others (`_gather`)."""
+        self._gather_worth = 1.0
+        """The moving share of waits that brought another step (`_gather`)."""
+        self._gathers = 0
         self._lately: collections.deque[set[tuple[str, str]]] = collections.deque(
             maxlen=GATHER_BATCHES
         )
@@ -159,27 +170,33 @@ class StepBatcher:
 
     async def _gather(self) -> None:
         """On an idle server, waits a moment for the sessions of the last batches to
-        come back, so that they run together: steps that left one batch at once come
-        back spread by the rest of their routes, and the first back would otherwise
-        start a batch alone (and sessions split in two batches would stay split).
-        Bounded by `GATHER_SHARE` of the last batch's time; a busy server gathers
-        anyway while it computes."""
+        come back, so that they run together: steps that left one batch (or a client)
+        at once come back a little apart, and the first back would otherwise start a
+        batch alone, the next ones after it. Bounded by `GATHER_SHARE` of the last
+        batch's time and `MAX_GATHER_S`, and skipped while waiting does not pay
+        (`MIN_WORTH`); a busy server gathers anyway while it computes."""
+        if not self._compute.is_idle or self._gather_s <= 0:
+            return
+        with self._lock:
+            expected = len(set().union(*self._lately))
+            before = len(self._waiting)
+        if before >= expected:
+            return
+        self._gathers += 1
+        if self._gather_worth < MIN_WORTH and self._gathers % PROBE_EVERY:
+            return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._gather_s
-        while self._compute.is_idle:
-            with self._lock:
-                expected = len(set().union(*self._lately))
-                if len(self._waiting) >= expected:
-                    return
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
+        deadline, now = loop.time() + self._gather_s, before
+        while now < expected and (remaining := deadline - loop.time()) > 0:
             watcher = loop.create_future()
             self._watchers.append(watcher)
             try:
                 await asyncio.wait_for(watcher, remaining)
             except TimeoutError:
-                return
+                break
+            with self._lock:
+                now = len(self._waiting)
+        self._gather_worth += WORTH_WEIGHT * ((now > before) - self._gather_worth)
 
     def _is_done(self, entry: _Entry) -> bool:
         with self._lock:
@@ -244,7 +261,7 @@ class StepBatcher:
             self.recent.append(len(taken))
             self._lately.append({entry.session.key for entry in taken})
             took = time.perf_counter() - began
-            self._gather_s = min(GATHER_SHARE * took, MAX_GATHER_S) if len(taken) > 1 else 0.0
+            self._gather_s = min(GATHER_SHARE * took, MAX_GATHER_S)
             if len(taken) > 1:
                 self.batched_steps += len(taken)
         for entry in taken:
