@@ -44,7 +44,13 @@ import torch
 from volunteer.models.batched_step import StepPart, span_step_batch
 from volunteer.models.model import BlockSpan
 from volunteer.server.caps import BatchCaps
-from volunteer.server.compute import PRIORITY_INFERENCE, PriorityCompute, to_request, to_span
+from volunteer.server.compute import (
+    PRIORITY_INFERENCE,
+    PriorityCompute,
+    run_blocks,
+    to_request,
+    to_span,
+)
 from volunteer.server.sessions import Session
 
 GATHER_SHARE = 0.25
@@ -309,15 +315,13 @@ class StepBatcher:
             cache = entry.session.cache
             assert cache is not None  # set when the session was admitted
             parts.append(StepPart(to_span(span, entry.hidden), entry.start_pos, cache))
-        first, last = session.start - span.start, session.end - span.start
+        start, end = session.start, session.end
         with torch.inference_mode():
             if len(parts) == 1:  # the span's own forward (which a span may override)
                 (part,) = parts
-                start_pos, cache = part.start_pos, part.cache
-                outputs = [
-                    span(part.hidden, start_pos=start_pos, cache=cache, first=first, last=last)
-                ]
+                outputs = [run_blocks(span, part.hidden, start, end, part.start_pos, part.cache)]
             else:
+                first, last = start - span.start, end - span.start
                 outputs = span_step_batch(span, parts, first=first, last=last)
         results = []
         for entry, output in zip(taken, outputs, strict=True):
