@@ -68,8 +68,6 @@ MIN_WORTH = 0.25
 rather than come together): a server then waits only once in `PROBE_EVERY` times, to
 see whether it pays again."""
 PROBE_EVERY = 8
-RECENT_BATCHES = 64
-"""Batch sizes remembered (`StepBatcher.recent`)."""
 FLOAT_BYTES = 4
 """Activations are counted as float32, the widest a block computes in."""
 
@@ -119,17 +117,16 @@ class StepBatcher:
         """Steps run in a batch of two or more so far."""
         self.largest = 0
         """The most sessions one batch held so far."""
-        self.recent: collections.deque[int] = collections.deque(maxlen=RECENT_BATCHES)
-        """How many steps each of the last batches held, oldest first."""
         self._gather_s = 0.0
         """How long an idle server's first step waits for others (`_gather`)."""
         self._gather_worth = 1.0
         """The moving share of waits that brought another step (`_gather`)."""
         self._gathers = 0
-        self._lately: collections.deque[set[tuple[str, str]]] = collections.deque(
+        self.recent: collections.deque[set[tuple[str, str]]] = collections.deque(
             maxlen=GATHER_BATCHES
         )
-        """The sessions of each of the last batches (`_gather` waits for them)."""
+        """The sessions of each of the last batches, oldest first (`_gather` waits for
+        them)."""
         self._watchers: list[asyncio.Future[None]] = []
         """Steps waiting in `_gather`, told of each arrival (event loop only)."""
 
@@ -184,7 +181,7 @@ class StepBatcher:
         if not self._compute.is_idle or self._gather_s <= 0:
             return
         with self._lock:
-            expected = len(set().union(*self._lately))
+            expected = len(set().union(*self.recent))
             before = len(self._waiting)
         if before >= expected:
             return
@@ -264,8 +261,7 @@ class StepBatcher:
                 entry.is_done = True
             self.batches += 1
             self.largest = max(self.largest, len(taken))
-            self.recent.append(len(taken))
-            self._lately.append({entry.session.key for entry in taken})
+            self.recent.append({entry.session.key for entry in taken})
             took = time.perf_counter() - began
             self._gather_s = min(GATHER_SHARE * took, MAX_GATHER_S)
             if len(taken) > 1:
