@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from volunteer.chat.conversation import Conversation, ReplyStats, stream_reply
+from volunteer.client.shared_head import SharedHead
 from volunteer.client.stepper import SwarmStepper, open_swarm_stepper
 from volunteer.client.swarm_client import SwarmClient
 from volunteer.client.verification import Mode
@@ -55,6 +56,8 @@ class SwarmChat:
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.ends = ends.eval()
+        self.head = SharedHead(self.ends)
+        """The LM head of every reply under way (their rows go through it together)."""
         self.tokenizer = tokenizer
         self.config = config
         self.client = client
@@ -143,4 +146,5 @@ class SwarmChat:
             close_timeout_s=CLOSE_TIMEOUT_S,
             verify=verify,
             notify=notify,
+            head=self.head,
         )

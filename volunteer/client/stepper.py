@@ -17,6 +17,7 @@ import torch
 
 from volunteer.client.inference import SwarmInferenceSession
 from volunteer.client.loop_bridge import run_on_loop
+from volunteer.client.shared_head import SharedHead
 from volunteer.client.swarm_client import SwarmClient
 from volunteer.models.model import ModelEnds
 from volunteer.scheduler.verification import Mode
@@ -32,11 +33,14 @@ class SwarmStepper:
         session: SwarmInferenceSession,
         loop: asyncio.AbstractEventLoop,
         step_timeout_s: float,
+        head: SharedHead | None = None,
     ) -> None:
+        """`head`: the LM head shared with concurrent steppers (None: `ends` alone)."""
         self.ends = ends
         self.session = session
         self.loop = loop
         self.step_timeout_s = step_timeout_s
+        self.logits = head.logits if head is not None else ends.logits
 
     def __call__(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
         with torch.inference_mode():
@@ -50,7 +54,7 @@ class SwarmStepper:
             what=f"the step at position {start_pos}",
         )
         with torch.inference_mode():
-            return self.ends.logits(hidden[:, -1:])[:, -1]
+            return self.logits(hidden[:, -1:])[:, -1]
 
 
 @contextlib.contextmanager
@@ -65,11 +69,12 @@ def open_swarm_stepper(
     close_timeout_s: float,
     verify: Mode | None = None,
     notify: Callable[[str], None] | None = None,
+    head: SharedHead | None = None,
 ) -> Iterator[SwarmStepper]:
     """A step function over a fresh session of `client` (living on `loop`) for up to
     `max_length` positions, checked as `verify` says (None: as the client's); `notify` is
     told what it waits for while the swarm repairs a hole. The session is closed at
-    exit, however the block ends."""
+    exit, however the block ends. `head` is the LM head shared with concurrent replies."""
     session = run_on_loop(
         client.open_session(max_length=max_length, verify=verify, notify=notify),
         loop,
@@ -77,7 +82,9 @@ def open_swarm_stepper(
         what="opening a route through the swarm",
     )
     try:
-        yield SwarmStepper(ends=ends, session=session, loop=loop, step_timeout_s=step_timeout_s)
+        yield SwarmStepper(
+            ends=ends, session=session, loop=loop, step_timeout_s=step_timeout_s, head=head
+        )
     finally:
         with contextlib.suppress(Exception):  # the caller's own outcome matters more
             run_on_loop(session.close(), loop, timeout_s=close_timeout_s, what="closing")
