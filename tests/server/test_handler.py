@@ -221,6 +221,7 @@ def test_sessions_return_their_budget(swarm: Swarm) -> None:
     async def open_then_close() -> tuple[int, int]:
         stream = await remote.open_inference(max_length=20, batch_size=3)
         during = (await remote.info()).cache_tokens_left
+        await stream.step(hidden_states(3, 2, seed=11), 0)
         await stream.close()
         # The server frees the cache when it sees the close, which the client does not
         # wait for: ask until it has (the deadline only stops a hang).
@@ -232,6 +233,8 @@ def test_sessions_return_their_budget(swarm: Swarm) -> None:
         return during, after
 
     assert swarm.loop.run(open_then_close()) == (256 - 60, 256)
+    # ... and an idle server no longer waits for its steps to come back (`_gather`).
+    assert not set().union(*swarm.handlers[0].batcher.recent)
 
 
 def test_inference_jumps_the_queue_of_training_work() -> None:

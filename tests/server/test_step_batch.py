@@ -16,10 +16,11 @@ import torch
 from volunteer.models.model import BlockSpan
 
 from tests.server import random_span, tiny_config
+from volunteer.server import step_batch
 from volunteer.server.caps import BatchCaps
 from volunteer.server.compute import PRIORITY_INFERENCE, PriorityCompute
 from volunteer.server.sessions import Session
-from volunteer.server.step_batch import MAX_GATHER_S, StepBatcher, step_bytes
+from volunteer.server.step_batch import StepBatcher, step_bytes
 
 TOLERANCE = 1e-5
 """float32, relative to the output's scale (see tests/models/test_batched_step.py)."""
@@ -40,7 +41,7 @@ def _bench(caps: BatchCaps = CAPS) -> Bench:
 
 
 def _sizes_since(batcher: StepBatcher, batches_before: int) -> list[int]:
-    """How many steps each batch since then held (at most the last `GATHER_BATCHES`)."""
+    """How many steps each batch since then held (at most the last `RECENT_BATCHES`)."""
     count = batcher.batches - batches_before
     return [len(sessions) for sessions in list(batcher.recent)[-count:]] if count else []
 
@@ -273,9 +274,15 @@ class SlowSpan(BlockSpan):
 
 
 SLOW_S = 0.1
+SPACING_S = 0.001
+"""How far apart steps come back to an idle server in the tests of waiting for them."""
 
 
-def test_an_idle_server_waits_a_moment_for_the_last_batchs_sessions_to_come_back() -> None:
+def test_an_idle_server_waits_a_moment_for_the_last_batchs_sessions_to_come_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Ten times the ms the steps come apart: a busy test machine's timers run late.
+    monkeypatch.setattr(step_batch, "MAX_GATHER_S", 10 * SPACING_S)
     full = random_span(tiny_config())
     span = SlowSpan(full.config, 0, full.config.num_layers)
     span.load_state_dict(full.state_dict())
@@ -295,10 +302,47 @@ def test_an_idle_server_waits_a_moment_for_the_last_batchs_sessions_to_come_back
         tasks = []
         for session in sessions:
             tasks.append(asyncio.ensure_future(batcher.step(session, _hidden(1, 1, 2), 3)))
-            await asyncio.sleep(MAX_GATHER_S / 5)
+            await asyncio.sleep(SPACING_S)
         await asyncio.gather(*tasks)
 
     for session in sessions:
         session.cache.length = 3
     asyncio.run(spread())
     assert len(batcher.recent[-1]) == 3  # one batch again, not the first alone
+
+
+def test_an_idle_server_does_not_wait_for_the_sessions_of_other_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(step_batch, "MAX_GATHER_S", 10 * SPACING_S)
+    full = random_span(tiny_config())
+    span = SlowSpan(full.config, 0, full.config.num_layers)
+    span.load_state_dict(full.state_dict())
+    span.eval()
+    compute = PriorityCompute()
+    batcher = StepBatcher(compute, lambda: CAPS)
+    bench = Bench(span, compute, batcher)
+    sessions = [_session(span, f"s{index}", peer=f"peer-{index}") for index in range(3)]
+    _warm(bench, sessions, [2, 2, 2])
+    pair, lone = sessions[:2], sessions[2]
+    asyncio.run(_held(bench, lambda: [batcher.step(s, _hidden(1, 1, 1), 2) for s in pair]))
+    asyncio.run(batcher.step(lone, _hidden(1, 1, 1), 2))
+    assert [len(each) for each in list(batcher.recent)[-2:]] == [2, 1]
+
+    async def spread() -> None:
+        # The lone session first, then the pair, each a little after the one before.
+        tasks = []
+        for session in (lone, *pair):
+            tasks.append(asyncio.ensure_future(batcher.step(session, _hidden(1, 1, 2), 3)))
+            await asyncio.sleep(SPACING_S)
+        await asyncio.gather(*tasks)
+
+    for session in sessions:
+        session.cache.length = 3
+    asyncio.run(spread())
+    # The lone session ran at once (waiting for the pair would have taken all three in one
+    # batch); the pair, which came while it ran, went together after it.
+    assert [sorted(each) for each in list(batcher.recent)[-2:]] == [
+        [lone.key],
+        sorted(session.key for session in pair),
+    ]

@@ -293,9 +293,14 @@ class BlockHandler(TrainingCalls, ServicerBase):
                 PRIORITY_INFERENCE, allocate_cache, session.span, session, peer=peer
             )
         except BaseException:
-            self.sessions.release(session)
+            self.end_session(session)
             raise
         return session
+
+    def end_session(self, session: Session) -> None:
+        """Frees the session's cache tokens (idempotent); batches wait no more for it."""
+        self.sessions.release(session)
+        self.batcher.forget(session.key)
 
     async def run_step(
         self, session: Session, hidden: torch.Tensor, start_pos: int

@@ -164,7 +164,7 @@ async def inference_session(
         # However the stream ends (close, error, timeout, cancellation), free the cache.
         session.inbox = None
         inbox.close()
-        handler.sessions.release(session)
+        handler.end_session(session)
         logger.debug("closed inference session (%s)", log_context)
 
 

@@ -112,4 +112,4 @@ class LocalInferenceStream:
         if not self._is_closed:
             self.handler.session_slots.give_back(LOCAL_PEER)
         self._is_closed = True
-        self.handler.sessions.release(self.session)
+        self.handler.end_session(self.session)

@@ -5,10 +5,11 @@ Each step is queued as an entry, and as a job of its session's peer on the compu
 thread (`PriorityCompute`, so the peers' fair order still decides whose job runs next).
 Whichever of those jobs runs first takes every waiting entry it may, up to the caps,
 and runs them together; the jobs of the entries it took are then cancelled unrun. A step
-that arrives while a batch runs is in the next one. An idle server's first step waits a
-moment (a share of the last batch's time, a few ms at most) for the rest of the last
-batches' sessions, which come back a little apart, while such waits pay: nobody waits a
-step's time.
+that arrives while a batch runs is in the next one. On an idle server, a step waits a
+moment (a share of the last batch's time, a few ms at most) for its batchmates, the
+other sessions of its last batch, which come back a little apart, while such waits pay:
+nobody waits a step's time, and sessions that took turns are not made to wait for each
+other.
 
 - Caps: at most `batch_max_sessions` entries, and at most `batch_max_bytes` of working
   memory by `step_bytes`; the first entry always runs (its size was checked on arrival).
@@ -54,13 +55,18 @@ from volunteer.server.compute import (
 from volunteer.server.sessions import Session
 
 GATHER_SHARE = 0.25
-"""An idle server waits for the sessions of its last batches to come back at most this
-share of the last batch's time: a step never waits long for others."""
+"""An idle server waits for a step's batchmates to come back at most this share of the
+last batch's time: a step never waits long for others."""
 MAX_GATHER_S = 0.005
 """... and never longer than this: the steps it waits for come in a burst (pushed by the
 previous server's batch, or sent by a client's threads), within a millisecond or two."""
-GATHER_BATCHES = 8
-"""The sessions of this many last batches are the ones waited for."""
+SETTLE_TURNS = 3
+"""Turns of the event loop an idle server lets pass before a step decides whether to
+wait: a batch computed on the event loop's thread (`PriorityCompute` runs short steps
+inline) holds up the reading of steps that arrived meanwhile, and these turns let them
+reach the queue and join the step's batch."""
+RECENT_BATCHES = 8
+"""How many last batches `StepBatcher.recent` remembers."""
 WORTH_WEIGHT = 0.2
 """The weight of the newest wait in the moving share of waits that brought a step."""
 MIN_WORTH = 0.25
@@ -123,12 +129,23 @@ class StepBatcher:
         """The moving share of waits that brought another step (`_gather`)."""
         self._gathers = 0
         self.recent: collections.deque[set[tuple[str, str]]] = collections.deque(
-            maxlen=GATHER_BATCHES
+            maxlen=RECENT_BATCHES
         )
-        """The sessions of each of the last batches, oldest first (`_gather` waits for
-        them)."""
+        """The sessions of each of the last batches, oldest first."""
+        self._mates: dict[tuple[str, str], frozenset[tuple[str, str]]] = {}
+        """The other sessions of each session's last batch (`_gather` waits for them)."""
         self._watchers: list[asyncio.Future[None]] = []
         """Steps waiting in `_gather`, told of each arrival (event loop only)."""
+
+    def forget(self, key: tuple[str, str]) -> None:
+        """A session closed: `_gather` no longer waits for its steps."""
+        with self._lock:
+            for sessions in self.recent:
+                sessions.discard(key)
+            self._mates.pop(key, None)
+            for other, mates in self._mates.items():
+                if key in mates:
+                    self._mates[other] = mates - {key}
 
     @property
     def waiting(self) -> int:
@@ -159,7 +176,7 @@ class StepBatcher:
                 watcher.set_result(None)
         self._watchers.clear()
         try:
-            await self._gather()
+            await self._gather(entry)
             while not self._is_done(entry):
                 await self._run_a_batch_or_see_it_done(entry)
         finally:
@@ -171,35 +188,40 @@ class StepBatcher:
         assert entry.output is not None
         return entry.output
 
-    async def _gather(self) -> None:
-        """On an idle server, waits a moment for the sessions of the last batches to
-        come back, so that they run together: steps that left one batch (or a client)
-        at once come back a little apart, and the first back would otherwise start a
-        batch alone, the next ones after it. Bounded by `GATHER_SHARE` of the last
-        batch's time and `MAX_GATHER_S`, and skipped while waiting does not pay
-        (`MIN_WORTH`); a busy server gathers anyway while it computes."""
+    async def _gather(self, entry: _Entry) -> None:
+        """On an idle server, waits a moment for the sessions that ran in the entry's last
+        batch (its batchmates) to come back, so that they run together again (module doc).
+        Bounded by `GATHER_SHARE` of the last batch's time and `MAX_GATHER_S`, and skipped
+        while waiting does not pay (`MIN_WORTH`); a busy server gathers anyway while it
+        computes."""
         if not self._compute.is_idle or self._gather_s <= 0:
             return
-        with self._lock:
-            expected = len(set().union(*self.recent))
-            before = len(self._waiting)
-        if before >= expected:
+        for _ in range(SETTLE_TURNS):
+            await asyncio.sleep(0)
+        mates = self._mates.get(entry.session.key)
+        if not mates or not self._compute.is_idle or self._is_done(entry):
+            return
+        before = missing = self._missing(mates)
+        if not missing:
             return
         self._gathers += 1
         if self._gather_worth < MIN_WORTH and self._gathers % PROBE_EVERY:
             return
         loop = asyncio.get_running_loop()
-        deadline, now = loop.time() + self._gather_s, before
-        while now < expected and (remaining := deadline - loop.time()) > 0:
+        deadline = loop.time() + self._gather_s
+        while missing and (remaining := deadline - loop.time()) > 0:
             watcher = loop.create_future()
             self._watchers.append(watcher)
             try:
                 await asyncio.wait_for(watcher, remaining)
             except TimeoutError:
                 break
-            with self._lock:
-                now = len(self._waiting)
-        self._gather_worth += WORTH_WEIGHT * ((now > before) - self._gather_worth)
+            missing = self._missing(mates)
+        self._gather_worth += WORTH_WEIGHT * ((missing < before) - self._gather_worth)
+
+    def _missing(self, mates: frozenset[tuple[str, str]]) -> int:
+        with self._lock:
+            return len(mates - {each.session.key for each in self._waiting})
 
     def _is_done(self, entry: _Entry) -> bool:
         with self._lock:
@@ -261,7 +283,10 @@ class StepBatcher:
                 entry.is_done = True
             self.batches += 1
             self.largest = max(self.largest, len(taken))
-            self.recent.append({entry.session.key for entry in taken})
+            keys = frozenset(entry.session.key for entry in taken)
+            self.recent.append(set(keys))
+            for key in keys:
+                self._mates[key] = keys - {key}
             took = time.perf_counter() - began
             self._gather_s = min(GATHER_SHARE * took, MAX_GATHER_S)
             if len(taken) > 1:
