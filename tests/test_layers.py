@@ -42,6 +42,7 @@ OURS = (
     "volunteer.server",
     "volunteer.swarm",
     "volunteer.transport",
+    "volunteer.training",
     "volunteer.trust",
     "volunteer.tui",
 )
@@ -116,6 +117,15 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "volunteer.machine",
         "volunteer.model_cache",
         "volunteer.chat",
+    ),
+    "volunteer.training": (
+        *CORE,
+        "volunteer.models",
+        "volunteer.scheduler",
+        "volunteer.transport",
+        "volunteer.swarm",
+        "volunteer.trust",
+        "volunteer.machine",
     ),
     "volunteer.daemon": tuple(p for p in OURS if p not in ("volunteer.tui", "volunteer.commands"))
     + CORE,
