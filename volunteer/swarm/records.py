@@ -150,10 +150,11 @@ class ServerInfo(pydantic.BaseModel):
         try:
             return cls.model_validate(value)
         except pydantic.ValidationError as exc:
-            raise RecordError(f"bad server record: {_first_problem(exc)}") from None
+            raise RecordError(f"bad server record: {first_problem(exc)}") from None
 
 
-def _first_problem(exc: pydantic.ValidationError) -> str:
+def first_problem(exc: pydantic.ValidationError) -> str:
+    """A validation error in one short line: where, what, and how many problems."""
     # One short line is enough for a log; the full error may echo a huge hostile value.
     error = exc.errors(include_url=False, include_input=False)[0]
     where = ".".join(str(part) for part in error["loc"]) or "record"
