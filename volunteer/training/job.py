@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import pydantic
 
@@ -33,8 +33,6 @@ MAX_LORA_RANK = 256
 JOB_ID_CHARS = 16
 """Hex digits of the content hash that name a job (64 bits: no two jobs of one creator
 and model collide by chance)."""
-
-_Positive = Annotated[float, pydantic.Field(gt=0.0, allow_inf_nan=False)]
 
 
 def _tuples(value: object) -> object:
@@ -59,7 +57,6 @@ class Optimizer(_Strict):
     """AdamW's; ignored by SGD."""
     momentum: float = pydantic.Field(default=0.0, ge=0.0, lt=1.0, allow_inf_nan=False)
     """SGD's; ignored by AdamW."""
-    max_grad_norm: _Positive | None = None
 
     _wire_betas = pydantic.field_validator("betas", mode="before")(lambda value: _tuples(value))
 

@@ -1,0 +1,139 @@
+"""A stage peer's share of training: forward and backward of the microbatches routed to
+it through its blocks, their parameter gradients summed until the global step, then the
+step itself with the gradient its stage agreed on.
+
+SWARM routes each microbatch through one peer of each stage, whichever is expected to
+finish first; so within a global step every peer of a stage has seen some of the
+microbatches. Each reports its mean gradient per sequence and how many sequences it
+saw; the stage aggregates those (`aggregate`: the sample-weighted mean, which is
+exactly the whole batch's gradient, or CenteredClip with the same weights), and every
+peer applies the same aggregate with the same optimizer, so the peers of a stage keep
+identical weights without ever sending them.
+
+Backward recomputes the forward from the saved input (activation rematerialization, as
+SWARM and Petals do): a peer keeps one input per microbatch in flight, not every
+activation of its blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from volunteer.models.model import BlockSpan
+from volunteer.training.centered_clip import centered_clip
+from volunteer.training.job import Aggregation, Optimizer
+
+MAX_IN_FLIGHT = 1024
+"""Microbatches a peer keeps inputs of while their backward has not come (a bound on
+what a client that never sends backward can make it hold)."""
+
+
+class StageError(ValueError):
+    """A microbatch the stage cannot take (unknown, duplicate, too many, wrong shape)."""
+
+
+class StageTrainer:
+    """Trains the blocks of one span as one peer of a stage (module doc)."""
+
+    def __init__(self, span: BlockSpan, optimizer: Optimizer) -> None:
+        self.span = span.train()
+        self.params = [param for param in span.parameters() if param.requires_grad]
+        self._sums = [torch.zeros_like(param, dtype=torch.float64) for param in self.params]
+        self._inputs: dict[str, torch.Tensor] = {}
+        self.samples = 0
+        """Sequences whose backward this peer ran since the last step."""
+        self.steps = 0
+        self._optimizer = _make_optimizer(self.params, optimizer)
+
+    def forward(self, key: str, hidden: torch.Tensor) -> torch.Tensor:
+        """The microbatch `key`'s hidden states [B, S, H] through the blocks; the input is
+        kept for its backward."""
+        if key in self._inputs:
+            raise StageError(f"microbatch {key!r} is already in flight here")
+        if len(self._inputs) >= MAX_IN_FLIGHT:
+            raise StageError(f"{MAX_IN_FLIGHT} microbatches are in flight here already")
+        self._check(hidden)
+        with torch.no_grad():
+            output = self.span(hidden)
+        self._inputs[key] = hidden.detach()
+        return output
+
+    def backward(self, key: str, grad_output: torch.Tensor) -> torch.Tensor:
+        """The gradient of the loss w.r.t. the microbatch's input, given the gradient
+        w.r.t. its output; the blocks' parameter gradients are added to this step's sum."""
+        hidden = self._inputs.get(key)
+        if hidden is None:
+            raise StageError(f"no forward of microbatch {key!r} is waiting for backward here")
+        if grad_output.shape != hidden.shape:
+            raise StageError(
+                f"gradient {tuple(grad_output.shape)} does not match the output "
+                f"{tuple(hidden.shape)} of microbatch {key!r}"
+            )
+        del self._inputs[key]
+        leaf = hidden.clone().requires_grad_(True)
+        with torch.enable_grad():
+            output = self.span(leaf)
+            grads = torch.autograd.grad(output, [leaf, *self.params], grad_output)
+        for total, grad in zip(self._sums, grads[1:], strict=True):
+            total += grad
+        self.samples += hidden.shape[0]
+        return grads[0]
+
+    def gradient(self) -> torch.Tensor:
+        """This step's mean gradient per sequence, flattened (float64)."""
+        if not self.samples:
+            raise StageError("no microbatch came back through this peer since the last step")
+        return torch.cat([total.flatten() for total in self._sums]) / self.samples
+
+    def step(self, gradient: torch.Tensor) -> None:
+        """Applies the stage's aggregated gradient (shaped like `gradient()`) and starts
+        the next step's sums."""
+        size = sum(param.numel() for param in self.params)
+        if gradient.shape != (size,) or not bool(torch.isfinite(gradient).all()):
+            raise StageError(f"an aggregated gradient must be {size} finite numbers")
+        offset = 0
+        for param in self.params:
+            part = gradient[offset : offset + param.numel()]
+            param.grad = part.view_as(param).to(param.dtype).clone()
+            offset += param.numel()
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        for total in self._sums:
+            total.zero_()
+        self.samples = 0
+        self.steps += 1
+
+    def _check(self, hidden: torch.Tensor) -> None:
+        width = self.span.config.hidden_size
+        if hidden.dim() != 3 or hidden.shape[-1] != width or not hidden.is_floating_point():
+            raise StageError(f"hidden states must be float [batch, seq, {width}]")
+        if not bool(torch.isfinite(hidden).all()):
+            raise StageError("hidden states must be finite")
+
+
+def aggregate(
+    gradients: list[torch.Tensor], samples: list[int], aggregation: Aggregation
+) -> torch.Tensor:
+    """A stage's gradient from its peers' mean gradients and how many sequences each
+    saw: their sample-weighted mean, or CenteredClip with those weights."""
+    if not gradients or len(gradients) != len(samples) or min(samples) < 1:
+        raise ValueError("need each peer's gradient and its number of sequences (>= 1)")
+    stacked = torch.stack(gradients)
+    weights = torch.tensor(samples, dtype=torch.float64)
+    if aggregation.kind == "mean":
+        if not bool(torch.isfinite(stacked).all()):
+            raise ValueError("a gradient has values that are not finite")
+        return (weights.unsqueeze(1) * stacked.to(torch.float64)).sum(0) / weights.sum()
+    return centered_clip(
+        stacked, tau=aggregation.tau, weights=weights, iterations=aggregation.iterations
+    ).center
+
+
+def _make_optimizer(params: list[torch.nn.Parameter], settings: Optimizer) -> torch.optim.Optimizer:
+    if settings.name == "adamw":
+        return torch.optim.AdamW(
+            params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
+        )
+    return torch.optim.SGD(
+        params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
