@@ -274,6 +274,19 @@ class SlowSpan(BlockSpan):
 
 
 SLOW_S = 0.1
+
+
+def _slow_bench() -> Bench:
+    """A bench whose steps take SLOW_S per block: an idle server's wait for others is then
+    `MAX_GATHER_S` (a share of a long last batch)."""
+    full = random_span(tiny_config())
+    span = SlowSpan(full.config, 0, full.config.num_layers)
+    span.load_state_dict(full.state_dict())
+    span.eval()
+    compute = PriorityCompute()
+    return Bench(span, compute, StepBatcher(compute, lambda: CAPS))
+
+
 SPACING_S = 0.001
 """How far apart steps come back to an idle server in the tests of waiting for them."""
 
@@ -283,14 +296,9 @@ def test_an_idle_server_waits_a_moment_for_the_last_batchs_sessions_to_come_back
 ) -> None:
     # Ten times the ms the steps come apart: a busy test machine's timers run late.
     monkeypatch.setattr(step_batch, "MAX_GATHER_S", 10 * SPACING_S)
-    full = random_span(tiny_config())
-    span = SlowSpan(full.config, 0, full.config.num_layers)
-    span.load_state_dict(full.state_dict())
-    span.eval()
-    compute = PriorityCompute()
-    batcher = StepBatcher(compute, lambda: CAPS)
-    bench = Bench(span, compute, batcher)
-    sessions = [_session(span, f"s{index}", peer=f"peer-{index}") for index in range(3)]
+    bench = _slow_bench()
+    batcher = bench.batcher
+    sessions = [_session(bench.span, f"s{index}", peer=f"peer-{index}") for index in range(3)]
     _warm(bench, sessions, [2, 3, 4])
     asyncio.run(
         _held(bench, lambda: [batcher.step(s, _hidden(1, 1, 1), s.cache.length) for s in sessions])
@@ -315,14 +323,9 @@ def test_an_idle_server_does_not_wait_for_the_sessions_of_other_batches(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(step_batch, "MAX_GATHER_S", 10 * SPACING_S)
-    full = random_span(tiny_config())
-    span = SlowSpan(full.config, 0, full.config.num_layers)
-    span.load_state_dict(full.state_dict())
-    span.eval()
-    compute = PriorityCompute()
-    batcher = StepBatcher(compute, lambda: CAPS)
-    bench = Bench(span, compute, batcher)
-    sessions = [_session(span, f"s{index}", peer=f"peer-{index}") for index in range(3)]
+    bench = _slow_bench()
+    batcher = bench.batcher
+    sessions = [_session(bench.span, f"s{index}", peer=f"peer-{index}") for index in range(3)]
     _warm(bench, sessions, [2, 2, 2])
     pair, lone = sessions[:2], sessions[2]
     asyncio.run(_held(bench, lambda: [batcher.step(s, _hidden(1, 1, 1), 2) for s in pair]))

@@ -17,6 +17,7 @@ import math
 import random
 import re
 import types
+import typing
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
 
@@ -145,16 +146,27 @@ class ServerInfo(pydantic.BaseModel):
         Raises:
             RecordError: `value` is not a dict of valid fields; the message says which.
         """
-        if not isinstance(value, dict):
-            raise RecordError(f"a server record must be a dict, got {type(value).__name__}")
-        try:
-            return cls.model_validate(value)
-        except pydantic.ValidationError as exc:
-            raise RecordError(f"bad server record: {first_problem(exc)}") from None
+        return validate_record(cls, value, "server record")
 
 
-def first_problem(exc: pydantic.ValidationError) -> str:
-    """A validation error in one short line: where, what, and how many problems."""
+_Record = typing.TypeVar("_Record", bound=pydantic.BaseModel)
+
+
+def validate_record(cls: type[_Record], value: object, what: str) -> _Record:
+    """`value` read from the DHT as a `cls` (`what` names it in errors).
+
+    Raises:
+        RecordError: `value` is not a dict of valid fields; the message says which.
+    """
+    if not isinstance(value, dict):
+        raise RecordError(f"a {what} must be a dict, got {type(value).__name__}")
+    try:
+        return cls.model_validate(value)
+    except pydantic.ValidationError as exc:
+        raise RecordError(f"bad {what}: {_first_problem(exc)}") from None
+
+
+def _first_problem(exc: pydantic.ValidationError) -> str:
     # One short line is enough for a log; the full error may echo a huge hostile value.
     error = exc.errors(include_url=False, include_input=False)[0]
     where = ".".join(str(part) for part in error["loc"]) or "record"

@@ -20,9 +20,8 @@ from volunteer.swarm.records import (
     MODEL_NAME_RE,
     SCHEMA_VERSION,
     WEIGHTS_SHA256_RE,
-    RecordError,
     check_model_name,
-    first_problem,
+    validate_record,
 )
 
 MAX_STAGES = 64
@@ -158,12 +157,7 @@ class TrainingJob(_Strict):
         Raises:
             RecordError: `value` is not a dict of valid fields; the message says which.
         """
-        if not isinstance(value, dict):
-            raise RecordError(f"a training job must be a dict, got {type(value).__name__}")
-        try:
-            return cls.model_validate(value)
-        except pydantic.ValidationError as exc:
-            raise RecordError(f"bad training job: {first_problem(exc)}") from None
+        return validate_record(cls, value, "training job")
 
 
 def job_key(model: str) -> str:
