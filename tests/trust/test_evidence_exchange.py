@@ -63,8 +63,12 @@ def _hostile(behaviour: str):
     async def serve(_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.closing(writer), contextlib.suppress(Exception):
             await framing.read_frame(reader, max_bytes=128)
-            if behaviour == "huge frame":  # a header that claims 4 GiB
+            if behaviour == "huge frame":  # a header that claims 4 GiB, then a trickle
                 writer.write(b"\x00" + (4 << 30).to_bytes(8, "big") + b"x" * 1024)
+                await writer.drain()
+                # Held open, as a real attacker would: a stream closed at once may lose
+                # what was written before the fetcher reads it, and end in a plain EOF.
+                await asyncio.sleep(30)
             elif behaviour == "endless":
                 while True:
                     writer.write(framing.frame_bytes(b"x" * CHUNK_BYTES))
