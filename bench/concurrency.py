@@ -195,6 +195,7 @@ def _one_server(args: argparse.Namespace) -> dict[str, dict[int, float]]:
                             await stream.step(hidden, 0, timeout_s=600)
                             for index in range(args.tokens):
                                 await stream.step(step, 32 + index, timeout_s=600)
+                            await stream.close()  # as a finished reply's session does
 
                         began = time.perf_counter()
                         await asyncio.gather(*(user(stream) for stream in streams))

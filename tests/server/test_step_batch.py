@@ -349,3 +349,28 @@ def test_an_idle_server_does_not_wait_for_the_sessions_of_other_batches(
         [lone.key],
         sorted(session.key for session in pair),
     ]
+
+
+def test_steps_that_come_during_a_batch_wait_for_its_sessions_to_come_back() -> None:
+    bench = _slow_bench()
+    batcher = bench.batcher
+    sessions = [
+        _session(bench.span, name, peer=f"peer-{name}") for name in ("x1", "x2", "y1", "y2")
+    ]
+    _warm(bench, sessions, [2, 2, 2, 2])
+    here, there = sessions[:2], sessions[2:]
+
+    async def taking_turns() -> None:
+        first = asyncio.gather(*(batcher.step(s, _hidden(1, 1, 1), 2) for s in here))
+        while bench.compute.is_idle or batcher.waiting:  # until their batch runs
+            await asyncio.sleep(0.001)
+        others = asyncio.gather(*(batcher.step(s, _hidden(1, 1, 2), 2) for s in there))
+        await first
+        # Back at once, as sessions whose route is short come back.
+        await asyncio.gather(others, *(batcher.step(s, _hidden(1, 1, 3), 3) for s in here))
+
+    asyncio.run(taking_turns())
+    # Without waiting, the others would have run as soon as the first batch ended (the
+    # first batch's leftover jobs would even have started them), and the first two after
+    # them: turns, for ever.
+    assert [len(each) for each in list(batcher.recent)[-2:]] == [2, 4]

@@ -5,11 +5,15 @@ Each step is queued as an entry, and as a job of its session's peer on the compu
 thread (`PriorityCompute`, so the peers' fair order still decides whose job runs next).
 Whichever of those jobs runs first takes every waiting entry it may, up to the caps,
 and runs them together; the jobs of the entries it took are then cancelled unrun. A step
-that arrives while a batch runs is in the next one. On an idle server, a step waits a
-moment (a share of the last batch's time, a few ms at most) for its batchmates, the
-other sessions of its last batch, which come back a little apart, while such waits pay:
-nobody waits a step's time, and sessions that took turns are not made to wait for each
-other.
+that arrives while a batch runs is in the next one: it waits for the running batch to
+end (it could not start sooner), and the leftover jobs of steps already run start
+nothing. Then a step waits a moment (a share of the last batch's time, a few ms at most)
+for the sessions likely to come back at once: its batchmates (the other sessions of its
+last batch), which come back a little apart, and the sessions of the batch that just
+ended, which come back after their route's turn; so groups that would otherwise take
+turns on the server, each arriving while the other computes, merge. Such waits are
+made while they pay: nobody waits a step's time, and sessions whose routes are long are
+not waited for.
 
 - Caps: at most `batch_max_sessions` entries, and at most `batch_max_bytes` of working
   memory by `step_bytes`; the first entry always runs (its size was checked on arrival).
@@ -36,6 +40,7 @@ import asyncio
 import collections
 import dataclasses
 import itertools
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -69,6 +74,9 @@ RECENT_BATCHES = 8
 """How many last batches `StepBatcher.recent` remembers."""
 WORTH_WEIGHT = 0.2
 """The weight of the newest wait in the moving share of waits that brought a step."""
+MAX_BATCH_WAIT_S = 30.0
+"""A step that came while a batch runs waits at most this for its end before going on
+(only a hung compute thread takes so long: the step's own job would wait as long)."""
 MIN_WORTH = 0.25
 """Below this share, waiting has stopped paying (sessions that take turns along a route
 rather than come together): a server then waits only once in `PROBE_EVERY` times, to
@@ -134,6 +142,12 @@ class StepBatcher:
         """The sessions of each of the last batches, oldest first."""
         self._mates: dict[tuple[str, str], frozenset[tuple[str, str]]] = {}
         """The other sessions of each session's last batch (`_gather` waits for them)."""
+        self._running: frozenset[tuple[str, str]] | None = None
+        """The sessions of the batch on the compute thread now (None: none runs)."""
+        self._ended: tuple[frozenset[tuple[str, str]], float] = (frozenset(), -math.inf)
+        """The sessions of the last batch, and when (`time.monotonic`) it ended."""
+        self._ended_watchers: list[tuple[frozenset[tuple[str, str]], asyncio.Future[None]]] = []
+        """Steps waiting in `_gather` for the running batch to end (event loop only)."""
         self._watchers: list[asyncio.Future[None]] = []
         """Steps waiting in `_gather`, told of each arrival (event loop only)."""
 
@@ -189,25 +203,43 @@ class StepBatcher:
         return entry.output
 
     async def _gather(self, entry: _Entry) -> None:
-        """On an idle server, waits a moment for the sessions that ran in the entry's last
-        batch (its batchmates) to come back, so that they run together again (module doc).
-        Bounded by `GATHER_SHARE` of the last batch's time and `MAX_GATHER_S`, and skipped
-        while waiting does not pay (`MIN_WORTH`); a busy server gathers anyway while it
-        computes."""
-        if not self._compute.is_idle or self._gather_s <= 0:
+        """Waits a moment for the sessions likely to come back at once, so that they run
+        together (module doc): the entry's batchmates (the other sessions of its last
+        batch), and the sessions of the batch that just ended, which come back after
+        their route's turn. A step that comes while a batch runs waits for it to end
+        first (it could not start sooner). Bounded by `GATHER_SHARE` of the last batch's
+        time and `MAX_GATHER_S`, and skipped while waiting does not pay (`MIN_WORTH`)."""
+        if self._gather_s <= 0:
             return
+        # (Before any check of idleness: the compute thread finishes the bookkeeping of
+        # the batch that woke this step only after waking it.)
         for _ in range(SETTLE_TURNS):
             await asyncio.sleep(0)
-        mates = self._mates.get(entry.session.key)
-        if not mates or not self._compute.is_idle or self._is_done(entry):
+        loop = asyncio.get_running_loop()
+        if (running := self._running) is not None:
+            ended = loop.create_future()
+            self._ended_watchers.append((running, ended))
+            with self._lock:  # (a batch that ended meanwhile has woken nobody)
+                is_running = self._running is running
+            try:
+                if is_running:
+                    await asyncio.wait_for(ended, MAX_BATCH_WAIT_S)
+            except TimeoutError:
+                return
+            finally:
+                if (running, ended) in self._ended_watchers:
+                    self._ended_watchers.remove((running, ended))
+        if not self._compute.is_idle or self._is_done(entry):
             return
-        before = missing = self._missing(mates)
+        key = entry.session.key
+        with self._lock:
+            expected = (self._mates.get(key, frozenset()) | self._last_ended()) - {key}
+        before = missing = self._missing(expected)
         if not missing:
             return
         self._gathers += 1
         if self._gather_worth < MIN_WORTH and self._gathers % PROBE_EVERY:
             return
-        loop = asyncio.get_running_loop()
         deadline = loop.time() + self._gather_s
         while missing and (remaining := deadline - loop.time()) > 0:
             watcher = loop.create_future()
@@ -216,8 +248,14 @@ class StepBatcher:
                 await asyncio.wait_for(watcher, remaining)
             except TimeoutError:
                 break
-            missing = self._missing(mates)
+            missing = self._missing(expected)
         self._gather_worth += WORTH_WEIGHT * ((missing < before) - self._gather_worth)
+
+    def _last_ended(self) -> frozenset[tuple[str, str]]:
+        """The sessions of the last batch, if it ended within the gathering window (the
+        caller holds the lock)."""
+        keys, ended_at = self._ended
+        return keys if time.monotonic() - ended_at <= self._gather_s else frozenset()
 
     def _missing(self, mates: frozenset[tuple[str, str]]) -> int:
         with self._lock:
@@ -236,7 +274,7 @@ class StepBatcher:
             self._compute.run(
                 PRIORITY_INFERENCE,
                 self._run_waiting,
-                entry.wake.get_loop(),
+                entry,
                 payers,
                 peer=entry.session.peer,
                 decode=batch * seq == 1,
@@ -254,11 +292,20 @@ class StepBatcher:
 
     # On the compute thread from here.
 
-    def _run_waiting(self, loop: asyncio.AbstractEventLoop, payers: list[str]) -> None:
-        """Takes the most urgent waiting entries the caps allow and runs them together."""
+    def _run_waiting(self, own: _Entry, payers: list[str]) -> None:
+        """Takes the most urgent waiting entries the caps allow and runs them together;
+        nothing if the job's own entry ran already (its job, left in the queue a moment,
+        must not start a batch of steps that are still gathering)."""
+        loop = own.wake.get_loop()
+        with self._lock:
+            if own.is_done:
+                return
         taken = self._take()
         if not taken:
             return
+        keys = frozenset(entry.session.key for entry in taken)
+        with self._lock:
+            self._running = keys
         payers.extend(entry.session.peer for entry in taken)
         results: list[torch.Tensor | BaseException]
         began = time.perf_counter()
@@ -283,8 +330,9 @@ class StepBatcher:
                 entry.is_done = True
             self.batches += 1
             self.largest = max(self.largest, len(taken))
-            keys = frozenset(entry.session.key for entry in taken)
             self.recent.append(set(keys))
+            self._running = None
+            self._ended = (keys, time.monotonic())
             for key in keys:
                 self._mates[key] = keys - {key}
             took = time.perf_counter() - began
@@ -293,6 +341,18 @@ class StepBatcher:
                 self.batched_steps += len(taken)
         for entry in taken:
             loop.call_soon_threadsafe(_wake, entry.wake)
+        loop.call_soon_threadsafe(self._batch_ended, keys)
+
+    def _batch_ended(self, keys: frozenset[tuple[str, str]]) -> None:
+        """On the event loop: wakes the steps that wait for the end of the batch of
+        `keys` (the next may have begun: the compute thread does not wait for this)."""
+        waiting = []
+        for batch, watcher in self._ended_watchers:
+            if batch is not keys:
+                waiting.append((batch, watcher))
+            elif not watcher.done():
+                watcher.set_result(None)
+        self._ended_watchers = waiting
 
     def _take(self) -> list[_Entry]:
         caps = self._caps()
