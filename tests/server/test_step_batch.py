@@ -291,11 +291,24 @@ SPACING_S = 0.001
 """How far apart steps come back to an idle server in the tests of waiting for them."""
 
 
+async def _one_after_another(
+    batcher: StepBatcher, sessions: list[Session], spacing: float = SPACING_S
+) -> None:
+    """A step of each session at position 3, `spacing` seconds after the one before."""
+    tasks = []
+    for session in sessions:
+        assert session.cache is not None
+        session.cache.length = 3
+        tasks.append(asyncio.ensure_future(batcher.step(session, _hidden(1, 1, 2), 3)))
+        await asyncio.sleep(spacing)
+    await asyncio.gather(*tasks)
+
+
 def test_an_idle_server_waits_a_moment_for_the_last_batchs_sessions_to_come_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Ten times the ms the steps come apart: a busy test machine's timers run late.
-    monkeypatch.setattr(step_batch, "MAX_GATHER_S", 10 * SPACING_S)
+    # A hundred times the ms the steps come apart: a busy test machine's timers run late.
+    monkeypatch.setattr(step_batch, "MAX_GATHER_S", 100 * SPACING_S)
     bench = _slow_bench()
     batcher = bench.batcher
     sessions = [_session(bench.span, f"s{index}", peer=f"peer-{index}") for index in range(3)]
@@ -305,24 +318,18 @@ def test_an_idle_server_waits_a_moment_for_the_last_batchs_sessions_to_come_back
     )
     assert len(batcher.recent[-1]) == 3
 
-    async def spread() -> None:
-        # Back from the rest of their routes a few ms apart, to an idle server.
-        tasks = []
-        for session in sessions:
-            tasks.append(asyncio.ensure_future(batcher.step(session, _hidden(1, 1, 2), 3)))
-            await asyncio.sleep(SPACING_S)
-        await asyncio.gather(*tasks)
-
-    for session in sessions:
-        session.cache.length = 3
-    asyncio.run(spread())
+    # Back from the rest of their routes a few ms apart, to an idle server.
+    asyncio.run(_one_after_another(batcher, sessions))
     assert len(batcher.recent[-1]) == 3  # one batch again, not the first alone
 
 
 def test_an_idle_server_does_not_wait_for_the_sessions_of_other_batches(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(step_batch, "MAX_GATHER_S", 10 * SPACING_S)
+    # Steps far enough apart for the lone one to have started (a loaded machine starts a
+    # job late), and a window in which waiting for the pair would have caught it.
+    spacing = 20 * SPACING_S
+    monkeypatch.setattr(step_batch, "MAX_GATHER_S", 10 * spacing)
     bench = _slow_bench()
     batcher = bench.batcher
     sessions = [_session(bench.span, f"s{index}", peer=f"peer-{index}") for index in range(3)]
@@ -332,17 +339,8 @@ def test_an_idle_server_does_not_wait_for_the_sessions_of_other_batches(
     asyncio.run(batcher.step(lone, _hidden(1, 1, 1), 2))
     assert [len(each) for each in list(batcher.recent)[-2:]] == [2, 1]
 
-    async def spread() -> None:
-        # The lone session first, then the pair, each a little after the one before.
-        tasks = []
-        for session in (lone, *pair):
-            tasks.append(asyncio.ensure_future(batcher.step(session, _hidden(1, 1, 2), 3)))
-            await asyncio.sleep(SPACING_S)
-        await asyncio.gather(*tasks)
-
-    for session in sessions:
-        session.cache.length = 3
-    asyncio.run(spread())
+    # The lone session first, then the pair, each a little after the one before.
+    asyncio.run(_one_after_another(batcher, [lone, *pair], spacing))
     # The lone session ran at once (waiting for the pair would have taken all three in one
     # batch); the pair, which came while it ran, went together after it.
     assert [sorted(each) for each in list(batcher.recent)[-2:]] == [
@@ -362,7 +360,7 @@ def test_steps_that_come_during_a_batch_wait_for_its_sessions_to_come_back() -> 
 
     async def taking_turns() -> None:
         first = asyncio.gather(*(batcher.step(s, _hidden(1, 1, 1), 2) for s in here))
-        while bench.compute.is_idle or batcher.waiting:  # until their batch runs
+        while batcher.running != {s.key for s in here}:  # until their batch runs
             await asyncio.sleep(0.001)
         others = asyncio.gather(*(batcher.step(s, _hidden(1, 1, 2), 2) for s in there))
         await first

@@ -162,6 +162,11 @@ class StepBatcher:
                     self._mates[other] = mates - {key}
 
     @property
+    def running(self) -> frozenset[tuple[str, str]]:
+        """The sessions of the batch on the compute thread now (empty: none runs)."""
+        return self._running or frozenset()
+
+    @property
     def waiting(self) -> int:
         with self._lock:
             return len(self._waiting)
@@ -211,8 +216,8 @@ class StepBatcher:
         time and `MAX_GATHER_S`, and skipped while waiting does not pay (`MIN_WORTH`)."""
         if self._gather_s <= 0:
             return
-        # (Before any check of idleness: the compute thread finishes the bookkeeping of
-        # the batch that woke this step only after waking it.)
+        # (Before looking at the running batch: the compute thread finishes the
+        # bookkeeping of the batch that woke this step only after waking it.)
         for _ in range(SETTLE_TURNS):
             await asyncio.sleep(0)
         loop = asyncio.get_running_loop()
@@ -229,7 +234,9 @@ class StepBatcher:
             finally:
                 if (running, ended) in self._ended_watchers:
                     self._ended_watchers.remove((running, ended))
-        if not self._compute.is_idle or self._is_done(entry):
+        # (Other work on the compute thread, or the leftover job of a step already run,
+        # does not stop the wait: this step's job would queue behind it anyway.)
+        if self._is_done(entry):
             return
         key = entry.session.key
         with self._lock:
