@@ -157,6 +157,8 @@ class StepBatcher:
             for sessions in self.recent:
                 sessions.discard(key)
             self._mates.pop(key, None)
+            ended, at = self._ended
+            self._ended = (ended - {key}, at)
             for other, mates in self._mates.items():
                 if key in mates:
                     self._mates[other] = mates - {key}
