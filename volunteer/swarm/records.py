@@ -85,11 +85,38 @@ def block_key(model: str, index: int) -> str:
     return f"{model}.block{index}"
 
 
-class ServerInfo(pydantic.BaseModel):
-    """What a server says about itself, once per block of its span `[start, end)`."""
+class WireRecord(pydantic.BaseModel):
+    """A record that comes from strangers: frozen, strictly typed, and a newer peer's
+    extra fields ignored."""
 
     # strict: a peer sending "5" for an int is broken or probing us; don't guess.
     model_config = pydantic.ConfigDict(frozen=True, extra="ignore", strict=True)
+    RECORD_NAME: typing.ClassVar[str] = "record"
+    """What errors call it."""
+
+    def to_wire(self) -> dict[str, Any]:
+        """This record as plain msgpack-able values (str, int, float, None, lists)."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_wire(cls, value: object) -> typing.Self:
+        """Validates a record read from the DHT.
+
+        Raises:
+            RecordError: `value` is not a dict of valid fields; the message says which.
+        """
+        if not isinstance(value, dict):
+            raise RecordError(f"a {cls.RECORD_NAME} must be a dict, got {type(value).__name__}")
+        try:
+            return cls.model_validate(value)
+        except pydantic.ValidationError as exc:
+            raise RecordError(f"bad {cls.RECORD_NAME}: {_first_problem(exc)}") from None
+
+
+class ServerInfo(WireRecord):
+    """What a server says about itself, once per block of its span `[start, end)`."""
+
+    RECORD_NAME = "server record"
 
     schema_version: int = pydantic.Field(default=SCHEMA_VERSION, ge=1, le=2**16)
     # JSON-style enum input ("online") is what arrives from the wire, so not strict here.
@@ -134,36 +161,6 @@ class ServerInfo(pydantic.BaseModel):
         if self.start >= self.end:
             raise ValueError(f"span [{self.start}, {self.end}) is empty: start must be < end")
         return self
-
-    def to_wire(self) -> dict[str, Any]:
-        """This record as plain msgpack-able values (str, int, float, None)."""
-        return self.model_dump(mode="json")
-
-    @classmethod
-    def from_wire(cls, value: object) -> ServerInfo:
-        """Validates a record read from the DHT.
-
-        Raises:
-            RecordError: `value` is not a dict of valid fields; the message says which.
-        """
-        return validate_record(cls, value, "server record")
-
-
-_Record = typing.TypeVar("_Record", bound=pydantic.BaseModel)
-
-
-def validate_record(cls: type[_Record], value: object, what: str) -> _Record:
-    """`value` read from the DHT as a `cls` (`what` names it in errors).
-
-    Raises:
-        RecordError: `value` is not a dict of valid fields; the message says which.
-    """
-    if not isinstance(value, dict):
-        raise RecordError(f"a {what} must be a dict, got {type(value).__name__}")
-    try:
-        return cls.model_validate(value)
-    except pydantic.ValidationError as exc:
-        raise RecordError(f"bad {what}: {_first_problem(exc)}") from None
 
 
 def _first_problem(exc: pydantic.ValidationError) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Literal
 
 import pydantic
 
@@ -20,8 +20,8 @@ from volunteer.swarm.records import (
     MODEL_NAME_RE,
     SCHEMA_VERSION,
     WEIGHTS_SHA256_RE,
+    WireRecord,
     check_model_name,
-    validate_record,
 )
 
 MAX_STAGES = 64
@@ -41,12 +41,7 @@ def _tuples(value: object) -> object:
     return value
 
 
-class _Strict(pydantic.BaseModel):
-    # strict: a peer sending "5" for an int is broken or probing us; don't guess.
-    model_config = pydantic.ConfigDict(frozen=True, extra="ignore", strict=True)
-
-
-class Optimizer(_Strict):
+class Optimizer(WireRecord):
     """The optimizer every peer of a stage steps with (so their states stay equal)."""
 
     name: Literal["adamw", "sgd"]
@@ -67,7 +62,7 @@ class Optimizer(_Strict):
         return betas
 
 
-class Aggregation(_Strict):
+class Aggregation(WireRecord):
     """How a stage's peers combine their gradients each step."""
 
     kind: Literal["mean", "centered-clip"]
@@ -76,7 +71,7 @@ class Aggregation(_Strict):
     iterations: int = pydantic.Field(default=20, ge=1, le=1000)
 
 
-class DataShard(_Strict):
+class DataShard(WireRecord):
     """One piece of the job's data, assigned to trainer peers whole; anyone holding it
     can check it against its hash."""
 
@@ -84,8 +79,10 @@ class DataShard(_Strict):
     sequences: int = pydantic.Field(ge=1, le=2**40)
 
 
-class TrainingJob(_Strict):
+class TrainingJob(WireRecord):
     """A training job as announced (module doc)."""
+
+    RECORD_NAME = "training job"
 
     schema_version: int = pydantic.Field(default=SCHEMA_VERSION, ge=1, le=2**16)
     model: str = pydantic.Field(pattern=MODEL_NAME_RE.pattern)
@@ -145,19 +142,6 @@ class TrainingJob(_Strict):
             if start <= block < stop:
                 return index
         raise ValueError(f"block {block} is outside the model's {self.num_blocks} blocks")
-
-    def to_wire(self) -> dict[str, Any]:
-        """This record as plain msgpack-able values (lists for tuples)."""
-        return self.model_dump(mode="json")
-
-    @classmethod
-    def from_wire(cls, value: object) -> TrainingJob:
-        """Validates a job read from the DHT.
-
-        Raises:
-            RecordError: `value` is not a dict of valid fields; the message says which.
-        """
-        return validate_record(cls, value, "training job")
 
 
 def job_key(model: str) -> str:
