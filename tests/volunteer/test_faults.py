@@ -29,6 +29,24 @@ def test_each_fault_parses_with_its_numbers_and_prints_back() -> None:
     assert not parse_faults("") and parse_faults("") == NO_FAULTS
 
 
+def test_the_training_attacks_parse_with_stale_counting_steps_above_one() -> None:
+    text = "sign-flip, random-direction:0.5, label-flip, stale:3, ipm, alie:0.25"
+    faults = parse_faults(text)
+    assert [fault.kind for fault in faults.training_attacks()] == [
+        "sign-flip",
+        "random-direction",
+        "label-flip",
+        "stale",
+        "ipm",
+        "alie",
+    ]
+    assert Fault("stale", 1.0, steps=3) in faults.faults
+    assert parse_faults(str(faults)) == faults
+    # Up to 1, stale's number is the serving fault's rate (a trainer: one step late).
+    assert parse_faults("stale:0.5").faults == (Fault("stale", 0.5),)
+    assert parse_faults("perturb:0.1:1").training_attacks() == ()
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
@@ -39,6 +57,9 @@ def test_each_fault_parses_with_its_numbers_and_prints_back() -> None:
         ("perturb:x:0.1", "could not convert"),
         ("stale:0.1:2", "expected stale[:RATE]"),
         ("constant:-1", "RATE must be within 0 and 1"),
+        ("stale:2.5", "STEPS must be a whole number"),
+        ("stale:20000", "STEPS must be a whole number up to 10000"),
+        ("sign-flip:2", "RATE must be within 0 and 1"),
     ],
 )
 def test_a_bad_fault_is_refused_with_what_is_wrong(text: str, problem: str) -> None:

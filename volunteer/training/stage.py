@@ -18,8 +18,9 @@ activation of its blocks.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from volunteer.models.model import BlockSpan
+from volunteer.models.model import BlockSpan, ModelEnds
 from volunteer.training.centered_clip import centered_clip
 from volunteer.training.job import Aggregation, Optimizer
 
@@ -79,6 +80,36 @@ class StageTrainer:
         self.samples += hidden.shape[0]
         return grads[0]
 
+    def loss_backward(
+        self, key: str, hidden: torch.Tensor, labels: torch.Tensor, ends: ModelEnds
+    ) -> tuple[float, torch.Tensor]:
+        """The last stage's whole share of a microbatch: forward, the sum of its
+        sequences' losses against `labels` [B, S], and backward; the loss sum and the
+        gradient w.r.t. the input."""
+        self._check_labels(hidden, labels)
+        output = self.forward(key, hidden)
+        loss, grad_output = loss_gradient(ends, output, labels)
+        return loss, self.backward(key, grad_output)
+
+    def recompute(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The mean gradient per sequence that microbatches (input, gradient w.r.t. the
+        output) give with the current weights, touching nothing of this step's own sums:
+        what a validator compares a peer's share with."""
+        sums = [torch.zeros_like(param, dtype=torch.float64) for param in self.params]
+        samples = 0
+        for hidden, grad_output in items:
+            self._check(hidden)
+            if grad_output.shape != hidden.shape:
+                raise StageError("each gradient must match its microbatch's output")
+            with torch.enable_grad():
+                grads = torch.autograd.grad(self.span(hidden), self.params, grad_output)
+            for total, grad in zip(sums, grads, strict=True):
+                total += grad
+            samples += hidden.shape[0]
+        if not samples:
+            raise StageError("nothing to recompute")
+        return torch.cat([total.flatten() for total in sums]) / samples
+
     def gradient(self) -> torch.Tensor:
         """This step's mean gradient per sequence, flattened (float64)."""
         if not self.samples:
@@ -98,10 +129,78 @@ class StageTrainer:
             offset += param.numel()
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
+        self._next_step()
+
+    def skip_step(self) -> None:
+        """Drops this step's sums without changing the weights (the stage's step was
+        taken without this peer, which will load the stage's state instead)."""
+        self._next_step()
+
+    def clear(self) -> None:
+        """Forgets this step's sums and inputs (their gradients came from a liar)."""
         for total in self._sums:
             total.zero_()
         self.samples = 0
+        self._inputs.clear()
+
+    def _next_step(self) -> None:
+        self.clear()  # also drops the microbatches abandoned in this step
         self.steps += 1
+
+    def state(self) -> list[torch.Tensor]:
+        """The stage's weights and optimizer state, as `load_state` takes them: each
+        parameter, then each parameter's optimizer tensors in name order."""
+        tensors = [param.detach().clone() for param in self.params]
+        for param in self.params:
+            held = self._optimizer.state.get(param, {})
+            tensors.extend(_as_tensor(held[name]) for name in sorted(held))
+        return tensors
+
+    def load_state(self, tensors: list[torch.Tensor], steps: int) -> None:
+        """Takes another peer's `state()` of the same stage at step `steps`.
+
+        Raises:
+            StageError: tensors that are not that stage's state.
+        """
+        count = len(self.params)
+        if len(tensors) < count or (len(tensors) - count) % count:
+            raise StageError(f"a stage state is {count} parameters and their optimizer state")
+        per_param = (len(tensors) - count) // count
+        names = _OPTIMIZER_STATE[type(self._optimizer).__name__][:per_param]
+        if len(names) != per_param:
+            raise StageError("optimizer state of another optimizer")
+        for param, value in zip(self.params, tensors, strict=False):
+            if value.shape != param.shape:
+                raise StageError(
+                    f"a parameter of shape {tuple(value.shape)} where {tuple(param.shape)} is"
+                )
+        with torch.no_grad():
+            for param, value in zip(self.params, tensors, strict=False):
+                param.copy_(value)
+        self.span.forget_weights()
+        for index, param in enumerate(self.params):
+            start = count + index * per_param
+            values = tensors[start : start + per_param]
+            if any(v.numel() != 1 and v.shape != param.shape for v in values):
+                raise StageError("optimizer state that does not fit its parameter")
+            self._optimizer.state[param] = {
+                name: value.to(param.dtype)
+                if value.numel() != 1
+                else value.to(torch.float32).reshape(())
+                for name, value in zip(sorted(names), values, strict=True)
+            }
+        for total in self._sums:
+            total.zero_()
+        self.samples = 0
+        self.steps = steps
+        self._inputs.clear()
+
+    def _check_labels(self, hidden: torch.Tensor, labels: torch.Tensor) -> None:
+        vocab = self.span.config.vocab_size
+        if labels.dtype != torch.int64 or labels.shape != hidden.shape[:2]:
+            raise StageError("labels must be int64 [batch, seq] like the hidden states")
+        if bool(((labels >= vocab) | (labels < -100)).any()):
+            raise StageError(f"labels must be token ids below {vocab} (or -100: ignored)")
 
     def _check(self, hidden: torch.Tensor) -> None:
         width = self.span.config.hidden_size
@@ -109,6 +208,28 @@ class StageTrainer:
             raise StageError(f"hidden states must be float [batch, seq, {width}]")
         if not bool(torch.isfinite(hidden).all()):
             raise StageError("hidden states must be finite")
+
+
+def sequence_losses(ends: ModelEnds, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each sequence's mean next-token loss (positions labelled -100 left out)."""
+    logits = ends.logits(hidden)
+    flat = F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), reduction="none", ignore_index=-100
+    ).view(labels.shape)
+    counted = (labels != -100).sum(1).clamp(min=1)
+    return flat.sum(1) / counted
+
+
+def loss_gradient(
+    ends: ModelEnds, output: torch.Tensor, labels: torch.Tensor
+) -> tuple[float, torch.Tensor]:
+    """The sum of the sequences' losses and its gradient w.r.t. the blocks' output (the
+    stages divide by how many sequences they saw)."""
+    leaf = output.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = sequence_losses(ends, leaf, labels).sum()
+        (grad,) = torch.autograd.grad(loss, [leaf])
+    return float(loss.detach()), grad
 
 
 def aggregate(
@@ -127,6 +248,14 @@ def aggregate(
     return centered_clip(
         stacked, tau=aggregation.tau, weights=weights, iterations=aggregation.iterations
     ).center
+
+
+_OPTIMIZER_STATE = {"AdamW": ("exp_avg", "exp_avg_sq", "step"), "SGD": ("momentum_buffer",)}
+"""The tensors torch's optimizers keep per parameter (sorted when sent)."""
+
+
+def _as_tensor(value: object) -> torch.Tensor:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(value)
 
 
 def _make_optimizer(params: list[torch.nn.Parameter], settings: Optimizer) -> torch.optim.Optimizer:

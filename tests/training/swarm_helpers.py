@@ -1,0 +1,147 @@
+"""A training swarm on loopback for tests: stage peers and a driver, each on its own
+hivemind P2P daemon, training a tiny random-weight Llama; and the same model trained in
+one process, the reference the swarm must match."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+
+import torch
+from hivemind.p2p import P2P
+from volunteer.models.model import BlockSpan, ModelEnds
+
+from tests.server import random_span, sub_span, tiny_config
+from volunteer.faults import parse_faults
+from volunteer.training.attack_drill import AttackDrill
+from volunteer.training.driver import Driver
+from volunteer.training.job import Aggregation, DataShard, Optimizer, TrainingJob
+from volunteer.training.peer import TrainingPeer
+from volunteer.training.stage import sequence_losses
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+OPTIMIZER = Optimizer(name="adamw", lr=3e-3, weight_decay=0.01)
+
+
+def tiny_model(seed: int = 0) -> tuple[BlockSpan, ModelEnds]:
+    config = tiny_config()
+    full = random_span(config, seed)
+    torch.manual_seed(seed + 1)
+    return full, ModelEnds(config).eval().requires_grad_(False)
+
+
+def tiny_data(vocab: int, rows: int, sequence: int, seed: int = 11) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (rows, sequence + 1), generator=generator)
+
+
+def tiny_job(
+    data: torch.Tensor,
+    *,
+    aggregation: Aggregation,
+    stages: tuple[tuple[int, int], ...] = ((0, 2), (2, 4)),
+    batch: int = 12,
+    micro: int = 2,
+    steps: int = 6,
+) -> TrainingJob:
+    shard = DataShard(
+        sha256=hashlib.sha256(data.numpy().tobytes()).hexdigest(), sequences=len(data)
+    )
+    return TrainingJob(
+        model="tiny-random",
+        num_blocks=stages[-1][1],
+        trains="blocks",
+        stages=stages,
+        shards=(shard,),
+        sequence_length=data.shape[1] - 1,
+        batch_size=batch,
+        microbatch_size=micro,
+        optimizer=OPTIMIZER,
+        aggregation=aggregation,
+        seed=7,
+        steps=steps,
+    )
+
+
+def alone(full: BlockSpan, ends: ModelEnds, job: TrainingJob, data: torch.Tensor) -> list[float]:
+    """The losses of training every block in one process on the job's batches."""
+    span = copy.deepcopy(full).train()
+    optimizer = torch.optim.AdamW(
+        span.parameters(), lr=job.optimizer.lr, weight_decay=job.optimizer.weight_decay
+    )
+    losses = []
+    for step in range(job.steps):
+        rows = data[(step * job.batch_size + torch.arange(job.batch_size)) % len(data)]
+        loss = sequence_losses(ends, span(ends.embed(rows[:, :-1])), rows[:, 1:]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        span.forget_weights()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@dataclasses.dataclass
+class Swarm:
+    driver: Driver
+    peers: list[TrainingPeer]
+    p2ps: list[P2P]
+
+    def peer(self, stage: int, index: int) -> TrainingPeer:
+        return [peer for peer in self.peers if peer.stage == stage][index]
+
+    async def kill(self, peer: TrainingPeer) -> None:
+        """The peer's process dies: its daemon goes, nothing is said."""
+        await peer.p2p.shutdown()
+
+    async def close(self) -> None:
+        for peer in self.peers:
+            if peer.p2p.is_alive:
+                await peer.stop()
+        for p2p in self.p2ps:
+            if p2p.is_alive:
+                await p2p.shutdown()
+
+
+async def start_swarm(
+    full: BlockSpan,
+    ends: ModelEnds,
+    job: TrainingJob,
+    data: torch.Tensor,
+    *,
+    stages: list[int],
+    faults: dict[int, str] | None = None,
+    **driver_options: object,
+) -> Swarm:
+    """A driver and one peer per entry of `stages` (the stage it starts in); `faults`
+    gives some peers (by index) drill attacks."""
+    p2ps = [await P2P.create(host_maddrs=LOOPBACK)]
+    for _ in stages:
+        known = [addr for p2p in p2ps for addr in await p2p.get_visible_maddrs()]
+        p2ps.append(await P2P.create(host_maddrs=LOOPBACK, initial_peers=known))
+    driver_id = p2ps[0].peer_id.to_base58()
+    peers = []
+    for index, (stage, p2p) in enumerate(zip(stages, p2ps[1:], strict=True)):
+        drill = AttackDrill(
+            parse_faults((faults or {}).get(index, "")).training_attacks(), seed=index
+        )
+        peer = TrainingPeer(
+            p2p=p2p,
+            job=job,
+            stage=stage,
+            span_for=lambda start, end: sub_span(full, start, end),
+            ends=ends,
+            drivers=frozenset({driver_id}),
+            drill=drill,
+        )
+        await peer.start()
+        peers.append(peer)
+    driver = Driver(
+        p2p=p2ps[0],
+        job=job,
+        data=data,
+        members={peer.peer_id: peer.stage for peer in peers},
+        **driver_options,
+    )
+    return Swarm(driver, peers, p2ps)

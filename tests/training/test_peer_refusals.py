@@ -1,0 +1,115 @@
+"""A stage peer (`volunteer.training.peer`) against hostile callers on loopback: a
+stranger cannot drive it, and shares that are not shares are refused while the peer
+keeps training for its driver."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from hivemind.p2p import P2P
+
+from tests.server import sub_span
+from tests.training.swarm_helpers import LOOPBACK, tiny_data, tiny_job, tiny_model
+from volunteer.training.calls import TrainingCallError, call
+from volunteer.training.job import Aggregation
+from volunteer.training.peer import MAX_SHARES, TrainingPeer
+
+pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated")
+
+
+async def _refused(p2p: P2P, peer: TrainingPeer, header: dict, tensors: list) -> str:
+    with pytest.raises(TrainingCallError) as caught:
+        await call(p2p, peer.peer_id, header, tensors, timeout_s=10, max_answer_bytes=1 << 20)
+    return str(caught.value)
+
+
+def test_strangers_cannot_drive_and_bad_shares_are_refused() -> None:
+    full, ends = tiny_model()
+    data = tiny_data(ends.config.vocab_size, rows=12, sequence=8)
+    job = tiny_job(data, aggregation=Aggregation(kind="mean"))
+
+    async def run() -> None:
+        driver = await P2P.create(host_maddrs=LOOPBACK)
+        maddrs = await driver.get_visible_maddrs()
+        host = await P2P.create(host_maddrs=LOOPBACK, initial_peers=maddrs)
+        stranger = await P2P.create(host_maddrs=LOOPBACK, initial_peers=maddrs)
+        await stranger.get_visible_maddrs()
+        peer = TrainingPeer(
+            p2p=host,
+            job=job,
+            stage=1,
+            span_for=lambda a, b: sub_span(full, a, b),
+            ends=ends,
+            drivers=frozenset({driver.peer_id.to_base58()}),
+        )
+        await peer.start()
+        try:
+            hidden = torch.randn(2, 8, ends.config.hidden_size)
+            labels = data[:2, 1:]
+            step = {"step": 0, "key": "0.0"}
+            assert "driver only" in await _refused(
+                stranger, peer, {"op": "loss", **step}, [hidden, labels]
+            )
+            assert "unknown op" in await _refused(stranger, peer, {"op": "explode"}, [])
+            share = {"op": "share", "step": 0, "round": 0}
+            assert "float32 numbers" in await _refused(stranger, peer, share, [torch.zeros(3)])
+            assert "at step 0, not 5" in await _refused(
+                stranger, peer, {**share, "step": 5}, [torch.zeros(peer.size)]
+            )
+            await call(
+                stranger,
+                peer.peer_id,
+                share,
+                [torch.zeros(peer.size)],
+                timeout_s=10,
+                max_answer_bytes=4096,
+            )
+            assert "one share per peer" in await _refused(
+                stranger, peer, share, [torch.zeros(peer.size)]
+            )
+            assert len(peer._shares[0]) <= MAX_SHARES
+            # Its driver still trains it, and a bad label is refused with the reason.
+            bad = labels.clone()
+            bad[0, 0] = 10_000
+            assert "token ids below" in await _refused(
+                driver, peer, {"op": "loss", **step}, [hidden, bad]
+            )
+            answer, (grad,) = await call(
+                driver,
+                peer.peer_id,
+                {"op": "loss", **step},
+                [hidden, labels],
+                timeout_s=10,
+                max_answer_bytes=1 << 20,
+            )
+            assert answer["loss"] > 0 and grad.shape == hidden.shape
+        finally:
+            await peer.stop()
+            for p2p in (stranger, host, driver):
+                await p2p.shutdown()
+
+    asyncio.run(run())
+
+
+def test_a_stage_state_moves_to_another_peer_whole() -> None:
+    """What `sync` hands over: weights and AdamW moments, after steps were taken."""
+    from volunteer.training.stage import StageTrainer
+
+    full, ends = tiny_model()
+    data = tiny_data(ends.config.vocab_size, rows=12, sequence=8)
+    job = tiny_job(data, aggregation=Aggregation(kind="mean"))
+    source = StageTrainer(sub_span(full, 0, 2), job.optimizer)
+    for step in range(2):
+        hidden = ends.embed(data[:4, :-1]).detach()
+        source.forward(str(step), hidden)
+        source.backward(str(step), torch.randn_like(hidden))
+        source.step(source.gradient())
+    taker = StageTrainer(sub_span(full, 0, 2), job.optimizer)
+    taker.load_state(source.state(), source.steps)
+    assert taker.steps == 2
+    for mine, theirs in zip(taker.state(), source.state(), strict=True):
+        assert torch.equal(mine, theirs)
+    hidden = torch.randn(2, 8, ends.config.hidden_size)
+    assert torch.equal(taker.span(hidden), source.span(hidden))
