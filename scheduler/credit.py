@@ -7,7 +7,8 @@
 so one credit is 10^9 parameter-tokens of forward work (about 2 GFLOP), whatever the
 model: a block of a large model earns more per token than one of a small model, as AI
 Horde weighs kudos by model size. Backward work counts `KIND_WEIGHT["backward"]` times
-(it costs about twice a forward pass). Amounts are kept in integer milli-credits, so
+(it costs about twice a forward pass); a training stage's pass `KIND_WEIGHT["training"]`
+times (forward, its recomputation, and backward). Amounts are kept in integer milli-credits, so
 that every peer adding the same receipts gets the same sums.
 
 **What counts.** Nothing from the server's own key (self-dealt), from a client the
@@ -32,7 +33,7 @@ import math
 from collections.abc import Callable, Iterable
 
 PARAMS_PER_CREDIT = 1e9
-KIND_WEIGHT = {"inference": 1.0, "forward": 1.0, "backward": 2.0}
+KIND_WEIGHT = {"inference": 1.0, "forward": 1.0, "backward": 2.0, "training": 4.0}
 MILLI = 1000
 DAY_S = 86_400.0
 HALF_LIFE_S = 7 * DAY_S

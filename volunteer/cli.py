@@ -21,6 +21,7 @@ from volunteer.commands import (
     peers_cmd,
     profile_cmd,
     service_cmd,
+    train_cmd,
     tui_cmd,
 )
 from volunteer.errors import VolunteerError
@@ -38,6 +39,7 @@ _COMMANDS = (
     api_token_cmd,
     profile_cmd,
     service_cmd,
+    train_cmd,
     tui_cmd,
 )
 

@@ -145,3 +145,55 @@ async def start_swarm(
         **driver_options,
     )
     return Swarm(driver, peers, p2ps)
+
+
+def write_hf_folder(folder, full: BlockSpan, ends: ModelEnds):  # type: ignore[no-untyped-def]
+    """`full` and `ends` as a Hugging Face llama folder (config.json + safetensors): a
+    model a daemon can load by path. Fused projections are split back into HF's."""
+    import json
+
+    from safetensors.torch import save_file
+
+    config = full.config
+    folder.mkdir(parents=True, exist_ok=True)
+    q = config.num_heads * config.head_dim
+    kv = config.num_kv_heads * config.head_dim
+    tensors = {
+        "model.embed_tokens.weight": ends.embed_tokens.weight,
+        "model.norm.weight": ends.norm.weight,
+        "lm_head.weight": ends.lm_head.weight,
+    }
+    for index, block in enumerate(full.blocks):
+        state = block.state_dict()
+        prefix = f"model.layers.{index}."
+        qkv = state["attn.qkv_proj.weight"]
+        gate, up = state["mlp.gate_up_proj.weight"].split(config.intermediate_size)
+        tensors.update({
+            prefix + "input_layernorm.weight": state["attn_norm.weight"],
+            prefix + "self_attn.q_proj.weight": qkv[:q],
+            prefix + "self_attn.k_proj.weight": qkv[q : q + kv],
+            prefix + "self_attn.v_proj.weight": qkv[q + kv :],
+            prefix + "self_attn.o_proj.weight": state["attn.o_proj.weight"],
+            prefix + "post_attention_layernorm.weight": state["mlp_norm.weight"],
+            prefix + "mlp.gate_proj.weight": gate,
+            prefix + "mlp.up_proj.weight": up,
+            prefix + "mlp.down_proj.weight": state["mlp.down_proj.weight"],
+        })  # fmt: skip
+    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()},
+              str(folder / "model.safetensors"))  # fmt: skip
+    hf = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "rms_norm_eps": config.rms_norm_eps,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": False,
+    }
+    (folder / "config.json").write_text(json.dumps(hf), encoding="utf-8")
+    return folder

@@ -105,6 +105,29 @@ class ReceiptSender:
         if self._clock() - self._calls_since >= CALL_FLUSH_S:
             self.flush_calls()
 
+    def work_done(
+        self, peer_id: str, kind: Kind, start: int, end: int, tokens: int, *, checked: int = 0
+    ) -> None:
+        """Receipts work of one piece (a training step's passes), sent at once."""
+        if tokens <= 0 or peer_id == self._signer.peer_id:
+            return
+        now = self._clock()
+        self._send(
+            Receipt(
+                model=self.model,
+                server=peer_id,
+                client=self._signer.peer_id,
+                session_id=uuid.uuid4().hex,
+                kind=kind,
+                start=start,
+                end=end,
+                tokens=tokens,
+                opened_s=now,
+                closed_s=now,
+                checked=checked,
+            )
+        )
+
     def flush_calls(self) -> None:
         """Receipts every call tallied so far."""
         calls, self._calls = self._calls, {}

@@ -25,6 +25,7 @@ from volunteer.control.status_messages import DaemonStatus as DaemonStatus
 from volunteer.control.status_messages import DHTStatus as DHTStatus
 from volunteer.control.status_messages import ServingStatus as ServingStatus
 from volunteer.control.status_messages import StatusReply as StatusReply
+from volunteer.control.status_messages import TrainingStatus as TrainingStatus
 from volunteer.control.status_messages import TrustStatus as TrustStatus
 
 MAX_MESSAGES = 1000
@@ -128,6 +129,41 @@ class FinetuneJob(Reply):
     speeds: Series = []
     error: str | None = None  # why it failed
     adapter: str | None = None  # the adapter it saved, once done
+
+
+class TrainCreateRequest(Params):
+    """`train_create`: a collaborative training job this daemon announces and drives,
+    as `volunteer train create`'s flags (unknown fields are refused)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    data: str = pydantic.Field(min_length=1, max_length=4096)
+    """Token ids (.npy) or text, as an absolute path on the daemon's machine."""
+    stages: int = pydantic.Field(default=2, ge=1, le=64)
+    steps: int = pydantic.Field(default=100, ge=1, le=10**9)
+    batch_size: int = pydantic.Field(default=8, ge=1, le=65_536)
+    microbatch_size: int = pydantic.Field(default=2, ge=1, le=65_536)
+    sequence_length: int = pydantic.Field(default=64, ge=2, le=65_536)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = pydantic.Field(default=1e-4, gt=0, le=10)
+    aggregation: Literal["mean", "centered-clip"] = "centered-clip"
+    tau: float = pydantic.Field(default=1.0, gt=0, le=1e6)
+    checks: int = pydantic.Field(default=1, ge=0, le=64)
+    """Stage peers whose share validators recompute per stage and step."""
+    rebalance: bool = True
+    """Move peers from fast stages to slow ones (SWARM's rebalancing)."""
+    min_peers: int = pydantic.Field(default=1, ge=1, le=64)
+    """Peers each stage must have before the first step."""
+    seed: int = pydantic.Field(default=0, ge=0, le=2**63 - 1)
+
+
+class TrainJoinParams(Params):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    creator: str | None = pydantic.Field(default=None, max_length=128)
+    """The job's creator (peer id); None: the job of the daemon's model (if one)."""
+    stage: int | None = pydantic.Field(default=None, ge=0, le=63)
+    """None: the stage with the fewest peers."""
 
 
 class AdapterRow(Reply):
@@ -326,6 +362,10 @@ FINETUNE_START = Method("finetune_start", FinetuneRequest, FinetuneJob)
 FINETUNE_STATUS = Method("finetune_status", FinetuneStatusParams, FinetuneJob)
 FINETUNE_STOP = Method("finetune_stop", NoParams, FinetuneJob)
 ADAPTERS = Method("adapters", NoParams, AdaptersReply)
+TRAIN_CREATE = Method("train_create", TrainCreateRequest, TrainingStatus)
+TRAIN_JOIN = Method("train_join", TrainJoinParams, TrainingStatus)
+TRAIN_LEAVE = Method("train_leave", NoParams, TrainingStatus)
+TRAIN_STATUS = Method("train_status", NoParams, TrainingStatus)
 CHAT: Method[ChatRequest, ChatText | ChatNotice | ChatStats] = Method(
     "chat", ChatRequest, ChatText | ChatNotice | ChatStats, is_stream=True
 )

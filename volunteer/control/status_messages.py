@@ -132,8 +132,37 @@ class CreditStatus(Reply):
     board_size: int = 0
 
 
+class TrainingStatus(Reply):
+    """The training role's part (`train_status` answers with it alone)."""
+
+    training_role: Literal["driver", "peer"] | None = None
+    """Driving a job this daemon created, or a stage peer of one; None: not training."""
+    training_state: Literal["waiting", "running", "done", "failed", "left"] | None = None
+    training_job: str | None = None
+    training_creator: str | None = None
+    training_stage: int | None = None
+    training_blocks: tuple[int, int] | None = None
+    training_step: int = 0
+    training_steps: int = 0
+    training_loss: float | None = None
+    training_losses: list[tuple[int, float]] = []
+    """(step, loss), the latest at most 512 (the driver's)."""
+    training_stage_peers: list[int] = []
+    """Peers per stage, as the DHT lists them."""
+    training_banned: list[str] = []
+    training_samples_per_s: float | None = None
+    training_error: str | None = None
+
+
 class StatusReply(
-    ServingStatus, DHTStatus, ChatStatus, ApiStatus, TrustStatus, CreditStatus, DaemonStatus
+    ServingStatus,
+    DHTStatus,
+    ChatStatus,
+    ApiStatus,
+    TrustStatus,
+    CreditStatus,
+    TrainingStatus,
+    DaemonStatus,
 ):
     """`status`: every service's part, flat."""
 

@@ -119,6 +119,7 @@ def _services(settings: Settings, paths: Paths) -> list[Service]:
         runtime_identity_path,
         write_private_file,
     )
+    from volunteer.daemon.training_service import TrainingService
     from volunteer.daemon.trust_service import TrustService
     from volunteer.swarm.dht_records import make_validator, owner_marker
     from volunteer.transport.commitment import PeerSigner
@@ -157,4 +158,5 @@ def _services(settings: Settings, paths: Paths) -> list[Service]:
     finetune = FinetuneService(settings, paths, chat)
     adapters = functools.partial(adapter_names, paths, settings.model)
     api = ApiService(settings, paths, chat, blocks, adapters=adapters)
-    return [dht, blocks, trust, credit, chat, finetune, api]
+    training = TrainingService(settings, paths, dht, blocks, credit, owner=owner)
+    return [dht, blocks, trust, credit, chat, finetune, api, training]

@@ -35,6 +35,7 @@ import hashlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ from volunteer.training.calls import TrainingCallError, call
 from volunteer.training.job import TrainingJob
 
 CALL_TIMEOUT_S = 60.0
+PROBE_TIMEOUT_S = 3.0
 SHARE_WAIT_S = 5.0
 """How long peers wait for each other's shares: a share later than this is dropped."""
 TOLERANCE = 1e-3
@@ -76,6 +78,19 @@ class Work:
         return self.given.shape[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class PeerWork:
+    """What a stage peer did in a step that the stage kept: receipted by the driver."""
+
+    peer: str
+    start: int
+    end: int
+    tokens: int
+    """Positions it ran through its blocks, forward and backward."""
+    checked: int
+    """Its shares the validators recomputed (and found right) in the step."""
+
+
 @dataclasses.dataclass
 class StepReport:
     step: int
@@ -99,6 +114,7 @@ class Driver:
         checks: int = 1,
         share_wait_s: float = SHARE_WAIT_S,
         rebalance: bool = True,
+        on_work: Callable[[PeerWork], None] | None = None,
     ) -> None:
         if data.dtype != torch.int64 or data.dim() != 2 or data.shape[1] != job.sequence_length + 1:
             raise ValueError(f"data must be int64 rows of {job.sequence_length + 1} token ids")
@@ -110,6 +126,8 @@ class Driver:
         """Peers recomputed per stage and round (0: none)."""
         self.share_wait_s = share_wait_s
         self.rebalance = rebalance
+        self._on_work = on_work
+        self._checked: collections.Counter[str] = collections.Counter()
         self.step = 0
         self.banned: dict[str, int] = {}
         """Banned peers, with the step they were banned at."""
@@ -127,6 +145,18 @@ class Driver:
         self._max_answer = 64 * largest * 1 << 20
 
     # Who may work.
+
+    def remove_member(self, peer: str) -> None:
+        """A peer that left (its announcement expired)."""
+        self.members.pop(peer, None)
+        self.failed.discard(peer)
+
+    def add_member(self, peer: str, stage: int) -> None:
+        """A peer that joined (it announced itself): checked, and brought to the current
+        step, before it works."""
+        self.members[peer] = stage
+        if self.step:
+            self.failed.add(peer)
 
     def stage_peers(self, stage: int) -> list[str]:
         return sorted(
@@ -203,7 +233,9 @@ class Driver:
         self._corrected = [{} for _ in range(stages)]
         # Last stage first: a liar found there gave earlier stages wrong gradients,
         # which their closing replaces before they gather.
+        self._checked.clear()
         outcomes = [await self._close(stage) for stage in reversed(range(stages))]
+        self._report_work()
         report = StepReport(
             step=self.step,
             loss=sum(self._losses) / self.job.batch_size,
@@ -327,6 +359,16 @@ class Driver:
             f"stage {stage} could not close step {self.step} in {MAX_ROUNDS} rounds"
         )
 
+    def _report_work(self) -> None:
+        if self._on_work is None:
+            return
+        for stage, log in enumerate(self._log):
+            start, end = self.job.stages[stage]
+            for peer, works in log.items():
+                tokens = sum(work.given.shape[0] * work.given.shape[1] for work in works)
+                if works and peer not in self.banned:
+                    self._on_work(PeerWork(peer, start, end, tokens, self._checked[peer]))
+
     async def _redo(self, stage: int, peer: str, avoid: set[str] = frozenset()) -> None:
         """Runs a dropped peer's microbatches of this stage again on the others; a
         banned peer's gradients for the stage before are replaced."""
@@ -382,6 +424,8 @@ class Driver:
         a second agrees (`target` is banned) or if there is no second (no ban: one
         word against another); a second that disagrees bans the first."""
         first = await self._mismatch(judges[0], stage, round_, target)
+        if first is False:
+            self._checked[target] += 1
         if not first:
             return False
         if len(judges) < 2:
@@ -434,6 +478,18 @@ class Driver:
             if peer not in good and not isinstance(reply, BaseException):
                 await self._sync(peer, stage, good[0], self.step + 1)
 
+    async def _probe(self, peer: str) -> int | None:
+        """The steps a failed peer has taken, or None while it does not answer (quietly:
+        a dead peer is asked before every step until it leaves the DHT)."""
+        try:
+            answer, _ = await call(
+                self.p2p, peer, {"op": "info"}, timeout_s=PROBE_TIMEOUT_S, max_answer_bytes=4096
+            )
+        except TrainingCallError:
+            return None
+        steps = answer.get("steps")
+        return steps if isinstance(steps, int) else None
+
     async def _sync(self, peer: str, stage: int, source: str | None, steps: int) -> bool:
         header = {"op": "sync", "stage": stage, "steps": steps, "source": source or ""}
         try:
@@ -447,19 +503,18 @@ class Driver:
 
     async def _prepare(self) -> None:
         """Brings back failed peers that answer, then evens out the stages."""
-        for peer in sorted(self.failed):
-            self.failed.discard(peer)
+        failed = sorted(self.failed)
+        answers = await asyncio.gather(*(self._probe(peer) for peer in failed))
+        for peer, steps in zip(failed, answers, strict=True):
+            if steps is None:
+                continue  # still gone: asked again before the next step
             stage = self.members[peer]
-            source = next((p for p in self.stage_peers(stage) if p != peer), None)
-            try:
-                answer, _ = await self._call(peer, {"op": "info"}, [], timeout_s=5.0)
-                behind = answer.get("steps") != self.step
-                if behind and (
-                    source is None or not await self._sync(peer, stage, source, self.step)
-                ):
-                    self.failed.add(peer)
-            except TrainingCallError:
-                pass
+            source = next(iter(self.stage_peers(stage)), None)
+            self.failed.discard(peer)
+            if steps != self.step and (
+                source is None or not await self._sync(peer, stage, source, self.step)
+            ):
+                self.failed.add(peer)
         if not self.rebalance:
             return
         load = [float(self.job.batch_size)] * len(self.job.stages)

@@ -71,6 +71,7 @@ class TrainingPeer:
         ends: ModelEnds,
         drivers: frozenset[str],
         drill: AttackDrill | None = None,
+        on_pass: Callable[[str, int], None] | None = None,
     ) -> None:
         self.p2p = p2p
         self.peer_id = p2p.peer_id.to_base58()
@@ -79,6 +80,9 @@ class TrainingPeer:
         self._ends = ends.eval()
         self._drivers = drivers
         self._drill = drill or AttackDrill(())
+        self._on_pass = on_pass
+        """Told of each pass run for a driver (its peer id, positions): the daemon logs
+        it for the driver's receipt (`volunteer.trust.intake`)."""
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stage")
         self._shares: dict[int, dict[str, torch.Tensor]] = {}
         """This step's shares by round, then by sender."""
@@ -178,6 +182,7 @@ class TrainingPeer:
         key = wire.field(header, "key", str)
         (grad,) = _count(tensors, 1)
         grad_input = await self._run(lambda: self.trainer.backward(key, grad))
+        self._log_work(peer, grad)
         return {}, [] if self.first else [grad_input]
 
     async def _op_loss(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
@@ -193,7 +198,12 @@ class TrainingPeer:
             return self.trainer.loss_backward(key, self._input(given), labels, self._ends)
 
         loss, grad_input = await self._run(work)
+        self._log_work(peer, labels)
         return {"loss": loss}, [] if self.first else [grad_input]
+
+    def _log_work(self, driver: str, shaped: torch.Tensor) -> None:
+        if self._on_pass is not None:
+            self._on_pass(driver, shaped.shape[0] * shaped.shape[1])
 
     async def _op_reset(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
         """Forgets this step's sums: the driver runs their microbatches again."""

@@ -32,7 +32,7 @@ from volunteer.transport.commitment import (
     check_peer_signature,
 )
 
-Kind = Literal["inference", "forward", "backward"]
+Kind = Literal["inference", "forward", "backward", "training"]
 MAX_BODY_BYTES = 1024
 MAX_RECEIPT_BYTES = MAX_BODY_BYTES + 2 * MAX_RSA_KEY_BYTES + 64
 MAX_TOKENS = 1 << 40

@@ -1,0 +1,101 @@
+"""Collaborative training end to end: real daemons on 127.0.0.1 train a tiny random
+Llama (a Hugging Face folder each loads by path) through `volunteer train`.
+
+A driver daemon creates the job; five daemons join it, two in stage 0 and three in
+stage 1, one of them Byzantine on purpose (`VOLUNTEER_FAULTS=sign-flip`). Every share
+is recomputed each round, so the attacker is banned in its first step with two judges
+beside it; a stage-0 peer is killed with SIGKILL mid-run, and the job still finishes
+every step. The peers hold
+the driver's signed receipts for the work the stages kept.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from tests.daemon.homes import DaemonSwarm, Homes, wait_for
+from tests.training.swarm_helpers import tiny_data, tiny_model, write_hf_folder
+from volunteer.control.endpoint import use_tcp
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(use_tcp(), reason="daemon tests use the Unix-socket path"),
+]
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    root = tmp_path_factory.mktemp("training")
+    full, ends = tiny_model()
+    model = write_hf_folder(root / "tiny-llama", full, ends)
+    data = root / "data.npy"
+    np.save(data, tiny_data(ends.config.vocab_size, rows=48, sequence=8).numpy())
+    homes = Homes(root)
+    swarm = DaemonSwarm(homes, model, new_tokens="1", chat_timeout_s=60,
+                        daemon_flags=("--num-blocks", "0"))  # fmt: skip
+    try:
+        driver = swarm.start("driver")
+        peers = {f"p{i}": swarm.start(f"p{i}") for i in range(1, 6)}
+        created = homes.cli(
+            driver, "train", "create", str(data), "--stages", "2", "--steps", str(STEPS),
+            "--batch-size", "8", "--microbatch-size", "2", "--sequence-length", "8",
+            "--checks", "3", "--no-rebalance", "--min-peers", "2", "--lr", "0.003", "--json",
+        )  # fmt: skip
+        assert created.returncode == 0, created.stderr
+        attacker = homes.home("p5")
+        # The attacker restarts with the drill: its status says so.
+        assert homes.cli(attacker, "stop").returncode == 0
+        homes.env["VOLUNTEER_FAULTS"] = "sign-flip"
+        swarm.start("p5")
+        del homes.env["VOLUNTEER_FAULTS"]
+        for name, stage in (("p1", 0), ("p2", 0), ("p5", 1), ("p3", 1), ("p4", 1)):
+            joined = homes.cli(peers[name], "train", "join", "--stage", str(stage))
+            assert joined.returncode == 0, joined.stderr
+        wait_for("two steps", lambda: homes.status(driver)["training_step"] >= 2, 120)
+        victim = homes.remember(peers["p1"])
+        os.killpg(victim, signal.SIGKILL)
+        killed_at = homes.status(driver)["training_step"]
+        wait_for(
+            "the job to finish",
+            lambda: homes.status(driver)["training_state"] in ("done", "failed"),
+            240,
+        )
+        yield {"homes": homes, "driver": driver, "peers": peers, "killed_at": killed_at}
+    finally:
+        homes.reap()
+
+
+def test_the_job_finishes_every_step_with_the_loss_going_down(trained: dict) -> None:
+    status = trained["homes"].status(trained["driver"])
+    assert status["training_state"] == "done", status.get("training_error")
+    assert trained["killed_at"] < STEPS - 1  # the kill came mid-run
+    losses = [loss for _, loss in status["training_losses"]]
+    assert [step for step, _ in status["training_losses"]] == list(range(STEPS))
+    # Steps 6 and 7 see the data of steps 0 and 1 again (48 rows, 8 a step), trained on.
+    assert losses[6] < losses[0] and losses[7] < losses[1]
+
+
+def test_the_byzantine_peer_is_banned_and_says_it_drills(trained: dict) -> None:
+    homes = trained["homes"]
+    attacker = homes.status(trained["peers"]["p5"])
+    assert attacker["faults"] == "sign-flip"
+    status = homes.status(trained["driver"])
+    assert status["training_banned"] == [attacker["peer_id"]]
+    text = homes.cli(trained["driver"], "train", "status").stdout
+    assert "banned" in text and attacker["peer_id"] in text and f"{STEPS} of {STEPS}" in text
+
+
+def test_honest_peers_took_the_drivers_receipts(trained: dict) -> None:
+    homes = trained["homes"]
+    for name in ("p2", "p3"):
+        home = trained["peers"][name]
+        status = homes.status(home)
+        assert status["training_role"] == "peer" and status["training_step"] == STEPS
+        wait_for(f"{name} to keep a receipt", lambda h=home: homes.status(h)["receipts_kept"] > 0)

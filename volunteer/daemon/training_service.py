@@ -1,0 +1,356 @@
+"""The daemon's training role: driving a job it created, or being a stage peer of one.
+
+- `train_create`: reads the data, announces a `TrainingJob` for the daemon's model in
+  its own DHT subkey (so it is the job's driver, and peers obey it alone) and drives it
+  (`volunteer.training.driver`): before each step it reads who joined from the DHT;
+  after each, it sends each peer a signed receipt for the work the stage kept.
+- `train_join`: reads the job from the DHT, joins the stage with the fewest peers (or
+  the one asked), loads that stage's blocks in float32 and serves them as a
+  `TrainingPeer`, announcing its stage and step; the driver may move it.
+- `train_leave`: stops either; `train_status` and the `status` reply tell of it.
+
+One role at a time. The drill attacks of `VOLUNTEER_FAULTS` make a stage peer Byzantine
+on purpose (its log and status say so).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from volunteer.control.messages import (
+    TRAIN_CREATE,
+    TRAIN_JOIN,
+    TRAIN_LEAVE,
+    TRAIN_STATUS,
+    NoParams,
+    TrainCreateRequest,
+    TrainingStatus,
+    TrainJoinParams,
+)
+from volunteer.control.server import ControlServer
+from volunteer.daemon.block_service import BlockService
+from volunteer.daemon.credit_service import CreditService
+from volunteer.daemon.dht_service import DHTService
+from volunteer.errors import SettingsError, VolunteerError
+from volunteer.model_cache.served_model import ServedModel, open_model
+from volunteer.paths import Paths
+from volunteer.settings import Settings
+from volunteer.training.attack_drill import AttackDrill
+from volunteer.training.data import load_rows, shard_hash
+from volunteer.training.driver import Driver, PeerWork, TrainingStalled
+from volunteer.training.job import Aggregation, DataShard, Optimizer, TrainingJob
+from volunteer.training.peer import TrainingPeer
+from volunteer.training.records import (
+    StageMember,
+    announce_member_on_node,
+    publish_job_on_node,
+    read_jobs_on_node,
+    read_members_on_node,
+)
+
+ANNOUNCE_PERIOD_S = 5.0
+DHT_TIMEOUT_S = 10.0
+WAIT_FOR_PEERS_S = 1.0
+MAX_LOSSES = 512
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingService:
+    """See the module."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        paths: Paths,
+        dht: DHTService,
+        blocks: BlockService,
+        credit: CreditService,
+        *,
+        owner: bytes,
+    ) -> None:
+        self._settings = settings
+        self._paths = paths
+        self._dht = dht
+        self._blocks = blocks
+        self._credit = credit
+        self._owner = owner
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._status = TrainingStatus()
+        self._losses: collections.deque[tuple[int, float]] = collections.deque(maxlen=MAX_LOSSES)
+        self._driver: Driver | None = None
+        self._peer: TrainingPeer | None = None
+        self._job: TrainingJob | None = None
+
+    def register_control(self, control: ControlServer) -> None:
+        control.register(TRAIN_CREATE, self.create)
+        control.register(TRAIN_JOIN, self.join)
+        control.register(TRAIN_LEAVE, self.leave)
+        control.register(TRAIN_STATUS, self.train_status)
+
+    async def start(self) -> None:
+        """Nothing to start: a role starts on request."""
+
+    async def stop(self) -> None:
+        await self.leave(NoParams())
+
+    def status(self) -> TrainingStatus:
+        return self.train_status_now()
+
+    async def train_status(self, params: NoParams) -> TrainingStatus:
+        return self.train_status_now()
+
+    def train_status_now(self) -> TrainingStatus:
+        update: dict[str, object] = {"training_losses": list(self._losses)}
+        if self._losses:
+            update["training_loss"] = self._losses[-1][1]
+        if self._driver is not None:
+            update["training_step"] = self._driver.step
+            update["training_banned"] = sorted(self._driver.banned)
+        if self._peer is not None:
+            start, end = self._peer.job.stages[self._peer.stage]
+            update.update(
+                training_stage=self._peer.stage,
+                training_blocks=(start, end),
+                training_step=self._peer.trainer.steps,
+            )
+        return self._status.model_copy(update=update)
+
+    # Roles.
+
+    async def create(self, request: TrainCreateRequest) -> TrainingStatus:
+        """Control method: announces and drives a new job (module doc)."""
+        self._check_idle()
+        if not Path(request.data).is_absolute():
+            raise SettingsError(f"the data file must be an absolute path, not {request.data}")
+        if request.batch_size % request.microbatch_size:
+            raise SettingsError("the batch size must be a multiple of the microbatch size")
+        model = await self._model()
+        blocks = model.config.num_layers
+        if request.stages > blocks:
+            raise SettingsError(f"{model.swarm_name} has {blocks} blocks: at most that many stages")
+        try:
+            rows = await asyncio.to_thread(
+                load_rows,
+                Path(request.data),
+                sequence_length=request.sequence_length,
+                vocab_size=model.config.vocab_size,
+                tokenize=_tokenizer_of(model),
+            )
+        except VolunteerError as exc:
+            raise SettingsError(str(exc)) from None
+        bounds = [round(i * blocks / request.stages) for i in range(request.stages + 1)]
+        job = TrainingJob(
+            model=model.swarm_name,
+            num_blocks=blocks,
+            trains="blocks",
+            stages=tuple(itertools.pairwise(bounds)),
+            shards=(DataShard(sha256=shard_hash(rows), sequences=len(rows)),),
+            sequence_length=request.sequence_length,
+            batch_size=request.batch_size,
+            microbatch_size=request.microbatch_size,
+            optimizer=Optimizer(name=request.optimizer, lr=request.lr),
+            aggregation=Aggregation(kind=request.aggregation, tau=request.tau),
+            seed=request.seed,
+            steps=request.steps,
+        )
+        sender = self._credit.receipt_sender(job.model)
+
+        def receipt(work: PeerWork) -> None:
+            sender.work_done(work.peer, "training", work.start, work.end, work.tokens,
+                             checked=work.checked)  # fmt: skip
+
+        self._job = job
+        self._driver = Driver(
+            p2p=self._dht.p2p, job=job, data=rows, members={}, checks=request.checks,
+            rebalance=request.rebalance,
+            on_work=receipt,
+        )  # fmt: skip
+        self._begin("driver", job, creator=self._dht.peer_id)
+        self._own(self._announce_job(job), "training job announce")
+        self._own(self._drive(self._driver, sender, request.min_peers), "training driver")
+        logger.info("training job %s: %d stages, %d steps", job.job_id, len(job.stages), job.steps)
+        return self.train_status_now()
+
+    async def join(self, params: TrainJoinParams) -> TrainingStatus:
+        """Control method: becomes a stage peer of a job (module doc)."""
+        self._check_idle()
+        model = await self._model()
+        jobs = await read_jobs_on_node(self._dht.node, model.swarm_name, timeout_s=DHT_TIMEOUT_S)
+        if jobs is None:
+            raise SettingsError("the DHT did not answer; try again")
+        chosen = [(c, j) for c, j in jobs if params.creator in (None, c)]
+        if not chosen:
+            who = f" by {params.creator}" if params.creator else ""
+            raise SettingsError(f"no training job{who} for {model.swarm_name} in the swarm")
+        creator, job = chosen[0]
+        members = await read_members_on_node(self._dht.node, job, timeout_s=DHT_TIMEOUT_S) or {}
+        counts = _stage_counts(job, members)
+        stage = params.stage
+        if stage is None:
+            stage = min(range(len(job.stages)), key=lambda s: (counts[s], s))
+        elif stage >= len(job.stages):
+            raise SettingsError(f"the job has {len(job.stages)} stages")
+        attacks = self._settings.faults.training_attacks()
+        work = self._blocks.stats.work
+
+        def build() -> TrainingPeer:
+            from volunteer.models.checkpoint import load_ends, load_span
+
+            torch.set_num_threads(self._settings.threads or torch.get_num_threads())
+            ends = load_ends(model.folder, model.config).requires_grad_(False)
+            return TrainingPeer(
+                p2p=self._dht.p2p,
+                job=job,
+                stage=stage,
+                span_for=lambda start, end: load_span(model.folder, model.config, start, end),
+                ends=ends,
+                drivers=frozenset({creator}),
+                drill=AttackDrill(attacks, seed=hash(self._dht.peer_id) & 0xFFFF),
+                on_pass=lambda driver, tokens: work.add(driver, "training", "", tokens),
+            )
+
+        peer = await asyncio.to_thread(build)
+        await peer.start()
+        self._peer, self._job = peer, job
+        self._begin("peer", job, creator=creator)
+        self._own(self._announce_member(peer), "stage member announce")
+        logger.info("joined training job %s as a peer of stage %d", job.job_id, stage)
+        return self.train_status_now()
+
+    async def leave(self, params: NoParams) -> TrainingStatus:
+        """Control method: ends this daemon's role (idempotent)."""
+        tasks, self._tasks = self._tasks, set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._peer is not None:
+            await self._peer.stop()
+            self._peer = None
+        self._driver = None
+        if self._status.training_role is not None and self._status.training_state == "running":
+            self._status = self._status.model_copy(update={"training_state": "left"})
+        return self.train_status_now()
+
+    # Helpers.
+
+    def _check_idle(self) -> None:
+        if self._driver is not None or self._peer is not None:
+            raise SettingsError(
+                "this daemon already has a training role; `volunteer train leave` first"
+            )
+
+    async def _model(self) -> ServedModel:
+        if self._blocks.model is not None:
+            return self._blocks.model
+        return await asyncio.to_thread(open_model, self._settings.model, self._paths.models_dir)
+
+    def _begin(self, role: str, job: TrainingJob, *, creator: str | None) -> None:
+        self._losses.clear()
+        self._status = TrainingStatus(
+            training_role=role,
+            training_state="running" if role == "peer" else "waiting",
+            training_job=job.job_id,
+            training_creator=creator,
+            training_steps=job.steps,
+        )
+
+    def _own(self, work: object, name: str) -> None:
+        task = asyncio.ensure_future(work)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            logger.error("%s failed: %s", task.get_name(), error)
+            self._status = self._status.model_copy(
+                update={"training_state": "failed", "training_error": str(error)[:300]}
+            )
+
+    async def _announce_job(self, job: TrainingJob) -> None:
+        while True:
+            await publish_job_on_node(
+                self._dht.node, job, owner=self._owner,
+                expiration_s=3 * ANNOUNCE_PERIOD_S, timeout_s=DHT_TIMEOUT_S,
+            )  # fmt: skip
+            await self._refresh_counts(job)
+            await asyncio.sleep(ANNOUNCE_PERIOD_S)
+
+    async def _announce_member(self, peer: TrainingPeer) -> None:
+        while True:
+            member = StageMember(job_id=peer.job.job_id, stage=peer.stage, steps=peer.trainer.steps)
+            await announce_member_on_node(
+                self._dht.node, peer.job, member, owner=self._owner,
+                expiration_s=3 * ANNOUNCE_PERIOD_S, timeout_s=DHT_TIMEOUT_S,
+            )  # fmt: skip
+            await self._refresh_counts(peer.job)
+            await asyncio.sleep(ANNOUNCE_PERIOD_S)
+
+    async def _refresh_counts(self, job: TrainingJob) -> dict[str, StageMember]:
+        members = await read_members_on_node(self._dht.node, job, timeout_s=DHT_TIMEOUT_S)
+        if members is None:
+            return {}
+        self._status = self._status.model_copy(
+            update={"training_stage_peers": _stage_counts(job, members)}
+        )
+        return members
+
+    async def _drive(self, driver: Driver, sender: object, min_peers: int) -> None:
+        job = driver.job
+        while driver.step < job.steps:
+            members = await self._refresh_counts(job)
+            for peer, member in members.items():
+                if peer not in driver.members:
+                    driver.add_member(peer, member.stage)
+            for peer in [p for p in driver.failed if p not in members]:
+                driver.remove_member(peer)
+            # Until the first step, each stage waits for `min_peers`; then for one.
+            least = 1 if driver.step else min_peers
+            if any(len(driver.stage_peers(s)) < least for s in range(len(job.stages))):
+                await asyncio.sleep(WAIT_FOR_PEERS_S)
+                continue
+            began = time.perf_counter()
+            try:
+                report = await driver.run_step()
+            except TrainingStalled as exc:
+                logger.warning("training step %d stalled: %s; waiting for peers", driver.step, exc)
+                await asyncio.sleep(WAIT_FOR_PEERS_S)
+                continue
+            self._losses.append((report.step, report.loss))
+            speed = job.batch_size / max(time.perf_counter() - began, 1e-6)
+            self._status = self._status.model_copy(
+                update={"training_state": "running", "training_samples_per_s": speed}
+            )
+            logger.info("training step %d: loss %.4f", report.step, report.loss)
+        with contextlib.suppress(Exception):
+            await sender.close()  # type: ignore[attr-defined]
+        self._status = self._status.model_copy(update={"training_state": "done"})
+
+
+def _stage_counts(job: TrainingJob, members: dict[str, StageMember]) -> list[int]:
+    counts = [0] * len(job.stages)
+    for member in members.values():
+        counts[member.stage] += 1
+    return counts
+
+
+def _tokenizer_of(model: ServedModel):  # type: ignore[no-untyped-def]
+    """The model's tokenizer's encode, or None where the folder has none."""
+    from volunteer.models.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer.from_folder(model.folder).encode
+    except Exception:  # a model folder without a tokenizer: .npy data only
+        return None

@@ -1,0 +1,65 @@
+"""A training job's data: token id rows of `sequence_length + 1` (inputs and the next
+tokens), named by the sha256 of their bytes so anyone holding them can check them.
+
+Read from a `.npy` array of token ids (rows at least that long; longer rows are cut), or
+from a text file, tokenized with the model's tokenizer and cut into rows. Errors are
+`DataError`s naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from volunteer.errors import VolunteerError
+
+MAX_DATA_BYTES = 1 << 30
+
+
+class DataError(VolunteerError):
+    """Training data that cannot be used (missing, malformed, too short, out of vocabulary)."""
+
+
+def shard_hash(rows: torch.Tensor) -> str:
+    return hashlib.sha256(rows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def load_rows(path: Path, *, sequence_length: int, vocab_size: int, tokenize=None) -> torch.Tensor:
+    """The rows of `path` (see the module doc); `tokenize(text) -> ids` for text files.
+
+    Raises:
+        DataError: see the class.
+    """
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DataError(f"cannot read the training data {path}: {exc.strerror}") from None
+    if size > MAX_DATA_BYTES:
+        raise DataError(f"{path} is over {MAX_DATA_BYTES >> 20} MiB")
+    width = sequence_length + 1
+    if path.suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path} is not a .npy array: {exc}") from None
+        if array.ndim != 2 or array.dtype.kind not in "iu" or array.shape[1] < width:
+            raise DataError(f"{path} must hold integer token ids, rows of at least {width}")
+        rows = torch.from_numpy(array[:, :width].astype(np.int64))
+    else:
+        if tokenize is None:
+            raise DataError(f"{path}: text needs the model's tokenizer, and it has none")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read {path} as UTF-8 text: {exc}") from None
+        ids = torch.tensor(tokenize(text), dtype=torch.int64)
+        count = len(ids) // width
+        rows = ids[: count * width].view(count, width)
+    if not len(rows):
+        raise DataError(f"{path} holds no row of {width} tokens")
+    if bool(((rows < 0) | (rows >= vocab_size)).any()):
+        raise DataError(f"{path} has token ids outside the model's vocabulary of {vocab_size}")
+    return rows.contiguous()
