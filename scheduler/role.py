@@ -5,13 +5,18 @@ with no server) or its weakest block is below the speed people need; otherwise, 
 the volunteer allows training and a training swarm is under way, the machine joins it;
 otherwise it serves. The volunteer's own choices always bound the answer.
 
-Not acted on yet: `volunteer profile` reports the role; the daemon always serves.
+`volunteer profile` reports the role; a daemon started with `--train` acts on it
+(`volunteer.daemon.training_service`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+
+WANTED_BLOCK_TPS = 10.0
+"""Below this at its weakest block the swarm needs servers before trainers: a chat
+reads fluently at about 10 tokens/s."""
 
 
 class RoleKind(str, enum.Enum):

@@ -14,6 +14,7 @@ from volunteer.tui.gauges import Gauges
 from volunteer.tui.render import blocks_bar, gauge, setting_label
 
 from volunteer.control.messages import StatusReply
+from volunteer.control.training_view import training_lines
 
 SPARK_SAMPLES = 180
 """Tokens/s samples kept for the sparkline: three minutes at one poll a second."""
@@ -42,6 +43,8 @@ class Dashboard(Vertical):
         yield Static(id="counters", markup=False)
         yield Static("tokens/s served, last 3 minutes", id="spark-label")
         yield Sparkline([], id="spark")
+        yield Static(id="training", markup=False)
+        yield Sparkline([], id="training-spark")
         yield Static(id="gauges")
 
     def show_status(self, status: StatusReply | None, *, now_s: float | None = None) -> None:
@@ -80,6 +83,20 @@ class Dashboard(Vertical):
             f"sessions {status.open_sessions}   chats {status.chats_answered}{api}"
         )
         self._sample_rate(status.tokens_served, now_s or time.monotonic())
+        self._show_training(status)
+
+    def _show_training(self, status: StatusReply) -> None:
+        """The training role (job, stage, steps, peers, bans) and its loss curve."""
+        panel = self.query_one("#training", Static)
+        spark = self.query_one("#training-spark", Sparkline)
+        is_training = status.training_role is not None
+        panel.display = is_training
+        losses = [loss for _, loss in status.training_losses]
+        spark.display = is_training and len(losses) > 1
+        if not is_training:
+            return
+        panel.update("training\n" + "\n".join(training_lines(status)))
+        spark.data = losses
 
     def show_gauges(self, gauges: Gauges) -> None:
         lines = [

@@ -238,6 +238,7 @@ EXAMPLES: dict[str, tuple[Any, str]] = {
     "num_blocks": (0, "0"),
     "join": ((PEER,), PEER),
     "new_swarm": (True, "true"),
+    "train": (True, "true"),
     "host": ("0.0.0.0", "0.0.0.0"),
     "port": (31337, "31337"),
     "local_links": (False, "no"),

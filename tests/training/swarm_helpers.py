@@ -5,22 +5,16 @@ one process, the reference the swarm must match."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 
 import torch
-from hivemind.p2p import P2P
 from volunteer.models.model import BlockSpan, ModelEnds
 
 from tests.server import random_span, sub_span, tiny_config
-from volunteer.faults import parse_faults
-from volunteer.training.attack_drill import AttackDrill
-from volunteer.training.driver import Driver
 from volunteer.training.job import Aggregation, DataShard, Optimizer, TrainingJob
-from volunteer.training.peer import TrainingPeer
+from volunteer.training.loopback import LoopbackSwarm, start_loopback_swarm
 from volunteer.training.stage import sequence_losses
 
-LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 OPTIMIZER = Optimizer(name="adamw", lr=3e-3, weight_decay=0.01)
 
 
@@ -82,28 +76,6 @@ def alone(full: BlockSpan, ends: ModelEnds, job: TrainingJob, data: torch.Tensor
     return losses
 
 
-@dataclasses.dataclass
-class Swarm:
-    driver: Driver
-    peers: list[TrainingPeer]
-    p2ps: list[P2P]
-
-    def peer(self, stage: int, index: int) -> TrainingPeer:
-        return [peer for peer in self.peers if peer.stage == stage][index]
-
-    async def kill(self, peer: TrainingPeer) -> None:
-        """The peer's process dies: its daemon goes, nothing is said."""
-        await peer.p2p.shutdown()
-
-    async def close(self) -> None:
-        for peer in self.peers:
-            if peer.p2p.is_alive:
-                await peer.stop()
-        for p2p in self.p2ps:
-            if p2p.is_alive:
-                await p2p.shutdown()
-
-
 async def start_swarm(
     full: BlockSpan,
     ends: ModelEnds,
@@ -111,40 +83,13 @@ async def start_swarm(
     data: torch.Tensor,
     *,
     stages: list[int],
-    faults: dict[int, str] | None = None,
-    **driver_options: object,
-) -> Swarm:
-    """A driver and one peer per entry of `stages` (the stage it starts in); `faults`
-    gives some peers (by index) drill attacks."""
-    p2ps = [await P2P.create(host_maddrs=LOOPBACK)]
-    for _ in stages:
-        known = [addr for p2p in p2ps for addr in await p2p.get_visible_maddrs()]
-        p2ps.append(await P2P.create(host_maddrs=LOOPBACK, initial_peers=known))
-    driver_id = p2ps[0].peer_id.to_base58()
-    peers = []
-    for index, (stage, p2p) in enumerate(zip(stages, p2ps[1:], strict=True)):
-        drill = AttackDrill(
-            parse_faults((faults or {}).get(index, "")).training_attacks(), seed=index
-        )
-        peer = TrainingPeer(
-            p2p=p2p,
-            job=job,
-            stage=stage,
-            span_for=lambda start, end: sub_span(full, start, end),
-            ends=ends,
-            drivers=frozenset({driver_id}),
-            drill=drill,
-        )
-        await peer.start()
-        peers.append(peer)
-    driver = Driver(
-        p2p=p2ps[0],
-        job=job,
-        data=data,
-        members={peer.peer_id: peer.stage for peer in peers},
-        **driver_options,
-    )
-    return Swarm(driver, peers, p2ps)
+    **options: object,
+) -> LoopbackSwarm:
+    """A loopback swarm of `full`'s blocks (`volunteer.training.loopback`)."""
+    return await start_loopback_swarm(
+        job, data, span_for=lambda start, end: sub_span(full, start, end), ends=ends,
+        stages=stages, **options,
+    )  # fmt: skip
 
 
 def write_hf_folder(folder, full: BlockSpan, ends: ModelEnds):  # type: ignore[no-untyped-def]

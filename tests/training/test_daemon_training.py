@@ -2,7 +2,8 @@
 Llama (a Hugging Face folder each loads by path) through `volunteer train`.
 
 A driver daemon creates the job; five daemons join it, two in stage 0 and three in
-stage 1, one of them Byzantine on purpose (`VOLUNTEER_FAULTS=sign-flip`). Every share
+stage 1, one of them Byzantine on purpose (`VOLUNTEER_FAULTS=sign-flip`); a sixth,
+started with `--train`, takes the role by itself and is brought to the current step. Every share
 is recomputed each round, so the attacker is banned in its first step with two judges
 beside it; a stage-0 peer is killed with SIGKILL mid-run, and the job still finishes
 every step. The peers hold
@@ -27,7 +28,8 @@ pytestmark = [
     pytest.mark.skipif(use_tcp(), reason="daemon tests use the Unix-socket path"),
 ]
 
-STEPS = 30
+STEPS = 40
+BATCH = 16
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         peers = {f"p{i}": swarm.start(f"p{i}") for i in range(1, 6)}
         created = homes.cli(
             driver, "train", "create", str(data), "--stages", "2", "--steps", str(STEPS),
-            "--batch-size", "8", "--microbatch-size", "2", "--sequence-length", "8",
+            "--batch-size", str(BATCH), "--microbatch-size", "2", "--sequence-length", "8",
             "--checks", "3", "--no-rebalance", "--min-peers", "2", "--lr", "0.003", "--json",
         )  # fmt: skip
         assert created.returncode == 0, created.stderr
@@ -55,9 +57,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         homes.env["VOLUNTEER_FAULTS"] = "sign-flip"
         swarm.start("p5")
         del homes.env["VOLUNTEER_FAULTS"]
+        # This one takes the role itself: it serves no blocks, so training is its role.
+        auto = swarm.start("auto", "--train", "--announce-period", "5")
         for name, stage in (("p1", 0), ("p2", 0), ("p5", 1), ("p3", 1), ("p4", 1)):
             joined = homes.cli(peers[name], "train", "join", "--stage", str(stage))
             assert joined.returncode == 0, joined.stderr
+        wait_for("the auto peer's role", lambda: homes.status(auto)["training_role"] == "peer", 60)
         wait_for("two steps", lambda: homes.status(driver)["training_step"] >= 2, 120)
         victim = homes.remember(peers["p1"])
         os.killpg(victim, signal.SIGKILL)
@@ -67,6 +72,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             lambda: homes.status(driver)["training_state"] in ("done", "failed"),
             240,
         )
+        peers["auto"] = auto
         yield {"homes": homes, "driver": driver, "peers": peers, "killed_at": killed_at}
     finally:
         homes.reap()
@@ -78,8 +84,8 @@ def test_the_job_finishes_every_step_with_the_loss_going_down(trained: dict) -> 
     assert trained["killed_at"] < STEPS - 1  # the kill came mid-run
     losses = [loss for _, loss in status["training_losses"]]
     assert [step for step, _ in status["training_losses"]] == list(range(STEPS))
-    # Steps 6 and 7 see the data of steps 0 and 1 again (48 rows, 8 a step), trained on.
-    assert losses[6] < losses[0] and losses[7] < losses[1]
+    # Every third step sees the same batch again (48 rows, 16 a step).
+    assert sum(losses[-3:]) < sum(losses[:3])
 
 
 def test_the_byzantine_peer_is_banned_and_says_it_drills(trained: dict) -> None:
@@ -94,8 +100,13 @@ def test_the_byzantine_peer_is_banned_and_says_it_drills(trained: dict) -> None:
 
 def test_honest_peers_took_the_drivers_receipts(trained: dict) -> None:
     homes = trained["homes"]
-    for name in ("p2", "p3"):
+    for name in ("p2", "p3", "auto"):
         home = trained["peers"][name]
         status = homes.status(home)
-        assert status["training_role"] == "peer" and status["training_step"] == STEPS
+        assert status["training_role"] == "peer" and status["training_step"] == STEPS, (
+            name,
+            status["peer_id"],
+            status["training_step"],
+            status["training_stage"],
+        )
         wait_for(f"{name} to keep a receipt", lambda h=home: homes.status(h)["receipts_kept"] > 0)

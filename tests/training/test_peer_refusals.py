@@ -11,9 +11,10 @@ import torch
 from hivemind.p2p import P2P
 
 from tests.server import sub_span
-from tests.training.swarm_helpers import LOOPBACK, tiny_data, tiny_job, tiny_model
+from tests.training.swarm_helpers import tiny_data, tiny_job, tiny_model
 from volunteer.training.calls import TrainingCallError, call
 from volunteer.training.job import Aggregation
+from volunteer.training.loopback import LOOPBACK
 from volunteer.training.peer import MAX_SHARES, TrainingPeer
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated")

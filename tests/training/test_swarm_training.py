@@ -10,9 +10,10 @@ import functools
 
 import pytest
 
-from tests.training.swarm_helpers import Swarm, alone, start_swarm, tiny_data, tiny_job, tiny_model
+from tests.training.swarm_helpers import alone, start_swarm, tiny_data, tiny_job, tiny_model
 from volunteer.training.driver import StepReport
 from volunteer.training.job import Aggregation
+from volunteer.training.loopback import LoopbackSwarm
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:path is deprecated")]
 
@@ -32,7 +33,7 @@ def _train(
     data = tiny_data(ends.config.vocab_size, rows=48, sequence=8)
     job = tiny_job(data, aggregation=aggregation, steps=steps)
 
-    async def run() -> tuple[list[StepReport], Swarm]:
+    async def run() -> tuple[list[StepReport], LoopbackSwarm]:
         swarm = await start_swarm(full, ends, job, data, stages=stages, **options)
         try:
             first = asyncio.create_task(swarm.driver.run_step())
@@ -89,7 +90,7 @@ def test_a_peer_killed_mid_step_loses_no_data() -> None:
     """A stage-1 peer dies once it has run a microbatch of the first step: its work is
     run again on the others, and every step's loss is still one process's."""
 
-    async def kill_when_busy(swarm: Swarm) -> None:
+    async def kill_when_busy(swarm: LoopbackSwarm) -> None:
         victim = swarm.peer(1, 0)
         while not victim.trainer.samples:
             await asyncio.sleep(0.005)
@@ -106,3 +107,29 @@ def test_five_peers_in_one_stage_of_two_spread_out() -> None:
     assert min(sizes) >= 2, sizes
     # The movers took the stage's state: the swarm still trains as one process.
     assert [r.loss for r in reports] == pytest.approx(expected, rel=TOLERANCE)
+
+
+def test_a_peer_that_joins_late_takes_the_stage_state_and_trains_on() -> None:
+    """The sixth peer is unknown to the driver for three steps, then announced: it is
+    brought to the current step from a peer of its stage and works from then on."""
+    full, ends = tiny_model()
+    data = tiny_data(ends.config.vocab_size, rows=48, sequence=8)
+    job = tiny_job(data, aggregation=MEAN, steps=6)
+
+    async def run() -> tuple[list[StepReport], int, int]:
+        swarm = await start_swarm(full, ends, job, data, stages=THREE_AND_THREE, rebalance=False)
+        try:
+            late = swarm.peers[-1]
+            swarm.driver.remove_member(late.peer_id)
+            reports = [await swarm.driver.run_step() for _ in range(3)]
+            swarm.driver.add_member(late.peer_id, late.stage)
+            reports += [await swarm.driver.run_step() for _ in range(3)]
+            worked = sum(1 for works in swarm.driver._log[1].values() if works)
+            return reports, late.trainer.steps, worked
+        finally:
+            await swarm.close()
+
+    reports, late_steps, worked = asyncio.run(run())
+    assert late_steps == job.steps
+    assert worked == 3  # the last step's stage 1 used all three peers
+    assert [r.loss for r in reports] == pytest.approx(alone(full, ends, job, data), rel=TOLERANCE)

@@ -62,6 +62,38 @@ def test_the_dashboard_shows_the_daemon_and_the_machine() -> None:
     run(scenario, FakeDaemon())
 
 
+def test_the_dashboard_shows_the_training_role_and_its_loss_curve() -> None:
+    training = {
+        "training_role": "peer",
+        "training_state": "running",
+        "training_job": "21eafdf45ff54241",
+        "training_creator": "QmCreator",
+        "training_stage": 1,
+        "training_blocks": (15, 30),
+        "training_step": 12,
+        "training_steps": 100,
+        "training_losses": [(0, 4.5), (1, 4.1), (2, 3.9)],
+        "training_loss": 3.9,
+        "training_stage_peers": [3, 2],
+        "training_banned": ["QmLiar"],
+    }
+
+    async def scenario(app: VolunteerApp, pilot: object) -> None:
+        app.refresh_status()
+        await settle(app, pilot)
+        assert not app.query_one("#training").display  # not training: no panel
+        app.query_one("#dash").show_status(SERVING.model_copy(update=training))
+        await settle(app, pilot)
+        panel = text_of(app, "#training")
+        for shown in ("peer (running)", "12 of 100", "stage     1 (blocks 15:30)",
+                      "stage 0: 3, stage 1: 2", "loss      3.9000", "QmLiar"):  # fmt: skip
+            assert shown in panel, panel
+        assert app.query_one("#training-spark").display
+        assert list(app.query_one("#training-spark").data) == [4.5, 4.1, 3.9]
+
+    run(scenario, FakeDaemon())
+
+
 def test_no_daemon_shows_the_empty_state_and_s_starts_p_pauses_x_stops() -> None:
     daemon = FakeDaemon(running=False)
 

@@ -204,6 +204,17 @@ def _api(status: StatusReply) -> str:
     )
 
 
+def _training(status: StatusReply) -> str:
+    if status.training_role is None:
+        return "none (`volunteer train` creates or joins a job)"
+    where = f", stage {status.training_stage}" if status.training_stage is not None else ""
+    loss = f", loss {status.training_loss:.4f}" if status.training_loss is not None else ""
+    return (
+        f"{status.training_role} of job {status.training_job}{where} ({status.training_state}): "
+        f"step {status.training_step} of {status.training_steps}{loss}"
+    )
+
+
 def _print_table(status: StatusReply) -> None:
     if status.state == "not_running":
         print("volunteer: not running")
@@ -237,6 +248,7 @@ def _print_table(status: StatusReply) -> None:
         ("tokens served", status.tokens_served),
         ("steps batched", f"{status.steps_batched} (largest batch {status.largest_batch})"),
         ("credit", _credit(status)),
+        ("training", _training(status)),
         ("uptime", _format_uptime(status.uptime_s)),
         ("peer id", status.peer_id),
     ]

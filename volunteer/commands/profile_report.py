@@ -26,7 +26,7 @@ from volunteer.machine.weight_choice import fastest_format, resolve_format
 from volunteer.models.config import ModelConfig
 from volunteer.scheduler.offload import NoPolicyError, OffloadPolicy, search_policy
 from volunteer.scheduler.offload_cost import DeviceSpec, TransformerShape, Workload
-from volunteer.scheduler.role import RoleInputs, choose_role
+from volunteer.scheduler.role import WANTED_BLOCK_TPS, RoleInputs, choose_role
 from volunteer.settings import Settings
 from volunteer.swarm.records import SwarmSnapshot
 
@@ -36,9 +36,6 @@ PCIE_BYTES_S = 12e9
 """Host-to-GPU copies (PCIe 3.0 x16 as measured in practice); not benchmarked yet."""
 GPU_BYTES_PER_VALUE = 2
 """Blocks on a GPU are served in 16 bits."""
-WANTED_BLOCK_TPS = 10.0
-"""Below this at its weakest block the swarm needs servers before trainers: a chat
-reads fluently at about 10 tokens/s."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +104,7 @@ def decide(
     role = choose_role(
         RoleInputs(
             is_serving_allowed=settings.num_blocks != 0,
-            is_training_allowed=False,
+            is_training_allowed=settings.train,
             weakest_block_tps=min(per_block) if per_block else 0.0,
             wanted_block_tps=WANTED_BLOCK_TPS,
             has_training_swarm=False,

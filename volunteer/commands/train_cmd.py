@@ -22,17 +22,15 @@ from volunteer.control.messages import (
     TRAIN_LEAVE,
     TRAIN_STATUS,
     TrainCreateRequest,
-    TrainingStatus,
     TrainJoinParams,
     first_problem,
 )
+from volunteer.control.training_view import training_lines
 from volunteer.errors import SettingsError
 from volunteer.paths import Paths
-from volunteer.transport.protocol import printable
 
 CALL_TIMEOUT_S = 120.0
 """Joining loads a stage's blocks; creating reads the data."""
-CURVE_POINTS = 24
 
 
 def register(subparsers: Any) -> None:
@@ -95,43 +93,5 @@ def run(args: argparse.Namespace, paths: Paths) -> int:
     if args.json:
         print_json(reply)
     else:
-        print("\n".join(describe(reply)))
+        print("\n".join(training_lines(reply)))
     return 0
-
-
-def describe(status: TrainingStatus) -> list[str]:
-    """`train status` in lines (the TUI's training panel says the same)."""
-    if status.training_role is None:
-        return ["not training: `volunteer train create DATA` or `volunteer train join`"]
-    lines = [
-        f"role      {status.training_role} ({status.training_state})",
-        f"job       {status.training_job} by {status.training_creator}",
-        f"steps     {status.training_step} of {status.training_steps}",
-    ]
-    if status.training_stage is not None and status.training_blocks is not None:
-        start, end = status.training_blocks
-        lines.append(f"stage     {status.training_stage} (blocks {start}:{end})")
-    if status.training_stage_peers:
-        lines.append("peers     " + ", ".join(
-            f"stage {i}: {n}" for i, n in enumerate(status.training_stage_peers)
-        ))  # fmt: skip
-    if status.training_loss is not None:
-        lines.append(f"loss      {status.training_loss:.4f}  {sparkline(status.training_losses)}")
-    if status.training_samples_per_s is not None:
-        lines.append(f"speed     {status.training_samples_per_s:.2f} sequences/s")
-    if status.training_banned:
-        lines.append("banned    " + ", ".join(status.training_banned))
-    if status.training_error:
-        lines.append(f"error     {printable(status.training_error, max_chars=300)}")
-    return lines
-
-
-def sparkline(points: list[tuple[int, float]]) -> str:
-    """The latest losses as a line of block characters, low to high."""
-    values = [value for _, value in points[-CURVE_POINTS:]]
-    if not values:
-        return ""
-    low, high = min(values), max(values)
-    bars = "▁▂▃▄▅▆▇█"
-    span = (high - low) or 1.0
-    return "".join(bars[min(7, int((v - low) / span * 8))] for v in values)

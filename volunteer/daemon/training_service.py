@@ -8,6 +8,10 @@
   the one asked), loads that stage's blocks in float32 and serves them as a
   `TrainingPeer`, announcing its stage and step; the driver may move it.
 - `train_leave`: stops either; `train_status` and the `status` reply tell of it.
+- With `--train`, every announce period while it has no role, the daemon asks the
+  scheduler (`volunteer.scheduler.role`) whether training helps the swarm more than its
+  serving; if so it pauses its serving (handing its blocks over first) and joins a job,
+  and resumes serving when the job is done.
 
 One role at a time. The drill attacks of `VOLUNTEER_FAULTS` make a stage peer Byzantine
 on purpose (its log and status say so).
@@ -42,7 +46,15 @@ from volunteer.daemon.dht_service import DHTService
 from volunteer.errors import SettingsError, VolunteerError
 from volunteer.model_cache.served_model import ServedModel, open_model
 from volunteer.paths import Paths
+from volunteer.scheduler.role import (
+    WANTED_BLOCK_TPS,
+    RoleDecision,
+    RoleInputs,
+    RoleKind,
+    choose_role,
+)
 from volunteer.settings import Settings
+from volunteer.swarm.records import RecordError
 from volunteer.training.attack_drill import AttackDrill
 from volunteer.training.data import load_rows, shard_hash
 from volunteer.training.driver import Driver, PeerWork, TrainingStalled
@@ -89,6 +101,11 @@ class TrainingService:
         self._driver: Driver | None = None
         self._peer: TrainingPeer | None = None
         self._job: TrainingJob | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._paused = False
+        """Whether this service paused serving for the training role."""
+        self._auto = False
+        """Whether the role watch took the current role (it then leaves it when done)."""
 
     def register_control(self, control: ControlServer) -> None:
         control.register(TRAIN_CREATE, self.create)
@@ -97,10 +114,59 @@ class TrainingService:
         control.register(TRAIN_STATUS, self.train_status)
 
     async def start(self) -> None:
-        """Nothing to start: a role starts on request."""
+        """With `--train`, watches for the role (module doc); else roles start on request."""
+        if self._settings.train:
+            watch = asyncio.ensure_future(self._watch_role())
+            watch.set_name("training role watch")
+            self._watch = watch
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
         await self.leave(NoParams())
+
+    async def _watch_role(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.announce_period_s)
+            if self._driver is not None or self._peer is not None:
+                state = self.train_status_now().training_state
+                if self._auto and state in ("done", "failed"):
+                    await self.leave(NoParams())  # and serve again
+                continue
+            try:
+                decision = await self._decide_role()
+                if decision.kind is RoleKind.TRAIN:
+                    logger.info("taking the training role: %s", decision.reason)
+                    await self._pause_serving(True)
+                    await self.join(TrainJoinParams())
+                    self._auto = True
+            except (VolunteerError, RecordError) as exc:
+                logger.info("the training role is not taken now: %s", exc)
+                await self._pause_serving(False)
+
+    async def _decide_role(self) -> RoleDecision:
+        model = await self._model()
+        jobs = await read_jobs_on_node(self._dht.node, model.swarm_name, timeout_s=DHT_TIMEOUT_S)
+        per_block: list[float] = []
+        if self._settings.num_blocks != 0:
+            per_block = (await self._blocks.read_snapshot()).block_throughput()
+        return choose_role(
+            RoleInputs(
+                is_serving_allowed=self._settings.num_blocks != 0,
+                is_training_allowed=True,
+                weakest_block_tps=min(per_block) if per_block else 0.0,
+                wanted_block_tps=WANTED_BLOCK_TPS,
+                has_training_swarm=bool(jobs),
+            )
+        )
+
+    async def _pause_serving(self, is_paused: bool) -> None:
+        """Serving gives way to training (its blocks handed over first), and back."""
+        if is_paused == self._paused or self._blocks.handler is None:
+            return
+        await self._blocks.control.set_paused(is_paused, by="training" if is_paused else None)
+        self._paused = is_paused
 
     def status(self) -> TrainingStatus:
         return self.train_status_now()
@@ -122,6 +188,8 @@ class TrainingService:
                 training_blocks=(start, end),
                 training_step=self._peer.trainer.steps,
             )
+            if self._peer.trainer.steps >= self._peer.job.steps:
+                update["training_state"] = "done"
         return self._status.model_copy(update=update)
 
     # Roles.
@@ -175,8 +243,8 @@ class TrainingService:
             on_work=receipt,
         )  # fmt: skip
         self._begin("driver", job, creator=self._dht.peer_id)
-        self._own(self._announce_job(job), "training job announce")
-        self._own(self._drive(self._driver, sender, request.min_peers), "training driver")
+        announce = self._own(self._announce_job(job), "training job announce")
+        self._own(self._drive(self._driver, sender, request.min_peers, announce), "training driver")
         logger.info("training job %s: %d stages, %d steps", job.job_id, len(job.stages), job.steps)
         return self.train_status_now()
 
@@ -228,16 +296,21 @@ class TrainingService:
 
     async def leave(self, params: NoParams) -> TrainingStatus:
         """Control method: ends this daemon's role (idempotent)."""
+        self._auto = False
         tasks, self._tasks = self._tasks, set()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # The last of the role stays shown: its step, stage, losses and bans.
+        self._status = self.train_status_now()
         if self._peer is not None:
             await self._peer.stop()
             self._peer = None
         self._driver = None
-        if self._status.training_role is not None and self._status.training_state == "running":
+        if self._status.training_state in ("running", "waiting"):
             self._status = self._status.model_copy(update={"training_state": "left"})
+        with contextlib.suppress(VolunteerError):
+            await self._pause_serving(False)
         return self.train_status_now()
 
     # Helpers.
@@ -263,11 +336,12 @@ class TrainingService:
             training_steps=job.steps,
         )
 
-    def _own(self, work: object, name: str) -> None:
+    def _own(self, work: object, name: str) -> asyncio.Task[None]:
         task = asyncio.ensure_future(work)
         task.set_name(name)
         self._tasks.add(task)
         task.add_done_callback(self._finished)
+        return task
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -307,12 +381,16 @@ class TrainingService:
         )
         return members
 
-    async def _drive(self, driver: Driver, sender: object, min_peers: int) -> None:
+    async def _drive(
+        self, driver: Driver, sender: object, min_peers: int, announce: asyncio.Task[None]
+    ) -> None:
         job = driver.job
         while driver.step < job.steps:
             members = await self._refresh_counts(job)
             for peer, member in members.items():
                 if peer not in driver.members:
+                    logger.info("peer %s joined stage %d at step %d", peer, member.stage,
+                                driver.step)  # fmt: skip
                     driver.add_member(peer, member.stage)
             for peer in [p for p in driver.failed if p not in members]:
                 driver.remove_member(peer)
@@ -334,6 +412,7 @@ class TrainingService:
                 update={"training_state": "running", "training_samples_per_s": speed}
             )
             logger.info("training step %d: loss %.4f", report.step, report.loss)
+        announce.cancel()  # a finished job leaves the DHT: nobody joins it any more
         with contextlib.suppress(Exception):
             await sender.close()  # type: ignore[attr-defined]
         self._status = self._status.model_copy(update={"training_state": "done"})

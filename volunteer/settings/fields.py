@@ -162,6 +162,15 @@ class Settings(ApiSettings, BatchSettings, OwnerRuleSettings, PeerCaps):
     )
     """Also serve the blocks' streams on a Unix socket to processes of this machine (other
     daemons, local clients), which then skip the p2p daemons (`volunteer.transport.local_link`)."""
+    train: bool = setting(
+        default=False,
+        parse=s.parse_bool,
+        help="let the daemon join a training job of its model when the swarm's inference "
+        "is served well enough (see `volunteer train`)",
+        flag_kind="switch",
+    )
+    """Allow the training role: the daemon checks every announce period whether the
+    scheduler (`volunteer.scheduler.role`) prefers training, and then joins a job."""
     rebalance_period_s: float = setting(
         default=600.0,
         parse=s.seconds(0, 86400, low_means=" (never)"),

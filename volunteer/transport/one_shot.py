@@ -52,6 +52,9 @@ def serve(answer: Answer, *, max_request_bytes: int, max_serving: int = 16) -> C
                     reply = await answer(info.peer_id.to_base58(), body)
                     writer.write(framing.frame_bytes(reply))
                     await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
+                    # The asker closes once it has read the answer; closing first has
+                    # been seen to cut an answer's tail short under load.
+                    await asyncio.wait_for(reader.read(1), REQUEST_TIMEOUT_S)
                 except Exception as exc:  # a peer that went away or sent junk
                     logger.debug("a one-shot request failed: %s", exc)
 
