@@ -13,7 +13,7 @@ from volunteer.models.model import BlockSpan, ModelEnds
 from tests.server import random_span, sub_span, tiny_config
 from volunteer.training.job import Aggregation, DataShard, Optimizer, TrainingJob
 from volunteer.training.loopback import LoopbackSwarm, start_loopback_swarm
-from volunteer.training.stage import sequence_losses
+from volunteer.training.stage import sequence_losses, stage_lora
 
 OPTIMIZER = Optimizer(name="adamw", lr=3e-3, weight_decay=0.01)
 
@@ -38,6 +38,7 @@ def tiny_job(
     batch: int = 12,
     micro: int = 2,
     steps: int = 6,
+    lora_rank: int | None = None,
 ) -> TrainingJob:
     shard = DataShard(
         sha256=hashlib.sha256(data.numpy().tobytes()).hexdigest(), sequences=len(data)
@@ -45,7 +46,8 @@ def tiny_job(
     return TrainingJob(
         model="tiny-random",
         num_blocks=stages[-1][1],
-        trains="blocks",
+        trains="lora" if lora_rank else "blocks",
+        lora_rank=lora_rank,
         stages=stages,
         shards=(shard,),
         sequence_length=data.shape[1] - 1,
@@ -59,15 +61,22 @@ def tiny_job(
 
 
 def alone(full: BlockSpan, ends: ModelEnds, job: TrainingJob, data: torch.Tensor) -> list[float]:
-    """The losses of training every block in one process on the job's batches."""
+    """The losses of training every block (or their LoRA adapters) in one process on
+    the job's batches."""
     span = copy.deepcopy(full).train()
+    adapter = None
+    if job.lora_rank:
+        span.requires_grad_(False)
+        adapter = stage_lora(span.config, job.lora_rank, range(span.num_blocks), seed=job.seed)
+    trained = adapter.tensors if adapter is not None else span.parameters()
     optimizer = torch.optim.AdamW(
-        span.parameters(), lr=job.optimizer.lr, weight_decay=job.optimizer.weight_decay
+        trained, lr=job.optimizer.lr, weight_decay=job.optimizer.weight_decay
     )
     losses = []
     for step in range(job.steps):
         rows = data[(step * job.batch_size + torch.arange(job.batch_size)) % len(data)]
-        loss = sequence_losses(ends, span(ends.embed(rows[:, :-1])), rows[:, 1:]).mean()
+        hidden = span(ends.embed(rows[:, :-1]), adapter=adapter)
+        loss = sequence_losses(ends, hidden, rows[:, 1:]).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

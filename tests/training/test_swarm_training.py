@@ -26,12 +26,17 @@ THREE_AND_THREE = [0, 0, 0, 1, 1, 1]
 
 
 def _train(
-    stages: list[int], aggregation: Aggregation = MEAN, steps: int = 6, during=None, **options
+    stages: list[int],
+    aggregation: Aggregation = MEAN,
+    steps: int = 6,
+    during=None,
+    lora_rank: int | None = None,
+    **options,
 ):
     """Trains `steps` steps; `during(swarm)` runs alongside the first one."""
     full, ends = tiny_model()
     data = tiny_data(ends.config.vocab_size, rows=48, sequence=8)
-    job = tiny_job(data, aggregation=aggregation, steps=steps)
+    job = tiny_job(data, aggregation=aggregation, steps=steps, lora_rank=lora_rank)
 
     async def run() -> tuple[list[StepReport], LoopbackSwarm]:
         swarm = await start_swarm(full, ends, job, data, stages=stages, **options)
@@ -53,6 +58,16 @@ def test_two_stages_of_three_peers_train_as_one_process() -> None:
     reports, swarm, expected = _train(THREE_AND_THREE, rebalance=False)
     assert [r.loss for r in reports] == pytest.approx(expected, rel=TOLERANCE)
     assert not swarm.driver.banned  # the validators recomputed honest shares alike
+
+
+def test_lora_adapters_of_the_stages_train_as_one_process_trains_them() -> None:
+    """A large model's job trains LoRA adapters: the blocks stay frozen on every peer."""
+    reports, swarm, expected = _train(THREE_AND_THREE, rebalance=False, lora_rank=4)
+    assert [r.loss for r in reports] == pytest.approx(expected, rel=TOLERANCE)
+    assert expected[-1] < expected[0] - 0.05  # the adapters did learn
+    peer = swarm.peer(0, 0)
+    assert not any(p.requires_grad for p in peer.trainer.span.parameters())
+    assert peer.size == sum(t.numel() for t in peer.trainer.params) < 20_000
 
 
 def test_centered_clip_trains_within_five_percent_of_one_process() -> None:

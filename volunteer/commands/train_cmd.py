@@ -56,6 +56,9 @@ def register(subparsers: Any) -> None:
         "--aggregation", choices=("mean", "centered-clip"), default=defaults.aggregation
     )
     create.add_argument(
+        "--lora-rank", type=int, help="train LoRA adapters of this rank (default: the blocks)"
+    )
+    create.add_argument(
         "--no-rebalance", dest="rebalance", action="store_false",
         help="keep peers in the stages they joined",
     )  # fmt: skip

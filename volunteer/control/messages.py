@@ -152,6 +152,8 @@ class TrainCreateRequest(Params):
     """Stage peers whose share validators recompute per stage and step."""
     rebalance: bool = True
     """Move peers from fast stages to slow ones (SWARM's rebalancing)."""
+    lora_rank: int | None = pydantic.Field(default=None, ge=1, le=256)
+    """Train LoRA adapters of this rank (a large model); None: the blocks themselves."""
     min_peers: int = pydantic.Field(default=1, ge=1, le=64)
     """Peers each stage must have before the first step."""
     seed: int = pydantic.Field(default=0, ge=0, le=2**63 - 1)

@@ -219,7 +219,8 @@ class TrainingService:
         job = TrainingJob(
             model=model.swarm_name,
             num_blocks=blocks,
-            trains="blocks",
+            trains="lora" if request.lora_rank else "blocks",
+            lora_rank=request.lora_rank,
             stages=tuple(itertools.pairwise(bounds)),
             shards=(DataShard(sha256=shard_hash(rows), sequences=len(rows)),),
             sequence_length=request.sequence_length,

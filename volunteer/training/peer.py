@@ -40,7 +40,7 @@ from volunteer.training import wire
 from volunteer.training.attack_drill import AttackDrill
 from volunteer.training.calls import TRAIN_HANDLE, TrainingCallError, call, refusal
 from volunteer.training.job import TrainingJob
-from volunteer.training.stage import StageError, StageTrainer, aggregate, loss_gradient
+from volunteer.training.stage import StageError, StageTrainer, aggregate
 from volunteer.transport.one_shot import serve
 
 MAX_SHARES = 64
@@ -92,7 +92,12 @@ class TrainingPeer:
     def _join(self, stage: int) -> None:
         self.stage = stage
         start, end = self.job.stages[stage]
-        self.trainer = StageTrainer(self._span_for(start, end), self.job.optimizer)
+        self.trainer = StageTrainer(
+            self._span_for(start, end),
+            self.job.optimizer,
+            lora_rank=self.job.lora_rank or 0,
+            seed=self.job.seed,
+        )
         self.size = sum(param.numel() for param in self.trainer.params)
         self._next_step()
 
@@ -297,10 +302,7 @@ class TrainingPeer:
             for given, second in pairs:
                 hidden = self._input(given)
                 if self.last:
-                    self.trainer._check_labels(hidden, second)
-                    with torch.no_grad():
-                        output = self.trainer.span(hidden)
-                    second = loss_gradient(self._ends, output, second)[1]
+                    second = self.trainer.output_gradient(hidden, second, self._ends)
                 items.append((hidden, second))
             honest = self.trainer.recompute(items).float()
             return float((received - honest).norm() / honest.norm().clamp(min=1e-12))

@@ -17,9 +17,14 @@ activation of its blocks.
 
 from __future__ import annotations
 
+import hashlib
+import math
+
 import torch
 import torch.nn.functional as F
 
+from volunteer.models.adapters import LORA_TARGETS, AdapterLayout, SpanAdapter, lora_dims
+from volunteer.models.config import ModelConfig
 from volunteer.models.model import BlockSpan, ModelEnds
 from volunteer.training.centered_clip import centered_clip
 from volunteer.training.job import Aggregation, Optimizer
@@ -36,9 +41,20 @@ class StageError(ValueError):
 class StageTrainer:
     """Trains the blocks of one span as one peer of a stage (module doc)."""
 
-    def __init__(self, span: BlockSpan, optimizer: Optimizer) -> None:
+    def __init__(
+        self, span: BlockSpan, optimizer: Optimizer, *, lora_rank: int = 0, seed: int = 0
+    ) -> None:
+        """`lora_rank` > 0 trains LoRA adapters of the blocks (`stage_lora`, from `seed`)
+        and leaves their weights frozen; 0 trains the blocks themselves."""
         self.span = span.train()
-        self.params = [param for param in span.parameters() if param.requires_grad]
+        self._adapter: SpanAdapter | None = None
+        if lora_rank:
+            span.requires_grad_(False)
+            blocks = range(span.start, span.end)
+            self._adapter = stage_lora(span.config, lora_rank, blocks, seed=seed)
+            self.params = list(self._adapter.tensors)
+        else:
+            self.params = [param for param in span.parameters() if param.requires_grad]
         self._sums = [torch.zeros_like(param, dtype=torch.float64) for param in self.params]
         self._inputs: dict[str, torch.Tensor] = {}
         self.samples = 0
@@ -55,7 +71,7 @@ class StageTrainer:
             raise StageError(f"{MAX_IN_FLIGHT} microbatches are in flight here already")
         self._check(hidden)
         with torch.no_grad():
-            output = self.span(hidden)
+            output = self._blocks(hidden)
         self._inputs[key] = hidden.detach()
         return output
 
@@ -73,12 +89,16 @@ class StageTrainer:
         del self._inputs[key]
         leaf = hidden.clone().requires_grad_(True)
         with torch.enable_grad():
-            output = self.span(leaf)
+            output = self._blocks(leaf)
             grads = torch.autograd.grad(output, [leaf, *self.params], grad_output)
         for total, grad in zip(self._sums, grads[1:], strict=True):
             total += grad
         self.samples += hidden.shape[0]
         return grads[0]
+
+    def _blocks(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The span's forward, with the stage's LoRA adapters if it trains them."""
+        return self.span(hidden, adapter=self._adapter)
 
     def loss_backward(
         self, key: str, hidden: torch.Tensor, labels: torch.Tensor, ends: ModelEnds
@@ -91,6 +111,16 @@ class StageTrainer:
         loss, grad_output = loss_gradient(ends, output, labels)
         return loss, self.backward(key, grad_output)
 
+    def output_gradient(
+        self, hidden: torch.Tensor, labels: torch.Tensor, ends: ModelEnds
+    ) -> torch.Tensor:
+        """The last stage's gradient w.r.t. its output for a microbatch and its targets,
+        with the current weights (what a validator recomputes a last-stage share from)."""
+        self._check_labels(hidden, labels)
+        with torch.no_grad():
+            output = self._blocks(hidden)
+        return loss_gradient(ends, output, labels)[1]
+
     def recompute(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """The mean gradient per sequence that microbatches (input, gradient w.r.t. the
         output) give with the current weights, touching nothing of this step's own sums:
@@ -102,7 +132,7 @@ class StageTrainer:
             if grad_output.shape != hidden.shape:
                 raise StageError("each gradient must match its microbatch's output")
             with torch.enable_grad():
-                grads = torch.autograd.grad(self.span(hidden), self.params, grad_output)
+                grads = torch.autograd.grad(self._blocks(hidden), self.params, grad_output)
             for total, grad in zip(sums, grads, strict=True):
                 total += grad
             samples += hidden.shape[0]
@@ -208,6 +238,31 @@ class StageTrainer:
             raise StageError(f"hidden states must be float [batch, seq, {width}]")
         if not bool(torch.isfinite(hidden).all()):
             raise StageError("hidden states must be finite")
+
+
+LORA_SCALE = 2.0
+"""LoRA's alpha / r (alpha = 2r, the usual choice)."""
+
+
+def stage_lora(config: ModelConfig, rank: int, blocks: range, *, seed: int) -> SpanAdapter:
+    """LoRA adapters (every target) of `blocks`, as trainable parameters: A random and
+    scaled by its fan-in, B zero, so training starts from the frozen model. Each block's
+    tensors come from `seed` and the block's index alone: every peer of a stage, and one
+    process holding every block, starts from the same ones."""
+    layout = AdapterLayout(rank=rank, targets=LORA_TARGETS, scale=LORA_SCALE)
+    tensors = []
+    for target in LORA_TARGETS:
+        fan_in, fan_out = lora_dims(config, target)
+        a = []
+        for block in blocks:
+            name = f"{seed}.{block}.{target}".encode()
+            generator = torch.Generator().manual_seed(
+                int.from_bytes(hashlib.sha256(name).digest()[:8], "big") >> 1
+            )
+            a.append(torch.randn(rank, fan_in, generator=generator) / math.sqrt(fan_in))
+        tensors.append(torch.nn.Parameter(torch.stack(a)))
+        tensors.append(torch.nn.Parameter(torch.zeros(len(blocks), fan_out, rank)))
+    return SpanAdapter(layout, tuple(tensors))
 
 
 def sequence_losses(ends: ModelEnds, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
