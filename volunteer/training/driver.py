@@ -11,9 +11,10 @@ on its own:
 1. **gather**: the stage's peers exchange shares; each answers with a digest of every
    share that reached it. A share the majority did not get alike (a silent, late or
    equivocating peer) is dropped.
-2. **validate**: a peer drawn from the public seed is recomputed by another drawn peer
-   from the log; a mismatch is decided by a third: the recomputed peer is banned, or,
-   if the third sides with it, its accuser is.
+2. **validate**: the shares of peers still on probation (their first few steps) and of
+   `checks` peers drawn from the public seed are recomputed by another drawn peer from
+   the log; a mismatch is decided by a third: the recomputed peer is banned, or, if the
+   third sides with it, its accuser is.
 3. **redo**: the microbatches of a dropped or banned peer are run again on the others,
    and the stage gathers again (a new round): no step loses data to a peer's failure.
 4. **apply**: every member aggregates the kept shares with the sample counts the driver
@@ -53,6 +54,10 @@ TOLERANCE = 1e-3
 """Relative distance between a share and its recomputation that counts as a mismatch
 (honest recomputation on the same kind of machine differs by float rounding only)."""
 MAX_ROUNDS = 8
+PROBATION_CHECKS = 3
+"""A new peer's shares are all recomputed until this many were found right (BOINC's
+adaptive replication): an attacker from the start is banned at its first step, and one
+that waits must pass this many checks first."""
 SPEED_MEMORY = 0.3
 """Weight of the newest measurement in a peer's speed (an exponential average)."""
 
@@ -123,11 +128,16 @@ class Driver:
         self.data = data
         self.members = dict(members)
         self.checks = checks
-        """Peers recomputed per stage and round (0: none)."""
+        """Peers past probation recomputed per stage and round; 0: no validation at
+        all, probation included."""
         self.share_wait_s = share_wait_s
         self.rebalance = rebalance
         self._on_work = on_work
         self._checked: collections.Counter[str] = collections.Counter()
+        """Each peer's shares found right in this step (its receipt says so)."""
+        self._passed: collections.Counter[str] = collections.Counter()
+        """Each peer's shares found right since it joined: past `PROBATION_CHECKS`, it is
+        checked by draw only."""
         self.step = 0
         self.banned: dict[str, int] = {}
         """Banned peers, with the step they were banned at."""
@@ -347,7 +357,7 @@ class Driver:
             kept = [peer for peer in senders if _agreed(peer, heard)]
             dropped = [peer for peer in senders if peer not in kept]
             if self.checks and kept:
-                dropped += await self._validate(stage, round_, kept, list(heard))
+                dropped += await self._validate(stage, round_, kept, heard)
             if dropped:
                 dropped_all += dropped
                 for peer in dropped:
@@ -407,13 +417,24 @@ class Driver:
         return tainted
 
     async def _validate(
-        self, stage: int, round_: int, kept: list[str], heard: list[str]
+        self, stage: int, round_: int, kept: list[str], heard: dict[str, dict[str, Any]]
     ) -> list[str]:
-        """Recomputes drawn peers' shares (module doc); the peers to drop."""
+        """Recomputes the shares of peers on probation and of `checks` peers drawn among
+        the others (module doc); the peers to drop."""
         draw = random.Random(_seed(self.job.seed, self.step, stage, round_))
+        probation = [peer for peer in kept if self._passed[peer] < PROBATION_CHECKS]
+        others = [peer for peer in kept if peer not in probation]
+        targets = probation + draw.sample(others, min(self.checks, len(others)))
         dropped = []
-        for target in draw.sample(kept, min(self.checks, len(kept))):
-            judges = [peer for peer in heard if peer != target and peer not in self.banned]
+        for target in targets:
+            # Judges hold the share the majority got: one the target kept from a peer
+            # cannot make that peer look like a failing judge.
+            sent = heard[target].get(target)
+            judges = [
+                peer
+                for peer, shares in heard.items()
+                if peer != target and peer not in self.banned and shares.get(target) == sent
+            ]
             draw.shuffle(judges)
             if judges and await self._judged_wrong(stage, round_, target, judges):
                 dropped.append(target)
@@ -426,6 +447,7 @@ class Driver:
         first = await self._mismatch(judges[0], stage, round_, target)
         if first is False:
             self._checked[target] += 1
+            self._passed[target] += 1
         if not first:
             return False
         if len(judges) < 2:
@@ -441,9 +463,13 @@ class Driver:
     async def _mismatch(self, judge: str, stage: int, round_: int, target: str) -> bool | None:
         tensors = [t for work in self._log[stage][target] for t in (work.given, work.second)]
         header = {"op": "verify", "step": self.step, "round": round_, "target": target}
-        try:
-            answer, _ = await self._call(judge, header, tensors)
-        except TrainingCallError:
+        try:  # a judge that fails here is not taken out: gather and apply see to that
+            answer, _ = await call(
+                self.p2p, judge, header, tensors, timeout_s=CALL_TIMEOUT_S,
+                max_answer_bytes=self._max_answer,
+            )  # fmt: skip
+        except TrainingCallError as exc:
+            logger.info("judge %s did not recompute %s: %s", judge, target, exc)
             return None
         distance = answer.get("distance")
         if not isinstance(distance, float):
