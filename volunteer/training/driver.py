@@ -104,6 +104,8 @@ class StepReport:
     dropped: list[str]
     banned: list[str]
     rounds: int
+    unchecked: list[str] = dataclasses.field(default_factory=list)
+    """Peers whose shares went into the aggregate without a recomputation."""
 
 
 class Driver:
@@ -135,6 +137,10 @@ class Driver:
         self._on_work = on_work
         self._checked: collections.Counter[str] = collections.Counter()
         """Each peer's shares found right in this step (its receipt says so)."""
+        self._verified: set[str] = set()
+        """Shares found right in the current round."""
+        self._unchecked: set[str] = set()
+        """Peers whose shares this step aggregated unrecomputed."""
         self._passed: collections.Counter[str] = collections.Counter()
         """Each peer's shares found right since it joined: past `PROBATION_CHECKS`, it is
         checked by draw only."""
@@ -155,6 +161,10 @@ class Driver:
         self._max_answer = 64 * largest * 1 << 20
 
     # Who may work.
+
+    def logged(self, peer: str) -> int:
+        """Microbatch passes of this step logged as `peer`'s (its share's sequences)."""
+        return sum(work.samples for log in self._log for work in log.get(peer, ()))
 
     def remove_member(self, peer: str) -> None:
         """A peer that left (its announcement expired)."""
@@ -244,6 +254,7 @@ class Driver:
         # Last stage first: a liar found there gave earlier stages wrong gradients,
         # which their closing replaces before they gather.
         self._checked.clear()
+        self._unchecked.clear()
         outcomes = [await self._close(stage) for stage in reversed(range(stages))]
         self._report_work()
         report = StepReport(
@@ -253,6 +264,7 @@ class Driver:
             dropped=sorted({p for dropped, _ in outcomes for p in dropped}),
             banned=sorted(set(self.banned) - banned_before),
             rounds=max(rounds for _, rounds in outcomes),
+            unchecked=sorted(self._unchecked),
         )
         self.history.append(report)
         self.step += 1
@@ -356,6 +368,7 @@ class Driver:
             }
             kept = [peer for peer in senders if _agreed(peer, heard)]
             dropped = [peer for peer in senders if peer not in kept]
+            self._verified.clear()
             if self.checks and kept:
                 dropped += await self._validate(stage, round_, kept, heard)
             if dropped:
@@ -364,6 +377,7 @@ class Driver:
                     await self._redo(stage, peer, avoid=set(dropped))
                 continue
             await self._apply(stage, round_, [peer for peer in members if peer in heard], kept)
+            self._unchecked.update(peer for peer in kept if peer not in self._verified)
             return dropped_all, round_ + 1
         raise TrainingStalled(
             f"stage {stage} could not close step {self.step} in {MAX_ROUNDS} rounds"
@@ -448,6 +462,7 @@ class Driver:
         if first is False:
             self._checked[target] += 1
             self._passed[target] += 1
+            self._verified.add(target)
         if not first:
             return False
         if len(judges) < 2:
