@@ -112,6 +112,26 @@ class ReceiptSender:
         if tokens <= 0 or peer_id == self._signer.peer_id:
             return
         now = self._clock()
+        self._send_tally(peer_id, kind, (start, end), tokens, (now, now), checked=checked)
+
+    def flush_calls(self) -> None:
+        """Receipts every call tallied so far."""
+        calls, self._calls = self._calls, {}
+        opened, self._calls_since = self._calls_since, self._clock()
+        for (peer_id, kind, start, end), tokens in calls.items():
+            self._send_tally(peer_id, kind, (start, end), tokens, (opened, self._calls_since))
+
+    def _send_tally(
+        self,
+        peer_id: str,
+        kind: Kind,
+        blocks: tuple[int, int],
+        tokens: int,
+        times: tuple[float, float],
+        *,
+        checked: int = 0,
+    ) -> None:
+        """Receipts work that has no session of its own (a fresh id names it)."""
         self._send(
             Receipt(
                 model=self.model,
@@ -119,34 +139,14 @@ class ReceiptSender:
                 client=self._signer.peer_id,
                 session_id=uuid.uuid4().hex,
                 kind=kind,
-                start=start,
-                end=end,
+                start=blocks[0],
+                end=blocks[1],
                 tokens=tokens,
-                opened_s=now,
-                closed_s=now,
+                opened_s=times[0],
+                closed_s=times[1],
                 checked=checked,
             )
         )
-
-    def flush_calls(self) -> None:
-        """Receipts every call tallied so far."""
-        calls, self._calls = self._calls, {}
-        opened, self._calls_since = self._calls_since, self._clock()
-        for (peer_id, kind, start, end), tokens in calls.items():
-            self._send(
-                Receipt(
-                    model=self.model,
-                    server=peer_id,
-                    client=self._signer.peer_id,
-                    session_id=uuid.uuid4().hex,
-                    kind=kind,
-                    start=start,
-                    end=end,
-                    tokens=tokens,
-                    opened_s=opened,
-                    closed_s=self._calls_since,
-                )
-            )
 
     async def close(self) -> None:
         """Receipts the calls tallied and waits for every receipt on its way."""

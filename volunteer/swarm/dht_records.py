@@ -225,3 +225,27 @@ async def fetch_raw(
             (subkey, item.value, item.expiration_time) for subkey, item in entry.value.items()
         ]
     return raw
+
+
+async def read_owned_on_node(
+    node: DHTNode, key: str, *, timeout_s: float
+) -> list[tuple[str, object]] | None:
+    """Each unexpired value under `key` with the peer id of the subkey's owner, values
+    unchecked; None when the DHT did not answer within `timeout_s`. A subkey without a
+    valid owner marker is dropped (logged at debug level: strangers write them)."""
+    try:
+        found = await asyncio.wait_for(node.get(key, latest=True), timeout=timeout_s)
+    except _TIMEOUTS:
+        return None
+    if found is None or not isinstance(found.value, dict):
+        return []
+    now = get_dht_time()
+    owned = []
+    for subkey, item in found.value.items():
+        if item.expiration_time <= now or item.value is None:
+            continue
+        try:
+            owned.append((peer_id_from_owner(subkey), item.value))
+        except (RecordError, ValueError) as exc:
+            logger.debug("dropped a record under %s, %s: %s", key, _describe_subkey(subkey), exc)
+    return owned

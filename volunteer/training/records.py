@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+from typing import TypeVar
 
 import msgpack
 import pydantic
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
-from volunteer.swarm.dht_records import peer_id_from_owner
+from volunteer.swarm.dht_records import read_owned_on_node
 from volunteer.swarm.dht_validator import MAX_RECORD_BYTES
 from volunteer.swarm.records import RecordError, WireRecord
 from volunteer.training.job import MAX_STAGES, TrainingJob, job_key
@@ -33,6 +34,7 @@ MAX_JOB_BYTES = MAX_RECORD_BYTES - 1024
 manifest of them instead (a later issue)."""
 
 logger = logging.getLogger(__name__)
+R = TypeVar("R", bound=WireRecord)
 
 
 class StageMember(WireRecord):
@@ -77,38 +79,35 @@ async def read_jobs_on_node(
     node: DHTNode, model: str, *, timeout_s: float
 ) -> list[tuple[str, TrainingJob]] | None:
     """Each (creator, job) announced for `model` (None: the DHT did not answer)."""
-    found = await _read(node, job_key(model), timeout_s)
+    found = await read_owned_on_node(node, job_key(model), timeout_s=timeout_s)
     if found is None:
         return None
-    jobs = []
-    for creator, value in found:
-        try:
-            job = TrainingJob.from_wire(value)
-        except RecordError as exc:
-            logger.debug("dropped a training job of %s: %s", creator, exc)
-            continue
-        if job.model == model:
-            jobs.append((creator, job))
-    return jobs
+    return [(creator, job) for creator, job in _parsed(found, TrainingJob) if job.model == model]
 
 
 async def read_members_on_node(
     node: DHTNode, job: TrainingJob, *, timeout_s: float
 ) -> dict[str, StageMember] | None:
     """Each peer announced as a stage peer of `job` (None: the DHT did not answer)."""
-    found = await _read(node, members_key(job), timeout_s)
+    found = await read_owned_on_node(node, members_key(job), timeout_s=timeout_s)
     if found is None:
         return None
-    members = {}
-    for peer, value in found:
+    return {
+        peer: member
+        for peer, member in _parsed(found, StageMember)
+        if member.job_id == job.job_id and member.stage < len(job.stages)
+    }
+
+
+def _parsed(found: list[tuple[str, object]], record: type[R]) -> list[tuple[str, R]]:
+    """The values that are valid `record`s, with their owners (the rest logged at debug)."""
+    parsed = []
+    for owner, value in found:
         try:
-            member = StageMember.from_wire(value)
+            parsed.append((owner, record.from_wire(value)))
         except RecordError as exc:
-            logger.debug("dropped a stage member record of %s: %s", peer, exc)
-            continue
-        if member.job_id == job.job_id and member.stage < len(job.stages):
-            members[peer] = member
-    return members
+            logger.debug("dropped a %s of %s: %s", record.RECORD_NAME, owner, exc)
+    return parsed
 
 
 async def _store(
@@ -119,7 +118,7 @@ async def _store(
     expiration_s: float,
     timeout_s: float,
 ) -> bool:
-    if value is not None and len(msgpack.packb(value, use_bin_type=True)) > MAX_JOB_BYTES:
+    if len(msgpack.packb(value, use_bin_type=True)) > MAX_JOB_BYTES:
         raise RecordError(f"a training record must fit in {MAX_JOB_BYTES} bytes")
     try:
         stored = await asyncio.wait_for(
@@ -128,22 +127,3 @@ async def _store(
     except _TIMEOUTS:
         return False
     return bool(stored)
-
-
-async def _read(node: DHTNode, key: str, timeout_s: float) -> list[tuple[str, object]] | None:
-    try:
-        found = await asyncio.wait_for(node.get(key, latest=True), timeout=timeout_s)
-    except _TIMEOUTS:
-        return None
-    if found is None or not isinstance(found.value, dict):
-        return []
-    now = get_dht_time()
-    read = []
-    for subkey, item in found.value.items():
-        if item.expiration_time <= now or item.value is None:
-            continue
-        try:
-            read.append((peer_id_from_owner(subkey), item.value))
-        except (RecordError, ValueError) as exc:
-            logger.debug("dropped a training record under %r: %s", subkey, exc)
-    return read

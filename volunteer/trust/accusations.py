@@ -22,7 +22,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from volunteer.swarm.dht_records import peer_id_from_owner
+from volunteer.swarm.dht_records import read_owned_on_node
 from volunteer.swarm.records import RecordError, check_model_name
 from volunteer.transport.protocol import printable
 
@@ -100,24 +100,15 @@ async def read_on_node(
 ) -> list[tuple[str, Accusation]] | None:
     """Every (accuser, accusation) published about `model`'s servers; malformed ones are
     dropped (None: the DHT did not answer in time)."""
-    try:
-        found = await asyncio.wait_for(
-            node.get(accusations_key(model), latest=True), timeout=timeout_s
-        )
-    except _TIMEOUTS:
+    found = await read_owned_on_node(node, accusations_key(model), timeout_s=timeout_s)
+    if found is None:
         return None
-    if found is None or not isinstance(found.value, dict):
-        return []
-    now = get_dht_time()
     read = []
-    for subkey, item in found.value.items():
-        if item.expiration_time <= now:
-            continue
+    for accuser, value in found:
         try:
-            accuser = peer_id_from_owner(subkey)
-            read.extend((accuser, each) for each in _parse(item.value))
+            read.extend((accuser, each) for each in _parse(value))
         except (RecordError, ValueError, ValidationError) as exc:
-            logger.debug("dropped accusations under %r: %s", subkey, exc)
+            logger.debug("dropped accusations of %s: %s", accuser, exc)
     return read
 
 
