@@ -15,7 +15,7 @@ from tests.training.swarm_helpers import tiny_data, tiny_job, tiny_model
 from volunteer.training.calls import TrainingCallError, call
 from volunteer.training.job import Aggregation
 from volunteer.training.loopback import LOOPBACK
-from volunteer.training.peer import MAX_SHARES, TrainingPeer
+from volunteer.training.peer import TrainingPeer
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated")
 
@@ -55,22 +55,29 @@ def test_strangers_cannot_drive_and_bad_shares_are_refused() -> None:
             )
             assert "unknown op" in await _refused(stranger, peer, {"op": "explode"}, [])
             share = {"op": "share", "step": 0, "round": 0}
+            full_share = [torch.zeros(peer.size)]
+            assert "this stage's peers only" in await _refused(stranger, peer, share, full_share)
+            assert "the job's peers only" in await _refused(stranger, peer, {"op": "state"}, [])
+            # The driver names the stranger a peer of stage 1: now its shares are read,
+            # and checked.
+            stranger_id = stranger.peer_id.to_base58()
+            roster = {"op": "roster", "members": {stranger_id: 1}}
+            assert "driver only" in await _refused(stranger, peer, roster, [])
+            await call(driver, peer.peer_id, roster, timeout_s=10, max_answer_bytes=4096)
             assert "float32 numbers" in await _refused(stranger, peer, share, [torch.zeros(3)])
             assert "at step 0, not 5" in await _refused(
-                stranger, peer, {**share, "step": 5}, [torch.zeros(peer.size)]
+                stranger, peer, {**share, "step": 5}, full_share
+            )
+            assert "at most 8 rounds" in await _refused(
+                stranger, peer, {**share, "round": 8}, full_share
             )
             await call(
-                stranger,
-                peer.peer_id,
-                share,
-                [torch.zeros(peer.size)],
-                timeout_s=10,
-                max_answer_bytes=4096,
+                stranger, peer.peer_id, share, full_share, timeout_s=10, max_answer_bytes=4096
             )
-            assert "one share per peer" in await _refused(
-                stranger, peer, share, [torch.zeros(peer.size)]
-            )
-            assert len(peer._shares[0]) <= MAX_SHARES
+            assert "one share per peer" in await _refused(stranger, peer, share, full_share)
+            assert len(peer._shares[0]) == 1
+            bad_roster = {"op": "roster", "members": {stranger_id: 7}}
+            assert "with their stage" in await _refused(driver, peer, bad_roster, [])
             # Its driver still trains it, and a bad label is refused with the reason.
             bad = labels.clone()
             bad[0, 0] = 10_000

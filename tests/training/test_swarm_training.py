@@ -31,9 +31,11 @@ def _train(
     steps: int = 6,
     during=None,
     lora_rank: int | None = None,
+    before=None,
     **options,
 ):
-    """Trains `steps` steps; `during(swarm)` runs alongside the first one."""
+    """Trains `steps` steps; `before(swarm)` runs before the first, `during(swarm)`
+    alongside it."""
     full, ends = tiny_model()
     data = tiny_data(ends.config.vocab_size, rows=48, sequence=8)
     job = tiny_job(data, aggregation=aggregation, steps=steps, lora_rank=lora_rank)
@@ -41,6 +43,8 @@ def _train(
     async def run() -> tuple[list[StepReport], LoopbackSwarm]:
         swarm = await start_swarm(full, ends, job, data, stages=stages, **options)
         try:
+            if before is not None:
+                await before(swarm)
             first = asyncio.create_task(swarm.driver.run_step())
             if during is not None:
                 await during(swarm)
@@ -153,4 +157,57 @@ def test_a_peer_that_joins_late_takes_the_stage_state_and_trains_on() -> None:
     reports, late_steps, worked = asyncio.run(run())
     assert late_steps == job.steps
     assert worked == 3  # the last step's stage 1 used all three peers
+    assert [r.loss for r in reports] == pytest.approx(alone(full, ends, job, data), rel=TOLERANCE)
+
+
+def test_answers_of_the_wrong_form_fail_their_peer_and_lose_nothing() -> None:
+    """A stage-0 peer answers forwards with hidden states of the wrong shape, a stage-1
+    peer answers losses that are not numbers: the driver takes neither, runs their
+    microbatches on the others, and trains as one process does."""
+    import torch
+
+    async def junk_forward(peer: str, header: dict, tensors: list) -> tuple[dict, list]:
+        return {}, [torch.zeros(1, 1, 1)]
+
+    async def junk_loss(peer: str, header: dict, tensors: list) -> tuple[dict, list]:
+        return {"loss": float("nan")}, [torch.zeros_like(tensors[0])]
+
+    async def break_two(swarm: LoopbackSwarm) -> None:
+        swarm.peers[0]._op_forward = junk_forward  # type: ignore[method-assign]
+        swarm.peers[3]._op_loss = junk_loss  # type: ignore[method-assign]
+
+    reports, swarm, expected = _train(THREE_AND_THREE, rebalance=False, during=None,
+                                      before=break_two)  # fmt: skip
+    assert [r.loss for r in reports] == pytest.approx(expected, rel=TOLERANCE)
+    assert {swarm.peers[0].peer_id, swarm.peers[3].peer_id} <= swarm.driver.failed
+
+
+def test_a_step_that_stalls_starts_over_and_counts_nothing_twice() -> None:
+    """Both stage-1 peers die in the first step: it stalls, stage 0 forgets what it
+    summed; a third stage-1 peer arrives and the step runs again from the start."""
+    from volunteer.training.driver import TrainingStalled
+
+    full, ends = tiny_model()
+    data = tiny_data(ends.config.vocab_size, rows=48, sequence=8)
+    job = tiny_job(data, aggregation=MEAN, steps=3)
+
+    async def run() -> list[StepReport]:
+        swarm = await start_swarm(full, ends, job, data, stages=[0, 0, 1, 1, 1], rebalance=False)
+        try:
+            spare = swarm.peers[-1]
+            swarm.driver.remove_member(spare.peer_id)
+            step = asyncio.create_task(swarm.driver.run_step())
+            while not swarm.driver.logged(swarm.peers[2].peer_id):
+                await asyncio.sleep(0.005)
+            for peer in swarm.peers[2:4]:
+                await swarm.kill(peer)
+            with pytest.raises(TrainingStalled):
+                await step
+            assert not any(peer.trainer.samples for peer in swarm.peers[:2])
+            swarm.driver.add_member(spare.peer_id, 1)
+            return [await swarm.driver.run_step() for _ in range(job.steps)]
+        finally:
+            await swarm.close()
+
+    reports = asyncio.run(run())
     assert [r.loss for r in reports] == pytest.approx(alone(full, ends, job, data), rel=TOLERANCE)

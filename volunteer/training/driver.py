@@ -5,8 +5,8 @@ Per step it cuts the step's batch (rows `step * batch .. + batch` of the job's d
 wrapping) into microbatches and routes each through one peer per stage, the one
 expected to finish first given what it has queued and its measured speed (SWARM's
 stochastic wiring); it logs, per stage and peer, each microbatch's input and the
-gradient it was given (the last stage: the targets). Then every stage closes its step
-on its own:
+gradient it was given (the last stage: the targets). Then every stage settles its step
+(the last stage first), and once all have, they apply it:
 
 1. **gather**: the stage's peers exchange shares; each answers with a digest of every
    share that reached it. A share the majority did not get alike (a silent, late or
@@ -34,16 +34,17 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import math
 import random
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 from hivemind.p2p import P2P
 
 from volunteer.scheduler.training import StagePeer, rebalance_stages
-from volunteer.training.calls import TrainingCallError, call
+from volunteer.training.calls import MAX_ROUNDS, TrainingCallError, call
 from volunteer.training.job import TrainingJob
 
 CALL_TIMEOUT_S = 60.0
@@ -53,7 +54,6 @@ SHARE_WAIT_S = 5.0
 TOLERANCE = 1e-3
 """Relative distance between a share and its recomputation that counts as a mismatch
 (honest recomputation on the same kind of machine differs by float rounding only)."""
-MAX_ROUNDS = 8
 PROBATION_CHECKS = 3
 """A new peer's shares are all recomputed until this many were found right (BOINC's
 adaptive replication): an attacker from the start is banned at its first step, and one
@@ -62,6 +62,7 @@ SPEED_MEMORY = 0.3
 """Weight of the newest measurement in a peer's speed (an exponential average)."""
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class TrainingStalled(RuntimeError):
@@ -94,6 +95,18 @@ class PeerWork:
     """Positions it ran through its blocks, forward and backward."""
     checked: int
     """Its shares the validators recomputed (and found right) in the step."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settled:
+    """A stage's step once its shares are agreed, before it applies them."""
+
+    stage: int
+    round: int
+    members: list[str]
+    """The stage's peers that answered the round's gather (they apply)."""
+    kept: list[str]
+    dropped: list[str]
 
 
 @dataclasses.dataclass
@@ -211,15 +224,24 @@ class Driver:
             self.failed.add(peer)
             raise
 
-    async def _timed(self, peer: str, samples: float, header: dict[str, Any], tensors: list):
-        """A call whose time measures the peer's speed: sequences of a stage's whole pass
+    async def _timed(
+        self, peer: str, stage: int, samples: float, header: dict[str, Any], tensors: list
+    ):
+        """A microbatch call, its answer checked for form (a peer that answers junk has
+        failed); its time measures the peer's speed: sequences of a stage's whole pass
         per second (a forward is a quarter of the pass: backward recomputes it, and
         backward itself costs about twice a forward)."""
         samples *= _PASS_SHARE[header["op"]]
         self._queued[peer] += 1
         began = time.perf_counter()
         try:
-            return await self._call(peer, header, tensors)
+            answer, out = await self._call(peer, header, tensors)
+            problem = _answer_problem(header["op"], stage == 0, tensors, answer, out)
+            if problem:
+                self.failed.add(peer)
+                logger.warning("training peer %s answered %s", peer, problem)
+                raise TrainingCallError(f"{peer} answered {problem}")
+            return answer, out
         finally:
             self._queued[peer] -= 1
             spent = max(time.perf_counter() - began, 1e-6)
@@ -243,27 +265,32 @@ class Driver:
         )
         batch = self.data[rows]
         micro = self.job.microbatch_size
-        await asyncio.gather(
-            *(
+        banned_before = set(self.banned)
+        self._corrected = [{} for _ in range(stages)]
+        self._checked.clear()
+        self._unchecked.clear()
+        try:
+            await _together(
                 self._microbatch(f"{self.step}.{index}", batch[first : first + micro])
                 for index, first in enumerate(range(0, len(batch), micro))
             )
-        )
-        banned_before = set(self.banned)
-        self._corrected = [{} for _ in range(stages)]
-        # Last stage first: a liar found there gave earlier stages wrong gradients,
-        # which their closing replaces before they gather.
-        self._checked.clear()
-        self._unchecked.clear()
-        outcomes = [await self._close(stage) for stage in reversed(range(stages))]
+            # Last stage first: a liar found there gave earlier stages wrong gradients,
+            # which their settling replaces before they gather. No stage applies until
+            # every stage settled: a step that stalls leaves every stage as it was.
+            settled = [await self._settle(stage) for stage in reversed(range(stages))]
+            for each in settled:
+                await self._apply(each.stage, each.round, each.members, each.kept)
+        except TrainingStalled:
+            await self._forget_step()  # the step starts over: nothing of it may count twice
+            raise
         self._report_work()
         report = StepReport(
             step=self.step,
             loss=sum(self._losses) / self.job.batch_size,
             seconds=time.perf_counter() - began,
-            dropped=sorted({p for dropped, _ in outcomes for p in dropped}),
+            dropped=sorted({peer for each in settled for peer in each.dropped}),
             banned=sorted(set(self.banned) - banned_before),
-            rounds=max(rounds for _, rounds in outcomes),
+            rounds=max(each.round for each in settled) + 1,
             unchecked=sorted(self._unchecked),
         )
         self.history.append(report)
@@ -285,7 +312,7 @@ class Driver:
             work = Work(key, inputs[stage], grad)
             header = {"op": "backward", "step": self.step, "key": key}
             try:
-                _, out = await self._timed(peers[stage], work.samples, header, [grad])
+                _, out = await self._timed(peers[stage], stage, work.samples, header, [grad])
             except TrainingCallError:  # its saved input died with it: all again elsewhere
                 grad = await self._run_stage(stage, work)
                 continue
@@ -297,7 +324,11 @@ class Driver:
             peer = self._pick(stage)
             try:
                 _, out = await self._timed(
-                    peer, given.shape[0], {"op": "forward", "step": self.step, "key": key}, [given]
+                    peer,
+                    stage,
+                    given.shape[0],
+                    {"op": "forward", "step": self.step, "key": key},
+                    [given],
                 )
                 return peer, out[0]
             except TrainingCallError:
@@ -315,13 +346,15 @@ class Driver:
             try:
                 if last:
                     answer, out = await self._timed(
-                        peer, work.samples, {"op": "loss", **step}, [work.given, work.second]
+                        peer, stage, work.samples, {"op": "loss", **step}, [work.given, work.second]
                     )
-                    loss = float(answer.get("loss", 0.0))
+                    loss = answer["loss"]
                 else:
-                    await self._timed(peer, work.samples, {"op": "forward", **step}, [work.given])
+                    await self._timed(
+                        peer, stage, work.samples, {"op": "forward", **step}, [work.given]
+                    )
                     answer, out = await self._timed(
-                        peer, work.samples, {"op": "backward", **step}, [work.second]
+                        peer, stage, work.samples, {"op": "backward", **step}, [work.second]
                     )
             except TrainingCallError:
                 continue
@@ -332,7 +365,9 @@ class Driver:
 
     # Closing a stage's step.
 
-    async def _close(self, stage: int) -> tuple[list[str], int]:
+    async def _settle(self, stage: int) -> _Settled:
+        """Gathers, checks and redoes until a round keeps every share it heard (module
+        doc, steps 1 to 3)."""
         dropped_all = await self._untaint(stage)
         for round_ in range(MAX_ROUNDS):
             members = self.stage_peers(stage)
@@ -376,9 +411,9 @@ class Driver:
                 for peer in dropped:
                     await self._redo(stage, peer, avoid=set(dropped))
                 continue
-            await self._apply(stage, round_, [peer for peer in members if peer in heard], kept)
             self._unchecked.update(peer for peer in kept if peer not in self._verified)
-            return dropped_all, round_ + 1
+            heard_members = [peer for peer in members if peer in heard]
+            return _Settled(stage, round_, heard_members, kept, dropped_all)
         raise TrainingStalled(
             f"stage {stage} could not close step {self.step} in {MAX_ROUNDS} rounds"
         )
@@ -397,8 +432,8 @@ class Driver:
         """Runs a dropped peer's microbatches of this stage again on the others; a
         banned peer's gradients for the stage before are replaced."""
         works = self._log[stage].pop(peer, [])
-        results = await asyncio.gather(
-            *(self._run_stage(stage, self._renewed(stage, work), avoid | {peer}) for work in works)
+        results = await _together(
+            self._run_stage(stage, self._renewed(stage, work), avoid | {peer}) for work in works
         )
         if stage and peer in self.banned:
             for work, grad in zip(works, results, strict=True):
@@ -422,8 +457,8 @@ class Driver:
             works = log.pop(peer)
             with contextlib.suppress(TrainingCallError):  # failed: out of the step anyway
                 await self._call(peer, {"op": "reset", "step": self.step}, [])
-            results = await asyncio.gather(
-                *(self._run_stage(stage, self._renewed(stage, work)) for work in works)
+            results = await _together(
+                self._run_stage(stage, self._renewed(stage, work)) for work in works
             )
             for work, grad in zip(works, results, strict=True):
                 if stage and work.key.rstrip("!") in fixed:
@@ -542,8 +577,33 @@ class Driver:
 
     # Between steps.
 
+    async def _forget_step(self) -> None:
+        """Has every peer drop what it summed in this step."""
+        header = {"op": "reset", "step": self.step}
+        await asyncio.gather(
+            *(call(self.p2p, peer, header, timeout_s=PROBE_TIMEOUT_S, max_answer_bytes=4096)
+              for peer in self.members if peer not in self.banned),
+            return_exceptions=True,
+        )  # fmt: skip
+
+    async def _send_roster(self) -> None:
+        """Tells every peer who the job's peers are (whom to take shares and state
+        requests from); a peer that does not hear it is out of the step."""
+        members = {p: s for p, s in self.members.items() if p not in self.banned}
+        header = {"op": "roster", "members": members}
+        replies = await asyncio.gather(
+            *(call(self.p2p, peer, header, timeout_s=PROBE_TIMEOUT_S, max_answer_bytes=4096)
+              for peer in members),
+            return_exceptions=True,
+        )  # fmt: skip
+        for peer, reply in zip(members, replies, strict=True):
+            if isinstance(reply, BaseException):
+                self.failed.add(peer)
+
     async def _prepare(self) -> None:
-        """Brings back failed peers that answer, then evens out the stages."""
+        """Brings back failed peers that answer, evens out the stages, and sends the
+        roster."""
+        await self._send_roster()  # a peer brought back takes the state of one named here
         failed = sorted(self.failed)
         answers = await asyncio.gather(*(self._probe(peer) for peer in failed))
         for peer, steps in zip(failed, answers, strict=True):
@@ -573,9 +633,49 @@ class Driver:
                 logger.info(
                     "moved %s from stage %d to %d", move.peer_id, move.from_stage, move.to_stage
                 )
+                await self._send_roster()  # its new stage takes its shares now
 
 
 _PASS_SHARE = {"forward": 0.25, "backward": 0.75, "loss": 1.0}
+
+
+async def _together(work: Iterable[Awaitable[T]]) -> list[T]:
+    """The results of running `work` at once; the first failure cancels the rest, so
+    nothing of a failed step runs on."""
+    tasks = [asyncio.ensure_future(each) for each in work]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _answer_problem(
+    op: str, first: bool, sent: list[torch.Tensor], answer: dict[str, Any], out: list
+) -> str | None:
+    """What is wrong with a microbatch answer's form, or None: a forward gives hidden
+    states [B, S, H] for the microbatch (the input's shape past the first stage); a
+    backward, and a loss past the first stage, the gradient w.r.t. the input; a loss, a
+    finite number."""
+    given = sent[0]
+    if op == "forward":
+        ok = (
+            len(out) == 1
+            and out[0].is_floating_point()
+            and out[0].dim() == 3
+            and out[0].shape[:2] == given.shape[:2]
+            and (first or out[0].shape == given.shape)
+        )
+        return None if ok else "a forward output of the wrong form"
+    if op == "loss":
+        loss = answer.get("loss")
+        if not isinstance(loss, float) or not math.isfinite(loss):
+            return "a loss that is not a finite number"
+    # backward: `given` is the gradient w.r.t. the output, shaped as the input past stage 0
+    ok = not out if first else len(out) == 1 and out[0].shape == given.shape
+    return None if ok else f"a {op} gradient of the wrong form"
 
 
 def _agreed(peer: str, heard: dict[str, dict[str, Any]]) -> bool:

@@ -16,7 +16,8 @@ It answers the job's driver (`volunteer.training.driver`) on `TRAIN_HANDLE`:
 - `sync`: loads a stage's state from a peer of it (after a missed step, or to move to
   another stage), and `state`: hands its own.
 
-Peers send each other only `share` and `state`; every other op is the driver's alone.
+Peers send each other only `share` (to their stage) and `state`, and only peers the
+driver's last `roster` named; every other op is the driver's alone.
 Torch runs on one worker thread per peer, so the network keeps flowing while it
 computes. Every wait has a deadline; a share is checked (size, finite, one per peer and
 round, current step) before it is kept.
@@ -36,9 +37,15 @@ import torch
 from hivemind.p2p import P2P
 
 from volunteer.models.model import BlockSpan, ModelEnds
-from volunteer.training import wire
+from volunteer.training import attacks, wire
 from volunteer.training.attack_drill import AttackDrill
-from volunteer.training.calls import TRAIN_HANDLE, TrainingCallError, call, refusal
+from volunteer.training.calls import (
+    MAX_ROUNDS,
+    TRAIN_HANDLE,
+    TrainingCallError,
+    call,
+    refusal,
+)
 from volunteer.training.job import TrainingJob
 from volunteer.training.stage import StageError, StageTrainer, aggregate
 from volunteer.transport.one_shot import serve
@@ -46,7 +53,11 @@ from volunteer.transport.one_shot import serve
 MAX_SHARES = 64
 """Shares kept per round (a stage's members; a bound on what strangers can make us hold)."""
 MAX_WAIT_S = 120.0
-DRIVER_OPS = ("forward", "backward", "loss", "reset", "gather", "verify", "apply", "sync", "info")
+DRIVER_OPS = (
+    "roster", "forward", "backward", "loss", "reset", "gather", "verify", "apply", "sync", "info"
+)  # fmt: skip
+MAX_MEMBERS = 4096
+"""Peers of a job a roster may name."""
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +98,11 @@ class TrainingPeer:
         self._shares: dict[int, dict[str, torch.Tensor]] = {}
         """This step's shares by round, then by sender."""
         self._arrived = asyncio.Condition()
+        self._roster: dict[str, int] = {}
+        """The job's peers and their stages, as the driver last said: only they may send
+        shares (to their stage) or ask for the state."""
+        self._handing = asyncio.Semaphore(1)
+        """One state handed over at a time: each is a copy of the stage's state."""
         self._join(stage)
 
     def _join(self, stage: int) -> None:
@@ -138,6 +154,7 @@ class TrainingPeer:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
     async def _answer(self, peer: str, body: bytes) -> bytes:
+        op = "?"
         try:
             header, tensors = wire.unpack(body)
             op = wire.field(header, "op", str)
@@ -152,6 +169,9 @@ class TrainingPeer:
             return wire.pack(answer, out)
         except (wire.WireError, StageError, Refused, TrainingCallError, ValueError) as exc:
             return refusal(str(exc))
+        except RuntimeError as exc:  # torch's word for inputs it cannot take
+            logger.info("a %s call failed here: %s", op, exc)
+            return refusal(f"could not compute: {str(exc)[:200]}")
 
     async def _run(self, work: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, work)
@@ -197,7 +217,7 @@ class TrainingPeer:
         key = wire.field(header, "key", str)
         given, labels = _count(tensors, 2)
         if self._drill.flips_labels():
-            labels = torch.where(labels >= 0, self._ends.config.vocab_size - 1 - labels, labels)
+            labels = attacks.flip_labels(labels, self._ends.config.vocab_size)
 
         def work() -> tuple[float, torch.Tensor]:
             return self.trainer.loss_backward(key, self._input(given), labels, self._ends)
@@ -268,17 +288,32 @@ class TrainingPeer:
                     max(left, 0.0),
                 )
 
+    async def _op_roster(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
+        members = header.get("members")
+        if not (
+            isinstance(members, dict)
+            and len(members) <= MAX_MEMBERS
+            and all(type(s) is int and 0 <= s < len(self.job.stages) for s in members.values())
+        ):
+            raise Refused(f"members: at most {MAX_MEMBERS} peers with their stage")
+        self._roster = members
+        return {}, []
+
     async def _op_share(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
         self._at_step(header)
+        if self._roster.get(peer) != self.stage:
+            raise Refused("shares come from this stage's peers only")
         round_ = wire.field(header, "round", int, low=0)
+        if round_ >= MAX_ROUNDS:
+            raise Refused(f"a step has at most {MAX_ROUNDS} rounds")
         (share,) = _count(tensors, 1)
         if share.dtype != torch.float32 or share.shape != (self.size,):
             raise Refused(f"a share is {self.size} float32 numbers")
         shares = self._shares.setdefault(round_, {})
         if peer in shares:
             raise Refused("one share per peer and round")
-        if len(shares) >= MAX_SHARES or len(self._shares) > MAX_SHARES:
-            raise Refused("too many shares in this step")
+        if len(shares) >= MAX_SHARES:
+            raise Refused("too many shares in this round")
         async with self._arrived:
             shares[peer] = share
             self._arrived.notify_all()
@@ -338,7 +373,10 @@ class TrainingPeer:
     # State: a missed step, a move to another stage.
 
     async def _op_state(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
-        state = await self._run(self.trainer.state)
+        if peer not in self._roster and peer not in self._drivers:
+            raise Refused("the state goes to the job's peers only")
+        async with self._handing:
+            state = await self._run(self.trainer.state)
         return {"stage": self.stage, "steps": self.trainer.steps}, state
 
     async def _op_sync(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
