@@ -3,11 +3,11 @@ Llama (a Hugging Face folder each loads by path) through `volunteer train`.
 
 A driver daemon creates the job; five daemons join it, two in stage 0 and three in
 stage 1, one of them Byzantine on purpose (`VOLUNTEER_FAULTS=sign-flip`); a sixth,
-started with `--train`, takes the role by itself and is brought to the current step. Every share
-is recomputed each round, so the attacker is banned in its first step with two judges
-beside it; a stage-0 peer is killed with SIGKILL mid-run, and the job still finishes
-every step. The peers hold
-the driver's signed receipts for the work the stages kept.
+started with `--train`, takes the role by itself and is brought to the current step.
+Every share is recomputed each round, so the attacker is banned in its first step with
+two judges beside it; a stage-0 peer is killed with SIGKILL mid-run. The job still
+finishes every step, each step's loss exactly one process's training on the same data,
+and the peers hold the driver's signed receipts for the work the stages kept.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from tests.daemon.homes import DaemonSwarm, Homes, wait_for
-from tests.training.swarm_helpers import tiny_data, tiny_model, write_hf_folder
+from tests.training.swarm_helpers import alone, tiny_data, tiny_job, tiny_model, write_hf_folder
 from volunteer.control.endpoint import use_tcp
+from volunteer.training.job import Aggregation, Optimizer
 
 pytestmark = [
     pytest.mark.slow,
@@ -48,7 +49,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         created = homes.cli(
             driver, "train", "create", str(data), "--stages", "2", "--steps", str(STEPS),
             "--batch-size", str(BATCH), "--microbatch-size", "2", "--sequence-length", "8",
-            "--checks", "3", "--no-rebalance", "--min-peers", "2", "--lr", "0.003", "--json",
+            "--checks", "3", "--no-rebalance", "--min-peers", "2", "--lr", "0.003",
+            "--aggregation", "mean", "--json",
         )  # fmt: skip
         assert created.returncode == 0, created.stderr
         attacker = homes.home("p5")
@@ -73,7 +75,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             240,
         )
         peers["auto"] = auto
-        yield {"homes": homes, "driver": driver, "peers": peers, "killed_at": killed_at}
+        # The same training in one process: what every step's loss must be.
+        rows = tiny_data(ends.config.vocab_size, rows=48, sequence=8)
+        job = tiny_job(rows, aggregation=Aggregation(kind="mean"), batch=BATCH, steps=STEPS)
+        job = job.model_copy(update={"optimizer": Optimizer(name="adamw", lr=0.003)})
+        expected = alone(full, ends, job, rows)
+        yield {
+            "homes": homes, "driver": driver, "peers": peers, "killed_at": killed_at,
+            "expected": expected,
+        }  # fmt: skip
     finally:
         homes.reap()
 
@@ -86,6 +96,9 @@ def test_the_job_finishes_every_step_with_the_loss_going_down(trained: dict) -> 
     assert [step for step, _ in status["training_losses"]] == list(range(STEPS))
     # Every third step sees the same batch again (48 rows, 16 a step).
     assert sum(losses[-3:]) < sum(losses[:3])
+    # Through the attacker, the kill and the late joiner: no data lost or counted twice,
+    # no wrong share aggregated. The loss is one process's, step for step.
+    assert losses == pytest.approx(trained["expected"], rel=1e-5)
 
 
 def test_the_byzantine_peer_is_banned_and_says_it_drills(trained: dict) -> None:

@@ -11,9 +11,10 @@ import functools
 import pytest
 
 from tests.training.swarm_helpers import alone, start_swarm, tiny_data, tiny_job, tiny_model
-from volunteer.training.driver import PROBATION_CHECKS, StepReport
 from volunteer.training.job import Aggregation
 from volunteer.training.loopback import LoopbackSwarm
+from volunteer.training.settling import PROBATION_CHECKS
+from volunteer.training.step_types import StepReport
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:path is deprecated")]
 
@@ -185,7 +186,7 @@ def test_answers_of_the_wrong_form_fail_their_peer_and_lose_nothing() -> None:
 def test_a_step_that_stalls_starts_over_and_counts_nothing_twice() -> None:
     """Both stage-1 peers die in the first step: it stalls, stage 0 forgets what it
     summed; a third stage-1 peer arrives and the step runs again from the start."""
-    from volunteer.training.driver import TrainingStalled
+    from volunteer.training.step_types import TrainingStalled
 
     full, ends = tiny_model()
     data = tiny_data(ends.config.vocab_size, rows=48, sequence=8)

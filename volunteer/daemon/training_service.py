@@ -57,7 +57,7 @@ from volunteer.settings import Settings
 from volunteer.swarm.records import RecordError
 from volunteer.training.attack_drill import AttackDrill
 from volunteer.training.data import load_rows, shard_hash
-from volunteer.training.driver import Driver, PeerWork, TrainingStalled
+from volunteer.training.driver import Driver
 from volunteer.training.job import Aggregation, DataShard, Optimizer, TrainingJob
 from volunteer.training.peer import TrainingPeer
 from volunteer.training.records import (
@@ -67,6 +67,7 @@ from volunteer.training.records import (
     read_jobs_on_node,
     read_members_on_node,
 )
+from volunteer.training.step_types import PeerWork, TrainingStalled
 
 ANNOUNCE_PERIOD_S = 5.0
 DHT_TIMEOUT_S = 10.0
