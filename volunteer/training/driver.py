@@ -140,8 +140,12 @@ class Driver(Settling, Membership):
         peers = [peer for peer in self.stage_peers(stage) if peer not in avoid]
         if not peers:
             raise TrainingStalled(f"stage {stage} has no peer left in step {self.step}")
-        prior = sum(self.speeds.values()) / len(self.speeds) if self.speeds else 1.0
+        prior = self.speed_prior()
         return min(peers, key=lambda p: ((self._queued[p] + 1) / self.speeds.get(p, prior), p))
+
+    def speed_prior(self) -> float:
+        """The speed assumed of a peer not measured yet: the mean of those measured."""
+        return sum(self.speeds.values()) / len(self.speeds) if self.speeds else 1.0
 
     async def _call(
         self, peer: str, header: dict[str, Any], tensors: list, *, timeout_s: float = CALL_TIMEOUT_S

@@ -33,7 +33,7 @@ class Membership:
     failed: set[str]
     rebalance: bool
     speeds: dict[str, float]
-    # Also the driver's: stage_peers, _call.
+    # Also the driver's: stage_peers, speed_prior, _call.
 
     async def _probe(self, peer: str) -> int | None:
         """The steps a failed peer has taken, or None while it does not answer (quietly:
@@ -100,7 +100,7 @@ class Membership:
         if not self.rebalance:
             return
         load = [float(self.job.batch_size)] * len(self.job.stages)
-        prior = sum(self.speeds.values()) / len(self.speeds) if self.speeds else 1.0
+        prior = self.speed_prior()
         live = [
             StagePeer(peer, self.members[peer], self.speeds.get(peer, prior))
             for stage in range(len(self.job.stages))

@@ -38,10 +38,6 @@ PROBATION_CHECKS = 3
 """A new peer's shares are all recomputed until this many were found right (BOINC's
 adaptive replication): an attacker from the start is banned at its first step, and one
 that waits must pass this many checks first."""
-PROBATION_CHECKS = 3
-"""A new peer's shares are all recomputed until this many were found right (BOINC's
-adaptive replication): an attacker from the start is banned at its first step, and one
-that waits must pass this many checks first."""
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +68,6 @@ class Settling:
         for round_ in range(MAX_ROUNDS):
             members = self.stage_peers(stage)
             log = self._log[stage]
-            senders = [peer for peer in members if log.get(peer)]
             for peer in list(log):  # a failed peer's sums died with it or are stale
                 if peer not in members:
                     dropped_all.append(peer)
