@@ -147,6 +147,16 @@ class Driver(Settling, Membership):
         """The speed assumed of a peer not measured yet: the mean of those measured."""
         return sum(self.speeds.values()) / len(self.speeds) if self.speeds else 1.0
 
+    def _age_speeds(self) -> None:
+        """A peer given no work in the last step was not measured in it: a speed below
+        the mean moves halfway to it, so the peer is tried again: else a peer measured
+        slow once, under a passing load, would stay idle for good."""
+        worked = {peer for log in self._log for peer, works in log.items() if works}
+        prior = self.speed_prior()
+        for peer, speed in self.speeds.items():
+            if peer not in worked and speed < prior:
+                self.speeds[peer] = (speed + prior) / 2
+
     async def _call(
         self, peer: str, header: dict[str, Any], tensors: list, *, timeout_s: float = CALL_TIMEOUT_S
     ):
@@ -198,6 +208,7 @@ class Driver(Settling, Membership):
 
     async def run_step(self) -> StepReport:
         began = time.perf_counter()
+        self._age_speeds()
         await self._prepare()
         stages = len(self.job.stages)
         self._log = [collections.defaultdict(list) for _ in range(stages)]

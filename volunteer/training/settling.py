@@ -187,22 +187,31 @@ class Settling:
     async def _judged_wrong(self, stage: int, round_: int, target: str, judges: list[str]) -> bool:
         """Whether `target`'s share is to be dropped: a first judge's mismatch stands if
         a second agrees (`target` is banned) or if there is no second (no ban: one
-        word against another); a second that disagrees bans the first."""
-        first = await self._mismatch(judges[0], stage, round_, target)
-        if first is False:
+        word against another); a second that disagrees bans the first. A judge that
+        cannot recompute gives no verdict and the next one is asked: a share is never
+        waved through because one judge could not answer."""
+        verdicts: list[tuple[str, bool]] = []
+        for judge in judges:
+            wrong = await self._mismatch(judge, stage, round_, target)
+            if wrong is None:
+                continue
+            verdicts.append((judge, wrong))
+            if not verdicts[0][1] or len(verdicts) == 2:
+                break
+        if not verdicts:
+            return False  # no judge could: kept, and reported unchecked
+        first_judge, wrong = verdicts[0]
+        if not wrong:
             self._checked[target] += 1
             self._passed[target] += 1
             self._verified.add(target)
-        if not first:
             return False
-        if len(judges) < 2:
+        if len(verdicts) < 2:
             return True
-        second = await self._mismatch(judges[1], stage, round_, target)
-        if second:
+        if verdicts[1][1]:
             self._ban(target, f"its share differs from two recomputations in step {self.step}")
             return True
-        if second is False:
-            self._ban(judges[0], f"it called {target}'s share wrong in step {self.step}")
+        self._ban(first_judge, f"it called {target}'s share wrong in step {self.step}")
         return False
 
     async def _mismatch(self, judge: str, stage: int, round_: int, target: str) -> bool | None:

@@ -1,0 +1,65 @@
+"""Routing and judging under trouble (`volunteer.training.driver`, `.settling`): a peer
+measured slow once is tried again, and a judge that cannot recompute leaves the check
+to the next one instead of letting the share through."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.training.swarm_helpers import alone, start_swarm, tiny_data, tiny_job, tiny_model
+from tests.training.test_swarm_training import MEAN, THREE_AND_THREE, TOLERANCE, _train
+from volunteer.training.calls import TrainingCallError
+from volunteer.training.loopback import LoopbackSwarm
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:path is deprecated")]
+
+
+def test_a_peer_measured_slow_once_gets_work_again() -> None:
+    """After the first step one stage-0 peer's measured speed drops twentyfold (a load
+    spike): the next step leaves it idle, and an idle peer's speed drifts back toward
+    the mean until it is picked and measured again."""
+    full, ends = tiny_model()
+    data = tiny_data(ends.config.vocab_size, rows=48, sequence=8)
+    job = tiny_job(data, aggregation=MEAN, steps=4)
+
+    async def run() -> tuple[list, list[int]]:
+        swarm = await start_swarm(full, ends, job, data, stages=THREE_AND_THREE, rebalance=False)
+        try:
+            victim = swarm.peer(0, 0).peer_id
+            reports = [await swarm.driver.run_step()]
+            swarm.driver.speeds[victim] /= 20
+            worked = []
+            for _ in range(job.steps - 1):
+                reports.append(await swarm.driver.run_step())
+                worked.append(swarm.driver.logged(victim))
+            return reports, worked
+        finally:
+            await swarm.close()
+
+    reports, worked = asyncio.run(run())
+    assert worked[0] == 0, worked  # measured slow: the others took the step
+    assert any(worked[1:]), worked  # then tried again
+    assert [r.loss for r in reports] == pytest.approx(alone(full, ends, job, data), rel=TOLERANCE)
+
+
+def test_a_judge_that_cannot_recompute_passes_the_check_to_the_next() -> None:
+    """Stage 0 has five peers: peer 0 flips its gradient's sign, peers 1 and 2 refuse
+    every recomputation. Each check of peer 0 goes on to the judges that answer, so
+    none of its shares goes in unchecked and two of them ban it."""
+
+    async def refuse(peer: str, header: dict, tensors: list) -> tuple[dict, list]:
+        raise TrainingCallError("this judge will not recompute")
+
+    async def lazy_judges(swarm: LoopbackSwarm) -> None:
+        for lazy in swarm.peers[1:3]:
+            lazy._op_verify = refuse  # type: ignore[method-assign]
+
+    reports, swarm, _ = _train(
+        [0, 0, 0, 0, 0, 1, 1], steps=3, rebalance=False, faults={0: "sign-flip"},
+        before=lazy_judges,
+    )  # fmt: skip
+    attacker = swarm.peers[0].peer_id
+    assert set(swarm.driver.banned) == {attacker}
+    assert not any(attacker in report.unchecked for report in reports)
