@@ -1,5 +1,5 @@
 """Collaborative training (issue 23): speed of a swarm, cost of CenteredClip, and the
-loss under each of BTARD's attacks.
+loss under each of BTARD's attacks and the two on the pipeline.
 
 1. **Throughput.** A 2-stage x 2-peer swarm on loopback (`volunteer.training.loopback`:
    each peer and the driver on a p2p daemon of its own, all in this process) trains a
@@ -15,6 +15,7 @@ loss under each of BTARD's attacks.
    attacker that starts at once is on probation: its first share is recomputed.
 
     python bench/training.py [--only throughput,clip,attacks] [--size 1000000]
+                             [--attacks sign-flip,wrong-activations]
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ import statistics
 import sys
 import time
 
-ATTACKS = ("sign-flip", "random-direction", "label-flip", "stale:2", "ipm", "alie")
+ATTACKS = (
+    "sign-flip", "random-direction", "label-flip", "stale:2", "ipm", "alie",
+    "wrong-activations", "wrong-input-grads",
+)  # fmt: skip
 
 
 def _timed(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
@@ -206,7 +210,7 @@ def attacks(args: argparse.Namespace) -> None:
     print(f"  clean: mean {clean:.4f}, CenteredClip + validators {clean_clip:.4f}")
     print(f"{'attack':>17} {'mean':>7} {'x clean':>8} {'clip':>7} {'x clean':>8} "
           f"{'clip+bans':>9} {'x clean':>8}  banned (stage at step)")  # fmt: skip
-    for attack in ATTACKS:
+    for attack in args.attacks.split(","):
         faults = {0: attack, 3: attack}
         attacked, _ = run(mean, faults, 0)
         clipped, _ = run(clip, faults, 0)
@@ -228,6 +232,7 @@ def main() -> int:
     parser.add_argument("--sequence", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--steps", type=int, default=6, help="throughput steps (1 warm)")
     parser.add_argument("--attack-steps", type=int, default=12, help="steps per attack run")
+    parser.add_argument("--attacks", default=",".join(ATTACKS), help="attacks to run")
     parser.add_argument("--tail", type=int, default=4, help="steps whose loss is compared")
     parser.add_argument("--tau", type=float, default=0.05, help="CenteredClip's radius")
     args = parser.parse_args()

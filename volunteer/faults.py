@@ -21,6 +21,9 @@ Training attacks (BTARD's; `volunteer.training.attacks`), on a RATE share of ste
                            and one step's staleness for a trainer)
   ipm[:RATE]               inner-product manipulation: minus a tenth of the honest mean
   alie[:RATE]              "a little is enough": the honest mean moved by z deviations
+  wrong-activations[:RATE] pass noisy hidden states to the next stage (report a wrong
+                           loss, on the last), while sending an honest gradient share
+  wrong-input-grads[:RATE] send noisy gradients back to the stage before, share honest
 
 A server with faults says so in its log and status: a drill must never pass for a
 healthy peer by mistake. This module is the setting's grammar (no torch: the settings
@@ -34,7 +37,10 @@ import dataclasses
 from volunteer.errors import SettingsError
 
 OUTPUT_FAULTS = ("perturb", "constant", "stale")
-TRAINING_ATTACKS = ("sign-flip", "random-direction", "label-flip", "stale", "ipm", "alie")
+TRAINING_ATTACKS = (
+    "sign-flip", "random-direction", "label-flip", "stale", "ipm", "alie",
+    "wrong-activations", "wrong-input-grads",
+)  # fmt: skip
 KINDS = (*OUTPUT_FAULTS, "lie-accuse", *(k for k in TRAINING_ATTACKS if k not in OUTPUT_FAULTS))
 
 

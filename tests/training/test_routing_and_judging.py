@@ -63,3 +63,33 @@ def test_a_judge_that_cannot_recompute_passes_the_check_to_the_next() -> None:
     attacker = swarm.peers[0].peer_id
     assert set(swarm.driver.banned) == {attacker}
     assert not any(attacker in report.unchecked for report in reports)
+
+
+@pytest.mark.parametrize("attack", ["wrong-activations", "wrong-input-grads"])
+def test_a_peer_that_passes_wrong_answers_on_is_banned_and_none_of_them_counts(
+    attack: str,
+) -> None:
+    """Peers 0 and 3 send honest shares but pass noisy hidden states on (and report a
+    halved loss, on the last stage), or send noisy gradients back: the validators
+    recompute their answers too and ban them, the work that took their answers runs
+    again, and every step's loss is still one process's."""
+    reports, swarm, expected = _train(
+        THREE_AND_THREE, steps=4, rebalance=False, faults={0: attack, 3: attack}
+    )
+    first, last = swarm.peers[0].peer_id, swarm.peers[3].peer_id
+    # The first stage sends no input gradient back: it cannot commit the second.
+    attackers = {last} if attack == "wrong-input-grads" else {first, last}
+    assert set(swarm.driver.banned) == attackers
+    assert [r.loss for r in reports] == pytest.approx(expected, rel=TOLERANCE)
+
+
+def test_with_one_judge_a_liar_is_not_banned_but_its_answers_never_count() -> None:
+    """Stage 0 has two peers, so a lie has one judge: one word against another bans
+    nobody, but the liar's step starts over without it, every step."""
+    reports, swarm, expected = _train(
+        [0, 0, 1, 1, 1], steps=3, rebalance=False, faults={0: "wrong-activations"}
+    )
+    liar = swarm.peers[0].peer_id
+    assert not swarm.driver.banned
+    assert [r.loss for r in reports] == pytest.approx(expected, rel=TOLERANCE)
+    assert liar in reports[0].dropped

@@ -45,6 +45,11 @@ def test_the_training_attacks_parse_with_stale_counting_steps_above_one() -> Non
     # Up to 1, stale's number is the serving fault's rate (a trainer: one step late).
     assert parse_faults("stale:0.5").faults == (Fault("stale", 0.5),)
     assert parse_faults("perturb:0.1:1").training_attacks() == ()
+    pipeline = parse_faults("wrong-activations, wrong-input-grads:0.5")
+    assert [str(fault) for fault in pipeline.training_attacks()] == [
+        "wrong-activations",
+        "wrong-input-grads:0.5",
+    ]
 
 
 @pytest.mark.parametrize(

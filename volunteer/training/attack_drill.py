@@ -40,6 +40,13 @@ class AttackDrill:
     def flips_labels(self) -> bool:
         return "label-flip" in self._striking
 
+    def passes_wrong(self, answer: str) -> bool:
+        """Whether this step's `answer` ("activations" or "input-grads") is to be wrong."""
+        return f"wrong-{answer}" in self._striking
+
+    def noise_seed(self) -> int:
+        return self._rng.randrange(1 << 31)
+
     def waits_for_honest(self) -> bool:
         return any(kind in self._striking for kind in NEEDS_HONEST)
 

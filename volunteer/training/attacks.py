@@ -12,8 +12,13 @@ against, for drills (`VOLUNTEER_FAULTS`) and tests only.
   standard deviations per coordinate, with z just small enough to pass for honest among
   `peers` of which `hostile` collude.
 
-The last two assume attackers who know the honest peers' gradients (their mean and
-spread), the strongest case the paper studies; a drill hands in its best estimate.
+Two more strike a pipeline rather than the averaging: wrong activations (the hidden
+states a peer passes on, or the loss it reports) and wrong input gradients (what it
+sends back), each with noise as large as the tensor, its share left honest.
+
+Inner-product manipulation and "a little is enough" assume attackers who know the
+honest peers' gradients (their mean and spread), the strongest case the paper studies;
+a drill hands in its best estimate.
 """
 
 from __future__ import annotations
@@ -74,3 +79,11 @@ class Staleness:
     def delay(self, gradient: torch.Tensor) -> torch.Tensor:
         self._kept.append(gradient.detach().clone())
         return self._kept[0]
+
+
+def noisy(tensor: torch.Tensor, *, seed: int) -> torch.Tensor:
+    """`tensor` plus noise of its own norm: wrong activations or input gradients."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float64)
+    scale = tensor.double().norm() / noise.norm().clamp(min=1e-12)
+    return (tensor.double() + scale * noise).to(tensor.dtype)

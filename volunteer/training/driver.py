@@ -29,6 +29,7 @@ hears the roster (`volunteer.training.membership`).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import time
@@ -38,13 +39,15 @@ from typing import Any
 import torch
 from hivemind.p2p import P2P
 
-from volunteer.training.calls import TrainingCallError, call
+from volunteer.training.calls import MAX_ROUNDS, TrainingCallError, call
 from volunteer.training.job import TrainingJob
+from volunteer.training.judge import differs
 from volunteer.training.membership import Membership
 from volunteer.training.settling import Settling
 from volunteer.training.step_types import (
     CALL_TIMEOUT_S,
     PeerWork,
+    Settled,
     StepReport,
     TrainingStalled,
     Work,
@@ -108,6 +111,10 @@ class Driver(Settling, Membership):
         self._corrected: list[dict[str, torch.Tensor]] = []
         """Per stage, microbatch keys whose gradient came from a banned peer: the right one."""
         self._losses: list[float] = []
+        self._restart = False
+        """Set when the step must start over (`_run_stage`)."""
+        self._dropped: set[str] = set()
+        """Peers dropped from a round of this step, in any of its starts."""
         largest = max(end - start for start, end in job.stages)
         self._max_answer = 64 * largest * 1 << 20
 
@@ -210,27 +217,19 @@ class Driver(Settling, Membership):
         began = time.perf_counter()
         self._age_speeds()
         await self._prepare()
-        stages = len(self.job.stages)
-        self._log = [collections.defaultdict(list) for _ in range(stages)]
-        self._losses = []
-        rows = (self.step * self.job.batch_size + torch.arange(self.job.batch_size)) % len(
-            self.data
-        )
-        batch = self.data[rows]
-        micro = self.job.microbatch_size
         banned_before = set(self.banned)
-        self._corrected = [{} for _ in range(stages)]
-        self._checked.clear()
-        self._unchecked.clear()
+        self._dropped.clear()
         try:
-            await together(
-                self._microbatch(f"{self.step}.{index}", batch[first : first + micro])
-                for index, first in enumerate(range(0, len(batch), micro))
-            )
-            # Last stage first: a liar found there gave earlier stages wrong gradients,
-            # which their settling replaces before they gather. No stage applies until
-            # every stage settled: a step that stalls leaves every stage as it was.
-            settled = [await self._settle(stage) for stage in reversed(range(stages))]
+            for _ in range(MAX_ROUNDS):
+                settled = await self._attempt()
+                if settled is not None:
+                    break
+                # A liar's activations or loss reached later stages, whose work cannot be
+                # told apart from honest work: the step runs again without the liar.
+                await self._forget_step()
+                await self._send_roster()
+            else:
+                raise TrainingStalled(f"step {self.step} was started over {MAX_ROUNDS} times")
             for each in settled:
                 await self._apply(each.stage, each.round, each.members, each.kept)
         except TrainingStalled:
@@ -241,7 +240,7 @@ class Driver(Settling, Membership):
             step=self.step,
             loss=sum(self._losses) / self.job.batch_size,
             seconds=time.perf_counter() - began,
-            dropped=sorted({peer for each in settled for peer in each.dropped}),
+            dropped=sorted(self._dropped),
             banned=sorted(set(self.banned) - banned_before),
             rounds=max(each.round for each in settled) + 1,
             unchecked=sorted(self._unchecked),
@@ -250,9 +249,40 @@ class Driver(Settling, Membership):
         self.step += 1
         return report
 
+    async def _attempt(self) -> list[Settled] | None:
+        """The step's microbatches through every stage, then each stage settled; None
+        when it must start over (`_restart`)."""
+        stages = len(self.job.stages)
+        self._log = [collections.defaultdict(list) for _ in range(stages)]
+        self._losses = []
+        self._restart = False
+        rows = (self.step * self.job.batch_size + torch.arange(self.job.batch_size)) % len(
+            self.data
+        )
+        batch = self.data[rows]
+        micro = self.job.microbatch_size
+        self._corrected = [{} for _ in range(stages)]
+        self._checked.clear()
+        self._unchecked.clear()
+        await together(
+            self._microbatch(f"{self.step}.{index}", batch[first : first + micro])
+            for index, first in enumerate(range(0, len(batch), micro))
+        )
+        # Last stage first: a liar found there gave earlier stages wrong gradients,
+        # which their settling replaces before they gather. No stage applies until
+        # every stage settled: a step that stalls leaves every stage as it was.
+        settled = []
+        for stage in reversed(range(stages)):
+            settled.append(await self._settle(stage))
+            self._dropped.update(settled[-1].dropped)
+            if self._restart:
+                return None
+        return settled
+
     async def _microbatch(self, key: str, rows: torch.Tensor) -> None:
         """One microbatch forward through every stage, then backward, each stage's pass
-        logged; a peer that fails is replaced by another of its stage."""
+        logged with what its peer answered; a peer that fails is replaced by another
+        of its stage."""
         labels = rows[:, 1:].contiguous()
         last = len(self.job.stages) - 1
         inputs, peers = [rows[:, :-1].contiguous()], []
@@ -262,15 +292,16 @@ class Driver(Settling, Membership):
             inputs.append(output)
         grad = await self._run_stage(last, Work(key, inputs[last], labels))
         for stage in reversed(range(last)):
-            work = Work(key, inputs[stage], grad)
+            work = Work(key, inputs[stage], grad, output=inputs[stage + 1])
             header = {"op": "backward", "step": self.step, "key": key}
             try:
                 _, out = await self._timed(peers[stage], stage, work.samples, header, [grad])
             except TrainingCallError:  # its saved input died with it: all again elsewhere
                 grad = await self._run_stage(stage, work)
                 continue
-            self._log[stage][peers[stage]].append(work)
-            grad = out[0] if out else grad
+            grad_in = out[0] if out else None
+            self._log[stage][peers[stage]].append(dataclasses.replace(work, grad_in=grad_in))
+            grad = grad if grad_in is None else grad_in
 
     async def _forward(self, stage: int, key: str, given: torch.Tensor) -> tuple[str, torch.Tensor]:
         while True:
@@ -291,7 +322,10 @@ class Driver(Settling, Membership):
         self, stage: int, work: Work, avoid: set[str] = frozenset()
     ) -> torch.Tensor:
         """A stage's whole pass of a logged microbatch on one of its peers (forward and
-        backward, or the loss on the last stage); the gradient w.r.t. its input."""
+        backward, or the loss on the last stage); the gradient w.r.t. its input. Run
+        again for a peer that was dropped or failed, it also checks that peer's
+        answers: activations or a loss other than it gave mean the later stages
+        worked on a lie, and the step starts over."""
         last = stage == len(self.job.stages) - 1
         while True:
             peer = self._pick(stage, avoid)
@@ -301,20 +335,25 @@ class Driver(Settling, Membership):
                     answer, out = await self._timed(
                         peer, stage, work.samples, {"op": "loss", **step}, [work.given, work.second]
                     )
-                    loss = answer["loss"]
+                    done = dataclasses.replace(work, loss=answer["loss"])
                 else:
-                    await self._timed(
+                    _, output = await self._timed(
                         peer, stage, work.samples, {"op": "forward", **step}, [work.given]
                     )
                     answer, out = await self._timed(
                         peer, stage, work.samples, {"op": "backward", **step}, [work.second]
                     )
+                    done = dataclasses.replace(work, output=output[0])
             except TrainingCallError:
                 continue
-            self._log[stage][peer].append(work)
+            done.grad_in = out[0] if out else None
+            self._log[stage][peer].append(done)
             if last and not work.key.endswith("!"):
-                self._losses.append(loss)
-            return out[0] if out else work.second
+                self._losses.append(done.loss)
+            if differs(work.output, done.output) or differs(work.loss, done.loss):
+                logger.warning("stage %d passed on a wrong answer in step %d", stage, self.step)
+                self._restart = True
+            return work.second if done.grad_in is None else done.grad_in
 
     # Closing a stage's step.
 

@@ -59,13 +59,19 @@ class Membership:
     # Between steps.
 
     async def _forget_step(self) -> None:
-        """Has every peer drop what it summed in this step."""
+        """Has every peer drop what it summed in this step; one that does not say it
+        did is out of the step (its old sums would make its share look like a lie)."""
+        peers = [peer for peer in self.members if peer not in self.banned]
+        forgot = await asyncio.gather(*(self._reset(peer) for peer in peers))
+        self.failed.update(peer for peer, done in zip(peers, forgot, strict=True) if not done)
+
+    async def _reset(self, peer: str) -> bool:
         header = {"op": "reset", "step": self.step}
-        await asyncio.gather(
-            *(call(self.p2p, peer, header, timeout_s=PROBE_TIMEOUT_S, max_answer_bytes=4096)
-              for peer in self.members if peer not in self.banned),
-            return_exceptions=True,
-        )  # fmt: skip
+        try:
+            await call(self.p2p, peer, header, timeout_s=PROBE_TIMEOUT_S, max_answer_bytes=4096)
+        except TrainingCallError:
+            return False
+        return True
 
     async def _send_roster(self) -> None:
         """Tells every peer who the job's peers are (whom to take shares and state
@@ -93,9 +99,11 @@ class Membership:
             stage = self.members[peer]
             source = next(iter(self.stage_peers(stage)), None)
             self.failed.discard(peer)
-            if steps != self.step and (
-                source is None or not await self._sync(peer, stage, source, self.step)
-            ):
+            if steps == self.step:
+                back = await self._reset(peer)  # it may hold sums of a step started over
+            else:
+                back = source is not None and await self._sync(peer, stage, source, self.step)
+            if not back:
                 self.failed.add(peer)
         if not self.rebalance:
             return

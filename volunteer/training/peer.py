@@ -8,8 +8,9 @@ It answers the job's driver (`volunteer.training.driver`) on `TRAIN_HANDLE`:
 - `gather`: the step's exchange: it sends its share (mean gradient of the microbatches
   it ran) to every member of its stage, waits for theirs until the deadline, and
   answers with a digest of each share that came (a late or silent peer's is missing);
-- `verify`: as a validator, recomputes another peer's share from the microbatches the
-  driver logged and says how far the share it received is from it;
+- `verify`: as a validator, recomputes another peer's share and answers from the
+  microbatches the driver logged and says how far each is from its own
+  (`volunteer.training.judge`);
 - `apply`: aggregates the shares the driver kept (with the sample counts the driver
   counted, not what peers claim) and steps; a peer missing one of them skips the step
   and is told to `sync`;
@@ -37,7 +38,7 @@ import torch
 from hivemind.p2p import P2P
 
 from volunteer.models.model import BlockSpan, ModelEnds
-from volunteer.training import attacks, wire
+from volunteer.training import attacks, judge, wire
 from volunteer.training.attack_drill import AttackDrill
 from volunteer.training.calls import (
     MAX_ROUNDS,
@@ -137,7 +138,7 @@ class TrainingPeer:
             1, self.job.stages[self.stage][1] - self.job.stages[self.stage][0]
         )
         activations = self.job.batch_size * self.job.sequence_length * self._ends.config.hidden_size
-        return 8 * (largest * per_block + 2 * activations) + (1 << 20)
+        return 8 * (largest * per_block + 4 * activations) + (1 << 20)
 
     async def start(self) -> None:
         handler = serve(self._answer, max_request_bytes=self.max_request_bytes, max_serving=64)
@@ -200,7 +201,7 @@ class TrainingPeer:
         key = wire.field(header, "key", str)
         (given,) = _count(tensors, 1)
         output = await self._run(lambda: self.trainer.forward(key, self._input(given)))
-        return {}, [output]
+        return {}, [self._drilled("activations", output)]
 
     async def _op_backward(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
         self._at_step(header)
@@ -208,7 +209,7 @@ class TrainingPeer:
         (grad,) = _count(tensors, 1)
         grad_input = await self._run(lambda: self.trainer.backward(key, grad))
         self._log_work(peer, grad)
-        return {}, [] if self.first else [grad_input]
+        return {}, [] if self.first else [self._drilled("input-grads", grad_input)]
 
     async def _op_loss(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
         if not self.last:
@@ -224,7 +225,15 @@ class TrainingPeer:
 
         loss, grad_input = await self._run(work)
         self._log_work(peer, labels)
-        return {"loss": loss}, [] if self.first else [grad_input]
+        if self._drill.passes_wrong("activations"):
+            loss *= 0.5
+        return {"loss": loss}, [] if self.first else [self._drilled("input-grads", grad_input)]
+
+    def _drilled(self, answer: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor`, or a wrong one where a drill says so (`AttackDrill.passes_wrong`)."""
+        if not self._drill.passes_wrong(answer):
+            return tensor
+        return attacks.noisy(tensor, seed=self._drill.noise_seed())
 
     def _log_work(self, driver: str, shaped: torch.Tensor) -> None:
         if self._on_pass is not None:
@@ -320,29 +329,27 @@ class TrainingPeer:
         return {}, []
 
     async def _op_verify(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
-        """Recomputes `target`'s share from the logged microbatches: pairs of (input,
-        gradient w.r.t. the output), or (input, targets) on the last stage."""
+        """Recomputes `target`'s share and answers from the microbatches the driver
+        logged (`volunteer.training.judge`)."""
         self._at_step(header)
         round_ = wire.field(header, "round", int, low=0)
         target = wire.field(header, "target", str)
         received = self._shares.get(round_, {}).get(target)
         if received is None:
             raise Refused(f"no share of {target} came in round {round_}")
-        if not tensors or len(tensors) % 2:
-            raise Refused("verify takes pairs of tensors")
-        pairs = list(zip(tensors[::2], tensors[1::2], strict=True))
+        losses = header.get("losses")
+        if losses is not None and not (
+            isinstance(losses, list) and all(isinstance(x, float) for x in losses)
+        ):
+            raise Refused("losses: a list of numbers")
 
-        def work() -> float:
-            items = []
-            for given, second in pairs:
-                hidden = self._input(given)
-                if self.last:
-                    second = self.trainer.output_gradient(hidden, second, self._ends)
-                items.append((hidden, second))
-            honest = self.trainer.recompute(items).float()
-            return float((received - honest).norm() / honest.norm().clamp(min=1e-12))
+        def work() -> dict[str, float]:
+            return judge.distances(
+                self.trainer, self._ends, first=self.first, last=self.last, received=received,
+                tensors=tensors, losses=losses, embed=self._input,
+            )  # fmt: skip
 
-        return {"distance": await self._run(work)}, []
+        return await self._run(work), []
 
     async def _op_apply(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
         self._at_step(header)

@@ -22,6 +22,7 @@ from hivemind.p2p import P2P
 
 from volunteer.training.calls import MAX_ROUNDS, TrainingCallError, call
 from volunteer.training.job import TrainingJob
+from volunteer.training.judge import TOLERANCE, VERDICTS, differs
 from volunteer.training.step_types import (
     CALL_TIMEOUT_S,
     PeerWork,
@@ -31,9 +32,6 @@ from volunteer.training.step_types import (
     together,
 )
 
-TOLERANCE = 1e-3
-"""Relative distance between a share and its recomputation that counts as a mismatch
-(honest recomputation on the same kind of machine differs by float rounding only)."""
 PROBATION_CHECKS = 3
 """A new peer's shares are all recomputed until this many were found right (BOINC's
 adaptive replication): an attacker from the start is banned at its first step, and one
@@ -54,6 +52,7 @@ class Settling:
     failed: set[str]
     _log: list[dict[str, list[Work]]]
     _corrected: list[dict[str, torch.Tensor]]
+    _restart: bool
     _checked: collections.Counter[str]
     _passed: collections.Counter[str]
     _verified: set[str]
@@ -124,14 +123,19 @@ class Settling:
                     self._on_work(PeerWork(peer, start, end, tokens, self._checked[peer]))
 
     async def _redo(self, stage: int, peer: str, avoid: set[str] = frozenset()) -> None:
-        """Runs a dropped peer's microbatches of this stage again on the others; a
-        banned peer's gradients for the stage before are replaced."""
+        """Runs a dropped peer's microbatches of this stage again on the others; the
+        gradients it sent the stage before are replaced where it was banned or they
+        differ from the new ones."""
         works = self._log[stage].pop(peer, [])
+        restart, self._restart = self._restart, False
         results = await together(
             self._run_stage(stage, self._renewed(stage, work), avoid | {peer}) for work in works
         )
-        if stage and peer in self.banned:
-            for work, grad in zip(works, results, strict=True):
+        if self._restart and peer not in self.banned:
+            self.failed.add(peer)  # it passed on a wrong answer: not in the step's new start
+        self._restart |= restart
+        for work, grad in zip(works, results, strict=True):
+            if stage and (peer in self.banned or differs(work.grad_in, grad)):
                 self._corrected[stage - 1][work.key.rstrip("!")] = grad
 
     def _renewed(self, stage: int, work: Work) -> Work:
@@ -215,8 +219,18 @@ class Settling:
         return False
 
     async def _mismatch(self, judge: str, stage: int, round_: int, target: str) -> bool | None:
-        tensors = [t for work in self._log[stage][target] for t in (work.given, work.second)]
+        """Whether `judge` finds `target`'s share or answers wrong
+        (`volunteer.training.judge`); None: it could not say."""
+        works = self._log[stage][target]
+        tensors = [
+            tensor
+            for work in works
+            for tensor in (work.given, work.second, work.output, work.grad_in)
+            if tensor is not None
+        ]
         header = {"op": "verify", "step": self.step, "round": round_, "target": target}
+        if stage == len(self.job.stages) - 1:
+            header["losses"] = [work.loss for work in works]
         try:  # a judge that fails here is not taken out: gather and apply see to that
             answer, _ = await call(
                 self.p2p, judge, header, tensors, timeout_s=CALL_TIMEOUT_S,
@@ -225,11 +239,15 @@ class Settling:
         except TrainingCallError as exc:
             logger.info("judge %s did not recompute %s: %s", judge, target, exc)
             return None
-        distance = answer.get("distance")
-        if not isinstance(distance, float):
+        distances = [answer.get(name) for name in VERDICTS]
+        if not all(isinstance(distance, float) for distance in distances):
             self.failed.add(judge)
             return None
-        return distance > TOLERANCE
+        if max(distances) > TOLERANCE:
+            found = dict(zip(VERDICTS, distances, strict=True))
+            logger.info("judge %s found %s wrong: %s", judge, target, found)
+            return True
+        return False
 
     def _ban(self, peer: str, reason: str) -> None:
         logger.warning("banned training peer %s: %s", peer, reason)

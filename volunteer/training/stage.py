@@ -17,6 +17,7 @@ activation of its blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 
@@ -113,32 +114,40 @@ class StageTrainer:
 
     def output_gradient(
         self, hidden: torch.Tensor, labels: torch.Tensor, ends: ModelEnds
-    ) -> torch.Tensor:
-        """The last stage's gradient w.r.t. its output for a microbatch and its targets,
-        with the current weights (what a validator recomputes a last-stage share from)."""
+    ) -> tuple[float, torch.Tensor]:
+        """The last stage's loss sum and gradient w.r.t. its output for a microbatch and
+        its targets, with the current weights (what a validator recomputes a last-stage
+        peer's pass from)."""
         self._check_labels(hidden, labels)
         with torch.no_grad():
             output = self._blocks(hidden)
-        return loss_gradient(ends, output, labels)[1]
+        return loss_gradient(ends, output, labels)
 
-    def recompute(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """The mean gradient per sequence that microbatches (input, gradient w.r.t. the
-        output) give with the current weights, touching nothing of this step's own sums:
-        what a validator compares a peer's share with."""
+    def recompute(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> Recomputed:
+        """What microbatches (input, gradient w.r.t. the output) give with the current
+        weights, touching nothing of this step's own sums: the mean gradient per
+        sequence, and each one's output and gradient w.r.t. its input. What a validator
+        compares a peer's share and answers with."""
         sums = [torch.zeros_like(param, dtype=torch.float64) for param in self.params]
+        outputs, input_grads = [], []
         samples = 0
         for hidden, grad_output in items:
             self._check(hidden)
             if grad_output.shape != hidden.shape:
                 raise StageError("each gradient must match its microbatch's output")
+            leaf = hidden.detach().clone().requires_grad_(True)
             with torch.enable_grad():
-                grads = torch.autograd.grad(self._blocks(hidden), self.params, grad_output)
-            for total, grad in zip(sums, grads, strict=True):
+                output = self._blocks(leaf)
+                grads = torch.autograd.grad(output, [leaf, *self.params], grad_output)
+            for total, grad in zip(sums, grads[1:], strict=True):
                 total += grad
+            outputs.append(output.detach())
+            input_grads.append(grads[0])
             samples += hidden.shape[0]
         if not samples:
             raise StageError("nothing to recompute")
-        return torch.cat([total.flatten() for total in sums]) / samples
+        share = torch.cat([total.flatten() for total in sums]) / samples
+        return Recomputed(share, outputs, input_grads)
 
     def gradient(self) -> torch.Tensor:
         """This step's mean gradient per sequence, flattened (float64)."""
@@ -263,6 +272,15 @@ def stage_lora(config: ModelConfig, rank: int, blocks: range, *, seed: int) -> S
         tensors.append(torch.nn.Parameter(torch.stack(a)))
         tensors.append(torch.nn.Parameter(torch.zeros(len(blocks), fan_out, rank)))
     return SpanAdapter(layout, tuple(tensors))
+
+
+@dataclasses.dataclass(frozen=True)
+class Recomputed:
+    """A validator's recomputation of a peer's microbatches (`StageTrainer.recompute`)."""
+
+    share: torch.Tensor
+    outputs: list[torch.Tensor]
+    input_grads: list[torch.Tensor]
 
 
 def sequence_losses(ends: ModelEnds, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,12 @@ class Work:
     """Its input to the stage: token ids (first stage) or hidden states."""
     second: torch.Tensor
     """The gradient w.r.t. the stage's output, or the targets (last stage)."""
+    output: torch.Tensor | None = None
+    """What the peer answered: the hidden states it passed on (not on the last stage)."""
+    grad_in: torch.Tensor | None = None
+    """What it answered: the gradient w.r.t. its input (not on the first stage)."""
+    loss: float | None = None
+    """What it answered: the loss sum (the last stage only)."""
 
     @property
     def samples(self) -> int:
