@@ -63,12 +63,19 @@ def tiny_job(
 def alone(full: BlockSpan, ends: ModelEnds, job: TrainingJob, data: torch.Tensor) -> list[float]:
     """The losses of training every block (or their LoRA adapters) in one process on
     the job's batches."""
+    return alone_trained(full, ends, job, data)[0]
+
+
+def alone_trained(
+    full: BlockSpan, ends: ModelEnds, job: TrainingJob, data: torch.Tensor
+) -> tuple[list[float], list[torch.Tensor]]:
+    """`alone`'s losses and the tensors it trained (the adapter's, for a LoRA job)."""
     span = copy.deepcopy(full).train()
     adapter = None
     if job.lora_rank:
         span.requires_grad_(False)
         adapter = stage_lora(span.config, job.lora_rank, range(span.num_blocks), seed=job.seed)
-    trained = adapter.tensors if adapter is not None else span.parameters()
+    trained = list(adapter.tensors if adapter is not None else span.parameters())
     optimizer = torch.optim.AdamW(
         trained, lr=job.optimizer.lr, weight_decay=job.optimizer.weight_decay
     )
@@ -82,7 +89,7 @@ def alone(full: BlockSpan, ends: ModelEnds, job: TrainingJob, data: torch.Tensor
         optimizer.step()
         span.forget_weights()
         losses.append(float(loss.detach()))
-    return losses
+    return losses, [tensor.detach() for tensor in trained]
 
 
 async def start_swarm(

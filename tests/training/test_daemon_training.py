@@ -12,6 +12,7 @@ and the peers hold the driver's signed receipts for the work the stages kept.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -82,7 +83,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         expected = alone(full, ends, job, rows)
         yield {
             "homes": homes, "driver": driver, "peers": peers, "killed_at": killed_at,
-            "expected": expected,
+            "expected": expected, "data": data,
         }  # fmt: skip
     finally:
         homes.reap()
@@ -123,3 +124,39 @@ def test_honest_peers_took_the_drivers_receipts(trained: dict) -> None:
             status["training_stage"],
         )
         wait_for(f"{name} to keep a receipt", lambda h=home: homes.status(h)["receipts_kept"] > 0)
+
+
+def test_a_lora_job_leaves_its_adapter_with_the_driver(trained: dict) -> None:
+    """Last, as it starts a new job on the same daemons: a LoRA job's driver takes the
+    stages' adapters from their peers when it is done and stores them as one adapter
+    under the name asked for."""
+    homes, driver, peers = trained["homes"], trained["driver"], trained["peers"]
+    for home in (driver, peers["p2"], peers["p3"]):
+        assert homes.cli(home, "train", "leave").returncode == 0
+    taken = homes.cli(driver, "train", "create", str(trained["data"]), "--save-as", "bad/name",
+                      "--lora-rank", "4", "--sequence-length", "8")  # fmt: skip
+    assert taken.returncode != 0 and "invalid adapter name" in taken.stderr
+    created = homes.cli(
+        driver, "train", "create", str(trained["data"]), "--stages", "2", "--steps", "3",
+        "--batch-size", "8", "--microbatch-size", "2", "--sequence-length", "8",
+        "--lora-rank", "4", "--save-as", "swarm-lora", "--aggregation", "mean",
+        "--no-rebalance", "--lr", "0.003",
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    for name, stage in (("p2", 0), ("p3", 1)):
+        joined = homes.cli(peers[name], "train", "join", "--stage", str(stage))
+        assert joined.returncode == 0, joined.stderr
+    wait_for(
+        "the LoRA job to finish",
+        lambda: homes.status(driver)["training_state"] in ("done", "failed"),
+        120,
+    )
+    status = homes.status(driver)
+    assert status["training_result"] == "swarm-lora", status.get("training_error")
+    assert "result    adapter swarm-lora" in homes.cli(driver, "train", "status").stdout
+    shown = homes.cli(driver, "adapters", "show", "swarm-lora", "--json")
+    assert shown.returncode == 0, shown.stderr
+    adapter = json.loads(shown.stdout)
+    assert (adapter["method"], adapter["rank"], adapter["steps"]) == ("lora", 4, 3)
+    assert adapter["num_layers"] == 4 and adapter["train_loss"] == status["training_loss"]
+    assert adapter["tensors"]["lora.qkv.a"]["shape"][:2] == [4, 4]

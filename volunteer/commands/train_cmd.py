@@ -59,6 +59,10 @@ def register(subparsers: Any) -> None:
         "--lora-rank", type=int, help="train LoRA adapters of this rank (default: the blocks)"
     )
     create.add_argument(
+        "--save-as", metavar="NAME",
+        help="a LoRA job's adapter name when it is done (default: train-<job id>)",
+    )  # fmt: skip
+    create.add_argument(
         "--no-rebalance", dest="rebalance", action="store_false",
         help="keep peers in the stages they joined",
     )  # fmt: skip

@@ -156,6 +156,8 @@ class TrainCreateRequest(Params):
     """Train LoRA adapters of this rank (a large model); None: the blocks themselves."""
     min_peers: int = pydantic.Field(default=1, ge=1, le=64)
     """Peers each stage must have before the first step."""
+    save_as: str | None = pydantic.Field(default=None, min_length=1, max_length=64)
+    """The adapter a LoRA job's result is saved as (default: train-<job id>)."""
     seed: int = pydantic.Field(default=0, ge=0, le=2**63 - 1)
 
 

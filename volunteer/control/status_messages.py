@@ -152,6 +152,8 @@ class TrainingStatus(Reply):
     training_banned: list[str] = []
     training_samples_per_s: float | None = None
     training_error: str | None = None
+    training_result: str | None = None
+    """Where the finished job's result was saved (the driver's: an adapter's name)."""
 
 
 class StatusReply(

@@ -43,8 +43,11 @@ from volunteer.control.server import ControlServer
 from volunteer.daemon.block_service import BlockService
 from volunteer.daemon.credit_service import CreditService
 from volunteer.daemon.dht_service import DHTService
+from volunteer.daemon.training_result import result_name, save_result
 from volunteer.errors import SettingsError, VolunteerError
+from volunteer.finetune.adapter_info import AdapterError
 from volunteer.model_cache.served_model import ServedModel, open_model
+from volunteer.models.config import ModelConfig
 from volunteer.paths import Paths
 from volunteer.scheduler.role import (
     WANTED_BLOCK_TPS,
@@ -56,7 +59,7 @@ from volunteer.scheduler.role import (
 from volunteer.settings import Settings
 from volunteer.swarm.records import RecordError
 from volunteer.training.attack_drill import AttackDrill
-from volunteer.training.data import load_rows, shard_hash
+from volunteer.training.data import folder_tokenizer, load_rows, shard_hash
 from volunteer.training.driver import Driver
 from volunteer.training.job import Aggregation, DataShard, Optimizer, TrainingJob
 from volunteer.training.peer import TrainingPeer
@@ -67,6 +70,7 @@ from volunteer.training.records import (
     read_jobs_on_node,
     read_members_on_node,
 )
+from volunteer.training.result import ResultError
 from volunteer.training.step_types import PeerWork, TrainingStalled
 
 ANNOUNCE_PERIOD_S = 5.0
@@ -212,7 +216,7 @@ class TrainingService:
                 Path(request.data),
                 sequence_length=request.sequence_length,
                 vocab_size=model.config.vocab_size,
-                tokenize=_tokenizer_of(model),
+                tokenize=folder_tokenizer(model.folder),
             )
         except VolunteerError as exc:
             raise SettingsError(str(exc)) from None
@@ -232,6 +236,7 @@ class TrainingService:
             seed=request.seed,
             steps=request.steps,
         )
+        save_as = result_name(self._paths, job, request.save_as)
         sender = self._credit.receipt_sender(job.model)
 
         def receipt(work: PeerWork) -> None:
@@ -246,7 +251,9 @@ class TrainingService:
         )  # fmt: skip
         self._begin("driver", job, creator=self._dht.peer_id)
         announce = self._own(self._announce_job(job), "training job announce")
-        self._own(self._drive(self._driver, sender, request.min_peers, announce), "training driver")
+        result = (save_as, model.config, Path(request.data).name)
+        self._own(self._drive(self._driver, sender, request.min_peers, announce, result),
+                  "training driver")  # fmt: skip
         logger.info("training job %s: %d stages, %d steps", job.job_id, len(job.stages), job.steps)
         return self.train_status_now()
 
@@ -384,8 +391,9 @@ class TrainingService:
         return members
 
     async def _drive(
-        self, driver: Driver, sender: object, min_peers: int, announce: asyncio.Task[None]
-    ) -> None:
+        self, driver: Driver, sender: object, min_peers: int, announce: asyncio.Task[None],
+        result: tuple[str | None, ModelConfig, str],
+    ) -> None:  # fmt: skip
         job = driver.job
         while driver.step < job.steps:
             members = await self._refresh_counts(job)
@@ -417,7 +425,16 @@ class TrainingService:
         announce.cancel()  # a finished job leaves the DHT: nobody joins it any more
         with contextlib.suppress(Exception):
             await sender.close()  # type: ignore[attr-defined]
-        self._status = self._status.model_copy(update={"training_state": "done"})
+        update: dict[str, object] = {"training_state": "done"}
+        name, config, data = result
+        if name is not None:
+            loss = self._losses[-1][1] if self._losses else None
+            try:
+                await save_result(driver, self._paths, config, name, loss=loss, data=data)
+                update["training_result"] = name
+            except (ResultError, AdapterError) as exc:
+                update["training_error"] = f"the adapter was not saved: {exc}"
+        self._status = self._status.model_copy(update=update)
 
 
 def _stage_counts(job: TrainingJob, members: dict[str, StageMember]) -> list[int]:
@@ -425,13 +442,3 @@ def _stage_counts(job: TrainingJob, members: dict[str, StageMember]) -> list[int
     for member in members.values():
         counts[member.stage] += 1
     return counts
-
-
-def _tokenizer_of(model: ServedModel):  # type: ignore[no-untyped-def]
-    """The model's tokenizer's encode, or None where the folder has none."""
-    from volunteer.models.tokenizer import Tokenizer
-
-    try:
-        return Tokenizer.from_folder(model.folder).encode
-    except Exception:  # a model folder without a tokenizer: .npy data only
-        return None

@@ -63,3 +63,14 @@ def load_rows(path: Path, *, sequence_length: int, vocab_size: int, tokenize=Non
     if bool(((rows < 0) | (rows >= vocab_size)).any()):
         raise DataError(f"{path} has token ids outside the model's vocabulary of {vocab_size}")
     return rows.contiguous()
+
+
+def folder_tokenizer(folder: Path):  # type: ignore[no-untyped-def]
+    """The encode of the tokenizer in a model folder, or None where it has none (then
+    only .npy data can be used)."""
+    from volunteer.models.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer.from_folder(folder).encode
+    except Exception:  # a model folder without a tokenizer
+        return None

@@ -43,6 +43,7 @@ from volunteer.training.calls import MAX_ROUNDS, TrainingCallError, call
 from volunteer.training.job import TrainingJob
 from volunteer.training.judge import differs
 from volunteer.training.membership import Membership
+from volunteer.training.result import agreed_stage_weights
 from volunteer.training.settling import Settling
 from volunteer.training.step_types import (
     CALL_TIMEOUT_S,
@@ -210,6 +211,19 @@ class Driver(Settling, Membership):
                 self.speeds[peer] = (
                     new if old is None else (1 - SPEED_MEMORY) * old + SPEED_MEMORY * new
                 )
+
+    async def result(self) -> list[list[torch.Tensor]]:
+        """Each stage's trained tensors as most of its live peers hold them
+        (`volunteer.training.result`); ResultError if a stage has no such majority."""
+        stages = []
+        for stage in range(len(self.job.stages)):
+            peers = self.stage_peers(stage)
+            weights = agreed_stage_weights(
+                self.p2p, peers, stage=stage, steps=self.step,
+                max_answer_bytes=self._max_answer, timeout_s=CALL_TIMEOUT_S,
+            )  # fmt: skip
+            stages.append(await weights)
+        return stages
 
     # A step.
 

@@ -384,7 +384,8 @@ class TrainingPeer:
             raise Refused("the state goes to the job's peers only")
         async with self._handing:
             state = await self._run(self.trainer.state)
-        return {"stage": self.stage, "steps": self.trainer.steps}, state
+        answer = {"stage": self.stage, "steps": self.trainer.steps}
+        return {**answer, "params": len(self.trainer.params)}, state
 
     async def _op_sync(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
         stage = wire.field(header, "stage", int, low=0)

@@ -1,0 +1,59 @@
+"""A finished job's result (`volunteer.training.result`): the driver takes each
+stage's trained tensors from its peers, keeps what most of them hold (a peer that hands
+over other weights is outvoted, peers that disagree without a majority give no
+result), and a LoRA job's stages make one adapter equal to one process's."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from volunteer.models.adapters import LORA_TARGETS
+
+from tests.training.swarm_helpers import alone_trained, start_swarm, tiny_data, tiny_job, tiny_model
+from tests.training.test_swarm_training import MEAN, THREE_AND_THREE
+from volunteer.training import attacks
+from volunteer.training.result import ResultError, lora_adapter
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:path is deprecated")]
+
+
+def test_a_lora_jobs_adapter_is_one_processs_and_a_lying_peer_is_outvoted() -> None:
+    full, ends = tiny_model()
+    data = tiny_data(ends.config.vocab_size, rows=48, sequence=8)
+    job = tiny_job(data, aggregation=MEAN, steps=3, lora_rank=4)
+
+    async def run() -> dict[str, torch.Tensor]:
+        swarm = await start_swarm(full, ends, job, data, stages=THREE_AND_THREE, rebalance=False)
+        try:
+            for _ in range(job.steps):
+                await swarm.driver.run_step()
+            liar = swarm.peer(1, 0)
+            honest_state = liar._op_state
+
+            def other_weights(seed: int):
+                async def answer(peer: str, header: dict, tensors: list):
+                    answer, state = await honest_state(peer, header, tensors)
+                    return answer, [attacks.noisy(t, seed=seed) for t in state]
+
+                return answer
+
+            liar._op_state = other_weights(1)  # type: ignore[method-assign]
+            adapter = lora_adapter(job, await swarm.driver.result())
+            # A second liar in stage 1, with weights of its own: three answers, no two alike.
+            swarm.peer(1, 1)._op_state = other_weights(2)  # type: ignore[method-assign]
+            with pytest.raises(ResultError, match="hold different weights"):
+                await swarm.driver.result()
+            return adapter
+        finally:
+            await swarm.close()
+
+    adapter = asyncio.run(run())
+    _, trained = alone_trained(full, ends, job, data)
+    for index, target in enumerate(LORA_TARGETS):
+        for part, expected in zip("ab", trained[2 * index : 2 * index + 2], strict=True):
+            got = adapter[f"lora.{target}.{part}"]
+            assert got.shape == expected.shape
+            distance = float((got - expected).norm() / expected.norm())
+            assert distance < 1e-4, (target, part, distance)
