@@ -45,6 +45,32 @@ def block_prefix(index: int) -> str:
     return f"model.layers.{index}."
 
 
+def hf_block_tensors(
+    index: int, block: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """Block `index`'s tensors (our names) under the checkpoint's HF names, fused ones
+    split along dim 0 as the checkpoint's own tensors are sized (`shapes`, by HF name).
+
+    Raises:
+        CheckpointError: a tensor the checkpoint has no place for, or of another size.
+    """
+    prefix = block_prefix(index)
+    named = {}
+    for name, tensor in block.items():
+        parts = [prefix + part for part in BLOCK_TENSORS.get(name, ())]
+        if not parts or any(part not in shapes for part in parts):
+            raise CheckpointError(f"block {index}'s {name} has no place in the checkpoint")
+        sizes = [shapes[part][0] for part in parts]
+        fits = all(tuple(shapes[part][1:]) == tuple(tensor.shape[1:]) for part in parts)
+        if not fits or sum(sizes) != tensor.shape[0]:
+            raise CheckpointError(
+                f"block {index}'s {name} is {tuple(tensor.shape)}, which the checkpoint's "
+                f"{' + '.join(parts)} do not make"
+            )
+        named.update(zip(parts, tensor.split(sizes), strict=True))
+    return named
+
+
 class SafetensorsFolder:
     """Tensor name -> file index of a (possibly sharded) safetensors checkpoint."""
 

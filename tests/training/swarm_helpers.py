@@ -8,6 +8,7 @@ import copy
 import hashlib
 
 import torch
+from volunteer.models.adapters import LORA_TARGETS
 from volunteer.models.model import BlockSpan, ModelEnds
 
 from tests.server import random_span, sub_span, tiny_config
@@ -68,8 +69,9 @@ def alone(full: BlockSpan, ends: ModelEnds, job: TrainingJob, data: torch.Tensor
 
 def alone_trained(
     full: BlockSpan, ends: ModelEnds, job: TrainingJob, data: torch.Tensor
-) -> tuple[list[float], list[torch.Tensor]]:
-    """`alone`'s losses and the tensors it trained (the adapter's, for a LoRA job)."""
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """`alone`'s losses and the tensors it trained, named as the stages name theirs:
+    the span's names, or the adapter store's for a LoRA job's adapter."""
     span = copy.deepcopy(full).train()
     adapter = None
     if job.lora_rank:
@@ -89,7 +91,10 @@ def alone_trained(
         optimizer.step()
         span.forget_weights()
         losses.append(float(loss.detach()))
-    return losses, [tensor.detach() for tensor in trained]
+    if adapter is None:
+        return losses, {name: param.detach() for name, param in span.named_parameters()}
+    names = [f"lora.{target}.{part}" for target in LORA_TARGETS for part in "ab"]
+    return losses, {name: tensor.detach() for name, tensor in zip(names, trained, strict=True)}
 
 
 async def start_swarm(

@@ -16,12 +16,21 @@ import json
 import os
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
+from volunteer.models.checkpoint import load_span
+from volunteer.models.config import ModelConfig
 
 from tests.daemon.homes import DaemonSwarm, Homes, wait_for
-from tests.training.swarm_helpers import alone, tiny_data, tiny_job, tiny_model, write_hf_folder
+from tests.training.swarm_helpers import (
+    alone_trained,
+    tiny_data,
+    tiny_job,
+    tiny_model,
+    write_hf_folder,
+)
 from volunteer.control.endpoint import use_tcp
 from volunteer.training.job import Aggregation, Optimizer
 
@@ -80,10 +89,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         rows = tiny_data(ends.config.vocab_size, rows=48, sequence=8)
         job = tiny_job(rows, aggregation=Aggregation(kind="mean"), batch=BATCH, steps=STEPS)
         job = job.model_copy(update={"optimizer": Optimizer(name="adamw", lr=0.003)})
-        expected = alone(full, ends, job, rows)
+        expected, weights = alone_trained(full, ends, job, rows)
         yield {
             "homes": homes, "driver": driver, "peers": peers, "killed_at": killed_at,
-            "expected": expected, "data": data,
+            "expected": expected, "weights": weights, "data": data,
         }  # fmt: skip
     finally:
         homes.reap()
@@ -100,6 +109,20 @@ def test_the_job_finishes_every_step_with_the_loss_going_down(trained: dict) -> 
     # Through the attacker, the kill and the late joiner: no data lost or counted twice,
     # no wrong share aggregated. The loss is one process's, step for step.
     assert losses == pytest.approx(trained["expected"], rel=1e-5)
+
+
+def test_the_trained_blocks_are_saved_as_a_model_folder(trained: dict) -> None:
+    """The driver took the blocks from the stages' peers (a majority of each stage) and
+    wrote them as a model folder a daemon or a chat can load: they are one process's."""
+    result = trained["homes"].status(trained["driver"])["training_result"]
+    assert result.startswith("model train-"), result
+    folder = Path(result.split(" (", 1)[1].removesuffix(")"))
+    assert {"config.json", "model.safetensors"} <= {p.name for p in folder.iterdir()}
+    config = ModelConfig.from_hf_folder(folder)
+    span = load_span(folder, config, 0, config.num_layers).requires_grad_(False)
+    for name, tensor in span.named_parameters():
+        expected = trained["weights"][name]
+        assert float((tensor - expected).norm() / expected.norm()) < 1e-4, name
 
 
 def test_the_byzantine_peer_is_banned_and_says_it_drills(trained: dict) -> None:
@@ -152,7 +175,7 @@ def test_a_lora_job_leaves_its_adapter_with_the_driver(trained: dict) -> None:
         120,
     )
     status = homes.status(driver)
-    assert status["training_result"] == "swarm-lora", status.get("training_error")
+    assert status["training_result"].startswith("adapter swarm-lora ("), status
     assert "result    adapter swarm-lora" in homes.cli(driver, "train", "status").stdout
     shown = homes.cli(driver, "adapters", "show", "swarm-lora", "--json")
     assert shown.returncode == 0, shown.stderr

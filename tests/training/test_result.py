@@ -14,7 +14,7 @@ from volunteer.models.adapters import LORA_TARGETS
 from tests.training.swarm_helpers import alone_trained, start_swarm, tiny_data, tiny_job, tiny_model
 from tests.training.test_swarm_training import MEAN, THREE_AND_THREE
 from volunteer.training import attacks
-from volunteer.training.result import ResultError, lora_adapter
+from volunteer.training.result import ResultError, block_weights, lora_adapter
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:path is deprecated")]
 
@@ -51,9 +51,33 @@ def test_a_lora_jobs_adapter_is_one_processs_and_a_lying_peer_is_outvoted() -> N
 
     adapter = asyncio.run(run())
     _, trained = alone_trained(full, ends, job, data)
-    for index, target in enumerate(LORA_TARGETS):
-        for part, expected in zip("ab", trained[2 * index : 2 * index + 2], strict=True):
-            got = adapter[f"lora.{target}.{part}"]
-            assert got.shape == expected.shape
-            distance = float((got - expected).norm() / expected.norm())
-            assert distance < 1e-4, (target, part, distance)
+    assert sorted(adapter) == sorted(f"lora.{t}.{p}" for t in LORA_TARGETS for p in "ab")
+    for name, got in adapter.items():
+        assert _distance(got, trained[name]) < 1e-4, name
+
+
+def test_a_job_of_the_blocks_gives_each_blocks_trained_tensors() -> None:
+    full, ends = tiny_model()
+    data = tiny_data(ends.config.vocab_size, rows=48, sequence=8)
+    job = tiny_job(data, aggregation=MEAN, steps=3)
+
+    async def run() -> dict[int, dict[str, torch.Tensor]]:
+        swarm = await start_swarm(full, ends, job, data, stages=[0, 0, 1, 1], rebalance=False)
+        try:
+            for _ in range(job.steps):
+                await swarm.driver.run_step()
+            return block_weights(job, await swarm.driver.result())
+        finally:
+            await swarm.close()
+
+    blocks = asyncio.run(run())
+    _, trained = alone_trained(full, ends, job, data)
+    got = {f"blocks.{i}.{name}": t for i, block in blocks.items() for name, t in block.items()}
+    assert sorted(got) == sorted(trained)
+    for name, tensor in got.items():
+        assert _distance(tensor, trained[name]) < 1e-4, name
+
+
+def _distance(got: torch.Tensor, expected: torch.Tensor) -> float:
+    assert got.shape == expected.shape
+    return float((got - expected).norm() / expected.norm())

@@ -37,7 +37,7 @@ def training_lines(status: TrainingStatus) -> list[str]:
     if status.training_banned:
         lines.append("banned    " + ", ".join(_plain(peer) for peer in status.training_banned))
     if status.training_result:
-        lines.append(f"result    adapter {_plain(status.training_result)}")
+        lines.append(f"result    {_plain(status.training_result)}")
     if status.training_error:
         lines.append(f"error     {_plain(status.training_error)}")
     return lines

@@ -3,10 +3,11 @@
 - `train_create`: reads the data, announces a `TrainingJob` for the daemon's model in
   its own DHT subkey (so it is the job's driver, and peers obey it alone) and drives it
   (`volunteer.training.driver`): before each step it reads who joined from the DHT;
-  after each, it sends each peer a signed receipt for the work the stage kept.
-- `train_join`: reads the job from the DHT, joins the stage with the fewest peers (or
-  the one asked), loads that stage's blocks in float32 and serves them as a
-  `TrainingPeer`, announcing its stage and step; the driver may move it.
+  after each, it sends each peer a signed receipt for the work the stage kept; when
+  done, it saves the result (`volunteer.daemon.training_result`).
+- `train_join`: reads the job from the DHT (not a finished one), joins the stage with
+  the fewest peers (or the one asked), loads that stage's blocks in float32 and serves
+  them as a `TrainingPeer`, announcing its stage and step; the driver may move it.
 - `train_leave`: stops either; `train_status` and the `status` reply tell of it.
 - With `--train`, every announce period while it has no role, the daemon asks the
   scheduler (`volunteer.scheduler.role`) whether training helps the swarm more than its
@@ -43,11 +44,9 @@ from volunteer.control.server import ControlServer
 from volunteer.daemon.block_service import BlockService
 from volunteer.daemon.credit_service import CreditService
 from volunteer.daemon.dht_service import DHTService
-from volunteer.daemon.training_result import result_name, save_result
+from volunteer.daemon.training_result import result_place, save_result
 from volunteer.errors import SettingsError, VolunteerError
-from volunteer.finetune.adapter_info import AdapterError
 from volunteer.model_cache.served_model import ServedModel, open_model
-from volunteer.models.config import ModelConfig
 from volunteer.paths import Paths
 from volunteer.scheduler.role import (
     WANTED_BLOCK_TPS,
@@ -70,7 +69,6 @@ from volunteer.training.records import (
     read_jobs_on_node,
     read_members_on_node,
 )
-from volunteer.training.result import ResultError
 from volunteer.training.step_types import PeerWork, TrainingStalled
 
 ANNOUNCE_PERIOD_S = 5.0
@@ -236,7 +234,7 @@ class TrainingService:
             seed=request.seed,
             steps=request.steps,
         )
-        save_as = result_name(self._paths, job, request.save_as)
+        save_as, _ = result_place(self._paths, job, request.save_as)
         sender = self._credit.receipt_sender(job.model)
 
         def receipt(work: PeerWork) -> None:
@@ -251,7 +249,7 @@ class TrainingService:
         )  # fmt: skip
         self._begin("driver", job, creator=self._dht.peer_id)
         announce = self._own(self._announce_job(job), "training job announce")
-        result = (save_as, model.config, Path(request.data).name)
+        result = (save_as, model, Path(request.data).name)
         self._own(self._drive(self._driver, sender, request.min_peers, announce, result),
                   "training driver")  # fmt: skip
         logger.info("training job %s: %d stages, %d steps", job.job_id, len(job.stages), job.steps)
@@ -264,12 +262,17 @@ class TrainingService:
         jobs = await read_jobs_on_node(self._dht.node, model.swarm_name, timeout_s=DHT_TIMEOUT_S)
         if jobs is None:
             raise SettingsError("the DHT did not answer; try again")
-        chosen = [(c, j) for c, j in jobs if params.creator in (None, c)]
-        if not chosen:
-            who = f" by {params.creator}" if params.creator else ""
-            raise SettingsError(f"no training job{who} for {model.swarm_name} in the swarm")
-        creator, job = chosen[0]
-        members = await read_members_on_node(self._dht.node, job, timeout_s=DHT_TIMEOUT_S) or {}
+        who = f" by {params.creator}" if params.creator else ""
+        for creator, job in jobs:
+            if params.creator not in (None, creator):
+                continue
+            members = await read_members_on_node(self._dht.node, job, timeout_s=DHT_TIMEOUT_S)
+            # A finished job's record outlives it a little; its peers say it is done.
+            if not any(m.steps >= job.steps for m in (members or {}).values()):
+                break
+        else:
+            raise SettingsError(f"no unfinished training job{who} for {model.swarm_name}")
+        members = members or {}
         counts = _stage_counts(job, members)
         stage = params.stage
         if stage is None:
@@ -392,7 +395,7 @@ class TrainingService:
 
     async def _drive(
         self, driver: Driver, sender: object, min_peers: int, announce: asyncio.Task[None],
-        result: tuple[str | None, ModelConfig, str],
+        result: tuple[str, ServedModel, str],
     ) -> None:  # fmt: skip
         job = driver.job
         while driver.step < job.steps:
@@ -426,14 +429,15 @@ class TrainingService:
         with contextlib.suppress(Exception):
             await sender.close()  # type: ignore[attr-defined]
         update: dict[str, object] = {"training_state": "done"}
-        name, config, data = result
-        if name is not None:
-            loss = self._losses[-1][1] if self._losses else None
-            try:
-                await save_result(driver, self._paths, config, name, loss=loss, data=data)
-                update["training_result"] = name
-            except (ResultError, AdapterError) as exc:
-                update["training_error"] = f"the adapter was not saved: {exc}"
+        name, model, data = result
+        loss = self._losses[-1][1] if self._losses else None
+        try:
+            place = await save_result(driver, self._paths, model.config, name,
+                                      model_folder=model.folder, loss=loss, data=data)  # fmt: skip
+            kind = "adapter" if job.trains == "lora" else "model"
+            update["training_result"] = f"{kind} {name} ({place})"
+        except (VolunteerError, OSError) as exc:  # the result's, the store's, a full disk
+            update["training_error"] = f"the result was not saved: {exc}"
         self._status = self._status.model_copy(update=update)
 
 

@@ -385,7 +385,7 @@ class TrainingPeer:
         async with self._handing:
             state = await self._run(self.trainer.state)
         answer = {"stage": self.stage, "steps": self.trainer.steps}
-        return {**answer, "params": len(self.trainer.params)}, state
+        return {**answer, "names": self.trainer.param_names}, state
 
     async def _op_sync(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
         stage = wire.field(header, "stage", int, low=0)

@@ -49,13 +49,18 @@ class StageTrainer:
         and leaves their weights frozen; 0 trains the blocks themselves."""
         self.span = span.train()
         self._adapter: SpanAdapter | None = None
+        # `param_names` name `params` as the adapter store does (`lora.<target>.<a|b>`,
+        # stacked over the stage's blocks) or as the span does (`blocks.<i>.<name>`).
         if lora_rank:
             span.requires_grad_(False)
             blocks = range(span.start, span.end)
             self._adapter = stage_lora(span.config, lora_rank, blocks, seed=seed)
             self.params = list(self._adapter.tensors)
+            self.param_names = [f"lora.{t}.{part}" for t in LORA_TARGETS for part in "ab"]
         else:
-            self.params = [param for param in span.parameters() if param.requires_grad]
+            trained = [(n, p) for n, p in span.named_parameters() if p.requires_grad]
+            self.params = [param for _, param in trained]
+            self.param_names = [name for name, _ in trained]
         self._sums = [torch.zeros_like(param, dtype=torch.float64) for param in self.params]
         self._inputs: dict[str, torch.Tensor] = {}
         self.samples = 0
