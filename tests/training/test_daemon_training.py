@@ -5,9 +5,10 @@ A driver daemon creates the job; five daemons join it, two in stage 0 and three 
 stage 1, one of them Byzantine on purpose (`VOLUNTEER_FAULTS=sign-flip`); a sixth,
 started with `--train`, takes the role by itself and is brought to the current step.
 Every share is recomputed each round, so the attacker is banned in its first step with
-two judges beside it; a stage-0 peer is killed with SIGKILL mid-run. The job still
-finishes every step, each step's loss exactly one process's training on the same data,
-and the peers hold the driver's signed receipts for the work the stages kept.
+two judges beside it; a stage-0 peer is killed with SIGKILL mid-run, then the driver
+itself, which is started again and drives the job on. The job still finishes every
+step, each step's loss exactly one process's training on the same data, and the peers
+hold the driver's signed receipts for the work the stages kept.
 """
 
 from __future__ import annotations
@@ -79,6 +80,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         victim = homes.remember(peers["p1"])
         os.killpg(victim, signal.SIGKILL)
         killed_at = homes.status(driver)["training_step"]
+        # The driver dies too, and drives on when it is back (it was the swarm's first
+        # peer: it comes back through another).
+        wait_for("six steps", lambda: homes.status(driver)["training_step"] >= 6, 120)
+        os.killpg(homes.remember(driver), signal.SIGKILL)
+        swarm.join = swarm.started["p2"]["multiaddrs"][0]
+        swarm.start("driver")
         wait_for(
             "the job to finish",
             lambda: homes.status(driver)["training_state"] in ("done", "failed"),

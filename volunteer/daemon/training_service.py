@@ -23,10 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import itertools
 import logging
-import time
-from pathlib import Path
 
 import torch
 
@@ -36,7 +33,6 @@ from volunteer.control.messages import (
     TRAIN_LEAVE,
     TRAIN_STATUS,
     NoParams,
-    TrainCreateRequest,
     TrainingStatus,
     TrainJoinParams,
 )
@@ -44,7 +40,12 @@ from volunteer.control.server import ControlServer
 from volunteer.daemon.block_service import BlockService
 from volunteer.daemon.credit_service import CreditService
 from volunteer.daemon.dht_service import DHTService
-from volunteer.daemon.training_result import result_place, save_result
+from volunteer.daemon.training_driving import (
+    ANNOUNCE_PERIOD_S,
+    DHT_TIMEOUT_S,
+    Driving,
+    forget_record,
+)
 from volunteer.errors import SettingsError, VolunteerError
 from volunteer.model_cache.served_model import ServedModel, open_model
 from volunteer.paths import Paths
@@ -58,28 +59,22 @@ from volunteer.scheduler.role import (
 from volunteer.settings import Settings
 from volunteer.swarm.records import RecordError
 from volunteer.training.attack_drill import AttackDrill
-from volunteer.training.data import folder_tokenizer, load_rows, shard_hash
 from volunteer.training.driver import Driver
-from volunteer.training.job import Aggregation, DataShard, Optimizer, TrainingJob
+from volunteer.training.job import TrainingJob
 from volunteer.training.peer import TrainingPeer
 from volunteer.training.records import (
     StageMember,
     announce_member_on_node,
-    publish_job_on_node,
     read_jobs_on_node,
     read_members_on_node,
 )
-from volunteer.training.step_types import PeerWork, TrainingStalled
 
-ANNOUNCE_PERIOD_S = 5.0
-DHT_TIMEOUT_S = 10.0
-WAIT_FOR_PEERS_S = 1.0
 MAX_LOSSES = 512
 
 logger = logging.getLogger(__name__)
 
 
-class TrainingService:
+class TrainingService(Driving):
     """See the module."""
 
     def __init__(
@@ -117,7 +112,9 @@ class TrainingService:
         control.register(TRAIN_STATUS, self.train_status)
 
     async def start(self) -> None:
-        """With `--train`, watches for the role (module doc); else roles start on request."""
+        """Drives on a job this daemon drove before it stopped (`training_driving`);
+        with `--train`, watches for the role (module doc); else roles start on request."""
+        self._own(self.resume(), "training job resume")
         if self._settings.train:
             watch = asyncio.ensure_future(self._watch_role())
             watch.set_name("training role watch")
@@ -127,7 +124,7 @@ class TrainingService:
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
-        await self.leave(NoParams())
+        await self._end_role()  # a job it drives goes on when the daemon is back
 
     async def _watch_role(self) -> None:
         while True:
@@ -135,7 +132,7 @@ class TrainingService:
             if self._driver is not None or self._peer is not None:
                 state = self.train_status_now().training_state
                 if self._auto and state in ("done", "failed"):
-                    await self.leave(NoParams())  # and serve again
+                    await self._end_role()  # and serve again
                 continue
             try:
                 decision = await self._decide_role()
@@ -197,64 +194,6 @@ class TrainingService:
 
     # Roles.
 
-    async def create(self, request: TrainCreateRequest) -> TrainingStatus:
-        """Control method: announces and drives a new job (module doc)."""
-        self._check_idle()
-        if not Path(request.data).is_absolute():
-            raise SettingsError(f"the data file must be an absolute path, not {request.data}")
-        if request.batch_size % request.microbatch_size:
-            raise SettingsError("the batch size must be a multiple of the microbatch size")
-        model = await self._model()
-        blocks = model.config.num_layers
-        if request.stages > blocks:
-            raise SettingsError(f"{model.swarm_name} has {blocks} blocks: at most that many stages")
-        try:
-            rows = await asyncio.to_thread(
-                load_rows,
-                Path(request.data),
-                sequence_length=request.sequence_length,
-                vocab_size=model.config.vocab_size,
-                tokenize=folder_tokenizer(model.folder),
-            )
-        except VolunteerError as exc:
-            raise SettingsError(str(exc)) from None
-        bounds = [round(i * blocks / request.stages) for i in range(request.stages + 1)]
-        job = TrainingJob(
-            model=model.swarm_name,
-            num_blocks=blocks,
-            trains="lora" if request.lora_rank else "blocks",
-            lora_rank=request.lora_rank,
-            stages=tuple(itertools.pairwise(bounds)),
-            shards=(DataShard(sha256=shard_hash(rows), sequences=len(rows)),),
-            sequence_length=request.sequence_length,
-            batch_size=request.batch_size,
-            microbatch_size=request.microbatch_size,
-            optimizer=Optimizer(name=request.optimizer, lr=request.lr),
-            aggregation=Aggregation(kind=request.aggregation, tau=request.tau),
-            seed=request.seed,
-            steps=request.steps,
-        )
-        save_as, _ = result_place(self._paths, job, request.save_as)
-        sender = self._credit.receipt_sender(job.model)
-
-        def receipt(work: PeerWork) -> None:
-            sender.work_done(work.peer, "training", work.start, work.end, work.tokens,
-                             checked=work.checked)  # fmt: skip
-
-        self._job = job
-        self._driver = Driver(
-            p2p=self._dht.p2p, job=job, data=rows, members={}, checks=request.checks,
-            rebalance=request.rebalance,
-            on_work=receipt,
-        )  # fmt: skip
-        self._begin("driver", job, creator=self._dht.peer_id)
-        announce = self._own(self._announce_job(job), "training job announce")
-        result = (save_as, model, Path(request.data).name)
-        self._own(self._drive(self._driver, sender, request.min_peers, announce, result),
-                  "training driver")  # fmt: skip
-        logger.info("training job %s: %d stages, %d steps", job.job_id, len(job.stages), job.steps)
-        return self.train_status_now()
-
     async def join(self, params: TrainJoinParams) -> TrainingStatus:
         """Control method: becomes a stage peer of a job (module doc)."""
         self._check_idle()
@@ -307,7 +246,12 @@ class TrainingService:
         return self.train_status_now()
 
     async def leave(self, params: NoParams) -> TrainingStatus:
-        """Control method: ends this daemon's role (idempotent)."""
+        """Control method: ends this daemon's role for good (idempotent): a job it
+        drove is not driven on after a restart."""
+        forget_record(self._paths)
+        return await self._end_role()
+
+    async def _end_role(self) -> TrainingStatus:
         self._auto = False
         tasks, self._tasks = self._tasks, set()
         for task in tasks:
@@ -365,15 +309,6 @@ class TrainingService:
                 update={"training_state": "failed", "training_error": str(error)[:300]}
             )
 
-    async def _announce_job(self, job: TrainingJob) -> None:
-        while True:
-            await publish_job_on_node(
-                self._dht.node, job, owner=self._owner,
-                expiration_s=3 * ANNOUNCE_PERIOD_S, timeout_s=DHT_TIMEOUT_S,
-            )  # fmt: skip
-            await self._refresh_counts(job)
-            await asyncio.sleep(ANNOUNCE_PERIOD_S)
-
     async def _announce_member(self, peer: TrainingPeer) -> None:
         while True:
             member = StageMember(job_id=peer.job.job_id, stage=peer.stage, steps=peer.trainer.steps)
@@ -392,53 +327,6 @@ class TrainingService:
             update={"training_stage_peers": _stage_counts(job, members)}
         )
         return members
-
-    async def _drive(
-        self, driver: Driver, sender: object, min_peers: int, announce: asyncio.Task[None],
-        result: tuple[str, ServedModel, str],
-    ) -> None:  # fmt: skip
-        job = driver.job
-        while driver.step < job.steps:
-            members = await self._refresh_counts(job)
-            for peer, member in members.items():
-                if peer not in driver.members:
-                    logger.info("peer %s joined stage %d at step %d", peer, member.stage,
-                                driver.step)  # fmt: skip
-                    driver.add_member(peer, member.stage)
-            for peer in [p for p in driver.failed if p not in members]:
-                driver.remove_member(peer)
-            # Until the first step, each stage waits for `min_peers`; then for one.
-            least = 1 if driver.step else min_peers
-            if any(len(driver.stage_peers(s)) < least for s in range(len(job.stages))):
-                await asyncio.sleep(WAIT_FOR_PEERS_S)
-                continue
-            began = time.perf_counter()
-            try:
-                report = await driver.run_step()
-            except TrainingStalled as exc:
-                logger.warning("training step %d stalled: %s; waiting for peers", driver.step, exc)
-                await asyncio.sleep(WAIT_FOR_PEERS_S)
-                continue
-            self._losses.append((report.step, report.loss))
-            speed = job.batch_size / max(time.perf_counter() - began, 1e-6)
-            self._status = self._status.model_copy(
-                update={"training_state": "running", "training_samples_per_s": speed}
-            )
-            logger.info("training step %d: loss %.4f", report.step, report.loss)
-        announce.cancel()  # a finished job leaves the DHT: nobody joins it any more
-        with contextlib.suppress(Exception):
-            await sender.close()  # type: ignore[attr-defined]
-        update: dict[str, object] = {"training_state": "done"}
-        name, model, data = result
-        loss = self._losses[-1][1] if self._losses else None
-        try:
-            place = await save_result(driver, self._paths, model.config, name,
-                                      model_folder=model.folder, loss=loss, data=data)  # fmt: skip
-            kind = "adapter" if job.trains == "lora" else "model"
-            update["training_result"] = f"{kind} {name} ({place})"
-        except (VolunteerError, OSError) as exc:  # the result's, the store's, a full disk
-            update["training_error"] = f"the result was not saved: {exc}"
-        self._status = self._status.model_copy(update=update)
 
 
 def _stage_counts(job: TrainingJob, members: dict[str, StageMember]) -> list[int]:

@@ -28,17 +28,18 @@ hears the roster (`volunteer.training.membership`).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import logging
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
 from hivemind.p2p import P2P
 
+from volunteer.training.answers import answer_problem
 from volunteer.training.calls import MAX_ROUNDS, TrainingCallError, call
 from volunteer.training.job import TrainingJob
 from volunteer.training.judge import differs
@@ -47,6 +48,7 @@ from volunteer.training.result import agreed_stage_weights
 from volunteer.training.settling import Settling
 from volunteer.training.step_types import (
     CALL_TIMEOUT_S,
+    Applying,
     PeerWork,
     Settled,
     StepReport,
@@ -59,6 +61,8 @@ SHARE_WAIT_S = 5.0
 """How long peers wait for each other's shares: a share later than this is dropped."""
 SPEED_MEMORY = 0.3
 """Weight of the newest measurement in a peer's speed (an exponential average)."""
+_PASS_SHARE = {"forward": 0.25, "backward": 0.75, "loss": 1.0}
+"""The part of a stage's whole pass that each call runs (`Driver._timed`)."""
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +81,7 @@ class Driver(Settling, Membership):
         share_wait_s: float = SHARE_WAIT_S,
         rebalance: bool = True,
         on_work: Callable[[PeerWork], None] | None = None,
+        on_settled: Callable[[int, float, list[Applying]], Awaitable[None]] | None = None,
     ) -> None:
         if data.dtype != torch.int64 or data.dim() != 2 or data.shape[1] != job.sequence_length + 1:
             raise ValueError(f"data must be int64 rows of {job.sequence_length + 1} token ids")
@@ -90,6 +95,11 @@ class Driver(Settling, Membership):
         self.share_wait_s = share_wait_s
         self.rebalance = rebalance
         self._on_work = on_work
+        self._on_settled = on_settled
+        """Told, before any stage applies, of the step, its loss and what each stage is
+        to apply: what `finish_apply` needs if the driver stops in between."""
+        self.stale: set[str] = set()
+        """Peers that took a step without its shares: back only with another's state."""
         self._checked: collections.Counter[str] = collections.Counter()
         """Each peer's shares found right in this step (its receipt says so)."""
         self._verified: set[str] = set()
@@ -196,7 +206,7 @@ class Driver(Settling, Membership):
         began = time.perf_counter()
         try:
             answer, out = await self._call(peer, header, tensors)
-            problem = _answer_problem(header["op"], stage == 0, tensors, answer, out)
+            problem = answer_problem(header["op"], stage == 0, tensors, answer, out)
             if problem:
                 self.failed.add(peer)
                 logger.warning("training peer %s answered %s", peer, problem)
@@ -225,6 +235,38 @@ class Driver(Settling, Membership):
             stages.append(await weights)
         return stages
 
+    async def finish_apply(self, pending: list[Applying]) -> None:
+        """Closes a step this driver settled but stopped applying (it restarted): the
+        peers still at the step apply it now; one that lost the shares takes the state
+        of one past the step. Then the driver is past it too."""
+        for applying in pending:
+            peers = [
+                peer
+                for peer, stage in self.members.items()
+                if stage == applying.stage and peer not in self.banned
+            ]
+            header = applying.header(self.step)
+            replies = await asyncio.gather(
+                *(call(self.p2p, p, header, timeout_s=CALL_TIMEOUT_S, max_answer_bytes=4096)
+                  for p in peers),
+                return_exceptions=True,
+            )  # fmt: skip
+            took = {
+                peer: bool(reply[0].get("synced"))
+                for peer, reply in zip(peers, replies, strict=True)
+                if not isinstance(reply, BaseException)
+            }
+            # A peer that refused may have applied before the driver stopped.
+            others = [peer for peer in peers if peer not in took]
+            steps = await asyncio.gather(*map(self._probe, others))
+            sources = [peer for peer, synced in took.items() if synced]
+            sources += [peer for peer, at in zip(others, steps, strict=True) if at == self.step + 1]
+            for peer in [peer for peer, synced in took.items() if not synced]:
+                self.stale.add(peer)
+                if sources and await self._sync(peer, applying.stage, sources[0], self.step + 1):
+                    self.stale.discard(peer)
+        self.step += 1
+
     # A step.
 
     async def run_step(self) -> StepReport:
@@ -244,8 +286,11 @@ class Driver(Settling, Membership):
                 await self._send_roster()
             else:
                 raise TrainingStalled(f"step {self.step} was started over {MAX_ROUNDS} times")
-            for each in settled:
-                await self._apply(each.stage, each.round, each.members, each.kept)
+            applies = [self._applying(each) for each in settled]
+            if self._on_settled is not None:  # before any stage applies: see Driver
+                await self._on_settled(self.step, sum(self._losses) / self.job.batch_size, applies)
+            for each, applying in zip(settled, applies, strict=True):
+                await self._apply(applying, each.members)
         except TrainingStalled:
             await self._forget_step()  # the step starts over: nothing of it may count twice
             raise
@@ -368,34 +413,3 @@ class Driver(Settling, Membership):
                 logger.warning("stage %d passed on a wrong answer in step %d", stage, self.step)
                 self._restart = True
             return work.second if done.grad_in is None else done.grad_in
-
-    # Closing a stage's step.
-
-
-_PASS_SHARE = {"forward": 0.25, "backward": 0.75, "loss": 1.0}
-
-
-def _answer_problem(
-    op: str, first: bool, sent: list[torch.Tensor], answer: dict[str, Any], out: list
-) -> str | None:
-    """What is wrong with a microbatch answer's form, or None: a forward gives hidden
-    states [B, S, H] for the microbatch (the input's shape past the first stage); a
-    backward, and a loss past the first stage, the gradient w.r.t. the input; a loss, a
-    finite number."""
-    given = sent[0]
-    if op == "forward":
-        ok = (
-            len(out) == 1
-            and out[0].is_floating_point()
-            and out[0].dim() == 3
-            and out[0].shape[:2] == given.shape[:2]
-            and (first or out[0].shape == given.shape)
-        )
-        return None if ok else "a forward output of the wrong form"
-    if op == "loss":
-        loss = answer.get("loss")
-        if not isinstance(loss, float) or not math.isfinite(loss):
-            return "a loss that is not a finite number"
-    # backward: `given` is the gradient w.r.t. the output, shaped as the input past stage 0
-    ok = not out if first else len(out) == 1 and out[0].shape == given.shape
-    return None if ok else f"a {op} gradient of the wrong form"

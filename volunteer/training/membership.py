@@ -33,6 +33,7 @@ class Membership:
     failed: set[str]
     rebalance: bool
     speeds: dict[str, float]
+    stale: set[str]
     # Also the driver's: stage_peers, speed_prior, _call.
 
     async def _probe(self, peer: str) -> int | None:
@@ -99,11 +100,13 @@ class Membership:
             stage = self.members[peer]
             source = next(iter(self.stage_peers(stage)), None)
             self.failed.discard(peer)
-            if steps == self.step:
+            if steps == self.step and peer not in self.stale:
                 back = await self._reset(peer)  # it may hold sums of a step started over
             else:
                 back = source is not None and await self._sync(peer, stage, source, self.step)
-            if not back:
+            if back:
+                self.stale.discard(peer)
+            else:
                 self.failed.add(peer)
         if not self.rebalance:
             return

@@ -25,6 +25,7 @@ from volunteer.training.job import TrainingJob
 from volunteer.training.judge import TOLERANCE, VERDICTS, differs
 from volunteer.training.step_types import (
     CALL_TIMEOUT_S,
+    Applying,
     PeerWork,
     Settled,
     TrainingStalled,
@@ -253,9 +254,14 @@ class Settling:
         logger.warning("banned training peer %s: %s", peer, reason)
         self.banned[peer] = self.step
 
-    async def _apply(self, stage: int, round_: int, members: list[str], kept: list[str]) -> None:
-        samples = {peer: sum(work.samples for work in self._log[stage][peer]) for peer in kept}
-        header = {"op": "apply", "step": self.step, "round": round_, "included": samples}
+    def _applying(self, settled: Settled) -> Applying:
+        log = self._log[settled.stage]
+        samples = {peer: sum(work.samples for work in log[peer]) for peer in settled.kept}
+        return Applying(settled.stage, settled.round, samples)
+
+    async def _apply(self, applying: Applying, members: list[str]) -> None:
+        stage = applying.stage
+        header = applying.header(self.step)
         replies = await asyncio.gather(
             *(self._call(peer, header, []) for peer in members), return_exceptions=True
         )

@@ -67,6 +67,20 @@ class Settled:
     dropped: list[str]
 
 
+@dataclasses.dataclass(frozen=True)
+class Applying:
+    """What a stage applies to close a step: its settled round's shares, weighted by the
+    sequences the driver counted (peer -> sequences)."""
+
+    stage: int
+    round: int
+    included: dict[str, int]
+
+    def header(self, step: int) -> dict[str, object]:
+        """The `apply` call that closes `step` on a peer of the stage."""
+        return {"op": "apply", "step": step, "round": self.round, "included": self.included}
+
+
 @dataclasses.dataclass
 class StepReport:
     step: int
