@@ -33,6 +33,7 @@ from tests.training.swarm_helpers import (
     write_hf_folder,
 )
 from volunteer.control.endpoint import use_tcp
+from volunteer.paths import Paths
 from volunteer.training.job import Aggregation, Optimizer
 
 pytestmark = [
@@ -173,6 +174,9 @@ def test_a_lora_job_leaves_its_adapter_with_the_driver(trained: dict) -> None:
         "--no-rebalance", "--lr", "0.003",
     )  # fmt: skip
     assert created.returncode == 0, created.stderr
+    # Recorded from the start, so that a restart before the first step drives it on.
+    record = Paths.resolve(home=driver, env=homes.env).data_dir / "training" / "driving.json"
+    assert json.loads(record.read_text())["step"] == 0
     for name, stage in (("p2", 0), ("p3", 1)):
         joined = homes.cli(peers[name], "train", "join", "--stage", str(stage))
         assert joined.returncode == 0, joined.stderr
@@ -183,6 +187,7 @@ def test_a_lora_job_leaves_its_adapter_with_the_driver(trained: dict) -> None:
     )
     status = homes.status(driver)
     assert status["training_result"].startswith("adapter swarm-lora ("), status
+    assert not record.exists()  # done: nothing to drive on after a restart
     assert "result    adapter swarm-lora" in homes.cli(driver, "train", "status").stdout
     shown = homes.cli(driver, "adapters", "show", "swarm-lora", "--json")
     assert shown.returncode == 0, shown.stderr

@@ -118,6 +118,7 @@ class Driving:
         result_place(self._paths, job, request.save_as)
         self._start_driving(request, job, rows, model, DriveRecord(request=request,
                             job=job.to_wire(), step=0))  # fmt: skip
+        await self._keep_record(request, job, 0, [], [])  # from the start: a restart drives on
         logger.info("training job %s: %d stages, %d steps", job.job_id, len(job.stages), job.steps)
         return self.train_status_now()
 
