@@ -60,7 +60,8 @@ def register(subparsers: Any) -> None:
     )
     create.add_argument(
         "--save-as", metavar="NAME",
-        help="a LoRA job's adapter name when it is done (default: train-<job id>)",
+        help="the result's name when the job is done: a LoRA job's adapter, or a model "
+        "folder under <data dir>/trained (default: train-<job id>)",
     )  # fmt: skip
     create.add_argument(
         "--no-rebalance", dest="rebalance", action="store_false",

@@ -157,7 +157,8 @@ class TrainCreateRequest(Params):
     min_peers: int = pydantic.Field(default=1, ge=1, le=64)
     """Peers each stage must have before the first step."""
     save_as: str | None = pydantic.Field(default=None, min_length=1, max_length=64)
-    """The adapter a LoRA job's result is saved as (default: train-<job id>)."""
+    """The name the result is saved under when the job is done: a LoRA job's adapter,
+    or a model folder for a job of the blocks (default: train-<job id>)."""
     seed: int = pydantic.Field(default=0, ge=0, le=2**63 - 1)
 
 

@@ -214,9 +214,9 @@ class Settling:
         if len(verdicts) < 2:
             return True
         if verdicts[1][1]:
-            self._ban(target, f"its share differs from two recomputations in step {self.step}")
+            self._ban(target, f"its work differs from two recomputations in step {self.step}")
             return True
-        self._ban(first_judge, f"it called {target}'s share wrong in step {self.step}")
+        self._ban(first_judge, f"it called {target}'s work wrong in step {self.step}")
         return False
 
     async def _mismatch(self, judge: str, stage: int, round_: int, target: str) -> bool | None:
