@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import time
 
 import torch
 from volunteer.models.adapters import LORA_TARGETS
 from volunteer.models.model import BlockSpan, ModelEnds
 
 from tests.server import random_span, sub_span, tiny_config
+from volunteer.training.claims import ClaimLog, ShareClaim, sign_claim, weights_digest
+from volunteer.training.evidence import TrainingEvidence
 from volunteer.training.job import Aggregation, DataShard, Optimizer, TrainingJob
 from volunteer.training.loopback import LoopbackSwarm, start_loopback_swarm
-from volunteer.training.stage import sequence_losses, stage_lora
+from volunteer.training.stage import StageTrainer, sequence_losses, stage_lora
+from volunteer.transport.commitment import PeerSigner, tensor_digest
 
 OPTIMIZER = Optimizer(name="adamw", lr=3e-3, weight_decay=0.01)
 
@@ -163,3 +167,28 @@ def write_hf_folder(folder, full: BlockSpan, ends: ModelEnds):  # type: ignore[n
     }
     (folder / "config.json").write_text(json.dumps(hf), encoding="utf-8")
     return folder
+
+
+def signed_last_stage_work(
+    job: TrainingJob, full, ends, signer: PeerSigner, *, scale: float = 1.0
+) -> TrainingEvidence:  # type: ignore[no-untyped-def]
+    """A last-stage peer's two microbatches and its share (times `scale`: a liar's),
+    signed as a peer signs them."""
+    trainer = StageTrainer(sub_span(full, 2, 4), job.optimizer, seed=job.seed)
+    log, tensors = ClaimLog(), []
+    generator = torch.Generator().manual_seed(3)
+    for key in ("a", "b"):
+        hidden = torch.randn(2, 8, ends.config.hidden_size, generator=generator)
+        labels = torch.randint(0, ends.config.vocab_size, (2, 8), generator=generator)
+        loss, grad_in = trainer.loss_backward(key, hidden, labels, ends)
+        log.forwarded(key, hidden, None)
+        log.backwarded(key, labels, grad_in, loss)
+        tensors += [hidden, labels, grad_in]
+    share = (trainer.gradient() * scale).float()
+    claim = ShareClaim(
+        peer=signer.peer_id, job=job.job_id, stage=1, step=0, round=0,
+        weights=weights_digest(trainer.params), share=tensor_digest(share),
+        works=tuple(log.works), issued_s=time.time(),
+    )  # fmt: skip
+    weights = [param.detach().clone() for param in trainer.params]
+    return TrainingEvidence(job, sign_claim(signer, claim), share, weights, tensors)

@@ -5,8 +5,9 @@ A driver daemon creates the job; five daemons join it, two in stage 0 and three 
 stage 1, one of them Byzantine on purpose (`VOLUNTEER_FAULTS=sign-flip`); a sixth,
 started with `--train`, takes the role by itself and is brought to the current step.
 Every share is recomputed each round, so the attacker is banned in its first step with
-two judges beside it; a stage-0 peer is killed with SIGKILL mid-run, then the driver
-itself, which is started again and drives the job on. The job still finishes every
+two judges beside it, and a judge's evidence bans it swarm-wide; a stage-0 peer is
+killed with SIGKILL mid-run, then the driver itself, which is started again and drives
+the job on. The job still finishes every
 step, each step's loss exactly one process's training on the same data, and the peers
 hold the driver's signed receipts for the work the stages kept.
 """
@@ -141,6 +142,36 @@ def test_the_byzantine_peer_is_banned_and_says_it_drills(trained: dict) -> None:
     assert status["training_banned"] == [attacker["peer_id"]]
     text = homes.cli(trained["driver"], "train", "status").stdout
     assert "banned" in text and attacker["peer_id"] in text and f"{STEPS} of {STEPS}" in text
+
+
+def _bans(homes: Homes, home: Path) -> dict[str, str]:
+    """Whom a daemon bans, and why (`volunteer peers`)."""
+    listed = homes.cli(home, "peers", "--json")
+    assert listed.returncode == 0, listed.stderr
+    return {
+        peer["peer_id"]: peer["ban_reason"]
+        for peer in json.loads(listed.stdout)["peers"]
+        if peer["banned_until_s"]
+    }
+
+
+def test_the_attacker_is_banned_swarm_wide_on_a_validators_evidence(trained: dict) -> None:
+    """A validator of stage 1 published the attacker's signed share as evidence; the
+    driver, which validates nothing, recomputed it on its own copy of the model and
+    banned the attacker for serving too. Nobody banned an honest peer."""
+    homes = trained["homes"]
+    attacker = homes.status(trained["peers"]["p5"])["peer_id"]
+    driver = trained["driver"]
+    wait_for("the driver to judge the evidence", lambda: attacker in _bans(homes, driver), 60)
+    assert "training" in _bans(homes, driver)[attacker]
+    assert "recomputed" in _bans(homes, driver)[attacker]
+    filed = sum(
+        homes.status(trained["peers"][name])["accusations_filed"] for name in ("p3", "p4", "auto")
+    )
+    assert filed >= 1
+    for name in ("p2", "p3", "p4", "auto"):
+        assert set(_bans(homes, trained["peers"][name])) <= {attacker}, name
+    assert set(_bans(homes, driver)) == {attacker}
 
 
 def test_honest_peers_took_the_drivers_receipts(trained: dict) -> None:

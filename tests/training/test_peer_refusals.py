@@ -5,6 +5,7 @@ keeps training for its driver."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -13,9 +14,11 @@ from hivemind.p2p import P2P
 from tests.server import sub_span
 from tests.training.swarm_helpers import tiny_data, tiny_job, tiny_model
 from volunteer.training.calls import TrainingCallError, call
+from volunteer.training.claims import ShareClaim, WorkClaim, sign_claim
 from volunteer.training.job import Aggregation
-from volunteer.training.loopback import LOOPBACK
+from volunteer.training.loopback import LOOPBACK, signed_p2p
 from volunteer.training.peer import TrainingPeer
+from volunteer.transport.commitment import tensor_digest
 
 pytestmark = pytest.mark.filterwarnings("ignore:path is deprecated")
 
@@ -34,8 +37,8 @@ def test_strangers_cannot_drive_and_bad_shares_are_refused() -> None:
     async def run() -> None:
         driver = await P2P.create(host_maddrs=LOOPBACK)
         maddrs = await driver.get_visible_maddrs()
-        host = await P2P.create(host_maddrs=LOOPBACK, initial_peers=maddrs)
-        stranger = await P2P.create(host_maddrs=LOOPBACK, initial_peers=maddrs)
+        host, signer = await signed_p2p(initial_peers=maddrs)
+        stranger, stranger_signer = await signed_p2p(initial_peers=maddrs)
         await stranger.get_visible_maddrs()
         peer = TrainingPeer(
             p2p=host,
@@ -44,6 +47,7 @@ def test_strangers_cannot_drive_and_bad_shares_are_refused() -> None:
             span_for=lambda a, b: sub_span(full, a, b),
             ends=ends,
             drivers=frozenset({driver.peer_id.to_base58()}),
+            signer=signer,
         )
         await peer.start()
         try:
@@ -71,10 +75,29 @@ def test_strangers_cannot_drive_and_bad_shares_are_refused() -> None:
             assert "at most 8 rounds" in await _refused(
                 stranger, peer, {**share, "round": 8}, full_share
             )
-            await call(
-                stranger, peer.peer_id, share, full_share, timeout_s=10, max_answer_bytes=4096
+            # A share travels with a claim its sender signed for exactly that share.
+            assert "signed claim" in await _refused(stranger, peer, share, full_share)
+            claim = ShareClaim(
+                peer=stranger_id, job=job.job_id, stage=1, step=0, round=0,
+                weights=bytes(32), share=tensor_digest(full_share[0]),
+                works=(WorkClaim(given=bytes(32), second=bytes(32)),), issued_s=time.time(),
+            )  # fmt: skip
+            signed = sign_claim(stranger_signer, claim).to_header()
+            forged = sign_claim(signer, claim).to_header()  # another key than the sender's
+            assert "peer id" in await _refused(stranger, peer, {**share, **forged}, full_share)
+            other = [torch.ones(peer.size)]
+            assert "not of this share" in await _refused(stranger, peer, {**share, **signed}, other)
+            later = sign_claim(stranger_signer, claim.model_copy(update={"round": 1}))
+            assert "not of this share" in await _refused(
+                stranger, peer, {**share, **later.to_header()}, full_share
             )
-            assert "one share per peer" in await _refused(stranger, peer, share, full_share)
+            await call(
+                stranger, peer.peer_id, {**share, **signed}, full_share, timeout_s=10,
+                max_answer_bytes=4096,
+            )  # fmt: skip
+            assert "one share per peer" in await _refused(
+                stranger, peer, {**share, **signed}, full_share
+            )
             assert len(peer._shares[0]) == 1
             bad_roster = {"op": "roster", "members": {stranger_id: 7}}
             assert "with their stage" in await _refused(driver, peer, bad_roster, [])

@@ -14,6 +14,11 @@ them on blocks this daemon computes itself (`local_checks.local_blocks`):
   accused only once `QUORUM` accusers it deems reputable (`REPUTABLE_STANDING`, from
   its own checks of them) have accused it with evidence that holds.
 
+Accusations of training peers (kind "training": a validator's evidence of a wrong
+share or answer, `volunteer.training.evidence`) are judged the same way, recomputed on
+a stage of the model built here (`training_judging`): a peer that cheats in training is
+banned for serving too, and a false accuser loses its standing.
+
 Accusations are read every `POLL_S`, judged one per accuser per round and each piece
 of evidence once (whoever else files it): a flood of keys slows its own judging, and
 one proof bans once. Evidence over this daemon's limits, older than
@@ -30,7 +35,8 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import torch
 
@@ -38,7 +44,9 @@ from volunteer.client.verification import replay_steps
 from volunteer.daemon.block_service import BlockService
 from volunteer.daemon.dht_service import DHTService
 from volunteer.daemon.local_checks import local_blocks
+from volunteer.daemon.training_judging import training_verdict
 from volunteer.scheduler.verification import standing
+from volunteer.training.evidence import TrainingEvidence
 from volunteer.trust.accusations import (
     MAX_PER_ACCUSER,
     Accusation,
@@ -47,6 +55,7 @@ from volunteer.trust.accusations import (
 )
 from volunteer.trust.evidence import (
     MAX_EVIDENCE_BYTES,
+    CannotRecomputeError,
     Evidence,
     EvidenceError,
     EvidenceLimitError,
@@ -90,10 +99,6 @@ ENDORSED = "recomputed an accusation of this peer, and found it true"
 """The reason of an endorsement: this daemon's own words, not the accuser's."""
 
 logger = logging.getLogger(__name__)
-
-
-class CannotRecomputeError(Exception):
-    """This daemon cannot compute the accused blocks."""
 
 
 class AccusationService:
@@ -144,27 +149,57 @@ class AccusationService:
 
     def accuse(self, peer_id: str, evidence: Evidence, reason: str) -> None:
         """Files an accusation of `peer_id` with its evidence (in the background)."""
-        task = asyncio.create_task(self._file(peer_id, evidence, reason), name="file-accusation")
+
+        async def file() -> None:
+            raw = await asyncio.to_thread(evidence.to_bytes)
+            certificate = evidence.certificate.check()
+            blocks = (certificate.start, certificate.end)
+            await self._file(peer_id, raw, "serving", blocks, reason)
+
+        self._own(file())
+
+    def accuse_training(self, peer_id: str, evidence: TrainingEvidence, reason: str) -> None:
+        """Files an accusation of a training peer with a validator's evidence (in the
+        background)."""
+
+        async def file() -> None:
+            raw = await asyncio.to_thread(evidence.to_bytes)
+            claim = await asyncio.to_thread(evidence.checked)
+            reputation = self._reputation()
+            if peer_id != self._dht.peer_id and not reputation.is_banned(peer_id):
+                # This daemon recomputed the work itself (the peer's validator).
+                reputation.record_check(peer_id, passed=False)
+                reputation.ban(peer_id, reason)
+            await self._file(peer_id, raw, "training", evidence.job.stages[claim.stage], reason)
+
+        self._own(file())
+
+    def _own(self, work: Coroutine[Any, Any, None]) -> None:
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception as exc:  # the ban stands here; only its spreading failed
+                logger.warning("could not file an accusation: %s", exc)
+
+        task = asyncio.create_task(guarded(), name="file-accusation")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _file(
-        self, peer_id: str, evidence: Evidence, reason: str, *, raw: bytes | None = None
+        self, peer_id: str, raw: bytes, kind: str, blocks: tuple[int, int], reason: str
     ) -> None:
-        """Publishes an accusation: this daemon's own, or (with the `raw` evidence it
-        fetched) an endorsement of one it recomputed."""
+        """Publishes an accusation with its `raw` evidence: this daemon's own, or an
+        endorsement of one it recomputed."""
         try:
-            if raw is None:
-                raw = await asyncio.to_thread(evidence.to_bytes)
             if len(raw) > MAX_EVIDENCE_BYTES:
                 logger.info("not accusing %s: its evidence is over what judges fetch", peer_id)
                 return
-            certificate = evidence.certificate.check()
             name = self.store.add(raw)
             accusation = Accusation(
+                kind=kind,
                 accused=peer_id,
-                start=certificate.start,
-                end=certificate.end,
+                start=blocks[0],
+                end=blocks[1],
                 reason=reason,
                 filed_s=time.time(),
                 evidence=name,
@@ -229,9 +264,12 @@ class AccusationService:
             return
         self._mark(name, FETCH_ATTEMPTS)
         try:
-            evidence = await asyncio.to_thread(_checked, raw, accusation)
-            fmt = await asyncio.to_thread(lambda: self._blocks.fmt)  # the swarm's, ours
-            wrong = await is_wrong(evidence, self._replay, tolerance_for_format(fmt.label))
+            if accusation.kind == "training":
+                wrong = await self._training_wrong(raw, accusation)
+            else:
+                evidence = await asyncio.to_thread(_checked, raw, accusation)
+                fmt = await asyncio.to_thread(lambda: self._blocks.fmt)  # the swarm's, ours
+                wrong = await is_wrong(evidence, self._replay, tolerance_for_format(fmt.label))
         except EvidenceError as exc:
             self._refute(accuser, accused, f"evidence that does not hold ({exc})")
             return
@@ -243,8 +281,18 @@ class AccusationService:
             return
         if not wrong:
             self._refute(accuser, accused, "an output this peer recomputed right")
-        elif self._convict(accused, f"{accusation.reason} (proven by {accuser}, recomputed)"):
-            await self._file(accused, evidence, ENDORSED, raw=raw)
+        elif self._convict(
+            accused, f"{accusation.reason} ({accusation.kind}; proven by {accuser}, recomputed)"
+        ):
+            blocks = (accusation.start, accusation.end)
+            await self._file(accused, raw, accusation.kind, blocks, ENDORSED)
+
+    async def _training_wrong(self, raw: bytes, accusation: Accusation) -> bool:
+        model = await self._blocks.served_model()
+        async with self._recomputing:
+            return await asyncio.to_thread(
+                training_verdict, raw, accusation, model, max_age_s=EVIDENCE_MAX_AGE_S
+            )
 
     def _convict(self, accused: str, reason: str) -> bool:
         """Bans the accused, unless it is this peer (a drill's own blocks) or already

@@ -158,5 +158,8 @@ def _services(settings: Settings, paths: Paths) -> list[Service]:
     finetune = FinetuneService(settings, paths, chat)
     adapters = functools.partial(adapter_names, paths, settings.model)
     api = ApiService(settings, paths, chat, blocks, adapters=adapters)
-    training = TrainingService(settings, paths, dht, blocks, credit, owner=owner)
+    training = TrainingService(
+        settings, paths, dht, blocks, credit, owner=owner, signer=signer,
+        accuse=trust.accuse_training,
+    )  # fmt: skip
     return [dht, blocks, trust, credit, chat, finetune, api, training]

@@ -61,13 +61,14 @@ from volunteer.swarm.records import RecordError
 from volunteer.training.attack_drill import AttackDrill
 from volunteer.training.driver import Driver
 from volunteer.training.job import TrainingJob
-from volunteer.training.peer import TrainingPeer
+from volunteer.training.peer import Accuse, TrainingPeer
 from volunteer.training.records import (
     StageMember,
     announce_member_on_node,
     read_jobs_on_node,
     read_members_on_node,
 )
+from volunteer.transport.commitment import PeerSigner
 
 MAX_LOSSES = 512
 
@@ -86,8 +87,14 @@ class TrainingService(Driving):
         credit: CreditService,
         *,
         owner: bytes,
+        signer: PeerSigner,
+        accuse: Accuse | None = None,
     ) -> None:
+        """`signer` signs this peer's shares (its peer key); `accuse` files a validator's
+        evidence against a peer for the whole swarm to judge."""
         self._settings = settings
+        self._signer = signer
+        self._accuse = accuse
         self._paths = paths
         self._dht = dht
         self._blocks = blocks
@@ -233,8 +240,10 @@ class TrainingService(Driving):
                 span_for=lambda start, end: load_span(model.folder, model.config, start, end),
                 ends=ends,
                 drivers=frozenset({creator}),
+                signer=self._signer,
                 drill=AttackDrill(attacks, seed=hash(self._dht.peer_id) & 0xFFFF),
                 on_pass=lambda driver, tokens: work.add(driver, "training", "", tokens),
+                on_accuse=self._accuse,
             )
 
         peer = await asyncio.to_thread(build)

@@ -22,6 +22,7 @@ from volunteer.daemon.validator import Validator
 from volunteer.paths import Paths
 from volunteer.scheduler.verification import standing
 from volunteer.settings import Settings
+from volunteer.training.evidence import TrainingEvidence
 from volunteer.trust.evidence import Evidence
 from volunteer.trust.reputation import PeerStanding, Reputation, ReputationStoreError
 
@@ -81,6 +82,11 @@ class TrustService:
         """Publishes a proven wrong output (the checks' `Verifier.accuse`)."""
         if self.accusations is not None:
             self.accusations.accuse(peer_id, evidence, reason)
+
+    def accuse_training(self, peer_id: str, evidence: TrainingEvidence, reason: str) -> None:
+        """Publishes a training peer's proven wrong work (a validator's, `TrainingPeer`)."""
+        if self.accusations is not None:
+            self.accusations.accuse_training(peer_id, evidence, reason)
 
     def status(self) -> TrustStatus:
         now = time.time()

@@ -18,7 +18,8 @@ header.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -67,10 +68,10 @@ def distances(
         items.append((hidden, second))
     again = trainer.recompute(items)
     if last:
-        forward = max(map(relative_distance, losses or [], recomputed_losses))
+        forward = _worst(map(relative_distance, losses or [], recomputed_losses))
     else:
-        forward = max(map(relative_distance, claimed_out, again.outputs))
-    backward = max(map(relative_distance, claimed_in, again.input_grads), default=0.0)
+        forward = _worst(map(relative_distance, claimed_out, again.outputs))
+    backward = _worst(map(relative_distance, claimed_in, again.input_grads))
     return {
         "share": relative_distance(received, again.share.float()),
         "forward": forward,
@@ -78,13 +79,40 @@ def distances(
     }
 
 
+def stage_input(ends: ModelEnds, tensor: torch.Tensor, *, first: bool) -> torch.Tensor:
+    """A microbatch's input to a stage: token ids embedded on the first.
+
+    Raises:
+        StageError: the first stage's input is not token ids of the vocabulary.
+    """
+    if not first:
+        return tensor
+    if tensor.dtype != torch.int64 or tensor.dim() != 2:
+        raise StageError("the first stage takes token ids, int64 [batch, seq]")
+    if bool(((tensor < 0) | (tensor >= ends.config.vocab_size)).any()):
+        raise StageError("token ids out of the vocabulary")
+    with torch.no_grad():
+        return ends.embed(tensor)
+
+
 def relative_distance(claimed: torch.Tensor | float, honest: torch.Tensor | float) -> float:
     """How far an answer (a tensor or a loss) is from its recomputation, relative to
-    the recomputation (inf for another shape)."""
+    the recomputation (inf for another shape or a non-finite answer; NaN for a
+    non-finite recomputation, which says nothing of the answer)."""
     claimed, honest = torch.as_tensor(claimed).double(), torch.as_tensor(honest).double()
-    if claimed.shape != honest.shape:
+    if not bool(torch.isfinite(honest).all()):
+        return float("nan")
+    if claimed.shape != honest.shape or not bool(torch.isfinite(claimed).all()):
         return float("inf")
     return float((claimed - honest).norm() / honest.norm().clamp(min=1e-12))
+
+
+def _worst(found: Iterable[float]) -> float:
+    """The largest distance; NaN if any is (a recomputation that says nothing)."""
+    values = list(found)
+    if any(math.isnan(value) for value in values):
+        return float("nan")
+    return max(values, default=0.0)
 
 
 def differs(given: torch.Tensor | float | None, again: torch.Tensor | float | None) -> bool:

@@ -5,12 +5,14 @@ It answers the job's driver (`volunteer.training.driver`) on `TRAIN_HANDLE`:
 - `forward`, `backward`, `loss`: a microbatch through this stage (the first embeds
   token ids, the last takes the targets and runs forward, loss and backward at once);
   `reset` forgets the step's sums (a banned peer of a later stage gave it gradients);
-- `gather`: the step's exchange: it sends its share (mean gradient of the microbatches
-  it ran) to every member of its stage, waits for theirs until the deadline, and
-  answers with a digest of each share that came (a late or silent peer's is missing);
+- `gather`: the step's exchange (`volunteer.training.exchange`): it sends its share
+  (mean gradient of the microbatches it ran), with the claim it signs for it, to every
+  member of its stage, waits for theirs until the deadline, and answers with a digest
+  of each share that came (a late or silent peer's is missing);
 - `verify`: as a validator, recomputes another peer's share and answers from the
   microbatches the driver logged and says how far each is from its own
-  (`volunteer.training.judge`);
+  (`volunteer.training.judge`); a wrong one is also handed, as evidence a stranger can
+  check (`volunteer.training.evidence`), to `on_accuse`, which publishes it;
 - `apply`: aggregates the shares the driver kept (with the sample counts the driver
   counted, not what peers claim) and steps; a peer missing one of them skips the step
   and is told to `sync`;
@@ -21,15 +23,13 @@ Peers send each other only `share` (to their stage) and `state`, and only peers 
 driver's last `roster` named; every other op is the driver's alone.
 Torch runs on one worker thread per peer, so the network keeps flowing while it
 computes. Every wait has a deadline; a share is checked (size, finite, one per peer and
-round, current step) before it is kept.
+round, current step, its sender's signed claim) before it is kept.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
-import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -40,20 +40,22 @@ from hivemind.p2p import P2P
 from volunteer.models.model import BlockSpan, ModelEnds
 from volunteer.training import attacks, judge, wire
 from volunteer.training.attack_drill import AttackDrill
-from volunteer.training.calls import (
-    MAX_ROUNDS,
-    TRAIN_HANDLE,
-    TrainingCallError,
-    call,
-    refusal,
+from volunteer.training.calls import TRAIN_HANDLE, TrainingCallError, call, refusal
+from volunteer.training.claims import ClaimLog, SignedClaim
+from volunteer.training.evidence import TrainingEvidence, from_verify, is_wrong
+from volunteer.training.exchange import (
+    MAX_SHARES,
+    MAX_WAIT_S,
+    Exchange,
+    Refused,
+    count,
+    digest,
 )
 from volunteer.training.job import TrainingJob
 from volunteer.training.stage import StageError, StageTrainer, aggregate
+from volunteer.transport.commitment import PeerSigner
 from volunteer.transport.one_shot import serve
 
-MAX_SHARES = 64
-"""Shares kept per round (a stage's members; a bound on what strangers can make us hold)."""
-MAX_WAIT_S = 120.0
 DRIVER_OPS = (
     "roster", "forward", "backward", "loss", "reset", "gather", "verify", "apply", "sync", "info"
 )  # fmt: skip
@@ -64,13 +66,11 @@ logger = logging.getLogger(__name__)
 
 SpanFor = Callable[[int, int], BlockSpan]
 """The job's initial weights of blocks [start, end) (every peer builds the same)."""
+Accuse = Callable[[str, TrainingEvidence, str], None]
+"""Files an accusation of a peer with its evidence, for the whole swarm to judge."""
 
 
-class Refused(ValueError):
-    """A call this peer does not take (a stranger's driver op, another step)."""
-
-
-class TrainingPeer:
+class TrainingPeer(Exchange):
     """One stage peer (module doc). `start` serves it on `p2p`; `stop` ends it."""
 
     def __init__(
@@ -82,11 +82,21 @@ class TrainingPeer:
         span_for: SpanFor,
         ends: ModelEnds,
         drivers: frozenset[str],
+        signer: PeerSigner,
         drill: AttackDrill | None = None,
         on_pass: Callable[[str, int], None] | None = None,
+        on_accuse: Accuse | None = None,
     ) -> None:
         self.p2p = p2p
         self.peer_id = p2p.peer_id.to_base58()
+        if signer.peer_id != self.peer_id:
+            raise ValueError("a training peer signs with the key of its own peer id")
+        self._signer = signer
+        self._on_accuse = on_accuse
+        """Given the evidence of a peer this one, as a validator, found wrong."""
+        self._claim_log = ClaimLog()
+        self._claims: dict[int, dict[str, SignedClaim]] = {}
+        """This step's signed claims of the shares, by round, then by sender."""
         self.job = job
         self._span_for = span_for
         self._ends = ends.eval()
@@ -120,6 +130,8 @@ class TrainingPeer:
 
     def _next_step(self) -> None:
         self._shares.clear()
+        self._claims.clear()
+        self._claim_log.clear()
         self._drill.begin_step()
 
     @property
@@ -184,39 +196,36 @@ class TrainingPeer:
         return step
 
     def _input(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A microbatch's input to this stage: token ids embedded on the first."""
-        if not self.first:
-            return tensor
-        if tensor.dtype != torch.int64 or tensor.dim() != 2:
-            raise StageError("the first stage takes token ids, int64 [batch, seq]")
-        if bool(((tensor < 0) | (tensor >= self._ends.config.vocab_size)).any()):
-            raise StageError("token ids out of the vocabulary")
-        with torch.no_grad():
-            return self._ends.embed(tensor)
+        return judge.stage_input(self._ends, tensor, first=self.first)
 
     # The driver's microbatches.
 
     async def _op_forward(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
         self._at_step(header)
         key = wire.field(header, "key", str)
-        (given,) = _count(tensors, 1)
+        (given,) = count(tensors, 1)
         output = await self._run(lambda: self.trainer.forward(key, self._input(given)))
-        return {}, [self._drilled("activations", output)]
+        sent = self._drilled("activations", output)
+        self._claim_log.forwarded(key, given, sent)
+        return {}, [sent]
 
     async def _op_backward(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
         self._at_step(header)
         key = wire.field(header, "key", str)
-        (grad,) = _count(tensors, 1)
+        (grad,) = count(tensors, 1)
         grad_input = await self._run(lambda: self.trainer.backward(key, grad))
         self._log_work(peer, grad)
-        return {}, [] if self.first else [self._drilled("input-grads", grad_input)]
+        sent = None if self.first else self._drilled("input-grads", grad_input)
+        self._claim_log.backwarded(key, grad, sent)
+        return {}, [] if sent is None else [sent]
 
     async def _op_loss(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
         if not self.last:
             raise Refused("only the last stage takes targets")
         self._at_step(header)
         key = wire.field(header, "key", str)
-        given, labels = _count(tensors, 2)
+        given, targets = count(tensors, 2)
+        labels = targets
         if self._drill.flips_labels():
             labels = attacks.flip_labels(labels, self._ends.config.vocab_size)
 
@@ -227,7 +236,10 @@ class TrainingPeer:
         self._log_work(peer, labels)
         if self._drill.passes_wrong("activations"):
             loss *= 0.5
-        return {"loss": loss}, [] if self.first else [self._drilled("input-grads", grad_input)]
+        sent = None if self.first else self._drilled("input-grads", grad_input)
+        self._claim_log.forwarded(key, given, None)
+        self._claim_log.backwarded(key, targets, sent, loss)
+        return {"loss": loss}, [] if sent is None else [sent]
 
     def _drilled(self, answer: str, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor`, or a wrong one where a drill says so (`AttackDrill.passes_wrong`)."""
@@ -244,58 +256,11 @@ class TrainingPeer:
         self._at_step(header)
         await self._run(self.trainer.clear)
         self._shares.clear()
+        self._claims.clear()
+        self._claim_log.clear()
         return {}, []
 
-    # The step's exchange.
-
-    async def _op_gather(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
-        step = self._at_step(header)
-        round_ = wire.field(header, "round", int, low=0)
-        senders = _peer_list(header, "senders")
-        members = _peer_list(header, "members")
-        wait_s = min(wire.field(header, "wait_s", float, low=0.0), MAX_WAIT_S)
-        deadline = asyncio.get_running_loop().time() + wait_s
-        shares = self._shares.setdefault(round_, {})
-        if self.peer_id in senders:
-            if not self.trainer.samples:
-                raise Refused("this peer ran no microbatch in this step")
-            own = (await self._run(self.trainer.gradient)).float()
-            if self._drill.waits_for_honest():
-                others = [p for p in senders if p != self.peer_id]
-                await self._wait_for(round_, others, deadline - wait_s / 2)
-            honest = [shares[p] for p in senders if p in shares and p != self.peer_id]
-            sent = self._drill.share(own, honest, len(senders)) if self._drill else own
-            shares[self.peer_id] = sent
-            message = wire.pack({"op": "share", "step": step, "round": round_}, [sent])
-            await asyncio.gather(
-                *(
-                    self._send(member, message, deadline)
-                    for member in members
-                    if member != self.peer_id
-                )
-            )
-        await self._wait_for(round_, senders, deadline)
-        return {"shares": {p: _digest(shares[p]) for p in senders if p in shares}}, []
-
-    async def _send(self, member: str, message: bytes, deadline: float) -> None:
-        left = deadline - asyncio.get_running_loop().time()
-        try:
-            header, tensors = wire.unpack(message)
-            await call(
-                self.p2p, member, header, tensors, timeout_s=max(left, 0.1), max_answer_bytes=4096
-            )
-        except TrainingCallError as exc:  # the member is down or late: the driver sees it
-            logger.info("share not delivered: %s", exc)
-
-    async def _wait_for(self, round_: int, senders: list[str], deadline: float) -> None:
-        shares = self._shares.setdefault(round_, {})
-        left = deadline - asyncio.get_running_loop().time()
-        async with self._arrived:
-            with contextlib.suppress(asyncio.TimeoutError):  # who is missing is the answer
-                await asyncio.wait_for(
-                    self._arrived.wait_for(lambda: all(p in shares for p in senders)),
-                    max(left, 0.0),
-                )
+    # The step's exchange is `Exchange`'s; the driver names who takes part.
 
     async def _op_roster(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
         members = header.get("members")
@@ -308,30 +273,11 @@ class TrainingPeer:
         self._roster = members
         return {}, []
 
-    async def _op_share(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
-        self._at_step(header)
-        if self._roster.get(peer) != self.stage:
-            raise Refused("shares come from this stage's peers only")
-        round_ = wire.field(header, "round", int, low=0)
-        if round_ >= MAX_ROUNDS:
-            raise Refused(f"a step has at most {MAX_ROUNDS} rounds")
-        (share,) = _count(tensors, 1)
-        if share.dtype != torch.float32 or share.shape != (self.size,):
-            raise Refused(f"a share is {self.size} float32 numbers")
-        shares = self._shares.setdefault(round_, {})
-        if peer in shares:
-            raise Refused("one share per peer and round")
-        if len(shares) >= MAX_SHARES:
-            raise Refused("too many shares in this round")
-        async with self._arrived:
-            shares[peer] = share
-            self._arrived.notify_all()
-        return {}, []
-
     async def _op_verify(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
         """Recomputes `target`'s share and answers from the microbatches the driver
-        logged (`volunteer.training.judge`)."""
-        self._at_step(header)
+        logged (`volunteer.training.judge`); a mismatch is also an accusation with
+        evidence where an `on_accuse` takes it."""
+        step = self._at_step(header)
         round_ = wire.field(header, "round", int, low=0)
         target = wire.field(header, "target", str)
         received = self._shares.get(round_, {}).get(target)
@@ -349,7 +295,26 @@ class TrainingPeer:
                 tensors=tensors, losses=losses, embed=self._input,
             )  # fmt: skip
 
-        return await self._run(work), []
+        found = await self._run(work)
+        signed = self._claims.get(round_, {}).get(target)
+        if self._on_accuse is not None and signed is not None and is_wrong(found):
+            evidence = await self._run(lambda: self._evidence(signed, received, tensors))
+            if evidence is not None:
+                self._on_accuse(target, evidence, f"training: its work in step {step} was wrong")
+        return found, []
+
+    def _evidence(
+        self, signed: SignedClaim, share: torch.Tensor, tensors: list[torch.Tensor]
+    ) -> TrainingEvidence | None:
+        """Evidence of a wrong share or answers that a stranger can check, once it
+        convicts here too (`volunteer.training.evidence`); None where it cannot."""
+        weights = [param.detach().clone() for param in self.trainer.params]
+        evidence = from_verify(self.job, signed, share, weights, tensors)
+        if evidence is None:
+            logger.info("a wrong share here, but not one a stranger could check")
+            return None
+        claim = evidence.checked()
+        return evidence if is_wrong(evidence.distances(self.trainer, self._ends, claim)) else None
 
     async def _op_apply(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
         self._at_step(header)
@@ -371,11 +336,11 @@ class TrainingPeer:
         def work() -> str:
             agreed = aggregate(gradients, samples, self.job.aggregation)
             self.trainer.step(agreed)
-            return _digest(agreed.float())
+            return digest(agreed.float())
 
-        digest = await self._run(work)
+        agreed_digest = await self._run(work)
         self._next_step()
-        return {"synced": True, "digest": digest, "steps": self.trainer.steps}, []
+        return {"synced": True, "digest": agreed_digest, "steps": self.trainer.steps}, []
 
     # State: a missed step, a move to another stage.
 
@@ -417,24 +382,3 @@ class TrainingPeer:
             "steps": self.trainer.steps,
             "samples": self.trainer.samples,
         }, []
-
-
-def _count(tensors: list[torch.Tensor], count: int) -> list[torch.Tensor]:
-    if len(tensors) != count:
-        raise Refused(f"expected {count} tensors, got {len(tensors)}")
-    return tensors
-
-
-def _peer_list(header: dict[str, Any], name: str) -> list[str]:
-    peers = header.get(name)
-    if (
-        not isinstance(peers, list)
-        or len(peers) > MAX_SHARES
-        or not all(isinstance(p, str) for p in peers)
-    ):
-        raise Refused(f"{name}: at most {MAX_SHARES} peer ids")
-    return peers
-
-
-def _digest(share: torch.Tensor) -> str:
-    return hashlib.sha256(share.numpy().tobytes()).hexdigest()[:32]

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import math
 import random
 from typing import Any
 
@@ -244,6 +245,8 @@ class Settling:
         if not all(isinstance(distance, float) for distance in distances):
             self.failed.add(judge)
             return None
+        if any(math.isnan(distance) for distance in distances):
+            return None  # its recomputation overflowed: it says nothing either way
         if max(distances) > TOLERANCE:
             found = dict(zip(VERDICTS, distances, strict=True))
             logger.info("judge %s found %s wrong: %s", judge, target, found)

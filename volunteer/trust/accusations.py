@@ -8,7 +8,8 @@ else can write it, and the subkey names the accuser). It holds its last
 the evidence (`volunteer.trust.evidence`), which the accuser serves to anyone who asks
 (`volunteer.daemon.accusation_service`). The evidence, not the accusation, convicts:
 whoever reads an accusation fetches the evidence, checks it is signed by the accused,
-and recomputes the step itself.
+and recomputes the step itself. Its `kind` says which evidence it names: a serving
+step's (`volunteer.trust.evidence`) or a training share's (`volunteer.training.evidence`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import concurrent.futures
 import logging
 import math
+from typing import Literal
 
 from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
@@ -41,6 +43,7 @@ class Accusation(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
+    kind: Literal["serving", "training"] = "serving"
     accused: str = Field(min_length=1, max_length=128)
     start: int = Field(ge=0)
     end: int = Field(ge=1)

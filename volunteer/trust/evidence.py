@@ -61,6 +61,10 @@ class UndecidableError(VolunteerError):
     """The recomputation gives no finite output to compare with: nobody is judged."""
 
 
+class CannotRecomputeError(VolunteerError):
+    """This peer cannot compute the accused blocks (too large to load just to check)."""
+
+
 @dataclasses.dataclass
 class Step:
     start_pos: int
