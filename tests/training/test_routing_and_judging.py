@@ -93,3 +93,30 @@ def test_with_one_judge_a_liar_is_not_banned_but_its_answers_never_count() -> No
     assert not swarm.driver.banned
     assert [r.loss for r in reports] == pytest.approx(expected, rel=TOLERANCE)
     assert liar in reports[0].dropped
+
+
+def test_a_peer_its_daemon_bans_does_no_work_in_the_job() -> None:
+    """The driver's daemon already bans a stage-1 peer (a proven liar elsewhere): it
+    is banned from the job at its first step and never given a microbatch, and the
+    job trains as one process would without it."""
+    full, ends = tiny_model()
+    data = tiny_data(ends.config.vocab_size, rows=48, sequence=8)
+    job = tiny_job(data, aggregation=MEAN, steps=3)
+    outcast: list[str] = []
+
+    async def run() -> tuple[list, int]:
+        swarm = await start_swarm(
+            full, ends, job, data, stages=THREE_AND_THREE, rebalance=False,
+            faults={4: "sign-flip"}, banned_outside=lambda peer: peer in outcast,
+        )  # fmt: skip
+        try:
+            outcast.append(swarm.peers[4].peer_id)
+            reports = [await swarm.driver.run_step() for _ in range(job.steps)]
+            return reports, swarm.peers[4].trainer.samples
+        finally:
+            await swarm.close()
+
+    reports, samples = asyncio.run(run())
+    assert reports[0].banned == outcast and not any(r.banned for r in reports[1:])
+    assert samples == 0 and not any(r.dropped for r in reports)
+    assert [r.loss for r in reports] == pytest.approx(alone(full, ends, job, data), rel=TOLERANCE)

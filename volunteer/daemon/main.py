@@ -160,6 +160,6 @@ def _services(settings: Settings, paths: Paths) -> list[Service]:
     api = ApiService(settings, paths, chat, blocks, adapters=adapters)
     training = TrainingService(
         settings, paths, dht, blocks, credit, owner=owner, signer=signer,
-        accuse=trust.accuse_training,
+        accuse=trust.accuse_training, is_banned=lambda peer: trust.reputation.is_banned(peer),
     )  # fmt: skip
     return [dht, blocks, trust, credit, chat, finetune, api, training]

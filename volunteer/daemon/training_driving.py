@@ -20,6 +20,7 @@ import dataclasses
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pydantic
@@ -84,6 +85,7 @@ class Driving:
     _job: TrainingJob | None
     _status: TrainingStatus
     _losses: collections.deque[tuple[int, float]]
+    _is_banned: Callable[[str], bool]
     # Also the service's: _check_idle, _model, _begin, _own, _refresh_counts and
     # train_status_now.
 
@@ -180,6 +182,7 @@ class Driving:
         driver = self._driver = Driver(
             p2p=self._dht.p2p, job=job, data=rows, members={}, checks=request.checks,
             rebalance=request.rebalance, on_work=receipt, on_settled=settled,
+            banned_outside=self._is_banned,
         )  # fmt: skip
         driver.step, driver.banned = record.step, dict(record.banned)
         self._begin("driver", job, creator=self._dht.peer_id)

@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -89,12 +90,15 @@ class TrainingService(Driving):
         owner: bytes,
         signer: PeerSigner,
         accuse: Accuse | None = None,
+        is_banned: Callable[[str], bool] = lambda _peer: False,
     ) -> None:
         """`signer` signs this peer's shares (its peer key); `accuse` files a validator's
-        evidence against a peer for the whole swarm to judge."""
+        evidence against a peer for the whole swarm to judge; `is_banned` says whom this
+        daemon bans (its reputation): they do no work in a job it drives."""
         self._settings = settings
         self._signer = signer
         self._accuse = accuse
+        self._is_banned = is_banned
         self._paths = paths
         self._dht = dht
         self._blocks = blocks

@@ -82,6 +82,7 @@ class Driver(Settling, Membership):
         rebalance: bool = True,
         on_work: Callable[[PeerWork], None] | None = None,
         on_settled: Callable[[int, float, list[Applying]], Awaitable[None]] | None = None,
+        banned_outside: Callable[[str], bool] | None = None,
     ) -> None:
         if data.dtype != torch.int64 or data.dim() != 2 or data.shape[1] != job.sequence_length + 1:
             raise ValueError(f"data must be int64 rows of {job.sequence_length + 1} token ids")
@@ -96,6 +97,9 @@ class Driver(Settling, Membership):
         self.rebalance = rebalance
         self._on_work = on_work
         self._on_settled = on_settled
+        self._banned_outside = banned_outside
+        """Whether a peer is banned outside the job (the daemon's reputation: a proven
+        liar in serving or another job): it does no work in this one either."""
         """Told, before any stage applies, of the step, its loss and what each stage is
         to apply: what `finish_apply` needs if the driver stops in between."""
         self.stale: set[str] = set()
@@ -272,8 +276,11 @@ class Driver(Settling, Membership):
     async def run_step(self) -> StepReport:
         began = time.perf_counter()
         self._age_speeds()
-        await self._prepare()
         banned_before = set(self.banned)
+        for peer in list(self.members):
+            if peer not in self.banned and self._banned_outside and self._banned_outside(peer):
+                self._ban(peer, "it is banned by this daemon's own checks")
+        await self._prepare()
         self._dropped.clear()
         try:
             for _ in range(MAX_ROUNDS):
