@@ -13,8 +13,12 @@ loss under each of BTARD's attacks and the two on the pipeline.
    aggregated with the mean and no validators, with CenteredClip alone, and with
    CenteredClip, validators and bans; with the step each attacker was banned at. An
    attacker that starts at once is on probation: its first share is recomputed.
+4. **Evidence.** The throughput swarm with a sign-flip attacker in stage 1: the
+   evidence its validator publishes (bytes), and what a stranger spends on it: parsing
+   and checking the signature and digests, then recomputing on a fresh stage; against
+   one process's training step of the whole model on one batch, measured in this run.
 
-    python bench/training.py [--only throughput,clip,attacks] [--size 1000000]
+    python bench/training.py [--only throughput,clip,attacks,evidence] [--size 1000000]
                              [--attacks sign-flip,wrong-activations]
 """
 
@@ -149,6 +153,53 @@ def throughput(args: argparse.Namespace) -> None:
     print(f"  same, one share checked     {checked:8.2f} sequences/s  ({checked / alone:.2f}x)")
 
 
+def evidence_cost(args: argparse.Namespace) -> None:
+    import torch
+
+    from volunteer.training.evidence import TrainingEvidence
+    from volunteer.training.job import Aggregation
+    from volunteer.training.stage import StageTrainer
+
+    full, ends = _model(args.hidden, args.layers, 512, seed=0)
+    data = torch.randint(
+        0, 512, (4 * args.batch, args.sequence + 1), generator=torch.Generator().manual_seed(1)
+    )
+    half = args.layers // 2
+    job = _job(data, stages=((0, half), (half, args.layers)), batch=args.batch,
+               micro=args.micro, steps=2, aggregation=Aggregation(kind="mean"))  # fmt: skip
+    step_s = job.batch_size / _alone_speed(full, ends, job.model_copy(update={"steps": 4}), data)
+    filed = []
+    _swarm_run(
+        full, ends, job, data, [0, 0, 1, 1], rebalance=False, checks=1,
+        faults={3: "sign-flip"}, on_accuse=lambda *accused: filed.append(accused[1]),
+    )  # fmt: skip
+    if not filed:
+        print("Evidence: no validator filed any (the attacker was not checked)")
+        return
+    raw = filed[0].to_bytes()
+
+    def check() -> None:
+        TrainingEvidence.from_bytes(raw).checked()
+
+    def recompute() -> None:
+        evidence = TrainingEvidence.from_bytes(raw)
+        claim = evidence.checked()
+        start, end = job.stages[claim.stage]
+        trainer = StageTrainer(_sub(full, start, end), job.optimizer, seed=job.seed)
+        evidence.load_into(trainer, claim)
+        evidence.distances(trainer, ends, claim)
+
+    checked_s = _timed(check, args.repeats)
+    judged_s = _timed(recompute, args.repeats)
+    print(f"Evidence: stage {half}:{args.layers} of the throughput model, a sign-flipped "
+          f"share of {args.batch // 2} sequences; one process's training step "
+          f"{step_s * 1e3:.1f} ms")  # fmt: skip
+    print(f"  evidence                    {len(raw) / 2**20:8.2f} MiB")
+    for what, seconds in (("parse + signature + digests", checked_s),
+                          ("all that + recompute", judged_s)):  # fmt: skip
+        print(f"  {what:<27} {seconds * 1e3:8.1f} ms  ({seconds / step_s:.2f}x a step)")
+
+
 def clip_cost(args: argparse.Namespace) -> None:
     import torch
 
@@ -222,7 +273,7 @@ def attacks(args: argparse.Namespace) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="throughput,clip,attacks", help="parts to run")
+    parser.add_argument("--only", default="throughput,clip,attacks,evidence", help="parts to run")
     parser.add_argument("--size", type=int, default=1_000_000, help="floats in one part")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per case")
     parser.add_argument("--hidden", type=int, default=256, help="throughput model width")
@@ -240,7 +291,9 @@ def main() -> int:
 
     # Drills and bans say so in the log; the tables below say it once.
     logging.basicConfig(level=logging.ERROR)
-    parts = {"throughput": throughput, "clip": clip_cost, "attacks": attacks}
+    parts = {
+        "throughput": throughput, "clip": clip_cost, "attacks": attacks, "evidence": evidence_cost,
+    }  # fmt: skip
     for name in args.only.split(","):
         parts[name](args)
         print()

@@ -14,6 +14,7 @@ from volunteer.models.adapters import LORA_TARGETS
 from tests.training.swarm_helpers import alone_trained, start_swarm, tiny_data, tiny_job, tiny_model
 from tests.training.test_swarm_training import MEAN, THREE_AND_THREE
 from volunteer.training import attacks
+from volunteer.training.calls import call
 from volunteer.training.result import ResultError, block_weights, lora_adapter
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:path is deprecated")]
@@ -66,6 +67,16 @@ def test_a_job_of_the_blocks_gives_each_blocks_trained_tensors() -> None:
         try:
             for _ in range(job.steps):
                 await swarm.driver.run_step()
+            # The result takes the weights alone, not the optimizer's moments too.
+            peer = swarm.peer(1, 0)
+            sizes = []
+            for header in ({"op": "state", "weights_only": True}, {"op": "state"}):
+                _, state = await call(
+                    swarm.driver.p2p, peer.peer_id, header, timeout_s=30,
+                    max_answer_bytes=1 << 26,
+                )  # fmt: skip
+                sizes.append(len(state))
+            assert sizes[0] == len(peer.trainer.params) < sizes[1]
             return block_weights(job, await swarm.driver.result())
         finally:
             await swarm.close()

@@ -126,15 +126,10 @@ class Driving:
 
     async def resume(self) -> None:
         """Drives on the job `driving.json` names, if any (module doc)."""
-        path = _record_path(self._paths)
-        if not path.exists():
+        read = await asyncio.to_thread(read_record, self._paths)
+        if read is None:
             return
-        try:
-            record = DriveRecord.model_validate_json(path.read_bytes()[:MAX_RECORD_BYTES])
-            job = TrainingJob.from_wire(record.job)
-        except (OSError, pydantic.ValidationError, RecordError) as exc:
-            logger.error("cannot read %s, so no job is driven on: %s", path, exc)
-            return
+        record, job = read
         try:
             model = await self._model()
             rows = await self._rows(record.request, model)
@@ -283,6 +278,34 @@ class Driving:
             )
         except (OSError, VolunteerError) as exc:  # a full disk: the job goes on, unrecorded
             logger.warning("could not record the training job's step: %s", exc)
+
+
+def read_record(paths: Paths) -> tuple[DriveRecord, TrainingJob] | None:
+    """The record of the job this daemon drove, and the job; None if there is none, or
+    (said in the log) it is damaged: a job is never driven on from a record that does
+    not hold together."""
+    path = _record_path(paths)
+    try:
+        with path.open("rb") as file:
+            raw = file.read(MAX_RECORD_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        logger.error("cannot read %s, so no job is driven on: %s", path, exc)
+        return None
+    try:
+        if len(raw) > MAX_RECORD_BYTES:
+            raise ValueError(f"it is over {MAX_RECORD_BYTES} bytes")
+        record = DriveRecord.model_validate_json(raw)
+        job = TrainingJob.from_wire(record.job)
+        if record.step > job.steps or any(
+            each.stage >= len(job.stages) or not each.included for each in record.pending
+        ):
+            raise ValueError("its step or pending applies are not the job's")
+    except (ValueError, RecordError) as exc:  # pydantic's errors are ValueErrors
+        logger.error("%s is damaged, so no job is driven on: %s", path, exc)
+        return None
+    return record, job
 
 
 def forget_record(paths: Paths) -> None:

@@ -17,7 +17,7 @@ It answers the job's driver (`volunteer.training.driver`) on `TRAIN_HANDLE`:
   counted, not what peers claim) and steps; a peer missing one of them skips the step
   and is told to `sync`;
 - `sync`: loads a stage's state from a peer of it (after a missed step, or to move to
-  another stage), and `state`: hands its own.
+  another stage), and `state`: hands its own (its weights only, for the result).
 
 Peers send each other only `share` (to their stage) and `state`, and only peers the
 driver's last `roster` named; every other op is the driver's alone.
@@ -347,8 +347,11 @@ class TrainingPeer(Exchange):
     async def _op_state(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
         if peer not in self._roster and peer not in self._drivers:
             raise Refused("the state goes to the job's peers only")
+        weights_only = header.get("weights_only") is True  # the result: no optimizer moments
         async with self._handing:
             state = await self._run(self.trainer.state)
+        if weights_only:
+            state = state[: len(self.trainer.params)]
         answer = {"stage": self.stage, "steps": self.trainer.steps}
         return {**answer, "names": self.trainer.param_names}, state
 

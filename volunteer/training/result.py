@@ -2,8 +2,8 @@
 for a LoRA job, the whole model's adapter they make, for a job of the blocks, each
 block's trained tensors.
 
-The driver asks every live peer of a stage for its state (`state`, which hands the
-driver a copy as it hands one to a peer that syncs) and keeps the named tensors that
+The driver asks every live peer of a stage for its weights (`state`, weights only:
+the optimizer's moments are no part of the result) and keeps the named tensors that
 more than half of those answering hold byte for byte: every honest peer of a stage
 applies the same aggregate to the same weights, so they agree exactly, and a lone
 hostile peer cannot slip its own weights into the result.
@@ -64,7 +64,11 @@ async def _weights_of(
 ) -> Named | None:
     try:
         answer, state = await call(
-            p2p, peer, {"op": "state"}, timeout_s=timeout_s, max_answer_bytes=max_answer_bytes
+            p2p,
+            peer,
+            {"op": "state", "weights_only": True},
+            timeout_s=timeout_s,
+            max_answer_bytes=max_answer_bytes,
         )
     except TrainingCallError:
         return None
@@ -74,13 +78,12 @@ async def _weights_of(
         or answer.get("steps") != steps
         or not isinstance(names, list)
         or not all(isinstance(name, str) for name in names)
-        or not 0 < len(set(names)) == len(names) <= len(state)
+        or not 0 < len(set(names)) == len(names) == len(state)
     ):
         return None
-    weights = state[: len(names)]
-    if not all(t.is_floating_point() and bool(torch.isfinite(t).all()) for t in weights):
+    if not all(t.is_floating_point() and bool(torch.isfinite(t).all()) for t in state):
         return None
-    return dict(zip(names, weights, strict=True))
+    return dict(zip(names, state, strict=True))
 
 
 def _digest(named: Named) -> str:
