@@ -14,7 +14,7 @@ from hivemind.p2p import P2P
 from tests.server import sub_span
 from tests.training.swarm_helpers import tiny_data, tiny_job, tiny_model
 from volunteer.training.calls import TrainingCallError, call
-from volunteer.training.claims import ShareClaim, WorkClaim, sign_claim
+from volunteer.training.claims import ShareClaim, WorkClaim, sign_claim, weights_digest
 from volunteer.training.job import Aggregation
 from volunteer.training.loopback import LOOPBACK, signed_p2p
 from volunteer.training.peer import TrainingPeer
@@ -79,7 +79,7 @@ def test_strangers_cannot_drive_and_bad_shares_are_refused() -> None:
             assert "signed claim" in await _refused(stranger, peer, share, full_share)
             claim = ShareClaim(
                 peer=stranger_id, job=job.job_id, stage=1, step=0, round=0,
-                weights=bytes(32), share=tensor_digest(full_share[0]),
+                weights=weights_digest(peer.trainer.params), share=tensor_digest(full_share[0]),
                 works=(WorkClaim(given=bytes(32), second=bytes(32)),), issued_s=time.time(),
             )  # fmt: skip
             signed = sign_claim(stranger_signer, claim).to_header()
@@ -87,6 +87,10 @@ def test_strangers_cannot_drive_and_bad_shares_are_refused() -> None:
             assert "peer id" in await _refused(stranger, peer, {**share, **forged}, full_share)
             other = [torch.ones(peer.size)]
             assert "not of this share" in await _refused(stranger, peer, {**share, **signed}, other)
+            elsewhere = sign_claim(stranger_signer, claim.model_copy(update={"weights": bytes(32)}))
+            assert "other weights" in await _refused(
+                stranger, peer, {**share, **elsewhere.to_header()}, full_share
+            )
             later = sign_claim(stranger_signer, claim.model_copy(update={"round": 1}))
             assert "not of this share" in await _refused(
                 stranger, peer, {**share, **later.to_header()}, full_share

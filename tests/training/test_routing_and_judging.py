@@ -120,3 +120,36 @@ def test_a_peer_its_daemon_bans_does_no_work_in_the_job() -> None:
     assert reports[0].banned == outcast and not any(r.banned for r in reports[1:])
     assert samples == 0 and not any(r.dropped for r in reports)
     assert [r.loss for r in reports] == pytest.approx(alone(full, ends, job, data), rel=TOLERANCE)
+
+
+def test_a_peer_whose_weights_drifted_is_brought_back_to_the_stages() -> None:
+    """A stage-1 peer's weights drift by a rounding's worth after the first step (as on
+    a machine that rounds otherwise): its share, whose claim names other weights, is
+    refused by the stage; it is synced back at the step's apply, and the stage's
+    peers hold the same bytes again."""
+    import torch
+
+    from volunteer.training.claims import weights_digest
+
+    full, ends = tiny_model()
+    data = tiny_data(ends.config.vocab_size, rows=48, sequence=8)
+    job = tiny_job(data, aggregation=MEAN, steps=3)
+
+    async def run() -> tuple[list, str, set[bytes]]:
+        swarm = await start_swarm(full, ends, job, data, stages=THREE_AND_THREE, rebalance=False)
+        try:
+            reports = [await swarm.driver.run_step()]
+            drifted = swarm.peer(1, 0)
+            with torch.no_grad():
+                drifted.trainer.params[0].view(-1)[0] += 1e-6
+            drifted._weights_at = None  # the drift happened inside the optimizer's step
+            reports += [await swarm.driver.run_step() for _ in range(job.steps - 1)]
+            stage = [peer for peer in swarm.peers if peer.stage == 1]
+            return reports, drifted.peer_id, {weights_digest(p.trainer.params) for p in stage}
+        finally:
+            await swarm.close()
+
+    reports, drifted, held = asyncio.run(run())
+    assert drifted in reports[1].dropped and not reports[2].dropped
+    assert len(held) == 1
+    assert [r.loss for r in reports] == pytest.approx(alone(full, ends, job, data), rel=TOLERANCE)

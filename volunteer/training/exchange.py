@@ -2,7 +2,8 @@
 ops): it sends its share, with its signed claim (`volunteer.training.claims`), to every
 member of its stage and takes theirs, each checked before it is kept (size, finite,
 one per peer and round, current step, a claim its sender signed for exactly this
-share).
+share, computed with this stage's weights: the driver syncs a peer whose weights
+differ after an apply, so a validator always holds the weights a claim names).
 
 A mixin of `TrainingPeer`, which owns the state these methods use.
 """
@@ -22,13 +23,7 @@ from hivemind.p2p import P2P
 from volunteer.training import wire
 from volunteer.training.attack_drill import AttackDrill
 from volunteer.training.calls import MAX_ROUNDS, TrainingCallError, call
-from volunteer.training.claims import (
-    ClaimLog,
-    ShareClaim,
-    SignedClaim,
-    sign_claim,
-    weights_digest,
-)
+from volunteer.training.claims import ClaimLog, ShareClaim, SignedClaim, sign_claim
 from volunteer.training.job import TrainingJob
 from volunteer.training.stage import StageTrainer
 from volunteer.transport.commitment import CommitmentError, PeerSigner, tensor_digest
@@ -58,9 +53,10 @@ class Exchange:
     _claim_log: ClaimLog
     _shares: dict[int, dict[str, torch.Tensor]]
     _claims: dict[int, dict[str, SignedClaim]]
+    _refused: dict[int, set[str]]
     _arrived: asyncio.Condition
     _roster: dict[str, int]
-    # Also the peer's: _at_step, _run.
+    # Also the peer's: _at_step, _run, weights.
 
     async def _op_gather(self, peer: str, header: dict, tensors: list) -> tuple[dict, list]:
         step = self._at_step(header)
@@ -101,7 +97,7 @@ class Exchange:
             stage=self.stage,
             step=step,
             round=round_,
-            weights=weights_digest(self.trainer.params),
+            weights=self.weights(),
             share=tensor_digest(share),
             works=tuple(self._claim_log.works),
             issued_s=time.time(),
@@ -120,11 +116,14 @@ class Exchange:
 
     async def _wait_for(self, round_: int, senders: list[str], deadline: float) -> None:
         shares = self._shares.setdefault(round_, {})
+        refused = self._refused.setdefault(round_, set())
         left = deadline - asyncio.get_running_loop().time()
         async with self._arrived:
             with contextlib.suppress(asyncio.TimeoutError):  # who is missing is the answer
                 await asyncio.wait_for(
-                    self._arrived.wait_for(lambda: all(p in shares for p in senders)),
+                    self._arrived.wait_for(
+                        lambda: all(p in shares or p in refused for p in senders)
+                    ),
                     max(left, 0.0),
                 )
 
@@ -152,6 +151,13 @@ class Exchange:
         named = (claim.peer, claim.job, claim.stage, claim.step, claim.round, claim.share)
         if named != (peer, self.job.job_id, self.stage, step, round_, shared):
             raise Refused("the share's claim is not of this share from its sender")
+        if claim.weights != await self._run(self.weights):
+            # Else a validator could not show a stranger the weights it was computed with.
+            # Its sender is answered: nobody waits for a share that will not count.
+            async with self._arrived:
+                self._refused.setdefault(round_, set()).add(peer)
+                self._arrived.notify_all()
+            raise Refused("the share's claim names other weights than this stage's")
         async with self._arrived:
             if peer in shares:
                 raise Refused("one share per peer and round")

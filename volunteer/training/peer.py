@@ -41,7 +41,7 @@ from volunteer.models.model import BlockSpan, ModelEnds
 from volunteer.training import attacks, judge, wire
 from volunteer.training.attack_drill import AttackDrill
 from volunteer.training.calls import TRAIN_HANDLE, TrainingCallError, call, refusal
-from volunteer.training.claims import ClaimLog, SignedClaim
+from volunteer.training.claims import ClaimLog, SignedClaim, weights_digest
 from volunteer.training.evidence import TrainingEvidence, from_verify, is_wrong
 from volunteer.training.exchange import (
     MAX_SHARES,
@@ -49,7 +49,6 @@ from volunteer.training.exchange import (
     Exchange,
     Refused,
     count,
-    digest,
 )
 from volunteer.training.job import TrainingJob
 from volunteer.training.stage import StageError, StageTrainer, aggregate
@@ -97,6 +96,11 @@ class TrainingPeer(Exchange):
         self._claim_log = ClaimLog()
         self._claims: dict[int, dict[str, SignedClaim]] = {}
         """This step's signed claims of the shares, by round, then by sender."""
+        self._refused: dict[int, set[str]] = {}
+        """Senders whose share of this step a round refused for its weights."""
+        self._weights_at: bytes | None = None
+        """`weights_digest` of the stage's weights now (None: not computed since they
+        last changed)."""
         self.job = job
         self._span_for = span_for
         self._ends = ends.eval()
@@ -129,7 +133,9 @@ class TrainingPeer(Exchange):
         self._next_step()
 
     def _next_step(self) -> None:
+        self._weights_at = None
         self._shares.clear()
+        self._refused.clear()
         self._claims.clear()
         self._claim_log.clear()
         self._drill.begin_step()
@@ -257,6 +263,7 @@ class TrainingPeer(Exchange):
         await self._run(self.trainer.clear)
         self._shares.clear()
         self._claims.clear()
+        self._refused.clear()
         self._claim_log.clear()
         return {}, []
 
@@ -333,14 +340,24 @@ class TrainingPeer(Exchange):
             return {"synced": False}, []
         gradients = [shares[p].double() for p in order]
 
-        def work() -> str:
+        def work() -> bytes:
             agreed = aggregate(gradients, samples, self.job.aggregation)
             self.trainer.step(agreed)
-            return digest(agreed.float())
+            return weights_digest(self.trainer.params)
 
-        agreed_digest = await self._run(work)
+        weights = await self._run(work)
         self._next_step()
-        return {"synced": True, "digest": agreed_digest, "steps": self.trainer.steps}, []
+        self._weights_at = weights
+        # The weights, not the aggregate: peers whose weights drifted apart (another
+        # machine's rounding) are brought back to the stage's by `sync`, so the stage's
+        # peers hold the same bytes and a share's claim names them.
+        return {"synced": True, "digest": weights.hex(), "steps": self.trainer.steps}, []
+
+    def weights(self) -> bytes:
+        """`weights_digest` of the stage's weights now (run on the torch thread)."""
+        if self._weights_at is None:
+            self._weights_at = weights_digest(self.trainer.params)
+        return self._weights_at
 
     # State: a missed step, a move to another stage.
 
