@@ -4,6 +4,8 @@ wrong input gradient each stand out, and malformed requests are refused."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -75,3 +77,14 @@ def test_malformed_requests_are_refused() -> None:
         _judge(trainer, ends, tensors[:3], share, last=True, losses=None)
     # An answer of another shape is as far as can be.
     assert relative_distance(torch.zeros(3), torch.ones(4)) == float("inf")
+
+
+def test_a_distance_says_nothing_of_a_recomputation_that_is_not_finite() -> None:
+    """A non-finite answer is as far as can be; a non-finite recomputation (inputs that
+    overflow the blocks) gives NaN, which no check reads as right or as wrong."""
+    honest = torch.ones(3)
+    assert relative_distance(honest.clone(), honest) == 0.0
+    assert relative_distance(torch.tensor([1.0, float("inf"), 1.0]), honest) == float("inf")
+    assert relative_distance(torch.ones(4), honest) == float("inf")
+    assert math.isnan(relative_distance(honest, torch.tensor([1.0, float("nan"), 1.0])))
+    assert math.isnan(relative_distance(float("inf"), float("inf")))

@@ -165,11 +165,8 @@ class AccusationService:
         async def file() -> None:
             raw = await asyncio.to_thread(evidence.to_bytes)
             claim = await asyncio.to_thread(evidence.checked)
-            reputation = self._reputation()
-            if peer_id != self._dht.peer_id and not reputation.is_banned(peer_id):
-                # This daemon recomputed the work itself (the peer's validator).
-                reputation.record_check(peer_id, passed=False)
-                reputation.ban(peer_id, reason)
+            # This daemon recomputed the work itself (it was the peer's validator).
+            self._convict(peer_id, reason, upheld=False)
             await self._file(peer_id, raw, "training", evidence.job.stages[claim.stage], reason)
 
         self._own(file())
@@ -294,15 +291,17 @@ class AccusationService:
                 training_verdict, raw, accusation, model, max_age_s=EVIDENCE_MAX_AGE_S
             )
 
-    def _convict(self, accused: str, reason: str) -> bool:
+    def _convict(self, accused: str, reason: str, *, upheld: bool = True) -> bool:
         """Bans the accused, unless it is this peer (a drill's own blocks) or already
-        banned (accusations judged side by side must not stack bans); whether it did."""
+        banned (accusations judged side by side must not stack bans); whether it did.
+        `upheld`: on another's accusation (counted), not on this daemon's own check."""
         reputation = self._reputation()
         if accused == self._dht.peer_id or reputation.is_banned(accused):
             return False
         reputation.record_check(accused, passed=False)
         reputation.ban(accused, reason)
-        self.verified += 1
+        if upheld:
+            self.verified += 1
         logger.warning("banned %s: %s", accused, reason)
         return True
 
