@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 from hivemind.utils.crypto import RSAPrivateKey
 
 from tests.server import sub_span
@@ -122,3 +123,22 @@ def test_honest_work_convicts_nobody_and_tampered_evidence_does_not_hold() -> No
     assert from_verify(job, honest.claim, honest.share, honest.weights, swapped[:3]) is None
     later = [w * 1.01 for w in honest.weights]
     assert from_verify(job, honest.claim, honest.share, later, honest.tensors) is None
+
+
+def test_a_claim_covers_more_microbatches_than_a_peer_holds_at_once() -> None:
+    """A peer that ran thousands of microbatches in a step (a large batch, one sequence
+    each) signs them all in one claim, which its stage reads back."""
+    from volunteer.training.claims import ClaimLog, ShareClaim
+    from volunteer.training.stage import MAX_IN_FLIGHT
+
+    signer = PeerSigner(RSAPrivateKey())
+    log = ClaimLog()
+    for key in range(MAX_IN_FLIGHT + 500):
+        given = torch.full((1, 4), key)
+        log.forwarded(str(key), given, given.float())
+        log.backwarded(str(key), given.float(), given.float())
+    claim = ShareClaim(
+        peer=signer.peer_id, job="0" * 16, stage=1, step=0, round=0, weights=bytes(32),
+        share=bytes(32), works=tuple(log.works), issued_s=0.0,
+    )  # fmt: skip
+    assert sign_claim(signer, claim).check() == claim

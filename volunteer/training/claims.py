@@ -28,6 +28,7 @@ import msgpack
 import pydantic
 import torch
 
+from volunteer.training.job import MAX_BATCH
 from volunteer.transport.commitment import (
     MAX_RSA_KEY_BYTES,
     CommitmentError,
@@ -36,9 +37,10 @@ from volunteer.transport.commitment import (
     tensor_digest,
 )
 
-MAX_CLAIM_WORKS = 1024
-"""Microbatches one claim covers (a peer's in-flight bound, `stage.MAX_IN_FLIGHT`)."""
+MAX_CLAIM_WORKS = MAX_BATCH
+"""Microbatches one claim covers: a whole step's, of one sequence each, at most."""
 MAX_CLAIM_BYTES = MAX_CLAIM_WORKS * 200 + 1024
+"""About 180 bytes a microbatch (four digests, a loss and their names)."""
 _SIGNED = b"volunteer-share-claim-v1"
 
 
