@@ -64,8 +64,8 @@ def training_verdict(
         raise EvidenceError(f"the evidence is of a job of another model than {model.swarm_name}")
     if time.time() - claim.issued_s > max_age_s:
         raise EvidenceLimitError("the evidence is of a step too old to judge")
-    first = claim.stage == 0
-    per_work = judge.tensors_per_work(first=first, last=claim.stage == len(job.stages) - 1)
+    first, last = job.ends_of(claim.stage)
+    per_work = judge.tensors_per_work(first=first, last=last)
     for given in evidence.tensors[::per_work]:
         if given.dim() != (2 if first else 3):
             raise EvidenceError("a claimed microbatch is not [batch, length(, width)]")

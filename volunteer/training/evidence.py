@@ -92,7 +92,7 @@ class TrainingEvidence:
             raise EvidenceError(f"the evidence does not hold: {exc}") from None
         if claim.job != self.job.job_id or claim.stage >= len(self.job.stages):
             raise EvidenceError("the claim is not of the evidence's job and its stages")
-        first, last = self._ends_of(claim)
+        first, last = self.job.ends_of(claim.stage)
         size = judge.tensors_per_work(first=first, last=last)
         if len(self.tensors) != size * len(claim.works):
             raise EvidenceError(f"the evidence holds {size} tensors per microbatch claimed")
@@ -105,9 +105,6 @@ class TrainingEvidence:
             if [tensor_digest(tensor) for tensor in group] != _signed(work, first, last):
                 raise EvidenceError(f"microbatch {index}'s tensors are not the ones claimed")
         return claim
-
-    def _ends_of(self, claim: ShareClaim) -> tuple[bool, bool]:
-        return claim.stage == 0, claim.stage == len(self.job.stages) - 1
 
     def load_into(self, trainer: StageTrainer, claim: ShareClaim) -> None:
         """Gives a fresh stage of the claim's blocks the weights the claim names.
@@ -132,7 +129,7 @@ class TrainingEvidence:
             EvidenceError: the claimed inputs are not ones the stage takes.
             UndecidableError: the recomputation is not finite.
         """
-        first, last = self._ends_of(claim)
+        first, last = self.job.ends_of(claim.stage)
         losses = [work.loss for work in claim.works] if last else None
         try:
             found = judge.distances(
@@ -178,7 +175,7 @@ def from_verify(
         return None
     if claim.stage >= len(job.stages):
         return None
-    first, last = claim.stage == 0, claim.stage == len(job.stages) - 1
+    first, last = job.ends_of(claim.stage)
     size = judge.tensors_per_work(first=first, last=last)
     groups = {}
     for at in range(0, len(tensors) - size + 1, size):

@@ -136,6 +136,11 @@ class TrainingJob(WireRecord):
         canonical = json.dumps(self.to_wire(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:JOB_ID_CHARS]
 
+    def ends_of(self, stage: int) -> tuple[bool, bool]:
+        """Whether `stage` is the first (it embeds token ids) and the last (it takes the
+        targets)."""
+        return stage == 0, stage == len(self.stages) - 1
+
     def stage_of(self, block: int) -> int:
         """The stage holding `block`."""
         for index, (start, stop) in enumerate(self.stages):

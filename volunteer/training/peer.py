@@ -142,11 +142,11 @@ class TrainingPeer(Exchange):
 
     @property
     def first(self) -> bool:
-        return self.stage == 0
+        return self.job.ends_of(self.stage)[0]
 
     @property
     def last(self) -> bool:
-        return self.stage == len(self.job.stages) - 1
+        return self.job.ends_of(self.stage)[1]
 
     @property
     def max_request_bytes(self) -> int:
