@@ -6,10 +6,11 @@ stage 1, one of them Byzantine on purpose (`VOLUNTEER_FAULTS=sign-flip`); a sixt
 started with `--train`, takes the role by itself and is brought to the current step.
 Every share is recomputed each round, so the attacker is banned in its first step with
 two judges beside it, and a judge's evidence bans it swarm-wide; a stage-0 peer is
-killed with SIGKILL mid-run, then the driver itself, which is started again and drives
-the job on. The job still finishes every
-step, each step's loss exactly one process's training on the same data, and the peers
-hold the driver's signed receipts for the work the stages kept.
+killed with SIGKILL mid-run, then the driver itself, for good: the backup driver the job
+names drives it on from the record the driver sent it, and the driver, started again,
+stands by for its backup. The job still finishes every step, each step's loss exactly
+one process's training on the same data, and the peers hold the drivers' signed
+receipts for the work the stages kept.
 """
 
 from __future__ import annotations
@@ -58,14 +59,24 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
                         daemon_flags=("--num-blocks", "0"))  # fmt: skip
     try:
         driver = swarm.start("driver")
+        backup = swarm.start("backup")
         peers = {f"p{i}": swarm.start(f"p{i}") for i in range(1, 6)}
         created = homes.cli(
             driver, "train", "create", str(data), "--stages", "2", "--steps", str(STEPS),
             "--batch-size", str(BATCH), "--microbatch-size", "2", "--sequence-length", "8",
             "--checks", "3", "--no-rebalance", "--min-peers", "2", "--lr", "0.003",
-            "--aggregation", "mean", "--json",
+            "--aggregation", "mean", "--backup", homes.status(backup)["peer_id"], "--json",
         )  # fmt: skip
         assert created.returncode == 0, created.stderr
+        # A backup stands by only with the job's data, and only a named one does.
+        other = root / "other.npy"
+        np.save(other, tiny_data(ends.config.vocab_size, rows=40, sequence=8).numpy())
+        refused = homes.cli(backup, "train", "standby", str(other))
+        assert refused.returncode != 0 and "does not hold job" in refused.stderr
+        refused = homes.cli(peers["p1"], "train", "standby", str(data))
+        assert refused.returncode != 0 and "a backup driver" in refused.stderr
+        standing = homes.cli(backup, "train", "standby", str(data))
+        assert standing.returncode == 0, standing.stderr
         attacker = homes.home("p5")
         # The attacker restarts with the drill: its status says so.
         assert homes.cli(attacker, "stop").returncode == 0
@@ -82,15 +93,17 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         victim = homes.remember(peers["p1"])
         os.killpg(victim, signal.SIGKILL)
         killed_at = homes.status(driver)["training_step"]
-        # The driver dies too, and drives on when it is back (it was the swarm's first
-        # peer: it comes back through another).
+        # The driver dies for good: its backup drives on. Started again (through
+        # another peer: it was the swarm's first), it stands by for its backup.
         wait_for("six steps", lambda: homes.status(driver)["training_step"] >= 6, 120)
         os.killpg(homes.remember(driver), signal.SIGKILL)
+        wait_for("the backup to drive", lambda: homes.status(backup)["training_role"] == "driver",
+                 90)  # fmt: skip
         swarm.join = swarm.started["p2"]["multiaddrs"][0]
         swarm.start("driver")
         wait_for(
             "the job to finish",
-            lambda: homes.status(driver)["training_state"] in ("done", "failed"),
+            lambda: homes.status(backup)["training_state"] in ("done", "failed"),
             240,
         )
         peers["auto"] = auto
@@ -100,7 +113,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         job = job.model_copy(update={"optimizer": Optimizer(name="adamw", lr=0.003)})
         expected, weights = alone_trained(full, ends, job, rows)
         yield {
-            "homes": homes, "driver": driver, "peers": peers, "killed_at": killed_at,
+            "homes": homes, "driver": driver, "backup": backup, "peers": peers,
+            "killed_at": killed_at,
             "expected": expected, "weights": weights, "data": data,
         }  # fmt: skip
     finally:
@@ -108,7 +122,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
 
 def test_the_job_finishes_every_step_with_the_loss_going_down(trained: dict) -> None:
-    status = trained["homes"].status(trained["driver"])
+    status = trained["homes"].status(trained["backup"])
     assert status["training_state"] == "done", status.get("training_error")
     assert trained["killed_at"] < STEPS - 1  # the kill came mid-run
     losses = [loss for _, loss in status["training_losses"]]
@@ -123,7 +137,7 @@ def test_the_job_finishes_every_step_with_the_loss_going_down(trained: dict) -> 
 def test_the_trained_blocks_are_saved_as_a_model_folder(trained: dict) -> None:
     """The driver took the blocks from the stages' peers (a majority of each stage) and
     wrote them as a model folder a daemon or a chat can load: they are one process's."""
-    result = trained["homes"].status(trained["driver"])["training_result"]
+    result = trained["homes"].status(trained["backup"])["training_result"]
     assert result.startswith("model train-"), result
     folder = Path(result.split(" (", 1)[1].removesuffix(")"))
     assert {"config.json", "model.safetensors"} <= {p.name for p in folder.iterdir()}
@@ -134,13 +148,26 @@ def test_the_trained_blocks_are_saved_as_a_model_folder(trained: dict) -> None:
         assert float((tensor - expected).norm() / expected.norm()) < 1e-4, name
 
 
+def test_the_driver_back_stood_by_for_its_backup_to_the_end(trained: dict) -> None:
+    """The driver that came back found its backup driving: it stood by (taking its
+    backup's records, so it could drive on in turn) and did not drive a second time."""
+    homes, driver = trained["homes"], trained["driver"]
+    wait_for("the last record", lambda: homes.status(driver)["training_state"] == "done", 30)
+    status = homes.status(driver)
+    assert status["training_role"] == "standby" and status["training_step"] == STEPS
+    assert [step for step, _ in status["training_losses"]] == list(range(STEPS))
+    record = Paths.resolve(home=driver, env=homes.env).data_dir / "training" / "driving.json"
+    assert not record.exists()  # done: nothing to drive on after a restart
+    assert "role      standby (done)" in homes.cli(driver, "train", "status").stdout
+
+
 def test_the_byzantine_peer_is_banned_and_says_it_drills(trained: dict) -> None:
     homes = trained["homes"]
     attacker = homes.status(trained["peers"]["p5"])
     assert attacker["faults"] == "sign-flip"
-    status = homes.status(trained["driver"])
-    assert status["training_banned"] == [attacker["peer_id"]]
-    text = homes.cli(trained["driver"], "train", "status").stdout
+    status = homes.status(trained["backup"])
+    assert status["training_banned"] == [attacker["peer_id"]]  # the driver's bans went on
+    text = homes.cli(trained["backup"], "train", "status").stdout
     assert "banned" in text and attacker["peer_id"] in text and f"{STEPS} of {STEPS}" in text
 
 
@@ -198,6 +225,10 @@ def test_a_lora_job_leaves_its_adapter_with_the_driver(trained: dict) -> None:
     taken = homes.cli(driver, "train", "create", str(trained["data"]), "--save-as", "bad/name",
                       "--lora-rank", "4", "--sequence-length", "8")  # fmt: skip
     assert taken.returncode != 0 and "invalid adapter name" in taken.stderr
+    for backup, says in (("not-a-peer-id", "drivers"), (homes.status(driver)["peer_id"], "own")):
+        taken = homes.cli(driver, "train", "create", str(trained["data"]), "--backup", backup,
+                          "--sequence-length", "8")  # fmt: skip
+        assert taken.returncode != 0 and says in taken.stderr, taken.stderr
     created = homes.cli(
         driver, "train", "create", str(trained["data"]), "--stages", "2", "--steps", "3",
         "--batch-size", "8", "--microbatch-size", "2", "--sequence-length", "8",

@@ -59,6 +59,19 @@ def test_any_change_is_another_job(changes: dict[str, Any]) -> None:
     assert _job(**changes).job_id != _job().job_id
 
 
+def test_a_job_naming_its_drivers_is_driven_by_them_alone() -> None:
+    """Without `drivers`, whoever announced a job drives it; with them, only they, in
+    any announcement (a stranger re-announcing the job does not become its driver)."""
+    creator, backup, stranger = ("Qm" + c * 44 for c in "abc")
+    alone = _job()
+    assert alone.may_drive(creator, creator) and not alone.may_drive(creator, stranger)
+    named = _job(drivers=(creator, backup))
+    assert named.job_id != alone.job_id
+    assert named.may_drive(backup, creator) and named.may_drive(creator, stranger)
+    assert not named.may_drive(stranger, stranger)
+    assert _over_the_wire(named.to_wire()).drivers == (creator, backup)
+
+
 def test_stage_of_finds_each_blocks_stage() -> None:
     job = _job(stages=((0, 1), (1, 4)))
     assert [job.stage_of(block) for block in range(4)] == [0, 1, 1, 1]
@@ -89,6 +102,10 @@ def test_stage_of_finds_each_blocks_stage() -> None:
         ({"aggregation": {"kind": "centered-clip", "tau": 0.0}}, "tau"),
         ({"aggregation": {"kind": "median"}}, "kind"),
         ({"num_blocks": 10**9}, "num_blocks"),
+        ({"drivers": ["not a peer id!"]}, "drivers"),
+        ({"drivers": ["Qm" + "a" * 44, "Qm" + "a" * 44]}, "named twice"),
+        ({"drivers": ["Qm" + "a" * 44 + str(i) for i in range(1, 10)]}, "drivers"),
+        ({"drivers": "Qm" + "a" * 44}, "drivers"),
     ],
 )
 def test_a_malformed_job_is_refused_naming_the_problem(changes: dict[str, Any], says: str) -> None:

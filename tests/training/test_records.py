@@ -18,6 +18,7 @@ from volunteer.training.job import Aggregation, job_key
 from volunteer.training.records import (
     StageMember,
     announce_member_on_node,
+    is_done,
     members_key,
     publish_job_on_node,
     read_jobs_on_node,
@@ -69,3 +70,20 @@ def test_a_record_too_large_for_the_dht_is_refused_before_sending() -> None:
                 )  # fmt: skip
 
     asyncio.run(run())
+
+
+def test_a_job_is_done_when_most_of_its_peers_say_so() -> None:
+    """One hostile peer announcing the last step does not end a job for the others
+    (who would then never join it, nor a backup drive it on)."""
+    job = tiny_job(tiny_data(64, rows=12, sequence=8), aggregation=Aggregation(kind="mean"))
+
+    def members(*steps: int) -> dict[str, StageMember]:
+        return {
+            f"peer{i}": StageMember(job_id=job.job_id, stage=i % 2, steps=at)
+            for i, at in enumerate(steps)
+        }
+
+    assert not is_done(job, {})
+    assert not is_done(job, members(3, 3, job.steps))
+    assert not is_done(job, members(3, job.steps))
+    assert is_done(job, members(3, job.steps, job.steps + 5))

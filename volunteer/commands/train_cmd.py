@@ -3,6 +3,8 @@
 - `create DATA`: the daemon announces a job training its model on DATA (token ids in a
   .npy file, or text its tokenizer reads) and drives it;
 - `join [--creator PEER] [--stage N]`: the daemon becomes a stage peer of a job;
+- `standby DATA [--creator PEER]`: the daemon, named a backup driver of a job
+  (`create --backup PEER`), holds its data and drives the job on if its driver is gone;
 - `status`: the job, stage, steps, loss curve, peers per stage and bans;
 - `leave`: the daemon ends its training role.
 """
@@ -20,9 +22,11 @@ from volunteer.control.messages import (
     TRAIN_CREATE,
     TRAIN_JOIN,
     TRAIN_LEAVE,
+    TRAIN_STANDBY,
     TRAIN_STATUS,
     TrainCreateRequest,
     TrainJoinParams,
+    TrainStandbyParams,
     first_problem,
 )
 from volunteer.control.training_view import training_lines
@@ -67,6 +71,17 @@ def register(subparsers: Any) -> None:
         "--no-rebalance", dest="rebalance", action="store_false",
         help="keep peers in the stages they joined",
     )  # fmt: skip
+    create.add_argument(
+        "--backup", dest="backups", metavar="PEER", action="append", default=[],
+        help="a daemon (peer id) that may drive the job on if this one is gone for good; "
+        "repeat for more, in order (each runs `volunteer train standby DATA`)",
+    )  # fmt: skip
+    standby = actions.add_parser(
+        "standby", help="hold a job's data and drive it on if its driver is gone"
+    )
+    standby.add_argument("data", help="the job's data on this machine (the same file)")
+    standby.add_argument("--creator", help="the job's creator (peer id); default: the job naming "
+                         "this daemon a backup")  # fmt: skip
     join = actions.add_parser("join", help="become a stage peer of a job")
     join.add_argument("--creator", help="the job's creator (peer id); default: the only job")
     join.add_argument("--stage", type=int, help="default: the stage with the fewest peers")
@@ -85,10 +100,11 @@ def run(args: argparse.Namespace, paths: Paths) -> int:
                 for name in TrainCreateRequest.model_fields
                 if name != "data" and hasattr(args, name)
             }
-            data = str(Path(args.data).expanduser().resolve())  # the daemon's cwd is not ours
-            reply = ask_daemon(
-                paths, TRAIN_CREATE, CALL_TIMEOUT_S, TrainCreateRequest(data=data, **fields)
-            )
+            request = TrainCreateRequest(data=_absolute(args.data), **fields)
+            reply = ask_daemon(paths, TRAIN_CREATE, CALL_TIMEOUT_S, request)
+        elif args.action == "standby":
+            params = TrainStandbyParams(data=_absolute(args.data), creator=args.creator)
+            reply = ask_daemon(paths, TRAIN_STANDBY, CALL_TIMEOUT_S, params)
         elif args.action == "join":
             params = TrainJoinParams(creator=args.creator, stage=args.stage)
             reply = ask_daemon(paths, TRAIN_JOIN, CALL_TIMEOUT_S, params)
@@ -103,3 +119,8 @@ def run(args: argparse.Namespace, paths: Paths) -> int:
     else:
         print("\n".join(training_lines(reply)))
     return 0
+
+
+def _absolute(data: str) -> str:
+    """The data file's absolute path: the daemon's working folder is not ours."""
+    return str(Path(data).expanduser().resolve())

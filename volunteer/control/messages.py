@@ -160,6 +160,20 @@ class TrainCreateRequest(Params):
     """The name the result is saved under when the job is done: a LoRA job's adapter,
     or a model folder for a job of the blocks (default: train-<job id>)."""
     seed: int = pydantic.Field(default=0, ge=0, le=2**63 - 1)
+    backups: list[str] = pydantic.Field(default=[], max_length=7)
+    """Peer ids of daemons that may drive the job on, in this order, if this one is gone
+    for good (each stands by with `volunteer train standby DATA`)."""
+
+
+class TrainStandbyParams(Params):
+    """`train_standby`: stand by to drive on a job that names this daemon a backup."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    data: str = pydantic.Field(min_length=1, max_length=4096)
+    """The job's data on this machine (an absolute path; its sha256 must be the job's)."""
+    creator: str | None = pydantic.Field(default=None, max_length=128)
+    """The job's creator (peer id); None: the job naming this daemon (if one)."""
 
 
 class TrainJoinParams(Params):
@@ -369,6 +383,7 @@ FINETUNE_STOP = Method("finetune_stop", NoParams, FinetuneJob)
 ADAPTERS = Method("adapters", NoParams, AdaptersReply)
 TRAIN_CREATE = Method("train_create", TrainCreateRequest, TrainingStatus)
 TRAIN_JOIN = Method("train_join", TrainJoinParams, TrainingStatus)
+TRAIN_STANDBY = Method("train_standby", TrainStandbyParams, TrainingStatus)
 TRAIN_LEAVE = Method("train_leave", NoParams, TrainingStatus)
 TRAIN_STATUS = Method("train_status", NoParams, TrainingStatus)
 CHAT: Method[ChatRequest, ChatText | ChatNotice | ChatStats] = Method(

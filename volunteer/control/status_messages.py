@@ -135,8 +135,9 @@ class CreditStatus(Reply):
 class TrainingStatus(Reply):
     """The training role's part (`train_status` answers with it alone)."""
 
-    training_role: Literal["driver", "peer"] | None = None
-    """Driving a job this daemon created, or a stage peer of one; None: not training."""
+    training_role: Literal["driver", "peer", "standby"] | None = None
+    """Driving a job (this daemon created it, or drives it on as a backup), a stage
+    peer of one, or a backup standing by to drive one on; None: not training."""
     training_state: Literal["waiting", "running", "done", "failed", "left"] | None = None
     training_job: str | None = None
     training_creator: str | None = None

@@ -8,7 +8,9 @@ finds it announces the job again and drives it on from that step: its stage peer
 for their driver and are brought back at that step (a peer that summed part of a step
 that never ended forgets it first; one that is elsewhere takes a peer's state). The
 data file must still hold the job's data (its sha256 is checked). A job that is done,
-or left with `volunteer train leave`, removes the file.
+or left with `volunteer train leave`, removes the file. Each record also goes to the
+job's backup drivers (`volunteer.daemon.training_standby`), and a driver that comes
+back while one of them drives its job stands by instead.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import pydantic
 import torch
 
 from volunteer.client.receipt_sender import ReceiptSender
-from volunteer.control.messages import TrainCreateRequest, TrainingStatus
+from volunteer.control.messages import TrainCreateRequest, TrainingStatus, first_problem
 from volunteer.daemon.credit_service import CreditService
 from volunteer.daemon.dht_service import DHTService
 from volunteer.daemon.training_result import result_place, save_result
@@ -72,6 +74,8 @@ class DriveRecord(pydantic.BaseModel):
     losses: list[tuple[int, float]] = []
     pending: list[PendingApply] = []
     """Set while step `step` is applied: what each stage applies, to finish it."""
+    ended: bool = False
+    """The driver left the job for good (a backup is told so, and drives nothing)."""
 
 
 class Driving:
@@ -87,7 +91,8 @@ class Driving:
     _losses: collections.deque[tuple[int, float]]
     _is_banned: Callable[[str], bool]
     # Also the service's: _check_idle, _model, _begin, _own, _refresh_counts and
-    # train_status_now.
+    # train_status_now; `Standby`'s: _mirror, _driven_elsewhere, _is_current and
+    # _stand_by_for.
 
     async def create(self, request: TrainCreateRequest) -> TrainingStatus:
         """Control method: announces and drives a new job (module doc)."""
@@ -100,23 +105,14 @@ class Driving:
         blocks = model.config.num_layers
         if request.stages > blocks:
             raise SettingsError(f"{model.swarm_name} has {blocks} blocks: at most that many stages")
-        rows = await self._rows(request, model)
-        bounds = [round(i * blocks / request.stages) for i in range(request.stages + 1)]
-        job = TrainingJob(
-            model=model.swarm_name,
-            num_blocks=blocks,
-            trains="lora" if request.lora_rank else "blocks",
-            lora_rank=request.lora_rank,
-            stages=tuple(itertools.pairwise(bounds)),
-            shards=(DataShard(sha256=shard_hash(rows), sequences=len(rows)),),
-            sequence_length=request.sequence_length,
-            batch_size=request.batch_size,
-            microbatch_size=request.microbatch_size,
-            optimizer=Optimizer(name=request.optimizer, lr=request.lr),
-            aggregation=Aggregation(kind=request.aggregation, tau=request.tau),
-            seed=request.seed,
-            steps=request.steps,
-        )
+        rows = await self._rows(request.data, request.sequence_length, model)
+        me = self._dht.peer_id
+        if me in request.backups:
+            raise SettingsError("this daemon drives the job: it is not its own backup")
+        try:
+            job = new_job(request, model, rows, drivers=(me, *request.backups))
+        except pydantic.ValidationError as exc:
+            raise SettingsError(first_problem(exc)) from None
         result_place(self._paths, job, request.save_as)
         self._start_driving(request, job, rows, model, DriveRecord(request=request,
                             job=job.to_wire(), step=0))  # fmt: skip
@@ -132,27 +128,44 @@ class Driving:
         record, job = read
         try:
             model = await self._model()
-            rows = await self._rows(record.request, model)
-            if shard_hash(rows) != job.shards[0].sha256:
-                data = record.request.data
-                raise SettingsError(f"{data} no longer holds job {job.job_id}'s data")
+            rows = await self._job_rows(record.request.data, job, model)
         except VolunteerError as exc:
-            self._begin("driver", job, creator=self._dht.peer_id)
+            self._begin("driver", job, creator=_creator(job, self._dht.peer_id))
             self._status = self._status.model_copy(update={
                 "training_state": "failed", "training_error": f"cannot drive on: {exc}"[:300]
             })  # fmt: skip
             return
+        # Two reads: a daemon just started may not reach the whole DHT at once. A
+        # driver back while another drives, or after another drove past its record,
+        # stands by.
+        if job.drivers and (
+            await self._driven_elsewhere(job, reads=2) or not await self._is_current(job, record)
+        ):
+            self._stand_by_for(job, rows, model, record)
+            logger.info("training job %s is driven by another: standing by", job.job_id)
+            return
         self._start_driving(record.request, job, rows, model, record)
         logger.info("training job %s: driven on from step %d", job.job_id, record.step)
 
-    async def _rows(self, request: TrainCreateRequest, model: ServedModel) -> torch.Tensor:
+    async def _rows(self, data: str, sequence_length: int, model: ServedModel) -> torch.Tensor:
         try:
             return await asyncio.to_thread(
-                load_rows, Path(request.data), sequence_length=request.sequence_length,
+                load_rows, Path(data), sequence_length=sequence_length,
                 vocab_size=model.config.vocab_size, tokenize=folder_tokenizer(model.folder),
             )  # fmt: skip
         except VolunteerError as exc:
             raise SettingsError(str(exc)) from None
+
+    async def _job_rows(self, data: str, job: TrainingJob, model: ServedModel) -> torch.Tensor:
+        """The rows of `data`, checked against the job's shard hash.
+
+        Raises:
+            SettingsError: unreadable, or not the job's data.
+        """
+        rows = await self._rows(data, job.sequence_length, model)
+        if shard_hash(rows) != job.shards[0].sha256:
+            raise SettingsError(f"{data} does not hold job {job.job_id}'s data (its sha256)")
+        return rows
 
     def _start_driving(
         self,
@@ -180,7 +193,7 @@ class Driving:
             banned_outside=self._is_banned,
         )  # fmt: skip
         driver.step, driver.banned = record.step, dict(record.banned)
-        self._begin("driver", job, creator=self._dht.peer_id)
+        self._begin("driver", job, creator=_creator(job, self._dht.peer_id))
         self._losses.extend(record.losses)
         pending = [Applying(p.stage, p.round, dict(p.included)) for p in record.pending]
         announce = self._own(self._announce_job(job), "training job announce")
@@ -272,12 +285,18 @@ class Driving:
         banned = self._driver.banned if self._driver is not None else {}
         record = DriveRecord(request=request, job=job.to_wire(), step=step, banned=banned,
                              losses=losses, pending=pending)  # fmt: skip
-        try:
-            await asyncio.to_thread(
-                write_file_atomic, _record_path(self._paths), record.model_dump_json().encode()
-            )
-        except (OSError, VolunteerError) as exc:  # a full disk: the job goes on, unrecorded
-            logger.warning("could not record the training job's step: %s", exc)
+        await write_record(self._paths, record)
+        await self._mirror(job, record)
+
+
+async def write_record(paths: Paths, record: DriveRecord) -> None:
+    """Keeps `record` as `driving.json`; a full disk is logged: the job goes on."""
+    try:
+        await asyncio.to_thread(
+            write_file_atomic, _record_path(paths), record.model_dump_json().encode()
+        )
+    except (OSError, VolunteerError) as exc:
+        logger.warning("could not record the training job's step: %s", exc)
 
 
 def read_record(paths: Paths) -> tuple[DriveRecord, TrainingJob] | None:
@@ -294,18 +313,63 @@ def read_record(paths: Paths) -> tuple[DriveRecord, TrainingJob] | None:
         logger.error("cannot read %s, so no job is driven on: %s", path, exc)
         return None
     try:
-        if len(raw) > MAX_RECORD_BYTES:
-            raise ValueError(f"it is over {MAX_RECORD_BYTES} bytes")
-        record = DriveRecord.model_validate_json(raw)
-        job = TrainingJob.from_wire(record.job)
-        if record.step > job.steps or any(
-            each.stage >= len(job.stages) or not each.included for each in record.pending
-        ):
-            raise ValueError("its step or pending applies are not the job's")
-    except (ValueError, RecordError) as exc:  # pydantic's errors are ValueErrors
+        return parse_record(raw)
+    except (ValueError, RecordError) as exc:
         logger.error("%s is damaged, so no job is driven on: %s", path, exc)
         return None
+
+
+def parse_record(raw: bytes) -> tuple[DriveRecord, TrainingJob]:
+    """A drive record and its job, checked to hold together.
+
+    Raises:
+        ValueError: over `MAX_RECORD_BYTES`, malformed, or inconsistent (pydantic's
+            errors are ValueErrors).
+        RecordError: its job is not a valid job.
+    """
+    if len(raw) > MAX_RECORD_BYTES:
+        raise ValueError(f"it is over {MAX_RECORD_BYTES} bytes")
+    record = DriveRecord.model_validate_json(raw)
+    job = TrainingJob.from_wire(record.job)
+    if record.step > job.steps or any(
+        each.stage >= len(job.stages) or not each.included for each in record.pending
+    ):
+        raise ValueError("its step or pending applies are not the job's")
     return record, job
+
+
+def new_job(
+    request: TrainCreateRequest, model: ServedModel, rows: torch.Tensor, drivers: tuple[str, ...]
+) -> TrainingJob:
+    """The job `request` asks for, on `rows`; `drivers` who may drive it, in order (one
+    alone: whoever announces it).
+
+    Raises:
+        pydantic.ValidationError: a field out of bounds (a backup's malformed peer id).
+    """
+    blocks = model.config.num_layers
+    bounds = [round(i * blocks / request.stages) for i in range(request.stages + 1)]
+    return TrainingJob(
+        model=model.swarm_name,
+        num_blocks=blocks,
+        trains="lora" if request.lora_rank else "blocks",
+        lora_rank=request.lora_rank,
+        stages=tuple(itertools.pairwise(bounds)),
+        shards=(DataShard(sha256=shard_hash(rows), sequences=len(rows)),),
+        sequence_length=request.sequence_length,
+        batch_size=request.batch_size,
+        microbatch_size=request.microbatch_size,
+        optimizer=Optimizer(name=request.optimizer, lr=request.lr),
+        aggregation=Aggregation(kind=request.aggregation, tau=request.tau),
+        seed=request.seed,
+        steps=request.steps,
+        drivers=drivers if len(drivers) > 1 else (),
+    )
+
+
+def _creator(job: TrainingJob, me: str) -> str:
+    """Who created `job` (its first driver), as `train status` shows it."""
+    return job.drivers[0] if job.drivers else me
 
 
 def forget_record(paths: Paths) -> None:

@@ -8,7 +8,9 @@
 - `train_join`: reads the job from the DHT (not a finished one), joins the stage with
   the fewest peers (or the one asked), loads that stage's blocks in float32 and serves
   them as a `TrainingPeer`, announcing its stage and step; the driver may move it.
-- `train_leave`: stops either; `train_status` and the `status` reply tell of it.
+- `train_standby`: a backup driver named in a job holds its data and drives it on if
+  its driver is gone for good (`volunteer.daemon.training_standby`).
+- `train_leave`: stops any of them; `train_status` and the `status` reply tell of it.
 - With `--train`, every announce period while it has no role, the daemon asks the
   scheduler (`volunteer.scheduler.role`) whether training helps the swarm more than its
   serving; if so it pauses its serving (handing its blocks over first) and joins a job,
@@ -32,6 +34,7 @@ from volunteer.control.messages import (
     TRAIN_CREATE,
     TRAIN_JOIN,
     TRAIN_LEAVE,
+    TRAIN_STANDBY,
     TRAIN_STATUS,
     NoParams,
     TrainingStatus,
@@ -44,9 +47,12 @@ from volunteer.daemon.dht_service import DHTService
 from volunteer.daemon.training_driving import (
     ANNOUNCE_PERIOD_S,
     DHT_TIMEOUT_S,
+    DriveRecord,
     Driving,
     forget_record,
+    read_record,
 )
+from volunteer.daemon.training_standby import Standby
 from volunteer.errors import SettingsError, VolunteerError
 from volunteer.model_cache.served_model import ServedModel, open_model
 from volunteer.paths import Paths
@@ -66,6 +72,7 @@ from volunteer.training.peer import Accuse, TrainingPeer
 from volunteer.training.records import (
     StageMember,
     announce_member_on_node,
+    is_done,
     read_jobs_on_node,
     read_members_on_node,
 )
@@ -76,7 +83,7 @@ MAX_LOSSES = 512
 logger = logging.getLogger(__name__)
 
 
-class TrainingService(Driving):
+class TrainingService(Driving, Standby):
     """See the module."""
 
     def __init__(
@@ -110,6 +117,9 @@ class TrainingService(Driving):
         self._driver: Driver | None = None
         self._peer: TrainingPeer | None = None
         self._job: TrainingJob | None = None
+        self._standing: DriveRecord | None = None
+        self._is_standing = False
+        self._mirror_skips: dict[str, tuple[int, int]] = {}
         self._watch: asyncio.Task[None] | None = None
         self._paused = False
         """Whether this service paused serving for the training role."""
@@ -119,6 +129,7 @@ class TrainingService(Driving):
     def register_control(self, control: ControlServer) -> None:
         control.register(TRAIN_CREATE, self.create)
         control.register(TRAIN_JOIN, self.join)
+        control.register(TRAIN_STANDBY, self.standby)
         control.register(TRAIN_LEAVE, self.leave)
         control.register(TRAIN_STATUS, self.train_status)
 
@@ -140,7 +151,7 @@ class TrainingService(Driving):
     async def _watch_role(self) -> None:
         while True:
             await asyncio.sleep(self._settings.announce_period_s)
-            if self._driver is not None or self._peer is not None:
+            if self._has_role():
                 state = self.train_status_now().training_state
                 if self._auto and state in ("done", "failed"):
                     await self._end_role()  # and serve again
@@ -207,18 +218,14 @@ class TrainingService(Driving):
 
     async def join(self, params: TrainJoinParams) -> TrainingStatus:
         """Control method: becomes a stage peer of a job (module doc)."""
-        self._check_idle()
-        model = await self._model()
-        jobs = await read_jobs_on_node(self._dht.node, model.swarm_name, timeout_s=DHT_TIMEOUT_S)
-        if jobs is None:
-            raise SettingsError("the DHT did not answer; try again")
+        model, jobs = await self._jobs_to_take()
         who = f" by {params.creator}" if params.creator else ""
         for creator, job in jobs:
-            if params.creator not in (None, creator):
+            if params.creator not in (None, creator) or not job.may_drive(creator, creator):
                 continue
             members = await read_members_on_node(self._dht.node, job, timeout_s=DHT_TIMEOUT_S)
             # A finished job's record outlives it a little; its peers say it is done.
-            if not any(m.steps >= job.steps for m in (members or {}).values()):
+            if not is_done(job, members or {}):
                 break
         else:
             raise SettingsError(f"no unfinished training job{who} for {model.swarm_name}")
@@ -243,7 +250,7 @@ class TrainingService(Driving):
                 stage=stage,
                 span_for=lambda start, end: load_span(model.folder, model.config, start, end),
                 ends=ends,
-                drivers=frozenset({creator}),
+                drivers=frozenset(job.drivers or {creator}),
                 signer=self._signer,
                 drill=AttackDrill(attacks, seed=hash(self._dht.peer_id) & 0xFFFF),
                 on_pass=lambda driver, tokens: work.add(driver, "training", "", tokens),
@@ -260,7 +267,11 @@ class TrainingService(Driving):
 
     async def leave(self, params: NoParams) -> TrainingStatus:
         """Control method: ends this daemon's role for good (idempotent): a job it
-        drove is not driven on after a restart."""
+        drove is not driven on after a restart, nor by its backups."""
+        read = await asyncio.to_thread(read_record, self._paths)
+        if self._driver is not None and read is not None:
+            record, job = read
+            await self._mirror(job, record.model_copy(update={"ended": True}))
         forget_record(self._paths)
         return await self._end_role()
 
@@ -276,6 +287,7 @@ class TrainingService(Driving):
             await self._peer.stop()
             self._peer = None
         self._driver = None
+        self._standing, self._is_standing = None, False
         if self._status.training_state in ("running", "waiting"):
             self._status = self._status.model_copy(update={"training_state": "left"})
         with contextlib.suppress(VolunteerError):
@@ -284,8 +296,25 @@ class TrainingService(Driving):
 
     # Helpers.
 
+    async def _jobs_to_take(self) -> tuple[ServedModel, list[tuple[str, TrainingJob]]]:
+        """For a role about to be taken: the daemon's model, and the jobs announced for it
+        (with their announcers).
+
+        Raises:
+            SettingsError: this daemon has a role already, or the DHT did not answer.
+        """
+        self._check_idle()
+        model = await self._model()
+        jobs = await read_jobs_on_node(self._dht.node, model.swarm_name, timeout_s=DHT_TIMEOUT_S)
+        if jobs is None:
+            raise SettingsError("the DHT did not answer; try again")
+        return model, jobs
+
+    def _has_role(self) -> bool:
+        return self._driver is not None or self._peer is not None or self._is_standing
+
     def _check_idle(self) -> None:
-        if self._driver is not None or self._peer is not None:
+        if self._has_role():
             raise SettingsError(
                 "this daemon already has a training role; `volunteer train leave` first"
             )

@@ -35,8 +35,9 @@ async def call(
     *,
     timeout_s: float,
     max_answer_bytes: int,
+    handle: str = TRAIN_HANDLE,
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
-    """The peer's answer to `header` (its op and fields) and `tensors`.
+    """The peer's answer to `header` (its op and fields) and `tensors`, on `handle`.
 
     Raises:
         TrainingCallError: see the class.
@@ -45,7 +46,7 @@ async def call(
         body = await ask(
             p2p,
             peer_id,
-            TRAIN_HANDLE,
+            handle,
             wire.pack(header, tensors),
             max_answer_bytes=max_answer_bytes,
             timeout_s=timeout_s,

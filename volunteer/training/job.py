@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
 import pydantic
 
@@ -29,6 +29,9 @@ MAX_SHARDS = 4096
 MAX_BATCH = 65_536
 MAX_SEQUENCE = 65_536
 MAX_LORA_RANK = 256
+MAX_DRIVERS = 8
+PEER_ID_PATTERN = r"^[1-9A-HJ-NP-Za-km-z]{32,128}$"
+"""A libp2p peer id in base58."""
 JOB_ID_CHARS = 16
 """Hex digits of the content hash that name a job (64 bits: no two jobs of one creator
 and model collide by chance)."""
@@ -103,8 +106,14 @@ class TrainingJob(WireRecord):
     seed: int = pydantic.Field(ge=0, lt=2**63)
     """The public seed validators recompute a peer's microbatch from."""
     steps: int = pydantic.Field(ge=1, le=10**9)
+    drivers: tuple[Annotated[str, pydantic.StringConstraints(pattern=PEER_ID_PATTERN)], ...] = (
+        pydantic.Field(default=(), max_length=MAX_DRIVERS)
+    )
+    """The peers that may drive the job, in order: its creator, then the backups it
+    trusts to drive on if it is gone for good (`volunteer.daemon.training_standby`).
+    Empty: whoever announced it, alone."""
 
-    @pydantic.field_validator("stages", "shards", mode="before")
+    @pydantic.field_validator("stages", "shards", "drivers", mode="before")
     @classmethod
     def _from_lists(cls, value: object) -> object:
         return _tuples(value)
@@ -123,6 +132,8 @@ class TrainingJob(WireRecord):
             raise ValueError(f"stages end at block {end}, the model has {self.num_blocks}")
         if (self.trains == "lora") != (self.lora_rank is not None):
             raise ValueError("lora_rank is given exactly when the job trains LoRA adapters")
+        if len(set(self.drivers)) != len(self.drivers):
+            raise ValueError("a driver is named twice")
         if self.batch_size % self.microbatch_size:
             raise ValueError(
                 f"batch_size {self.batch_size} is not a multiple of "
@@ -135,6 +146,10 @@ class TrainingJob(WireRecord):
         """The hash of the job's canonical content (its name among peers)."""
         canonical = json.dumps(self.to_wire(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:JOB_ID_CHARS]
+
+    def may_drive(self, peer: str, announcer: str) -> bool:
+        """Whether `peer` may drive the job `announcer` announced (see `drivers`)."""
+        return peer in self.drivers if self.drivers else peer == announcer
 
     def ends_of(self, stage: int) -> tuple[bool, bool]:
         """Whether `stage` is the first (it embeds token ids) and the last (it takes the

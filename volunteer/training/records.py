@@ -99,6 +99,12 @@ async def read_members_on_node(
     }
 
 
+def is_done(job: TrainingJob, members: dict[str, StageMember]) -> bool:
+    """Whether most of `job`'s announced peers took its last step (most, not any: a
+    hostile peer can announce any step)."""
+    return 2 * sum(member.steps >= job.steps for member in members.values()) > len(members)
+
+
 def _parsed(found: list[tuple[str, object]], record: type[R]) -> list[tuple[str, R]]:
     """The values that are valid `record`s, with their owners (the rest logged at debug)."""
     parsed = []

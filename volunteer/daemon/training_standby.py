@@ -1,0 +1,258 @@
+"""Backup drivers (a mixin of `TrainingService`): a job may name, after its creator,
+daemons it trusts to drive it on if the creator is gone for good (`volunteer train
+create --backup PEER`); the stage peers obey any of them.
+
+A backup stands by with `volunteer train standby DATA`: its copy of the data must hash
+to the job's shard. The driving daemon sends each backup the record it keeps after
+every step and before every apply (`training_driving.DriveRecord`: step, bans, losses,
+the applies under way); the backup keeps it, as its own `driving.json`, with its own
+data path. When no driver of the job has announced it for `MISSED_READS` DHT reads in
+a row (the announcement lives three announce periods after its driver died), plus one
+more read for each driver ahead of it in the job's list (so two backups do not take
+over at once), it drives the job on from that record, as a driver does after a
+restart. A backup without a record, or whose record is older than the step most stage
+peers announce, waits on: it would run steps again. A driver that comes back while
+another drives its job stands by in turn (`Driving.resume`); one that leaves the job
+for good tells its backups, which stand down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+
+import torch
+
+from volunteer.control.messages import TrainingStatus, TrainStandbyParams
+from volunteer.daemon.dht_service import DHTService
+from volunteer.daemon.training_driving import (
+    ANNOUNCE_PERIOD_S,
+    DHT_TIMEOUT_S,
+    MAX_RECORD_BYTES,
+    DriveRecord,
+    forget_record,
+    parse_record,
+    write_record,
+)
+from volunteer.errors import SettingsError
+from volunteer.model_cache.served_model import ServedModel
+from volunteer.paths import Paths
+from volunteer.swarm.records import RecordError
+from volunteer.training import wire
+from volunteer.training.calls import TrainingCallError, call, refusal
+from volunteer.training.job import TrainingJob
+from volunteer.training.records import is_done, read_jobs_on_node, read_members_on_node
+from volunteer.transport.one_shot import serve
+
+STANDBY_HANDLE = "Train.standby"
+MIRROR_TIMEOUT_S = 3.0
+MAX_MIRROR_SKIPS = 64
+"""Records skipped, at most, for a backup that did not take one (it may be gone)."""
+MISSED_READS = 2
+
+logger = logging.getLogger(__name__)
+
+
+class Standby:
+    """The backup-driver half of `TrainingService` (see the module)."""
+
+    _paths: Paths
+    _dht: DHTService
+    _job: TrainingJob | None
+    _status: TrainingStatus
+    _losses: collections.deque[tuple[int, float]]
+    _standing: DriveRecord | None
+    """The latest record a backup took (None: none yet, or not a backup)."""
+    _is_standing: bool
+    _mirror_skips: dict[str, tuple[int, int]]
+    """Per backup that did not take a record: records still to skip, failures in a row."""
+    # Also the service's: _jobs_to_take, _begin, _own, _job_rows, _start_driving and
+    # train_status_now.
+
+    async def standby(self, params: TrainStandbyParams) -> TrainingStatus:
+        """Control method: stands by for the job naming this daemon a backup (module doc)."""
+        model, jobs = await self._jobs_to_take()
+        me = self._dht.peer_id
+        named = [
+            job
+            for announcer, job in jobs
+            if me in job.drivers[1:]
+            and job.may_drive(announcer, announcer)
+            and params.creator in (None, job.drivers[0])
+        ]
+        if not named:
+            raise SettingsError(f"no training job of {model.swarm_name} names this daemon "
+                                f"({me}) a backup driver")  # fmt: skip
+        job = named[0]
+        rows = await self._job_rows(params.data, job, model)
+        self._stand_by_for(job, rows, model, None, data=params.data)
+        logger.info("standing by to drive training job %s on", job.job_id)
+        return self.train_status_now()
+
+    def _stand_by_for(
+        self,
+        job: TrainingJob,
+        rows: torch.Tensor,
+        model: ServedModel,
+        record: DriveRecord | None,
+        *,
+        data: str | None = None,
+    ) -> None:
+        """Stands by for `job` (its data `rows`, at `data` or the record's), from
+        `record` if it has one."""
+        self._job, self._standing, self._is_standing = job, record, True
+        self._begin("standby", job, creator=job.drivers[0])
+        if record is not None:
+            self._losses.extend(record.losses)
+        where = data if record is None else record.request.data
+        self._own(self._stand_by(job, rows, model, where), "training standby")
+
+    async def _stand_by(
+        self, job: TrainingJob, rows: torch.Tensor, model: ServedModel, data: str
+    ) -> None:
+        async def take(peer: str, body: bytes) -> bytes:
+            try:
+                return await self._take_record(job, peer, body, data)
+            except (wire.WireError, ValueError, RecordError) as exc:
+                return refusal(str(exc))
+
+        handler = serve(take, max_request_bytes=MAX_RECORD_BYTES + 4096, max_serving=4)
+        await self._dht.p2p.add_binary_stream_handler(STANDBY_HANDLE, handler)
+        try:
+            needed = MISSED_READS + job.drivers.index(self._dht.peer_id)
+            missed = 0
+            while True:
+                await asyncio.sleep(ANNOUNCE_PERIOD_S)
+                if not self._is_standing:
+                    return  # the driver left the job, or it is done
+                driven = await self._driven_elsewhere(job)
+                missed = 0 if driven else missed + 1
+                if missed >= needed and await self._is_current(job, self._standing):
+                    break
+        finally:
+            await self._dht.p2p.remove_binary_stream_handler(STANDBY_HANDLE)
+        logger.warning("no driver announces training job %s: driving it on", job.job_id)
+        record, self._standing, self._is_standing = self._standing, None, False
+        assert record is not None  # checked by _is_current
+        self._start_driving(record.request, job, rows, model, record)
+
+    async def _is_current(self, job: TrainingJob, record: DriveRecord | None) -> bool:
+        """Whether `record` is one to drive on from: there is one, and most stage peers
+        announce no step past it (a driver that missed records would run steps again
+        and count their data twice). Where most announce the last step, the job is
+        done: this daemon stands down."""
+        members = await read_members_on_node(self._dht.node, job, timeout_s=DHT_TIMEOUT_S)
+        if members is None:
+            return False
+        if is_done(job, members):
+            self._stand_down("done")
+            return False
+        if record is None:
+            self._waiting_because("no record from the job's driver yet: it cannot drive on")
+            return False
+        # Most peers, not any: a hostile one could announce any step.
+        past = sum(member.steps > record.step + bool(record.pending) for member in members.values())
+        if 2 * past > len(members):
+            self._waiting_because(
+                f"its record is of step {record.step}, most stage peers are past it: "
+                "it cannot drive on"
+            )
+            return False
+        return True
+
+    def _stand_down(self, state: str) -> None:
+        self._is_standing = False
+        forget_record(self._paths)
+        self._status = self._status.model_copy(update={"training_state": state})
+
+    def _waiting_because(self, why: str) -> None:
+        if self._status.training_error != why:
+            logger.warning("standing by for training job: %s", why)
+            self._status = self._status.model_copy(update={"training_error": why})
+
+    async def _take_record(self, job: TrainingJob, peer: str, body: bytes, data: str) -> bytes:
+        """Keeps a driver's record (module doc), with this daemon's `data` path."""
+        record = accepted_record(job, peer, body, self._standing)
+        if record.ended or record.step >= job.steps:
+            # The job is done (its driver saves the result) or was left: nothing to drive.
+            self._stand_down("left" if record.ended else "done")
+        else:
+            request = record.request.model_copy(update={"data": data})
+            self._standing = record.model_copy(update={"request": request})
+            await write_record(self._paths, self._standing)
+        self._losses.clear()
+        self._losses.extend(record.losses)
+        self._status = self._status.model_copy(
+            update={"training_step": record.step, "training_error": None}
+        )
+        return wire.pack({"kept": record.step})
+
+    async def _driven_elsewhere(self, job: TrainingJob, *, reads: int = 1) -> bool:
+        """Whether another of `job`'s drivers announces it, in any of `reads` DHT reads
+        an announce period apart (a DHT that does not answer counts as yes: nobody
+        drives on a guess)."""
+        if len(job.drivers) < 2:
+            return False
+        me = self._dht.peer_id
+        for read in range(reads):
+            if read:
+                await asyncio.sleep(ANNOUNCE_PERIOD_S)
+            jobs = await read_jobs_on_node(self._dht.node, job.model, timeout_s=DHT_TIMEOUT_S)
+            if jobs is None or any(
+                each.job_id == job.job_id and peer != me and job.may_drive(peer, peer)
+                for peer, each in jobs
+            ):
+                return True
+        return False
+
+    async def _mirror(self, job: TrainingJob, record: DriveRecord) -> None:
+        """Sends `record` to the job's other drivers (module doc), each bounded by
+        `MIRROR_TIMEOUT_S`. One that does not take it (not standing by yet, or gone) is
+        skipped for the next 1, 2, 4... records, at most `MAX_MIRROR_SKIPS`; the last
+        record of a job goes to every one (those skipped would stand by for good)."""
+        me = self._dht.peer_id
+        final = record.ended or record.step >= job.steps
+        due = []
+        for peer in job.drivers:
+            skips, failures = self._mirror_skips.get(peer, (0, 0))
+            if peer != me and skips and not final:
+                self._mirror_skips[peer] = (skips - 1, failures)
+            elif peer != me:
+                due.append(peer)
+        body = {"op": "record", "record": record.model_dump_json()}
+        replies = await asyncio.gather(
+            *(call(self._dht.p2p, peer, body, handle=STANDBY_HANDLE, timeout_s=MIRROR_TIMEOUT_S,
+                   max_answer_bytes=4096) for peer in due),
+            return_exceptions=True,
+        )  # fmt: skip
+        for peer, reply in zip(due, replies, strict=True):
+            if isinstance(reply, TrainingCallError):
+                logger.info("backup driver %s did not take the record: %s", peer, reply)
+                failures = self._mirror_skips.get(peer, (0, 0))[1]
+                self._mirror_skips[peer] = (min(1 << failures, MAX_MIRROR_SKIPS), failures + 1)
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                self._mirror_skips.pop(peer, None)
+
+
+def accepted_record(
+    job: TrainingJob, peer: str, body: bytes, kept: DriveRecord | None
+) -> DriveRecord:
+    """The record in `body`, from `peer`, if a backup of `job` keeping `kept` takes it.
+
+    Raises:
+        WireError, ValueError, RecordError: not a record of `job` from one of its
+            drivers, malformed, or older than `kept`.
+    """
+    header, _ = wire.unpack(body, max_tensors=0)
+    if peer not in job.drivers:
+        raise ValueError("only the job's drivers send its records")
+    record, of = parse_record(wire.field(header, "record", str).encode())
+    if of.job_id != job.job_id:
+        raise ValueError(f"a record of job {of.job_id}, not {job.job_id}")
+    # Within a step, the record naming its applies comes after the one without.
+    if kept is not None and (record.step, bool(record.pending)) < (kept.step, bool(kept.pending)):
+        raise ValueError(f"a record of step {record.step}, older than the one kept")
+    return record
