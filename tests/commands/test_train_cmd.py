@@ -21,8 +21,9 @@ def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_without_a_daemon_each_action_says_how_to_start_one(tmp_path: Path) -> None:
-    for args in (["status"], ["join"], ["leave"], ["create", "data.npy", "--lora-rank", "4"],
-                 ["standby", "data.npy"], ["create", "data.npy", "--backup", "QmPeer"]):  # fmt: skip
+    actions = [["status"], ["join"], ["leave"], ["create", "data.npy", "--lora-rank", "4"]]
+    actions += [["standby", "data.npy"], ["create", "data.npy", "--backup", "QmPeer"]]
+    for args in actions:
         done = _cli(tmp_path, *args)
         assert done.returncode == 1
         assert "no daemon is running here: start one with `volunteer start`" in done.stderr

@@ -1,6 +1,7 @@
-"""What a backup driver takes from the network (`daemon.training_standby.accepted_record`):
-its job's record from one of the job's drivers, never older than the one it keeps;
-anything else is refused, saying why."""
+"""Backup drivers (`daemon.training_standby`): what a backup takes from the network
+(`accepted_record`: its job's record from one of the job's drivers, never older than
+the one it keeps; anything else is refused, saying why), and when it may drive the job
+on (`why_not_drive_on`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import pytest
 from tests.training.swarm_helpers import tiny_data, tiny_job
 from volunteer.control.messages import TrainCreateRequest
 from volunteer.daemon.training_driving import MAX_RECORD_BYTES, DriveRecord, PendingApply
-from volunteer.daemon.training_standby import accepted_record
+from volunteer.daemon.training_standby import JOB_DONE, accepted_record, why_not_drive_on
 from volunteer.swarm.records import RecordError
 from volunteer.training import wire
 from volunteer.training.job import Aggregation, TrainingJob
+from volunteer.training.records import StageMember
 
 CREATOR, BACKUP, STRANGER = ("Qm" + c * 44 for c in "abc")
 
@@ -64,3 +66,27 @@ def test_anything_else_is_refused_saying_why(
 ) -> None:
     with pytest.raises((ValueError, RecordError, wire.WireError), match=says):
         accepted_record(_job(), peer, body, kept)
+
+
+def _members(job: TrainingJob, *steps: int) -> dict[str, StageMember]:
+    return {
+        f"peer{i}": StageMember(job_id=job.job_id, stage=i % 2, steps=at)
+        for i, at in enumerate(steps)
+    }
+
+
+def test_a_backup_drives_on_only_from_a_record_the_peers_are_not_past() -> None:
+    job = _job()  # 6 steps
+    record = _record(job, 3)
+    assert why_not_drive_on(job, record, _members(job, 3, 3, 3)) is None
+    assert why_not_drive_on(job, record, {}) is None  # the peers come back later
+    # One hostile peer announcing any step does not stop it; most peers past it do
+    # (it missed records: it would run their steps again and count their data twice).
+    assert why_not_drive_on(job, record, _members(job, 3, 3, 5)) is None
+    assert "past" in why_not_drive_on(job, record, _members(job, 3, 4, 4))
+    # Stopped while applying step 3, some peers applied it already.
+    applying = _record(job, 3, pending=True)
+    assert why_not_drive_on(job, applying, _members(job, 3, 4, 4)) is None
+    assert "past" in why_not_drive_on(job, applying, _members(job, 5, 5, 3))
+    assert "no record" in why_not_drive_on(job, None, _members(job, 3))
+    assert why_not_drive_on(job, record, _members(job, 6, 6, 2)) == JOB_DONE

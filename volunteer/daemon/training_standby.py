@@ -42,7 +42,12 @@ from volunteer.swarm.records import RecordError
 from volunteer.training import wire
 from volunteer.training.calls import TrainingCallError, call, refusal
 from volunteer.training.job import TrainingJob
-from volunteer.training.records import is_done, read_jobs_on_node, read_members_on_node
+from volunteer.training.records import (
+    StageMember,
+    is_done,
+    read_jobs_on_node,
+    read_members_on_node,
+)
 from volunteer.transport.one_shot import serve
 
 STANDBY_HANDLE = "Train.standby"
@@ -50,6 +55,7 @@ MIRROR_TIMEOUT_S = 3.0
 MAX_MIRROR_SKIPS = 64
 """Records skipped, at most, for a backup that did not take one (it may be gone)."""
 MISSED_READS = 2
+JOB_DONE = "the job is done"
 
 logger = logging.getLogger(__name__)
 
@@ -138,28 +144,17 @@ class Standby:
         self._start_driving(record.request, job, rows, model, record)
 
     async def _is_current(self, job: TrainingJob, record: DriveRecord | None) -> bool:
-        """Whether `record` is one to drive on from: there is one, and most stage peers
-        announce no step past it (a driver that missed records would run steps again
-        and count their data twice). Where most announce the last step, the job is
-        done: this daemon stands down."""
+        """Whether `record` is one to drive on from (`why_not_drive_on`); where the job
+        is done, this daemon stands down."""
         members = await read_members_on_node(self._dht.node, job, timeout_s=DHT_TIMEOUT_S)
         if members is None:
             return False
-        if is_done(job, members):
+        why = why_not_drive_on(job, record, members)
+        if why == JOB_DONE:
             self._stand_down("done")
-            return False
-        if record is None:
-            self._waiting_because("no record from the job's driver yet: it cannot drive on")
-            return False
-        # Most peers, not any: a hostile one could announce any step.
-        past = sum(member.steps > record.step + bool(record.pending) for member in members.values())
-        if 2 * past > len(members):
-            self._waiting_because(
-                f"its record is of step {record.step}, most stage peers are past it: "
-                "it cannot drive on"
-            )
-            return False
-        return True
+        elif why is not None:
+            self._waiting_because(why)
+        return why is None
 
     def _stand_down(self, state: str) -> None:
         self._is_standing = False
@@ -256,3 +251,20 @@ def accepted_record(
     if kept is not None and (record.step, bool(record.pending)) < (kept.step, bool(kept.pending)):
         raise ValueError(f"a record of step {record.step}, older than the one kept")
     return record
+
+
+def why_not_drive_on(
+    job: TrainingJob, record: DriveRecord | None, members: dict[str, StageMember]
+) -> str | None:
+    """Why a driver holding `record` must not drive `job` on, with its stage peers
+    announcing `members` (None: it may): the job is done (`JOB_DONE`), there is no
+    record, or most peers are past its step (it would run steps again and count their
+    data twice). Most, not any: a hostile peer can announce any step."""
+    if is_done(job, members):
+        return JOB_DONE
+    if record is None:
+        return "no record from the job's driver yet: it cannot drive on"
+    past = sum(member.steps > record.step + bool(record.pending) for member in members.values())
+    if 2 * past > len(members):
+        return f"its record is of step {record.step}, most stage peers are past it"
+    return None
