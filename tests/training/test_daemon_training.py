@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,8 +98,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         # another peer: it was the swarm's first), it stands by for its backup.
         wait_for("six steps", lambda: homes.status(driver)["training_step"] >= 6, 120)
         os.killpg(homes.remember(driver), signal.SIGKILL)
+        died = time.monotonic()
         wait_for("the backup to drive", lambda: homes.status(backup)["training_role"] == "driver",
                  90)  # fmt: skip
+        print(f"\nthe backup drove on {time.monotonic() - died:.1f} s after the driver died")
         swarm.join = swarm.started["p2"]["multiaddrs"][0]
         swarm.start("driver")
         wait_for(
@@ -220,8 +223,18 @@ def test_a_lora_job_leaves_its_adapter_with_the_driver(trained: dict) -> None:
     stages' adapters from their peers when it is done and stores them as one adapter
     under the name asked for."""
     homes, driver, peers = trained["homes"], trained["driver"], trained["peers"]
-    for home in (driver, peers["p2"], peers["p3"]):
+    backup = trained["backup"]
+    for home in (driver, backup, peers["p2"], peers["p3"]):
         assert homes.cli(home, "train", "leave").returncode == 0
+    # A driver that leaves a job tells its backup, which stands down (it is not driven
+    # on), though it stood by after the driver's first record went out.
+    created = homes.cli(driver, "train", "create", str(trained["data"]), "--sequence-length", "8",
+                        "--backup", homes.status(backup)["peer_id"])  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    assert homes.cli(backup, "train", "standby", str(trained["data"])).returncode == 0
+    assert homes.cli(driver, "train", "leave").returncode == 0
+    wait_for("the backup to stand down", lambda: homes.status(backup)["training_state"] == "left")
+    assert homes.status(backup)["training_role"] == "standby"
     taken = homes.cli(driver, "train", "create", str(trained["data"]), "--save-as", "bad/name",
                       "--lora-rank", "4", "--sequence-length", "8")  # fmt: skip
     assert taken.returncode != 0 and "invalid adapter name" in taken.stderr

@@ -9,8 +9,8 @@ import pytest
 
 from tests.training.swarm_helpers import tiny_data, tiny_job
 from volunteer.control.messages import TrainCreateRequest
-from volunteer.daemon.training_driving import MAX_RECORD_BYTES, DriveRecord, PendingApply
-from volunteer.daemon.training_standby import JOB_DONE, accepted_record, why_not_drive_on
+from volunteer.daemon.training_driving import JOB_DONE, MAX_RECORD_BYTES, DriveRecord, PendingApply
+from volunteer.daemon.training_standby import accepted_record, driver_ahead, why_not_drive_on
 from volunteer.swarm.records import RecordError
 from volunteer.training import wire
 from volunteer.training.job import Aggregation, TrainingJob
@@ -68,25 +68,38 @@ def test_anything_else_is_refused_saying_why(
         accepted_record(_job(), peer, body, kept)
 
 
-def _members(job: TrainingJob, *steps: int) -> dict[str, StageMember]:
+def _members(job: TrainingJob, stage0: tuple[int, ...], stage1: tuple[int, ...]) -> dict:
+    """Announced stage peers: the steps of stage 0's, then of stage 1's."""
+    steps = [(0, at) for at in stage0] + [(1, at) for at in stage1]
     return {
-        f"peer{i}": StageMember(job_id=job.job_id, stage=i % 2, steps=at)
-        for i, at in enumerate(steps)
+        f"peer{i}": StageMember(job_id=job.job_id, stage=stage, steps=at)
+        for i, (stage, at) in enumerate(steps)
     }
 
 
 def test_a_backup_drives_on_only_from_a_record_the_peers_are_not_past() -> None:
     job = _job()  # 6 steps
     record = _record(job, 3)
-    assert why_not_drive_on(job, record, _members(job, 3, 3, 3)) is None
-    assert why_not_drive_on(job, record, {}) is None  # the peers come back later
-    # One hostile peer announcing any step does not stop it; most peers past it do
-    # (it missed records: it would run their steps again and count their data twice).
-    assert why_not_drive_on(job, record, _members(job, 3, 3, 5)) is None
-    assert "past" in why_not_drive_on(job, record, _members(job, 3, 4, 4))
-    # Stopped while applying step 3, some peers applied it already.
+    assert why_not_drive_on(job, record, _members(job, (3, 3), (3,))) is None
+    # One hostile peer announcing any step does not stop it; most of a stage's peers
+    # past it do (it missed records: it would run their steps again, counting their
+    # data twice), even where most of all peers are not.
+    assert why_not_drive_on(job, record, _members(job, (3, 3), (3, 3, 5))) is None
+    assert "stage 1 peers are past" in why_not_drive_on(job, record, _members(job, (3, 3, 3), (4,)))
+    # Stopped while applying step 3, some stages applied it already.
     applying = _record(job, 3, pending=True)
-    assert why_not_drive_on(job, applying, _members(job, 3, 4, 4)) is None
-    assert "past" in why_not_drive_on(job, applying, _members(job, 5, 5, 3))
-    assert "no record" in why_not_drive_on(job, None, _members(job, 3))
-    assert why_not_drive_on(job, record, _members(job, 6, 6, 2)) == JOB_DONE
+    assert why_not_drive_on(job, applying, _members(job, (3, 3), (4, 4))) is None
+    assert "past" in why_not_drive_on(job, applying, _members(job, (5, 5), (3,)))
+    # A daemon cut off from the swarm sees no stage peers: it does not drive.
+    assert "no peer of stage 1" in why_not_drive_on(job, record, _members(job, (3,), ()))
+    assert "no peer of stage 0" in why_not_drive_on(job, record, {})
+    assert "no record" in why_not_drive_on(job, None, _members(job, (3,), (3,)))
+    assert why_not_drive_on(job, record, _members(job, (6, 6), (2,))) == JOB_DONE
+
+
+def test_of_two_drivers_at_once_the_one_behind_in_the_list_gives_way() -> None:
+    job, other = _job(), _job(seed=99)
+    assert driver_ahead(job, BACKUP, [(CREATOR, job), (BACKUP, job)]) == CREATOR
+    assert driver_ahead(job, CREATOR, [(CREATOR, job), (BACKUP, job)]) is None
+    # Another job announced by the creator, or this job by a stranger, is no reason.
+    assert driver_ahead(job, BACKUP, [(CREATOR, other), (STRANGER, job)]) is None

@@ -48,6 +48,8 @@ ANNOUNCE_PERIOD_S = 5.0
 DHT_TIMEOUT_S = 10.0
 WAIT_FOR_PEERS_S = 1.0
 MAX_RECORD_BYTES = 1 << 20
+JOB_DONE = "the job is done"
+"""Why a driver must not drive a job on: its peers took the last step."""
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +93,8 @@ class Driving:
     _losses: collections.deque[tuple[int, float]]
     _is_banned: Callable[[str], bool]
     # Also the service's: _check_idle, _model, _begin, _own, _refresh_counts and
-    # train_status_now; `Standby`'s: _mirror, _driven_elsewhere, _is_current and
-    # _stand_by_for.
+    # train_status_now; `Standby`'s: _mirror, _driven_elsewhere, _why_not_drive,
+    # _outdriven and _stand_by_for.
 
     async def create(self, request: TrainCreateRequest) -> TrainingStatus:
         """Control method: announces and drives a new job (module doc)."""
@@ -120,7 +122,7 @@ class Driving:
         logger.info("training job %s: %d stages, %d steps", job.job_id, len(job.stages), job.steps)
         return self.train_status_now()
 
-    async def resume(self) -> None:
+    async def resume(self, _params: object = None) -> None:
         """Drives on the job `driving.json` names, if any (module doc)."""
         read = await asyncio.to_thread(read_record, self._paths)
         if read is None:
@@ -138,12 +140,16 @@ class Driving:
         # Two reads: a daemon just started may not reach the whole DHT at once. A
         # driver back while another drives, or after another drove past its record,
         # stands by.
-        if job.drivers and (
-            await self._driven_elsewhere(job, reads=2) or not await self._is_current(job, record)
-        ):
-            self._stand_by_for(job, rows, model, record)
-            logger.info("training job %s is driven by another: standing by", job.job_id)
-            return
+        if job.drivers:
+            elsewhere = await self._driven_elsewhere(job, reads=2)
+            why = None if elsewhere else await self._why_not_drive(job, record)
+            if why == JOB_DONE:  # another driver finished it meanwhile
+                forget_record(self._paths)
+                return
+            if elsewhere or why is not None:
+                self._stand_by_for(job, rows, model, record)
+                logger.info("training job %s: another drives it; standing by", job.job_id)
+                return
         self._start_driving(record.request, job, rows, model, record)
         logger.info("training job %s: driven on from step %d", job.job_id, record.step)
 
@@ -198,7 +204,8 @@ class Driving:
         pending = [Applying(p.stage, p.round, dict(p.included)) for p in record.pending]
         announce = self._own(self._announce_job(job), "training job announce")
         drive = self._drive(driver, sender, request, model, announce, pending)
-        self._own(drive, "training driver")
+        # However it ends: a driver that failed or gave way must not look alive.
+        self._own(drive, "training driver").add_done_callback(lambda _: announce.cancel())
 
     async def _announce_job(self, job: TrainingJob) -> None:
         while True:
@@ -221,6 +228,13 @@ class Driving:
         job = driver.job
         while driver.step < job.steps:
             members: dict[str, StageMember] = await self._refresh_counts(job)
+            why = await self._outdriven(job, members) if len(job.drivers) > 1 else None
+            if why is not None:  # two drivers at once: one gives way (`training_standby`)
+                logger.warning("training job %s: %s; standing by", job.job_id, why)
+                read = await asyncio.to_thread(read_record, self._paths)
+                self._driver = None
+                self._stand_by_for(job, driver.data, model, read[0] if read else None)
+                return
             for peer, member in members.items():
                 if peer not in driver.members:
                     logger.info("peer %s joined stage %d at step %d", peer, member.stage,

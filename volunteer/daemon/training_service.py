@@ -26,7 +26,8 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -79,6 +80,7 @@ from volunteer.training.records import (
 from volunteer.transport.commitment import PeerSigner
 
 MAX_LOSSES = 512
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +121,9 @@ class TrainingService(Driving, Standby):
         self._job: TrainingJob | None = None
         self._standing: DriveRecord | None = None
         self._is_standing = False
+        self._heard = False
+        self._handlers = 0
+        self._role_lock = asyncio.Lock()
         self._mirror_skips: dict[str, tuple[int, int]] = {}
         self._watch: asyncio.Task[None] | None = None
         self._paused = False
@@ -127,16 +132,16 @@ class TrainingService(Driving, Standby):
         """Whether the role watch took the current role (it then leaves it when done)."""
 
     def register_control(self, control: ControlServer) -> None:
-        control.register(TRAIN_CREATE, self.create)
-        control.register(TRAIN_JOIN, self.join)
-        control.register(TRAIN_STANDBY, self.standby)
-        control.register(TRAIN_LEAVE, self.leave)
+        control.register(TRAIN_CREATE, self._one_at_a_time(self.create))
+        control.register(TRAIN_JOIN, self._one_at_a_time(self.join))
+        control.register(TRAIN_STANDBY, self._one_at_a_time(self.standby))
+        control.register(TRAIN_LEAVE, self._one_at_a_time(self.leave))
         control.register(TRAIN_STATUS, self.train_status)
 
     async def start(self) -> None:
         """Drives on a job this daemon drove before it stopped (`training_driving`);
         with `--train`, watches for the role (module doc); else roles start on request."""
-        self._own(self.resume(), "training job resume")
+        self._own(self._one_at_a_time(self.resume)(None), "training job resume")
         if self._settings.train:
             watch = asyncio.ensure_future(self._watch_role())
             watch.set_name("training role watch")
@@ -161,7 +166,7 @@ class TrainingService(Driving, Standby):
                 if decision.kind is RoleKind.TRAIN:
                     logger.info("taking the training role: %s", decision.reason)
                     await self._pause_serving(True)
-                    await self.join(TrainJoinParams())
+                    await self._one_at_a_time(self.join)(TrainJoinParams())
                     self._auto = True
             except (VolunteerError, RecordError) as exc:
                 logger.info("the training role is not taken now: %s", exc)
@@ -268,12 +273,14 @@ class TrainingService(Driving, Standby):
     async def leave(self, params: NoParams) -> TrainingStatus:
         """Control method: ends this daemon's role for good (idempotent): a job it
         drove is not driven on after a restart, nor by its backups."""
+        was_driving = self._driver is not None
+        status = await self._end_role()  # first: no step's record may follow the last one
         read = await asyncio.to_thread(read_record, self._paths)
-        if self._driver is not None and read is not None:
+        forget_record(self._paths)
+        if was_driving and read is not None:
             record, job = read
             await self._mirror(job, record.model_copy(update={"ended": True}))
-        forget_record(self._paths)
-        return await self._end_role()
+        return status
 
     async def _end_role(self) -> TrainingStatus:
         self._auto = False
@@ -309,6 +316,18 @@ class TrainingService(Driving, Standby):
         if jobs is None:
             raise SettingsError("the DHT did not answer; try again")
         return model, jobs
+
+    def _one_at_a_time(
+        self, method: Callable[[Any], Awaitable[T]]
+    ) -> Callable[[Any], Awaitable[T]]:
+        """`method`, run while no other role is being taken or left: each checks that
+        the daemon is idle, then awaits (the DHT, the data) before it takes the role."""
+
+        async def run(params: Any) -> T:
+            async with self._role_lock:
+                return await method(params)
+
+        return run
 
     def _has_role(self) -> bool:
         return self._driver is not None or self._peer is not None or self._is_standing

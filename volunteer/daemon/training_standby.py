@@ -6,14 +6,15 @@ A backup stands by with `volunteer train standby DATA`: its copy of the data mus
 to the job's shard. The driving daemon sends each backup the record it keeps after
 every step and before every apply (`training_driving.DriveRecord`: step, bans, losses,
 the applies under way); the backup keeps it, as its own `driving.json`, with its own
-data path. When no driver of the job has announced it for `MISSED_READS` DHT reads in
-a row (the announcement lives three announce periods after its driver died), plus one
-more read for each driver ahead of it in the job's list (so two backups do not take
-over at once), it drives the job on from that record, as a driver does after a
-restart. A backup without a record, or whose record is older than the step most stage
-peers announce, waits on: it would run steps again. A driver that comes back while
-another drives its job stands by in turn (`Driving.resume`); one that leaves the job
-for good tells its backups, which stand down.
+data path. When no record came in and no driver of the job announced it for
+`MISSED_READS` DHT reads in a row (the announcement lives three announce periods after
+its driver died), plus one more read for each driver ahead of it in the job's list (so
+two backups do not take over at once), it drives the job on from that record, as a
+driver does after a restart, unless `why_not_drive_on` says otherwise (no record, a
+stage's peers past it, or none in sight). A driver that comes back while another
+drives its job stands by in turn (`Driving.resume`); a driving one gives way and
+stands by when another is ahead of it (`_outdriven`); one that leaves the job for good
+tells its backups, which stand down.
 """
 
 from __future__ import annotations
@@ -29,12 +30,15 @@ from volunteer.daemon.dht_service import DHTService
 from volunteer.daemon.training_driving import (
     ANNOUNCE_PERIOD_S,
     DHT_TIMEOUT_S,
+    JOB_DONE,
     MAX_RECORD_BYTES,
     DriveRecord,
     forget_record,
     parse_record,
+    read_record,
     write_record,
 )
+from volunteer.daemon.training_result import result_place
 from volunteer.errors import SettingsError
 from volunteer.model_cache.served_model import ServedModel
 from volunteer.paths import Paths
@@ -55,7 +59,6 @@ MIRROR_TIMEOUT_S = 3.0
 MAX_MIRROR_SKIPS = 64
 """Records skipped, at most, for a backup that did not take one (it may be gone)."""
 MISSED_READS = 2
-JOB_DONE = "the job is done"
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,11 @@ class Standby:
     _standing: DriveRecord | None
     """The latest record a backup took (None: none yet, or not a backup)."""
     _is_standing: bool
+    _heard: bool
+    """Whether a record came in since the last look at the DHT."""
+    _handlers: int
+    """Standby handlers registered so far (a loop removes the handler only if it is
+    still the one it registered)."""
     _mirror_skips: dict[str, tuple[int, int]]
     """Per backup that did not take a record: records still to skip, failures in a row."""
     # Also the service's: _jobs_to_take, _begin, _own, _job_rows, _start_driving and
@@ -87,9 +95,13 @@ class Standby:
             and job.may_drive(announcer, announcer)
             and params.creator in (None, job.drivers[0])
         ]
+        for job in list(named):  # a finished job's record outlives it a little
+            members = await read_members_on_node(self._dht.node, job, timeout_s=DHT_TIMEOUT_S)
+            if is_done(job, members or {}):
+                named.remove(job)
         if not named:
-            raise SettingsError(f"no training job of {model.swarm_name} names this daemon "
-                                f"({me}) a backup driver")  # fmt: skip
+            raise SettingsError(f"no unfinished training job of {model.swarm_name} names this "
+                                f"daemon ({me}) a backup driver")  # fmt: skip
         job = named[0]
         rows = await self._job_rows(params.data, job, model)
         self._stand_by_for(job, rows, model, None, data=params.data)
@@ -120,10 +132,12 @@ class Standby:
         async def take(peer: str, body: bytes) -> bytes:
             try:
                 return await self._take_record(job, peer, body, data)
-            except (wire.WireError, ValueError, RecordError) as exc:
+            except (wire.WireError, ValueError, RecordError, SettingsError) as exc:
                 return refusal(str(exc))
 
         handler = serve(take, max_request_bytes=MAX_RECORD_BYTES + 4096, max_serving=4)
+        self._handlers += 1
+        mine = self._handlers
         await self._dht.p2p.add_binary_stream_handler(STANDBY_HANDLE, handler)
         try:
             needed = MISSED_READS + job.drivers.index(self._dht.peer_id)
@@ -132,29 +146,35 @@ class Standby:
                 await asyncio.sleep(ANNOUNCE_PERIOD_S)
                 if not self._is_standing:
                     return  # the driver left the job, or it is done
-                driven = await self._driven_elsewhere(job)
+                # A record that came in says a driver is alive, whatever the DHT shows.
+                driven = self._heard or await self._driven_elsewhere(job)
+                self._heard = False
                 missed = 0 if driven else missed + 1
-                if missed >= needed and await self._is_current(job, self._standing):
+                if missed < needed:
+                    continue
+                why = await self._why_not_drive(job, self._standing)
+                if why is None:
                     break
+                if why == JOB_DONE:
+                    self._stand_down("done")
+                else:
+                    self._waiting_because(why)
         finally:
-            await self._dht.p2p.remove_binary_stream_handler(STANDBY_HANDLE)
+            # A standby started after this one registered its own handler in its place.
+            if self._handlers == mine:
+                await self._dht.p2p.remove_binary_stream_handler(STANDBY_HANDLE)
         logger.warning("no driver announces training job %s: driving it on", job.job_id)
         record, self._standing, self._is_standing = self._standing, None, False
-        assert record is not None  # checked by _is_current
+        assert record is not None  # checked by _why_not_drive
         self._start_driving(record.request, job, rows, model, record)
 
-    async def _is_current(self, job: TrainingJob, record: DriveRecord | None) -> bool:
-        """Whether `record` is one to drive on from (`why_not_drive_on`); where the job
-        is done, this daemon stands down."""
+    async def _why_not_drive(self, job: TrainingJob, record: DriveRecord | None) -> str | None:
+        """Why this daemon must not drive `job` on from `record` (`why_not_drive_on`);
+        None: it may."""
         members = await read_members_on_node(self._dht.node, job, timeout_s=DHT_TIMEOUT_S)
         if members is None:
-            return False
-        why = why_not_drive_on(job, record, members)
-        if why == JOB_DONE:
-            self._stand_down("done")
-        elif why is not None:
-            self._waiting_because(why)
-        return why is None
+            return "the DHT did not answer"
+        return why_not_drive_on(job, record, members)
 
     def _stand_down(self, state: str) -> None:
         self._is_standing = False
@@ -167,8 +187,18 @@ class Standby:
             self._status = self._status.model_copy(update={"training_error": why})
 
     async def _take_record(self, job: TrainingJob, peer: str, body: bytes, data: str) -> bytes:
-        """Keeps a driver's record (module doc), with this daemon's `data` path."""
+        """Keeps a driver's record (module doc), with this daemon's `data` path.
+
+        Raises:
+            ValueError, RecordError, WireError: see `accepted_record`; or this daemon
+                no longer stands by for the job.
+            SettingsError: the result's name is bad or taken here.
+        """
+        if not self._is_standing or self._job is not job:
+            raise ValueError("this daemon does not stand by for the job")
         record = accepted_record(job, peer, body, self._standing)
+        result_place(self._paths, job, record.request.save_as)  # where it would save it
+        self._heard = True
         if record.ended or record.step >= job.steps:
             # The job is done (its driver saves the result) or was left: nothing to drive.
             self._stand_down("left" if record.ended else "done")
@@ -200,6 +230,17 @@ class Standby:
             ):
                 return True
         return False
+
+    async def _outdriven(self, job: TrainingJob, members: dict[str, StageMember]) -> str | None:
+        """Why this driving daemon should give way and stand by (None: it drives on):
+        most peers of a stage are past its record (another driver drove on while it
+        was cut off), or a driver earlier in the job's list announces the job too."""
+        read = await asyncio.to_thread(read_record, self._paths)
+        if read is not None and stage_past(job, read[0], members) is not None:
+            return "another driver drove the job past this one's step"
+        jobs = await read_jobs_on_node(self._dht.node, job.model, timeout_s=DHT_TIMEOUT_S)
+        ahead = driver_ahead(job, self._dht.peer_id, jobs or [])
+        return None if ahead is None else f"{ahead}, ahead of it in the job's drivers, drives it"
 
     async def _mirror(self, job: TrainingJob, record: DriveRecord) -> None:
         """Sends `record` to the job's other drivers (module doc), each bounded by
@@ -259,12 +300,39 @@ def why_not_drive_on(
     """Why a driver holding `record` must not drive `job` on, with its stage peers
     announcing `members` (None: it may): the job is done (`JOB_DONE`), there is no
     record, or most peers are past its step (it would run steps again and count their
-    data twice). Most, not any: a hostile peer can announce any step."""
+    data twice), or a stage has no peer in sight. Most, not any: a hostile peer can
+    announce any step."""
     if is_done(job, members):
         return JOB_DONE
     if record is None:
         return "no record from the job's driver yet: it cannot drive on"
-    past = sum(member.steps > record.step + bool(record.pending) for member in members.values())
-    if 2 * past > len(members):
-        return f"its record is of step {record.step}, most stage peers are past it"
+    for stage in range(len(job.stages)):
+        if not any(member.stage == stage for member in members.values()):
+            # A daemon cut off from the swarm sees nobody: it must not drive.
+            return f"no peer of stage {stage} is seen"
+    stage = stage_past(job, record, members)
+    if stage is not None:
+        return f"its record is of step {record.step}, most stage {stage} peers are past it"
+    return None
+
+
+def stage_past(
+    job: TrainingJob, record: DriveRecord, members: dict[str, StageMember]
+) -> int | None:
+    """A stage most of whose announced peers are past `record`'s step (per stage: a
+    driver that stopped while applying leaves stages at two steps); None if none is."""
+    for stage in range(len(job.stages)):
+        steps = [member.steps for member in members.values() if member.stage == stage]
+        if 2 * sum(at > record.step + bool(record.pending) for at in steps) > len(steps):
+            return stage
+    return None
+
+
+def driver_ahead(job: TrainingJob, me: str, announced: list[tuple[str, TrainingJob]]) -> str | None:
+    """A driver of `job` ahead of `me` in its list that announces it (of `announced`, each
+    job with its announcer), if any."""
+    rank = job.drivers.index(me)
+    for peer, each in announced:
+        if each.job_id == job.job_id and peer in job.drivers[:rank]:
+            return peer
     return None
