@@ -13,8 +13,9 @@ from hivemind.p2p import P2P
 
 from tests.server import sub_span
 from tests.training.swarm_helpers import tiny_data, tiny_job, tiny_model
-from volunteer.training.calls import TrainingCallError, call
+from volunteer.training.calls import FENCED, TrainingCallError, call
 from volunteer.training.claims import ShareClaim, WorkClaim, sign_claim, weights_digest
+from volunteer.training.driver import Driver
 from volunteer.training.job import Aggregation
 from volunteer.training.loopback import LOOPBACK, signed_p2p
 from volunteer.training.peer import TrainingPeer
@@ -148,3 +149,50 @@ def test_a_stage_state_moves_to_another_peer_whole() -> None:
         assert torch.equal(mine, theirs)
     hidden = torch.randn(2, 8, ends.config.hidden_size)
     assert torch.equal(taker.span(hidden), source.span(hidden))
+
+
+def test_a_driver_another_took_over_from_is_refused() -> None:
+    """Two drivers of a job at once (a backup took over from a driver that is not
+    dead): the stage peer obeys the latest epoch, then the driver earlier in the job's
+    list, and the one it refuses learns that it was outdriven."""
+    full, ends = tiny_model()
+    data = tiny_data(ends.config.vocab_size, rows=12, sequence=8)
+
+    async def run() -> None:
+        first = await P2P.create(host_maddrs=LOOPBACK)
+        maddrs = await first.get_visible_maddrs()
+        second = await P2P.create(host_maddrs=LOOPBACK, initial_peers=maddrs)
+        host, signer = await signed_p2p(initial_peers=maddrs)
+        ids = (first.peer_id.to_base58(), second.peer_id.to_base58())
+        job = tiny_job(data, aggregation=Aggregation(kind="mean"))
+        job = job.model_copy(update={"drivers": ids})
+        peer = TrainingPeer(
+            p2p=host, job=job, stage=0, span_for=lambda a, b: sub_span(full, a, b), ends=ends,
+            drivers=frozenset(ids), signer=signer,
+        )  # fmt: skip
+        await peer.start()
+
+        async def info(p2p: P2P, epoch: object) -> None:
+            header = {"op": "info", "epoch": epoch}
+            await call(p2p, peer.peer_id, header, timeout_s=10, max_answer_bytes=4096)
+
+        try:
+            await info(first, 0)
+            assert FENCED in await _refused(second, peer, {"op": "info", "epoch": 0}, [])
+            await info(second, 1)  # the backup took over
+            assert FENCED in await _refused(first, peer, {"op": "info", "epoch": 0}, [])
+            for bad in ("1", -1, 2**40, 1.0):
+                assert "epoch" in await _refused(first, peer, {"op": "info", "epoch": bad}, [])
+            # A driver that is refused so knows it: its daemon gives way.
+            behind = Driver(p2p=first, job=job, data=data, members={peer.peer_id: 0}, epoch=0)
+            with pytest.raises(TrainingCallError):
+                await behind._ask(peer.peer_id, {"op": "info"}, timeout_s=10, max_answer_bytes=4096)
+            assert behind.outdriven
+            await info(first, 1)  # at one epoch, the driver earlier in the list
+            assert FENCED in await _refused(second, peer, {"op": "info", "epoch": 1}, [])
+        finally:
+            await peer.stop()
+            for p2p in (host, second, first):
+                await p2p.shutdown()
+
+    asyncio.run(run())

@@ -10,7 +10,7 @@ import pytest
 from tests.training.swarm_helpers import tiny_data, tiny_job
 from volunteer.control.messages import TrainCreateRequest
 from volunteer.daemon.training_driving import JOB_DONE, MAX_RECORD_BYTES, DriveRecord, PendingApply
-from volunteer.daemon.training_standby import accepted_record, driver_ahead, why_not_drive_on
+from volunteer.daemon.training_standby import accepted_record, why_not_drive_on
 from volunteer.swarm.records import RecordError
 from volunteer.training import wire
 from volunteer.training.job import Aggregation, TrainingJob
@@ -95,11 +95,3 @@ def test_a_backup_drives_on_only_from_a_record_the_peers_are_not_past() -> None:
     assert "no peer of stage 0" in why_not_drive_on(job, record, {})
     assert "no record" in why_not_drive_on(job, None, _members(job, (3,), (3,)))
     assert why_not_drive_on(job, record, _members(job, (6, 6), (2,))) == JOB_DONE
-
-
-def test_of_two_drivers_at_once_the_one_behind_in_the_list_gives_way() -> None:
-    job, other = _job(), _job(seed=99)
-    assert driver_ahead(job, BACKUP, [(CREATOR, job), (BACKUP, job)]) == CREATOR
-    assert driver_ahead(job, CREATOR, [(CREATOR, job), (BACKUP, job)]) is None
-    # Another job announced by the creator, or this job by a stranger, is no reason.
-    assert driver_ahead(job, BACKUP, [(CREATOR, other), (STRANGER, job)]) is None

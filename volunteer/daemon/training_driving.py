@@ -78,6 +78,8 @@ class DriveRecord(pydantic.BaseModel):
     """Set while step `step` is applied: what each stage applies, to finish it."""
     ended: bool = False
     """The driver left the job for good (a backup is told so, and drives nothing)."""
+    epoch: int = pydantic.Field(default=0, ge=0, lt=2**31)
+    """Takeovers of the job by a backup so far (`Driver.epoch`)."""
 
 
 class Driving:
@@ -94,7 +96,7 @@ class Driving:
     _is_banned: Callable[[str], bool]
     # Also the service's: _check_idle, _model, _begin, _own, _refresh_counts and
     # train_status_now; `Standby`'s: _mirror, _driven_elsewhere, _why_not_drive,
-    # _outdriven and _stand_by_for.
+    # _outdriven, _stand_by_for and _stand_down.
 
     async def create(self, request: TrainCreateRequest) -> TrainingStatus:
         """Control method: announces and drives a new job (module doc)."""
@@ -141,10 +143,11 @@ class Driving:
         # driver back while another drives, or after another drove past its record,
         # stands by.
         if job.drivers:
-            elsewhere = await self._driven_elsewhere(job, reads=2)
-            why = None if elsewhere else await self._why_not_drive(job, record)
+            why = await self._why_not_drive(job, record)
+            elsewhere = why is None and await self._driven_elsewhere(job, reads=2)
             if why == JOB_DONE:  # another driver finished it meanwhile
-                forget_record(self._paths)
+                self._stand_by_for(job, rows, model, record)
+                self._stand_down("done")
                 return
             if elsewhere or why is not None:
                 self._stand_by_for(job, rows, model, record)
@@ -196,7 +199,7 @@ class Driving:
         driver = self._driver = Driver(
             p2p=self._dht.p2p, job=job, data=rows, members={}, checks=request.checks,
             rebalance=request.rebalance, on_work=receipt, on_settled=settled,
-            banned_outside=self._is_banned,
+            banned_outside=self._is_banned, epoch=record.epoch,
         )  # fmt: skip
         driver.step, driver.banned = record.step, dict(record.banned)
         self._begin("driver", job, creator=_creator(job, self._dht.peer_id))
@@ -228,7 +231,7 @@ class Driving:
         job = driver.job
         while driver.step < job.steps:
             members: dict[str, StageMember] = await self._refresh_counts(job)
-            why = await self._outdriven(job, members) if len(job.drivers) > 1 else None
+            why = await self._outdriven(driver, members) if len(job.drivers) > 1 else None
             if why is not None:  # two drivers at once: one gives way (`training_standby`)
                 logger.warning("training job %s: %s; standing by", job.job_id, why)
                 read = await asyncio.to_thread(read_record, self._paths)
@@ -296,9 +299,10 @@ class Driving:
         losses: list[tuple[int, float]],
         pending: list[PendingApply],
     ) -> None:
-        banned = self._driver.banned if self._driver is not None else {}
-        record = DriveRecord(request=request, job=job.to_wire(), step=step, banned=banned,
-                             losses=losses, pending=pending)  # fmt: skip
+        driver = self._driver
+        record = DriveRecord(request=request, job=job.to_wire(), step=step,
+                             banned=driver.banned if driver else {}, losses=losses,
+                             pending=pending, epoch=driver.epoch if driver else 0)  # fmt: skip
         await write_record(self._paths, record)
         await self._mirror(job, record)
 

@@ -11,10 +11,12 @@ data path. When no record came in and no driver of the job announced it for
 its driver died), plus one more read for each driver ahead of it in the job's list (so
 two backups do not take over at once), it drives the job on from that record, as a
 driver does after a restart, unless `why_not_drive_on` says otherwise (no record, a
-stage's peers past it, or none in sight). A driver that comes back while another
-drives its job stands by in turn (`Driving.resume`); a driving one gives way and
-stands by when another is ahead of it (`_outdriven`); one that leaves the job for good
-tells its backups, which stand down.
+stage's peers past it, or none in sight). Each takeover counts one more epoch; the
+stage peers obey the driver of the latest epoch (then the one earlier in the job's
+list) and refuse the others (`TrainingPeer._obey`), so two drivers at once never both
+move them, and the one refused gives way and stands by (`_outdriven`). A driver that
+comes back while another drives its job stands by too (`Driving.resume`); one that
+leaves the job for good tells its backups, which stand down.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from volunteer.paths import Paths
 from volunteer.swarm.records import RecordError
 from volunteer.training import wire
 from volunteer.training.calls import TrainingCallError, call, refusal
+from volunteer.training.driver import Driver
 from volunteer.training.job import TrainingJob
 from volunteer.training.records import (
     StageMember,
@@ -123,6 +126,7 @@ class Standby:
         self._begin("standby", job, creator=job.drivers[0])
         if record is not None:
             self._losses.extend(record.losses)
+            self._status = self._status.model_copy(update={"training_step": record.step})
         where = data if record is None else record.request.data
         self._own(self._stand_by(job, rows, model, where), "training standby")
 
@@ -166,6 +170,8 @@ class Standby:
         logger.warning("no driver announces training job %s: driving it on", job.job_id)
         record, self._standing, self._is_standing = self._standing, None, False
         assert record is not None  # checked by _why_not_drive
+        # One takeover more: the stage peers obey this driver, not the one it follows.
+        record = record.model_copy(update={"epoch": record.epoch + 1})
         self._start_driving(record.request, job, rows, model, record)
 
     async def _why_not_drive(self, job: TrainingJob, record: DriveRecord | None) -> str | None:
@@ -179,7 +185,10 @@ class Standby:
     def _stand_down(self, state: str) -> None:
         self._is_standing = False
         forget_record(self._paths)
-        self._status = self._status.model_copy(update={"training_state": state})
+        update: dict[str, object] = {"training_state": state}
+        if state == "done" and self._job is not None:
+            update["training_step"] = self._job.steps
+        self._status = self._status.model_copy(update=update)
 
     def _waiting_because(self, why: str) -> None:
         if self._status.training_error != why:
@@ -231,16 +240,16 @@ class Standby:
                 return True
         return False
 
-    async def _outdriven(self, job: TrainingJob, members: dict[str, StageMember]) -> str | None:
+    async def _outdriven(self, driver: Driver, members: dict[str, StageMember]) -> str | None:
         """Why this driving daemon should give way and stand by (None: it drives on):
-        most peers of a stage are past its record (another driver drove on while it
-        was cut off), or a driver earlier in the job's list announces the job too."""
+        stage peers refused it for a later driver (`TrainingPeer._obey`), or most
+        peers of a stage are past its record (another drove on while it was away)."""
+        if driver.outdriven:
+            return "the stage peers obey a later driver"
         read = await asyncio.to_thread(read_record, self._paths)
-        if read is not None and stage_past(job, read[0], members) is not None:
+        if read is not None and stage_past(driver.job, read[0], members) is not None:
             return "another driver drove the job past this one's step"
-        jobs = await read_jobs_on_node(self._dht.node, job.model, timeout_s=DHT_TIMEOUT_S)
-        ahead = driver_ahead(job, self._dht.peer_id, jobs or [])
-        return None if ahead is None else f"{ahead}, ahead of it in the job's drivers, drives it"
+        return None
 
     async def _mirror(self, job: TrainingJob, record: DriveRecord) -> None:
         """Sends `record` to the job's other drivers (module doc), each bounded by
@@ -325,14 +334,4 @@ def stage_past(
         steps = [member.steps for member in members.values() if member.stage == stage]
         if 2 * sum(at > record.step + bool(record.pending) for at in steps) > len(steps):
             return stage
-    return None
-
-
-def driver_ahead(job: TrainingJob, me: str, announced: list[tuple[str, TrainingJob]]) -> str | None:
-    """A driver of `job` ahead of `me` in its list that announces it (of `announced`, each
-    job with its announcer), if any."""
-    rank = job.drivers.index(me)
-    for peer, each in announced:
-        if each.job_id == job.job_id and peer in job.drivers[:rank]:
-            return peer
     return None

@@ -19,6 +19,8 @@ from volunteer.transport.one_shot import ExchangeError, ask
 
 TRAIN_HANDLE = "Train.call"
 MAX_ERROR_CHARS = 300
+FENCED = "a later driver drives this job"
+"""A stage peer's refusal of a driver that another took over from (`TrainingPeer`)."""
 MAX_ROUNDS = 8
 """Gather rounds a stage may take to close a step (each drops peers; then it stalls)."""
 

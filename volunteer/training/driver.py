@@ -40,7 +40,7 @@ import torch
 from hivemind.p2p import P2P
 
 from volunteer.training.answers import answer_problem
-from volunteer.training.calls import MAX_ROUNDS, TrainingCallError, call
+from volunteer.training.calls import FENCED, MAX_ROUNDS, TrainingCallError, call
 from volunteer.training.job import TrainingJob
 from volunteer.training.judge import differs
 from volunteer.training.membership import Membership
@@ -83,11 +83,17 @@ class Driver(Settling, Membership):
         on_work: Callable[[PeerWork], None] | None = None,
         on_settled: Callable[[int, float, list[Applying]], Awaitable[None]] | None = None,
         banned_outside: Callable[[str], bool] | None = None,
+        epoch: int = 0,
     ) -> None:
         if data.dtype != torch.int64 or data.dim() != 2 or data.shape[1] != job.sequence_length + 1:
             raise ValueError(f"data must be int64 rows of {job.sequence_length + 1} token ids")
         self.p2p = p2p
         self.job = job
+        self.epoch = epoch
+        """Takeovers of the job so far: a backup that drives it on counts one more, and
+        stage peers obey the latest driver only (`volunteer.training.peer`)."""
+        self.outdriven = False
+        """Set when a stage peer refused a call because a later driver drives the job."""
         self.data = data
         self.members = dict(members)
         self.checks = checks
@@ -184,18 +190,34 @@ class Driver(Settling, Membership):
     ):
         """A call to a stage peer; a failure takes the peer out of this step."""
         try:
-            return await call(
-                self.p2p,
-                peer,
-                header,
-                tensors,
-                timeout_s=timeout_s,
-                max_answer_bytes=self._max_answer,
+            return await self._ask(
+                peer, header, tensors, timeout_s=timeout_s, max_answer_bytes=self._max_answer
             )
         except TrainingCallError as exc:
             if peer not in self.failed:
                 logger.warning("training peer failed in step %d: %s", self.step, exc)
             self.failed.add(peer)
+            raise
+
+    async def _ask(
+        self,
+        peer: str,
+        header: dict[str, Any],
+        tensors: list | tuple = (),
+        *,
+        timeout_s: float,
+        max_answer_bytes: int,
+    ):
+        """Every call to a stage peer: it carries the driver's `epoch`; a refusal saying
+        a later driver took over sets `outdriven`."""
+        try:
+            return await call(
+                self.p2p, peer, {**header, "epoch": self.epoch}, tensors,
+                timeout_s=timeout_s, max_answer_bytes=max_answer_bytes,
+            )  # fmt: skip
+        except TrainingCallError as exc:
+            if FENCED in str(exc):
+                self.outdriven = True
             raise
 
     async def _timed(
@@ -251,7 +273,7 @@ class Driver(Settling, Membership):
             ]
             header = applying.header(self.step)
             replies = await asyncio.gather(
-                *(call(self.p2p, p, header, timeout_s=CALL_TIMEOUT_S, max_answer_bytes=4096)
+                *(self._ask(p, header, timeout_s=CALL_TIMEOUT_S, max_answer_bytes=4096)
                   for p in peers),
                 return_exceptions=True,
             )  # fmt: skip

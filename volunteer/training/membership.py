@@ -15,7 +15,7 @@ import logging
 from hivemind.p2p import P2P
 
 from volunteer.scheduler.training import StagePeer, rebalance_stages
-from volunteer.training.calls import TrainingCallError, call
+from volunteer.training.calls import TrainingCallError
 from volunteer.training.job import TrainingJob
 from volunteer.training.step_types import PROBE_TIMEOUT_S, TrainingStalled
 
@@ -34,14 +34,14 @@ class Membership:
     rebalance: bool
     speeds: dict[str, float]
     stale: set[str]
-    # Also the driver's: stage_peers, speed_prior, _call.
+    # Also the driver's: stage_peers, speed_prior, _ask, _call.
 
     async def _probe(self, peer: str) -> int | None:
         """The steps a failed peer has taken, or None while it does not answer (quietly:
         a dead peer is asked before every step until it leaves the DHT)."""
         try:
-            answer, _ = await call(
-                self.p2p, peer, {"op": "info"}, timeout_s=PROBE_TIMEOUT_S, max_answer_bytes=4096
+            answer, _ = await self._ask(
+                peer, {"op": "info"}, timeout_s=PROBE_TIMEOUT_S, max_answer_bytes=4096
             )
         except TrainingCallError:
             return None
@@ -69,7 +69,7 @@ class Membership:
     async def _reset(self, peer: str) -> bool:
         header = {"op": "reset", "step": self.step}
         try:
-            await call(self.p2p, peer, header, timeout_s=PROBE_TIMEOUT_S, max_answer_bytes=4096)
+            await self._ask(peer, header, timeout_s=PROBE_TIMEOUT_S, max_answer_bytes=4096)
         except TrainingCallError:
             return False
         return True
@@ -80,7 +80,7 @@ class Membership:
         members = {p: s for p, s in self.members.items() if p not in self.banned}
         header = {"op": "roster", "members": members}
         replies = await asyncio.gather(
-            *(call(self.p2p, peer, header, timeout_s=PROBE_TIMEOUT_S, max_answer_bytes=4096)
+            *(self._ask(peer, header, timeout_s=PROBE_TIMEOUT_S, max_answer_bytes=4096)
               for peer in members),
             return_exceptions=True,
         )  # fmt: skip
@@ -92,7 +92,7 @@ class Membership:
         """Brings back failed peers that answer, evens out the stages, and sends the
         roster."""
         await self._send_roster()  # a peer brought back takes the state of one named here
-        failed = sorted(self.failed)
+        failed = sorted(self.failed - set(self.banned))  # a banned peer is not brought back
         answers = await asyncio.gather(*(self._probe(peer) for peer in failed))
         for peer, steps in zip(failed, answers, strict=True):
             if steps is None:

@@ -40,7 +40,7 @@ from hivemind.p2p import P2P
 from volunteer.models.model import BlockSpan, ModelEnds
 from volunteer.training import attacks, judge, wire
 from volunteer.training.attack_drill import AttackDrill
-from volunteer.training.calls import TRAIN_HANDLE, TrainingCallError, call, refusal
+from volunteer.training.calls import FENCED, TRAIN_HANDLE, TrainingCallError, call, refusal
 from volunteer.training.claims import ClaimLog, SignedClaim, weights_digest
 from volunteer.training.evidence import TrainingEvidence, from_verify, is_wrong
 from volunteer.training.exchange import (
@@ -105,6 +105,8 @@ class TrainingPeer(Exchange):
         self._span_for = span_for
         self._ends = ends.eval()
         self._drivers = drivers
+        self._fence = (0, -len(job.drivers))
+        """(epoch, -rank in the job's drivers) of the latest driver obeyed (`_obey`)."""
         self._drill = drill or AttackDrill(())
         self._on_pass = on_pass
         """Told of each pass run for a driver (its peer id, positions): the daemon logs
@@ -177,8 +179,8 @@ class TrainingPeer(Exchange):
         try:
             header, tensors = wire.unpack(body)
             op = wire.field(header, "op", str)
-            if op in DRIVER_OPS and peer not in self._drivers:
-                raise Refused(f"{op} is for the job's driver only")
+            if op in DRIVER_OPS:
+                self._obey(peer, header)
             method = (
                 getattr(self, f"_op_{op}", None) if op in (*DRIVER_OPS, "share", "state") else None
             )
@@ -191,6 +193,21 @@ class TrainingPeer(Exchange):
         except RuntimeError as exc:  # torch's word for inputs it cannot take
             logger.info("a %s call failed here: %s", op, exc)
             return refusal(f"could not compute: {str(exc)[:200]}")
+
+    def _obey(self, peer: str, header: dict[str, Any]) -> None:
+        """Refuses a driver op from anyone but the job's drivers, and from a driver that
+        another took over from (fencing): each call carries its driver's epoch (the
+        job's takeovers), and this peer obeys the latest, then the driver earlier in
+        the job's list; two drivers at once cannot both move it."""
+        if peer not in self._drivers:
+            raise Refused("it is for the job's driver only")
+        epoch = header.get("epoch", 0)
+        if type(epoch) is not int or not 0 <= epoch < 2**31:
+            raise Refused("epoch: a whole number")
+        rank = self.job.drivers.index(peer) if peer in self.job.drivers else 0
+        if (epoch, -rank) < self._fence:
+            raise Refused(f"{FENCED} (epoch {self._fence[0]})")
+        self._fence = (epoch, -rank)
 
     async def _run(self, work: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, work)

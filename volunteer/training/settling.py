@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from hivemind.p2p import P2P
 
-from volunteer.training.calls import MAX_ROUNDS, TrainingCallError, call
+from volunteer.training.calls import MAX_ROUNDS, TrainingCallError
 from volunteer.training.job import TrainingJob
 from volunteer.training.judge import TOLERANCE, VERDICTS, differs
 from volunteer.training.step_types import (
@@ -60,7 +60,7 @@ class Settling:
     _verified: set[str]
     _unchecked: set[str]
     _max_answer: int
-    # Also the driver's: stage_peers, _call, _run_stage, _on_work.
+    # Also the driver's: stage_peers, _ask, _call, _run_stage, _on_work.
 
     async def _settle(self, stage: int) -> Settled:
         """Gathers, checks and redoes until a round keeps every share it heard (module
@@ -234,10 +234,9 @@ class Settling:
         if stage == len(self.job.stages) - 1:
             header["losses"] = [work.loss for work in works]
         try:  # a judge that fails here is not taken out: gather and apply see to that
-            answer, _ = await call(
-                self.p2p, judge, header, tensors, timeout_s=CALL_TIMEOUT_S,
-                max_answer_bytes=self._max_answer,
-            )  # fmt: skip
+            answer, _ = await self._ask(
+                judge, header, tensors, timeout_s=CALL_TIMEOUT_S, max_answer_bytes=self._max_answer
+            )
         except TrainingCallError as exc:
             logger.info("judge %s did not recompute %s: %s", judge, target, exc)
             return None
