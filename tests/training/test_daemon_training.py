@@ -7,10 +7,11 @@ started with `--train`, takes the role by itself and is brought to the current s
 Every share is recomputed each round, so the attacker is banned in its first step with
 two judges beside it, and a judge's evidence bans it swarm-wide; a stage-0 peer is
 killed with SIGKILL mid-run, then the driver itself, for good: the backup driver the job
-names drives it on from the record the driver sent it, and the driver, started again,
-stands by for its backup. The job still finishes every step, each step's loss exactly
-one process's training on the same data, and the peers hold the drivers' signed
-receipts for the work the stages kept.
+names (it fetched the job's data from the driver, shard by shard) drives it on from the
+record the driver sent it, and the driver, started again, stands by for its backup.
+The job still finishes every step, each step's loss exactly one process's training on
+the same data, and the peers hold the drivers' signed receipts for the work the
+stages kept.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             driver, "train", "create", str(data), "--stages", "2", "--steps", str(STEPS),
             "--batch-size", str(BATCH), "--microbatch-size", "2", "--sequence-length", "8",
             "--checks", "3", "--no-rebalance", "--min-peers", "2", "--lr", "0.003",
-            "--aggregation", "mean", "--backup", homes.status(backup)["peer_id"], "--json",
+            "--aggregation", "mean", "--backup", homes.status(backup)["peer_id"], "--shards", "3",
+            "--json",
         )  # fmt: skip
         assert created.returncode == 0, created.stderr
         # A backup stands by only with the job's data, and only a named one does.
@@ -74,9 +76,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         np.save(other, tiny_data(ends.config.vocab_size, rows=40, sequence=8).numpy())
         refused = homes.cli(backup, "train", "standby", str(other))
         assert refused.returncode != 0 and "does not hold job" in refused.stderr
-        refused = homes.cli(peers["p1"], "train", "standby", str(data))
+        refused = homes.cli(peers["p1"], "train", "standby")
         assert refused.returncode != 0 and "a backup driver" in refused.stderr
-        standing = homes.cli(backup, "train", "standby", str(data))
+        standing = homes.cli(backup, "train", "standby")  # it fetches the data
         assert standing.returncode == 0, standing.stderr
         attacker = homes.home("p5")
         # The attacker restarts with the drill: its status says so.
@@ -165,6 +167,13 @@ def test_the_driver_back_stood_by_for_its_backup_to_the_end(trained: dict) -> No
     record = Paths.resolve(home=driver, env=homes.env).data_dir / "training" / "driving.json"
     assert not record.exists()  # done: nothing to drive on after a restart
     assert "role      standby (done)" in homes.cli(driver, "train", "status").stdout
+
+
+def test_the_backup_fetched_the_data_shard_by_shard(trained: dict) -> None:
+    homes, backup = trained["homes"], trained["backup"]
+    job = homes.status(backup)["training_job"]
+    fetched = Paths.resolve(home=backup, env=homes.env).data_dir / "training" / f"{job}.npy"
+    assert np.array_equal(np.load(fetched), np.load(trained["data"]))
 
 
 def test_the_byzantine_peer_is_banned_and_says_it_drills(trained: dict) -> None:

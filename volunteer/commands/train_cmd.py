@@ -3,8 +3,9 @@
 - `create DATA`: the daemon announces a job training its model on DATA (token ids in a
   .npy file, or text its tokenizer reads) and drives it;
 - `join [--creator PEER] [--stage N]`: the daemon becomes a stage peer of a job;
-- `standby DATA [--creator PEER]`: the daemon, named a backup driver of a job
-  (`create --backup PEER`), holds its data and drives the job on if its driver is gone;
+- `standby [DATA] [--creator PEER]`: the daemon, named a backup driver of a job
+  (`create --backup PEER`), holds its data (or fetches it from the driver) and drives
+  the job on if its driver is gone;
 - `status`: the job, stage, steps, loss curve, peers per stage and bans;
 - `leave`: the daemon ends its training role.
 """
@@ -49,7 +50,7 @@ def register(subparsers: Any) -> None:
     create.add_argument("data", help="token ids (.npy, rows of --sequence-length + 1) or text")
     defaults = TrainCreateRequest(data="/")
     for name in ("stages", "steps", "batch_size", "microbatch_size", "sequence_length",
-                 "checks", "min_peers", "seed"):  # fmt: skip
+                 "checks", "min_peers", "seed", "shards"):  # fmt: skip
         create.add_argument(
             f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name)
         )
@@ -79,7 +80,11 @@ def register(subparsers: Any) -> None:
     standby = actions.add_parser(
         "standby", help="hold a job's data and drive it on if its driver is gone"
     )
-    standby.add_argument("data", help="the job's data on this machine (the same file)")
+    standby.add_argument(
+        "data", nargs="?",
+        help="the job's data on this machine (default: fetched from the driver, each shard "
+        "checked against the job's hash)",
+    )  # fmt: skip
     standby.add_argument("--creator", help="the job's creator (peer id); default: the job naming "
                          "this daemon a backup")  # fmt: skip
     join = actions.add_parser("join", help="become a stage peer of a job")
@@ -103,7 +108,8 @@ def run(args: argparse.Namespace, paths: Paths) -> int:
             request = TrainCreateRequest(data=_absolute(args.data), **fields)
             reply = ask_daemon(paths, TRAIN_CREATE, CALL_TIMEOUT_S, request)
         elif args.action == "standby":
-            params = TrainStandbyParams(data=_absolute(args.data), creator=args.creator)
+            data = _absolute(args.data) if args.data else None
+            params = TrainStandbyParams(data=data, creator=args.creator)
             reply = ask_daemon(paths, TRAIN_STANDBY, CALL_TIMEOUT_S, params)
         elif args.action == "join":
             params = TrainJoinParams(creator=args.creator, stage=args.stage)

@@ -160,6 +160,8 @@ class TrainCreateRequest(Params):
     """The name the result is saved under when the job is done: a LoRA job's adapter,
     or a model folder for a job of the blocks (default: train-<job id>)."""
     seed: int = pydantic.Field(default=0, ge=0, le=2**63 - 1)
+    shards: int = pydantic.Field(default=0, ge=0, le=16)
+    """Shards the data is cut into, each named by its sha256 in the job (0: by size)."""
     backups: list[str] = pydantic.Field(default=[], max_length=7)
     """Peer ids of daemons that may drive the job on, in this order, if this one is gone
     for good (each stands by with `volunteer train standby DATA`)."""
@@ -170,8 +172,9 @@ class TrainStandbyParams(Params):
 
     model_config = pydantic.ConfigDict(extra="forbid")
 
-    data: str = pydantic.Field(min_length=1, max_length=4096)
-    """The job's data on this machine (an absolute path; its sha256 must be the job's)."""
+    data: str | None = pydantic.Field(default=None, min_length=1, max_length=4096)
+    """The job's data on this machine (an absolute path; its shards must hash to the
+    job's); None: each shard is fetched from the driving daemon and checked."""
     creator: str | None = pydantic.Field(default=None, max_length=128)
     """The job's creator (peer id); None: the job naming this daemon (if one)."""
 

@@ -33,12 +33,20 @@ from volunteer.control.messages import TrainCreateRequest, TrainingStatus, first
 from volunteer.daemon.credit_service import CreditService
 from volunteer.daemon.dht_service import DHTService
 from volunteer.daemon.training_result import result_place, save_result
+from volunteer.daemon.training_shards import serve_shards
 from volunteer.errors import SettingsError, VolunteerError
 from volunteer.machine.atomic import write_file_atomic
 from volunteer.model_cache.served_model import ServedModel
 from volunteer.paths import Paths
 from volunteer.swarm.records import RecordError
-from volunteer.training.data import folder_tokenizer, load_rows, shard_hash
+from volunteer.training.data import (
+    DataError,
+    check_shards,
+    folder_tokenizer,
+    load_rows,
+    shard_hash,
+    split_shards,
+)
 from volunteer.training.driver import Driver
 from volunteer.training.job import Aggregation, DataShard, Optimizer, TrainingJob
 from volunteer.training.records import StageMember, publish_job_on_node
@@ -94,6 +102,7 @@ class Driving:
     _status: TrainingStatus
     _losses: collections.deque[tuple[int, float]]
     _is_banned: Callable[[str], bool]
+    _serving_data: bool
     # Also the service's: _check_idle, _model, _begin, _own, _refresh_counts and
     # train_status_now; `Standby`'s: _mirror, _driven_elsewhere, _why_not_drive,
     # _outdriven, _stand_by_for and _stand_down.
@@ -166,14 +175,16 @@ class Driving:
             raise SettingsError(str(exc)) from None
 
     async def _job_rows(self, data: str, job: TrainingJob, model: ServedModel) -> torch.Tensor:
-        """The rows of `data`, checked against the job's shard hash.
+        """The rows of `data`, checked against the job's shards.
 
         Raises:
             SettingsError: unreadable, or not the job's data.
         """
         rows = await self._rows(data, job.sequence_length, model)
-        if shard_hash(rows) != job.shards[0].sha256:
-            raise SettingsError(f"{data} does not hold job {job.job_id}'s data (its sha256)")
+        try:
+            check_shards(rows, job.shards)
+        except DataError as exc:
+            raise SettingsError(f"{data} does not hold job {job.job_id}'s data: {exc}") from None
         return rows
 
     def _start_driving(
@@ -206,9 +217,18 @@ class Driving:
         self._losses.extend(record.losses)
         pending = [Applying(p.stage, p.round, dict(p.included)) for p in record.pending]
         announce = self._own(self._announce_job(job), "training job announce")
+        if len(job.drivers) > 1 and not self._serving_data:  # backups may fetch the data
+            self._own(self._serve_data(job, rows), "training data for backups")
         drive = self._drive(driver, sender, request, model, announce, pending)
         # However it ends: a driver that failed or gave way must not look alive.
         self._own(drive, "training driver").add_done_callback(lambda _: announce.cancel())
+
+    async def _serve_data(self, job: TrainingJob, rows: torch.Tensor) -> None:
+        self._serving_data = True  # once per role: a driver that gave way drives again
+        try:
+            await serve_shards(self._dht.p2p, job, rows)
+        finally:
+            self._serving_data = False
 
     async def _announce_job(self, job: TrainingJob) -> None:
         while True:
@@ -373,7 +393,10 @@ def new_job(
         trains="lora" if request.lora_rank else "blocks",
         lora_rank=request.lora_rank,
         stages=tuple(itertools.pairwise(bounds)),
-        shards=(DataShard(sha256=shard_hash(rows), sequences=len(rows)),),
+        shards=tuple(
+            DataShard(sha256=shard_hash(shard), sequences=len(shard))
+            for shard in split_shards(rows, request.shards)
+        ),
         sequence_length=request.sequence_length,
         batch_size=request.batch_size,
         microbatch_size=request.microbatch_size,

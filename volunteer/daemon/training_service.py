@@ -123,6 +123,7 @@ class TrainingService(Driving, Standby):
         self._is_standing = False
         self._heard = False
         self._handlers = 0
+        self._serving_data = False
         self._role_lock = asyncio.Lock()
         self._mirror_skips: dict[str, tuple[int, int]] = {}
         self._watch: asyncio.Task[None] | None = None

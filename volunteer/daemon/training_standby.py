@@ -2,8 +2,9 @@
 daemons it trusts to drive it on if the creator is gone for good (`volunteer train
 create --backup PEER`); the stage peers obey any of them.
 
-A backup stands by with `volunteer train standby DATA`: its copy of the data must hash
-to the job's shard. The driving daemon sends each backup the record it keeps after
+A backup stands by with `volunteer train standby [DATA]`: its copy of the data must
+hash to the job's shards, or without one it fetches them from the driving daemon
+(`training_shards`). The driving daemon sends each backup the record it keeps after
 every step and before every apply (`training_driving.DriveRecord`: step, bans, losses,
 the applies under way); the backup keeps it, as its own `driving.json`, with its own
 data path. When no record came in and no driver of the job announced it for
@@ -41,6 +42,7 @@ from volunteer.daemon.training_driving import (
     write_record,
 )
 from volunteer.daemon.training_result import result_place
+from volunteer.daemon.training_shards import fetch_shards
 from volunteer.errors import SettingsError
 from volunteer.model_cache.served_model import ServedModel
 from volunteer.paths import Paths
@@ -92,22 +94,26 @@ class Standby:
         model, jobs = await self._jobs_to_take()
         me = self._dht.peer_id
         named = [
-            job
+            (announcer, job)
             for announcer, job in jobs
             if me in job.drivers[1:]
             and job.may_drive(announcer, announcer)
             and params.creator in (None, job.drivers[0])
         ]
-        for job in list(named):  # a finished job's record outlives it a little
-            members = await read_members_on_node(self._dht.node, job, timeout_s=DHT_TIMEOUT_S)
-            if is_done(job, members or {}):
-                named.remove(job)
+        for each in list(named):  # a finished job's record outlives it a little
+            members = await read_members_on_node(self._dht.node, each[1], timeout_s=DHT_TIMEOUT_S)
+            if is_done(each[1], members or {}):
+                named.remove(each)
         if not named:
             raise SettingsError(f"no unfinished training job of {model.swarm_name} names this "
                                 f"daemon ({me}) a backup driver")  # fmt: skip
-        job = named[0]
-        rows = await self._job_rows(params.data, job, model)
-        self._stand_by_for(job, rows, model, None, data=params.data)
+        announcer, job = named[0]
+        data = params.data
+        if data is None:  # fetched from the driving daemon, shard by shard
+            place = self._paths.data_dir / "training" / f"{job.job_id}.npy"
+            data = await fetch_shards(self._dht.p2p, announcer, job, place)
+        rows = await self._job_rows(data, job, model)
+        self._stand_by_for(job, rows, model, None, data=data)
         logger.info("standing by to drive training job %s on", job.job_id)
         return self.train_status_now()
 
