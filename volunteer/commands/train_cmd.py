@@ -36,6 +36,8 @@ from volunteer.paths import Paths
 
 CALL_TIMEOUT_S = 120.0
 """Joining loads a stage's blocks; creating reads the data."""
+FETCH_TIMEOUT_S = 1800.0
+"""A backup fetching the job's data: up to 1 GiB over the swarm."""
 
 
 def register(subparsers: Any) -> None:
@@ -110,7 +112,8 @@ def run(args: argparse.Namespace, paths: Paths) -> int:
         elif args.action == "standby":
             data = _absolute(args.data) if args.data else None
             params = TrainStandbyParams(data=data, creator=args.creator)
-            reply = ask_daemon(paths, TRAIN_STANDBY, CALL_TIMEOUT_S, params)
+            timeout_s = CALL_TIMEOUT_S if data else FETCH_TIMEOUT_S
+            reply = ask_daemon(paths, TRAIN_STANDBY, timeout_s, params)
         elif args.action == "join":
             params = TrainJoinParams(creator=args.creator, stage=args.stage)
             reply = ask_daemon(paths, TRAIN_JOIN, CALL_TIMEOUT_S, params)
