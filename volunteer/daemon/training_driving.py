@@ -251,7 +251,7 @@ class Driving:
         job = driver.job
         while driver.step < job.steps:
             members: dict[str, StageMember] = await self._refresh_counts(job)
-            why = await self._outdriven(driver, members) if len(job.drivers) > 1 else None
+            why = self._outdriven(driver, bool(pending), members) if len(job.drivers) > 1 else None
             if why is not None:  # two drivers at once: one gives way (`training_standby`)
                 logger.warning("training job %s: %s; standing by", job.job_id, why)
                 read = await asyncio.to_thread(read_record, self._paths)

@@ -38,7 +38,6 @@ from volunteer.daemon.training_driving import (
     DriveRecord,
     forget_record,
     parse_record,
-    read_record,
     write_record,
 )
 from volunteer.daemon.training_result import result_place
@@ -246,14 +245,15 @@ class Standby:
                 return True
         return False
 
-    async def _outdriven(self, driver: Driver, members: dict[str, StageMember]) -> str | None:
+    def _outdriven(
+        self, driver: Driver, applying: bool, members: dict[str, StageMember]
+    ) -> str | None:
         """Why this driving daemon should give way and stand by (None: it drives on):
         stage peers refused it for a later driver (`TrainingPeer._obey`), or most
-        peers of a stage are past its record (another drove on while it was away)."""
+        peers of a stage are past its step (another drove on while it was away)."""
         if driver.outdriven:
             return "the stage peers obey a later driver"
-        read = await asyncio.to_thread(read_record, self._paths)
-        if read is not None and stage_past(driver.job, read[0], members) is not None:
+        if stage_past(driver.job, driver.step, applying, members) is not None:
             return "another driver drove the job past this one's step"
         return None
 
@@ -325,19 +325,20 @@ def why_not_drive_on(
         if not any(member.stage == stage for member in members.values()):
             # A daemon cut off from the swarm sees nobody: it must not drive.
             return f"no peer of stage {stage} is seen"
-    stage = stage_past(job, record, members)
+    stage = stage_past(job, record.step, bool(record.pending), members)
     if stage is not None:
         return f"its record is of step {record.step}, most stage {stage} peers are past it"
     return None
 
 
 def stage_past(
-    job: TrainingJob, record: DriveRecord, members: dict[str, StageMember]
+    job: TrainingJob, step: int, applying: bool, members: dict[str, StageMember]
 ) -> int | None:
-    """A stage most of whose announced peers are past `record`'s step (per stage: a
-    driver that stopped while applying leaves stages at two steps); None if none is."""
+    """A stage most of whose announced peers are past `step`, or past the step after
+    while it is `applying` (per stage: a driver that stopped while applying leaves
+    stages at two steps); None if none is."""
     for stage in range(len(job.stages)):
         steps = [member.steps for member in members.values() if member.stage == stage]
-        if 2 * sum(at > record.step + bool(record.pending) for at in steps) > len(steps):
+        if 2 * sum(at > step + applying for at in steps) > len(steps):
             return stage
     return None
